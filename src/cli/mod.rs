@@ -1,0 +1,129 @@
+//! The `bosun` command line: `run`, `check`, `version`, and the operational commands of the
+//! other modules.
+//!
+//! Exit codes follow sysexits: 0 ok, 64 bad command line, 78 configuration error, 1 other.
+
+mod check;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ConfigError;
+use crate::Runtime;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 64;
+pub const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "bosun", version, about = "A message worker daemon: consumers, retries, dead letters and outbox relays for RabbitMQ, Redis Streams and PostgreSQL.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// `--config`, shared by every command that reads the file.
+#[derive(clap::Args, Clone)]
+pub struct ConfigArg {
+    /// Path of the TOML configuration file.
+    #[arg(long, short = 'c', env = "BOSUN_CONFIG", default_value = "/etc/bosun/bosun.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Validate the configuration and print what would run.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the version.
+    Version,
+}
+
+/// A command's failure, mapped to an exit code.
+#[derive(Debug)]
+pub enum CliError {
+    Config(ConfigError),
+    Usage(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        CliError::Other(e)
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError::Config(e)
+    }
+}
+
+/// The binary's entry point, with the default runtime.
+pub fn main() -> ExitCode {
+    main_with(Runtime::builder().build())
+}
+
+/// The binary's entry point for a program that registered its own handler kinds.
+pub fn main_with(runtime: Runtime) -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
+        }
+    };
+    let result = match cli.command {
+        Command::Version => {
+            println!("bosun {}", env!("CARGO_PKG_VERSION"));
+            Ok(EXIT_OK)
+        }
+        Command::Check { config } => check::check(&runtime, &config.config),
+        Command::Run { config } => run(runtime, &config.config),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(CliError::Config(e)) => {
+            eprintln!("configuration error:\n{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(CliError::Usage(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(CliError::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Runs an async command on a fresh multi-threaded runtime.
+pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, CliError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Other(anyhow::anyhow!("cannot start the async runtime: {e}")))?;
+    Ok(rt.block_on(future))
+}
+
+fn run(runtime: Runtime, path: &std::path::Path) -> Result<u8, CliError> {
+    let config = runtime.load(path)?;
+    crate::telemetry::init_logging(config.service.log_format, &config.service.log_level);
+    block_on(async move {
+        // Signal handlers go in before anything starts, so an early SIGTERM drains cleanly.
+        let signals = crate::supervisor::os_signals().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        let status = runtime.run(config, Some(path.to_path_buf()), signals).await?;
+        Ok::<u8, CliError>(status.code() as u8)
+    })?
+}

@@ -1,0 +1,333 @@
+//! The validated configuration: what the runtime works from.
+//!
+//! Every value here was parsed and cross-checked at load time. All types compare by value so
+//! a reload can diff old and new per named component.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::handler::HandlerFactory;
+use crate::retry::RetryPolicy;
+
+/// A validated configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the file came from, for messages and reloads.
+    pub origin: String,
+    pub service: ServiceConfig,
+    pub http: HttpConfig,
+    pub brokers: BTreeMap<String, BrokerConfig>,
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    pub handlers: BTreeMap<String, HandlerConfig>,
+    pub consumers: BTreeMap<String, ConsumerConfig>,
+    pub outboxes: BTreeMap<String, OutboxConfig>,
+    pub dead_letters: BTreeMap<String, DeadLetterConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub pid_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// The bearer token for `/admin`; `None` keeps the admin API off.
+    pub admin_token: Option<Secret>,
+}
+
+/// A string that never shows itself in logs, errors or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself: only for the place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A connection URL whose password is masked wherever it is displayed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(url::Url);
+
+impl SecretUrl {
+    pub fn new(url: url::Url) -> Self {
+        Self(url)
+    }
+    /// The full URL, password included: only for the connecting code.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+    pub fn url(&self) -> &url::Url {
+        &self.0
+    }
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let mut url = self.0.clone();
+        if url.password().is_some() {
+            let _ = url.set_password(Some("***"));
+        }
+        url.to_string()
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TlsConfig {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerConfig {
+    Amqp(AmqpBrokerConfig),
+    Redis(RedisBrokerConfig),
+}
+
+impl BrokerConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BrokerConfig::Amqp(_) => "amqp",
+            BrokerConfig::Redis(_) => "redis",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AmqpBrokerConfig {
+    pub url: SecretUrl,
+    pub connection_name: Option<String>,
+    pub heartbeat: Option<Duration>,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisBrokerConfig {
+    pub url: SecretUrl,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatabaseConfig {
+    pub url: SecretUrl,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+}
+
+/// A handler entry: its kind, its options as written (for diffing) and the factory the kind
+/// parsed them into.
+#[derive(Clone)]
+pub struct HandlerConfig {
+    pub kind: String,
+    pub options: toml::Table,
+    pub factory: Arc<dyn HandlerFactory>,
+}
+
+impl PartialEq for HandlerConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.options == other.options
+    }
+}
+
+impl fmt::Debug for HandlerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerConfig")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerConfig {
+    /// Name of the broker it reads from.
+    pub source: String,
+    /// Name of the handler it calls.
+    pub handler: String,
+    /// Handlers in flight at once.
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    pub kind: ConsumerKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConsumerKind {
+    Amqp(AmqpConsumerConfig),
+    Redis(RedisConsumerConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AmqpConsumerConfig {
+    pub queue: String,
+    pub queue_type: QueueType,
+    pub bindings: Vec<Binding>,
+    /// false: only passive checks, nothing is declared.
+    pub declare: bool,
+    pub prefetch: u16,
+    pub dead_letter: AmqpDeadLetter,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub exchange: String,
+    pub exchange_type: ExchangeType,
+    pub routing_key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    Direct,
+    Topic,
+    Fanout,
+    Headers,
+}
+
+impl ExchangeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeType::Direct => "direct",
+            ExchangeType::Topic => "topic",
+            ExchangeType::Fanout => "fanout",
+            ExchangeType::Headers => "headers",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AmqpDeadLetter {
+    Queue(String),
+    Exchange {
+        exchange: String,
+        routing_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConsumerConfig {
+    pub stream: String,
+    pub group: String,
+    pub consumer: String,
+    pub start_id: String,
+    pub batch: usize,
+    pub block: Duration,
+    pub claim_idle: Duration,
+    pub claim_interval: Duration,
+    pub max_deliveries: u32,
+    pub dead_letter_stream: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    None,
+    PerKey,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxConfig {
+    pub database: String,
+    pub table: String,
+    pub target: String,
+    pub destination: Option<String>,
+    pub batch: usize,
+    pub poll_interval: Duration,
+    pub notify_channel: String,
+    pub max_attempts: u32,
+    pub retry: RetryPolicy,
+    pub retain_published: Duration,
+    pub ordering: Ordering,
+    pub publish_timeout: Duration,
+    pub maxlen: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeadLetterSource {
+    Queue(String),
+    Stream { stream: String, group: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterConfig {
+    pub source: String,
+    pub from: DeadLetterSource,
+    pub archive: Option<String>,
+    pub table: String,
+    pub default_action: Action,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub when: Matcher,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    pub error_kind: Vec<String>,
+    pub error: Option<regex::Regex>,
+    pub original: Vec<String>,
+    pub reason: Vec<String>,
+    pub attempts_below: Option<u32>,
+    pub attempts_at_least: Option<u32>,
+}
+
+impl PartialEq for Matcher {
+    fn eq(&self, other: &Self) -> bool {
+        self.error_kind == other.error_kind
+            && self.error.as_ref().map(regex::Regex::as_str)
+                == other.error.as_ref().map(regex::Regex::as_str)
+            && self.original == other.original
+            && self.reason == other.reason
+            && self.attempts_below == other.attempts_below
+            && self.attempts_at_least == other.attempts_at_least
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Replay { delay: Duration, max_replays: u32 },
+    Archive,
+    Drop,
+    Forward { target: String, routing_key: Option<String> },
+}

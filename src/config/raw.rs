@@ -1,0 +1,293 @@
+//! The TOML file as written: serde structs that mirror the file, field for field.
+//!
+//! These types are a compatibility boundary with users' files. They hold strings where the
+//! runtime wants durations or URLs; `validate` turns them into the types in `model`. Every
+//! struct denies unknown fields so a typo is an error, not a silently ignored setting.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub service: RawService,
+    #[serde(default)]
+    pub http: RawHttp,
+    #[serde(default)]
+    pub brokers: BTreeMap<String, RawBroker>,
+    #[serde(default)]
+    pub databases: BTreeMap<String, RawDatabase>,
+    #[serde(default)]
+    pub handlers: BTreeMap<String, RawHandler>,
+    #[serde(default)]
+    pub consumers: BTreeMap<String, RawConsumer>,
+    #[serde(default)]
+    pub outboxes: BTreeMap<String, RawOutbox>,
+    #[serde(default)]
+    pub dead_letters: BTreeMap<String, RawDeadLetter>,
+}
+
+/// `[service]`: process-wide settings; changing them needs a restart.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// Name used in logs, the AMQP connection name and the Redis consumer name.
+    pub name: Option<String>,
+    /// How long SIGTERM waits for in-flight work before aborting it ("30s").
+    pub shutdown_timeout: Option<String>,
+    /// "json" (default) or "pretty".
+    pub log_format: Option<String>,
+    /// A tracing filter ("info", "bosun=debug,lapin=warn"); `RUST_LOG` wins when set.
+    pub log_level: Option<String>,
+    /// Where to write the process id, for `bosun reload --pid-file`.
+    pub pid_file: Option<String>,
+}
+
+/// `[http]`: the metrics, health and admin listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// Socket address to listen on ("127.0.0.1:9090").
+    pub listen: Option<String>,
+    /// `[http.admin]`: the dead-letter admin API; off unless a token is configured.
+    pub admin: Option<RawAdmin>,
+}
+
+/// `[http.admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Name of an environment variable that holds the bearer token.
+    pub token_env: Option<String>,
+    /// Path of a file that holds the bearer token.
+    pub token_file: Option<String>,
+}
+
+/// `[brokers.NAME]`: a connection target, chosen by `kind`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawBroker {
+    Amqp(RawAmqpBroker),
+    Redis(RawRedisBroker),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAmqpBroker {
+    /// `amqp://` or `amqps://` URL.
+    pub url: String,
+    /// Connection name shown in the RabbitMQ management UI.
+    pub connection_name: Option<String>,
+    /// Heartbeat interval ("30s"); "0" disables heartbeats.
+    pub heartbeat: Option<String>,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisBroker {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+    pub tls: Option<RawTls>,
+}
+
+/// TLS material for `amqps://`, `rediss://` and HTTPS handlers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM file with the CA certificates to trust.
+    pub ca_file: Option<String>,
+    /// PEM file with the client certificate chain.
+    pub cert_file: Option<String>,
+    /// PEM file with the client private key.
+    pub key_file: Option<String>,
+}
+
+/// `[databases.NAME]`: a PostgreSQL pool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub url: String,
+    /// Pool size (default 10).
+    pub max_connections: Option<u32>,
+    /// Time allowed to open a connection (default "5s").
+    pub connect_timeout: Option<String>,
+}
+
+/// `[handlers.NAME]`: `kind` picks the implementation; the other keys are that kind's options,
+/// checked by the kind itself.
+#[derive(Debug, Deserialize)]
+pub struct RawHandler {
+    pub kind: String,
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+/// `[consumers.NAME]`: one table for both broker kinds; the broker named by `source` decides
+/// which fields apply, and a field of the other kind is an error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumer {
+    /// Name of a `[brokers.*]` entry.
+    pub source: String,
+    /// Name of a `[handlers.*]` entry.
+    pub handler: String,
+    /// Handlers in flight at once (amqp default: prefetch; redis default: batch).
+    pub concurrency: Option<usize>,
+    pub retry: Option<RawRetry>,
+    pub dead_letter: Option<RawConsumerDeadLetter>,
+
+    // amqp
+    pub queue: Option<String>,
+    pub queue_type: Option<String>,
+    pub bindings: Option<Vec<RawBinding>>,
+    pub declare: Option<bool>,
+    pub prefetch: Option<u16>,
+
+    // redis
+    pub stream: Option<String>,
+    pub group: Option<String>,
+    pub consumer: Option<String>,
+    pub start_id: Option<String>,
+    pub batch: Option<usize>,
+    pub block: Option<String>,
+    pub claim_idle: Option<String>,
+    pub claim_interval: Option<String>,
+    pub max_deliveries: Option<u32>,
+}
+
+/// `retry = { ... }`: how failed messages are retried before they are dead-lettered.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Total attempts, the first included (default 5). 1 means no retries.
+    pub max_attempts: Option<u32>,
+    /// "exponential" (default) or "fixed".
+    pub backoff: Option<String>,
+    /// First delay (default "1s"); the only delay for "fixed".
+    pub initial: Option<String>,
+    /// Largest delay (default "5m").
+    pub max: Option<String>,
+    /// Growth factor per attempt (default 2.0).
+    pub multiplier: Option<f64>,
+    /// Random spread, a fraction of the delay (default 0.1).
+    pub jitter: Option<f64>,
+    /// Explicit delay tiers ("1s", "10s", "1m"); attempt N waits tiers[N-1] (the last repeats).
+    pub tiers: Option<Vec<String>>,
+}
+
+/// `dead_letter = { ... }` on a consumer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumerDeadLetter {
+    /// amqp: queue to dead-letter into (default `<queue>.dlq`).
+    pub queue: Option<String>,
+    /// amqp: exchange to dead-letter into, instead of a queue.
+    pub exchange: Option<String>,
+    /// amqp: routing key used with `exchange` (default: the original routing key).
+    pub routing_key: Option<String>,
+    /// redis: stream to dead-letter into (default `<stream>:dlq`).
+    pub stream: Option<String>,
+}
+
+/// One `bindings = [{ ... }]` item.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBinding {
+    pub exchange: String,
+    /// "direct", "topic" (default), "fanout" or "headers".
+    pub exchange_type: Option<String>,
+    /// Default "#".
+    pub routing_key: Option<String>,
+}
+
+/// `[outboxes.NAME]`: a relay from a PostgreSQL outbox table to a broker.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutbox {
+    /// Name of a `[databases.*]` entry.
+    pub database: String,
+    /// Outbox table (default "bosun_outbox").
+    pub table: Option<String>,
+    /// Name of a `[brokers.*]` entry to publish to.
+    pub target: String,
+    /// Exchange (amqp) or stream (redis) for rows whose `destination` is NULL.
+    pub destination: Option<String>,
+    /// Rows claimed per batch (default 500).
+    pub batch: Option<usize>,
+    /// Poll interval when no NOTIFY arrives (default "1s").
+    pub poll_interval: Option<String>,
+    /// LISTEN channel (default: the table name).
+    pub notify_channel: Option<String>,
+    /// Publish attempts before a row is marked failed (default 10).
+    pub max_attempts: Option<u32>,
+    pub retry: Option<RawRetry>,
+    /// How long published rows are kept (default "24h"; "0" deletes at once).
+    pub retain_published: Option<String>,
+    /// "none" (default) or "per_key".
+    pub ordering: Option<String>,
+    /// Upper bound on publishing one batch while its row locks are held (default "30s").
+    pub publish_timeout: Option<String>,
+    /// Redis targets: approximate MAXLEN for XADD.
+    pub maxlen: Option<usize>,
+}
+
+/// `[dead_letters.NAME]`: a processor for one dead-letter queue or stream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeadLetter {
+    /// Name of a `[brokers.*]` entry.
+    pub source: String,
+    /// amqp: the dead-letter queue.
+    pub queue: Option<String>,
+    /// redis: the dead-letter stream.
+    pub stream: Option<String>,
+    /// redis: consumer group (default "bosun-dlq").
+    pub group: Option<String>,
+    /// Name of a `[databases.*]` entry to archive into.
+    pub archive: Option<String>,
+    /// Archive table (default "dead_letters").
+    pub table: Option<String>,
+    /// Action when no rule matches (default "archive").
+    pub default_action: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+/// `[[dead_letters.NAME.rules]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    #[serde(default)]
+    pub when: RawMatcher,
+    /// "replay", "archive", "drop" or "forward".
+    pub action: String,
+    /// replay: wait before republishing (default "0s").
+    pub delay: Option<String>,
+    /// replay: replays allowed before the message is archived instead (default 3).
+    pub max_replays: Option<u32>,
+    /// forward: exchange (amqp) target.
+    pub exchange: Option<String>,
+    /// forward: routing key (default: the original).
+    pub routing_key: Option<String>,
+    /// forward: stream (redis) target.
+    pub stream: Option<String>,
+}
+
+/// `when = { ... }`: every field given must match.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatcher {
+    pub error_kind: Option<Vec<String>>,
+    /// Regular expression over the error text.
+    pub error: Option<String>,
+    /// Original queue or stream names.
+    pub original: Option<Vec<String>>,
+    /// Broker reasons from `x-death`: rejected, expired, maxlen, delivery_limit.
+    pub reason: Option<Vec<String>>,
+    pub attempts_below: Option<u32>,
+    pub attempts_at_least: Option<u32>,
+}

@@ -1,0 +1,699 @@
+//! Turning the raw TOML structs into the validated model: parsing durations, URLs and
+//! addresses, filling defaults, and checking cross-references between sections.
+//!
+//! Every problem is collected (not just the first) with the key path it belongs to; the
+//! loader turns paths into file positions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::model::*;
+use super::raw::*;
+use crate::handler::HandlerKinds;
+use crate::retry::{Backoff, RetryPolicy};
+
+/// One problem found while validating, at a key path such as `consumers.orders.retry.initial`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issue {
+    pub path: Vec<String>,
+    pub message: String,
+}
+
+/// Collects issues while walking the raw config.
+struct Checker<'a> {
+    issues: Vec<Issue>,
+    kinds: &'a HandlerKinds,
+}
+
+fn path(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| (*s).to_owned()).collect()
+}
+
+impl Checker<'_> {
+    fn issue(&mut self, at: &[&str], message: impl Into<String>) {
+        self.issues.push(Issue {
+            path: path(at),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, at: &[&str], value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(text) => match parse_duration(text) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.issue(at, format!("invalid duration {text:?}: {e} (expected e.g. \"500ms\", \"30s\", \"5m\")"));
+                    default
+                }
+            },
+        }
+    }
+
+    fn url(&mut self, at: &[&str], value: &str, schemes: &[&str]) -> Option<SecretUrl> {
+        match url::Url::parse(value) {
+            Ok(url) if schemes.contains(&url.scheme()) => Some(SecretUrl::new(url)),
+            Ok(url) => {
+                let shown = SecretUrl::new(url.clone());
+                self.issue(
+                    at,
+                    format!(
+                        "URL {shown} has scheme `{}`, expected one of: {}",
+                        url.scheme(),
+                        schemes.join(", ")
+                    ),
+                );
+                None
+            }
+            // The parse error never echoes the URL: it may hold a password.
+            Err(e) => {
+                self.issue(at, format!("invalid URL: {e}"));
+                None
+            }
+        }
+    }
+
+    fn one_of<T: Copy>(&mut self, at: &[&str], value: Option<&str>, default: T, options: &[(&str, T)]) -> T {
+        let Some(text) = value else { return default };
+        match options.iter().find(|(name, _)| *name == text) {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<String> = options.iter().map(|(n, _)| format!("`{n}`")).collect();
+                self.issue(at, format!("unknown value `{text}`, expected one of {}", names.join(", ")));
+                default
+            }
+        }
+    }
+
+    fn name_ok(&mut self, at: &[&str], what: &str, name: &str) {
+        if name.is_empty() {
+            self.issue(at, format!("{what} must not be empty"));
+        }
+    }
+
+    fn tls(&mut self, raw: Option<&RawTls>) -> Option<TlsConfig> {
+        raw.map(|t| TlsConfig {
+            ca_file: t.ca_file.as_ref().map(PathBuf::from),
+            cert_file: t.cert_file.as_ref().map(PathBuf::from),
+            key_file: t.key_file.as_ref().map(PathBuf::from),
+        })
+    }
+
+    fn retry(&mut self, at: &[&str], raw: Option<&RawRetry>, default_attempts: u32) -> RetryPolicy {
+        let defaults = RetryPolicy::default();
+        let Some(raw) = raw else {
+            return RetryPolicy {
+                max_attempts: default_attempts,
+                ..defaults
+            };
+        };
+        let sub = |k: &'static str| -> Vec<&str> { at.iter().copied().chain([k]).collect() };
+        let max_attempts = raw.max_attempts.unwrap_or(default_attempts);
+        if max_attempts == 0 {
+            self.issue(&sub("max_attempts"), "must be at least 1 (1 means no retries)");
+        }
+        let jitter = raw.jitter.unwrap_or(defaults.jitter);
+        if !(0.0..=1.0).contains(&jitter) {
+            self.issue(&sub("jitter"), format!("{jitter} is outside 0.0..=1.0"));
+        }
+        let initial = self.duration(&sub("initial"), raw.initial.as_deref(), Duration::from_secs(1));
+        let backoff = if let Some(tiers) = &raw.tiers {
+            if raw.backoff.is_some() || raw.initial.is_some() || raw.max.is_some() || raw.multiplier.is_some() {
+                self.issue(&sub("tiers"), "`tiers` replaces `backoff`, `initial`, `max` and `multiplier`; give one or the other");
+            }
+            if tiers.is_empty() {
+                self.issue(&sub("tiers"), "must list at least one delay");
+            }
+            let parsed = tiers
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let index = i.to_string();
+                    let at: Vec<&str> = at.iter().copied().chain(["tiers", index.as_str()]).collect();
+                    self.duration(&at, Some(t), Duration::from_secs(1))
+                })
+                .collect();
+            Backoff::Tiers(parsed)
+        } else {
+            let kind = self.one_of(&sub("backoff"), raw.backoff.as_deref(), true, &[("exponential", true), ("fixed", false)]);
+            if kind {
+                let max = self.duration(&sub("max"), raw.max.as_deref(), Duration::from_secs(300));
+                let multiplier = raw.multiplier.unwrap_or(2.0);
+                if !(multiplier >= 1.0 && multiplier.is_finite()) {
+                    self.issue(&sub("multiplier"), format!("{multiplier} must be at least 1.0"));
+                }
+                if max < initial {
+                    self.issue(&sub("max"), "must not be shorter than `initial`");
+                }
+                Backoff::Exponential { initial, max, multiplier }
+            } else {
+                Backoff::Fixed(initial)
+            }
+        };
+        RetryPolicy {
+            max_attempts: max_attempts.max(1),
+            backoff,
+            jitter: jitter.clamp(0.0, 1.0),
+        }
+    }
+}
+
+/// Parses "500ms", "30s", "1m 30s", "2h"; a bare "0" is zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// The default Redis consumer name: unique per process on a host, stable for its lifetime.
+pub fn default_consumer_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "bosun".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Validates `raw`; `origin` names the file in the result.
+pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Config, Vec<Issue>> {
+    let mut c = Checker { issues: Vec::new(), kinds };
+
+    let service = ServiceConfig {
+        name: raw.service.name.clone().unwrap_or_else(|| "bosun".into()),
+        shutdown_timeout: c.duration(&["service", "shutdown_timeout"], raw.service.shutdown_timeout.as_deref(), Duration::from_secs(30)),
+        log_format: c.one_of(&["service", "log_format"], raw.service.log_format.as_deref(), LogFormat::Json, &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)]),
+        log_level: raw.service.log_level.clone().unwrap_or_else(|| "info".into()),
+        pid_file: raw.service.pid_file.as_ref().map(PathBuf::from),
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&service.log_level) {
+        c.issue(&["service", "log_level"], format!("invalid log filter: {e}"));
+    }
+
+    let listen_text = raw.http.listen.as_deref().unwrap_or("127.0.0.1:9090");
+    let listen = match listen_text.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(e) => {
+            c.issue(&["http", "listen"], format!("invalid socket address {listen_text:?}: {e} (expected e.g. \"127.0.0.1:9090\")"));
+            SocketAddr::from(([127, 0, 0, 1], 9090))
+        }
+    };
+    let admin_token = raw.http.admin.as_ref().and_then(|admin| admin_token(&mut c, admin));
+    let http = HttpConfig { listen, admin_token };
+
+    let mut brokers = BTreeMap::new();
+    for (name, broker) in &raw.brokers {
+        let at = ["brokers", name.as_str(), "url"];
+        let config = match broker {
+            RawBroker::Amqp(b) => c.url(&at, &b.url, &["amqp", "amqps"]).map(|url| {
+                let heartbeat = b.heartbeat.as_deref().map(|h| c.duration(&["brokers", name, "heartbeat"], Some(h), Duration::from_secs(30)));
+                BrokerConfig::Amqp(AmqpBrokerConfig {
+                    url,
+                    connection_name: b.connection_name.clone(),
+                    heartbeat,
+                    tls: c.tls(b.tls.as_ref()),
+                })
+            }),
+            RawBroker::Redis(b) => c.url(&at, &b.url, &["redis", "rediss"]).map(|url| {
+                BrokerConfig::Redis(RedisBrokerConfig { url, tls: c.tls(b.tls.as_ref()) })
+            }),
+        };
+        if let Some(config) = config {
+            brokers.insert(name.clone(), config);
+        }
+    }
+
+    let mut databases = BTreeMap::new();
+    for (name, db) in &raw.databases {
+        if let Some(url) = c.url(&["databases", name, "url"], &db.url, &["postgres", "postgresql"]) {
+            let max_connections = db.max_connections.unwrap_or(10);
+            if max_connections == 0 {
+                c.issue(&["databases", name, "max_connections"], "must be at least 1");
+            }
+            let connect_timeout = c.duration(&["databases", name, "connect_timeout"], db.connect_timeout.as_deref(), Duration::from_secs(5));
+            databases.insert(name.clone(), DatabaseConfig { url, max_connections, connect_timeout });
+        }
+    }
+
+    let mut handlers = BTreeMap::new();
+    for (name, handler) in &raw.handlers {
+        let Some(kind) = c.kinds.get(&handler.kind) else {
+            let known = c.kinds.names().join("`, `");
+            c.issue(&["handlers", name, "kind"], format!("unknown handler kind `{}`, expected one of `{known}`", handler.kind));
+            continue;
+        };
+        match kind.parse(name, &handler.options) {
+            Ok(factory) => {
+                handlers.insert(name.clone(), HandlerConfig { kind: handler.kind.clone(), options: handler.options.clone(), factory });
+            }
+            Err(e) => {
+                let mut at: Vec<&str> = vec!["handlers", name];
+                at.extend(e.path.iter().map(String::as_str));
+                c.issue(&at, e.message);
+            }
+        }
+    }
+    check_handler_references(&mut c, &handlers);
+
+    let broker_names = || -> String { list(raw.brokers.keys()) };
+    let mut consumers = BTreeMap::new();
+    for (name, consumer) in &raw.consumers {
+        if !raw.handlers.contains_key(&consumer.handler) {
+            c.issue(&["consumers", name, "handler"], format!(
+                "consumer `{name}` names handler `{}`, which is not defined (defined handlers: {})",
+                consumer.handler, list(raw.handlers.keys())));
+        }
+        let Some(broker) = raw.brokers.get(&consumer.source) else {
+            c.issue(&["consumers", name, "source"], format!(
+                "consumer `{name}` names broker `{}`, which is not defined (defined brokers: {})",
+                consumer.source, broker_names()));
+            continue;
+        };
+        if let Some(config) = consumer_config(&mut c, name, consumer, broker) {
+            consumers.insert(name.clone(), config);
+        }
+    }
+
+    let mut outboxes = BTreeMap::new();
+    for (name, outbox) in &raw.outboxes {
+        if !raw.databases.contains_key(&outbox.database) {
+            c.issue(&["outboxes", name, "database"], format!(
+                "outbox `{name}` names database `{}`, which is not defined (defined databases: {})",
+                outbox.database, list(raw.databases.keys())));
+        }
+        if !raw.brokers.contains_key(&outbox.target) {
+            c.issue(&["outboxes", name, "target"], format!(
+                "outbox `{name}` names broker `{}`, which is not defined (defined brokers: {})",
+                outbox.target, broker_names()));
+        }
+        outboxes.insert(name.clone(), outbox_config(&mut c, name, outbox));
+    }
+
+    let mut dead_letters = BTreeMap::new();
+    for (name, dl) in &raw.dead_letters {
+        if let Some(db) = &dl.archive
+            && !raw.databases.contains_key(db)
+        {
+            c.issue(&["dead_letters", name, "archive"], format!(
+                "dead-letter processor `{name}` names database `{db}`, which is not defined (defined databases: {})",
+                list(raw.databases.keys())));
+        }
+        let Some(broker) = raw.brokers.get(&dl.source) else {
+            c.issue(&["dead_letters", name, "source"], format!(
+                "dead-letter processor `{name}` names broker `{}`, which is not defined (defined brokers: {})",
+                dl.source, broker_names()));
+            continue;
+        };
+        if let Some(config) = dead_letter_config(&mut c, name, dl, broker) {
+            dead_letters.insert(name.clone(), config);
+        }
+    }
+
+    if c.issues.is_empty() {
+        Ok(Config {
+            origin: origin.to_owned(),
+            service,
+            http,
+            brokers,
+            databases,
+            handlers,
+            consumers,
+            outboxes,
+            dead_letters,
+        })
+    } else {
+        Err(c.issues)
+    }
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<String> = names.map(|n| format!("`{n}`")).collect();
+    if names.is_empty() { "none".into() } else { names.join(", ") }
+}
+
+fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
+    match (&admin.token_env, &admin.token_file) {
+        (Some(_), Some(_)) => {
+            c.issue(&["http", "admin"], "give `token_env` or `token_file`, not both");
+            None
+        }
+        (Some(var), None) => match std::env::var(var) {
+            Ok(token) if !token.trim().is_empty() => Some(Secret::new(token.trim())),
+            _ => {
+                c.issue(&["http", "admin", "token_env"], format!("environment variable `{var}` is not set or empty"));
+                None
+            }
+        },
+        (None, Some(file)) => match std::fs::read_to_string(file) {
+            Ok(token) if !token.trim().is_empty() => Some(Secret::new(token.trim())),
+            Ok(_) => {
+                c.issue(&["http", "admin", "token_file"], format!("token file {file:?} is empty"));
+                None
+            }
+            Err(e) => {
+                c.issue(&["http", "admin", "token_file"], format!("cannot read token file {file:?}: {e}"));
+                None
+            }
+        },
+        (None, None) => {
+            c.issue(&["http", "admin"], "`[http.admin]` needs `token_env` or `token_file`");
+            None
+        }
+    }
+}
+
+/// Every handler a handler depends on (e.g. a route's targets) must exist, without cycles.
+fn check_handler_references(c: &mut Checker<'_>, handlers: &BTreeMap<String, HandlerConfig>) {
+    for (name, handler) in handlers {
+        for dep in handler.factory.dependencies() {
+            if !handlers.contains_key(&dep) {
+                c.issue(&["handlers", name], format!("handler `{name}` refers to handler `{dep}`, which is not defined"));
+            }
+        }
+    }
+    // Depth-first search for a cycle.
+    fn visit(name: &str, handlers: &BTreeMap<String, HandlerConfig>, stack: &mut Vec<String>, done: &mut BTreeSet<String>) -> Option<Vec<String>> {
+        if done.contains(name) {
+            return None;
+        }
+        if let Some(pos) = stack.iter().position(|n| n == name) {
+            let mut cycle = stack[pos..].to_vec();
+            cycle.push(name.to_owned());
+            return Some(cycle);
+        }
+        stack.push(name.to_owned());
+        if let Some(handler) = handlers.get(name) {
+            for dep in handler.factory.dependencies() {
+                if let Some(cycle) = visit(&dep, handlers, stack, done) {
+                    return Some(cycle);
+                }
+            }
+        }
+        stack.pop();
+        done.insert(name.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for name in handlers.keys() {
+        if let Some(cycle) = visit(name, handlers, &mut Vec::new(), &mut done) {
+            c.issue(&["handlers", name], format!("handlers refer to each other in a cycle: {}", cycle.join(" -> ")));
+            return;
+        }
+    }
+}
+
+fn consumer_config(c: &mut Checker<'_>, name: &str, raw: &RawConsumer, broker: &RawBroker) -> Option<ConsumerConfig> {
+    let at = |k: &'static str| -> [&str; 3] { ["consumers", name, k] };
+    let default_attempts = 5;
+    let retry = c.retry(&at("retry"), raw.retry.as_ref(), default_attempts);
+    let dl = raw.dead_letter.as_ref();
+    match broker {
+        RawBroker::Amqp(_) => {
+            for (field, given) in [
+                ("stream", raw.stream.is_some()),
+                ("group", raw.group.is_some()),
+                ("consumer", raw.consumer.is_some()),
+                ("start_id", raw.start_id.is_some()),
+                ("batch", raw.batch.is_some()),
+                ("block", raw.block.is_some()),
+                ("claim_idle", raw.claim_idle.is_some()),
+                ("claim_interval", raw.claim_interval.is_some()),
+                ("max_deliveries", raw.max_deliveries.is_some()),
+            ] {
+                if given {
+                    c.issue(&at(field), format!("`{field}` is for redis consumers, but broker `{}` is amqp", raw.source));
+                }
+            }
+            if dl.is_some_and(|d| d.stream.is_some()) {
+                c.issue(&["consumers", name, "dead_letter", "stream"], "`dead_letter.stream` is for redis consumers; use `queue` or `exchange`");
+            }
+            let Some(queue) = raw.queue.clone() else {
+                c.issue(&["consumers", name], format!("consumer `{name}` reads from amqp broker `{}` and needs `queue`", raw.source));
+                return None;
+            };
+            c.name_ok(&at("queue"), "queue", &queue);
+            let queue_type = c.one_of(&at("queue_type"), raw.queue_type.as_deref(), QueueType::Classic, &[("classic", QueueType::Classic), ("quorum", QueueType::Quorum)]);
+            let mut bindings = Vec::new();
+            for (i, b) in raw.bindings.iter().flatten().enumerate() {
+                let index = i.to_string();
+                let exchange_type = c.one_of(
+                    &["consumers", name, "bindings", &index, "exchange_type"],
+                    b.exchange_type.as_deref(),
+                    ExchangeType::Topic,
+                    &[("direct", ExchangeType::Direct), ("topic", ExchangeType::Topic), ("fanout", ExchangeType::Fanout), ("headers", ExchangeType::Headers)],
+                );
+                if b.exchange.is_empty() {
+                    c.issue(&["consumers", name, "bindings", &index, "exchange"], "cannot bind to the default exchange (it routes by queue name already)");
+                }
+                bindings.push(Binding { exchange: b.exchange.clone(), exchange_type, routing_key: b.routing_key.clone().unwrap_or_else(|| "#".into()) });
+            }
+            let prefetch = raw.prefetch.unwrap_or(100);
+            if prefetch == 0 {
+                c.issue(&at("prefetch"), "must be at least 1 (0 would mean unlimited)");
+            }
+            let concurrency = raw.concurrency.unwrap_or(prefetch as usize);
+            if concurrency == 0 {
+                c.issue(&at("concurrency"), "must be at least 1");
+            }
+            let dead_letter = match dl {
+                Some(RawConsumerDeadLetter { queue: Some(_), exchange: Some(_), .. }) => {
+                    c.issue(&["consumers", name, "dead_letter"], "give `queue` or `exchange`, not both");
+                    AmqpDeadLetter::Queue(format!("{queue}.dlq"))
+                }
+                Some(RawConsumerDeadLetter { exchange: Some(exchange), routing_key, .. }) => AmqpDeadLetter::Exchange { exchange: exchange.clone(), routing_key: routing_key.clone() },
+                Some(RawConsumerDeadLetter { queue: Some(q), .. }) => AmqpDeadLetter::Queue(q.clone()),
+                _ => AmqpDeadLetter::Queue(format!("{queue}.dlq")),
+            };
+            Some(ConsumerConfig {
+                source: raw.source.clone(),
+                handler: raw.handler.clone(),
+                concurrency: concurrency.max(1),
+                retry,
+                kind: ConsumerKind::Amqp(AmqpConsumerConfig {
+                    queue,
+                    queue_type,
+                    bindings,
+                    declare: raw.declare.unwrap_or(true),
+                    prefetch: prefetch.max(1),
+                    dead_letter,
+                }),
+            })
+        }
+        RawBroker::Redis(_) => {
+            for (field, given) in [
+                ("queue", raw.queue.is_some()),
+                ("queue_type", raw.queue_type.is_some()),
+                ("bindings", raw.bindings.is_some()),
+                ("declare", raw.declare.is_some()),
+                ("prefetch", raw.prefetch.is_some()),
+            ] {
+                if given {
+                    c.issue(&at(field), format!("`{field}` is for amqp consumers, but broker `{}` is redis", raw.source));
+                }
+            }
+            if dl.is_some_and(|d| d.queue.is_some() || d.exchange.is_some() || d.routing_key.is_some()) {
+                c.issue(&["consumers", name, "dead_letter"], "redis consumers dead-letter into a stream: use `dead_letter = { stream = \"...\" }`");
+            }
+            let Some(stream) = raw.stream.clone() else {
+                c.issue(&["consumers", name], format!("consumer `{name}` reads from redis broker `{}` and needs `stream`", raw.source));
+                return None;
+            };
+            c.name_ok(&at("stream"), "stream", &stream);
+            let group = raw.group.clone().unwrap_or_else(|| name.to_owned());
+            let start_id = raw.start_id.clone().unwrap_or_else(|| "0".into());
+            if start_id != "0" && start_id != "$" && !start_id.contains('-') {
+                c.issue(&at("start_id"), format!("`{start_id}` is not a stream id; use \"0\" (whole stream), \"$\" (new entries only) or an id like \"1700000000000-0\""));
+            }
+            let batch = raw.batch.unwrap_or(100);
+            if batch == 0 {
+                c.issue(&at("batch"), "must be at least 1");
+            }
+            let block = c.duration(&at("block"), raw.block.as_deref(), Duration::from_secs(5));
+            let claim_idle = c.duration(&at("claim_idle"), raw.claim_idle.as_deref(), Duration::from_secs(60));
+            if claim_idle.is_zero() {
+                c.issue(&at("claim_idle"), "must be longer than zero (and longer than the slowest handler)");
+            }
+            let claim_interval = c.duration(&at("claim_interval"), raw.claim_interval.as_deref(), (claim_idle / 2).max(Duration::from_secs(1)));
+            let max_deliveries = raw.max_deliveries.unwrap_or(retry.max_attempts.saturating_add(5));
+            if max_deliveries == 0 {
+                c.issue(&at("max_deliveries"), "must be at least 1");
+            }
+            let concurrency = raw.concurrency.unwrap_or(batch);
+            if concurrency == 0 {
+                c.issue(&at("concurrency"), "must be at least 1");
+            }
+            Some(ConsumerConfig {
+                source: raw.source.clone(),
+                handler: raw.handler.clone(),
+                concurrency: concurrency.max(1),
+                retry,
+                kind: ConsumerKind::Redis(RedisConsumerConfig {
+                    dead_letter_stream: dl.and_then(|d| d.stream.clone()).unwrap_or_else(|| format!("{stream}:dlq")),
+                    stream,
+                    group,
+                    consumer: raw.consumer.clone().unwrap_or_else(default_consumer_name),
+                    start_id,
+                    batch: batch.max(1),
+                    block,
+                    claim_idle,
+                    claim_interval,
+                    max_deliveries: max_deliveries.max(1),
+                }),
+            })
+        }
+    }
+}
+
+/// A table name is used in SQL identifiers: keep it to a safe, optionally schema-qualified form.
+pub fn valid_sql_identifier(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 63
+                && p.chars().next().is_some_and(|ch| ch.is_ascii_lowercase() || ch == '_')
+                && p.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+        })
+}
+
+fn outbox_config(c: &mut Checker<'_>, name: &str, raw: &RawOutbox) -> OutboxConfig {
+    let at = |k: &'static str| -> [&str; 3] { ["outboxes", name, k] };
+    let table = raw.table.clone().unwrap_or_else(|| "bosun_outbox".into());
+    if !valid_sql_identifier(&table) {
+        c.issue(&at("table"), format!("`{table}` is not a plain lowercase SQL identifier (letters, digits, `_`, optionally `schema.table`)"));
+    }
+    let batch = raw.batch.unwrap_or(500);
+    if batch == 0 || batch > 10_000 {
+        c.issue(&at("batch"), format!("{batch} is outside 1..=10000"));
+    }
+    let max_attempts = raw.max_attempts.unwrap_or(10);
+    if max_attempts == 0 {
+        c.issue(&at("max_attempts"), "must be at least 1");
+    }
+    let mut retry = c.retry(&at("retry"), raw.retry.as_ref(), max_attempts);
+    retry.max_attempts = max_attempts.max(1);
+    let notify_channel = raw.notify_channel.clone().unwrap_or_else(|| table.replace('.', "_"));
+    if !valid_sql_identifier(&notify_channel) || notify_channel.contains('.') {
+        c.issue(&at("notify_channel"), format!("`{notify_channel}` is not a plain lowercase identifier"));
+    }
+    OutboxConfig {
+        database: raw.database.clone(),
+        target: raw.target.clone(),
+        destination: raw.destination.clone(),
+        batch: batch.clamp(1, 10_000),
+        poll_interval: c.duration(&at("poll_interval"), raw.poll_interval.as_deref(), Duration::from_secs(1)),
+        notify_channel,
+        max_attempts: max_attempts.max(1),
+        retry,
+        retain_published: c.duration(&at("retain_published"), raw.retain_published.as_deref(), Duration::from_secs(24 * 3600)),
+        ordering: c.one_of(&at("ordering"), raw.ordering.as_deref(), Ordering::None, &[("none", Ordering::None), ("per_key", Ordering::PerKey)]),
+        publish_timeout: c.duration(&at("publish_timeout"), raw.publish_timeout.as_deref(), Duration::from_secs(30)),
+        maxlen: raw.maxlen,
+        table,
+    }
+}
+
+fn dead_letter_config(c: &mut Checker<'_>, name: &str, raw: &RawDeadLetter, broker: &RawBroker) -> Option<DeadLetterConfig> {
+    let at = |k: &'static str| -> [&str; 3] { ["dead_letters", name, k] };
+    let from = match (broker, &raw.queue, &raw.stream) {
+        (RawBroker::Amqp(_), Some(queue), None) => DeadLetterSource::Queue(queue.clone()),
+        (RawBroker::Redis(_), None, Some(stream)) => DeadLetterSource::Stream {
+            stream: stream.clone(),
+            group: raw.group.clone().unwrap_or_else(|| "bosun-dlq".into()),
+        },
+        (RawBroker::Amqp(_), _, _) => {
+            c.issue(&["dead_letters", name], format!("dead-letter processor `{name}` reads amqp broker `{}`: give `queue` (and no `stream`)", raw.source));
+            return None;
+        }
+        (RawBroker::Redis(_), _, _) => {
+            c.issue(&["dead_letters", name], format!("dead-letter processor `{name}` reads redis broker `{}`: give `stream` (and no `queue`)", raw.source));
+            return None;
+        }
+    };
+    let table = raw.table.clone().unwrap_or_else(|| "dead_letters".into());
+    if !valid_sql_identifier(&table) {
+        c.issue(&at("table"), format!("`{table}` is not a plain lowercase SQL identifier"));
+    }
+    let default_action = match raw.default_action.as_deref() {
+        None | Some("archive") => Action::Archive,
+        Some("drop") => Action::Drop,
+        Some(other) => {
+            c.issue(&at("default_action"), format!("unknown value `{other}`, expected `archive` or `drop`"));
+            Action::Archive
+        }
+    };
+    let mut rules = Vec::new();
+    for (i, rule) in raw.rules.iter().enumerate() {
+        let index = i.to_string();
+        let rat = |k: &'static str| -> Vec<&str> { vec!["dead_letters", name, "rules", index.as_str(), k] };
+        let error = rule.when.error.as_ref().and_then(|pattern| match regex::Regex::new(pattern) {
+            Ok(re) => Some(re),
+            Err(e) => {
+                c.issue(&["dead_letters", name, "rules", &index, "when", "error"], format!("invalid regular expression: {e}"));
+                None
+            }
+        });
+        for reason in rule.when.reason.iter().flatten() {
+            if !["rejected", "expired", "maxlen", "delivery_limit"].contains(&reason.as_str()) {
+                c.issue(&["dead_letters", name, "rules", &index, "when", "reason"], format!("unknown broker reason `{reason}`, expected `rejected`, `expired`, `maxlen` or `delivery_limit`"));
+            }
+        }
+        for kind in rule.when.error_kind.iter().flatten() {
+            if !["transient", "permanent", "exhausted", "invalid", "unknown"].contains(&kind.as_str()) {
+                c.issue(&["dead_letters", name, "rules", &index, "when", "error_kind"], format!("unknown error kind `{kind}`, expected `transient`, `permanent`, `exhausted`, `invalid` or `unknown`"));
+            }
+        }
+        let when = Matcher {
+            error_kind: rule.when.error_kind.clone().unwrap_or_default(),
+            error,
+            original: rule.when.original.clone().unwrap_or_default(),
+            reason: rule.when.reason.clone().unwrap_or_default(),
+            attempts_below: rule.when.attempts_below,
+            attempts_at_least: rule.when.attempts_at_least,
+        };
+        let action = match rule.action.as_str() {
+            "replay" => Action::Replay {
+                delay: c.duration(&rat("delay"), rule.delay.as_deref(), Duration::ZERO),
+                max_replays: rule.max_replays.unwrap_or(3),
+            },
+            "archive" => Action::Archive,
+            "drop" => Action::Drop,
+            "forward" => {
+                let target = match (broker, &rule.exchange, &rule.stream) {
+                    (RawBroker::Amqp(_), Some(exchange), None) => Some(exchange.clone()),
+                    (RawBroker::Redis(_), None, Some(stream)) => Some(stream.clone()),
+                    _ => None,
+                };
+                match target {
+                    Some(target) => Action::Forward { target, routing_key: rule.routing_key.clone() },
+                    None => {
+                        c.issue(&rat("action"), format!("`forward` on a {} broker needs `{}`", if matches!(broker, RawBroker::Amqp(_)) { "amqp" } else { "redis" }, if matches!(broker, RawBroker::Amqp(_)) { "exchange" } else { "stream" }));
+                        Action::Archive
+                    }
+                }
+            }
+            other => {
+                c.issue(&rat("action"), format!("unknown action `{other}`, expected `replay`, `archive`, `drop` or `forward`"));
+                Action::Archive
+            }
+        };
+        if matches!(action, Action::Archive) && raw.archive.is_none() {
+            c.issue(&rat("action"), "action `archive` needs `archive = \"<database>\"` on the processor");
+        }
+        rules.push(Rule { when, action });
+    }
+    if matches!(default_action, Action::Archive) && raw.archive.is_none() {
+        c.issue(&at("archive"), format!("dead-letter processor `{name}` archives by default and needs `archive = \"<database>\"` (or `default_action = \"drop\"`)"));
+    }
+    Some(DeadLetterConfig {
+        source: raw.source.clone(),
+        from,
+        archive: raw.archive.clone(),
+        table,
+        default_action,
+        rules,
+    })
+}

@@ -1,0 +1,72 @@
+//! The HTTP listener: `/metrics`, `/healthz`, `/readyz`, and whatever routes other modules
+//! add (the dead-letter admin API).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+
+/// `/healthz` fails once the supervisor loop has not turned for this long.
+pub const LOOP_STALL_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+struct AppState {
+    health: Health,
+    metrics: PrometheusHandle,
+}
+
+/// The base router.
+pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { health, metrics })
+}
+
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let stalled = state.health.since_beat();
+    if stalled > LOOP_STALL_LIMIT {
+        let body = serde_json::json!({ "status": "stalled", "supervisor_loop_idle_seconds": stalled.as_secs() });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    } else {
+        (StatusCode::OK, Json(serde_json::json!({ "status": "ok" }))).into_response()
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let components = state.health.snapshot();
+    let not_ready: serde_json::Map<String, serde_json::Value> = components
+        .iter()
+        .filter(|(_, c)| !c.ready)
+        .map(|(name, c)| (name.clone(), serde_json::json!({ "reason": c.reason, "since": c.since })))
+        .collect();
+    if not_ready.is_empty() {
+        (StatusCode::OK, Json(serde_json::json!({ "status": "ready", "components": components.len() }))).into_response()
+    } else {
+        let body = serde_json::json!({ "status": "not_ready", "not_ready": not_ready });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// Binds `listen`; errors here (address in use) stop the daemon at start.
+pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await
+}
+
+/// Serves `app` until `shutdown` is cancelled.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}

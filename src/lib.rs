@@ -1,0 +1,34 @@
+//! bosun: a message worker daemon.
+//!
+//! bosun reads one TOML file and runs, under one supervisor:
+//! - **consumers** of RabbitMQ queues and Redis Streams consumer groups, which hand each
+//!   message to a [`handler`] and settle it at its source only once its outcome is durable;
+//! - a **retry topology** ([`retry`]): delayed retries with backoff and a dead-letter
+//!   destination when attempts run out or a failure is permanent;
+//! - **outbox relays** that move rows committed to PostgreSQL onto a broker;
+//! - **dead-letter processors** that replay, archive or drop dead letters by rule.
+//!
+//! How the pieces fit:
+//! - [`config`] loads and validates the file into a [`config::Config`];
+//! - [`runtime`] builds components from it and runs them under the [`supervisor`], which
+//!   restarts failed components, drains on SIGTERM and reloads on SIGHUP;
+//! - [`health`] and [`telemetry`] feed the HTTP listener in [`http`] (`/metrics`,
+//!   `/healthz`, `/readyz`);
+//! - [`cli`] is the `bosun` binary.
+//!
+//! The library can be embedded: build a [`Runtime`] with your own handler kinds.
+
+pub mod cli;
+pub mod config;
+pub mod database;
+pub mod handler;
+pub mod health;
+pub mod publish;
+pub mod http;
+pub mod retry;
+pub mod runtime;
+pub mod supervisor;
+pub mod telemetry;
+
+pub use handler::{Handler, Message, Outcome};
+pub use runtime::{Runtime, RuntimeBuilder};

@@ -1,0 +1,82 @@
+//! The publishing interface shared by outbox relays, dead-letter replay and `bosun publish`:
+//! a batch of messages goes out, and each gets its own confirmed-or-failed result.
+//!
+//! Implementations: the amqp publisher (confirms awaited in a window, `mandatory`, a returned
+//! message is an error) and the redis producer (XADD with approximate MAXLEN).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::handler::HeaderValue;
+
+/// One message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingMessage {
+    /// Exchange (amqp; "" is the default exchange) or stream (redis).
+    pub destination: String,
+    /// Routing key (amqp); ignored by redis.
+    pub routing_key: String,
+    /// Stable id; a UUID v7 is generated when the caller has none.
+    pub message_id: String,
+    pub correlation_id: Option<String>,
+    pub content_type: Option<String>,
+    pub headers: BTreeMap<String, HeaderValue>,
+    pub body: Bytes,
+    /// Milliseconds since the Unix epoch; publishers stamp "now" when `None`.
+    pub timestamp_ms: Option<u64>,
+}
+
+impl OutgoingMessage {
+    /// A message with a fresh UUID v7 id and no headers.
+    pub fn new(destination: impl Into<String>, routing_key: impl Into<String>, body: impl Into<Bytes>) -> Self {
+        Self {
+            destination: destination.into(),
+            routing_key: routing_key.into(),
+            message_id: uuid::Uuid::now_v7().to_string(),
+            correlation_id: None,
+            content_type: None,
+            headers: BTreeMap::new(),
+            body: body.into(),
+            timestamp_ms: None,
+        }
+    }
+}
+
+/// Why one message was not confirmed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PublishError {
+    /// The broker could not route it (amqp `mandatory` return, unknown exchange).
+    #[error("unroutable: {0}")]
+    Unroutable(String),
+    /// The broker refused it (nack, message too large, wrong type).
+    #[error("rejected by the broker: {0}")]
+    Rejected(String),
+    /// The connection failed or timed out: the message may or may not have arrived.
+    #[error("connection failed: {0}")]
+    Connection(String),
+}
+
+impl PublishError {
+    /// Whether the same publish may succeed later without any change.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PublishError::Connection(_))
+    }
+}
+
+/// Publishes batches with confirmation.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes `messages` in order, pipelined, and returns one result per message once the
+    /// broker has confirmed (or refused) each. `Ok` means durable at the broker.
+    async fn publish_batch(&self, messages: &[OutgoingMessage]) -> Vec<Result<(), PublishError>>;
+
+    /// Publishes one message.
+    async fn publish(&self, message: &OutgoingMessage) -> Result<(), PublishError> {
+        self.publish_batch(std::slice::from_ref(message))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(PublishError::Connection("publisher returned no result".into())))
+    }
+}

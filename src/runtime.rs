@@ -1,0 +1,218 @@
+//! The runtime: turns a validated [`Config`] into running components under a
+//! [`Supervisor`], with the HTTP listener beside them.
+//!
+//! This is also the library entry point: a Rust program builds a [`Runtime`] with its own
+//! handler kinds and components and runs it like the `bosun` binary does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use futures::Stream;
+use sqlx::PgPool;
+
+use crate::config::{self, Config, ConfigError, Env};
+use crate::handler::{FnKind, Handler, HandlerKind, HandlerKinds, OptionError};
+use crate::health::Health;
+use crate::supervisor::{
+    Changes, Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, ReloadHook, SignalKind, Supervisor, SupervisorConfig,
+};
+
+/// Shared, already-built resources that components are constructed from.
+#[derive(Clone)]
+pub struct Resources {
+    pub config: Arc<Config>,
+    pub handlers: BTreeMap<String, Arc<dyn Handler>>,
+    pub databases: BTreeMap<String, PgPool>,
+}
+
+impl Resources {
+    pub fn new(config: Arc<Config>) -> anyhow::Result<Self> {
+        let handlers = crate::handler::build_all(&config.handlers)?;
+        let databases = crate::database::pools(&config.databases)?;
+        Ok(Self { config, handlers, databases })
+    }
+
+    pub fn handler(&self, name: &str) -> anyhow::Result<Arc<dyn Handler>> {
+        self.handlers.get(name).cloned().with_context(|| format!("handler `{name}` is not defined"))
+    }
+
+    pub fn database(&self, name: &str) -> anyhow::Result<PgPool> {
+        self.databases.get(name).cloned().with_context(|| format!("database `{name}` is not defined"))
+    }
+}
+
+/// Name under which a consumer runs (and appears on `/readyz` and in metrics labels).
+pub fn consumer_component_name(name: &str) -> String {
+    format!("consumer:{name}")
+}
+
+/// Builds the components for every configured consumer, outbox and dead-letter processor.
+pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponent>> {
+    let config = &resources.config;
+    let mut components: Vec<NamedComponent> = Vec::new();
+    for (name, consumer) in &config.consumers {
+        let component = build_consumer(name, consumer, resources).with_context(|| format!("consumer `{name}`"))?;
+        components.push((consumer_component_name(name), component));
+    }
+    if let Some((name, _)) = config.outboxes.iter().next() {
+        anyhow::bail!("outbox `{name}`: outbox relays are not available in this build");
+    }
+    if let Some((name, _)) = config.dead_letters.iter().next() {
+        anyhow::bail!("dead-letter processor `{name}`: dead-letter processors are not available in this build");
+    }
+    Ok(components)
+}
+
+fn build_consumer(name: &str, consumer: &config::ConsumerConfig, _resources: &Resources) -> anyhow::Result<Arc<dyn Component>> {
+    match &consumer.kind {
+        config::ConsumerKind::Amqp(_) => anyhow::bail!("amqp consumers are not available in this build ({name})"),
+        config::ConsumerKind::Redis(_) => anyhow::bail!("redis consumers are not available in this build ({name})"),
+    }
+}
+
+/// Builds a [`Runtime`].
+#[derive(Default)]
+pub struct RuntimeBuilder {
+    kinds: HandlerKinds,
+    extra: Vec<NamedComponent>,
+    supervisor: Option<SupervisorConfig>,
+}
+
+impl RuntimeBuilder {
+    /// Registers a handler kind, usable as `kind = "<name>"` in `[handlers.*]`.
+    pub fn handler_kind(mut self, name: &str, kind: impl HandlerKind) -> Self {
+        self.kinds.register(name, kind);
+        self
+    }
+
+    /// Registers a handler kind from a closure that builds the handler from its options.
+    pub fn handler_fn<F>(self, name: &str, build: F) -> Self
+    where
+        F: Fn(&str, &toml::Table) -> Result<Arc<dyn Handler>, OptionError> + Send + Sync + 'static,
+    {
+        self.handler_kind(name, FnKind(build))
+    }
+
+    /// Adds a component of the program's own, supervised like the configured ones.
+    pub fn component(mut self, name: &str, component: impl Component) -> Self {
+        self.extra.push((name.to_owned(), Arc::new(component)));
+        self
+    }
+
+    /// Overrides supervisor tunables (restart backoff); the shutdown timeout still comes
+    /// from `[service].shutdown_timeout`.
+    pub fn supervisor(mut self, config: SupervisorConfig) -> Self {
+        self.supervisor = Some(config);
+        self
+    }
+
+    pub fn build(self) -> Runtime {
+        Runtime { kinds: self.kinds, extra: self.extra, supervisor: self.supervisor.unwrap_or_default() }
+    }
+}
+
+/// A configured daemon, ready to run.
+pub struct Runtime {
+    kinds: HandlerKinds,
+    extra: Vec<NamedComponent>,
+    supervisor: SupervisorConfig,
+}
+
+impl Runtime {
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    pub fn handler_kinds(&self) -> &HandlerKinds {
+        &self.kinds
+    }
+
+    /// Loads and validates a config file with this runtime's handler kinds.
+    pub fn load(&self, path: &Path) -> Result<Config, ConfigError> {
+        config::load_file(path, &self.kinds)
+    }
+
+    /// Runs until a terminate signal arrives on `signals` and the drain that follows.
+    /// `path` is re-read on reload signals. Fails only at start (listener cannot bind, a
+    /// component cannot be built).
+    pub async fn run<S>(self, config: Config, path: Option<PathBuf>, signals: S) -> anyhow::Result<ExitStatus>
+    where
+        S: Stream<Item = SignalKind> + Unpin + Send,
+    {
+        self.run_with(config, path, signals, Box::new(NoLifecycle)).await
+    }
+
+    /// [`Runtime::run`] with a lifecycle observer (systemd notification).
+    pub async fn run_with<S>(self, config: Config, path: Option<PathBuf>, signals: S, lifecycle: Box<dyn Lifecycle>) -> anyhow::Result<ExitStatus>
+    where
+        S: Stream<Item = SignalKind> + Unpin + Send,
+    {
+        let health = Health::default();
+        let metrics = crate::telemetry::metrics_handle();
+        let listener = crate::http::bind(config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http.listen))?;
+        let listen = listener.local_addr().unwrap_or(config.http.listen);
+
+        let config = Arc::new(config);
+        let resources = Resources::new(config.clone())?;
+        let mut components = components_for(&resources)?;
+        components.extend(self.extra);
+
+        let supervisor = Supervisor::new(
+            SupervisorConfig { shutdown_timeout: config.service.shutdown_timeout, ..self.supervisor },
+            health.clone(),
+        );
+        let app = crate::http::router(health, metrics);
+        let http_stop = tokio_util::sync::CancellationToken::new();
+        let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
+        tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");
+
+        let reload = Box::new(ConfigReload { path, kinds: self.kinds, env: None, current: config.clone() });
+        let status = supervisor.run(components, signals, reload, lifecycle).await;
+
+        // The listener outlives the drain so /metrics and /readyz answer during it.
+        http_stop.cancel();
+        match http.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP listener failed"),
+            Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
+            Ok(Ok(())) => {}
+        }
+        tracing::info!(status = ?status, "bosun stopped");
+        Ok(status)
+    }
+}
+
+/// The reload hook: re-reads and validates the file.
+struct ConfigReload {
+    path: Option<PathBuf>,
+    kinds: HandlerKinds,
+    /// The environment to validate against; the process environment when `None`.
+    env: Option<Env>,
+    current: Arc<Config>,
+}
+
+#[async_trait]
+impl ReloadHook for ConfigReload {
+    async fn reload(&mut self, _running: &[String]) -> Option<Changes> {
+        let Some(path) = &self.path else {
+            tracing::warn!("reload requested, but the configuration did not come from a file");
+            return None;
+        };
+        let env = self.env.clone().unwrap_or_else(Env::from_process);
+        match config::load_file_with_env(path, &self.kinds, &env) {
+            Ok(new) => {
+                let unchanged = new == *self.current;
+                tracing::info!(config = %path.display(), unchanged, "configuration re-validated; applying it needs a restart");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
+                None
+            }
+        }
+    }
+}
