@@ -1,0 +1,78 @@
+//! Shared pieces: running the release `bosun` binary, peak RSS, formatting.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The `bosun` binary built with the bench profile.
+pub fn bosun_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bosun")
+}
+
+/// A running daemon for a case; killed on drop.
+pub struct Bosun {
+    pub child: Child,
+    _dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Bosun {
+    pub fn start(config_text: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("bosun.toml");
+        std::fs::write(&config, config_text)?;
+        let child = Command::new(bosun_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Self { child, _dir: dir, config })
+    }
+
+    /// Peak resident set size so far, in MiB (VmHWM).
+    pub fn peak_rss_mib(&self) -> Option<f64> {
+        peak_rss_mib(self.child.id())
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+}
+
+impl Drop for Bosun {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A unique name for queues, streams and tables of one run.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+/// Formats one comparison row.
+pub fn comparison(unit: &str, bosun: f64, bare: f64, rss_mib: Option<f64>) -> String {
+    let ratio = if bare > 0.0 { bosun / bare } else { 0.0 };
+    let rss = rss_mib.map(|r| format!("{r:.1} MiB")).unwrap_or_else(|| "n/a".into());
+    format!("bosun: {bosun:.0} {unit}/s\nbare:  {bare:.0} {unit}/s\nratio: {ratio:.2}\nbosun peak RSS: {rss}")
+}
