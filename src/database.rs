@@ -22,9 +22,16 @@ pub fn lazy_pool(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
 }
 
 /// Pools for every configured database.
-pub fn pools(databases: &BTreeMap<String, DatabaseConfig>) -> anyhow::Result<BTreeMap<String, PgPool>> {
+pub fn pools(
+    databases: &BTreeMap<String, DatabaseConfig>,
+) -> anyhow::Result<BTreeMap<String, PgPool>> {
     databases
         .iter()
-        .map(|(name, config)| Ok((name.clone(), lazy_pool(config).map_err(|e| e.context(format!("database `{name}`")))?)))
+        .map(|(name, config)| {
+            Ok((
+                name.clone(),
+                lazy_pool(config).map_err(|e| e.context(format!("database `{name}`")))?,
+            ))
+        })
         .collect()
 }

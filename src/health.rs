@@ -55,9 +55,16 @@ impl Health {
     pub fn register(&self, name: &str) -> HealthHandle {
         self.lock().insert(
             name.to_owned(),
-            ComponentHealth { ready: false, reason: "starting".into(), since: unix_now() },
+            ComponentHealth {
+                ready: false,
+                reason: "starting".into(),
+                since: unix_now(),
+            },
         );
-        HealthHandle { name: name.to_owned(), health: self.clone() }
+        HealthHandle {
+            name: name.to_owned(),
+            health: self.clone(),
+        }
     }
 
     pub fn remove(&self, name: &str) {
@@ -69,7 +76,11 @@ impl Health {
         if let Some(entry) = components.get_mut(name)
             && (entry.ready != ready || entry.reason != reason)
         {
-            *entry = ComponentHealth { ready, reason, since: unix_now() };
+            *entry = ComponentHealth {
+                ready,
+                reason,
+                since: unix_now(),
+            };
         }
     }
 
@@ -84,7 +95,8 @@ impl Health {
 
     /// Called by the supervisor loop on every turn.
     pub fn beat(&self) {
-        self.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.heartbeat_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Time since the supervisor loop last turned.

@@ -33,7 +33,14 @@ pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -51,10 +58,19 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let not_ready: serde_json::Map<String, serde_json::Value> = components
         .iter()
         .filter(|(_, c)| !c.ready)
-        .map(|(name, c)| (name.clone(), serde_json::json!({ "reason": c.reason, "since": c.since })))
+        .map(|(name, c)| {
+            (
+                name.clone(),
+                serde_json::json!({ "reason": c.reason, "since": c.since }),
+            )
+        })
         .collect();
     if not_ready.is_empty() {
-        (StatusCode::OK, Json(serde_json::json!({ "status": "ready", "components": components.len() }))).into_response()
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "status": "ready", "components": components.len() })),
+        )
+            .into_response()
     } else {
         let body = serde_json::json!({ "status": "not_ready", "not_ready": not_ready });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
@@ -67,6 +83,12 @@ pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener
 }
 
 /// Serves `app` until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }

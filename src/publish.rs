@@ -30,7 +30,11 @@ pub struct OutgoingMessage {
 
 impl OutgoingMessage {
     /// A message with a fresh UUID v7 id and no headers.
-    pub fn new(destination: impl Into<String>, routing_key: impl Into<String>, body: impl Into<Bytes>) -> Self {
+    pub fn new(
+        destination: impl Into<String>,
+        routing_key: impl Into<String>,
+        body: impl Into<Bytes>,
+    ) -> Self {
         Self {
             destination: destination.into(),
             routing_key: routing_key.into(),
@@ -77,6 +81,10 @@ pub trait Publisher: Send + Sync {
         self.publish_batch(std::slice::from_ref(message))
             .await
             .pop()
-            .unwrap_or_else(|| Err(PublishError::Connection("publisher returned no result".into())))
+            .unwrap_or_else(|| {
+                Err(PublishError::Connection(
+                    "publisher returned no result".into(),
+                ))
+            })
     }
 }

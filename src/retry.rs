@@ -189,15 +189,27 @@ mod tests {
         let tiers = policy.tiers();
         assert_eq!(
             tiers,
-            vec![1, 2, 4, 8].into_iter().map(Duration::from_secs).collect::<Vec<_>>()
+            vec![1, 2, 4, 8]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect::<Vec<_>>()
         );
-        assert_eq!(policy.tier_for(Duration::from_millis(1500), &tiers), Some(Duration::from_secs(2)));
-        assert_eq!(policy.tier_for(Duration::from_secs(60), &tiers), Some(Duration::from_secs(8)));
+        assert_eq!(
+            policy.tier_for(Duration::from_millis(1500), &tiers),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            policy.tier_for(Duration::from_secs(60), &tiers),
+            Some(Duration::from_secs(8))
+        );
         let explicit = RetryPolicy {
             backoff: Backoff::Tiers(vec![Duration::from_secs(10), Duration::from_secs(1)]),
             ..exp(9)
         };
-        assert_eq!(explicit.tiers(), vec![Duration::from_secs(1), Duration::from_secs(10)]);
+        assert_eq!(
+            explicit.tiers(),
+            vec![Duration::from_secs(1), Duration::from_secs(10)]
+        );
         assert_eq!(explicit.base_delay(1), Duration::from_secs(10));
         assert_eq!(explicit.base_delay(7), Duration::from_secs(1));
     }
@@ -206,9 +218,15 @@ mod tests {
     fn jitter_stays_within_its_fraction() {
         for _ in 0..1000 {
             let d = apply_jitter(Duration::from_secs(10), 0.2);
-            assert!(d >= Duration::from_secs(8) && d <= Duration::from_secs(12), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(8) && d <= Duration::from_secs(12),
+                "{d:?}"
+            );
         }
-        assert_eq!(apply_jitter(Duration::from_secs(3), 0.0), Duration::from_secs(3));
+        assert_eq!(
+            apply_jitter(Duration::from_secs(3), 0.0),
+            Duration::from_secs(3)
+        );
     }
 
     #[test]

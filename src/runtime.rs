@@ -17,7 +17,8 @@ use crate::config::{self, Config, ConfigError, Env};
 use crate::handler::{FnKind, Handler, HandlerKind, HandlerKinds, OptionError};
 use crate::health::Health;
 use crate::supervisor::{
-    Changes, Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, ReloadHook, SignalKind, Supervisor, SupervisorConfig,
+    Changes, Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, ReloadHook, SignalKind,
+    Supervisor, SupervisorConfig,
 };
 
 /// Shared, already-built resources that components are constructed from.
@@ -32,15 +33,25 @@ impl Resources {
     pub fn new(config: Arc<Config>) -> anyhow::Result<Self> {
         let handlers = crate::handler::build_all(&config.handlers)?;
         let databases = crate::database::pools(&config.databases)?;
-        Ok(Self { config, handlers, databases })
+        Ok(Self {
+            config,
+            handlers,
+            databases,
+        })
     }
 
     pub fn handler(&self, name: &str) -> anyhow::Result<Arc<dyn Handler>> {
-        self.handlers.get(name).cloned().with_context(|| format!("handler `{name}` is not defined"))
+        self.handlers
+            .get(name)
+            .cloned()
+            .with_context(|| format!("handler `{name}` is not defined"))
     }
 
     pub fn database(&self, name: &str) -> anyhow::Result<PgPool> {
-        self.databases.get(name).cloned().with_context(|| format!("database `{name}` is not defined"))
+        self.databases
+            .get(name)
+            .cloned()
+            .with_context(|| format!("database `{name}` is not defined"))
     }
 }
 
@@ -54,22 +65,33 @@ pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponen
     let config = &resources.config;
     let mut components: Vec<NamedComponent> = Vec::new();
     for (name, consumer) in &config.consumers {
-        let component = build_consumer(name, consumer, resources).with_context(|| format!("consumer `{name}`"))?;
+        let component = build_consumer(name, consumer, resources)
+            .with_context(|| format!("consumer `{name}`"))?;
         components.push((consumer_component_name(name), component));
     }
     if let Some((name, _)) = config.outboxes.iter().next() {
         anyhow::bail!("outbox `{name}`: outbox relays are not available in this build");
     }
     if let Some((name, _)) = config.dead_letters.iter().next() {
-        anyhow::bail!("dead-letter processor `{name}`: dead-letter processors are not available in this build");
+        anyhow::bail!(
+            "dead-letter processor `{name}`: dead-letter processors are not available in this build"
+        );
     }
     Ok(components)
 }
 
-fn build_consumer(name: &str, consumer: &config::ConsumerConfig, _resources: &Resources) -> anyhow::Result<Arc<dyn Component>> {
+fn build_consumer(
+    name: &str,
+    consumer: &config::ConsumerConfig,
+    _resources: &Resources,
+) -> anyhow::Result<Arc<dyn Component>> {
     match &consumer.kind {
-        config::ConsumerKind::Amqp(_) => anyhow::bail!("amqp consumers are not available in this build ({name})"),
-        config::ConsumerKind::Redis(_) => anyhow::bail!("redis consumers are not available in this build ({name})"),
+        config::ConsumerKind::Amqp(_) => {
+            anyhow::bail!("amqp consumers are not available in this build ({name})")
+        }
+        config::ConsumerKind::Redis(_) => {
+            anyhow::bail!("redis consumers are not available in this build ({name})")
+        }
     }
 }
 
@@ -110,7 +132,11 @@ impl RuntimeBuilder {
     }
 
     pub fn build(self) -> Runtime {
-        Runtime { kinds: self.kinds, extra: self.extra, supervisor: self.supervisor.unwrap_or_default() }
+        Runtime {
+            kinds: self.kinds,
+            extra: self.extra,
+            supervisor: self.supervisor.unwrap_or_default(),
+        }
     }
 }
 
@@ -138,15 +164,27 @@ impl Runtime {
     /// Runs until a terminate signal arrives on `signals` and the drain that follows.
     /// `path` is re-read on reload signals. Fails only at start (listener cannot bind, a
     /// component cannot be built).
-    pub async fn run<S>(self, config: Config, path: Option<PathBuf>, signals: S) -> anyhow::Result<ExitStatus>
+    pub async fn run<S>(
+        self,
+        config: Config,
+        path: Option<PathBuf>,
+        signals: S,
+    ) -> anyhow::Result<ExitStatus>
     where
         S: Stream<Item = SignalKind> + Unpin + Send,
     {
-        self.run_with(config, path, signals, Box::new(NoLifecycle)).await
+        self.run_with(config, path, signals, Box::new(NoLifecycle))
+            .await
     }
 
     /// [`Runtime::run`] with a lifecycle observer (systemd notification).
-    pub async fn run_with<S>(self, config: Config, path: Option<PathBuf>, signals: S, lifecycle: Box<dyn Lifecycle>) -> anyhow::Result<ExitStatus>
+    pub async fn run_with<S>(
+        self,
+        config: Config,
+        path: Option<PathBuf>,
+        signals: S,
+        lifecycle: Box<dyn Lifecycle>,
+    ) -> anyhow::Result<ExitStatus>
     where
         S: Stream<Item = SignalKind> + Unpin + Send,
     {
@@ -163,7 +201,10 @@ impl Runtime {
         components.extend(self.extra);
 
         let supervisor = Supervisor::new(
-            SupervisorConfig { shutdown_timeout: config.service.shutdown_timeout, ..self.supervisor },
+            SupervisorConfig {
+                shutdown_timeout: config.service.shutdown_timeout,
+                ..self.supervisor
+            },
             health.clone(),
         );
         let app = crate::http::router(health, metrics);
@@ -171,7 +212,12 @@ impl Runtime {
         let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
         tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");
 
-        let reload = Box::new(ConfigReload { path, kinds: self.kinds, env: None, current: config.clone() });
+        let reload = Box::new(ConfigReload {
+            path,
+            kinds: self.kinds,
+            env: None,
+            current: config.clone(),
+        });
         let status = supervisor.run(components, signals, reload, lifecycle).await;
 
         // The listener outlives the drain so /metrics and /readyz answer during it.

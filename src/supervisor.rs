@@ -150,9 +150,17 @@ impl ExitStatus {
 /// Everything the loop reacts to.
 enum Event {
     /// A component's task ended: returned Ok/Err, or panicked.
-    Exited { name: String, generation: u64, result: Result<(), String>, ran_for: Duration },
+    Exited {
+        name: String,
+        generation: u64,
+        result: Result<(), String>,
+        ran_for: Duration,
+    },
     /// A failed component's backoff elapsed.
-    RestartDue { name: String, generation: u64 },
+    RestartDue {
+        name: String,
+        generation: u64,
+    },
     Signal(SignalKind),
     Tick,
     /// The drain deadline passed.
@@ -226,30 +234,53 @@ impl Supervisor {
             Some(slot) => slot.health.clone(),
             None => self.health.register(name),
         };
-        let ctx = ComponentContext { name: name.to_owned(), shutdown: token.clone(), health: health.clone() };
+        let ctx = ComponentContext {
+            name: name.to_owned(),
+            shutdown: token.clone(),
+            health: health.clone(),
+        };
         let events = self.events_tx.clone();
         let task_component = component.clone();
         let task_name = name.to_owned();
         let handle = self.tracker.spawn(async move {
             let started = Instant::now();
-            let result = match AssertUnwindSafe(task_component.run(ctx)).catch_unwind().await {
+            let result = match AssertUnwindSafe(task_component.run(ctx))
+                .catch_unwind()
+                .await
+            {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("{e:#}")),
                 Err(panic) => Err(format!("panicked: {}", panic_message(&panic))),
             };
-            let _ = events.send(Event::Exited { name: task_name, generation, result, ran_for: started.elapsed() });
+            let _ = events.send(Event::Exited {
+                name: task_name,
+                generation,
+                result,
+                ran_for: started.elapsed(),
+            });
         });
         metrics::gauge!("bosun_component_up", "component" => name.to_owned()).set(1.0);
         tracing::info!(component = name, generation, "component started");
         self.slots.insert(
             name.to_owned(),
-            Slot { component, generation, token, abort: Some(handle.abort_handle()), state: SlotState::Running, failures, health },
+            Slot {
+                component,
+                generation,
+                token,
+                abort: Some(handle.abort_handle()),
+                state: SlotState::Running,
+                failures,
+                health,
+            },
         );
     }
 
     fn backoff(&self, failures: u32) -> Duration {
         let factor = 2f64.powi(failures.saturating_sub(1).min(30) as i32);
-        self.config.backoff_initial.mul_f64(factor).min(self.config.backoff_max)
+        self.config
+            .backoff_initial
+            .mul_f64(factor)
+            .min(self.config.backoff_max)
     }
 
     /// Runs `components` until a terminate signal (from `signals`) and the drain that follows.
@@ -297,8 +328,15 @@ impl Supervisor {
                     self.health.beat();
                     lifecycle.tick();
                 }
-                Event::Exited { name, generation, result, ran_for } => {
-                    let Some(slot) = self.slots.get_mut(&name) else { continue };
+                Event::Exited {
+                    name,
+                    generation,
+                    result,
+                    ran_for,
+                } => {
+                    let Some(slot) = self.slots.get_mut(&name) else {
+                        continue;
+                    };
                     if slot.generation != generation {
                         continue;
                     }
@@ -308,7 +346,9 @@ impl Supervisor {
                         (Phase::Draining, _) => {
                             match &result {
                                 Ok(()) => tracing::info!(component = %name, "component stopped"),
-                                Err(e) => tracing::warn!(component = %name, error = %e, "component failed while stopping"),
+                                Err(e) => {
+                                    tracing::warn!(component = %name, error = %e, "component failed while stopping")
+                                }
                             }
                             self.slots.remove(&name);
                             self.health.remove(&name);
@@ -323,7 +363,8 @@ impl Supervisor {
                             if let Some(next) = self.pending_start.remove(&name) {
                                 self.spawn(&name, next);
                             }
-                            self.finish_reload_if_done(&mut *reload, &mut *lifecycle).await;
+                            self.finish_reload_if_done(&mut *reload, &mut *lifecycle)
+                                .await;
                         }
                         (Phase::Running, _) => {
                             let error = match result {
@@ -339,7 +380,8 @@ impl Supervisor {
                             }
                             slot.failures += 1;
                             slot.state = SlotState::WaitingRestart;
-                            slot.health.set_not_ready(format!("failed, restarting: {error}"));
+                            slot.health
+                                .set_not_ready(format!("failed, restarting: {error}"));
                             let failures = slot.failures;
                             let delay = self.backoff(failures);
                             metrics::counter!("bosun_task_restarts_total", "component" => name.clone()).increment(1);
@@ -360,14 +402,22 @@ impl Supervisor {
                         continue;
                     }
                     let component = match self.slots.get(&name) {
-                        Some(slot) if slot.generation == generation && slot.state == SlotState::WaitingRestart => slot.component.clone(),
+                        Some(slot)
+                            if slot.generation == generation
+                                && slot.state == SlotState::WaitingRestart =>
+                        {
+                            slot.component.clone()
+                        }
                         _ => continue,
                     };
                     self.spawn(&name, component);
                 }
                 Event::Signal(SignalKind::Terminate) => match phase {
                     Phase::Running => {
-                        tracing::info!(timeout_ms = self.config.shutdown_timeout.as_millis() as u64, "shutdown requested; draining in-flight work");
+                        tracing::info!(
+                            timeout_ms = self.config.shutdown_timeout.as_millis() as u64,
+                            "shutdown requested; draining in-flight work"
+                        );
                         lifecycle.stopping();
                         phase = Phase::Draining;
                         self.root.cancel();
@@ -401,7 +451,9 @@ impl Supervisor {
                         continue;
                     }
                     if self.reload_in_progress {
-                        tracing::warn!("reload requested while the previous one is still stopping components; ignored");
+                        tracing::warn!(
+                            "reload requested while the previous one is still stopping components; ignored"
+                        );
                         continue;
                     }
                     lifecycle.reloading();
@@ -410,13 +462,19 @@ impl Supervisor {
                         None => lifecycle.reloaded(false),
                         Some(changes) => {
                             self.apply(changes);
-                            self.finish_reload_if_done(&mut *reload, &mut *lifecycle).await;
+                            self.finish_reload_if_done(&mut *reload, &mut *lifecycle)
+                                .await;
                         }
                     }
                 }
                 Event::DrainDeadline => {
                     if matches!(phase, Phase::Draining) {
-                        let stuck: Vec<&String> = self.slots.iter().filter(|(_, s)| s.abort.is_some()).map(|(n, _)| n).collect();
+                        let stuck: Vec<&String> = self
+                            .slots
+                            .iter()
+                            .filter(|(_, s)| s.abort.is_some())
+                            .map(|(n, _)| n)
+                            .collect();
                         tracing::error!(components = ?stuck, "shutdown timeout passed; aborting components that are still running");
                         self.abort_all();
                         break ExitStatus::TimedOut;
@@ -455,8 +513,15 @@ impl Supervisor {
         }
     }
 
-    async fn finish_reload_if_done(&mut self, reload: &mut dyn ReloadHook, lifecycle: &mut dyn Lifecycle) {
-        if self.reload_in_progress && self.pending_start.is_empty() && !self.slots.values().any(|s| s.state == SlotState::Stopping) {
+    async fn finish_reload_if_done(
+        &mut self,
+        reload: &mut dyn ReloadHook,
+        lifecycle: &mut dyn Lifecycle,
+    ) {
+        if self.reload_in_progress
+            && self.pending_start.is_empty()
+            && !self.slots.values().any(|s| s.state == SlotState::Stopping)
+        {
             self.reload_in_progress = false;
             reload.applied().await;
             lifecycle.reloaded(true);
@@ -487,12 +552,14 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 pub fn os_signals() -> std::io::Result<impl Stream<Item = SignalKind> + Unpin + Send> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
     let signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])?;
-    Ok(signals.filter_map(|signal| async move {
-        match signal {
-            SIGTERM | SIGINT => Some(SignalKind::Terminate),
-            SIGQUIT => Some(SignalKind::Quit),
-            SIGHUP => Some(SignalKind::Reload),
-            _ => None,
-        }
-    }).boxed())
+    Ok(signals
+        .filter_map(|signal| async move {
+            match signal {
+                SIGTERM | SIGINT => Some(SignalKind::Terminate),
+                SIGQUIT => Some(SignalKind::Quit),
+                SIGHUP => Some(SignalKind::Reload),
+                _ => None,
+            }
+        })
+        .boxed())
 }

@@ -12,10 +12,14 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::config::LogFormat;
 
 /// Buckets for handler and batch durations, in seconds: 1 ms to 60 s.
-pub const DURATION_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// Buckets for end-to-end latencies (outbox commit to confirm), in seconds.
-pub const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0];
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0,
+];
 
 /// Installs the global tracing subscriber. Later calls (tests running several runtimes in
 /// one process) keep the first one.
@@ -23,9 +27,15 @@ pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
 }
@@ -67,15 +77,46 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!("bosun_build_info", "Always 1; the version label names the running build.");
-    describe_gauge!("bosun_component_up", "1 while a component's task runs, 0 while it waits to restart.");
-    describe_counter!("bosun_task_restarts_total", "Components restarted after an error or a panic.");
-    describe_counter!("bosun_messages_received_total", "Messages delivered to a consumer.");
-    describe_counter!("bosun_messages_settled_total", "Messages settled at their source, by outcome.");
-    describe_gauge!("bosun_messages_in_flight", "Messages whose handler is running.");
-    describe_histogram!("bosun_handler_duration_seconds", Unit::Seconds, "Time a handler took, by outcome.");
-    describe_gauge!("bosun_broker_connected", "1 while a component holds a connection to the broker.");
-    describe_counter!("bosun_broker_reconnects_total", "Connections re-established after a loss.");
-    describe_counter!("bosun_config_reloads_total", "Configuration reloads, by result.");
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "bosun_build_info",
+        "Always 1; the version label names the running build."
+    );
+    describe_gauge!(
+        "bosun_component_up",
+        "1 while a component's task runs, 0 while it waits to restart."
+    );
+    describe_counter!(
+        "bosun_task_restarts_total",
+        "Components restarted after an error or a panic."
+    );
+    describe_counter!(
+        "bosun_messages_received_total",
+        "Messages delivered to a consumer."
+    );
+    describe_counter!(
+        "bosun_messages_settled_total",
+        "Messages settled at their source, by outcome."
+    );
+    describe_gauge!(
+        "bosun_messages_in_flight",
+        "Messages whose handler is running."
+    );
+    describe_histogram!(
+        "bosun_handler_duration_seconds",
+        Unit::Seconds,
+        "Time a handler took, by outcome."
+    );
+    describe_gauge!(
+        "bosun_broker_connected",
+        "1 while a component holds a connection to the broker."
+    );
+    describe_counter!(
+        "bosun_broker_reconnects_total",
+        "Connections re-established after a loss."
+    );
+    describe_counter!(
+        "bosun_config_reloads_total",
+        "Configuration reloads, by result."
+    );
 }

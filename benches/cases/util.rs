@@ -30,7 +30,11 @@ impl Bosun {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        Ok(Self { child, _dir: dir, config })
+        Ok(Self {
+            child,
+            _dir: dir,
+            config,
+        })
     }
 
     /// Peak resident set size so far, in MiB (VmHWM).
@@ -45,7 +49,10 @@ impl Bosun {
 
 impl Drop for Bosun {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         for _ in 0..100 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
@@ -66,13 +73,20 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
 
 /// A unique name for queues, streams and tables of one run.
 pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{prefix}_{}_{nanos}", std::process::id())
 }
 
 /// Formats one comparison row.
 pub fn comparison(unit: &str, bosun: f64, bare: f64, rss_mib: Option<f64>) -> String {
     let ratio = if bare > 0.0 { bosun / bare } else { 0.0 };
-    let rss = rss_mib.map(|r| format!("{r:.1} MiB")).unwrap_or_else(|| "n/a".into());
-    format!("bosun: {bosun:.0} {unit}/s\nbare:  {bare:.0} {unit}/s\nratio: {ratio:.2}\nbosun peak RSS: {rss}")
+    let rss = rss_mib
+        .map(|r| format!("{r:.1} MiB"))
+        .unwrap_or_else(|| "n/a".into());
+    format!(
+        "bosun: {bosun:.0} {unit}/s\nbare:  {bare:.0} {unit}/s\nratio: {ratio:.2}\nbosun peak RSS: {rss}"
+    )
 }

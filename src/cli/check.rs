@@ -4,9 +4,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::{CliError, EXIT_OK};
+use crate::Runtime;
 use crate::config::{AmqpDeadLetter, BrokerConfig, Config, ConsumerKind, DeadLetterSource};
 use crate::retry::format_compact;
-use crate::Runtime;
 
 pub fn check(runtime: &Runtime, path: &Path) -> Result<u8, CliError> {
     let config = runtime.load(path)?;
@@ -18,8 +18,18 @@ pub fn check(runtime: &Runtime, path: &Path) -> Result<u8, CliError> {
 pub fn describe(config: &Config) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}: configuration is valid", config.origin);
-    let _ = writeln!(out, "service {:?}: shutdown timeout {}, http on {}{}", config.service.name, format_compact(config.service.shutdown_timeout), config.http.listen,
-        if config.http.admin_token.is_some() { ", admin API on" } else { "" });
+    let _ = writeln!(
+        out,
+        "service {:?}: shutdown timeout {}, http on {}{}",
+        config.service.name,
+        format_compact(config.service.shutdown_timeout),
+        config.http.listen,
+        if config.http.admin_token.is_some() {
+            ", admin API on"
+        } else {
+            ""
+        }
+    );
     for (name, broker) in &config.brokers {
         let url = match broker {
             BrokerConfig::Amqp(b) => &b.url,
@@ -28,7 +38,11 @@ pub fn describe(config: &Config) -> String {
         let _ = writeln!(out, "broker {name}: {} {url}", broker.kind());
     }
     for (name, db) in &config.databases {
-        let _ = writeln!(out, "database {name}: {} (pool {})", db.url, db.max_connections);
+        let _ = writeln!(
+            out,
+            "database {name}: {} (pool {})",
+            db.url, db.max_connections
+        );
     }
     for (name, handler) in &config.handlers {
         let _ = writeln!(out, "handler {name}: {}", handler.kind);
@@ -41,24 +55,54 @@ pub fn describe(config: &Config) -> String {
                     AmqpDeadLetter::Queue(q) => format!("queue {q}"),
                     AmqpDeadLetter::Exchange { exchange, .. } => format!("exchange {exchange}"),
                 };
-                let _ = writeln!(out, "consumer {name}: amqp queue {} on {} -> handler {} (prefetch {}, concurrency {}, {} attempts, retry tiers [{}], dead letters to {dl})",
-                    a.queue, c.source, c.handler, a.prefetch, c.concurrency, c.retry.max_attempts, tiers.join(", "));
+                let _ = writeln!(
+                    out,
+                    "consumer {name}: amqp queue {} on {} -> handler {} (prefetch {}, concurrency {}, {} attempts, retry tiers [{}], dead letters to {dl})",
+                    a.queue,
+                    c.source,
+                    c.handler,
+                    a.prefetch,
+                    c.concurrency,
+                    c.retry.max_attempts,
+                    tiers.join(", ")
+                );
             }
             ConsumerKind::Redis(r) => {
-                let _ = writeln!(out, "consumer {name}: redis stream {} group {} as {} on {} -> handler {} (batch {}, concurrency {}, {} attempts, dead letters to {})",
-                    r.stream, r.group, r.consumer, c.source, c.handler, r.batch, c.concurrency, c.retry.max_attempts, r.dead_letter_stream);
+                let _ = writeln!(
+                    out,
+                    "consumer {name}: redis stream {} group {} as {} on {} -> handler {} (batch {}, concurrency {}, {} attempts, dead letters to {})",
+                    r.stream,
+                    r.group,
+                    r.consumer,
+                    c.source,
+                    c.handler,
+                    r.batch,
+                    c.concurrency,
+                    c.retry.max_attempts,
+                    r.dead_letter_stream
+                );
             }
         }
     }
     for (name, o) in &config.outboxes {
-        let _ = writeln!(out, "outbox {name}: table {} in {} -> broker {} (batch {}, ordering {:?})", o.table, o.database, o.target, o.batch, o.ordering);
+        let _ = writeln!(
+            out,
+            "outbox {name}: table {} in {} -> broker {} (batch {}, ordering {:?})",
+            o.table, o.database, o.target, o.batch, o.ordering
+        );
     }
     for (name, d) in &config.dead_letters {
         let from = match &d.from {
             DeadLetterSource::Queue(q) => format!("queue {q}"),
             DeadLetterSource::Stream { stream, .. } => format!("stream {stream}"),
         };
-        let _ = writeln!(out, "dead letters {name}: {from} on {} ({} rules, archive {})", d.source, d.rules.len(), d.archive.as_deref().unwrap_or("none"));
+        let _ = writeln!(
+            out,
+            "dead letters {name}: {from} on {} ({} rules, archive {})",
+            d.source,
+            d.rules.len(),
+            d.archive.as_deref().unwrap_or("none")
+        );
     }
     out
 }

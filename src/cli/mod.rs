@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::ConfigError;
 use crate::Runtime;
+use crate::config::ConfigError;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
@@ -19,7 +19,11 @@ pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "bosun", version, about = "A message worker daemon: consumers, retries, dead letters and outbox relays for RabbitMQ, Redis Streams and PostgreSQL.")]
+#[command(
+    name = "bosun",
+    version,
+    about = "A message worker daemon: consumers, retries, dead letters and outbox relays for RabbitMQ, Redis Streams and PostgreSQL."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,7 +33,12 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct ConfigArg {
     /// Path of the TOML configuration file.
-    #[arg(long, short = 'c', env = "BOSUN_CONFIG", default_value = "/etc/bosun/bosun.toml")]
+    #[arg(
+        long,
+        short = 'c',
+        env = "BOSUN_CONFIG",
+        default_value = "/etc/bosun/bosun.toml"
+    )]
     pub config: PathBuf,
 }
 
@@ -120,10 +129,23 @@ pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, CliError
 fn run(runtime: Runtime, path: &std::path::Path) -> Result<u8, CliError> {
     let config = runtime.load(path)?;
     crate::telemetry::init_logging(config.service.log_format, &config.service.log_level);
-    block_on(async move {
+    let pid_file = config.service.pid_file.clone();
+    if let Some(pid_file) = &pid_file {
+        std::fs::write(pid_file, format!("{}\n", std::process::id())).map_err(|e| {
+            anyhow::anyhow!("cannot write the pid file {}: {e}", pid_file.display())
+        })?;
+    }
+    let result = block_on(async move {
         // Signal handlers go in before anything starts, so an early SIGTERM drains cleanly.
-        let signals = crate::supervisor::os_signals().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
-        let status = runtime.run(config, Some(path.to_path_buf()), signals).await?;
+        let signals = crate::supervisor::os_signals()
+            .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        let status = runtime
+            .run(config, Some(path.to_path_buf()), signals)
+            .await?;
         Ok::<u8, CliError>(status.code() as u8)
-    })?
+    });
+    if let Some(pid_file) = &pid_file {
+        let _ = std::fs::remove_file(pid_file);
+    }
+    result?
 }

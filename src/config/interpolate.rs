@@ -26,14 +26,13 @@ pub fn interpolate(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resu
                 Some((name, default)) => (name, Some(default)),
                 None => (body, None),
             };
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("invalid variable name `{name}` in `${{{body}}}`"));
             }
-            match (lookup(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+            match (
+                lookup(name).filter(|v| !v.is_empty() || default.is_none()),
+                default,
+            ) {
                 (Some(value), _) => out.push_str(&value),
                 (None, Some(default)) => out.push_str(default),
                 (None, None) => {
@@ -66,18 +65,32 @@ mod tests {
 
     #[test]
     fn replaces_set_variables_and_defaults() {
-        assert_eq!(interpolate("amqp://${HOST}:5672", &env).unwrap(), "amqp://rabbit.internal:5672");
+        assert_eq!(
+            interpolate("amqp://${HOST}:5672", &env).unwrap(),
+            "amqp://rabbit.internal:5672"
+        );
         assert_eq!(interpolate("${MISSING:-x}", &env).unwrap(), "x");
         assert_eq!(interpolate("${EMPTY:-fallback}", &env).unwrap(), "fallback");
         assert_eq!(interpolate("${EMPTY}", &env).unwrap(), "");
-        assert_eq!(interpolate("cost $$5 and $x", &env).unwrap(), "cost $5 and $x");
+        assert_eq!(
+            interpolate("cost $$5 and $x", &env).unwrap(),
+            "cost $5 and $x"
+        );
     }
 
     #[test]
     fn unset_without_default_names_the_variable() {
         let err = interpolate("${NOPE}", &env).unwrap_err();
         assert!(err.contains("`NOPE`"), "{err}");
-        assert!(interpolate("${OPEN", &env).unwrap_err().contains("unterminated"));
-        assert!(interpolate("${a-b}", &env).unwrap_err().contains("invalid variable name"));
+        assert!(
+            interpolate("${OPEN", &env)
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        assert!(
+            interpolate("${a-b}", &env)
+                .unwrap_err()
+                .contains("invalid variable name")
+        );
     }
 }

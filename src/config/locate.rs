@@ -29,8 +29,7 @@ pub fn locate(text: &str, path: &[String]) -> Option<Range<usize>> {
     let mut best: Option<Range<usize>> = None;
     let mut segments = path.iter().peekable();
     while let Some(segment) = segments.next() {
-        let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == segment)
-        else {
+        let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == segment) else {
             return best;
         };
         best = Some(key.span());
@@ -68,7 +67,13 @@ mod tests {
         let text = "[consumers.orders]\nsource = \"rabbit\"\nretry = { initial = \"1x\" }\nbindings = [{ exchange = \"a\" }, { exchange = \"b\" }]\n";
         let span = locate(text, &path("consumers.orders.retry.initial")).unwrap();
         assert_eq!(&text[span.clone()], "initial");
-        assert_eq!(position(text, span.start), Position { line: 3, column: 11 });
+        assert_eq!(
+            position(text, span.start),
+            Position {
+                line: 3,
+                column: 11
+            }
+        );
         let span = locate(text, &path("consumers.orders.bindings.1.exchange")).unwrap();
         assert_eq!(position(text, span.start).line, 4);
         assert!(span.start > text.find("\"a\"").unwrap());

@@ -112,8 +112,15 @@ impl Env {
         )
     }
 
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
-        Self(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 
     pub fn get(&self, name: &str) -> Option<String> {
@@ -127,16 +134,26 @@ pub fn load_file(path: &Path, kinds: &HandlerKinds) -> Result<Config, ConfigErro
 }
 
 /// Reads and validates the file at `path` against `env`.
-pub fn load_file_with_env(path: &Path, kinds: &HandlerKinds, env: &Env) -> Result<Config, ConfigError> {
+pub fn load_file_with_env(
+    path: &Path,
+    kinds: &HandlerKinds,
+    env: &Env,
+) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let bytes = read_capped(path).map_err(|e| ConfigError::single(&origin, Location::Unknown, "", e))?;
+    let bytes =
+        read_capped(path).map_err(|e| ConfigError::single(&origin, Location::Unknown, "", e))?;
     let text = match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
             let bytes = e.into_bytes();
             let pos = position(&String::from_utf8_lossy(&bytes[..valid]), valid);
-            return Err(ConfigError::single(&origin, Location::File(pos), "", "the file is not valid UTF-8 text (is it a binary file?)"));
+            return Err(ConfigError::single(
+                &origin,
+                Location::File(pos),
+                "",
+                "the file is not valid UTF-8 text (is it a binary file?)",
+            ));
         }
     };
     load_str(&text, &origin, kinds, env)
@@ -144,29 +161,50 @@ pub fn load_file_with_env(path: &Path, kinds: &HandlerKinds, env: &Env) -> Resul
 
 fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read the config file: {e}"))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read the config file: {e}"))?;
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read the config file: {e}"))?;
     if bytes.len() > MAX_CONFIG_BYTES {
-        return Err(format!("the file is larger than {} MiB; a bosun config is a few kilobytes", MAX_CONFIG_BYTES / (1024 * 1024)));
+        return Err(format!(
+            "the file is larger than {} MiB; a bosun config is a few kilobytes",
+            MAX_CONFIG_BYTES / (1024 * 1024)
+        ));
     }
     Ok(bytes)
 }
 
 /// Validates TOML `text`; `origin` names it in messages.
-pub fn load_str(text: &str, origin: &str, kinds: &HandlerKinds, env: &Env) -> Result<Config, ConfigError> {
+pub fn load_str(
+    text: &str,
+    origin: &str,
+    kinds: &HandlerKinds,
+    env: &Env,
+) -> Result<Config, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
-        let location = e.span().map(|s| Location::File(position(text, s.start))).unwrap_or(Location::Unknown);
-        ConfigError::single(origin, location, "", format!("invalid TOML: {}", e.message().trim()))
+        let location = e
+            .span()
+            .map(|s| Location::File(position(text, s.start)))
+            .unwrap_or(Location::Unknown);
+        ConfigError::single(
+            origin,
+            location,
+            "",
+            format!("invalid TOML: {}", e.message().trim()),
+        )
     })?;
 
-    let (mut table, overridden) = apply_env_overrides(text, table, env).map_err(|(var, message)| ConfigError::single(origin, Location::Env(var), "", message))?;
+    let (mut table, overridden) = apply_env_overrides(text, table, env)
+        .map_err(|(var, message)| ConfigError::single(origin, Location::Env(var), "", message))?;
 
     let locate = |path: &[String]| -> Location {
         let dotted = path.join(".");
-        if let Some((_, var)) = overridden.iter().find(|(p, _)| dotted == **p || dotted.starts_with(&format!("{p}."))) {
+        if let Some((_, var)) = overridden
+            .iter()
+            .find(|(p, _)| dotted == **p || dotted.starts_with(&format!("{p}.")))
+        {
             return Location::Env(var.clone());
         }
         match locate::locate(text, path) {
@@ -182,43 +220,57 @@ pub fn load_str(text: &str, origin: &str, kinds: &HandlerKinds, env: &Env) -> Re
             origin: origin.to_owned(),
             problems: problems
                 .into_iter()
-                .map(|issue: Issue| ConfigProblem { location: locate(&issue.path), path: issue.path.join("."), message: issue.message })
+                .map(|issue: Issue| ConfigProblem {
+                    location: locate(&issue.path),
+                    path: issue.path.join("."),
+                    message: issue.message,
+                })
                 .collect(),
         });
     }
 
-    let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-        let mut path: Vec<String> = e
-            .path()
-            .iter()
-            .filter_map(|segment| match segment {
-                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
-                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
-                serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => None,
-            })
-            .collect();
-        let mut message = e.inner().message().trim().to_owned();
-        if let Some(field) = unknown_field_name(&message) {
-            // Point at the misspelt key itself and name the table it sits in.
-            if path.last() == Some(&field) {
-                path.pop();
+    let raw: raw::RawConfig =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let mut path: Vec<String> = e
+                .path()
+                .iter()
+                .filter_map(|segment| match segment {
+                    serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                    serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                    serde_path_to_error::Segment::Enum { .. }
+                    | serde_path_to_error::Segment::Unknown => None,
+                })
+                .collect();
+            let mut message = e.inner().message().trim().to_owned();
+            if let Some(field) = unknown_field_name(&message) {
+                // Point at the misspelt key itself and name the table it sits in.
+                if path.last() == Some(&field) {
+                    path.pop();
+                }
+                let table_path = path.join(".");
+                if !table_path.is_empty() {
+                    message = message.replacen(
+                        &format!("`{field}`"),
+                        &format!("`{field}` in [{table_path}]"),
+                        1,
+                    );
+                }
+                path.push(field);
+            } else if message.starts_with("missing field") && !path.is_empty() {
+                message = format!("{message} in [{}]", path.join("."));
             }
-            let table_path = path.join(".");
-            if !table_path.is_empty() {
-                message = message.replacen(&format!("`{field}`"), &format!("`{field}` in [{table_path}]"), 1);
-            }
-            path.push(field);
-        } else if message.starts_with("missing field") && !path.is_empty() {
-            message = format!("{message} in [{}]", path.join("."));
-        }
-        ConfigError::single(origin, locate(&path), &path.join("."), message)
-    })?;
+            ConfigError::single(origin, locate(&path), &path.join("."), message)
+        })?;
 
     validate::validate(raw, origin, kinds).map_err(|issues| ConfigError {
         origin: origin.to_owned(),
         problems: issues
             .into_iter()
-            .map(|issue| ConfigProblem { location: locate(&issue.path), path: issue.path.join("."), message: issue.message })
+            .map(|issue| ConfigProblem {
+                location: locate(&issue.path),
+                path: issue.path.join("."),
+                message: issue.message,
+            })
             .collect(),
     })
 }
@@ -231,8 +283,17 @@ fn unknown_field_name(message: &str) -> Option<String> {
 
 /// Layers `BOSUN__...` variables over the file with the `config` crate. Returns the merged
 /// table and, for each overridden key path, the variable that set it.
-fn apply_env_overrides(text: &str, table: toml::Table, env: &Env) -> Result<(toml::Table, BTreeMap<String, String>), (String, String)> {
-    let vars: BTreeMap<String, String> = env.0.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+fn apply_env_overrides(
+    text: &str,
+    table: toml::Table,
+    env: &Env,
+) -> Result<(toml::Table, BTreeMap<String, String>), (String, String)> {
+    let vars: BTreeMap<String, String> = env
+        .0
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     if vars.is_empty() {
         return Ok((table, BTreeMap::new()));
     }
@@ -247,12 +308,25 @@ fn apply_env_overrides(text: &str, table: toml::Table, env: &Env) -> Result<(tom
                 .source(Some(vars.clone().into_iter().collect())),
         )
         .build()
-        .map_err(|e| (first_var.clone(), format!("cannot apply environment overrides: {e}")))?;
-    let mut merged: toml::Table = merged.try_deserialize().map_err(|e| (first_var, format!("cannot apply environment overrides: {e}")))?;
+        .map_err(|e| {
+            (
+                first_var.clone(),
+                format!("cannot apply environment overrides: {e}"),
+            )
+        })?;
+    let mut merged: toml::Table = merged.try_deserialize().map_err(|e| {
+        (
+            first_var,
+            format!("cannot apply environment overrides: {e}"),
+        )
+    })?;
 
     let mut overridden = BTreeMap::new();
     for (var, value) in &vars {
-        let path: Vec<String> = var[ENV_PREFIX.len()..].split("__").map(str::to_lowercase).collect();
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_lowercase)
+            .collect();
         // A key the file holds as a string stays a string, even when the value looks like a
         // number ("5672", "true"): the file's type is the intent.
         if let Some(toml::Value::String(_)) = get_path(&table, &path) {
@@ -273,16 +347,25 @@ fn get_path<'t>(table: &'t toml::Table, path: &[String]) -> Option<&'t toml::Val
 }
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
-    let Some((last, parents)) = path.split_last() else { return };
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
     let mut table = table;
     for key in parents {
-        let Some(next) = table.get_mut(key).and_then(toml::Value::as_table_mut) else { return };
+        let Some(next) = table.get_mut(key).and_then(toml::Value::as_table_mut) else {
+            return;
+        };
         table = next;
     }
     table.insert(last.clone(), value);
 }
 
-fn interpolate_table(table: &mut toml::Table, path: &mut Vec<String>, env: &Env, problems: &mut Vec<Issue>) {
+fn interpolate_table(
+    table: &mut toml::Table,
+    path: &mut Vec<String>,
+    env: &Env,
+    problems: &mut Vec<Issue>,
+) {
     for (key, value) in table.iter_mut() {
         path.push(key.clone());
         interpolate_value(value, path, env, problems);
@@ -290,11 +373,19 @@ fn interpolate_table(table: &mut toml::Table, path: &mut Vec<String>, env: &Env,
     }
 }
 
-fn interpolate_value(value: &mut toml::Value, path: &mut Vec<String>, env: &Env, problems: &mut Vec<Issue>) {
+fn interpolate_value(
+    value: &mut toml::Value,
+    path: &mut Vec<String>,
+    env: &Env,
+    problems: &mut Vec<Issue>,
+) {
     match value {
         toml::Value::String(s) => match interpolate(s, &|name| env.get(name)) {
             Ok(replaced) => *s = replaced,
-            Err(message) => problems.push(Issue { path: path.clone(), message }),
+            Err(message) => problems.push(Issue {
+                path: path.clone(),
+                message,
+            }),
         },
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {

@@ -326,8 +326,14 @@ impl PartialEq for Matcher {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Replay { delay: Duration, max_replays: u32 },
+    Replay {
+        delay: Duration,
+        max_replays: u32,
+    },
     Archive,
     Drop,
-    Forward { target: String, routing_key: Option<String> },
+    Forward {
+        target: String,
+        routing_key: Option<String>,
+    },
 }

@@ -75,13 +75,25 @@ impl Checker<'_> {
         }
     }
 
-    fn one_of<T: Copy>(&mut self, at: &[&str], value: Option<&str>, default: T, options: &[(&str, T)]) -> T {
+    fn one_of<T: Copy>(
+        &mut self,
+        at: &[&str],
+        value: Option<&str>,
+        default: T,
+        options: &[(&str, T)],
+    ) -> T {
         let Some(text) = value else { return default };
         match options.iter().find(|(name, _)| *name == text) {
             Some((_, v)) => *v,
             None => {
                 let names: Vec<String> = options.iter().map(|(n, _)| format!("`{n}`")).collect();
-                self.issue(at, format!("unknown value `{text}`, expected one of {}", names.join(", ")));
+                self.issue(
+                    at,
+                    format!(
+                        "unknown value `{text}`, expected one of {}",
+                        names.join(", ")
+                    ),
+                );
                 default
             }
         }
@@ -112,15 +124,26 @@ impl Checker<'_> {
         let sub = |k: &'static str| -> Vec<&str> { at.iter().copied().chain([k]).collect() };
         let max_attempts = raw.max_attempts.unwrap_or(default_attempts);
         if max_attempts == 0 {
-            self.issue(&sub("max_attempts"), "must be at least 1 (1 means no retries)");
+            self.issue(
+                &sub("max_attempts"),
+                "must be at least 1 (1 means no retries)",
+            );
         }
         let jitter = raw.jitter.unwrap_or(defaults.jitter);
         if !(0.0..=1.0).contains(&jitter) {
             self.issue(&sub("jitter"), format!("{jitter} is outside 0.0..=1.0"));
         }
-        let initial = self.duration(&sub("initial"), raw.initial.as_deref(), Duration::from_secs(1));
+        let initial = self.duration(
+            &sub("initial"),
+            raw.initial.as_deref(),
+            Duration::from_secs(1),
+        );
         let backoff = if let Some(tiers) = &raw.tiers {
-            if raw.backoff.is_some() || raw.initial.is_some() || raw.max.is_some() || raw.multiplier.is_some() {
+            if raw.backoff.is_some()
+                || raw.initial.is_some()
+                || raw.max.is_some()
+                || raw.multiplier.is_some()
+            {
                 self.issue(&sub("tiers"), "`tiers` replaces `backoff`, `initial`, `max` and `multiplier`; give one or the other");
             }
             if tiers.is_empty() {
@@ -131,23 +154,39 @@ impl Checker<'_> {
                 .enumerate()
                 .map(|(i, t)| {
                     let index = i.to_string();
-                    let at: Vec<&str> = at.iter().copied().chain(["tiers", index.as_str()]).collect();
+                    let at: Vec<&str> = at
+                        .iter()
+                        .copied()
+                        .chain(["tiers", index.as_str()])
+                        .collect();
                     self.duration(&at, Some(t), Duration::from_secs(1))
                 })
                 .collect();
             Backoff::Tiers(parsed)
         } else {
-            let kind = self.one_of(&sub("backoff"), raw.backoff.as_deref(), true, &[("exponential", true), ("fixed", false)]);
+            let kind = self.one_of(
+                &sub("backoff"),
+                raw.backoff.as_deref(),
+                true,
+                &[("exponential", true), ("fixed", false)],
+            );
             if kind {
                 let max = self.duration(&sub("max"), raw.max.as_deref(), Duration::from_secs(300));
                 let multiplier = raw.multiplier.unwrap_or(2.0);
                 if !(multiplier >= 1.0 && multiplier.is_finite()) {
-                    self.issue(&sub("multiplier"), format!("{multiplier} must be at least 1.0"));
+                    self.issue(
+                        &sub("multiplier"),
+                        format!("{multiplier} must be at least 1.0"),
+                    );
                 }
                 if max < initial {
                     self.issue(&sub("max"), "must not be shorter than `initial`");
                 }
-                Backoff::Exponential { initial, max, multiplier }
+                Backoff::Exponential {
+                    initial,
+                    max,
+                    multiplier,
+                }
             } else {
                 Backoff::Fixed(initial)
             }
@@ -180,36 +219,73 @@ pub fn default_consumer_name() -> String {
 
 /// Validates `raw`; `origin` names the file in the result.
 pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Config, Vec<Issue>> {
-    let mut c = Checker { issues: Vec::new(), kinds };
+    let mut c = Checker {
+        issues: Vec::new(),
+        kinds,
+    };
 
     let service = ServiceConfig {
         name: raw.service.name.clone().unwrap_or_else(|| "bosun".into()),
-        shutdown_timeout: c.duration(&["service", "shutdown_timeout"], raw.service.shutdown_timeout.as_deref(), Duration::from_secs(30)),
-        log_format: c.one_of(&["service", "log_format"], raw.service.log_format.as_deref(), LogFormat::Json, &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)]),
-        log_level: raw.service.log_level.clone().unwrap_or_else(|| "info".into()),
+        shutdown_timeout: c.duration(
+            &["service", "shutdown_timeout"],
+            raw.service.shutdown_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
+        log_format: c.one_of(
+            &["service", "log_format"],
+            raw.service.log_format.as_deref(),
+            LogFormat::Json,
+            &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)],
+        ),
+        log_level: raw
+            .service
+            .log_level
+            .clone()
+            .unwrap_or_else(|| "info".into()),
         pid_file: raw.service.pid_file.as_ref().map(PathBuf::from),
     };
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&service.log_level) {
-        c.issue(&["service", "log_level"], format!("invalid log filter: {e}"));
+        c.issue(
+            &["service", "log_level"],
+            format!("invalid log filter: {e}"),
+        );
     }
 
     let listen_text = raw.http.listen.as_deref().unwrap_or("127.0.0.1:9090");
     let listen = match listen_text.parse::<SocketAddr>() {
         Ok(addr) => addr,
         Err(e) => {
-            c.issue(&["http", "listen"], format!("invalid socket address {listen_text:?}: {e} (expected e.g. \"127.0.0.1:9090\")"));
+            c.issue(
+                &["http", "listen"],
+                format!(
+                    "invalid socket address {listen_text:?}: {e} (expected e.g. \"127.0.0.1:9090\")"
+                ),
+            );
             SocketAddr::from(([127, 0, 0, 1], 9090))
         }
     };
-    let admin_token = raw.http.admin.as_ref().and_then(|admin| admin_token(&mut c, admin));
-    let http = HttpConfig { listen, admin_token };
+    let admin_token = raw
+        .http
+        .admin
+        .as_ref()
+        .and_then(|admin| admin_token(&mut c, admin));
+    let http = HttpConfig {
+        listen,
+        admin_token,
+    };
 
     let mut brokers = BTreeMap::new();
     for (name, broker) in &raw.brokers {
         let at = ["brokers", name.as_str(), "url"];
         let config = match broker {
             RawBroker::Amqp(b) => c.url(&at, &b.url, &["amqp", "amqps"]).map(|url| {
-                let heartbeat = b.heartbeat.as_deref().map(|h| c.duration(&["brokers", name, "heartbeat"], Some(h), Duration::from_secs(30)));
+                let heartbeat = b.heartbeat.as_deref().map(|h| {
+                    c.duration(
+                        &["brokers", name, "heartbeat"],
+                        Some(h),
+                        Duration::from_secs(30),
+                    )
+                });
                 BrokerConfig::Amqp(AmqpBrokerConfig {
                     url,
                     connection_name: b.connection_name.clone(),
@@ -218,7 +294,10 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
                 })
             }),
             RawBroker::Redis(b) => c.url(&at, &b.url, &["redis", "rediss"]).map(|url| {
-                BrokerConfig::Redis(RedisBrokerConfig { url, tls: c.tls(b.tls.as_ref()) })
+                BrokerConfig::Redis(RedisBrokerConfig {
+                    url,
+                    tls: c.tls(b.tls.as_ref()),
+                })
             }),
         };
         if let Some(config) = config {
@@ -228,13 +307,31 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
 
     let mut databases = BTreeMap::new();
     for (name, db) in &raw.databases {
-        if let Some(url) = c.url(&["databases", name, "url"], &db.url, &["postgres", "postgresql"]) {
+        if let Some(url) = c.url(
+            &["databases", name, "url"],
+            &db.url,
+            &["postgres", "postgresql"],
+        ) {
             let max_connections = db.max_connections.unwrap_or(10);
             if max_connections == 0 {
-                c.issue(&["databases", name, "max_connections"], "must be at least 1");
+                c.issue(
+                    &["databases", name, "max_connections"],
+                    "must be at least 1",
+                );
             }
-            let connect_timeout = c.duration(&["databases", name, "connect_timeout"], db.connect_timeout.as_deref(), Duration::from_secs(5));
-            databases.insert(name.clone(), DatabaseConfig { url, max_connections, connect_timeout });
+            let connect_timeout = c.duration(
+                &["databases", name, "connect_timeout"],
+                db.connect_timeout.as_deref(),
+                Duration::from_secs(5),
+            );
+            databases.insert(
+                name.clone(),
+                DatabaseConfig {
+                    url,
+                    max_connections,
+                    connect_timeout,
+                },
+            );
         }
     }
 
@@ -242,12 +339,25 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
     for (name, handler) in &raw.handlers {
         let Some(kind) = c.kinds.get(&handler.kind) else {
             let known = c.kinds.names().join("`, `");
-            c.issue(&["handlers", name, "kind"], format!("unknown handler kind `{}`, expected one of `{known}`", handler.kind));
+            c.issue(
+                &["handlers", name, "kind"],
+                format!(
+                    "unknown handler kind `{}`, expected one of `{known}`",
+                    handler.kind
+                ),
+            );
             continue;
         };
         match kind.parse(name, &handler.options) {
             Ok(factory) => {
-                handlers.insert(name.clone(), HandlerConfig { kind: handler.kind.clone(), options: handler.options.clone(), factory });
+                handlers.insert(
+                    name.clone(),
+                    HandlerConfig {
+                        kind: handler.kind.clone(),
+                        options: handler.options.clone(),
+                        factory,
+                    },
+                );
             }
             Err(e) => {
                 let mut at: Vec<&str> = vec!["handlers", name];
@@ -285,9 +395,14 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
                 outbox.database, list(raw.databases.keys())));
         }
         if !raw.brokers.contains_key(&outbox.target) {
-            c.issue(&["outboxes", name, "target"], format!(
-                "outbox `{name}` names broker `{}`, which is not defined (defined brokers: {})",
-                outbox.target, broker_names()));
+            c.issue(
+                &["outboxes", name, "target"],
+                format!(
+                    "outbox `{name}` names broker `{}`, which is not defined (defined brokers: {})",
+                    outbox.target,
+                    broker_names()
+                ),
+            );
         }
         outboxes.insert(name.clone(), outbox_config(&mut c, name, outbox));
     }
@@ -331,35 +446,54 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
     let names: Vec<String> = names.map(|n| format!("`{n}`")).collect();
-    if names.is_empty() { "none".into() } else { names.join(", ") }
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
     match (&admin.token_env, &admin.token_file) {
         (Some(_), Some(_)) => {
-            c.issue(&["http", "admin"], "give `token_env` or `token_file`, not both");
+            c.issue(
+                &["http", "admin"],
+                "give `token_env` or `token_file`, not both",
+            );
             None
         }
         (Some(var), None) => match std::env::var(var) {
             Ok(token) if !token.trim().is_empty() => Some(Secret::new(token.trim())),
             _ => {
-                c.issue(&["http", "admin", "token_env"], format!("environment variable `{var}` is not set or empty"));
+                c.issue(
+                    &["http", "admin", "token_env"],
+                    format!("environment variable `{var}` is not set or empty"),
+                );
                 None
             }
         },
         (None, Some(file)) => match std::fs::read_to_string(file) {
             Ok(token) if !token.trim().is_empty() => Some(Secret::new(token.trim())),
             Ok(_) => {
-                c.issue(&["http", "admin", "token_file"], format!("token file {file:?} is empty"));
+                c.issue(
+                    &["http", "admin", "token_file"],
+                    format!("token file {file:?} is empty"),
+                );
                 None
             }
             Err(e) => {
-                c.issue(&["http", "admin", "token_file"], format!("cannot read token file {file:?}: {e}"));
+                c.issue(
+                    &["http", "admin", "token_file"],
+                    format!("cannot read token file {file:?}: {e}"),
+                );
                 None
             }
         },
         (None, None) => {
-            c.issue(&["http", "admin"], "`[http.admin]` needs `token_env` or `token_file`");
+            c.issue(
+                &["http", "admin"],
+                "`[http.admin]` needs `token_env` or `token_file`",
+            );
             None
         }
     }
@@ -370,12 +504,20 @@ fn check_handler_references(c: &mut Checker<'_>, handlers: &BTreeMap<String, Han
     for (name, handler) in handlers {
         for dep in handler.factory.dependencies() {
             if !handlers.contains_key(&dep) {
-                c.issue(&["handlers", name], format!("handler `{name}` refers to handler `{dep}`, which is not defined"));
+                c.issue(
+                    &["handlers", name],
+                    format!("handler `{name}` refers to handler `{dep}`, which is not defined"),
+                );
             }
         }
     }
     // Depth-first search for a cycle.
-    fn visit(name: &str, handlers: &BTreeMap<String, HandlerConfig>, stack: &mut Vec<String>, done: &mut BTreeSet<String>) -> Option<Vec<String>> {
+    fn visit(
+        name: &str,
+        handlers: &BTreeMap<String, HandlerConfig>,
+        stack: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
         if done.contains(name) {
             return None;
         }
@@ -399,13 +541,24 @@ fn check_handler_references(c: &mut Checker<'_>, handlers: &BTreeMap<String, Han
     let mut done = BTreeSet::new();
     for name in handlers.keys() {
         if let Some(cycle) = visit(name, handlers, &mut Vec::new(), &mut done) {
-            c.issue(&["handlers", name], format!("handlers refer to each other in a cycle: {}", cycle.join(" -> ")));
+            c.issue(
+                &["handlers", name],
+                format!(
+                    "handlers refer to each other in a cycle: {}",
+                    cycle.join(" -> ")
+                ),
+            );
             return;
         }
     }
 }
 
-fn consumer_config(c: &mut Checker<'_>, name: &str, raw: &RawConsumer, broker: &RawBroker) -> Option<ConsumerConfig> {
+fn consumer_config(
+    c: &mut Checker<'_>,
+    name: &str,
+    raw: &RawConsumer,
+    broker: &RawBroker,
+) -> Option<ConsumerConfig> {
     let at = |k: &'static str| -> [&str; 3] { ["consumers", name, k] };
     let default_attempts = 5;
     let retry = c.retry(&at("retry"), raw.retry.as_ref(), default_attempts);
@@ -424,18 +577,41 @@ fn consumer_config(c: &mut Checker<'_>, name: &str, raw: &RawConsumer, broker: &
                 ("max_deliveries", raw.max_deliveries.is_some()),
             ] {
                 if given {
-                    c.issue(&at(field), format!("`{field}` is for redis consumers, but broker `{}` is amqp", raw.source));
+                    c.issue(
+                        &at(field),
+                        format!(
+                            "`{field}` is for redis consumers, but broker `{}` is amqp",
+                            raw.source
+                        ),
+                    );
                 }
             }
             if dl.is_some_and(|d| d.stream.is_some()) {
-                c.issue(&["consumers", name, "dead_letter", "stream"], "`dead_letter.stream` is for redis consumers; use `queue` or `exchange`");
+                c.issue(
+                    &["consumers", name, "dead_letter", "stream"],
+                    "`dead_letter.stream` is for redis consumers; use `queue` or `exchange`",
+                );
             }
             let Some(queue) = raw.queue.clone() else {
-                c.issue(&["consumers", name], format!("consumer `{name}` reads from amqp broker `{}` and needs `queue`", raw.source));
+                c.issue(
+                    &["consumers", name],
+                    format!(
+                        "consumer `{name}` reads from amqp broker `{}` and needs `queue`",
+                        raw.source
+                    ),
+                );
                 return None;
             };
             c.name_ok(&at("queue"), "queue", &queue);
-            let queue_type = c.one_of(&at("queue_type"), raw.queue_type.as_deref(), QueueType::Classic, &[("classic", QueueType::Classic), ("quorum", QueueType::Quorum)]);
+            let queue_type = c.one_of(
+                &at("queue_type"),
+                raw.queue_type.as_deref(),
+                QueueType::Classic,
+                &[
+                    ("classic", QueueType::Classic),
+                    ("quorum", QueueType::Quorum),
+                ],
+            );
             let mut bindings = Vec::new();
             for (i, b) in raw.bindings.iter().flatten().enumerate() {
                 let index = i.to_string();
@@ -443,28 +619,59 @@ fn consumer_config(c: &mut Checker<'_>, name: &str, raw: &RawConsumer, broker: &
                     &["consumers", name, "bindings", &index, "exchange_type"],
                     b.exchange_type.as_deref(),
                     ExchangeType::Topic,
-                    &[("direct", ExchangeType::Direct), ("topic", ExchangeType::Topic), ("fanout", ExchangeType::Fanout), ("headers", ExchangeType::Headers)],
+                    &[
+                        ("direct", ExchangeType::Direct),
+                        ("topic", ExchangeType::Topic),
+                        ("fanout", ExchangeType::Fanout),
+                        ("headers", ExchangeType::Headers),
+                    ],
                 );
                 if b.exchange.is_empty() {
-                    c.issue(&["consumers", name, "bindings", &index, "exchange"], "cannot bind to the default exchange (it routes by queue name already)");
+                    c.issue(
+                        &["consumers", name, "bindings", &index, "exchange"],
+                        "cannot bind to the default exchange (it routes by queue name already)",
+                    );
                 }
-                bindings.push(Binding { exchange: b.exchange.clone(), exchange_type, routing_key: b.routing_key.clone().unwrap_or_else(|| "#".into()) });
+                bindings.push(Binding {
+                    exchange: b.exchange.clone(),
+                    exchange_type,
+                    routing_key: b.routing_key.clone().unwrap_or_else(|| "#".into()),
+                });
             }
             let prefetch = raw.prefetch.unwrap_or(100);
             if prefetch == 0 {
-                c.issue(&at("prefetch"), "must be at least 1 (0 would mean unlimited)");
+                c.issue(
+                    &at("prefetch"),
+                    "must be at least 1 (0 would mean unlimited)",
+                );
             }
             let concurrency = raw.concurrency.unwrap_or(prefetch as usize);
             if concurrency == 0 {
                 c.issue(&at("concurrency"), "must be at least 1");
             }
             let dead_letter = match dl {
-                Some(RawConsumerDeadLetter { queue: Some(_), exchange: Some(_), .. }) => {
-                    c.issue(&["consumers", name, "dead_letter"], "give `queue` or `exchange`, not both");
+                Some(RawConsumerDeadLetter {
+                    queue: Some(_),
+                    exchange: Some(_),
+                    ..
+                }) => {
+                    c.issue(
+                        &["consumers", name, "dead_letter"],
+                        "give `queue` or `exchange`, not both",
+                    );
                     AmqpDeadLetter::Queue(format!("{queue}.dlq"))
                 }
-                Some(RawConsumerDeadLetter { exchange: Some(exchange), routing_key, .. }) => AmqpDeadLetter::Exchange { exchange: exchange.clone(), routing_key: routing_key.clone() },
-                Some(RawConsumerDeadLetter { queue: Some(q), .. }) => AmqpDeadLetter::Queue(q.clone()),
+                Some(RawConsumerDeadLetter {
+                    exchange: Some(exchange),
+                    routing_key,
+                    ..
+                }) => AmqpDeadLetter::Exchange {
+                    exchange: exchange.clone(),
+                    routing_key: routing_key.clone(),
+                },
+                Some(RawConsumerDeadLetter { queue: Some(q), .. }) => {
+                    AmqpDeadLetter::Queue(q.clone())
+                }
                 _ => AmqpDeadLetter::Queue(format!("{queue}.dlq")),
             };
             Some(ConsumerConfig {
@@ -491,14 +698,28 @@ fn consumer_config(c: &mut Checker<'_>, name: &str, raw: &RawConsumer, broker: &
                 ("prefetch", raw.prefetch.is_some()),
             ] {
                 if given {
-                    c.issue(&at(field), format!("`{field}` is for amqp consumers, but broker `{}` is redis", raw.source));
+                    c.issue(
+                        &at(field),
+                        format!(
+                            "`{field}` is for amqp consumers, but broker `{}` is redis",
+                            raw.source
+                        ),
+                    );
                 }
             }
-            if dl.is_some_and(|d| d.queue.is_some() || d.exchange.is_some() || d.routing_key.is_some()) {
+            if dl.is_some_and(|d| {
+                d.queue.is_some() || d.exchange.is_some() || d.routing_key.is_some()
+            }) {
                 c.issue(&["consumers", name, "dead_letter"], "redis consumers dead-letter into a stream: use `dead_letter = { stream = \"...\" }`");
             }
             let Some(stream) = raw.stream.clone() else {
-                c.issue(&["consumers", name], format!("consumer `{name}` reads from redis broker `{}` and needs `stream`", raw.source));
+                c.issue(
+                    &["consumers", name],
+                    format!(
+                        "consumer `{name}` reads from redis broker `{}` and needs `stream`",
+                        raw.source
+                    ),
+                );
                 return None;
             };
             c.name_ok(&at("stream"), "stream", &stream);
@@ -512,12 +733,25 @@ fn consumer_config(c: &mut Checker<'_>, name: &str, raw: &RawConsumer, broker: &
                 c.issue(&at("batch"), "must be at least 1");
             }
             let block = c.duration(&at("block"), raw.block.as_deref(), Duration::from_secs(5));
-            let claim_idle = c.duration(&at("claim_idle"), raw.claim_idle.as_deref(), Duration::from_secs(60));
+            let claim_idle = c.duration(
+                &at("claim_idle"),
+                raw.claim_idle.as_deref(),
+                Duration::from_secs(60),
+            );
             if claim_idle.is_zero() {
-                c.issue(&at("claim_idle"), "must be longer than zero (and longer than the slowest handler)");
+                c.issue(
+                    &at("claim_idle"),
+                    "must be longer than zero (and longer than the slowest handler)",
+                );
             }
-            let claim_interval = c.duration(&at("claim_interval"), raw.claim_interval.as_deref(), (claim_idle / 2).max(Duration::from_secs(1)));
-            let max_deliveries = raw.max_deliveries.unwrap_or(retry.max_attempts.saturating_add(5));
+            let claim_interval = c.duration(
+                &at("claim_interval"),
+                raw.claim_interval.as_deref(),
+                (claim_idle / 2).max(Duration::from_secs(1)),
+            );
+            let max_deliveries = raw
+                .max_deliveries
+                .unwrap_or(retry.max_attempts.saturating_add(5));
             if max_deliveries == 0 {
                 c.issue(&at("max_deliveries"), "must be at least 1");
             }
@@ -531,7 +765,9 @@ fn consumer_config(c: &mut Checker<'_>, name: &str, raw: &RawConsumer, broker: &
                 concurrency: concurrency.max(1),
                 retry,
                 kind: ConsumerKind::Redis(RedisConsumerConfig {
-                    dead_letter_stream: dl.and_then(|d| d.stream.clone()).unwrap_or_else(|| format!("{stream}:dlq")),
+                    dead_letter_stream: dl
+                        .and_then(|d| d.stream.clone())
+                        .unwrap_or_else(|| format!("{stream}:dlq")),
                     stream,
                     group,
                     consumer: raw.consumer.clone().unwrap_or_else(default_consumer_name),
@@ -554,8 +790,11 @@ pub fn valid_sql_identifier(name: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && p.len() <= 63
-                && p.chars().next().is_some_and(|ch| ch.is_ascii_lowercase() || ch == '_')
-                && p.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+                && p.chars()
+                    .next()
+                    .is_some_and(|ch| ch.is_ascii_lowercase() || ch == '_')
+                && p.chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
         })
 }
 
@@ -575,28 +814,56 @@ fn outbox_config(c: &mut Checker<'_>, name: &str, raw: &RawOutbox) -> OutboxConf
     }
     let mut retry = c.retry(&at("retry"), raw.retry.as_ref(), max_attempts);
     retry.max_attempts = max_attempts.max(1);
-    let notify_channel = raw.notify_channel.clone().unwrap_or_else(|| table.replace('.', "_"));
+    let notify_channel = raw
+        .notify_channel
+        .clone()
+        .unwrap_or_else(|| table.replace('.', "_"));
     if !valid_sql_identifier(&notify_channel) || notify_channel.contains('.') {
-        c.issue(&at("notify_channel"), format!("`{notify_channel}` is not a plain lowercase identifier"));
+        c.issue(
+            &at("notify_channel"),
+            format!("`{notify_channel}` is not a plain lowercase identifier"),
+        );
     }
     OutboxConfig {
         database: raw.database.clone(),
         target: raw.target.clone(),
         destination: raw.destination.clone(),
         batch: batch.clamp(1, 10_000),
-        poll_interval: c.duration(&at("poll_interval"), raw.poll_interval.as_deref(), Duration::from_secs(1)),
+        poll_interval: c.duration(
+            &at("poll_interval"),
+            raw.poll_interval.as_deref(),
+            Duration::from_secs(1),
+        ),
         notify_channel,
         max_attempts: max_attempts.max(1),
         retry,
-        retain_published: c.duration(&at("retain_published"), raw.retain_published.as_deref(), Duration::from_secs(24 * 3600)),
-        ordering: c.one_of(&at("ordering"), raw.ordering.as_deref(), Ordering::None, &[("none", Ordering::None), ("per_key", Ordering::PerKey)]),
-        publish_timeout: c.duration(&at("publish_timeout"), raw.publish_timeout.as_deref(), Duration::from_secs(30)),
+        retain_published: c.duration(
+            &at("retain_published"),
+            raw.retain_published.as_deref(),
+            Duration::from_secs(24 * 3600),
+        ),
+        ordering: c.one_of(
+            &at("ordering"),
+            raw.ordering.as_deref(),
+            Ordering::None,
+            &[("none", Ordering::None), ("per_key", Ordering::PerKey)],
+        ),
+        publish_timeout: c.duration(
+            &at("publish_timeout"),
+            raw.publish_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
         maxlen: raw.maxlen,
         table,
     }
 }
 
-fn dead_letter_config(c: &mut Checker<'_>, name: &str, raw: &RawDeadLetter, broker: &RawBroker) -> Option<DeadLetterConfig> {
+fn dead_letter_config(
+    c: &mut Checker<'_>,
+    name: &str,
+    raw: &RawDeadLetter,
+    broker: &RawBroker,
+) -> Option<DeadLetterConfig> {
     let at = |k: &'static str| -> [&str; 3] { ["dead_letters", name, k] };
     let from = match (broker, &raw.queue, &raw.stream) {
         (RawBroker::Amqp(_), Some(queue), None) => DeadLetterSource::Queue(queue.clone()),
@@ -615,34 +882,51 @@ fn dead_letter_config(c: &mut Checker<'_>, name: &str, raw: &RawDeadLetter, brok
     };
     let table = raw.table.clone().unwrap_or_else(|| "dead_letters".into());
     if !valid_sql_identifier(&table) {
-        c.issue(&at("table"), format!("`{table}` is not a plain lowercase SQL identifier"));
+        c.issue(
+            &at("table"),
+            format!("`{table}` is not a plain lowercase SQL identifier"),
+        );
     }
     let default_action = match raw.default_action.as_deref() {
         None | Some("archive") => Action::Archive,
         Some("drop") => Action::Drop,
         Some(other) => {
-            c.issue(&at("default_action"), format!("unknown value `{other}`, expected `archive` or `drop`"));
+            c.issue(
+                &at("default_action"),
+                format!("unknown value `{other}`, expected `archive` or `drop`"),
+            );
             Action::Archive
         }
     };
     let mut rules = Vec::new();
     for (i, rule) in raw.rules.iter().enumerate() {
         let index = i.to_string();
-        let rat = |k: &'static str| -> Vec<&str> { vec!["dead_letters", name, "rules", index.as_str(), k] };
-        let error = rule.when.error.as_ref().and_then(|pattern| match regex::Regex::new(pattern) {
-            Ok(re) => Some(re),
-            Err(e) => {
-                c.issue(&["dead_letters", name, "rules", &index, "when", "error"], format!("invalid regular expression: {e}"));
-                None
-            }
-        });
+        let rat = |k: &'static str| -> Vec<&str> {
+            vec!["dead_letters", name, "rules", index.as_str(), k]
+        };
+        let error = rule
+            .when
+            .error
+            .as_ref()
+            .and_then(|pattern| match regex::Regex::new(pattern) {
+                Ok(re) => Some(re),
+                Err(e) => {
+                    c.issue(
+                        &["dead_letters", name, "rules", &index, "when", "error"],
+                        format!("invalid regular expression: {e}"),
+                    );
+                    None
+                }
+            });
         for reason in rule.when.reason.iter().flatten() {
             if !["rejected", "expired", "maxlen", "delivery_limit"].contains(&reason.as_str()) {
                 c.issue(&["dead_letters", name, "rules", &index, "when", "reason"], format!("unknown broker reason `{reason}`, expected `rejected`, `expired`, `maxlen` or `delivery_limit`"));
             }
         }
         for kind in rule.when.error_kind.iter().flatten() {
-            if !["transient", "permanent", "exhausted", "invalid", "unknown"].contains(&kind.as_str()) {
+            if !["transient", "permanent", "exhausted", "invalid", "unknown"]
+                .contains(&kind.as_str())
+            {
                 c.issue(&["dead_letters", name, "rules", &index, "when", "error_kind"], format!("unknown error kind `{kind}`, expected `transient`, `permanent`, `exhausted`, `invalid` or `unknown`"));
             }
         }
@@ -668,9 +952,27 @@ fn dead_letter_config(c: &mut Checker<'_>, name: &str, raw: &RawDeadLetter, brok
                     _ => None,
                 };
                 match target {
-                    Some(target) => Action::Forward { target, routing_key: rule.routing_key.clone() },
+                    Some(target) => Action::Forward {
+                        target,
+                        routing_key: rule.routing_key.clone(),
+                    },
                     None => {
-                        c.issue(&rat("action"), format!("`forward` on a {} broker needs `{}`", if matches!(broker, RawBroker::Amqp(_)) { "amqp" } else { "redis" }, if matches!(broker, RawBroker::Amqp(_)) { "exchange" } else { "stream" }));
+                        c.issue(
+                            &rat("action"),
+                            format!(
+                                "`forward` on a {} broker needs `{}`",
+                                if matches!(broker, RawBroker::Amqp(_)) {
+                                    "amqp"
+                                } else {
+                                    "redis"
+                                },
+                                if matches!(broker, RawBroker::Amqp(_)) {
+                                    "exchange"
+                                } else {
+                                    "stream"
+                                }
+                            ),
+                        );
                         Action::Archive
                     }
                 }
@@ -681,7 +983,10 @@ fn dead_letter_config(c: &mut Checker<'_>, name: &str, raw: &RawDeadLetter, brok
             }
         };
         if matches!(action, Action::Archive) && raw.archive.is_none() {
-            c.issue(&rat("action"), "action `archive` needs `archive = \"<database>\"` on the processor");
+            c.issue(
+                &rat("action"),
+                "action `archive` needs `archive = \"<database>\"` on the processor",
+            );
         }
         rules.push(Rule { when, action });
     }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{parse_options, Handler, HandlerFactory, HandlerKind, Message, OptionError, Outcome, Prebuilt};
+use super::{
+    Handler, HandlerFactory, HandlerKind, Message, OptionError, Outcome, Prebuilt, parse_options,
+};
 
 /// `kind = "noop"`: acknowledges at once. For draining a queue and for benchmarks.
 pub struct NoopHandler;
@@ -24,7 +26,11 @@ pub(super) struct NoopKind;
 struct NoopOptions {}
 
 impl HandlerKind for NoopKind {
-    fn parse(&self, _name: &str, options: &toml::Table) -> Result<Arc<dyn HandlerFactory>, OptionError> {
+    fn parse(
+        &self,
+        _name: &str,
+        options: &toml::Table,
+    ) -> Result<Arc<dyn HandlerFactory>, OptionError> {
         let NoopOptions {} = parse_options(options)?;
         Ok(Arc::new(Prebuilt(Arc::new(NoopHandler))))
     }
@@ -63,8 +69,14 @@ pub(super) struct LogKind;
 struct LogOptions {}
 
 impl HandlerKind for LogKind {
-    fn parse(&self, name: &str, options: &toml::Table) -> Result<Arc<dyn HandlerFactory>, OptionError> {
+    fn parse(
+        &self,
+        name: &str,
+        options: &toml::Table,
+    ) -> Result<Arc<dyn HandlerFactory>, OptionError> {
         let LogOptions {} = parse_options(options)?;
-        Ok(Arc::new(Prebuilt(Arc::new(LogHandler { name: name.to_owned() }))))
+        Ok(Arc::new(Prebuilt(Arc::new(LogHandler {
+            name: name.to_owned(),
+        }))))
     }
 }

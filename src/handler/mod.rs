@@ -119,7 +119,10 @@ pub enum Outcome {
     /// Done: settle the message.
     Ack,
     /// Transient failure: try again later (after `after` if given, else by the retry policy).
-    Retry { after: Option<Duration>, reason: String },
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
     /// Permanent failure: dead-letter now, no more attempts.
     DeadLetter { reason: String, kind: FailureKind },
     /// Discard on purpose: settle without dead-lettering, counted separately.
@@ -128,13 +131,22 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn retry(reason: impl Into<String>) -> Self {
-        Outcome::Retry { after: None, reason: reason.into() }
+        Outcome::Retry {
+            after: None,
+            reason: reason.into(),
+        }
     }
     pub fn dead_letter(reason: impl Into<String>) -> Self {
-        Outcome::DeadLetter { reason: reason.into(), kind: FailureKind::Permanent }
+        Outcome::DeadLetter {
+            reason: reason.into(),
+            kind: FailureKind::Permanent,
+        }
     }
     pub fn invalid(reason: impl Into<String>) -> Self {
-        Outcome::DeadLetter { reason: reason.into(), kind: FailureKind::Invalid }
+        Outcome::DeadLetter {
+            reason: reason.into(),
+            kind: FailureKind::Invalid,
+        }
     }
     /// The metric label for this outcome as the handler gave it.
     pub fn label(&self) -> &'static str {
@@ -163,7 +175,10 @@ pub struct OptionError {
 
 impl OptionError {
     pub fn new(path: &[&str], message: impl Into<String>) -> Self {
-        Self { path: path.iter().map(|s| (*s).to_owned()).collect(), message: message.into() }
+        Self {
+            path: path.iter().map(|s| (*s).to_owned()).collect(),
+            message: message.into(),
+        }
     }
 }
 
@@ -193,7 +208,11 @@ pub fn parse_options<T: DeserializeOwned>(options: &toml::Table) -> Result<T, Op
 
 /// A handler kind: checks a `[handlers.NAME]` table at load time.
 pub trait HandlerKind: Send + Sync + 'static {
-    fn parse(&self, name: &str, options: &toml::Table) -> Result<Arc<dyn HandlerFactory>, OptionError>;
+    fn parse(
+        &self,
+        name: &str,
+        options: &toml::Table,
+    ) -> Result<Arc<dyn HandlerFactory>, OptionError>;
 }
 
 /// Validated handler options, ready to build a handler when a component starts.
@@ -229,7 +248,11 @@ impl<F> HandlerKind for FnKind<F>
 where
     F: Fn(&str, &toml::Table) -> Result<Arc<dyn Handler>, OptionError> + Send + Sync + 'static,
 {
-    fn parse(&self, name: &str, options: &toml::Table) -> Result<Arc<dyn HandlerFactory>, OptionError> {
+    fn parse(
+        &self,
+        name: &str,
+        options: &toml::Table,
+    ) -> Result<Arc<dyn HandlerFactory>, OptionError> {
         Ok(Arc::new(Prebuilt((self.0)(name, options)?)))
     }
 }
@@ -243,7 +266,9 @@ pub struct HandlerKinds {
 impl HandlerKinds {
     /// The built-in kinds.
     pub fn builtin() -> Self {
-        let mut kinds = Self { kinds: BTreeMap::new() };
+        let mut kinds = Self {
+            kinds: BTreeMap::new(),
+        };
         kinds.register("noop", builtin::NoopKind);
         kinds.register("log", builtin::LogKind);
         kinds
@@ -269,18 +294,29 @@ impl Default for HandlerKinds {
 }
 
 /// Builds every configured handler, dependencies first.
-pub fn build_all(handlers: &BTreeMap<String, crate::config::HandlerConfig>) -> anyhow::Result<BTreeMap<String, Arc<dyn Handler>>> {
+pub fn build_all(
+    handlers: &BTreeMap<String, crate::config::HandlerConfig>,
+) -> anyhow::Result<BTreeMap<String, Arc<dyn Handler>>> {
     let mut built: BTreeMap<String, Arc<dyn Handler>> = BTreeMap::new();
     // Validation rejected cycles and dangling references, so repeated passes terminate.
     while built.len() < handlers.len() {
         let before = built.len();
         for (name, config) in handlers {
-            if built.contains_key(name) || !config.factory.dependencies().iter().all(|d| built.contains_key(d)) {
+            if built.contains_key(name)
+                || !config
+                    .factory
+                    .dependencies()
+                    .iter()
+                    .all(|d| built.contains_key(d))
+            {
                 continue;
             }
             let handler = config
                 .factory
-                .build(&BuildContext { name, handlers: &built })
+                .build(&BuildContext {
+                    name,
+                    handlers: &built,
+                })
                 .map_err(|e| e.context(format!("cannot build handler `{name}`")))?;
             built.insert(name.clone(), handler);
         }

@@ -1,0 +1,443 @@
+//! Configuration errors name the file, line, column and key path; interpolation and
+//! environment overrides apply; `bosun check` exits 0 or 78.
+
+mod support;
+
+use bosun::config::{ConfigError, Env, Location, load_str};
+use bosun::handler::HandlerKinds;
+use support::{ConfigFile, bosun_output};
+
+const BASE: &str = r#"
+[brokers.rabbit]
+kind = "amqp"
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+
+[brokers.cache]
+kind = "redis"
+url = "redis://127.0.0.1:6379/"
+
+[handlers.orders]
+kind = "noop"
+"#;
+
+fn load(text: &str) -> Result<bosun::config::Config, ConfigError> {
+    load_with_env(text, &[])
+}
+
+fn load_with_env(text: &str, env: &[(&str, &str)]) -> Result<bosun::config::Config, ConfigError> {
+    load_str(
+        text,
+        "test.toml",
+        &HandlerKinds::builtin(),
+        &Env::from_pairs(env.iter().copied()),
+    )
+}
+
+/// Asserts that loading `text` fails with exactly one problem at `line`:`column` whose
+/// message contains every `needle`.
+fn check_error(text: &str, line: usize, column: usize, needles: &[&str]) {
+    let err = load(text).expect_err("config should be rejected");
+    let rendered = err.to_string();
+    assert_eq!(err.problems.len(), 1, "{rendered}");
+    match &err.problems[0].location {
+        Location::File(pos) => assert_eq!((pos.line, pos.column), (line, column), "{rendered}"),
+        other => panic!("expected a file position, got {other:?}: {rendered}"),
+    }
+    assert!(
+        rendered.starts_with(&format!("test.toml:{line}:{column}: ")),
+        "{rendered}"
+    );
+    for needle in needles {
+        assert!(
+            rendered.contains(needle),
+            "missing {needle:?} in: {rendered}"
+        );
+    }
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .expect("needle in text")
+}
+
+#[test]
+fn unknown_field_names_table_and_expected_fields() {
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\nprefech = 10\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "prefech"),
+        1,
+        &[
+            "unknown field `prefech` in [consumers.orders]",
+            "expected one of",
+            "`prefetch`",
+        ],
+    );
+}
+
+#[test]
+fn syntax_error_has_parser_position() {
+    let text = "[service]\nname = \"x\"\nshutdown_timeout = \n";
+    let err = load(text).expect_err("invalid TOML");
+    let rendered = err.to_string();
+    assert!(rendered.starts_with("test.toml:3:"), "{rendered}");
+    assert!(rendered.contains("invalid TOML"), "{rendered}");
+}
+
+#[test]
+fn wrong_type_is_located_at_its_key() {
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\nprefetch = \"many\"\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "prefetch ="),
+        1,
+        &["invalid type", "consumers.orders.prefetch"],
+    );
+}
+
+#[test]
+fn bad_duration_is_rejected_at_load_time() {
+    let text = "[service]\nshutdown_timeout = \"10 parsecs\"\n";
+    check_error(
+        text,
+        2,
+        1,
+        &["invalid duration", "service.shutdown_timeout"],
+    );
+}
+
+#[test]
+fn bad_listen_address_is_rejected() {
+    let text = "[http]\nlisten = \"localhost:nine\"\n";
+    check_error(text, 2, 1, &["invalid socket address", "http.listen"]);
+}
+
+#[test]
+fn bad_url_scheme_is_rejected_without_showing_the_password() {
+    let text = "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"http://guest:hunter2@127.0.0.1/\"\n";
+    check_error(
+        text,
+        3,
+        1,
+        &["scheme `http`", "expected one of: amqp, amqps"],
+    );
+    let rendered = load(text).expect_err("rejected").to_string();
+    assert!(!rendered.contains("hunter2"), "{rendered}");
+}
+
+#[test]
+fn unknown_broker_kind_lists_the_kinds() {
+    let text = "[brokers.x]\nkind = \"kafka\"\nurl = \"x\"\n";
+    let rendered = load(text).expect_err("rejected").to_string();
+    assert!(rendered.contains("unknown variant `kafka`"), "{rendered}");
+    assert!(
+        rendered.contains("`amqp`") && rendered.contains("`redis`"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.starts_with("test.toml:1:") || rendered.starts_with("test.toml:2:"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn missing_broker_reference_names_consumer_and_broker() {
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabit\"\nhandler = \"orders\"\nqueue = \"q\"\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "rabit\""),
+        1,
+        &[
+            "consumer `orders` names broker `rabit`",
+            "not defined",
+            "`rabbit`",
+        ],
+    );
+}
+
+#[test]
+fn missing_handler_reference_names_consumer_and_handler() {
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"ordrs\"\nqueue = \"q\"\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "ordrs"),
+        1,
+        &["consumer `orders` names handler `ordrs`", "not defined"],
+    );
+}
+
+#[test]
+fn field_of_the_other_broker_kind_is_an_error() {
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\nstream = \"s\"\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "stream ="),
+        1,
+        &["`stream` is for redis consumers", "amqp"],
+    );
+    let text = format!(
+        "{BASE}\n[consumers.events]\nsource = \"cache\"\nhandler = \"orders\"\nstream = \"s\"\nprefetch = 5\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "prefetch"),
+        1,
+        &["`prefetch` is for amqp consumers"],
+    );
+}
+
+#[test]
+fn nested_retry_errors_point_into_the_inline_table() {
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\nretry = {{ max_attempts = 3, initial = \"soon\" }}\n"
+    );
+    let line = line_of(&text, "retry =");
+    let column = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|l| l.find("initial"))
+        .map(|c| c + 1)
+        .expect("column");
+    check_error(
+        &text,
+        line,
+        column,
+        &[
+            "invalid duration \"soon\"",
+            "consumers.orders.retry.initial",
+        ],
+    );
+}
+
+#[test]
+fn unknown_handler_kind_lists_known_kinds() {
+    let text = "[handlers.x]\nkind = \"carrier-pigeon\"\n";
+    check_error(
+        text,
+        2,
+        1,
+        &["unknown handler kind `carrier-pigeon`", "`log`", "`noop`"],
+    );
+}
+
+#[test]
+fn unknown_handler_option_is_located() {
+    let text = "[handlers.x]\nkind = \"noop\"\nspeed = 3\n";
+    check_error(text, 3, 1, &["unknown field `speed`"]);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text =
+        "[service]\nshutdown_timeout = \"x\"\nlog_format = \"xml\"\n[http]\nlisten = \"nope\"\n";
+    let err = load(text).expect_err("rejected");
+    assert_eq!(err.problems.len(), 3, "{err}");
+    let lines: Vec<usize> = err
+        .problems
+        .iter()
+        .map(|p| match p.location {
+            Location::File(pos) => pos.line,
+            _ => 0,
+        })
+        .collect();
+    assert_eq!(lines, vec![2, 3, 5], "{err}");
+}
+
+#[test]
+fn interpolation_uses_values_and_defaults() {
+    let text = "[http]\nlisten = \"${BIND:-127.0.0.1}:${PORT}\"\n[service]\nname = \"${NAME:-fallback}\"\n";
+    let config = load_with_env(text, &[("PORT", "9999")]).expect("valid");
+    assert_eq!(config.http.listen.to_string(), "127.0.0.1:9999");
+    assert_eq!(config.service.name, "fallback");
+    let config =
+        load_with_env(text, &[("PORT", "1"), ("BIND", "0.0.0.0"), ("NAME", "n")]).expect("valid");
+    assert_eq!(config.http.listen.to_string(), "0.0.0.0:1");
+    assert_eq!(config.service.name, "n");
+}
+
+#[test]
+fn unset_variable_without_default_is_located() {
+    let text = "[service]\nname = \"x\"\n\n[http]\nlisten = \"${NOT_SET_ANYWHERE}\"\n";
+    check_error(
+        text,
+        5,
+        1,
+        &["`NOT_SET_ANYWHERE` is not set", "http.listen"],
+    );
+}
+
+#[test]
+fn env_overrides_replace_file_values_and_keep_string_types() {
+    let text = format!(
+        "{BASE}\n[service]\nname = \"file\"\n\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"orders\"\nprefetch = 10\n"
+    );
+    let config = load_with_env(
+        &text,
+        &[
+            ("BOSUN__CONSUMERS__ORDERS__PREFETCH", "500"),
+            ("BOSUN__SERVICE__NAME", "12345"),
+            ("BOSUN__HTTP__LISTEN", "127.0.0.1:7000"),
+        ],
+    )
+    .expect("valid");
+    let consumer = &config.consumers["orders"];
+    match &consumer.kind {
+        bosun::config::ConsumerKind::Amqp(a) => assert_eq!(a.prefetch, 500),
+        other => panic!("expected amqp, got {other:?}"),
+    }
+    // The file holds `name` as a string, so a numeric-looking override stays a string.
+    assert_eq!(config.service.name, "12345");
+    assert_eq!(config.http.listen.port(), 7000);
+}
+
+#[test]
+fn bad_env_override_names_the_variable() {
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"orders\"\n"
+    );
+    let err = load_with_env(&text, &[("BOSUN__CONSUMERS__ORDERS__PREFETCH", "lots")])
+        .expect_err("rejected");
+    assert_eq!(
+        err.problems[0].location,
+        Location::Env("BOSUN__CONSUMERS__ORDERS__PREFETCH".into()),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("environment variable BOSUN__CONSUMERS__ORDERS__PREFETCH"),
+        "{err}"
+    );
+}
+
+#[test]
+fn defaults_fill_a_minimal_consumer() {
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"orders\"\n\n[consumers.events]\nsource = \"cache\"\nhandler = \"orders\"\nstream = \"events\"\n"
+    );
+    let config = load(&text).expect("valid");
+    let orders = &config.consumers["orders"];
+    assert_eq!(orders.concurrency, 100);
+    assert_eq!(orders.retry.max_attempts, 5);
+    match &orders.kind {
+        bosun::config::ConsumerKind::Amqp(a) => {
+            assert_eq!(a.prefetch, 100);
+            assert_eq!(
+                a.dead_letter,
+                bosun::config::AmqpDeadLetter::Queue("orders.dlq".into())
+            );
+            assert!(a.declare);
+        }
+        other => panic!("expected amqp, got {other:?}"),
+    }
+    match &config.consumers["events"].kind {
+        bosun::config::ConsumerKind::Redis(r) => {
+            assert_eq!(r.dead_letter_stream, "events:dlq");
+            assert_eq!(r.group, "events");
+            assert_eq!(r.block, std::time::Duration::from_secs(5));
+        }
+        other => panic!("expected redis, got {other:?}"),
+    }
+}
+
+#[test]
+fn check_command_exit_codes_and_output() {
+    let good = ConfigFile::new(&format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"orders\"\n"
+    ));
+    let path = good.path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
+    assert!(
+        stdout.contains("consumer orders: amqp queue orders"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("amqp://guest:***@127.0.0.1"),
+        "password must be masked: {stdout}"
+    );
+
+    let bad = ConfigFile::new("[service]\nshutdown_timeout = 30\n");
+    let bad_path = bad.path.to_string_lossy().into_owned();
+    let (code, _, stderr) = bosun_output(&["check", "--config", &bad_path], &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains(&format!("{bad_path}:2:1:")), "{stderr}");
+
+    let (code, _, stderr) = bosun_output(&["check", "--config", "/nonexistent/bosun.toml"], &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("cannot read the config file"), "{stderr}");
+
+    let (code, _, _) = bosun_output(&["check", "--no-such-flag"], &[]);
+    assert_eq!(code, 64);
+    let (code, stdout, _) = bosun_output(&["version"], &[]);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("bosun "), "{stdout}");
+}
+
+#[test]
+fn check_command_applies_env_overrides() {
+    let file = ConfigFile::new("[http]\nlisten = \"${LISTEN_AT:-127.0.0.1:9090}\"\n");
+    let path = file.path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = bosun_output(
+        &["check", "--config", &path],
+        &[("LISTEN_AT", "127.0.0.1:4444")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("http on 127.0.0.1:4444"), "{stdout}");
+    let (code, stdout, stderr) = bosun_output(
+        &["check", "--config", &path],
+        &[("BOSUN__HTTP__LISTEN", "127.0.0.1:5555")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("http on 127.0.0.1:5555"), "{stdout}");
+}
+
+#[test]
+fn binary_truncated_and_huge_files_are_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = dir.path().join("binary.toml");
+    std::fs::write(&binary, [0x5b, 0x73, 0xff, 0xfe, 0x00, 0x01]).expect("write");
+    let (code, _, stderr) = bosun_output(&["check", "--config", &binary.to_string_lossy()], &[]);
+    assert_eq!(code, 78);
+    assert!(stderr.contains("not valid UTF-8"), "{stderr}");
+
+    let truncated = dir.path().join("truncated.toml");
+    std::fs::write(
+        &truncated,
+        "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"amqp://gue",
+    )
+    .expect("write");
+    let (code, _, stderr) = bosun_output(&["check", "--config", &truncated.to_string_lossy()], &[]);
+    assert_eq!(code, 78);
+    assert!(
+        stderr.contains(":3:") && stderr.contains("invalid TOML"),
+        "{stderr}"
+    );
+
+    let huge = dir.path().join("huge.toml");
+    let line = "# padding padding padding padding padding padding padding padding padding\n";
+    std::fs::write(&huge, line.repeat(10 * 1024 * 1024 / line.len() + 1)).expect("write");
+    let (code, _, stderr) = bosun_output(&["check", "--config", &huge.to_string_lossy()], &[]);
+    assert_eq!(code, 78);
+    assert!(stderr.contains("larger than 4 MiB"), "{stderr}");
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/bosun.toml");
+    let (code, stdout, stderr) = bosun_output(&["check", "--config", path], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("configuration is valid"));
+}

@@ -1,0 +1,140 @@
+//! The real `bosun` binary: HTTP endpoints, signals, exit codes.
+
+mod support;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::{ConfigFile, Daemon, free_port};
+
+fn minimal(port: u16, extra: &str) -> String {
+    format!(
+        "[service]\nshutdown_timeout = \"5s\"\nlog_format = \"json\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[handlers.drain]\nkind = \"noop\"\n{extra}"
+    )
+}
+
+#[test]
+fn serves_metrics_health_and_readiness_then_stops_on_sigterm() {
+    let port = free_port();
+    let config = ConfigFile::new(&minimal(port, ""));
+    let mut daemon = Daemon::start(&config.path, port);
+    assert!(
+        daemon.wait_http(Duration::from_secs(20)),
+        "listener never came up:\n{}",
+        daemon.logs()
+    );
+
+    let (status, body) = daemon.get("/healthz").expect("healthz");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = daemon.get("/readyz").expect("readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"ready\""), "{body}");
+    let (status, body) = daemon.get("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!(
+            "bosun_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{body}"
+    );
+    let (status, _) = daemon.get("/nope").expect("404 answers");
+    assert_eq!(status, 404);
+
+    daemon.signal(Signal::SIGTERM);
+    let code = daemon.wait_exit(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{}", daemon.logs());
+    let logs = daemon.logs();
+    // JSON logs: one object per line.
+    let started = logs
+        .lines()
+        .find(|l| l.contains("bosun started"))
+        .expect("start line");
+    let parsed: serde_json::Value = serde_json::from_str(started).expect("json log line");
+    assert_eq!(parsed["level"], "INFO");
+    assert!(logs.contains("bosun stopped"), "{logs}");
+}
+
+#[test]
+fn sigint_also_drains_and_pid_file_is_written_and_removed() {
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("bosun.pid");
+    let config = ConfigFile::new(&minimal(port, "").replace(
+        "[service]\n",
+        &format!("[service]\npid_file = \"{}\"\n", pid_file.display()),
+    ));
+    let mut daemon = Daemon::start(&config.path, port);
+    assert!(
+        daemon.wait_http(Duration::from_secs(20)),
+        "{}",
+        daemon.logs()
+    );
+    let written = std::fs::read_to_string(&pid_file).expect("pid file");
+    assert_eq!(written.trim(), daemon.pid().to_string());
+    daemon.signal(Signal::SIGINT);
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        daemon.logs()
+    );
+    assert!(!pid_file.exists(), "pid file left behind");
+}
+
+#[test]
+fn sighup_revalidates_and_a_broken_file_keeps_the_daemon_running() {
+    let port = free_port();
+    let config = ConfigFile::new(&minimal(port, ""));
+    let mut daemon = Daemon::start(&config.path, port);
+    assert!(
+        daemon.wait_http(Duration::from_secs(20)),
+        "{}",
+        daemon.logs()
+    );
+
+    config.rewrite("[service]\nshutdown_timeout = \"forever\"\n");
+    daemon.signal(Signal::SIGHUP);
+    let logged = support::wait_for(Duration::from_secs(10), || {
+        daemon
+            .logs()
+            .contains("configuration reload failed")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", daemon.logs());
+    assert!(
+        daemon.logs().contains("invalid duration"),
+        "{}",
+        daemon.logs()
+    );
+    let (status, _) = daemon.get("/healthz").expect("still serving");
+    assert_eq!(status, 200);
+
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        daemon.logs()
+    );
+}
+
+#[test]
+fn config_error_exits_78_and_busy_port_exits_1() {
+    let config = ConfigFile::new("[consumers.x]\nsource = \"nowhere\"\nhandler = \"none\"\n");
+    let (code, _, stderr) =
+        support::bosun_output(&["run", "--config", &config.path.to_string_lossy()], &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("names broker `nowhere`"), "{stderr}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let config = ConfigFile::new(&minimal(port, ""));
+    let (code, _, stderr) =
+        support::bosun_output(&["run", "--config", &config.path.to_string_lossy()], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
