@@ -25,6 +25,7 @@ pub mod handler;
 pub mod health;
 pub mod http;
 pub mod publish;
+pub mod reload;
 pub mod retry;
 pub mod runtime;
 pub mod supervisor;

@@ -9,16 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use async_trait::async_trait;
 use futures::Stream;
 use sqlx::PgPool;
 
-use crate::config::{self, Config, ConfigError, Env};
+use crate::config::{self, Config, ConfigError};
 use crate::handler::{FnKind, Handler, HandlerKind, HandlerKinds, OptionError};
 use crate::health::Health;
 use crate::supervisor::{
-    Changes, Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, ReloadHook, SignalKind,
-    Supervisor, SupervisorConfig,
+    Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, SignalKind, Supervisor,
+    SupervisorConfig,
 };
 
 /// Shared, already-built resources that components are constructed from.
@@ -58,6 +57,16 @@ impl Resources {
 /// Name under which a consumer runs (and appears on `/readyz` and in metrics labels).
 pub fn consumer_component_name(name: &str) -> String {
     format!("consumer:{name}")
+}
+
+/// Name under which an outbox relay runs.
+pub fn outbox_component_name(name: &str) -> String {
+    format!("outbox:{name}")
+}
+
+/// Name under which a dead-letter processor runs.
+pub fn dead_letter_component_name(name: &str) -> String {
+    format!("dead_letter:{name}")
 }
 
 /// Builds the components for every configured consumer, outbox and dead-letter processor.
@@ -212,12 +221,11 @@ impl Runtime {
         let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
         tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");
 
-        let reload = Box::new(ConfigReload {
+        let reload = Box::new(crate::reload::ConfigReload::new(
             path,
-            kinds: self.kinds,
-            env: None,
-            current: config.clone(),
-        });
+            self.kinds,
+            config.clone(),
+        ));
         let status = supervisor.run(components, signals, reload, lifecycle).await;
 
         // The listener outlives the drain so /metrics and /readyz answer during it.
@@ -229,36 +237,5 @@ impl Runtime {
         }
         tracing::info!(status = ?status, "bosun stopped");
         Ok(status)
-    }
-}
-
-/// The reload hook: re-reads and validates the file.
-struct ConfigReload {
-    path: Option<PathBuf>,
-    kinds: HandlerKinds,
-    /// The environment to validate against; the process environment when `None`.
-    env: Option<Env>,
-    current: Arc<Config>,
-}
-
-#[async_trait]
-impl ReloadHook for ConfigReload {
-    async fn reload(&mut self, _running: &[String]) -> Option<Changes> {
-        let Some(path) = &self.path else {
-            tracing::warn!("reload requested, but the configuration did not come from a file");
-            return None;
-        };
-        let env = self.env.clone().unwrap_or_else(Env::from_process);
-        match config::load_file_with_env(path, &self.kinds, &env) {
-            Ok(new) => {
-                let unchanged = new == *self.current;
-                tracing::info!(config = %path.display(), unchanged, "configuration re-validated; applying it needs a restart");
-                None
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
-                None
-            }
-        }
     }
 }

@@ -109,6 +109,31 @@ fn sighup_revalidates_and_a_broken_file_keeps_the_daemon_running() {
     );
     let (status, _) = daemon.get("/healthz").expect("still serving");
     assert_eq!(status, 200);
+    assert_eq!(
+        daemon.metric("bosun_config_reloads_total", &["result=\"error\""]),
+        Some(1.0)
+    );
+
+    // A valid file with a new listen address: the address needs a restart, the rest applies.
+    config.rewrite(&minimal(port + 1, "[handlers.more]\nkind = \"log\"\n"));
+    daemon.signal(Signal::SIGHUP);
+    let applied = support::wait_for(Duration::from_secs(10), || {
+        daemon.metric("bosun_config_reloads_total", &["result=\"success\""])
+    });
+    assert_eq!(applied, Some(1.0), "{}", daemon.logs());
+    assert!(
+        daemon.logs().contains("restart required"),
+        "{}",
+        daemon.logs()
+    );
+    assert!(daemon.logs().contains("http.listen"), "{}", daemon.logs());
+    assert!(
+        daemon
+            .metric("bosun_config_last_reload_success_timestamp_seconds", &[])
+            .is_some_and(|t| t > 1.0e9)
+    );
+    let (status, _) = daemon.get("/healthz").expect("still on the old address");
+    assert_eq!(status, 200);
 
     daemon.signal(Signal::SIGTERM);
     assert_eq!(
@@ -136,5 +161,35 @@ fn config_error_exits_78_and_busy_port_exits_1() {
     assert!(
         stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
         "{stderr}"
+    );
+}
+
+#[test]
+fn watch_config_reloads_on_file_change() {
+    let port = free_port();
+    let config = ConfigFile::new(&minimal(port, ""));
+    let mut daemon = support::Daemon::start_args(&config.path, port, &["--watch-config"]);
+    assert!(
+        daemon.wait_http(Duration::from_secs(20)),
+        "{}",
+        daemon.logs()
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    config.rewrite(&minimal(port, "[handlers.extra]\nkind = \"log\"\n"));
+    let applied = support::wait_for(Duration::from_secs(10), || {
+        daemon.metric("bosun_config_reloads_total", &["result=\"success\""])
+    });
+    assert_eq!(applied, Some(1.0), "{}", daemon.logs());
+    assert!(
+        daemon.logs().contains("configuration file changed"),
+        "{}",
+        daemon.logs()
+    );
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        daemon.logs()
     );
 }

@@ -48,6 +48,9 @@ enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
+        /// Also reload when the config file changes (checked every second), as on SIGHUP.
+        #[arg(long)]
+        watch_config: bool,
     },
     /// Validate the configuration and print what would run.
     Check {
@@ -98,7 +101,10 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
             Ok(EXIT_OK)
         }
         Command::Check { config } => check::check(&runtime, &config.config),
-        Command::Run { config } => run(runtime, &config.config),
+        Command::Run {
+            config,
+            watch_config,
+        } => run(runtime, &config.config, watch_config),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -126,7 +132,7 @@ pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, CliError
     Ok(rt.block_on(future))
 }
 
-fn run(runtime: Runtime, path: &std::path::Path) -> Result<u8, CliError> {
+fn run(runtime: Runtime, path: &std::path::Path, watch_config: bool) -> Result<u8, CliError> {
     let config = runtime.load(path)?;
     crate::telemetry::init_logging(config.service.log_format, &config.service.log_level);
     let pid_file = config.service.pid_file.clone();
@@ -139,6 +145,14 @@ fn run(runtime: Runtime, path: &std::path::Path) -> Result<u8, CliError> {
         // Signal handlers go in before anything starts, so an early SIGTERM drains cleanly.
         let signals = crate::supervisor::os_signals()
             .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        let signals = if watch_config {
+            use futures::StreamExt as _;
+            let watcher =
+                crate::reload::watch_file(path.to_path_buf(), std::time::Duration::from_secs(1));
+            futures::stream::select(signals, watcher).boxed()
+        } else {
+            futures::StreamExt::boxed(signals)
+        };
         let status = runtime
             .run(config, Some(path.to_path_buf()), signals)
             .await?;

@@ -120,12 +120,22 @@ impl Daemon {
         Self::start_with_env(config, http_port, &[])
     }
 
+    /// Starts `bosun run --config path ARGS...`.
+    pub fn start_args(config: &Path, http_port: u16, args: &[&str]) -> Self {
+        Self::spawn(config, http_port, &[], args)
+    }
+
     pub fn start_with_env(config: &Path, http_port: u16, env: &[(&str, &str)]) -> Self {
+        Self::spawn(config, http_port, env, &[])
+    }
+
+    fn spawn(config: &Path, http_port: u16, env: &[(&str, &str)], args: &[&str]) -> Self {
         let log_path = config.with_extension(format!("{}.log", unique("run")));
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(bosun_bin())
             .args(["run", "--config"])
             .arg(config)
+            .args(args)
             .envs(env.iter().copied())
             .env(
                 "RUST_LOG",

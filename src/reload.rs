@@ -1,0 +1,322 @@
+//! Live reload: on SIGHUP (or a change of the watched file) re-read and validate the file,
+//! then restart only the components whose inputs changed.
+//!
+//! A component's inputs are everything it is built from: its own table, the broker and
+//! database it names, and its handler with every handler that handler calls. Components whose
+//! inputs are equal keep running untouched, so not one of their deliveries is interrupted.
+//! An invalid file changes nothing. Fields that cannot change live (`[service]`, `[http]`)
+//! are refused with "restart required"; the rest of the file still applies.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures::Stream;
+
+use crate::config::{self, BrokerConfig, Config, DatabaseConfig, Env, HandlerConfig};
+use crate::handler::HandlerKinds;
+use crate::runtime::{self, Resources};
+use crate::supervisor::{Changes, ReloadHook, SignalKind};
+
+/// Everything one component is built from. Equal inputs mean the running component can stay.
+#[derive(Debug, PartialEq)]
+enum Inputs {
+    Consumer {
+        consumer: config::ConsumerConfig,
+        broker: Option<BrokerConfig>,
+        handlers: BTreeMap<String, HandlerConfig>,
+    },
+    Outbox {
+        outbox: config::OutboxConfig,
+        database: Option<DatabaseConfig>,
+        broker: Option<BrokerConfig>,
+    },
+    DeadLetter {
+        dead_letter: config::DeadLetterConfig,
+        broker: Option<BrokerConfig>,
+        database: Option<DatabaseConfig>,
+    },
+}
+
+/// The handler `name` and every handler it depends on, transitively.
+fn handler_closure(config: &Config, name: &str) -> BTreeMap<String, HandlerConfig> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![name.to_owned()];
+    while let Some(next) = todo.pop() {
+        if out.contains_key(&next) {
+            continue;
+        }
+        if let Some(handler) = config.handlers.get(&next) {
+            todo.extend(handler.factory.dependencies());
+            out.insert(next, handler.clone());
+        }
+    }
+    out
+}
+
+/// The inputs of every configured component, by component name.
+fn inputs(config: &Config) -> BTreeMap<String, Inputs> {
+    let mut out = BTreeMap::new();
+    for (name, consumer) in &config.consumers {
+        out.insert(
+            runtime::consumer_component_name(name),
+            Inputs::Consumer {
+                consumer: consumer.clone(),
+                broker: config.brokers.get(&consumer.source).cloned(),
+                handlers: handler_closure(config, &consumer.handler),
+            },
+        );
+    }
+    for (name, outbox) in &config.outboxes {
+        out.insert(
+            runtime::outbox_component_name(name),
+            Inputs::Outbox {
+                outbox: outbox.clone(),
+                database: config.databases.get(&outbox.database).cloned(),
+                broker: config.brokers.get(&outbox.target).cloned(),
+            },
+        );
+    }
+    for (name, dl) in &config.dead_letters {
+        out.insert(
+            runtime::dead_letter_component_name(name),
+            Inputs::DeadLetter {
+                dead_letter: dl.clone(),
+                broker: config.brokers.get(&dl.source).cloned(),
+                database: dl
+                    .archive
+                    .as_ref()
+                    .and_then(|db| config.databases.get(db))
+                    .cloned(),
+            },
+        );
+    }
+    out
+}
+
+/// The components to stop and to start to go from `old` to `new`.
+fn diff(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
+    let old = inputs(old);
+    let new = inputs(new);
+    let stop = old
+        .iter()
+        .filter(|(name, inputs)| new.get(*name) != Some(*inputs))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let start = new
+        .iter()
+        .filter(|(name, inputs)| old.get(*name) != Some(*inputs))
+        .map(|(name, _)| name.clone())
+        .collect();
+    (stop, start)
+}
+
+/// The fields of `new` that differ from `old` and cannot change without a restart.
+fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    let (o, n) = (&old.service, &new.service);
+    for (field, changed) in [
+        ("service.name", o.name != n.name),
+        (
+            "service.shutdown_timeout",
+            o.shutdown_timeout != n.shutdown_timeout,
+        ),
+        ("service.log_format", o.log_format != n.log_format),
+        ("service.log_level", o.log_level != n.log_level),
+        ("service.pid_file", o.pid_file != n.pid_file),
+        ("http.listen", old.http.listen != new.http.listen),
+        ("http.admin", old.http.admin_token != new.http.admin_token),
+    ] {
+        if changed {
+            fields.push(field);
+        }
+    }
+    fields
+}
+
+/// The reload hook the runtime installs.
+pub struct ConfigReload {
+    path: Option<PathBuf>,
+    kinds: HandlerKinds,
+    /// The configuration the running components were built from.
+    current: Arc<Config>,
+    /// Set by `reload`, committed by `applied` once the supervisor has made the change.
+    pending: Option<Arc<Config>>,
+}
+
+impl ConfigReload {
+    pub fn new(path: Option<PathBuf>, kinds: HandlerKinds, current: Arc<Config>) -> Self {
+        Self {
+            path,
+            kinds,
+            current,
+            pending: None,
+        }
+    }
+
+    fn failed(&self, error: &str) -> Option<Changes> {
+        tracing::error!(error = %error, "configuration reload failed; keeping the running configuration");
+        metrics::counter!("bosun_config_reloads_total", "result" => "error").increment(1);
+        None
+    }
+}
+
+#[async_trait]
+impl ReloadHook for ConfigReload {
+    async fn reload(&mut self, _running: &[String]) -> Option<Changes> {
+        let Some(path) = self.path.clone() else {
+            tracing::warn!("reload requested, but the configuration did not come from a file");
+            return None;
+        };
+        tracing::info!(config = %path.display(), "reloading configuration");
+        let kinds = self.kinds.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            config::load_file_with_env(&path, &kinds, &Env::from_process())
+        })
+        .await;
+        let mut new = match loaded {
+            Ok(Ok(new)) => new,
+            Ok(Err(e)) => return self.failed(&e.to_string()),
+            Err(e) => return self.failed(&format!("the loader failed: {e}")),
+        };
+        for field in restart_required(&self.current, &new) {
+            tracing::warn!(
+                field,
+                "restart required: `{field}` cannot change while running; keeping the running value"
+            );
+        }
+        // The running process keeps its process-wide settings.
+        new.service = self.current.service.clone();
+        new.http = self.current.http.clone();
+        let new = Arc::new(new);
+
+        let (stop, start) = diff(&self.current, &new);
+        let resources = match Resources::new(new.clone()) {
+            Ok(resources) => resources,
+            Err(e) => return self.failed(&format!("{e:#}")),
+        };
+        let wanted: BTreeSet<&String> = start.iter().collect();
+        let built = match runtime::components_for(&resources) {
+            Ok(all) => all
+                .into_iter()
+                .filter(|(name, _)| wanted.contains(name))
+                .collect(),
+            Err(e) => return self.failed(&format!("{e:#}")),
+        };
+        tracing::info!(stop = ?stop, start = ?start, "configuration is valid; applying changes");
+        self.pending = Some(new);
+        Some(Changes { stop, start: built })
+    }
+
+    async fn applied(&mut self) {
+        if let Some(new) = self.pending.take() {
+            self.current = new;
+        }
+        metrics::counter!("bosun_config_reloads_total", "result" => "success").increment(1);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        metrics::gauge!("bosun_config_last_reload_success_timestamp_seconds").set(now);
+        tracing::info!("configuration reload applied");
+    }
+}
+
+/// A stream that yields [`SignalKind::Reload`] whenever the file at `path` changes (its
+/// modification time, size or inode), polled every `interval`. Editors that replace the file
+/// by rename are seen as well as in-place writes.
+pub fn watch_file(
+    path: PathBuf,
+    interval: Duration,
+) -> impl Stream<Item = SignalKind> + Unpin + Send {
+    fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len(), meta.ino()))
+    }
+    let initial = stamp(&path);
+    Box::pin(futures::stream::unfold(
+        (path, initial),
+        move |(path, mut last)| async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let now = stamp(&path);
+                if now.is_some() && now != last {
+                    last = now;
+                    tracing::info!(config = %path.display(), "configuration file changed");
+                    return Some((SignalKind::Reload, (path, last)));
+                }
+            }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Config {
+        match config::load_str(text, "t.toml", &HandlerKinds::builtin(), &Env::default()) {
+            Ok(config) => config,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const BASE: &str = "[brokers.r]\nkind = \"amqp\"\nurl = \"amqp://127.0.0.1/\"\n[brokers.s]\nkind = \"redis\"\nurl = \"redis://127.0.0.1/\"\n[handlers.a]\nkind = \"noop\"\n[handlers.b]\nkind = \"log\"\n";
+
+    #[test]
+    fn only_changed_components_restart() {
+        let old = load(&format!(
+            "{BASE}[consumers.keep]\nsource = \"r\"\nhandler = \"a\"\nqueue = \"k\"\n[consumers.change]\nsource = \"r\"\nhandler = \"a\"\nqueue = \"c\"\n[consumers.gone]\nsource = \"s\"\nhandler = \"a\"\nstream = \"g\"\n"
+        ));
+        let new = load(&format!(
+            "{BASE}[consumers.keep]\nsource = \"r\"\nhandler = \"a\"\nqueue = \"k\"\n[consumers.change]\nsource = \"r\"\nhandler = \"b\"\nqueue = \"c\"\n[consumers.added]\nsource = \"s\"\nhandler = \"a\"\nstream = \"x\"\n"
+        ));
+        let (stop, start) = diff(&old, &new);
+        assert_eq!(stop, vec!["consumer:change", "consumer:gone"]);
+        assert_eq!(start, vec!["consumer:added", "consumer:change"]);
+    }
+
+    #[test]
+    fn a_changed_broker_or_handler_restarts_its_users() {
+        let old = load(&format!(
+            "{BASE}[consumers.c]\nsource = \"r\"\nhandler = \"a\"\nqueue = \"k\"\n"
+        ));
+        let new = load(&format!(
+            "{}[consumers.c]\nsource = \"r\"\nhandler = \"a\"\nqueue = \"k\"\n",
+            BASE.replace("amqp://127.0.0.1/", "amqp://127.0.0.2/")
+        ));
+        assert_eq!(diff(&old, &new).0, vec!["consumer:c"]);
+        let new = load(&format!(
+            "{}[consumers.c]\nsource = \"r\"\nhandler = \"a\"\nqueue = \"k\"\n",
+            BASE.replace(
+                "[handlers.a]\nkind = \"noop\"",
+                "[handlers.a]\nkind = \"log\""
+            )
+        ));
+        assert_eq!(diff(&old, &new).0, vec!["consumer:c"]);
+        // An unrelated handler's change touches nothing.
+        let new = load(&format!(
+            "{}[consumers.c]\nsource = \"r\"\nhandler = \"a\"\nqueue = \"k\"\n",
+            BASE.replace(
+                "[handlers.b]\nkind = \"log\"",
+                "[handlers.b]\nkind = \"noop\""
+            )
+        ));
+        assert_eq!(diff(&old, &new), (vec![], vec![]));
+    }
+
+    #[test]
+    fn process_wide_fields_are_restart_required() {
+        let old = load("[http]\nlisten = \"127.0.0.1:9090\"\n");
+        let new =
+            load("[http]\nlisten = \"127.0.0.1:9091\"\n[service]\nshutdown_timeout = \"5s\"\n");
+        assert_eq!(
+            restart_required(&old, &new),
+            vec!["service.shutdown_timeout", "http.listen"]
+        );
+        assert!(restart_required(&old, &old).is_empty());
+    }
+}
