@@ -29,6 +29,7 @@ pub mod reload;
 pub mod retry;
 pub mod runtime;
 pub mod supervisor;
+pub mod systemd;
 pub mod telemetry;
 
 pub use handler::{Handler, Message, Outcome};

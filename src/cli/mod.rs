@@ -4,6 +4,8 @@
 //! Exit codes follow sysexits: 0 ok, 64 bad command line, 78 configuration error, 1 other.
 
 mod check;
+mod probe;
+mod reload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +61,10 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Ask a running daemon to reload its configuration (sends SIGHUP).
+    Reload(reload::ReloadArgs),
+    /// GET a health endpoint; exit 0 on HTTP 200 (for container health checks).
+    Probe(probe::ProbeArgs),
 }
 
 /// A command's failure, mapped to an exit code.
@@ -105,6 +111,8 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
             config,
             watch_config,
         } => run(runtime, &config.config, watch_config),
+        Command::Reload(args) => reload::reload(&args),
+        Command::Probe(args) => probe::probe(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -153,8 +161,11 @@ fn run(runtime: Runtime, path: &std::path::Path, watch_config: bool) -> Result<u
         } else {
             futures::StreamExt::boxed(signals)
         };
+        // READY=1 goes out from the supervisor, after the handlers above are installed, so
+        // a SIGHUP from `systemctl reload` never meets the default action (termination).
+        let notify = Box::new(crate::systemd::SystemdNotify::from_env());
         let status = runtime
-            .run(config, Some(path.to_path_buf()), signals)
+            .run_with(config, Some(path.to_path_buf()), signals, notify)
             .await?;
         Ok::<u8, CliError>(status.code() as u8)
     });
