@@ -125,7 +125,7 @@ impl Lifecycle for SystemdNotify {
         let status = if ok {
             "Running: configuration reloaded"
         } else {
-            "Running: the reload changed nothing (invalid file or no difference; see the log)"
+            "Running: the reload failed and the previous configuration stays (see the log)"
         };
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }

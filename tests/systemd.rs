@@ -101,8 +101,8 @@ fn monotonic_usec() -> i128 {
 }
 
 /// Checks one reload's pair of datagrams: RELOADING=1 with a fresh MONOTONIC_USEC, then
-/// READY=1 with a STATUS= line.
-fn expect_reload_pair(manager: &Manager, daemon: &Daemon, keepalives: &mut usize) {
+/// READY=1 with a STATUS= line, which is returned.
+fn expect_reload_pair(manager: &Manager, daemon: &Daemon, keepalives: &mut usize) -> String {
     let before = monotonic_usec();
     daemon.signal(Signal::SIGHUP);
     let reloading = manager
@@ -127,7 +127,11 @@ fn expect_reload_pair(manager: &Manager, daemon: &Daemon, keepalives: &mut usize
         .unwrap_or_else(|| panic!("no READY=1 after the reload\n{}", daemon.logs()));
     let lines: Vec<&str> = ready.lines().collect();
     assert!(lines.contains(&"READY=1"), "{ready:?}");
-    assert!(lines.iter().any(|l| l.starts_with("STATUS=")), "{ready:?}");
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap_or_else(|| panic!("READY=1 without STATUS=: {ready:?}"))
+        .to_owned()
 }
 
 #[test]
@@ -155,11 +159,13 @@ fn notify_sequence_for_start_reload_failed_reload_and_stop() {
 
     // A valid file (one value changed).
     config.rewrite(&config_text(port, "debug"));
-    expect_reload_pair(&manager, &daemon, &mut keepalives);
+    let status = expect_reload_pair(&manager, &daemon, &mut keepalives);
+    assert!(status.contains("reloaded"), "{status}");
 
     // A broken file: the same pair, and the daemon keeps serving.
     config.rewrite("[service]\nshutdown_timeout = \"forever\"\n");
-    expect_reload_pair(&manager, &daemon, &mut keepalives);
+    let status = expect_reload_pair(&manager, &daemon, &mut keepalives);
+    assert!(status.contains("failed"), "{status}");
     assert!(
         daemon.logs().contains("invalid duration"),
         "{}",
