@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod database;
 pub mod handler;
+pub mod outbox;
 pub mod health;
 pub mod publish;
 pub mod http;

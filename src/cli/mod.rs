@@ -4,6 +4,7 @@
 //! Exit codes follow sysexits: 0 ok, 64 bad command line, 78 configuration error, 1 other.
 
 mod check;
+mod outbox;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,9 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Outbox tables: print or apply their DDL.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCommand),
 }
 
 /// A command's failure, mapped to an exit code.
@@ -90,6 +94,7 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
         }
         Command::Check { config } => check::check(&runtime, &config.config),
         Command::Run { config } => run(runtime, &config.config),
+        Command::Outbox(command) => outbox::run(&runtime, command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
