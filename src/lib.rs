@@ -24,6 +24,7 @@ pub mod database;
 pub mod handler;
 pub mod health;
 pub mod publish;
+pub mod redis_streams;
 pub mod http;
 pub mod retry;
 pub mod runtime;
