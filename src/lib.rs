@@ -25,6 +25,7 @@ pub mod handler;
 pub mod outbox;
 pub mod health;
 pub mod publish;
+pub mod redis_streams;
 pub mod http;
 pub mod retry;
 pub mod runtime;
