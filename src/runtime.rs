@@ -57,8 +57,9 @@ pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponen
         let component = build_consumer(name, consumer, resources).with_context(|| format!("consumer `{name}`"))?;
         components.push((consumer_component_name(name), component));
     }
-    if let Some((name, _)) = config.outboxes.iter().next() {
-        anyhow::bail!("outbox `{name}`: outbox relays are not available in this build");
+    for name in config.outboxes.keys() {
+        let component = crate::outbox::component(name, resources).with_context(|| format!("outbox `{name}`"))?;
+        components.push((crate::outbox::component_name(name), Arc::new(component)));
     }
     if let Some((name, _)) = config.dead_letters.iter().next() {
         anyhow::bail!("dead-letter processor `{name}`: dead-letter processors are not available in this build");

@@ -12,6 +12,7 @@
 
 pub mod cleanup;
 pub mod listener;
+pub mod publishers;
 pub mod relay;
 pub mod schema;
 pub mod store;
@@ -25,8 +26,10 @@ use tokio::sync::Notify;
 
 use crate::config::OutboxConfig;
 use crate::publish::Publisher;
+use crate::runtime::Resources;
 use crate::supervisor::{Component, ComponentContext};
 
+pub use publishers::publisher_source;
 pub use relay::{BatchReport, Relay};
 pub use schema::Schema;
 
@@ -90,6 +93,19 @@ pub(crate) fn reconnect_delay(failures: u32) -> Duration {
     (Duration::from_millis(200) * factor).min(Duration::from_secs(30))
 }
 
+/// Builds the component for `[outboxes.NAME]` from the shared resources.
+pub fn component(name: &str, resources: &Resources) -> anyhow::Result<OutboxComponent> {
+    let outbox = resources
+        .config
+        .outboxes
+        .get(name)
+        .ok_or_else(|| anyhow::anyhow!("outbox `{name}` is not defined"))?
+        .clone();
+    let pool = resources.database(&outbox.database)?;
+    let publishers = publisher_source(name, &resources.config, &outbox)?;
+    Ok(OutboxComponent::new(name, outbox, pool, publishers)?)
+}
+
 /// One `[outboxes.NAME]` as a supervised component: the relay loop, its listener and its
 /// housekeeping.
 pub struct OutboxComponent {
@@ -135,6 +151,9 @@ impl Component for OutboxComponent {
         let relay = &self.relay;
         let wake = Arc::new(Notify::new());
         let helpers = ctx.shutdown.child_token();
+        // Stops the helpers also when this task is aborted (a drain that timed out), so
+        // they never outlive their relay.
+        let _stop_helpers = helpers.clone().drop_guard();
         let listen = tokio::spawn(listener::run(
             relay.name.clone(),
             self.pool.clone(),
