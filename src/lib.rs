@@ -18,13 +18,16 @@
 //!
 //! The library can be embedded: build a [`Runtime`] with your own handler kinds.
 
+pub mod amqp;
 pub mod cli;
 pub mod config;
 pub mod database;
 pub mod handler;
 pub mod health;
 pub mod http;
+pub mod outbox;
 pub mod publish;
+pub mod redis_streams;
 pub mod reload;
 pub mod retry;
 pub mod runtime;

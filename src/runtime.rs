@@ -78,8 +78,10 @@ pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponen
             .with_context(|| format!("consumer `{name}`"))?;
         components.push((consumer_component_name(name), component));
     }
-    if let Some((name, _)) = config.outboxes.iter().next() {
-        anyhow::bail!("outbox `{name}`: outbox relays are not available in this build");
+    for name in config.outboxes.keys() {
+        let component = crate::outbox::component(name, resources)
+            .with_context(|| format!("outbox `{name}`"))?;
+        components.push((crate::outbox::component_name(name), Arc::new(component)));
     }
     if let Some((name, _)) = config.dead_letters.iter().next() {
         anyhow::bail!(

@@ -4,6 +4,7 @@
 //! Exit codes follow sysexits: 0 ok, 64 bad command line, 78 configuration error, 1 other.
 
 mod check;
+mod outbox;
 mod probe;
 mod reload;
 
@@ -65,6 +66,9 @@ enum Command {
     Reload(reload::ReloadArgs),
     /// GET a health endpoint; exit 0 on HTTP 200 (for container health checks).
     Probe(probe::ProbeArgs),
+    /// Outbox tables: print or apply their DDL.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCommand),
 }
 
 /// A command's failure, mapped to an exit code.
@@ -113,6 +117,7 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
         } => run(runtime, &config.config, watch_config),
         Command::Reload(args) => reload::reload(&args),
         Command::Probe(args) => probe::probe(&args),
+        Command::Outbox(command) => outbox::run(&runtime, command),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,103 @@
+//! Housekeeping beside the relay loop: the backlog gauges and retention of published rows.
+//!
+//! Both run on the shared pool, never on the relay's own connection, so a slow DELETE never
+//! delays a batch. Failures here are logged and retried on the next round; they do not make
+//! the relay unready, since publishing is unaffected.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::listener::sleep_or_cancel;
+use super::store::Queries;
+
+/// How often the backlog gauges are refreshed.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Rows deleted per statement: small, so each DELETE holds its locks briefly and the WAL
+/// volume per transaction stays modest.
+const DELETE_BATCH: i64 = 1000;
+
+/// Runs until `shutdown`.
+pub async fn run(
+    outbox: String,
+    pool: PgPool,
+    queries: Queries,
+    retain: Duration,
+    shutdown: CancellationToken,
+) {
+    let cleanup_every = cleanup_interval(retain);
+    let mut last_cleanup: Option<tokio::time::Instant> = None;
+    loop {
+        match queries.backlog(&pool).await {
+            Ok(backlog) => {
+                metrics::gauge!("bosun_outbox_pending", "outbox" => outbox.clone())
+                    .set(backlog.pending as f64);
+                metrics::gauge!("bosun_outbox_oldest_pending_age_seconds", "outbox" => outbox.clone())
+                    .set(backlog.oldest_age_seconds);
+            }
+            Err(e) => {
+                tracing::warn!(outbox = %outbox, error = %e, "cannot measure the outbox backlog")
+            }
+        }
+        if last_cleanup.is_none_or(|t| t.elapsed() >= cleanup_every) {
+            last_cleanup = Some(tokio::time::Instant::now());
+            delete_expired(&outbox, &pool, &queries, retain, &shutdown).await;
+        }
+        if sleep_or_cancel(BACKLOG_EVERY, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Retention is coarse: a row lives between `retain` and `retain` plus this interval.
+fn cleanup_interval(retain: Duration) -> Duration {
+    (retain / 4).clamp(BACKLOG_EVERY, Duration::from_secs(60))
+}
+
+async fn delete_expired(
+    outbox: &str,
+    pool: &PgPool,
+    queries: &Queries,
+    retain: Duration,
+    shutdown: &CancellationToken,
+) {
+    let mut total = 0u64;
+    while !shutdown.is_cancelled() {
+        match queries.delete_published(pool, retain, DELETE_BATCH).await {
+            Ok(deleted) => {
+                total += deleted;
+                if deleted < DELETE_BATCH as u64 {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(outbox = %outbox, error = %e, "cannot delete published outbox rows");
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    if total > 0 {
+        tracing::debug!(outbox = %outbox, deleted = total, "deleted published outbox rows past retention");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_runs_between_every_backlog_round_and_every_minute() {
+        assert_eq!(cleanup_interval(Duration::ZERO), BACKLOG_EVERY);
+        assert_eq!(
+            cleanup_interval(Duration::from_secs(24 * 3600)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            cleanup_interval(Duration::from_secs(120)),
+            Duration::from_secs(30)
+        );
+    }
+}

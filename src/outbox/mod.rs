@@ -1,0 +1,192 @@
+//! Transactional outbox relays: rows an application committed to a PostgreSQL table, moved
+//! onto a broker with at-least-once delivery.
+//!
+//! - [`schema`]: the table, its indexes and the NOTIFY trigger (`bosun outbox schema|migrate`);
+//! - [`store`]: the SQL that claims, settles, measures and cleans up rows;
+//! - [`relay`]: the claim → publish → mark → commit loop;
+//! - [`listener`]: LISTEN for the insert trigger, so new rows go out without waiting for a poll;
+//! - [`cleanup`]: backlog gauges and retention of published rows.
+//!
+//! Each `[outboxes.NAME]` runs as one component, `outbox:NAME`, holding one connection of its
+//! own for batches plus one pooled connection for LISTEN.
+
+pub mod cleanup;
+pub mod listener;
+pub mod publishers;
+pub mod relay;
+pub mod schema;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::config::OutboxConfig;
+use crate::publish::Publisher;
+use crate::runtime::Resources;
+use crate::supervisor::{Component, ComponentContext};
+
+pub use publishers::publisher_source;
+pub use relay::{BatchReport, Relay};
+pub use schema::Schema;
+
+/// What goes wrong in a relay; every variant is retried with backoff by the relay loop.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("`{0}` is not a plain lowercase SQL identifier")]
+    InvalidIdentifier(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database did not finish the batch within {0:?}; reconnecting")]
+    DatabaseTimeout(Duration),
+    #[error(
+        "publishing the batch took longer than publish_timeout ({0:?}); rolled back, the rows will be claimed again"
+    )]
+    PublishTimeout(Duration),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+impl OutboxError {
+    /// Whether the relay's database connection must be replaced.
+    fn resets_database(&self) -> bool {
+        matches!(
+            self,
+            OutboxError::Database(_) | OutboxError::DatabaseTimeout(_)
+        )
+    }
+
+    /// Whether the publisher must be replaced: its connection is gone or in an unknown state.
+    fn resets_broker(&self) -> bool {
+        matches!(
+            self,
+            OutboxError::Broker(_)
+                | OutboxError::PublishTimeout(_)
+                | OutboxError::DatabaseTimeout(_)
+        )
+    }
+}
+
+/// Makes publishers for a relay: called at start and again after the broker connection was
+/// lost, so a relay never keeps using a publisher in an unknown state.
+#[async_trait]
+pub trait PublisherSource: Send + Sync {
+    async fn connect(&self) -> anyhow::Result<Arc<dyn Publisher>>;
+}
+
+/// Name under which an outbox relay runs (and appears on `/readyz`).
+pub fn component_name(name: &str) -> String {
+    format!("outbox:{name}")
+}
+
+/// The `application_name` of a relay's batch connection.
+pub fn application_name(name: &str) -> String {
+    format!("bosun outbox:{name}")
+}
+
+/// Delay before reconnect attempt `failures` (1-based): 200 ms doubling to 30 s.
+pub(crate) fn reconnect_delay(failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
+    (Duration::from_millis(200) * factor).min(Duration::from_secs(30))
+}
+
+/// Builds the component for `[outboxes.NAME]` from the shared resources.
+pub fn component(name: &str, resources: &Resources) -> anyhow::Result<OutboxComponent> {
+    let outbox = resources
+        .config
+        .outboxes
+        .get(name)
+        .ok_or_else(|| anyhow::anyhow!("outbox `{name}` is not defined"))?
+        .clone();
+    let pool = resources.database(&outbox.database)?;
+    let publishers = publisher_source(name, &resources.config, &outbox)?;
+    Ok(OutboxComponent::new(name, outbox, pool, publishers)?)
+}
+
+/// One `[outboxes.NAME]` as a supervised component: the relay loop, its listener and its
+/// housekeeping.
+pub struct OutboxComponent {
+    relay: Arc<Relay>,
+    /// Shared pool for LISTEN, backlog gauges and cleanup.
+    pool: PgPool,
+}
+
+impl OutboxComponent {
+    pub fn new(
+        name: &str,
+        config: OutboxConfig,
+        pool: PgPool,
+        publishers: Arc<dyn PublisherSource>,
+    ) -> Result<Self, OutboxError> {
+        // The configuration checked these already; checking again keeps this module safe
+        // for embedders that build an OutboxConfig by hand.
+        Schema::new(&config.table, &config.notify_channel)?;
+        let connect = (*pool.connect_options())
+            .clone()
+            .application_name(&application_name(name));
+        let queries = store::Queries::new(
+            &config.table,
+            config.ordering,
+            config.retain_published.is_zero(),
+        );
+        Ok(Self {
+            relay: Arc::new(Relay {
+                name: name.to_owned(),
+                config,
+                queries,
+                connect,
+                publishers,
+            }),
+            pool,
+        })
+    }
+}
+
+#[async_trait]
+impl Component for OutboxComponent {
+    async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
+        let relay = &self.relay;
+        let wake = Arc::new(Notify::new());
+        let helpers = ctx.shutdown.child_token();
+        // Stops the helpers also when this task is aborted (a drain that timed out), so
+        // they never outlive their relay.
+        let _stop_helpers = helpers.clone().drop_guard();
+        let listen = tokio::spawn(listener::run(
+            relay.name.clone(),
+            self.pool.clone(),
+            relay.config.notify_channel.clone(),
+            wake.clone(),
+            helpers.clone(),
+        ));
+        let housekeeping = tokio::spawn(cleanup::run(
+            relay.name.clone(),
+            self.pool.clone(),
+            relay.queries.clone(),
+            relay.config.retain_published,
+            helpers.clone(),
+        ));
+        tracing::info!(outbox = %relay.name, table = %relay.config.table, channel = %relay.config.notify_channel,
+            batch = relay.config.batch, ordering = ?relay.config.ordering, "outbox relay started");
+        relay.run(&ctx, &wake).await;
+        helpers.cancel();
+        let _ = listen.await;
+        let _ = housekeeping.await;
+        tracing::info!(outbox = %relay.name, "outbox relay stopped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_doubles_and_caps() {
+        assert_eq!(reconnect_delay(1), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(2), Duration::from_millis(400));
+        assert_eq!(reconnect_delay(40), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,401 @@
+//! The relay loop: claim a batch, publish it with confirms, record the outcome, commit.
+//!
+//! One batch is one transaction on the relay's own connection:
+//! 1. `SELECT ... FOR UPDATE SKIP LOCKED ORDER BY id LIMIT batch` claims rows;
+//! 2. the whole batch goes to the publisher, which pipelines it and awaits every confirm,
+//!    bounded by `publish_timeout` (the row locks are held meanwhile);
+//! 3. confirmed rows are marked published in one statement, refused ones get their failure
+//!    recorded in one statement;
+//! 4. COMMIT.
+//!
+//! A crash or a lost connection anywhere before 4 rolls the transaction back, and the rows are
+//! claimed again: the broker may see a message twice (same `message_id`), never zero times.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection as _, PgConnection};
+use tokio::sync::Notify;
+
+use super::listener::sleep_or_cancel;
+use super::store::{Failure, OutboxRow, Queries};
+use super::{OutboxError, PublisherSource, reconnect_delay};
+use crate::config::OutboxConfig;
+use crate::handler::HeaderValue;
+use crate::publish::{OutgoingMessage, PublishError, Publisher};
+use crate::supervisor::ComponentContext;
+
+/// Extra time a batch may take beyond `publish_timeout` for its SQL; past it the connection
+/// is considered hung and dropped (PostgreSQL then rolls the transaction back).
+const SQL_ALLOWANCE: Duration = Duration::from_secs(30);
+
+/// Longest `last_error` kept on a row.
+const MAX_ERROR_LEN: usize = 2048;
+
+/// The relay for one `[outboxes.NAME]`.
+pub struct Relay {
+    /// The outbox's name: the `outbox` label of its metrics and logs.
+    pub(super) name: String,
+    pub(super) config: OutboxConfig,
+    pub(super) queries: Queries,
+    /// Options for the relay's own connection, which carries an `application_name` naming the
+    /// outbox so operators can find (or terminate) it in `pg_stat_activity`.
+    pub(super) connect: PgConnectOptions,
+    pub(super) publishers: Arc<dyn PublisherSource>,
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchReport {
+    pub claimed: usize,
+    pub published: usize,
+    /// Rows that failed and will be tried again after a backoff.
+    pub retried: usize,
+    /// Rows that failed for the last time (`failed_at` set).
+    pub failed: usize,
+}
+
+/// Why a row cannot become a message at all.
+enum RowProblem {
+    /// No destination on the row and none configured: fixable by configuration, so retried.
+    NoDestination,
+    /// Content that can never be published (headers that are not a JSON object).
+    Invalid(String),
+}
+
+impl Relay {
+    /// Runs batches until shutdown. Returns only on shutdown: every failure is retried here
+    /// with backoff, with `/readyz` saying why.
+    pub(super) async fn run(&self, ctx: &ComponentContext, wake: &Notify) {
+        let mut conn: Option<PgConnection> = None;
+        let mut publisher: Option<Arc<dyn Publisher>> = None;
+        let mut failures = 0u32;
+        while !ctx.shutdown.is_cancelled() {
+            match self.step(&mut conn, &mut publisher).await {
+                Ok(report) => {
+                    if failures > 0 {
+                        tracing::info!(outbox = %self.name, "outbox relay recovered");
+                    }
+                    failures = 0;
+                    ctx.health.set_ready();
+                    if report.claimed >= self.config.batch {
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => {}
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    }
+                }
+                Err(e) => {
+                    if e.resets_database() {
+                        conn = None;
+                    }
+                    if e.resets_broker() {
+                        publisher = None;
+                    }
+                    failures = failures.saturating_add(1);
+                    let delay = reconnect_delay(failures);
+                    ctx.health.set_not_ready(e.to_string());
+                    tracing::warn!(outbox = %self.name, error = %e, failures, retry_in_ms = delay.as_millis() as u64,
+                        "outbox batch failed; rows stay pending and are claimed again");
+                    if sleep_or_cancel(delay, &ctx.shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(conn) = conn {
+            let _ = conn.close().await;
+        }
+    }
+
+    async fn step(
+        &self,
+        conn: &mut Option<PgConnection>,
+        publisher: &mut Option<Arc<dyn Publisher>>,
+    ) -> Result<BatchReport, OutboxError> {
+        let publisher = match publisher {
+            Some(p) => p.clone(),
+            None => {
+                let p = self
+                    .publishers
+                    .connect()
+                    .await
+                    .map_err(|e| OutboxError::Broker(format!("{e:#}")))?;
+                *publisher = Some(p.clone());
+                p
+            }
+        };
+        if conn.is_none() {
+            *conn = Some(self.connect().await?);
+        }
+        let Some(conn) = conn.as_mut() else {
+            return Err(OutboxError::Broker("no database connection".into()));
+        };
+        let limit = self.config.publish_timeout + SQL_ALLOWANCE;
+        match tokio::time::timeout(limit, self.batch(conn, &*publisher)).await {
+            Ok(result) => result,
+            Err(_) => Err(OutboxError::DatabaseTimeout(limit)),
+        }
+    }
+
+    async fn connect(&self) -> Result<PgConnection, OutboxError> {
+        let mut conn = PgConnection::connect_with(&self.connect).await?;
+        // A server-side backstop for the client-side timeouts: should this process stall
+        // with row locks held, PostgreSQL ends the session and the rows become claimable.
+        let idle_limit = self.config.publish_timeout + SQL_ALLOWANCE;
+        let set = format!(
+            "SET idle_in_transaction_session_timeout = {}",
+            idle_limit.as_millis()
+        );
+        sqlx::query(&set).execute(&mut conn).await?;
+        Ok(conn)
+    }
+
+    /// Claims, publishes and settles one batch in one transaction.
+    pub(super) async fn batch(
+        &self,
+        conn: &mut PgConnection,
+        publisher: &dyn Publisher,
+    ) -> Result<BatchReport, OutboxError> {
+        let started = Instant::now();
+        let mut tx = conn.begin().await?;
+        let rows = self.queries.claim(&mut tx, self.config.batch).await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(BatchReport::default());
+        }
+        let mut report = BatchReport {
+            claimed: rows.len(),
+            ..BatchReport::default()
+        };
+        let mut failures: Vec<Failure> = Vec::new();
+        let mut sent: Vec<&OutboxRow> = Vec::with_capacity(rows.len());
+        let mut messages: Vec<OutgoingMessage> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match self.message_for(row) {
+                Ok(message) => {
+                    sent.push(row);
+                    messages.push(message);
+                }
+                Err(RowProblem::NoDestination) => failures.push(self.failure(
+                    row,
+                    format!(
+                        "row has no destination and outbox `{}` has no default `destination`",
+                        self.name
+                    ),
+                    false,
+                )),
+                Err(RowProblem::Invalid(why)) => failures.push(self.failure(row, why, true)),
+            }
+        }
+
+        let results = if messages.is_empty() {
+            Vec::new()
+        } else {
+            match tokio::time::timeout(
+                self.config.publish_timeout,
+                publisher.publish_batch(&messages),
+            )
+            .await
+            {
+                Ok(results) => results,
+                Err(_) => {
+                    tx.rollback().await?;
+                    return Err(OutboxError::PublishTimeout(self.config.publish_timeout));
+                }
+            }
+        };
+
+        let mut published: Vec<i64> = Vec::with_capacity(sent.len());
+        let mut connection_lost: Option<String> = None;
+        for (i, row) in sent.iter().enumerate() {
+            match results.get(i) {
+                Some(Ok(())) => published.push(row.id),
+                // The message may or may not have arrived; the row stays as it was (no attempt
+                // used up by a broker outage) and is sent again after reconnecting.
+                Some(Err(PublishError::Connection(e))) => {
+                    connection_lost.get_or_insert_with(|| e.clone());
+                }
+                None => {
+                    connection_lost
+                        .get_or_insert_with(|| "the publisher returned fewer results than messages".into());
+                }
+                Some(Err(e @ PublishError::Unroutable(_))) => failures.push(self.failure(
+                    row,
+                    format!(
+                        "unroutable: the broker returned the message to destination {:?} with routing key {:?} ({e})",
+                        messages[i].destination, messages[i].routing_key
+                    ),
+                    false,
+                )),
+                Some(Err(e)) => failures.push(self.failure(row, e.to_string(), false)),
+            }
+        }
+
+        self.queries.mark_published(&mut tx, &published).await?;
+        self.queries.record_failures(&mut tx, &failures).await?;
+        tx.commit().await?;
+
+        report.published = published.len();
+        report.failed = failures.iter().filter(|f| f.give_up).count();
+        report.retried = failures.len() - report.failed;
+        self.record(&report, started.elapsed(), &failures);
+        match connection_lost {
+            Some(e) => Err(OutboxError::Broker(e)),
+            None => Ok(report),
+        }
+    }
+
+    fn record(&self, report: &BatchReport, took: Duration, failures: &[Failure]) {
+        let outbox = self.name.clone();
+        metrics::histogram!("bosun_outbox_batch_duration_seconds", "outbox" => outbox.clone())
+            .record(took.as_secs_f64());
+        metrics::counter!("bosun_outbox_published_total", "outbox" => outbox.clone())
+            .increment(report.published as u64);
+        if report.retried > 0 {
+            metrics::counter!("bosun_outbox_retried_total", "outbox" => outbox.clone())
+                .increment(report.retried as u64);
+        }
+        if report.failed > 0 {
+            metrics::counter!("bosun_outbox_failed_total", "outbox" => outbox)
+                .increment(report.failed as u64);
+        }
+        for failure in failures {
+            if failure.give_up {
+                tracing::error!(outbox = %self.name, row = failure.id, error = %failure.error,
+                    "outbox row failed for the last time; it is kept with failed_at set");
+            } else {
+                tracing::warn!(outbox = %self.name, row = failure.id, error = %failure.error,
+                    retry_in_ms = failure.retry_after.as_millis() as u64, "outbox row failed; will retry");
+            }
+        }
+        tracing::debug!(outbox = %self.name, claimed = report.claimed, published = report.published,
+            retried = report.retried, failed = report.failed, took_ms = took.as_millis() as u64, "outbox batch");
+    }
+
+    /// The failure to record for `row`; `invalid` rows are given up at once, since no retry
+    /// can change their content.
+    fn failure(&self, row: &OutboxRow, error: String, invalid: bool) -> Failure {
+        let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
+        Failure {
+            id: row.id,
+            error: truncate(error, MAX_ERROR_LEN),
+            retry_after: self.config.retry.delay(attempt),
+            give_up: invalid || attempt >= self.config.max_attempts,
+        }
+    }
+
+    fn message_for(&self, row: &OutboxRow) -> Result<OutgoingMessage, RowProblem> {
+        let destination = row
+            .destination
+            .clone()
+            .or_else(|| self.config.destination.clone())
+            .ok_or(RowProblem::NoDestination)?;
+        Ok(OutgoingMessage {
+            destination,
+            routing_key: row.routing_key.clone(),
+            message_id: row.message_id.to_string(),
+            correlation_id: None,
+            content_type: row.content_type.clone(),
+            headers: headers_from_json(&row.headers).map_err(RowProblem::Invalid)?,
+            body: row.payload.clone().into(),
+            timestamp_ms: u64::try_from(row.created_at.timestamp_millis()).ok(),
+        })
+    }
+}
+
+/// The `headers` column as message headers: strings, integers, floats and booleans keep
+/// their type; anything nested travels as JSON.
+fn headers_from_json(value: &serde_json::Value) -> Result<BTreeMap<String, HeaderValue>, String> {
+    let object = match value {
+        serde_json::Value::Object(object) => object,
+        serde_json::Value::Null => return Ok(BTreeMap::new()),
+        other => {
+            return Err(format!(
+                "invalid row: headers must be a JSON object, found {}",
+                json_kind(other)
+            ));
+        }
+    };
+    Ok(object
+        .iter()
+        .map(|(k, v)| {
+            let header = match v {
+                serde_json::Value::String(s) => HeaderValue::String(s.clone()),
+                serde_json::Value::Bool(b) => HeaderValue::Bool(*b),
+                serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+                    (Some(i), _) => HeaderValue::Int(i),
+                    (None, Some(f)) => HeaderValue::Float(f),
+                    (None, None) => HeaderValue::Json(v.clone()),
+                },
+                other => HeaderValue::Json(other.clone()),
+            };
+            (k.clone(), header)
+        })
+        .collect())
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_keep_their_types() {
+        let json = serde_json::json!({"s": "x", "i": 3, "f": 1.5, "b": true, "n": {"a": [1]}});
+        let headers = headers_from_json(&json).unwrap();
+        assert_eq!(headers["s"], HeaderValue::String("x".into()));
+        assert_eq!(headers["i"], HeaderValue::Int(3));
+        assert_eq!(headers["f"], HeaderValue::Float(1.5));
+        assert_eq!(headers["b"], HeaderValue::Bool(true));
+        assert_eq!(
+            headers["n"],
+            HeaderValue::Json(serde_json::json!({"a": [1]}))
+        );
+    }
+
+    #[test]
+    fn headers_that_are_not_an_object_are_invalid() {
+        let error = headers_from_json(&serde_json::json!([1, 2])).unwrap_err();
+        assert!(
+            error.contains("must be a JSON object, found an array"),
+            "{error}"
+        );
+        assert!(
+            headers_from_json(&serde_json::Value::Null)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary() {
+        let text = "é".repeat(10);
+        assert_eq!(truncate(text, 5), "éé");
+    }
+}

@@ -1,0 +1,212 @@
+//! The outbox table's DDL, as `bosun outbox schema` prints it and `bosun outbox migrate`
+//! applies it.
+//!
+//! Every statement is idempotent (`IF NOT EXISTS`, `CREATE OR REPLACE`), so migrating an
+//! existing table is a no-op and migrating with another channel only re-points the trigger.
+//! Requires PostgreSQL 14 or later (`CREATE OR REPLACE TRIGGER`).
+
+use sqlx::PgPool;
+
+use crate::config::valid_sql_identifier;
+
+use super::OutboxError;
+
+/// Longest identifier PostgreSQL keeps; longer ones are silently truncated.
+const MAX_IDENTIFIER: usize = 63;
+
+/// The names one outbox table's objects go by. Built only from validated identifiers, since
+/// they are formatted into SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schema {
+    /// The table, possibly schema-qualified (`app.outbox`).
+    table: String,
+    /// The LISTEN/NOTIFY channel the insert trigger notifies.
+    channel: String,
+}
+
+impl Schema {
+    /// Checks both names with the same rule as the configuration does.
+    pub fn new(table: &str, channel: &str) -> Result<Self, OutboxError> {
+        if !valid_sql_identifier(table) {
+            return Err(OutboxError::InvalidIdentifier(table.to_owned()));
+        }
+        if !valid_sql_identifier(channel) || channel.contains('.') {
+            return Err(OutboxError::InvalidIdentifier(channel.to_owned()));
+        }
+        Ok(Self {
+            table: table.to_owned(),
+            channel: channel.to_owned(),
+        })
+    }
+
+    /// The channel a table notifies when none is configured: its name, `.` replaced by `_`.
+    pub fn default_channel(table: &str) -> String {
+        table.replace('.', "_")
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// `app.` for `app.outbox`, empty for an unqualified table: functions are created next
+    /// to their table, while index and trigger names are never qualified.
+    fn schema_prefix(&self) -> &str {
+        match self.table.rfind('.') {
+            Some(i) => &self.table[..=i],
+            None => "",
+        }
+    }
+
+    fn base(&self) -> &str {
+        match self.table.rfind('.') {
+            Some(i) => &self.table[i + 1..],
+            None => &self.table,
+        }
+    }
+
+    /// `<table>_<suffix>`, shortened with a hash when it would pass PostgreSQL's limit, so
+    /// two long table names never share an index name.
+    fn derived(&self, suffix: &str) -> String {
+        derived_name(self.base(), suffix)
+    }
+
+    /// The DDL, one statement per entry, in the order they must run.
+    pub fn statements(&self) -> Vec<String> {
+        let table = &self.table;
+        let pending_idx = self.derived("pending_idx");
+        let key_idx = self.derived("key_idx");
+        let published_idx = self.derived("published_idx");
+        let function = format!("{}{}", self.schema_prefix(), self.derived("notify"));
+        let trigger = self.derived("notify");
+        let channel = &self.channel;
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {table} (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    message_id      uuid        NOT NULL DEFAULT gen_random_uuid(),
+    destination     text,
+    routing_key     text        NOT NULL DEFAULT '',
+    headers         jsonb       NOT NULL DEFAULT '{{}}'::jsonb,
+    payload         bytea       NOT NULL,
+    content_type    text,
+    partition_key   text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    attempts        integer     NOT NULL DEFAULT 0,
+    last_error      text,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    published_at    timestamptz,
+    failed_at       timestamptz
+)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {pending_idx} ON {table} (id)
+    WHERE published_at IS NULL AND failed_at IS NULL"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {key_idx} ON {table} (partition_key, id)
+    WHERE published_at IS NULL AND failed_at IS NULL AND partition_key IS NOT NULL"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {published_idx} ON {table} (published_at)
+    WHERE published_at IS NOT NULL"
+            ),
+            format!(
+                "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_ARGV[0], '');
+    RETURN NULL;
+END;
+$$"
+            ),
+            format!(
+                "CREATE OR REPLACE TRIGGER {trigger} AFTER INSERT ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {function}('{channel}')"
+            ),
+        ]
+    }
+
+    /// The DDL as a script, for `bosun outbox schema`.
+    pub fn script(&self) -> String {
+        let mut out = format!(
+            "-- bosun outbox table {}, notifying channel {}\n",
+            self.table, self.channel
+        );
+        for statement in self.statements() {
+            out.push_str(&statement);
+            out.push_str(";\n\n");
+        }
+        out
+    }
+
+    /// Applies the DDL in one transaction. Concurrent migrations of the same table (several
+    /// relays starting together) wait for each other on an advisory lock, since concurrent
+    /// `CREATE OR REPLACE FUNCTION` on one function fails with "tuple concurrently updated".
+    pub async fn migrate(&self, pool: &PgPool) -> Result<(), OutboxError> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('bosun.outbox.migrate'), hashtext($1))")
+            .bind(&self.table)
+            .execute(&mut *tx)
+            .await?;
+        for statement in self.statements() {
+            sqlx::query(&statement).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn derived_name(base: &str, suffix: &str) -> String {
+    use sha2::Digest as _;
+    let name = format!("{base}_{suffix}");
+    if name.len() <= MAX_IDENTIFIER {
+        return name;
+    }
+    let digest = sha2::Sha256::digest(base.as_bytes());
+    let hash = hex::encode(&digest[..4]);
+    // Identifiers are ASCII (validated), so byte slicing stays on char boundaries.
+    let keep = MAX_IDENTIFIER - suffix.len() - hash.len() - 2;
+    format!("{}_{hash}_{suffix}", &base[..keep.min(base.len())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qualified_tables_keep_their_schema_only_where_sql_allows_it() {
+        let schema = Schema::new("app.outbox", "app_outbox").unwrap();
+        let script = schema.script();
+        assert!(script.contains("CREATE TABLE IF NOT EXISTS app.outbox ("));
+        assert!(
+            script.contains("CREATE INDEX IF NOT EXISTS outbox_pending_idx ON app.outbox (id)")
+        );
+        assert!(script.contains("CREATE OR REPLACE FUNCTION app.outbox_notify()"));
+        assert!(
+            script.contains("CREATE OR REPLACE TRIGGER outbox_notify AFTER INSERT ON app.outbox")
+        );
+        assert!(script.contains("EXECUTE FUNCTION app.outbox_notify('app_outbox')"));
+    }
+
+    #[test]
+    fn long_names_are_shortened_without_colliding() {
+        let a = "a".repeat(60);
+        let b = format!("{}b", "a".repeat(59));
+        let na = derived_name(&a, "pending_idx");
+        let nb = derived_name(&b, "pending_idx");
+        assert!(na.len() <= MAX_IDENTIFIER && nb.len() <= MAX_IDENTIFIER);
+        assert_ne!(na, nb);
+        assert!(na.ends_with("_pending_idx"));
+        assert_eq!(derived_name("outbox", "key_idx"), "outbox_key_idx");
+    }
+
+    #[test]
+    fn identifiers_from_outside_are_refused() {
+        assert!(Schema::new("outbox; drop table x", "c").is_err());
+        assert!(Schema::new("outbox", "a.b").is_err());
+        assert!(Schema::new("Outbox", "c").is_err());
+    }
+}

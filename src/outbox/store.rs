@@ -1,0 +1,207 @@
+//! The relay's SQL against one outbox table: claim, mark published, record failures,
+//! report the backlog, and delete published rows past retention.
+//!
+//! The table name is formatted into the statements once, from validated configuration only;
+//! everything that comes from rows is bound as a parameter.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor};
+
+use crate::config::Ordering;
+
+/// Columns the relay reads from a claimed row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    /// Becomes the published message's id, so a re-sent row is recognisable downstream.
+    pub message_id: uuid::Uuid,
+    /// NULL means the outbox's configured default destination.
+    pub destination: Option<String>,
+    pub routing_key: String,
+    pub headers: serde_json::Value,
+    pub payload: Vec<u8>,
+    pub content_type: Option<String>,
+    /// Stamped on the message as its timestamp: when the application wrote it.
+    pub created_at: DateTime<Utc>,
+    /// Publish attempts before this one, to decide whether a failure is the last.
+    pub attempts: i32,
+}
+
+/// What to record for a row whose publish failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub id: i64,
+    pub error: String,
+    /// Wait before the row may be claimed again; ignored when `give_up` is set.
+    pub retry_after: Duration,
+    /// Set `failed_at`: the row is never claimed again (but kept and counted).
+    pub give_up: bool,
+}
+
+/// Rows unpublished and not failed, and how long the oldest has waited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    pub pending: i64,
+    pub oldest_age_seconds: f64,
+}
+
+/// The statements for one table, formatted once.
+#[derive(Debug, Clone)]
+pub struct Queries {
+    claim: String,
+    mark_published: String,
+    record_failures: String,
+    backlog: String,
+    delete_published: String,
+}
+
+const ROW_COLUMNS: &str = "o.id, o.message_id, o.destination, o.routing_key, o.headers, o.payload, o.content_type, o.created_at, o.attempts";
+
+impl Queries {
+    /// `table` must be a validated identifier; `delete_on_publish` is `retain_published = "0"`.
+    pub fn new(table: &str, ordering: Ordering, delete_on_publish: bool) -> Self {
+        let pending = "o.published_at IS NULL AND o.failed_at IS NULL";
+        let claim = match ordering {
+            Ordering::None => format!(
+                "SELECT {ROW_COLUMNS} FROM {table} o
+                 WHERE {pending} AND o.next_attempt_at <= now()
+                 ORDER BY o.id LIMIT $1
+                 FOR UPDATE SKIP LOCKED"
+            ),
+            // Per-key ordering: only the head of each key (its lowest pending id) can be
+            // claimed. A head another relay holds is skipped by SKIP LOCKED, and the rows
+            // behind it are excluded by NOT EXISTS because the head is still pending in any
+            // snapshot until the holder commits. A stale snapshot only sees more rows pending,
+            // so it can only exclude more, never claim a key twice or out of order. A head
+            // waiting in backoff keeps blocking its key; a failed head releases it.
+            Ordering::PerKey => format!(
+                "SELECT {ROW_COLUMNS} FROM {table} o
+                 WHERE {pending} AND o.next_attempt_at <= now()
+                   AND (o.partition_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM {table} e
+                        WHERE e.partition_key = o.partition_key AND e.id < o.id
+                          AND e.published_at IS NULL AND e.failed_at IS NULL))
+                 ORDER BY o.id LIMIT $1
+                 FOR UPDATE OF o SKIP LOCKED"
+            ),
+        };
+        let mark_published = if delete_on_publish {
+            format!("DELETE FROM {table} WHERE id = ANY($1)")
+        } else {
+            format!(
+                "UPDATE {table} SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)"
+            )
+        };
+        let record_failures = format!(
+            "UPDATE {table} AS t SET
+                 attempts = t.attempts + 1,
+                 last_error = f.error,
+                 next_attempt_at = now() + make_interval(secs => f.retry_after),
+                 failed_at = CASE WHEN f.give_up THEN now() END
+             FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[])
+                  AS f(id, error, retry_after, give_up)
+             WHERE t.id = f.id"
+        );
+        let backlog = format!(
+            "SELECT count(*)::bigint,
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
+             FROM {table} WHERE published_at IS NULL AND failed_at IS NULL"
+        );
+        let delete_published = format!(
+            "DELETE FROM {table} WHERE id IN (
+                 SELECT id FROM {table}
+                 WHERE published_at < now() - make_interval(secs => $1)
+                 ORDER BY published_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED)"
+        );
+        Self {
+            claim,
+            mark_published,
+            record_failures,
+            backlog,
+            delete_published,
+        }
+    }
+
+    /// Locks and returns up to `limit` claimable rows, lowest id first. Must run inside the
+    /// batch's transaction: the locks are what keep other relays off these rows.
+    pub async fn claim(
+        &self,
+        tx: &mut PgConnection,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        sqlx::query_as::<_, OutboxRow>(&self.claim)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(tx)
+            .await
+    }
+
+    /// Marks every confirmed row in one statement.
+    pub async fn mark_published(
+        &self,
+        tx: &mut PgConnection,
+        ids: &[i64],
+    ) -> Result<(), sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(&self.mark_published)
+            .bind(ids)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Records every failure of a batch in one statement.
+    pub async fn record_failures(
+        &self,
+        tx: &mut PgConnection,
+        failures: &[Failure],
+    ) -> Result<(), sqlx::Error> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+        let delays: Vec<f64> = failures
+            .iter()
+            .map(|f| f.retry_after.as_secs_f64())
+            .collect();
+        let give_up: Vec<bool> = failures.iter().map(|f| f.give_up).collect();
+        sqlx::query(&self.record_failures)
+            .bind(&ids)
+            .bind(&errors)
+            .bind(&delays)
+            .bind(&give_up)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn backlog<'e>(&self, db: impl PgExecutor<'e>) -> Result<Backlog, sqlx::Error> {
+        let (pending, oldest_age_seconds): (i64, f64) =
+            sqlx::query_as(&self.backlog).fetch_one(db).await?;
+        Ok(Backlog {
+            pending,
+            oldest_age_seconds,
+        })
+    }
+
+    /// Deletes up to `limit` rows published longer than `retain` ago; returns how many.
+    /// SKIP LOCKED keeps two relays' cleanups from queueing behind each other.
+    pub async fn delete_published<'e>(
+        &self,
+        db: impl PgExecutor<'e>,
+        retain: Duration,
+        limit: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&self.delete_published)
+            .bind(retain.as_secs_f64())
+            .bind(limit)
+            .execute(db)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}

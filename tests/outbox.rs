@@ -1,0 +1,995 @@
+//! Outbox relays against real PostgreSQL, RabbitMQ and Redis.
+//!
+//! Every test works on its own table (dropped at the end) and its own queue or stream, so
+//! they run concurrently with each other and with other test binaries.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bosun::config::Config;
+use bosun::health::Health;
+use bosun::outbox::{OutboxComponent, PublisherSource, Schema};
+use bosun::publish::{OutgoingMessage, PublishError, Publisher};
+use bosun::runtime::Resources;
+use bosun::supervisor::{Component, ComponentContext};
+use futures::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use support::{ConfigFile, PG_URL, RABBIT_URL, REDIS_URL, unique};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// One XRANGE entry: its id and its field/value pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn pg() -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect(PG_URL)
+        .await
+        .expect("connect to PostgreSQL")
+}
+
+/// A migrated outbox table, dropped (with its trigger function) when the test ends.
+struct Table {
+    name: String,
+    pool: PgPool,
+}
+
+impl Table {
+    async fn new(prefix: &str) -> Self {
+        let name = unique(prefix).to_lowercase();
+        let pool = pg().await;
+        Schema::new(&name, &name)
+            .expect("valid names")
+            .migrate(&pool)
+            .await
+            .expect("migrate");
+        Self { name, pool }
+    }
+
+    /// Inserts one row per payload, in one transaction, destination NULL unless given.
+    async fn insert(
+        &self,
+        destination: Option<&str>,
+        routing_key: &str,
+        rows: &[(Option<&str>, String)],
+    ) {
+        let keys: Vec<Option<&str>> = rows.iter().map(|(k, _)| *k).collect();
+        let payloads: Vec<Vec<u8>> = rows.iter().map(|(_, p)| p.clone().into_bytes()).collect();
+        sqlx::query(&format!(
+            "INSERT INTO {} (destination, routing_key, partition_key, payload, headers, content_type)
+             SELECT $1, $2, k, p, '{{\"source\": \"test\", \"n\": 7}}'::jsonb, 'text/plain'
+             FROM unnest($3::text[], $4::bytea[]) WITH ORDINALITY AS r(k, p, i) ORDER BY i",
+            self.name
+        ))
+        .bind(destination)
+        .bind(routing_key)
+        .bind(&keys)
+        .bind(&payloads)
+        .execute(&self.pool)
+        .await
+        .expect("insert outbox rows");
+    }
+
+    async fn count(&self, condition: &str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE {condition}",
+            self.name
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .expect("count rows")
+    }
+
+    async fn wait_count(&self, condition: &str, expected: i64) -> bool {
+        support::wait_for_async(WAIT, || async {
+            (self.count(condition).await == expected).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
+    async fn message_ids(&self) -> BTreeSet<String> {
+        let ids: Vec<uuid::Uuid> =
+            sqlx::query_scalar(&format!("SELECT message_id FROM {}", self.name))
+                .fetch_all(&self.pool)
+                .await
+                .expect("message ids");
+        ids.into_iter().map(|u| u.to_string()).collect()
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot block on async work: use a
+        // thread with its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(pool) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(PG_URL)
+                    .await
+                {
+                    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {name} CASCADE"))
+                        .execute(&pool)
+                        .await;
+                    let _ = sqlx::query(&format!("DROP FUNCTION IF EXISTS {name}_notify()"))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A config with one or more outboxes on `table`, each `[outboxes.NAME]` getting `extra`.
+fn config(names: &[&str], table: &str, extra: &str) -> (ConfigFile, Config) {
+    config_with_db(names, table, extra, PG_URL)
+}
+
+fn config_with_db(names: &[&str], table: &str, extra: &str, db: &str) -> (ConfigFile, Config) {
+    let mut text = format!(
+        "[service]\nname = \"outbox-test\"\nshutdown_timeout = \"10s\"\n\
+         [http]\nlisten = \"127.0.0.1:{}\"\n\
+         [brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\
+         [brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n\
+         [databases.main]\nurl = \"{db}\"\nconnect_timeout = \"2s\"\n",
+        support::free_port()
+    );
+    for name in names {
+        text.push_str(&format!(
+            "[outboxes.{name}]\ndatabase = \"main\"\ntable = \"{table}\"\n{extra}\n"
+        ));
+    }
+    let file = ConfigFile::new(&text);
+    let config = bosun::Runtime::builder()
+        .build()
+        .load(&file.path)
+        .unwrap_or_else(|e| panic!("config:\n{e}\n{text}"));
+    (file, config)
+}
+
+/// A relay running in this process, as the supervisor would run it.
+struct Running {
+    name: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    health: Health,
+}
+
+impl Running {
+    fn start(name: &str, component: Arc<dyn Component>) -> Self {
+        let health = Health::default();
+        let shutdown = CancellationToken::new();
+        let component_name = bosun::outbox::component_name(name);
+        let ctx = ComponentContext {
+            name: component_name.clone(),
+            shutdown: shutdown.clone(),
+            health: health.register(&component_name),
+        };
+        let task = tokio::spawn(async move { component.run(ctx).await });
+        Self {
+            name: component_name,
+            shutdown,
+            task,
+            health,
+        }
+    }
+
+    fn ready(&self) -> (bool, String) {
+        self.health
+            .snapshot()
+            .get(&self.name)
+            .map(|c| (c.ready, c.reason.clone()))
+            .unwrap_or((false, "gone".into()))
+    }
+
+    async fn wait_ready(&self) {
+        let ready = support::wait_for_async(WAIT, || async { self.ready().0.then_some(()) }).await;
+        assert!(
+            ready.is_some(),
+            "relay never became ready: {:?}",
+            self.ready()
+        );
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("relay stops in time")
+            .expect("relay task");
+        result.expect("relay returns cleanly");
+    }
+}
+
+/// Starts every configured outbox, as `bosun run` would.
+fn start_all(config: Config) -> Vec<Running> {
+    let resources = Resources::new(Arc::new(config)).expect("resources");
+    bosun::runtime::components_for(&resources)
+        .expect("components")
+        .into_iter()
+        .map(|(name, component)| {
+            let outbox = name
+                .strip_prefix("outbox:")
+                .expect("an outbox component")
+                .to_owned();
+            Running::start(&outbox, component)
+        })
+        .collect()
+}
+
+/// Builds one outbox's relay with its real publishers passed through `wrap`.
+fn start_wrapped(
+    config: Config,
+    name: &str,
+    wrap: impl FnOnce(Arc<dyn PublisherSource>) -> Arc<dyn PublisherSource>,
+) -> Running {
+    let resources = Resources::new(Arc::new(config)).expect("resources");
+    let outbox = resources
+        .config
+        .outboxes
+        .get(name)
+        .expect("outbox in config")
+        .clone();
+    let pool = resources.database(&outbox.database).expect("pool");
+    let source = bosun::outbox::publisher_source(name, &resources.config, &outbox)
+        .expect("publisher source");
+    let component = OutboxComponent::new(name, outbox, pool, wrap(source)).expect("component");
+    Running::start(name, Arc::new(component))
+}
+
+/// A queue on the default exchange, consumed into memory as (message_id, body).
+struct Queue {
+    name: String,
+    channel: lapin::Channel,
+    _connection: lapin::Connection,
+    received: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Queue {
+    async fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        let connection =
+            lapin::Connection::connect(RABBIT_URL, lapin::ConnectionProperties::default())
+                .await
+                .expect("connect to RabbitMQ");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare");
+        let mut consumer = channel
+            .basic_consume(
+                name.as_str().into(),
+                "outbox-test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                let body = String::from_utf8_lossy(&delivery.data).into_owned();
+                sink.lock().expect("lock").push((id, body));
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+        });
+        Self {
+            name,
+            channel,
+            _connection: connection,
+            received,
+        }
+    }
+
+    fn received(&self) -> Vec<(String, String)> {
+        self.received.lock().expect("lock").clone()
+    }
+
+    async fn wait_len(&self, n: usize) -> Vec<(String, String)> {
+        let got = support::wait_for_async(WAIT, || async {
+            let r = self.received();
+            (r.len() >= n).then_some(r)
+        })
+        .await;
+        got.unwrap_or_else(|| {
+            panic!(
+                "expected {n} messages on {}, got {}",
+                self.name,
+                self.received().len()
+            )
+        })
+    }
+
+    async fn delete(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+fn numbered(n: usize, key: Option<&'static str>) -> Vec<(Option<&'static str>, String)> {
+    (0..n).map(|i| (key, format!("row {i}"))).collect()
+}
+
+fn metrics_text() -> String {
+    bosun::telemetry::metrics_handle().render()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_rows_are_published_once_with_their_message_ids() {
+    let _metrics = bosun::telemetry::metrics_handle();
+    let table = Table::new("ob_once").await;
+    let queue = Queue::new("ob_once").await;
+    let (_file, config) = config(
+        &["once"],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 100\ndestination = \"\"",
+    );
+    table.insert(None, &queue.name, &numbered(1000, None)).await;
+    let relays = start_all(config);
+
+    let got = queue.wait_len(1000).await;
+    assert!(table.wait_count("published_at IS NOT NULL", 1000).await);
+    // Give a duplicate, if any, the time to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_after = queue.received();
+    assert_eq!(got_after.len(), 1000, "every row exactly once");
+    let ids: BTreeSet<String> = got.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(
+        ids,
+        table.message_ids().await,
+        "each message carries its row's message_id"
+    );
+    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies.first().copied(), Some("row 0"));
+    assert_eq!(
+        table.count("attempts = 1 AND last_error IS NULL").await,
+        1000
+    );
+    let published = support::metric_value(
+        &metrics_text(),
+        "bosun_outbox_published_total",
+        &["outbox=\"once\""],
+    );
+    assert_eq!(published, Some(1000.0));
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_rolled_back_transaction_never_appear() {
+    let table = Table::new("ob_rollback").await;
+    let queue = Queue::new("ob_rollback").await;
+    let (_file, config) = config(
+        &["rollback"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\npoll_interval = \"100ms\"",
+    );
+    let relays = start_all(config);
+    relays[0].wait_ready().await;
+
+    let mut tx = table.pool.begin().await.expect("begin");
+    sqlx::query(&format!(
+        "INSERT INTO {} (routing_key, payload) VALUES ($1, 'rolled back')",
+        table.name
+    ))
+    .bind(&queue.name)
+    .execute(&mut *tx)
+    .await
+    .expect("insert");
+    // The relay polls while the row is uncommitted; then it is rolled back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tx.rollback().await.expect("rollback");
+    table
+        .insert(None, &queue.name, &[(None, "committed".into())])
+        .await;
+
+    let got = queue.wait_len(1).await;
+    assert!(table.wait_count("published_at IS NOT NULL", 1).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bodies: Vec<String> = queue.received().into_iter().map(|(_, b)| b).collect();
+    assert_eq!(bodies, vec!["committed".to_owned()], "first seen: {got:?}");
+    assert_eq!(table.count("true").await, 1);
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_share_a_table_without_duplicates() {
+    let table = Table::new("ob_two").await;
+    let queue = Queue::new("ob_two").await;
+    let (_file, config) = config(
+        &["two_a", "two_b"],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 50\ndestination = \"\"",
+    );
+    table.insert(None, &queue.name, &numbered(3000, None)).await;
+    let relays = start_all(config);
+    assert_eq!(relays.len(), 2);
+
+    queue.wait_len(3000).await;
+    assert!(table.wait_count("published_at IS NOT NULL", 3000).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = queue.received();
+    let ids: BTreeSet<String> = got.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(got.len(), 3000, "no duplicates");
+    assert_eq!(ids.len(), 3000);
+    let text = metrics_text();
+    let a = support::metric_value(&text, "bosun_outbox_published_total", &["outbox=\"two_a\""])
+        .unwrap_or(0.0);
+    let b = support::metric_value(&text, "bosun_outbox_published_total", &["outbox=\"two_b\""])
+        .unwrap_or(0.0);
+    assert_eq!(a + b, 3000.0);
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_under_two_relays() {
+    let table = Table::new("ob_perkey").await;
+    let queue = Queue::new("ob_perkey").await;
+    let (_file, config) = config(
+        &["key_a", "key_b"],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 7\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
+    );
+    const KEYS: [&str; 5] = ["k0", "k1", "k2", "k3", "k4"];
+    let relays = start_all(config);
+    // Rows arrive interleaved across keys, in several transactions, while both relays run.
+    for round in 0..8 {
+        let rows: Vec<(Option<&str>, String)> = (0..50)
+            .map(|i| {
+                (
+                    Some(KEYS[i % KEYS.len()]),
+                    format!("{}:{}", KEYS[i % KEYS.len()], round * 10 + i / KEYS.len()),
+                )
+            })
+            .collect();
+        table.insert(None, &queue.name, &rows).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let got = queue.wait_len(400).await;
+    assert!(table.wait_count("published_at IS NOT NULL", 400).await);
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    for (_, body) in &got {
+        let (key, seq) = body.split_once(':').expect("key:seq");
+        let seq: i64 = seq.parse().expect("seq");
+        let previous = last.insert(key.to_owned(), seq).unwrap_or(-1);
+        assert_eq!(
+            seq,
+            previous + 1,
+            "key {key}: {seq} arrived after {previous}"
+        );
+    }
+    assert_eq!(last.len(), KEYS.len());
+    assert!(last.values().all(|&seq| seq == 79));
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_the_relay_long_before_the_poll_interval() {
+    let table = Table::new("ob_notify").await;
+    let queue = Queue::new("ob_notify").await;
+    let (_file, config) = config(
+        &["notify"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\npoll_interval = \"60s\"\nretain_published = \"0\"",
+    );
+    let relays = start_all(config);
+    relays[0].wait_ready().await;
+    // Let the relay settle into its wait (the listener's first wake-up has passed).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = std::time::Instant::now();
+    table
+        .insert(None, &queue.name, &[(None, "wake up".into())])
+        .await;
+    let got = support::wait_for_async(Duration::from_secs(30), || async {
+        let r = queue.received();
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert!(
+        got.is_some(),
+        "row not published before the 60s poll interval"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // retain_published = "0": published rows are deleted at once.
+    assert!(table.wait_count("true", 0).await);
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_rows_fail_with_a_clear_last_error() {
+    let _metrics = bosun::telemetry::metrics_handle();
+    let table = Table::new("ob_unroutable").await;
+    let (_file, config) = config(
+        &["unroutable"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nmax_attempts = 1",
+    );
+    let nowhere = unique("ob_no_such_queue");
+    table.insert(None, &nowhere, &numbered(3, None)).await;
+    let relays = start_all(config);
+
+    assert!(table.wait_count("failed_at IS NOT NULL", 3).await);
+    assert_eq!(table.count("published_at IS NOT NULL").await, 0);
+    let error: String =
+        sqlx::query_scalar(&format!("SELECT last_error FROM {} LIMIT 1", table.name))
+            .fetch_one(&table.pool)
+            .await
+            .expect("last_error");
+    assert!(
+        error.contains("unroutable") && error.contains(&nowhere),
+        "{error}"
+    );
+    let failed = support::metric_value(
+        &metrics_text(),
+        "bosun_outbox_failed_total",
+        &["outbox=\"unroutable\""],
+    );
+    assert_eq!(failed, Some(3.0));
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_fail_after_max_attempts_and_are_kept() {
+    let table = Table::new("ob_attempts").await;
+    // No default destination and none on the row: a configuration problem, retried.
+    let (_file, config) = config(
+        &["attempts"],
+        &table.name,
+        "target = \"rabbit\"\nmax_attempts = 3\nretry = { backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }\nretain_published = \"0\"",
+    );
+    table.insert(None, "anything", &numbered(2, None)).await;
+    let relays = start_all(config);
+
+    assert!(table.wait_count("failed_at IS NOT NULL", 2).await);
+    assert_eq!(
+        table.count("attempts = 3").await,
+        2,
+        "failed after exactly max_attempts"
+    );
+    let error: String =
+        sqlx::query_scalar(&format!("SELECT last_error FROM {} LIMIT 1", table.name))
+            .fetch_one(&table.pool)
+            .await
+            .expect("last_error");
+    assert!(error.contains("no destination"), "{error}");
+    // Failed rows are kept (retain_published = "0" deletes only published rows).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(table.count("true").await, 2);
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_go_to_a_redis_stream_with_payload_and_headers_as_fields() {
+    let table = Table::new("ob_redis").await;
+    let stream = unique("ob_redis_stream");
+    let (_file, config) = config(
+        &["to_redis"],
+        &table.name,
+        &format!("target = \"cache\"\ndestination = \"{stream}\"\nmaxlen = 10000"),
+    );
+    table.insert(None, "", &numbered(20, None)).await;
+    let relays = start_all(config);
+    assert!(table.wait_count("published_at IS NOT NULL", 20).await);
+
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    assert_eq!(entries.len(), 20);
+    let fields: BTreeMap<String, Vec<u8>> = entries[0].1.iter().cloned().collect();
+    assert_eq!(
+        fields.get("payload").map(Vec::as_slice),
+        Some(&b"row 0"[..])
+    );
+    assert_eq!(fields.get("source").map(Vec::as_slice), Some(&b"test"[..]));
+    assert_eq!(fields.get("n").map(Vec::as_slice), Some(&b"7"[..]));
+    let ids = table.message_ids().await;
+    let first_id =
+        String::from_utf8(fields.get("message_id").cloned().unwrap_or_default()).expect("utf-8");
+    assert!(ids.contains(&first_id));
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+/// Passes batches to the real publisher, then, once, holds the batch after its confirms
+/// until released, reporting the pause: a relay stopped between confirm and commit.
+struct PauseAfterConfirm {
+    inner: Arc<dyn Publisher>,
+    state: Arc<Pause>,
+}
+
+struct Pause {
+    /// Set once the first batch is confirmed and being held.
+    paused: Notify,
+    release: Semaphore,
+    armed: std::sync::atomic::AtomicBool,
+    /// How many messages the held batch had.
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Self {
+            paused: Notify::new(),
+            release: Semaphore::new(0),
+            armed: std::sync::atomic::AtomicBool::new(false),
+            held: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for PauseAfterConfirm {
+    async fn publish_batch(&self, messages: &[OutgoingMessage]) -> Vec<Result<(), PublishError>> {
+        let results = self.inner.publish_batch(messages).await;
+        if self
+            .state
+            .armed
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.state
+                .held
+                .store(messages.len(), std::sync::atomic::Ordering::SeqCst);
+            self.state.paused.notify_one();
+            if let Ok(permit) = self.state.release.acquire().await {
+                permit.forget();
+            }
+        }
+        results
+    }
+}
+
+struct PauseSource {
+    inner: Arc<dyn PublisherSource>,
+    state: Arc<Pause>,
+}
+
+#[async_trait]
+impl PublisherSource for PauseSource {
+    async fn connect(&self) -> anyhow::Result<Arc<dyn Publisher>> {
+        Ok(Arc::new(PauseAfterConfirm {
+            inner: self.inner.connect().await?,
+            state: self.state.clone(),
+        }))
+    }
+}
+
+fn pause_wrapper(
+    state: &Arc<Pause>,
+) -> impl FnOnce(Arc<dyn PublisherSource>) -> Arc<dyn PublisherSource> {
+    let state = state.clone();
+    state.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    move |inner| Arc::new(PauseSource { inner, state })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_confirmed_but_not_committed_are_sent_again_after_a_crash() {
+    let table = Table::new("ob_crash").await;
+    let queue = Queue::new("ob_crash").await;
+    let (_file, config) = config(
+        &["crash"],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 40\ndestination = \"\"",
+    );
+    table.insert(None, &queue.name, &numbered(100, None)).await;
+    let pause = Arc::new(Pause::default());
+    let relay = start_wrapped(config.clone(), "crash", pause_wrapper(&pause));
+
+    tokio::time::timeout(WAIT, pause.paused.notified())
+        .await
+        .expect("first batch confirmed");
+    let held = pause.held.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(held, 40);
+    queue.wait_len(40).await;
+    // The process dies between the broker's confirms and COMMIT.
+    relay.task.abort();
+    let _ = relay.task.await;
+
+    let relays = start_all(config);
+    assert!(table.wait_count("published_at IS NOT NULL", 100).await);
+    let got = queue.wait_len(140).await;
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, _) in &got {
+        *per_id.entry(id.clone()).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), 100, "every row arrived");
+    assert_eq!(
+        per_id.values().filter(|&&n| n == 2).count(),
+        40,
+        "the uncommitted batch arrived twice, with the same message ids"
+    );
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_timeout_rolls_back_and_the_rows_are_claimed_again() {
+    let table = Table::new("ob_timeout").await;
+    let queue = Queue::new("ob_timeout").await;
+    let (_file, config) = config(
+        &["slow"],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 30\ndestination = \"\"\npublish_timeout = \"1s\"",
+    );
+    table.insert(None, &queue.name, &numbered(30, None)).await;
+    let pause = Arc::new(Pause::default());
+    let relay = start_wrapped(config, "slow", pause_wrapper(&pause));
+
+    // The first batch is held past publish_timeout and never released.
+    tokio::time::timeout(WAIT, pause.paused.notified())
+        .await
+        .expect("first batch confirmed");
+    assert!(table.wait_count("published_at IS NOT NULL", 30).await);
+    let got = queue.wait_len(60).await;
+    assert_eq!(
+        got.iter().map(|(id, _)| id).collect::<BTreeSet<_>>().len(),
+        30
+    );
+    assert_eq!(
+        table.count("attempts = 1").await,
+        30,
+        "a timed-out batch uses no attempt"
+    );
+    relay.stop().await;
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_the_relays_connection_mid_batch_loses_nothing() {
+    let table = Table::new("ob_terminate").await;
+    let queue = Queue::new("ob_terminate").await;
+    let name = unique("term");
+    let (_file, config) = config(
+        &[&name],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 25\ndestination = \"\"",
+    );
+    table.insert(None, &queue.name, &numbered(100, None)).await;
+    let pause = Arc::new(Pause::default());
+    let relay = start_wrapped(config, &name, pause_wrapper(&pause));
+
+    tokio::time::timeout(WAIT, pause.paused.notified())
+        .await
+        .expect("first batch confirmed");
+    // Only the backend this relay opened carries this application_name.
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 AND state = 'idle in transaction'",
+    )
+    .bind(bosun::outbox::application_name(&name))
+    .fetch_all(&table.pool)
+    .await
+    .expect("terminate");
+    assert_eq!(
+        terminated,
+        vec![true],
+        "the relay's connection, holding the batch's locks"
+    );
+    pause.release.add_permits(1);
+
+    assert!(table.wait_count("published_at IS NOT NULL", 100).await);
+    let got = queue.wait_len(125).await;
+    let ids: BTreeSet<&String> = got.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 100, "every row arrived");
+    assert_eq!(got.len(), 125, "only the interrupted batch was sent twice");
+    relay.wait_ready().await;
+    relay.stop().await;
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_makes_the_relay_not_ready() {
+    let (_file, config) = config_with_db(
+        &["nodb"],
+        "bosun_outbox",
+        "target = \"rabbit\"\ndestination = \"\"",
+        "postgres://postgres@127.0.0.1:1/test",
+    );
+    let relays = start_all(config);
+    let reason = support::wait_for_async(WAIT, || async {
+        let (ready, reason) = relays[0].ready();
+        (!ready && reason.contains("database")).then_some(reason)
+    })
+    .await;
+    assert!(reason.is_some(), "{:?}", relays[0].ready());
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+#[test]
+fn schema_command_prints_the_ddl() {
+    let (code, out, err) =
+        support::bosun_output(&["outbox", "schema", "--table", "app.orders_outbox"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("CREATE TABLE IF NOT EXISTS app.orders_outbox ("),
+        "{out}"
+    );
+    assert!(out.contains("message_id      uuid"), "{out}");
+    assert!(
+        out.contains("WHERE published_at IS NULL AND failed_at IS NULL"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "FOR EACH STATEMENT EXECUTE FUNCTION app.orders_outbox_notify('app_orders_outbox')"
+        ),
+        "{out}"
+    );
+
+    let (code, _, err) = support::bosun_output(
+        &["outbox", "schema", "--table", "orders; drop table x"],
+        &[],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("not a plain lowercase SQL identifier"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_idempotent_and_the_trigger_notifies() {
+    let table = unique("ob_migrate").to_lowercase();
+    let (file, _config) = config(&["migrated"], &table, "target = \"rabbit\"");
+    let path = file.path.to_str().expect("utf-8 path").to_owned();
+    for _ in 0..2 {
+        let (code, out, err) =
+            support::bosun_output(&["outbox", "migrate", "--config", &path], &[]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains(&format!("table {table} in database main is up to date")),
+            "{out}"
+        );
+    }
+    let guard = Table {
+        name: table.clone(),
+        pool: pg().await,
+    };
+    let mut listener = sqlx::postgres::PgListener::connect(PG_URL)
+        .await
+        .expect("listen");
+    listener.listen(&table).await.expect("listen");
+    sqlx::query(&format!(
+        "INSERT INTO {table} (destination, payload) VALUES ('x', 'y'), ('x', 'z')"
+    ))
+    .execute(&guard.pool)
+    .await
+    .expect("insert");
+    let notification = tokio::time::timeout(WAIT, listener.recv())
+        .await
+        .expect("a notification")
+        .expect("recv");
+    assert_eq!(notification.channel(), table);
+    let row: (i32, Option<chrono::DateTime<chrono::Utc>>, uuid::Uuid) = sqlx::query_as(&format!(
+        "SELECT attempts, published_at, message_id FROM {table} LIMIT 1"
+    ))
+    .fetch_one(&guard.pool)
+    .await
+    .expect("defaults");
+    assert_eq!((row.0, row.1), (0, None));
+    assert_eq!(row.2.get_version_num(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_daemon_mid_run_loses_no_row() {
+    let table = Table::new("ob_kill").await;
+    let queue = Queue::new("ob_kill").await;
+    let port = support::free_port();
+    let text = format!(
+        "[service]\nname = \"outbox-kill\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+         [brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\
+         [databases.main]\nurl = \"{PG_URL}\"\n\
+         [outboxes.kill]\ndatabase = \"main\"\ntable = \"{}\"\ntarget = \"rabbit\"\ndestination = \"\"\nbatch = 200\n",
+        table.name
+    );
+    let file = ConfigFile::new(&text);
+    table
+        .insert(None, &queue.name, &numbered(20_000, None))
+        .await;
+
+    let mut daemon = support::Daemon::start(&file.path, port);
+    // Kill -9 once part of the table has gone out and part has not.
+    let partial = support::wait_for_async(WAIT, || async {
+        (queue.received().len() >= 1000).then_some(())
+    })
+    .await;
+    assert!(
+        partial.is_some(),
+        "the daemon published nothing:\n{}",
+        daemon.logs()
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    daemon.wait_exit(WAIT).expect("killed");
+    let pending = table.count("published_at IS NULL").await;
+    assert!(pending > 0, "the kill came too late to test anything");
+
+    let daemon = support::Daemon::start(&file.path, port);
+    assert!(
+        table.wait_count("published_at IS NULL", 0).await,
+        "{}",
+        daemon.logs()
+    );
+    let ids = table.message_ids().await;
+    let received = support::wait_for_async(WAIT, || async {
+        let got: BTreeSet<String> = queue.received().into_iter().map(|(id, _)| id).collect();
+        (got == ids).then_some(got)
+    })
+    .await;
+    assert!(received.is_some(), "some rows never arrived");
+    drop(daemon);
+    queue.delete().await;
+}
