@@ -21,6 +21,7 @@
 pub mod cli;
 pub mod config;
 pub mod database;
+pub mod dead_letter;
 pub mod handler;
 pub mod health;
 pub mod http;
