@@ -216,7 +216,10 @@ impl Runtime {
             },
             health.clone(),
         );
-        let app = crate::http::router(health, metrics);
+        let app = crate::http::with_admin(
+            crate::http::router(health, metrics),
+            crate::dead_letter::admin::router(&config, &resources),
+        );
         let http_stop = tokio_util::sync::CancellationToken::new();
         let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
         tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");

@@ -4,6 +4,7 @@
 //! Exit codes follow sysexits: 0 ok, 64 bad command line, 78 configuration error, 1 other.
 
 mod check;
+mod dlq;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +58,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Dead-letter archive: schema, migrate, list, groups, show, replay, purge.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
     /// Print the version.
     Version,
 }
@@ -101,6 +107,7 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
             Ok(EXIT_OK)
         }
         Command::Check { config } => check::check(&runtime, &config.config),
+        Command::Dlq { command } => dlq::run(&runtime, command),
         Command::Run {
             config,
             watch_config,

@@ -14,6 +14,7 @@
 //! - [`ops`] is list / groups / show / replay / purge, shared by [`admin`] (HTTP) and
 //!   `bosun dlq` (CLI).
 
+pub mod admin;
 pub mod archive;
 pub mod copy;
 pub mod group;

@@ -380,3 +380,40 @@ fn count_replays(replayed: &[(i64, String)]) {
         metrics::counter!(metric::REPLAYS, "processor" => processor.clone()).increment(1);
     }
 }
+
+/// A row as JSON for `show`: every column, the headers as archived, and the body as text
+/// when it is UTF-8 (`body`), else as hex (`body_hex`).
+pub fn row_json(row: &Row) -> serde_json::Value {
+    let mut value = serde_json::to_value(row).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        match row.body.as_deref().map(std::str::from_utf8) {
+            Some(Ok(text)) => {
+                map.insert("body".into(), serde_json::Value::String(text.to_owned()));
+            }
+            Some(Err(_)) => {
+                let hex = hex::encode(row.body.as_deref().unwrap_or_default());
+                map.insert("body_hex".into(), serde_json::Value::String(hex));
+            }
+            None => {
+                map.insert("body".into(), serde_json::Value::Null);
+            }
+        }
+    }
+    value
+}
+
+/// A point in time given as RFC 3339 (`2026-01-02T03:04:05Z`) or as an age (`90m`, `2d`).
+pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, DeadLetterError> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    crate::config::parse_duration(text)
+        .ok()
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .map(|d| chrono::Utc::now() - d)
+        .ok_or_else(|| {
+            DeadLetterError::Invalid(format!(
+                "`{text}` is neither an RFC 3339 time nor an age like \"2h\""
+            ))
+        })
+}
