@@ -26,6 +26,7 @@ pub mod handler;
 pub mod health;
 pub mod http;
 pub mod publish;
+pub mod redis_streams;
 pub mod reload;
 pub mod retry;
 pub mod runtime;

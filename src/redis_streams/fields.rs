@@ -1,0 +1,364 @@
+//! Stream entry field conventions, shared by the producer and the consumer.
+//!
+//! An entry is a list of field/value pairs; bosun reads and writes them as:
+//! - `payload`: the message body, bytes untouched. Required: an entry without it is
+//!   dead-lettered as `invalid`.
+//! - `message_id`: the stable id across retries (the entry id of the first delivery when
+//!   absent; retry copies always carry it).
+//! - `correlation_id`, `content_type`: as on the [`Message`].
+//! - `bosun-attempt`: the attempt number a retry copy is for (1 when absent).
+//! - every other field is a header; its value is a `String` header when it is UTF-8, else a
+//!   `Bytes` header, so binary values pass through untouched.
+//!
+//! Dead-letter copies add the failure fields (`bosun-orig-stream`, `bosun-orig-id`,
+//! `bosun-group`, `bosun-consumer`, `bosun-deliveries`, `bosun-error`, `bosun-error-kind`,
+//! `bosun-failed-at`) to the original fields.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::handler::{HeaderValue, Message, Source};
+use crate::publish::{OutgoingMessage, PublishError};
+
+pub const BODY: &str = "payload";
+pub const MESSAGE_ID: &str = "message_id";
+pub const CORRELATION_ID: &str = "correlation_id";
+pub const CONTENT_TYPE: &str = "content_type";
+/// Producer's timestamp (milliseconds since the Unix epoch); a header to the consumer.
+pub const TIMESTAMP: &str = "timestamp_ms";
+pub const ATTEMPT: &str = "bosun-attempt";
+
+pub const ORIG_STREAM: &str = "bosun-orig-stream";
+pub const ORIG_ID: &str = "bosun-orig-id";
+pub const GROUP: &str = "bosun-group";
+pub const CONSUMER: &str = "bosun-consumer";
+pub const DELIVERIES: &str = "bosun-deliveries";
+pub const ERROR: &str = "bosun-error";
+pub const ERROR_KIND: &str = "bosun-error-kind";
+pub const FAILED_AT: &str = "bosun-failed-at";
+
+/// Fields a header may not be named after: they carry the message itself.
+const RESERVED: &[&str] = &[BODY, MESSAGE_ID, CORRELATION_ID, CONTENT_TYPE, TIMESTAMP];
+
+/// `bosun-error` is cut to this many bytes so one bad handler cannot bloat the streams.
+const MAX_ERROR_BYTES: usize = 2048;
+
+/// One entry as read from a stream, fields in their order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub id: String,
+    pub fields: Vec<(Bytes, Bytes)>,
+}
+
+impl Entry {
+    pub fn field(&self, name: &str) -> Option<&Bytes> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k.as_ref() == name.as_bytes())
+            .map(|(_, v)| v)
+    }
+}
+
+/// A header value as stream field bytes.
+fn header_bytes(value: &HeaderValue) -> Vec<u8> {
+    match value {
+        HeaderValue::String(s) => s.as_bytes().to_vec(),
+        HeaderValue::Bytes(b) => b.clone(),
+        HeaderValue::Int(i) => i.to_string().into_bytes(),
+        HeaderValue::Float(f) => f.to_string().into_bytes(),
+        HeaderValue::Bool(b) => b.to_string().into_bytes(),
+        HeaderValue::Json(v) => v.to_string().into_bytes(),
+    }
+}
+
+/// Appends `message` as field/value arguments of an XADD.
+pub fn write_fields(cmd: &mut redis::Cmd, message: &OutgoingMessage) -> Result<(), PublishError> {
+    if let Some(name) = message
+        .headers
+        .keys()
+        .find(|k| RESERVED.contains(&k.as_str()))
+    {
+        return Err(PublishError::Rejected(format!(
+            "header `{name}` would overwrite the stream field of the same name"
+        )));
+    }
+    cmd.arg(BODY).arg(message.body.as_ref());
+    cmd.arg(MESSAGE_ID).arg(&message.message_id);
+    if let Some(id) = &message.correlation_id {
+        cmd.arg(CORRELATION_ID).arg(id);
+    }
+    if let Some(ct) = &message.content_type {
+        cmd.arg(CONTENT_TYPE).arg(ct);
+    }
+    cmd.arg(TIMESTAMP)
+        .arg(message.timestamp_ms.unwrap_or_else(super::now_ms));
+    for (name, value) in &message.headers {
+        cmd.arg(name).arg(header_bytes(value));
+    }
+    Ok(())
+}
+
+fn text(name: &str, value: &Bytes) -> Result<String, String> {
+    String::from_utf8(value.to_vec()).map_err(|_| format!("field `{name}` is not UTF-8"))
+}
+
+/// The message a handler sees for `entry`, or why the entry cannot be one (dead-lettered
+/// as `invalid`).
+pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Message, String> {
+    let mut body = None;
+    let mut message_id = None;
+    let mut correlation_id = None;
+    let mut content_type = None;
+    let mut attempt = 1;
+    let mut headers = BTreeMap::new();
+    for (name, value) in &entry.fields {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Err("a field name is not UTF-8".into());
+        };
+        match name {
+            BODY => {
+                if body.replace(value.clone()).is_some() {
+                    return Err(format!("entry has more than one `{BODY}` field"));
+                }
+            }
+            MESSAGE_ID => message_id = Some(text(name, value)?),
+            CORRELATION_ID => correlation_id = Some(text(name, value)?),
+            CONTENT_TYPE => content_type = Some(text(name, value)?),
+            ATTEMPT => {
+                attempt = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| format!("field `{ATTEMPT}` is not a positive integer"))?;
+            }
+            _ => {
+                let value = match std::str::from_utf8(value) {
+                    Ok(s) => HeaderValue::String(s.to_owned()),
+                    Err(_) => HeaderValue::Bytes(value.to_vec()),
+                };
+                headers.insert(name.to_owned(), value);
+            }
+        }
+    }
+    let Some(body) = body else {
+        return Err(format!("entry has no `{BODY}` field (the body)"));
+    };
+    Ok(Message {
+        message_id: Some(message_id.unwrap_or_else(|| entry.id.clone())),
+        correlation_id,
+        headers,
+        content_type,
+        body,
+        attempt,
+        redelivered,
+        source,
+    })
+}
+
+/// The stable id of an entry: its `message_id` field, else its entry id.
+pub fn stable_id(entry: &Entry) -> Bytes {
+    entry
+        .field(MESSAGE_ID)
+        .cloned()
+        .unwrap_or_else(|| Bytes::copy_from_slice(entry.id.as_bytes()))
+}
+
+fn is_failure_field(name: &[u8]) -> bool {
+    [
+        ORIG_STREAM,
+        ORIG_ID,
+        GROUP,
+        CONSUMER,
+        DELIVERIES,
+        ERROR,
+        ERROR_KIND,
+        FAILED_AT,
+        ATTEMPT,
+        MESSAGE_ID,
+    ]
+    .iter()
+    .any(|f| f.as_bytes() == name)
+}
+
+/// Cuts `error` to [`MAX_ERROR_BYTES`] on a character boundary.
+pub fn truncate_error(error: &str) -> &str {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error;
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    &error[..end]
+}
+
+/// The fields of the copy that a retry re-adds: the original's, with the stable id, the next
+/// attempt number and the last error.
+pub fn retry_fields(entry: &Entry, next_attempt: u32, error: &str) -> Vec<(Bytes, Bytes)> {
+    let mut fields: Vec<(Bytes, Bytes)> = entry
+        .fields
+        .iter()
+        .filter(|(k, _)| !is_failure_field(k))
+        .cloned()
+        .collect();
+    fields.push((Bytes::from_static(MESSAGE_ID.as_bytes()), stable_id(entry)));
+    fields.push((
+        Bytes::from_static(ATTEMPT.as_bytes()),
+        Bytes::from(next_attempt.to_string()),
+    ));
+    fields.push((
+        Bytes::from_static(ERROR.as_bytes()),
+        Bytes::copy_from_slice(truncate_error(error).as_bytes()),
+    ));
+    fields
+}
+
+/// What a dead-letter copy records about the failure.
+pub struct Failure<'a> {
+    pub stream: &'a str,
+    pub group: &'a str,
+    pub consumer: &'a str,
+    pub deliveries: u64,
+    pub attempt: u32,
+    pub error: &'a str,
+    pub kind: crate::handler::FailureKind,
+}
+
+/// The fields of a dead-letter copy: the original's plus the failure fields.
+pub fn dead_letter_fields(entry: &Entry, failure: &Failure<'_>) -> Vec<(Bytes, Bytes)> {
+    let mut fields: Vec<(Bytes, Bytes)> = entry
+        .fields
+        .iter()
+        .filter(|(k, _)| !is_failure_field(k))
+        .cloned()
+        .collect();
+    let mut push = |name: &'static str, value: Bytes| {
+        fields.push((Bytes::from_static(name.as_bytes()), value))
+    };
+    push(MESSAGE_ID, stable_id(entry));
+    push(ATTEMPT, Bytes::from(failure.attempt.to_string()));
+    push(
+        ORIG_STREAM,
+        Bytes::copy_from_slice(failure.stream.as_bytes()),
+    );
+    push(ORIG_ID, Bytes::copy_from_slice(entry.id.as_bytes()));
+    push(GROUP, Bytes::copy_from_slice(failure.group.as_bytes()));
+    push(
+        CONSUMER,
+        Bytes::copy_from_slice(failure.consumer.as_bytes()),
+    );
+    push(DELIVERIES, Bytes::from(failure.deliveries.to_string()));
+    push(
+        ERROR,
+        Bytes::copy_from_slice(truncate_error(failure.error).as_bytes()),
+    );
+    push(
+        ERROR_KIND,
+        Bytes::from_static(failure.kind.as_str().as_bytes()),
+    );
+    push(
+        FAILED_AT,
+        Bytes::from(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+    );
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &[u8])]) -> Entry {
+        Entry {
+            id: "1-0".into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        Bytes::copy_from_slice(k.as_bytes()),
+                        Bytes::copy_from_slice(v),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn decode_maps_body_id_and_headers() {
+        let m = decode(
+            &entry(&[
+                ("payload", b"\xff\x00body"),
+                ("message_id", b"m1"),
+                ("bosun-attempt", b"3"),
+                ("k", b"v"),
+                ("bin", b"\xfe"),
+            ]),
+            Source::default(),
+            false,
+        )
+        .expect("valid entry");
+        assert_eq!(m.body.as_ref(), b"\xff\x00body");
+        assert_eq!(m.message_id.as_deref(), Some("m1"));
+        assert_eq!(m.attempt, 3);
+        assert_eq!(m.headers.get("k"), Some(&HeaderValue::String("v".into())));
+        assert_eq!(m.headers.get("bin"), Some(&HeaderValue::Bytes(vec![0xfe])));
+        assert!(!m.headers.contains_key("bosun-attempt"));
+    }
+
+    #[test]
+    fn decode_rejects_missing_body_and_bad_attempt() {
+        assert!(
+            decode(&entry(&[("k", b"v")]), Source::default(), false)
+                .is_err_and(|e| e.contains("payload"))
+        );
+        assert!(
+            decode(
+                &entry(&[("payload", b"x"), ("bosun-attempt", b"zero")]),
+                Source::default(),
+                false
+            )
+            .is_err()
+        );
+        let m = decode(&entry(&[("payload", b"x")]), Source::default(), false).expect("valid");
+        assert_eq!(
+            m.message_id.as_deref(),
+            Some("1-0"),
+            "entry id stands in for a missing message_id"
+        );
+    }
+
+    #[test]
+    fn retry_copy_keeps_id_and_counts_attempts() {
+        let e = entry(&[
+            ("payload", b"x"),
+            ("bosun-attempt", b"2"),
+            ("bosun-error", b"old"),
+        ]);
+        let copy = Entry {
+            id: "2-0".into(),
+            fields: retry_fields(&e, 3, "new"),
+        };
+        assert_eq!(
+            copy.field("message_id").map(|b| b.as_ref()),
+            Some(&b"1-0"[..])
+        );
+        assert_eq!(
+            copy.field("bosun-attempt").map(|b| b.as_ref()),
+            Some(&b"3"[..])
+        );
+        assert_eq!(
+            copy.fields
+                .iter()
+                .filter(|(k, _)| k.as_ref() == b"bosun-error")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn errors_are_truncated_on_char_boundaries() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cut = truncate_error(&long);
+        assert!(cut.len() <= MAX_ERROR_BYTES && cut.len() >= MAX_ERROR_BYTES - 1);
+    }
+}

@@ -1,0 +1,208 @@
+//! Redis Streams: the consumer-group consumer and the producer.
+//!
+//! - [`fields`]: how a stream entry maps to a [`Message`](crate::Message) and back (the body
+//!   is the `payload` field, other fields are headers).
+//! - [`producer`]: XADD with approximate MAXLEN, pipelined per batch; the
+//!   [`Publisher`](crate::publish::Publisher) for outbox relays and `bosun publish`.
+//! - [`consumer`]: the consumer-group component: reads its own pending entries, then new
+//!   ones; runs handlers concurrently; settles with batched XACK, or schedules a retry or
+//!   dead-letters atomically with the XACK ([`scripts`]).
+//! - [`claim`]: takes over entries another consumer left pending too long (XAUTOCLAIM).
+//! - [`retry`]: the mover that re-adds due retries from `<stream>:retry` to the stream.
+//!
+//! Connections: the blocking XREADGROUP has a connection of its own whose response timeout
+//! is longer than `block`; every other command goes through one managed connection
+//! ([`Ops`]) that reconnects by itself. Both carry a client name (`CLIENT SETNAME`) so an
+//! operator can find them in `CLIENT LIST`.
+
+pub mod claim;
+pub mod consumer;
+pub mod fields;
+pub mod producer;
+pub mod retry;
+pub mod scripts;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError};
+
+use crate::config::RedisBrokerConfig;
+
+pub use consumer::RedisConsumer;
+pub use producer::{RedisPublisher, publish_fields};
+
+/// Errors of the Redis module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The URL cannot be used (bad scheme, TLS unavailable); the URL is shown redacted.
+    #[error("invalid redis broker URL {url}: {source}")]
+    Url { url: String, source: RedisError },
+    /// Connecting failed.
+    #[error("cannot connect to redis at {url}: {source}")]
+    Connect { url: String, source: RedisError },
+    /// A command failed (connection lost, timeout, server error).
+    #[error("redis {command} failed: {source}")]
+    Command {
+        command: &'static str,
+        source: RedisError,
+    },
+    /// The server answered something this module does not understand.
+    #[error("unexpected redis reply to {command}: {detail}")]
+    Reply {
+        command: &'static str,
+        detail: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn command(command: &'static str) -> impl FnOnce(RedisError) -> Error {
+        move |source| Error::Command { command, source }
+    }
+
+    /// The server error code (`NOGROUP`, `BUSYGROUP`, `NOSCRIPT`...), if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Command { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+}
+
+/// How long the managed connection waits for a reply: generous, since a settlement pipeline
+/// can carry thousands of commands, but bounded so a dead server is noticed.
+const OPS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client name Redis accepts (no spaces or newlines), identifying bosun's role.
+pub fn client_name(consumer: &str, role: &str) -> String {
+    let clean: String = consumer
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect();
+    format!("bosun:{clean}:{role}")
+}
+
+fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, Error> {
+    redis::Client::open(broker.url.expose()).map_err(|source| Error::Url {
+        url: broker.url.redacted(),
+        source,
+    })
+}
+
+/// The managed connection for everything but the blocking read. It reconnects by itself;
+/// the client name is set again on the first command after a connection error, since a
+/// fresh socket starts unnamed.
+#[derive(Clone)]
+pub struct Ops {
+    conn: ConnectionManager,
+    name: Arc<str>,
+    /// Set when the last command failed on the connection: the next one renames it first.
+    rename: Arc<AtomicBool>,
+}
+
+impl Ops {
+    pub async fn connect(broker: &RedisBrokerConfig, name: &str) -> Result<Self, Error> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(OPS_RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client(broker)?
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|source| Error::Connect {
+                url: broker.url.redacted(),
+                source,
+            })?;
+        let ops = Self {
+            conn,
+            name: name.into(),
+            rename: Arc::new(AtomicBool::new(true)),
+        };
+        ops.ensure_name().await.map_err(|source| Error::Connect {
+            url: broker.url.redacted(),
+            source,
+        })?;
+        Ok(ops)
+    }
+
+    async fn ensure_name(&self) -> redis::RedisResult<()> {
+        if self.rename.load(Ordering::Relaxed) {
+            let mut conn = self.conn.clone();
+            redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(&*self.name)
+                .exec_async(&mut conn)
+                .await
+                .inspect_err(|e| self.note(e))?;
+            self.rename.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn note(&self, e: &RedisError) {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+        {
+            self.rename.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
+        self.ensure_name().await?;
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn)
+            .await
+            .inspect_err(|e| self.note(e))
+    }
+
+    pub async fn query_pipe<T: FromRedisValue>(&self, pipe: &Pipeline) -> redis::RedisResult<T> {
+        self.ensure_name().await?;
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn)
+            .await
+            .inspect_err(|e| self.note(e))
+    }
+}
+
+/// A connection of its own for blocking reads: its response timeout exceeds `block`, and
+/// nothing else queues behind a read that waits.
+pub async fn connect_reader(
+    broker: &RedisBrokerConfig,
+    name: &str,
+    block: Duration,
+) -> Result<MultiplexedConnection, Error> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(block + Duration::from_secs(5)));
+    let mut conn = client(broker)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|source| Error::Connect {
+            url: broker.url.redacted(),
+            source,
+        })?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .exec_async(&mut conn)
+        .await
+        .map_err(|source| Error::Connect {
+            url: broker.url.redacted(),
+            source,
+        })?;
+    Ok(conn)
+}
+
+/// Milliseconds since the Unix epoch by the local clock.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

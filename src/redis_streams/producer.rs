@@ -1,0 +1,143 @@
+//! The producer: XADD, with `MAXLEN ~ N` when a cap is configured, pipelined per batch.
+
+use async_trait::async_trait;
+use redis::Value;
+
+use super::{Error, Ops, client_name, fields};
+use crate::config::RedisBrokerConfig;
+use crate::publish::{OutgoingMessage, PublishError, Publisher};
+
+/// Publishes [`OutgoingMessage`]s as stream entries (see [`fields`] for the layout).
+#[derive(Clone)]
+pub struct RedisPublisher {
+    ops: Ops,
+    /// Approximate cap on each target stream's length; `None` lets streams grow.
+    maxlen: Option<usize>,
+}
+
+impl RedisPublisher {
+    /// Connects to `broker`; `name` labels the connection in `CLIENT LIST`.
+    pub async fn connect(
+        broker: &RedisBrokerConfig,
+        name: &str,
+        maxlen: Option<usize>,
+    ) -> Result<Self, Error> {
+        let ops = Ops::connect(broker, &client_name(name, "publish")).await?;
+        Ok(Self { ops, maxlen })
+    }
+
+    /// A publisher sharing an existing managed connection.
+    pub fn with_ops(ops: Ops, maxlen: Option<usize>) -> Self {
+        Self { ops, maxlen }
+    }
+}
+
+/// Starts an XADD to `stream`, trimming approximately when `maxlen` is set.
+fn xadd(stream: &str, maxlen: Option<usize>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream);
+    if let Some(n) = maxlen {
+        cmd.arg("MAXLEN").arg("~").arg(n);
+    }
+    cmd.arg("*");
+    cmd
+}
+
+fn publish_error(e: &redis::RedisError) -> PublishError {
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+    {
+        PublishError::Connection(e.to_string())
+    } else {
+        PublishError::Rejected(e.to_string())
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisPublisher {
+    async fn publish_batch(&self, messages: &[OutgoingMessage]) -> Vec<Result<(), PublishError>> {
+        let mut results: Vec<Result<(), PublishError>> = Vec::with_capacity(messages.len());
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        // Positions in `results` of the messages that went into the pipeline.
+        let mut sent = Vec::with_capacity(messages.len());
+        for message in messages {
+            if message.destination.is_empty() {
+                results.push(Err(PublishError::Unroutable("no stream given".into())));
+                continue;
+            }
+            let mut cmd = xadd(&message.destination, self.maxlen);
+            match fields::write_fields(&mut cmd, message) {
+                Ok(()) => {
+                    pipe.add_command(cmd);
+                    sent.push(results.len());
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if sent.is_empty() {
+            return results;
+        }
+        match self
+            .ops
+            .query_pipe::<Vec<redis::RedisResult<Value>>>(&pipe)
+            .await
+        {
+            Ok(replies) => {
+                for (i, slot) in sent.iter().enumerate() {
+                    results[*slot] = match replies.get(i) {
+                        Some(Ok(Value::BulkString(_) | Value::SimpleString(_))) => Ok(()),
+                        Some(Ok(other)) => Err(PublishError::Rejected(format!(
+                            "unexpected XADD reply {other:?}"
+                        ))),
+                        Some(Err(e)) => Err(publish_error(e)),
+                        None => Err(PublishError::Connection("no reply for this XADD".into())),
+                    };
+                }
+            }
+            Err(e) => {
+                let error = publish_error(&e);
+                for slot in sent {
+                    results[slot] = Err(error.clone());
+                }
+            }
+        }
+        results
+    }
+}
+
+/// Adds one entry with the given fields to `stream` and returns its id: `bosun publish` for
+/// redis brokers. A `message_id` field (UUID v7) is added when `fields` has none, so the
+/// entry has a stable id like every other message bosun sends.
+pub async fn publish_fields(
+    broker: &RedisBrokerConfig,
+    stream: &str,
+    entry_fields: &[(String, Vec<u8>)],
+    maxlen: Option<usize>,
+) -> Result<String, Error> {
+    if entry_fields.is_empty() {
+        return Err(Error::Reply {
+            command: "XADD",
+            detail: "an entry needs at least one field".into(),
+        });
+    }
+    let ops = Ops::connect(broker, &client_name("cli", "publish")).await?;
+    let mut cmd = xadd(stream, maxlen);
+    for (name, value) in entry_fields {
+        cmd.arg(name).arg(value.as_slice());
+    }
+    if !entry_fields
+        .iter()
+        .any(|(name, _)| name == fields::MESSAGE_ID)
+    {
+        cmd.arg(fields::MESSAGE_ID)
+            .arg(uuid::Uuid::now_v7().to_string());
+    }
+    ops.query::<String>(&cmd)
+        .await
+        .map_err(Error::command("XADD"))
+}
