@@ -18,6 +18,7 @@
 //!
 //! The library can be embedded: build a [`Runtime`] with your own handler kinds.
 
+pub mod amqp;
 pub mod cli;
 pub mod config;
 pub mod database;

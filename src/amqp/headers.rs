@@ -1,0 +1,315 @@
+//! AMQP header tables: conversion to and from [`HeaderValue`], the attempt counter and the
+//! `bosun-*` failure headers added to retry and dead-letter copies.
+//!
+//! Header names are a compatibility boundary (dead-letter processors and people read them):
+//! keep them stable and documented in README.md.
+
+use std::collections::BTreeMap;
+
+use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString};
+
+use super::{AmqpError, short};
+use crate::handler::{FailureKind, HeaderValue};
+
+/// The attempt the delivery is on (1 for the first). Counted by bosun, never from `x-death`.
+pub const ATTEMPT: &str = "bosun-attempt";
+/// RFC 3339 time of the first failure, kept across retries.
+pub const FIRST_FAILURE_AT: &str = "bosun-first-failure-at";
+/// RFC 3339 time of the latest failure.
+pub const LAST_FAILURE_AT: &str = "bosun-last-failure-at";
+/// The handler's reason, truncated to [`MAX_ERROR_BYTES`].
+pub const ERROR: &str = "bosun-error";
+/// `transient`, `permanent`, `exhausted` or `invalid`.
+pub const ERROR_KIND: &str = "bosun-error-kind";
+/// Exchange of the first delivery (retries come back through the default exchange).
+pub const ORIGINAL_EXCHANGE: &str = "bosun-original-exchange";
+/// Routing key of the first delivery.
+pub const ORIGINAL_ROUTING_KEY: &str = "bosun-original-routing-key";
+/// The queue the consumer read it from.
+pub const ORIGINAL_QUEUE: &str = "bosun-original-queue";
+/// The `[consumers.*]` name.
+pub const CONSUMER: &str = "bosun-consumer";
+/// Host name of the daemon that handled it.
+pub const HOST: &str = "bosun-host";
+/// Times a dead letter has been replayed.
+pub const REPLAY_COUNT: &str = "bosun-replay-count";
+
+/// `bosun-error` is cut to this many bytes: all headers must fit one AMQP frame.
+pub const MAX_ERROR_BYTES: usize = 2048;
+
+/// The headers of a delivery as handlers see them.
+pub fn from_table(table: Option<&FieldTable>) -> BTreeMap<String, HeaderValue> {
+    let Some(table) = table else {
+        return BTreeMap::new();
+    };
+    table
+        .inner()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), from_amqp(v)))
+        .collect()
+}
+
+fn from_amqp(value: &AMQPValue) -> HeaderValue {
+    match value {
+        AMQPValue::Boolean(b) => HeaderValue::Bool(*b),
+        AMQPValue::ShortShortInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongLongInt(i) => HeaderValue::Int(*i),
+        AMQPValue::Timestamp(t) => HeaderValue::Int(i64::try_from(*t).unwrap_or(i64::MAX)),
+        AMQPValue::Float(f) => HeaderValue::Float(f64::from(*f)),
+        AMQPValue::Double(f) => HeaderValue::Float(*f),
+        AMQPValue::DecimalValue(d) => {
+            HeaderValue::Float(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+        }
+        AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
+            Ok(text) => HeaderValue::String(text.to_owned()),
+            Err(_) => HeaderValue::Bytes(s.as_bytes().to_vec()),
+        },
+        AMQPValue::ByteArray(b) => HeaderValue::Bytes(b.as_slice().to_vec()),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => HeaderValue::Json(to_json(value)),
+        AMQPValue::Void => HeaderValue::Json(serde_json::Value::Null),
+    }
+}
+
+fn to_json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(to_json).collect())
+        }
+        AMQPValue::FieldTable(table) => Value::Object(
+            table
+                .inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), to_json(v)))
+                .collect(),
+        ),
+        other => match from_amqp(other) {
+            HeaderValue::String(s) => Value::String(s),
+            HeaderValue::Bytes(b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
+            HeaderValue::Int(i) => Value::from(i),
+            HeaderValue::Float(f) => Value::from(f),
+            HeaderValue::Bool(b) => Value::Bool(b),
+            HeaderValue::Json(v) => v,
+        },
+    }
+}
+
+/// An AMQP value for a header given by bosun's callers (outbox rows, the CLI).
+pub fn to_amqp(value: &HeaderValue) -> Result<AMQPValue, AmqpError> {
+    Ok(match value {
+        HeaderValue::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
+        HeaderValue::Bytes(b) => AMQPValue::ByteArray(ByteArray::from(b.clone())),
+        HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
+        HeaderValue::Float(f) => AMQPValue::Double(*f),
+        HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
+        HeaderValue::Json(v) => json_to_amqp(v)?,
+    })
+}
+
+fn json_to_amqp(value: &serde_json::Value) -> Result<AMQPValue, AmqpError> {
+    use serde_json::Value;
+    Ok(match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
+            items
+                .iter()
+                .map(json_to_amqp)
+                .collect::<Result<Vec<_>, _>>()?,
+        )),
+        Value::Object(map) => {
+            let mut table = FieldTable::default();
+            for (k, v) in map {
+                table.insert(short("header name", k)?, json_to_amqp(v)?);
+            }
+            AMQPValue::FieldTable(table)
+        }
+    })
+}
+
+/// A header table from bosun's own header map.
+pub fn to_table(headers: &BTreeMap<String, HeaderValue>) -> Result<FieldTable, AmqpError> {
+    let mut table = FieldTable::default();
+    for (k, v) in headers {
+        table.insert(short("header name", k)?, to_amqp(v)?);
+    }
+    Ok(table)
+}
+
+/// The attempt a delivery is on, from `bosun-attempt`; 1 when absent or unreadable.
+pub fn attempt(table: Option<&FieldTable>) -> u32 {
+    let Some(value) = table.and_then(|t| t.inner().get(ATTEMPT)) else {
+        return 1;
+    };
+    let n: Option<i64> = match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(|t| t.trim().parse().ok()),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        other => match from_amqp(other) {
+            HeaderValue::Int(i) => Some(i),
+            _ => None,
+        },
+    };
+    n.and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// What a retry or dead-letter copy records about the failure.
+pub struct Failure<'a> {
+    /// The attempt number written into `bosun-attempt` of the copy.
+    pub attempt: u32,
+    pub kind: FailureKind,
+    pub error: &'a str,
+    /// Exchange and routing key the failed delivery arrived with.
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub queue: &'a str,
+    pub consumer: &'a str,
+    pub host: &'a str,
+    /// RFC 3339 "now".
+    pub now: &'a str,
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Adds the failure headers to a copy's table, keeping every header already there. The first
+/// failure time and the original exchange and routing key survive from earlier failures.
+pub fn add_failure(table: &mut FieldTable, failure: &Failure<'_>) {
+    let keep_first = |table: &FieldTable, key: &str| table.contains_key(key);
+    if !keep_first(table, FIRST_FAILURE_AT) {
+        table.insert(FIRST_FAILURE_AT.into(), text(failure.now));
+    }
+    if !keep_first(table, ORIGINAL_EXCHANGE) {
+        table.insert(ORIGINAL_EXCHANGE.into(), text(failure.exchange));
+    }
+    if !keep_first(table, ORIGINAL_ROUTING_KEY) {
+        table.insert(ORIGINAL_ROUTING_KEY.into(), text(failure.routing_key));
+    }
+    table.insert(
+        ATTEMPT.into(),
+        AMQPValue::LongLongInt(i64::from(failure.attempt)),
+    );
+    table.insert(LAST_FAILURE_AT.into(), text(failure.now));
+    table.insert(ERROR.into(), text(truncate(failure.error, MAX_ERROR_BYTES)));
+    table.insert(ERROR_KIND.into(), text(failure.kind.as_str()));
+    table.insert(ORIGINAL_QUEUE.into(), text(failure.queue));
+    table.insert(CONSUMER.into(), text(failure.consumer));
+    table.insert(HOST.into(), text(failure.host));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(error: &str) -> Failure<'_> {
+        Failure {
+            attempt: 2,
+            kind: FailureKind::Transient,
+            error,
+            exchange: "orders",
+            routing_key: "order.created",
+            queue: "q",
+            consumer: "c",
+            host: "h",
+            now: "2026-01-01T00:00:00Z",
+        }
+    }
+
+    #[test]
+    fn attempt_defaults_to_one_and_reads_our_header() {
+        assert_eq!(attempt(None), 1);
+        let mut table = FieldTable::default();
+        table.insert(ATTEMPT.into(), AMQPValue::LongLongInt(3));
+        assert_eq!(attempt(Some(&table)), 3);
+        table.insert(ATTEMPT.into(), text("4"));
+        assert_eq!(attempt(Some(&table)), 4);
+        table.insert(ATTEMPT.into(), AMQPValue::LongLongInt(-1));
+        assert_eq!(attempt(Some(&table)), 1);
+    }
+
+    #[test]
+    fn failure_headers_keep_existing_ones_and_the_first_failure() {
+        let mut table = FieldTable::default();
+        table.insert("app".into(), text("x"));
+        table.insert(FIRST_FAILURE_AT.into(), text("earlier"));
+        table.insert(ORIGINAL_EXCHANGE.into(), text("first"));
+        add_failure(&mut table, &failure("boom"));
+        let headers = from_table(Some(&table));
+        assert_eq!(headers.get("app"), Some(&HeaderValue::String("x".into())));
+        assert_eq!(
+            headers.get(FIRST_FAILURE_AT),
+            Some(&HeaderValue::String("earlier".into()))
+        );
+        assert_eq!(
+            headers.get(ORIGINAL_EXCHANGE),
+            Some(&HeaderValue::String("first".into()))
+        );
+        assert_eq!(
+            headers.get(ORIGINAL_ROUTING_KEY),
+            Some(&HeaderValue::String("order.created".into()))
+        );
+        assert_eq!(headers.get(ATTEMPT), Some(&HeaderValue::Int(2)));
+        assert_eq!(
+            headers.get(ERROR_KIND),
+            Some(&HeaderValue::String("transient".into()))
+        );
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let mut table = FieldTable::default();
+        add_failure(&mut table, &failure(&long));
+        let Some(HeaderValue::String(error)) = from_table(Some(&table)).remove(ERROR) else {
+            panic!("no error header")
+        };
+        assert!(error.len() <= MAX_ERROR_BYTES && error.len() >= MAX_ERROR_BYTES - 1);
+    }
+
+    #[test]
+    fn header_values_round_trip() {
+        let mut headers = BTreeMap::new();
+        headers.insert("s".to_owned(), HeaderValue::String("v".into()));
+        headers.insert("i".to_owned(), HeaderValue::Int(-7));
+        headers.insert("b".to_owned(), HeaderValue::Bool(true));
+        headers.insert("raw".to_owned(), HeaderValue::Bytes(vec![0xff, 0x00]));
+        headers.insert(
+            "j".to_owned(),
+            HeaderValue::Json(serde_json::json!({"a": [1, "x"]})),
+        );
+        let table = to_table(&headers).expect("fits");
+        assert_eq!(from_table(Some(&table)), headers);
+        let too_long = BTreeMap::from([("k".repeat(300), HeaderValue::Int(1))]);
+        assert!(matches!(
+            to_table(&too_long),
+            Err(AmqpError::TooLong { .. })
+        ));
+    }
+}
