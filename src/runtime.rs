@@ -81,10 +81,10 @@ pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponen
     if let Some((name, _)) = config.outboxes.iter().next() {
         anyhow::bail!("outbox `{name}`: outbox relays are not available in this build");
     }
-    if let Some((name, _)) = config.dead_letters.iter().next() {
-        anyhow::bail!(
-            "dead-letter processor `{name}`: dead-letter processors are not available in this build"
-        );
+    for (name, dl) in &config.dead_letters {
+        let component = crate::dead_letter::processor::build(name, dl, resources)
+            .with_context(|| format!("dead-letter processor `{name}`"))?;
+        components.push((dead_letter_component_name(name), component));
     }
     Ok(components)
 }

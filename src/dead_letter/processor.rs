@@ -24,9 +24,15 @@ use super::ops::Ops;
 use super::publishers::PublisherSource;
 use super::rules::{Decision, decide};
 use super::{DeadLetterError, metric};
-use crate::config::DeadLetterConfig;
+use crate::config::{
+    self, BrokerConfig, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource,
+    RedisConsumerConfig,
+};
 use crate::handler::{Handler, Message, Outcome};
 use crate::health::HealthHandle;
+use crate::retry::RetryPolicy;
+use crate::runtime::{Resources, dead_letter_component_name};
+use crate::supervisor::{Component, ComponentContext};
 
 /// First wait after a failed effect; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
@@ -278,4 +284,152 @@ pub async fn background(
             }
         }
     }
+}
+
+/// Dead letters handled at once per processor: dead letters are few, and each one's effect
+/// is a database insert or a confirmed publish.
+const CONCURRENCY: usize = 16;
+
+/// A running `[dead_letters.NAME]`: the consumer that reads its queue or stream with the
+/// rules handler, and the scheduler beside it.
+pub struct DeadLetterProcessor {
+    name: String,
+    handler: Arc<DeadLetterHandler>,
+    consumer: Arc<dyn Component>,
+    ops: Ops,
+    archive: Option<ArchiveTarget>,
+}
+
+/// Builds the processor `[dead_letters.name]` from shared resources.
+pub fn build(
+    name: &str,
+    dl: &DeadLetterConfig,
+    resources: &Resources,
+) -> anyhow::Result<Arc<dyn Component>> {
+    let config = &resources.config;
+    let component = dead_letter_component_name(name);
+    let broker = config
+        .brokers
+        .get(&dl.source)
+        .ok_or_else(|| anyhow::anyhow!("broker `{}` is not defined", dl.source))?;
+    let archive = match &dl.archive {
+        Some(db) => Some(ArchiveTarget {
+            pool: resources.database(db)?,
+            table: dl.table.clone(),
+        }),
+        None => None,
+    };
+    let publishers: Arc<dyn PublisherSource> =
+        Arc::new(super::publishers::Publishers::new(config.clone(), component.clone()));
+    let handler = Arc::new(DeadLetterHandler::new(
+        name,
+        dl.clone(),
+        BrokerKind::of(broker),
+        archive.clone(),
+        publishers.clone(),
+    ));
+    let consumer = consumer_config(dl, &component);
+    let consumer: Arc<dyn Component> = match (&consumer.kind, broker) {
+        (ConsumerKind::Redis(redis), BrokerConfig::Redis(broker)) => {
+            Arc::new(crate::redis_streams::RedisConsumer::new(
+                &component,
+                &consumer,
+                redis,
+                &dl.source,
+                broker,
+                handler.clone(),
+            ))
+        }
+        _ => anyhow::bail!(
+            "broker `{}` is not the kind the processor's source needs",
+            dl.source
+        ),
+    };
+    Ok(Arc::new(DeadLetterProcessor {
+        name: name.to_owned(),
+        handler,
+        consumer,
+        ops: Ops::new(config.clone(), resources.databases.clone(), publishers),
+        archive,
+    }))
+}
+
+/// The consumer settings a processor reads its source with. The handler never asks for a
+/// retry or a dead-letter copy (it holds a dead letter until its effect is durable), so the
+/// retry policy is a single attempt and the delivery limit is off: a dead letter is never
+/// moved on because it was delivered often.
+fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
+    let kind = match &dl.from {
+        DeadLetterSource::Stream { stream, group } => ConsumerKind::Redis(RedisConsumerConfig {
+            stream: stream.clone(),
+            group: group.clone(),
+            consumer: config::default_consumer_name(),
+            start_id: "0".into(),
+            batch: CONCURRENCY * 2,
+            block: Duration::from_secs(5),
+            // Longer than a held dead letter usually waits for a database to come back.
+            claim_idle: Duration::from_secs(300),
+            claim_interval: Duration::from_secs(60),
+            max_deliveries: u32::MAX,
+            // Only entries that are not messages at all (no `payload`) end up here.
+            dead_letter_stream: format!("{stream}:dlq"),
+        }),
+        DeadLetterSource::Queue(queue) => amqp_kind(queue),
+    };
+    ConsumerConfig {
+        source: dl.source.clone(),
+        handler: component.to_owned(),
+        concurrency: CONCURRENCY,
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        },
+        kind,
+    }
+}
+
+#[async_trait]
+impl Component for DeadLetterProcessor {
+    async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
+        self.handler.attach(ctx.health.clone());
+        if let Some(target) = &self.archive {
+            let problem = match archive::exists(&target.pool, &target.table).await {
+                Ok(true) => None,
+                Ok(false) => Some(format!(
+                    "archive table `{}` does not exist; create it with `bosun dlq migrate`",
+                    target.table
+                )),
+                Err(e) => Some(format!("cannot reach the archive database: {e}")),
+            };
+            if let Some(problem) = problem {
+                ctx.health.set_not_ready(problem.clone());
+                anyhow::bail!(problem);
+            }
+        }
+        let stop = ctx.shutdown.child_token();
+        let background = tokio::spawn(background(
+            self.name.clone(),
+            self.ops.clone(),
+            self.archive.clone(),
+            stop.clone(),
+        ));
+        let result = self.consumer.run(ctx).await;
+        stop.cancel();
+        let _ = background.await;
+        result
+    }
+}
+
+/// The amqp consumer settings for a dead-letter queue. The queue is only checked, never
+/// declared: the consumer that dead-letters into it declared it with its own arguments, and
+/// declaring it again with others would fail (PRECONDITION_FAILED).
+fn amqp_kind(queue: &str) -> ConsumerKind {
+    ConsumerKind::Amqp(config::AmqpConsumerConfig {
+        queue: queue.to_owned(),
+        queue_type: config::QueueType::Classic,
+        bindings: Vec::new(),
+        declare: false,
+        prefetch: (CONCURRENCY * 2) as u16,
+        dead_letter: config::AmqpDeadLetter::Queue(format!("{queue}.dlq")),
+    })
 }

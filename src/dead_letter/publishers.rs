@@ -9,7 +9,9 @@ use tokio::sync::Mutex;
 use super::DeadLetterError;
 use super::copy::BrokerKind;
 use crate::config::{BrokerConfig, Config};
+use crate::amqp::AmqpPublisher;
 use crate::publish::Publisher;
+use crate::redis_streams::RedisPublisher;
 
 /// Where replays and forwards get their publisher for a broker name.
 #[async_trait]
@@ -63,17 +65,25 @@ impl PublisherSource for Publishers {
 async fn build(
     broker: &str,
     config: &BrokerConfig,
-    _service: &str,
-    _owner: &str,
+    service: &str,
+    owner: &str,
 ) -> Result<Arc<dyn Publisher>, DeadLetterError> {
-    Err(DeadLetterError::Broker {
-        broker: broker.to_owned(),
-        message: format!(
-            "{} publishing is not available in this build",
-            match config {
-                BrokerConfig::Amqp(_) => "amqp",
-                BrokerConfig::Redis(_) => "redis",
-            }
-        ),
+    Ok(match config {
+        // Connects lazily on the first publish and again after a failure.
+        BrokerConfig::Amqp(amqp) => Arc::new(AmqpPublisher::new(
+            broker,
+            amqp.clone(),
+            crate::amqp::connection_name(amqp, service, owner),
+        )),
+        BrokerConfig::Redis(redis) => {
+            let name = crate::redis_streams::client_name(&format!("{service}/{owner}"), "publish");
+            let publisher = RedisPublisher::connect(redis, &name, None)
+                .await
+                .map_err(|e| DeadLetterError::Broker {
+                    broker: broker.to_owned(),
+                    message: e.to_string(),
+                })?;
+            Arc::new(publisher)
+        }
     })
 }
