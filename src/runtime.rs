@@ -89,15 +89,30 @@ pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponen
     Ok(components)
 }
 
-fn build_consumer(name: &str, consumer: &config::ConsumerConfig, resources: &Resources) -> anyhow::Result<Arc<dyn Component>> {
+fn build_consumer(
+    name: &str,
+    consumer: &config::ConsumerConfig,
+    resources: &Resources,
+) -> anyhow::Result<Arc<dyn Component>> {
     match &consumer.kind {
-        config::ConsumerKind::Amqp(_) => anyhow::bail!("amqp consumers are not available in this build ({name})"),
+        config::ConsumerKind::Amqp(_) => {
+            anyhow::bail!("amqp consumers are not available in this build ({name})")
+        }
         config::ConsumerKind::Redis(redis) => {
-            let Some(config::BrokerConfig::Redis(broker)) = resources.config.brokers.get(&consumer.source) else {
+            let Some(config::BrokerConfig::Redis(broker)) =
+                resources.config.brokers.get(&consumer.source)
+            else {
                 anyhow::bail!("broker `{}` is not a redis broker", consumer.source);
             };
             let handler = resources.handler(&consumer.handler)?;
-            Ok(Arc::new(crate::redis_streams::RedisConsumer::new(name, consumer, redis, &consumer.source, broker, handler)))
+            Ok(Arc::new(crate::redis_streams::RedisConsumer::new(
+                name,
+                consumer,
+                redis,
+                &consumer.source,
+                broker,
+                handler,
+            )))
         }
     }
 }

@@ -149,6 +149,11 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
 }
 
 pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
+    // Pools and publishers need the async runtime from the moment they are built.
+    block_on(run_async(runtime, command))?
+}
+
+async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
     match command {
         DlqCommand::Schema { table } => {
             if !crate::config::valid_sql_identifier(&table) {
@@ -174,7 +179,7 @@ pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
                 if done.contains(&(db.clone(), dl.table.clone())) {
                     continue;
                 }
-                block_on(archive::migrate(pool, &dl.table))?.map_err(failed)?;
+                archive::migrate(pool, &dl.table).await.map_err(failed)?;
                 println!("{}: table {} in database {db} is ready", name, dl.table);
                 done.push((db.clone(), dl.table.clone()));
             }
@@ -204,7 +209,10 @@ pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
                 status,
                 limit: limit.clamp(1, 10_000),
             };
-            let rows = block_on(ops.list(common.processor.as_deref(), &filter))?.map_err(failed)?;
+            let rows = ops
+                .list(common.processor.as_deref(), &filter)
+                .await
+                .map_err(failed)?;
             if common.json {
                 print_json(&rows)?;
             } else {
@@ -214,7 +222,10 @@ pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
         }
         DlqCommand::Groups { common } => {
             let ops = ops(runtime, &common.config.config)?;
-            let groups = block_on(ops.groups(common.processor.as_deref()))?.map_err(failed)?;
+            let groups = ops
+                .groups(common.processor.as_deref())
+                .await
+                .map_err(failed)?;
             if common.json {
                 print_json(&groups)?;
             } else {
@@ -224,7 +235,10 @@ pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
         }
         DlqCommand::Show { common, id } => {
             let ops = ops(runtime, &common.config.config)?;
-            let row = block_on(ops.show(common.processor.as_deref(), id))?.map_err(failed)?;
+            let row = ops
+                .show(common.processor.as_deref(), id)
+                .await
+                .map_err(failed)?;
             let value = row_json(&row);
             if common.json {
                 print_json(&value)?;
@@ -247,7 +261,9 @@ pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
         } => {
             let selector = select.selector(None)?;
             let ops = ops(runtime, &common.config.config)?;
-            let report = block_on(ops.replay(common.processor.as_deref(), &selector, dry_run))?
+            let report = ops
+                .replay(common.processor.as_deref(), &selector, dry_run)
+                .await
                 .map_err(failed)?;
             if common.json {
                 print_json(&report)?;
@@ -274,7 +290,9 @@ pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
         } => {
             let selector = select.selector(before.as_deref())?;
             let ops = ops(runtime, &common.config.config)?;
-            let report = block_on(ops.purge(common.processor.as_deref(), &selector, dry_run))?
+            let report = ops
+                .purge(common.processor.as_deref(), &selector, dry_run)
+                .await
                 .map_err(failed)?;
             if common.json {
                 print_json(&report)?;

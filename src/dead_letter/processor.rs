@@ -319,8 +319,10 @@ pub fn build(
         }),
         None => None,
     };
-    let publishers: Arc<dyn PublisherSource> =
-        Arc::new(super::publishers::Publishers::new(config.clone(), component.clone()));
+    let publishers: Arc<dyn PublisherSource> = Arc::new(super::publishers::Publishers::new(
+        config.clone(),
+        component.clone(),
+    ));
     let handler = Arc::new(DeadLetterHandler::new(
         name,
         dl.clone(),

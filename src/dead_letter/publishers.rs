@@ -8,8 +8,8 @@ use tokio::sync::Mutex;
 
 use super::DeadLetterError;
 use super::copy::BrokerKind;
-use crate::config::{BrokerConfig, Config};
 use crate::amqp::AmqpPublisher;
+use crate::config::{BrokerConfig, Config};
 use crate::publish::Publisher;
 use crate::redis_streams::RedisPublisher;
 

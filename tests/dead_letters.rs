@@ -1,0 +1,468 @@
+//! Dead-letter processors against real Redis, RabbitMQ and PostgreSQL: every matcher and
+//! action, replays that reach the original queue or stream and are handled, the replay limit,
+//! and the archive operations through both the `bosun dlq` binary and the admin HTTP API.
+
+mod support;
+
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use sqlx::PgPool;
+use support::*;
+
+const TOKEN_VAR: &str = "BOSUN_TEST_DLQ_ADMIN_TOKEN";
+const TOKEN: &str = "s3cret-admin-token";
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn pg() -> PgPool {
+    PgPool::connect(PG_URL)
+        .await
+        .expect("connect to PostgreSQL")
+}
+
+async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL)
+        .expect("redis client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis")
+}
+
+async fn xadd(conn: &mut redis::aio::MultiplexedConnection, stream: &str, fields: &[(&str, &str)]) {
+    let _: String = conn.xadd(stream, "*", fields).await.expect("XADD");
+}
+
+type Fields = Vec<(String, Vec<u8>)>;
+
+async fn entries(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Vec<Fields> {
+    let reply: Vec<(String, Fields)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("XRANGE");
+    reply.into_iter().map(|(_, f)| f).collect()
+}
+
+fn field(fields: &Fields, name: &str) -> Option<String> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+/// (message_id, status, error_kind, replay_count, note) of every row, by id.
+async fn rows(
+    pool: &PgPool,
+    table: &str,
+) -> Vec<(Option<String>, String, String, i32, Option<String>)> {
+    sqlx::query_as(&format!(
+        "SELECT message_id, status, error_kind, replay_count, note FROM {table} ORDER BY id"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("query archive")
+}
+
+async fn row_id(pool: &PgPool, table: &str, message_id: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT id FROM {table} WHERE message_id = $1"))
+        .bind(message_id)
+        .fetch_one(pool)
+        .await
+        .expect("archived row")
+}
+
+async fn status_of(pool: &PgPool, table: &str, message_id: &str) -> String {
+    sqlx::query_scalar(&format!("SELECT status FROM {table} WHERE message_id = $1"))
+        .bind(message_id)
+        .fetch_one(pool)
+        .await
+        .expect("archived row")
+}
+
+fn cli(config: &ConfigFile, args: &[&str]) -> (i32, String, String) {
+    let path = config.path.to_string_lossy().into_owned();
+    let mut full: Vec<&str> = vec!["dlq"];
+    full.extend_from_slice(&args[..1]);
+    full.extend_from_slice(&["--config", &path]);
+    full.extend_from_slice(&args[1..]);
+    bosun_output(&full, &[(TOKEN_VAR, TOKEN)])
+}
+
+fn cli_json(config: &ConfigFile, args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = cli(config, args);
+    assert_eq!(code, 0, "bosun dlq {args:?} failed: {err}{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bosun dlq {args:?}: {e}: {out}"))
+}
+
+fn admin(
+    daemon: &Daemon,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(auth) = &auth {
+        headers.push(("Authorization", auth.as_str()));
+    }
+    let (status, text) = http_request(
+        method,
+        &format!("{}{path}", daemon.http),
+        &headers,
+        body.as_bytes(),
+    )
+    .expect("admin API reachable");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+fn logged_handled(daemon: &Daemon, handler: &str, message_id: &str) -> bool {
+    daemon.logs().lines().any(|l| {
+        l.contains(&format!("\"handler\":\"{handler}\""))
+            && l.contains(&format!("\"message_id\":\"{message_id}\""))
+    })
+}
+
+struct RedisSetup {
+    config: ConfigFile,
+    port: u16,
+    table: String,
+    stream: String,
+    dlq: String,
+    forward: String,
+}
+
+fn redis_setup(admin_token: bool) -> RedisSetup {
+    let stream = unique("dl_orig");
+    let dlq = format!("{stream}:dlq");
+    let forward = unique("dl_parked");
+    let table = unique("dl_archive");
+    let port = free_port();
+    let admin = if admin_token {
+        format!("[http.admin]\ntoken_env = \"{TOKEN_VAR}\"\n")
+    } else {
+        String::new()
+    };
+    let config = ConfigFile::new(&format!(
+        r#"
+[service]
+name = "dlq-test"
+shutdown_timeout = "5s"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:{port}"
+{admin}
+[brokers.cache]
+kind = "redis"
+url = "{REDIS_URL}"
+
+[databases.main]
+url = "{PG_URL}"
+max_connections = 4
+
+[handlers.seen]
+kind = "log"
+
+[consumers.orig]
+source = "cache"
+handler = "seen"
+stream = "{stream}"
+group = "orig"
+
+[dead_letters.dl]
+source = "cache"
+stream = "{dlq}"
+archive = "main"
+table = "{table}"
+
+[[dead_letters.dl.rules]]
+when = {{ error_kind = ["invalid"] }}
+action = "drop"
+
+[[dead_letters.dl.rules]]
+when = {{ original = ["some-other-stream"] }}
+action = "drop"
+
+[[dead_letters.dl.rules]]
+when = {{ error = "^replay", attempts_below = 3 }}
+action = "replay"
+max_replays = 2
+
+[[dead_letters.dl.rules]]
+when = {{ attempts_at_least = 4 }}
+action = "drop"
+
+[[dead_letters.dl.rules]]
+when = {{ error = "^forward" }}
+action = "forward"
+stream = "{forward}"
+
+[[dead_letters.dl.rules]]
+when = {{ error = "^later" }}
+action = "replay"
+delay = "1s"
+"#
+    ));
+    RedisSetup {
+        config,
+        port,
+        table,
+        stream,
+        dlq,
+        forward,
+    }
+}
+
+/// A dead-letter entry as the redis consumer writes it.
+fn dead(id: &str, stream: &str, kind: &str, error: &str, attempt: &str) -> Vec<(String, String)> {
+    [
+        ("payload", format!("{{\"id\":\"{id}\"}}")),
+        ("message_id", id.to_owned()),
+        ("content_type", "application/json".to_owned()),
+        ("bosun-attempt", attempt.to_owned()),
+        ("bosun-orig-stream", stream.to_owned()),
+        ("bosun-orig-id", "1-0".to_owned()),
+        ("bosun-group", "orig".to_owned()),
+        ("bosun-consumer", "c1".to_owned()),
+        ("bosun-deliveries", attempt.to_owned()),
+        ("bosun-error", error.to_owned()),
+        ("bosun-error-kind", kind.to_owned()),
+        ("bosun-failed-at", "2026-01-02T03:04:05.000Z".to_owned()),
+        ("tenant", "acme".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+async fn add(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    fields: &[(String, String)],
+) {
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    xadd(conn, stream, &pairs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rules_apply_every_action_and_replays_are_handled() {
+    let s = redis_setup(false);
+    let (code, out, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}{out}");
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate runs twice: {err}");
+
+    let mut conn = redis().await;
+    let st = s.stream.as_str();
+    let other = "some-other-stream";
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead(
+            "replay-now",
+            st,
+            "permanent",
+            "replay: upstream was down",
+            "1",
+        ),
+    )
+    .await;
+    let mut limit = dead(
+        "replay-limit",
+        st,
+        "permanent",
+        "replay: upstream was down",
+        "1",
+    );
+    limit.push(("bosun-replay-count".into(), "2".into()));
+    add(&mut conn, &s.dlq, &limit).await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("invalid", st, "invalid", "not json", "1"),
+    )
+    .await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("elsewhere", other, "permanent", "whatever", "1"),
+    )
+    .await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("replay-tired", st, "exhausted", "replay: still down", "4"),
+    )
+    .await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("forward-me", st, "permanent", "forward: for a person", "1"),
+    )
+    .await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("later", st, "transient", "later: rate limited", "1"),
+    )
+    .await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("slow-1", st, "exhausted", "timeout after 3012 ms", "2"),
+    )
+    .await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("slow-2", st, "exhausted", "timeout after 87 ms", "2"),
+    )
+    .await;
+    xadd(
+        &mut conn,
+        &s.dlq,
+        &[
+            ("payload", "no failure fields at all"),
+            ("message_id", "bare"),
+        ],
+    )
+    .await;
+
+    let mut daemon = Daemon::start(&s.config.path, s.port);
+    let pool = pg().await;
+    let table = s.table.clone();
+
+    // Archived: the replay past its limit, the two timeouts, the bare one; the delayed replay
+    // waits in the archive and is then replayed from it.
+    let archived = wait_for_async(WAIT, || {
+        let pool = pool.clone();
+        let table = table.clone();
+        async move {
+            let rows = rows(&pool, &table).await;
+            let replayed = rows
+                .iter()
+                .any(|r| r.0.as_deref() == Some("later") && r.1 == "replayed");
+            (rows.len() == 5 && replayed).then_some(rows)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("archive never reached 5 rows with `later` replayed"));
+    let by_id = |id: &str| {
+        archived
+            .iter()
+            .find(|r| r.0.as_deref() == Some(id))
+            .cloned()
+    };
+    let limit = by_id("replay-limit").expect("replay past the limit is archived");
+    assert_eq!(limit.1, "archived");
+    assert_eq!(limit.3, 2);
+    assert_eq!(limit.4.as_deref(), Some("replay limit reached"));
+    let bare = by_id("bare").expect("a dead letter without failure fields is archived");
+    assert_eq!(bare.2, "unknown");
+    assert!(by_id("slow-1").is_some() && by_id("slow-2").is_some());
+    for dropped in [
+        "invalid",
+        "elsewhere",
+        "replay-tired",
+        "replay-now",
+        "forward-me",
+    ] {
+        assert!(by_id(dropped).is_none(), "{dropped} must not be archived");
+    }
+
+    // Replays reach the original stream with the count raised and the id kept, and the
+    // original consumer handles them.
+    let replays = wait_for_async(WAIT, || {
+        let mut conn = conn.clone();
+        let stream = s.stream.clone();
+        async move {
+            let e = entries(&mut conn, &stream).await;
+            (e.len() == 2).then_some(e)
+        }
+    })
+    .await
+    .expect("two replays on the original stream");
+    let now = replays
+        .iter()
+        .find(|f| field(f, "message_id").as_deref() == Some("replay-now"))
+        .expect("immediate replay");
+    assert_eq!(field(now, "bosun-replay-count").as_deref(), Some("1"));
+    assert_eq!(
+        field(now, "payload").as_deref(),
+        Some("{\"id\":\"replay-now\"}")
+    );
+    assert_eq!(field(now, "tenant").as_deref(), Some("acme"));
+    assert_eq!(
+        field(now, "bosun-error"),
+        None,
+        "failure fields are not replayed"
+    );
+    assert!(
+        replays
+            .iter()
+            .any(|f| field(f, "message_id").as_deref() == Some("later"))
+    );
+    for id in ["replay-now", "later"] {
+        assert!(
+            wait_for(WAIT, || logged_handled(&daemon, "seen", id).then_some(())).is_some(),
+            "replayed {id} was not handled"
+        );
+    }
+
+    // Forwarded with its failure fields.
+    let parked = entries(&mut conn, &s.forward).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        field(&parked[0], "message_id").as_deref(),
+        Some("forward-me")
+    );
+    assert_eq!(
+        field(&parked[0], "bosun-error").as_deref(),
+        Some("forward: for a person")
+    );
+
+    // Every dead letter was settled at its source.
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(&s.dlq)
+        .arg("bosun-dlq")
+        .query_async(&mut conn)
+        .await
+        .expect("XPENDING");
+    assert_eq!(
+        pending.first(),
+        Some(&redis::Value::Int(0)),
+        "dead letters left unsettled"
+    );
+
+    let drops = wait_for(WAIT, || {
+        daemon
+            .metric(
+                "bosun_dead_letters_total",
+                &["processor=\"dl\"", "action=\"drop\""],
+            )
+            .filter(|v| *v >= 3.0)
+    });
+    assert_eq!(drops, Some(3.0));
+    assert_eq!(
+        daemon.metric("bosun_dead_letter_replays_total", &["processor=\"dl\""]),
+        Some(2.0)
+    );
+    assert!(
+        wait_for(WAIT, || daemon
+            .metric("bosun_dead_letters_archived", &["processor=\"dl\""])
+            .filter(|v| *v == 4.0))
+        .is_some(),
+        "archived gauge"
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(WAIT), Some(0));
+}
