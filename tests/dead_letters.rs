@@ -466,3 +466,277 @@ async fn redis_rules_apply_every_action_and_replays_are_handled() {
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(WAIT), Some(0));
 }
+
+/// Waits until the archive of `s` holds `n` rows.
+async fn wait_rows(pool: &PgPool, table: &str, n: usize) {
+    let found = wait_for_async(WAIT, || {
+        let pool = pool.clone();
+        let table = table.to_owned();
+        async move { (rows(&pool, &table).await.len() == n).then_some(()) }
+    })
+    .await;
+    assert!(found.is_some(), "archive {table} never held {n} rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_is_listed_grouped_shown_replayed_and_purged_from_cli_and_http() {
+    let s = redis_setup(true);
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let mut conn = redis().await;
+    let st = s.stream.as_str();
+    for (id, kind, error) in [
+        ("slow-1", "exhausted", "timeout after 3012 ms"),
+        ("slow-2", "exhausted", "timeout after 87 ms"),
+        ("ann", "permanent", "customer 'Ann' rejected"),
+        ("bob", "permanent", "customer 'Bob Smith' rejected"),
+    ] {
+        add(&mut conn, &s.dlq, &dead(id, st, kind, error, "2")).await;
+    }
+    xadd(
+        &mut conn,
+        &s.dlq,
+        &[("payload", "\u{1}raw"), ("message_id", "bare")],
+    )
+    .await;
+    let daemon = Daemon::start_with_env(&s.config.path, s.port, &[(TOKEN_VAR, TOKEN)]);
+    let pool = pg().await;
+    wait_rows(&pool, &s.table, 5).await;
+
+    // CLI: list, groups, show.
+    let listed = cli_json(&s.config, &["list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(5), "{listed}");
+    let groups = cli_json(&s.config, &["groups", "--json"]);
+    let groups = groups.as_array().expect("groups array").clone();
+    assert_eq!(groups.len(), 3, "timeouts, customers, unknown: {groups:?}");
+    let timeouts = groups
+        .iter()
+        .find(|g| {
+            g["sample_error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("timeout after"))
+        })
+        .expect("the timeout group");
+    assert_eq!(timeouts["count"], 2);
+    assert!(timeouts["first_seen"].is_string() && timeouts["last_seen"].is_string());
+    let timeout_key = timeouts["group_key"]
+        .as_str()
+        .expect("group key")
+        .to_owned();
+    let customers = groups
+        .iter()
+        .find(|g| {
+            g["sample_error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("customer"))
+        })
+        .expect("the customer group");
+    assert_eq!(customers["count"], 2, "quoted values are masked");
+    let in_group = cli_json(&s.config, &["list", "--group", &timeout_key, "--json"]);
+    assert_eq!(in_group.as_array().map(Vec::len), Some(2));
+    let (code, table_out, _) = cli(&s.config, &["groups"]);
+    assert_eq!(code, 0);
+    assert!(table_out.contains(&timeout_key) && table_out.contains("SAMPLE ERROR"));
+
+    let slow1 = row_id(&pool, &s.table, "slow-1").await;
+    let shown = cli_json(&s.config, &["show", &slow1.to_string(), "--json"]);
+    assert_eq!(shown["body"], "{\"id\":\"slow-1\"}");
+    assert_eq!(shown["headers"]["tenant"], "acme");
+    assert_eq!(shown["error_kind"], "exhausted");
+    assert_eq!(shown["attempts"], 2);
+    let (code, _, err) = cli(&s.config, &["show", "999999999"]);
+    assert_ne!(code, 0, "a missing id fails");
+    assert!(err.contains("999999999"), "{err}");
+
+    // CLI: replay (dry run first), then the replay reaches the stream and is handled.
+    let dry = cli_json(
+        &s.config,
+        &["replay", &slow1.to_string(), "--dry-run", "--json"],
+    );
+    assert_eq!(dry["would_replay"].as_array().map(Vec::len), Some(1));
+    assert_eq!(status_of(&pool, &s.table, "slow-1").await, "archived");
+    let replayed = cli_json(&s.config, &["replay", &slow1.to_string(), "--json"]);
+    assert_eq!(replayed["replayed"], serde_json::json!([slow1]));
+    assert_eq!(status_of(&pool, &s.table, "slow-1").await, "replayed");
+    assert!(
+        wait_for(WAIT, || logged_handled(&daemon, "seen", "slow-1")
+            .then_some(()))
+        .is_some(),
+        "the replay was not handled"
+    );
+    let on_stream = entries(&mut conn, &s.stream).await;
+    assert_eq!(
+        field(&on_stream[0], "bosun-replay-count").as_deref(),
+        Some("1")
+    );
+    let again = cli(&s.config, &["replay", &slow1.to_string()]);
+    assert_ne!(
+        again.0, 0,
+        "a replayed row is not replayed twice: {}",
+        again.1
+    );
+
+    // CLI: purge the unknown one.
+    let bare = row_id(&pool, &s.table, "bare").await;
+    let shown = cli_json(&s.config, &["show", &bare.to_string(), "--json"]);
+    assert_eq!(shown["error_kind"], "unknown");
+    let purged = cli_json(&s.config, &["purge", &bare.to_string(), "--json"]);
+    assert_eq!(purged["purged"], serde_json::json!([bare]));
+    assert_eq!(status_of(&pool, &s.table, "bare").await, "purged");
+
+    // HTTP: no token, a wrong token: refused.
+    for token in [None, Some("wrong"), Some("")] {
+        let (status, _) = admin(&daemon, "GET", "/admin/dead-letters", token, "");
+        assert_eq!(status, 401, "token {token:?}");
+        let (status, _) = admin(
+            &daemon,
+            "POST",
+            "/admin/dead-letters/purge",
+            token,
+            r#"{"all":true}"#,
+        );
+        assert_eq!(status, 401, "token {token:?}");
+    }
+    assert_eq!(status_of(&pool, &s.table, "ann").await, "archived");
+
+    // HTTP: list, groups, show, replay, purge.
+    let (status, list) = admin(
+        &daemon,
+        "GET",
+        "/admin/dead-letters?limit=10",
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(4),
+        "purged rows are not listed: {list}"
+    );
+    let (status, list) = admin(
+        &daemon,
+        "GET",
+        "/admin/dead-letters?status=purged",
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!((status, list.as_array().map(Vec::len)), (200, Some(1)));
+    let (status, groups) = admin(
+        &daemon,
+        "GET",
+        "/admin/dead-letters/groups",
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(status, 200);
+    assert!(groups.as_array().is_some_and(|g| {
+        g.iter()
+            .any(|g| g["group_key"] == timeout_key.as_str() && g["count"] == 1)
+    }));
+    let slow2 = row_id(&pool, &s.table, "slow-2").await;
+    let (status, shown) = admin(
+        &daemon,
+        "GET",
+        &format!("/admin/dead-letters/{slow2}"),
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(shown["message_id"], "slow-2");
+    assert_eq!(shown["error"], "timeout after 87 ms");
+    let (status, _) = admin(
+        &daemon,
+        "GET",
+        "/admin/dead-letters/999999999",
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(status, 404);
+    let (status, report) = admin(
+        &daemon,
+        "POST",
+        "/admin/dead-letters/replay",
+        Some(TOKEN),
+        &format!(r#"{{"group":"{timeout_key}"}}"#),
+    );
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["replayed"], serde_json::json!([slow2]));
+    assert!(
+        wait_for(WAIT, || logged_handled(&daemon, "seen", "slow-2")
+            .then_some(()))
+        .is_some(),
+        "the HTTP replay was not handled"
+    );
+    let (status, report) = admin(
+        &daemon,
+        "POST",
+        "/admin/dead-letters/purge",
+        Some(TOKEN),
+        r#"{"all":true,"dry_run":true}"#,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        report["would_purge"].as_array().map(Vec::len),
+        Some(4),
+        "{report}"
+    );
+    assert_eq!(status_of(&pool, &s.table, "ann").await, "archived");
+    let (status, _) = admin(
+        &daemon,
+        "POST",
+        "/admin/dead-letters/purge",
+        Some(TOKEN),
+        r#"{"ids":[1],"all":true}"#,
+    );
+    assert_eq!(status, 400, "two selectors at once are refused");
+    let (status, report) = admin(
+        &daemon,
+        "POST",
+        "/admin/dead-letters/purge",
+        Some(TOKEN),
+        r#"{"before":"2999-01-01T00:00:00Z"}"#,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        report["purged"].as_array().map(Vec::len),
+        Some(4),
+        "{report}"
+    );
+    assert_eq!(status_of(&pool, &s.table, "ann").await, "purged");
+    assert!(
+        daemon.logs().lines().all(|l| !l.contains(TOKEN)),
+        "the token is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_is_absent_without_a_token() {
+    let s = redis_setup(false);
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let daemon = Daemon::start(&s.config.path, s.port);
+    assert!(daemon.wait_http(WAIT));
+    let (status, _) = admin(&daemon, "GET", "/admin/dead-letters", Some(TOKEN), "");
+    assert_eq!(status, 404);
+    let (status, _) = admin(
+        &daemon,
+        "POST",
+        "/admin/dead-letters/replay",
+        Some(TOKEN),
+        r#"{"all":true}"#,
+    );
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn schema_prints_idempotent_ddl_for_a_valid_table_only() {
+    let (code, out, _) = bosun_output(&["dlq", "schema", "--table", "ops.parked_letters"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("CREATE TABLE IF NOT EXISTS ops.parked_letters"));
+    assert!(out.contains("group_key"));
+    let (code, _, err) = bosun_output(
+        &["dlq", "schema", "--table", "Robert'); DROP TABLE x;--"],
+        &[],
+    );
+    assert_eq!(code, 64, "{err}");
+}
