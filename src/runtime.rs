@@ -66,9 +66,9 @@ pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponen
     Ok(components)
 }
 
-fn build_consumer(name: &str, consumer: &config::ConsumerConfig, _resources: &Resources) -> anyhow::Result<Arc<dyn Component>> {
+fn build_consumer(name: &str, consumer: &config::ConsumerConfig, resources: &Resources) -> anyhow::Result<Arc<dyn Component>> {
     match &consumer.kind {
-        config::ConsumerKind::Amqp(_) => anyhow::bail!("amqp consumers are not available in this build ({name})"),
+        config::ConsumerKind::Amqp(amqp) => crate::amqp::consumer::build(name, consumer, amqp, resources),
         config::ConsumerKind::Redis(_) => anyhow::bail!("redis consumers are not available in this build ({name})"),
     }
 }
