@@ -95,8 +95,8 @@ fn build_consumer(
     resources: &Resources,
 ) -> anyhow::Result<Arc<dyn Component>> {
     match &consumer.kind {
-        config::ConsumerKind::Amqp(_) => {
-            anyhow::bail!("amqp consumers are not available in this build ({name})")
+        config::ConsumerKind::Amqp(amqp) => {
+            crate::amqp::consumer::build(name, consumer, amqp, resources)
         }
         config::ConsumerKind::Redis(redis) => {
             let Some(config::BrokerConfig::Redis(broker)) =

@@ -342,6 +342,23 @@ pub fn build(
                 handler.clone(),
             ))
         }
+        (ConsumerKind::Amqp(amqp), BrokerConfig::Amqp(broker)) => {
+            Arc::new(crate::amqp::consumer::AmqpConsumer::new(
+                crate::amqp::consumer::AmqpConsumerSpec {
+                    name: &component,
+                    consumer: &consumer,
+                    amqp,
+                    broker_name: &dl.source,
+                    broker,
+                    connection_name: crate::amqp::connection_name(
+                        broker,
+                        &config.service.name,
+                        &component,
+                    ),
+                    handler: handler.clone(),
+                },
+            ))
+        }
         _ => anyhow::bail!(
             "broker `{}` is not the kind the processor's source needs",
             dl.source
@@ -424,7 +441,9 @@ impl Component for DeadLetterProcessor {
 
 /// The amqp consumer settings for a dead-letter queue. The queue is only checked, never
 /// declared: the consumer that dead-letters into it declared it with its own arguments, and
-/// declaring it again with others would fail (PRECONDITION_FAILED).
+/// declaring it again with others would fail (PRECONDITION_FAILED). A single attempt means no
+/// retry tiers; the consumer's own dead-letter target is the queue itself, which exists, and
+/// is used only if the handler panicked (it never answers `DeadLetter`).
 fn amqp_kind(queue: &str) -> ConsumerKind {
     ConsumerKind::Amqp(config::AmqpConsumerConfig {
         queue: queue.to_owned(),
@@ -432,6 +451,6 @@ fn amqp_kind(queue: &str) -> ConsumerKind {
         bindings: Vec::new(),
         declare: false,
         prefetch: (CONCURRENCY * 2) as u16,
-        dead_letter: config::AmqpDeadLetter::Queue(format!("{queue}.dlq")),
+        dead_letter: config::AmqpDeadLetter::Queue(queue.to_owned()),
     })
 }
