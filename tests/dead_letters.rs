@@ -740,3 +740,194 @@ fn schema_prints_idempotent_ddl_for_a_valid_table_only() {
     );
     assert_eq!(code, 64, "{err}");
 }
+
+async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(RABBIT_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+async fn declare(ch: &lapin::Channel, queue: &str, args: lapin::types::FieldTable) {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare queue");
+}
+
+fn amqp_publisher() -> bosun::amqp::AmqpPublisher {
+    let url = url::Url::parse(RABBIT_URL).expect("url");
+    bosun::amqp::AmqpPublisher::new(
+        "rabbit",
+        bosun::config::AmqpBrokerConfig {
+            url: bosun::config::SecretUrl::new(url),
+            connection_name: None,
+            heartbeat: None,
+            tls: None,
+        },
+        unique("dlq-test"),
+    )
+}
+
+fn outgoing(queue: &str, id: &str, headers: &[(&str, &str)]) -> bosun::publish::OutgoingMessage {
+    let mut m = bosun::publish::OutgoingMessage::new("", queue, format!("body of {id}"));
+    m.message_id = id.to_owned();
+    m.headers = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_owned(),
+                bosun::handler::HeaderValue::String((*v).to_owned()),
+            )
+        })
+        .collect();
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_broker_dead_letters_replay_until_the_limit_and_bosun_ones_reach_their_queue() {
+    use bosun::publish::Publisher as _;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    let queue = unique("dl_q");
+    let dlq = format!("{queue}.dlq");
+    let expiring = unique("dl_ttl");
+    let table = unique("dl_archive");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"
+[service]
+name = "dlq-amqp-test"
+shutdown_timeout = "5s"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[databases.main]
+url = "{PG_URL}"
+max_connections = 4
+
+[handlers.seen]
+kind = "log"
+
+[consumers.orig]
+source = "rabbit"
+handler = "seen"
+queue = "{queue}"
+
+[dead_letters.dl]
+source = "rabbit"
+queue = "{dlq}"
+archive = "main"
+table = "{table}"
+
+[[dead_letters.dl.rules]]
+when = {{ reason = ["expired", "maxlen"] }}
+action = "replay"
+max_replays = 2
+
+[[dead_letters.dl.rules]]
+when = {{ error_kind = ["permanent"], original = ["{queue}"], attempts_below = 5 }}
+action = "replay"
+"#
+    ));
+    let (code, _, err) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+
+    // A queue whose messages expire into the dead-letter queue: RabbitMQ adds x-death.
+    let (_conn, ch) = amqp_channel().await;
+    declare(&ch, &dlq, FieldTable::default()).await;
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(20));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(dlq.as_str())),
+    );
+    declare(&ch, &expiring, args).await;
+
+    let publisher = amqp_publisher();
+    let results = publisher
+        .publish_batch(&[
+            outgoing(&expiring, "expires", &[("tenant", "acme")]),
+            outgoing(&dlq, "bare-amqp", &[]),
+        ])
+        .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+
+    let daemon = Daemon::start(&config.path, port);
+    // The consumer declares its queue; the bosun-style dead letter names it.
+    assert!(
+        daemon.wait_ready(WAIT),
+        "daemon not ready: {:?}",
+        daemon.get("/readyz")
+    );
+    let result = publisher
+        .publish(&outgoing(
+            &dlq,
+            "perm-amqp",
+            &[
+                ("bosun-error-kind", "permanent"),
+                ("bosun-error", "downstream said no"),
+                ("bosun-attempt", "1"),
+                ("bosun-original-queue", &queue),
+                ("bosun-original-exchange", "shop"),
+                ("bosun-original-routing-key", "order.created"),
+            ],
+        ))
+        .await;
+    assert!(result.is_ok(), "{result:?}");
+
+    let pool = pg().await;
+    wait_rows(&pool, &table, 2).await;
+    let archived = rows(&pool, &table).await;
+    let expired = archived
+        .iter()
+        .find(|r| r.0.as_deref() == Some("expires"))
+        .expect("expired message archived after its replays");
+    assert_eq!(expired.3, 2, "replayed twice before being archived");
+    assert_eq!(expired.4.as_deref(), Some("replay limit reached"));
+    let (reason, original): (Option<String>, Option<String>) = sqlx::query_as(&format!(
+        "SELECT reason, original FROM {table} WHERE message_id = 'expires'"
+    ))
+    .fetch_one(&pool)
+    .await
+    .expect("row");
+    assert_eq!(reason.as_deref(), Some("expired"));
+    assert_eq!(original.as_deref(), Some(expiring.as_str()));
+    let bare = archived
+        .iter()
+        .find(|r| r.0.as_deref() == Some("bare-amqp"))
+        .expect("a dead letter without bosun headers or x-death is archived");
+    assert_eq!(bare.2, "unknown");
+
+    assert!(
+        wait_for(WAIT, || logged_handled(&daemon, "seen", "perm-amqp")
+            .then_some(()))
+        .is_some(),
+        "the replayed dead letter was not handled by the original queue's consumer"
+    );
+    assert!(
+        wait_for(WAIT, || daemon
+            .metric("bosun_dead_letter_replays_total", &["processor=\"dl\""])
+            .filter(|v| *v == 3.0))
+        .is_some(),
+        "two replays of the expired message and one of the bosun dead letter"
+    );
+    assert_eq!(rows(&pool, &table).await.len(), 2, "nothing else archived");
+}

@@ -342,23 +342,21 @@ pub fn build(
                 handler.clone(),
             ))
         }
-        (ConsumerKind::Amqp(amqp), BrokerConfig::Amqp(broker)) => {
-            Arc::new(crate::amqp::consumer::AmqpConsumer::new(
-                crate::amqp::consumer::AmqpConsumerSpec {
-                    name: &component,
-                    consumer: &consumer,
-                    amqp,
-                    broker_name: &dl.source,
+        (ConsumerKind::Amqp(amqp), BrokerConfig::Amqp(broker)) => Arc::new(
+            crate::amqp::consumer::AmqpConsumer::new(crate::amqp::consumer::AmqpConsumerSpec {
+                name: &component,
+                consumer: &consumer,
+                amqp,
+                broker_name: &dl.source,
+                broker,
+                connection_name: crate::amqp::connection_name(
                     broker,
-                    connection_name: crate::amqp::connection_name(
-                        broker,
-                        &config.service.name,
-                        &component,
-                    ),
-                    handler: handler.clone(),
-                },
-            ))
-        }
+                    &config.service.name,
+                    &component,
+                ),
+                handler: handler.clone(),
+            }),
+        ),
         _ => anyhow::bail!(
             "broker `{}` is not the kind the processor's source needs",
             dl.source
