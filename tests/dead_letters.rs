@@ -931,3 +931,74 @@ action = "replay"
     );
     assert_eq!(rows(&pool, &table).await.len(), 2, "nothing else archived");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_failure_keeps_the_dead_letter_unsettled_and_not_ready_until_it_recovers() {
+    let s = redis_setup(false);
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let daemon = Daemon::start(&s.config.path, s.port);
+    assert!(
+        daemon.wait_ready(WAIT),
+        "ready: {:?}",
+        daemon.get("/readyz")
+    );
+
+    // The archive goes away under the running processor.
+    let pool = pg().await;
+    sqlx::raw_sql(&format!("DROP TABLE {}", s.table))
+        .execute(&pool)
+        .await
+        .expect("drop archive");
+    let mut conn = redis().await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("kept", &s.stream, "permanent", "boom", "1"),
+    )
+    .await;
+
+    let not_ready = wait_for(WAIT, || {
+        daemon
+            .get("/readyz")
+            .filter(|(status, body)| *status == 503 && body.contains("dead_letter:dl"))
+    });
+    assert!(not_ready.is_some(), "the processor must report not ready");
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(&s.dlq)
+        .arg("bosun-dlq")
+        .query_async(&mut conn)
+        .await
+        .expect("XPENDING");
+    assert_eq!(
+        pending.first(),
+        Some(&redis::Value::Int(1)),
+        "the dead letter stays unsettled"
+    );
+
+    // The archive is back: the held dead letter lands in it and is settled.
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    wait_rows(&pool, &s.table, 1).await;
+    assert_eq!(status_of(&pool, &s.table, "kept").await, "archived");
+    let settled = wait_for_async(WAIT, || {
+        let mut conn = conn.clone();
+        let dlq = s.dlq.clone();
+        async move {
+            let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+                .arg(&dlq)
+                .arg("bosun-dlq")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (pending.first() == Some(&redis::Value::Int(0))).then_some(())
+        }
+    })
+    .await;
+    assert!(settled.is_some(), "settled once archived");
+    assert!(
+        daemon.wait_ready(WAIT),
+        "ready again: {:?}",
+        daemon.get("/readyz")
+    );
+}
