@@ -4,6 +4,8 @@
 //! Exit codes follow sysexits: 0 ok, 64 bad command line, 78 configuration error, 1 other.
 
 mod check;
+mod publish;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +47,10 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Publish one message with confirms and print its message id.
+    Publish(Box<publish::PublishArgs>),
+    /// Print every exchange, queue and binding the amqp consumers need; `--apply` declares them.
+    Topology(topology::TopologyArgs),
     /// Print the version.
     Version,
 }
@@ -90,6 +96,8 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
         }
         Command::Check { config } => check::check(&runtime, &config.config),
         Command::Run { config } => run(runtime, &config.config),
+        Command::Publish(args) => publish::publish(&runtime, *args),
+        Command::Topology(args) => topology::topology(&runtime, args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
