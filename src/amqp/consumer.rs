@@ -317,6 +317,8 @@ impl Inner {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| AmqpError::channel("cannot enable publisher confirms", e))?;
+        // Shared by every handler task; an Arc is cheaper to hand out than a channel clone.
+        let publish = Arc::new(publish);
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await
@@ -442,7 +444,7 @@ fn ack_batch(prefetch: u16) -> usize {
 /// cannot be settled.
 async fn process(
     inner: Arc<Inner>,
-    publish: Channel,
+    publish: Arc<Channel>,
     delivery: Delivery,
 ) -> (u64, Result<Settled, String>) {
     let Delivery {
@@ -535,11 +537,19 @@ async fn process(
                     )
                     .await
                     .map(|()| Settled::Retry),
-                None => {
-                    inner
-                        .dead_letter(&publish, &original, FailureKind::Exhausted, &reason)
-                        .await
-                }
+                // No delay tier (every delay is zero): straight back to the queue.
+                None => inner
+                    .copy(
+                        &publish,
+                        &original,
+                        "",
+                        &inner.topology.queue,
+                        attempt + 1,
+                        FailureKind::Transient,
+                        &reason,
+                    )
+                    .await
+                    .map(|()| Settled::Retry),
             }
         }
         Outcome::Retry { reason, .. } => {

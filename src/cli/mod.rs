@@ -5,6 +5,8 @@
 
 mod check;
 mod dlq;
+mod publish;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +65,10 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Publish one message with confirms and print its message id.
+    Publish(Box<publish::PublishArgs>),
+    /// Print every exchange, queue and binding the amqp consumers need; `--apply` declares them.
+    Topology(topology::TopologyArgs),
     /// Print the version.
     Version,
 }
@@ -112,6 +118,8 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
             config,
             watch_config,
         } => run(runtime, &config.config, watch_config),
+        Command::Publish(args) => publish::publish(&runtime, *args),
+        Command::Topology(args) => topology::topology(&runtime, args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
