@@ -77,6 +77,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Adds the dead-letter admin routes when they exist (only with an admin token).
+pub fn with_admin(app: Router, admin: Option<Router>) -> Router {
+    match admin {
+        Some(admin) => app.merge(admin),
+        None => app,
+    }
+}
+
 /// Binds `listen`; errors here (address in use) stop the daemon at start.
 pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen).await

@@ -22,6 +22,7 @@ pub mod amqp;
 pub mod cli;
 pub mod config;
 pub mod database;
+pub mod dead_letter;
 pub mod handler;
 pub mod health;
 pub mod http;

@@ -83,10 +83,10 @@ pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponen
             .with_context(|| format!("outbox `{name}`"))?;
         components.push((crate::outbox::component_name(name), Arc::new(component)));
     }
-    if let Some((name, _)) = config.dead_letters.iter().next() {
-        anyhow::bail!(
-            "dead-letter processor `{name}`: dead-letter processors are not available in this build"
-        );
+    for (name, dl) in &config.dead_letters {
+        let component = crate::dead_letter::processor::build(name, dl, resources)
+            .with_context(|| format!("dead-letter processor `{name}`"))?;
+        components.push((dead_letter_component_name(name), component));
     }
     Ok(components)
 }
@@ -94,14 +94,27 @@ pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponen
 fn build_consumer(
     name: &str,
     consumer: &config::ConsumerConfig,
-    _resources: &Resources,
+    resources: &Resources,
 ) -> anyhow::Result<Arc<dyn Component>> {
     match &consumer.kind {
-        config::ConsumerKind::Amqp(_) => {
-            anyhow::bail!("amqp consumers are not available in this build ({name})")
+        config::ConsumerKind::Amqp(amqp) => {
+            crate::amqp::consumer::build(name, consumer, amqp, resources)
         }
-        config::ConsumerKind::Redis(_) => {
-            anyhow::bail!("redis consumers are not available in this build ({name})")
+        config::ConsumerKind::Redis(redis) => {
+            let Some(config::BrokerConfig::Redis(broker)) =
+                resources.config.brokers.get(&consumer.source)
+            else {
+                anyhow::bail!("broker `{}` is not a redis broker", consumer.source);
+            };
+            let handler = resources.handler(&consumer.handler)?;
+            Ok(Arc::new(crate::redis_streams::RedisConsumer::new(
+                name,
+                consumer,
+                redis,
+                &consumer.source,
+                broker,
+                handler,
+            )))
         }
     }
 }
@@ -218,7 +231,10 @@ impl Runtime {
             },
             health.clone(),
         );
-        let app = crate::http::router(health, metrics);
+        let app = crate::http::with_admin(
+            crate::http::router(health, metrics),
+            crate::dead_letter::admin::router(&config, &resources),
+        );
         let http_stop = tokio_util::sync::CancellationToken::new();
         let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
         tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");

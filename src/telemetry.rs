@@ -78,6 +78,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    crate::dead_letter::describe_metrics();
     describe_gauge!(
         "bosun_build_info",
         "Always 1; the version label names the running build."

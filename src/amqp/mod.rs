@@ -9,11 +9,15 @@
 //! - [`headers`] converts AMQP header tables and builds the `bosun-*` failure headers.
 
 pub mod connection;
+pub mod consumer;
 pub mod headers;
 pub mod publisher;
+pub mod topology;
 
 pub use connection::connection_name;
+pub use consumer::{AmqpConsumer, AmqpConsumerSpec};
 pub use publisher::AmqpPublisher;
+pub use topology::Topology;
 
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::ShortString;

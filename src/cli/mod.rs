@@ -4,9 +4,12 @@
 //! Exit codes follow sysexits: 0 ok, 64 bad command line, 78 configuration error, 1 other.
 
 mod check;
+mod dlq;
 mod outbox;
 mod probe;
+mod publish;
 mod reload;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +63,15 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Dead-letter archive: schema, migrate, list, groups, show, replay, purge.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
+    /// Publish one message with confirms and print its message id.
+    Publish(Box<publish::PublishArgs>),
+    /// Print every exchange, queue and binding the amqp consumers need; `--apply` declares them.
+    Topology(topology::TopologyArgs),
     /// Print the version.
     Version,
     /// Ask a running daemon to reload its configuration (sends SIGHUP).
@@ -111,6 +123,7 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
             Ok(EXIT_OK)
         }
         Command::Check { config } => check::check(&runtime, &config.config),
+        Command::Dlq { command } => dlq::run(&runtime, command),
         Command::Run {
             config,
             watch_config,
@@ -118,6 +131,8 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
         Command::Reload(args) => reload::reload(&args),
         Command::Probe(args) => probe::probe(&args),
         Command::Outbox(command) => outbox::run(&runtime, command),
+        Command::Publish(args) => publish::publish(&runtime, *args),
+        Command::Topology(args) => topology::topology(&runtime, args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

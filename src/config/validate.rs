@@ -982,6 +982,12 @@ fn dead_letter_config(
                 Action::Archive
             }
         };
+        if matches!(action, Action::Replay { .. }) && raw.archive.is_none() {
+            c.issue(
+                &rat("action"),
+                "action `replay` needs `archive = \"<database>\"` on the processor: delayed replays wait there, and replays past `max_replays` are archived",
+            );
+        }
         if matches!(action, Action::Archive) && raw.archive.is_none() {
             c.issue(
                 &rat("action"),

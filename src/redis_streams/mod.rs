@@ -15,8 +15,12 @@
 //! ([`Ops`]) that reconnects by itself. Both carry a client name (`CLIENT SETNAME`) so an
 //! operator can find them in `CLIENT LIST`.
 
+pub mod claim;
+pub mod consumer;
 pub mod fields;
 pub mod producer;
+pub mod retry;
+pub mod scripts;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +31,7 @@ use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError};
 
 use crate::config::RedisBrokerConfig;
 
+pub use consumer::RedisConsumer;
 pub use producer::{RedisPublisher, publish_fields};
 
 /// Errors of the Redis module.

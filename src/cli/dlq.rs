@@ -1,0 +1,371 @@
+//! `bosun dlq ...`: the archive of dead letters from the command line. Everything but
+//! `schema` reads the configuration for the archive database and the brokers to replay to,
+//! and goes through [`Ops`], the code the admin HTTP API uses too.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+
+use super::{CliError, ConfigArg, EXIT_FAILURE, EXIT_OK, block_on};
+use crate::Runtime;
+use crate::dead_letter::DeadLetterError;
+use crate::dead_letter::archive::{self, Group, ListFilter, Selector, Summary};
+use crate::dead_letter::ops::{Ops, parse_time, row_json};
+use crate::dead_letter::publishers::Publishers;
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Print the archive table's DDL.
+    Schema {
+        /// Table name (default `dead_letters`; `schema.table` allowed).
+        #[arg(long, default_value = "dead_letters")]
+        table: String,
+    },
+    /// Create the archive table of every archiving processor (or of one), idempotently.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        processor: Option<String>,
+    },
+    /// List archived dead letters, newest first.
+    List {
+        #[command(flatten)]
+        common: Common,
+        /// Only this failure group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only dead letters archived since this time (RFC 3339) or age (`2h`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this status (archived, scheduled, replayed, purged); default: all but purged.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Failure groups of archived dead letters: count, first and last seen, a sample error.
+    Groups {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// One archived dead letter, headers and body included.
+    Show {
+        #[command(flatten)]
+        common: Common,
+        id: i64,
+    },
+    /// Republish archived dead letters to their original queue or stream.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        select: Select,
+        /// Show what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Purge archived dead letters (status `purged`, body and headers removed).
+    Purge {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        select: Select,
+        /// Rows archived before this time (RFC 3339) or age (`30d`).
+        #[arg(long, conflicts_with_all = ["ids", "group", "all"])]
+        before: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Options every archive command takes.
+#[derive(Args)]
+pub struct Common {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The `[dead_letters.NAME]` whose archive to use (needed when processors archive into
+    /// different tables).
+    #[arg(long)]
+    processor: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which rows: ids, a group, or all.
+#[derive(Args)]
+pub struct Select {
+    /// Row ids.
+    ids: Vec<i64>,
+    /// Every archived row of this failure group.
+    #[arg(long, conflicts_with_all = ["ids", "all"])]
+    group: Option<String>,
+    /// Every archived row.
+    #[arg(long, conflicts_with_all = ["ids", "group"])]
+    all: bool,
+}
+
+impl Select {
+    fn selector(&self, before: Option<&str>) -> Result<Selector, CliError> {
+        if let Some(before) = before {
+            return Ok(Selector::Before(parse_time(before).map_err(usage)?));
+        }
+        match (&self.group, self.all, self.ids.is_empty()) {
+            (Some(g), false, true) => Ok(Selector::Group(g.clone())),
+            (None, true, true) => Ok(Selector::All),
+            (None, false, false) => Ok(Selector::Ids(self.ids.clone())),
+            _ => Err(CliError::Usage("give row ids, --group G or --all".into())),
+        }
+    }
+}
+
+fn usage(e: DeadLetterError) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
+/// Invalid requests (unknown processor, ambiguous archive) are usage errors; the rest fail.
+fn failed(e: DeadLetterError) -> CliError {
+    match e {
+        DeadLetterError::Invalid(_) => usage(e),
+        other => CliError::Other(anyhow::Error::new(other)),
+    }
+}
+
+fn ops(runtime: &Runtime, path: &Path) -> Result<Ops, CliError> {
+    let config = Arc::new(runtime.load(path)?);
+    let pools = crate::database::pools(&config.databases)?;
+    let publishers = Arc::new(Publishers::new(config.clone(), "cli"));
+    Ok(Ops::new(config, pools, publishers))
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Other(anyhow::anyhow!("cannot render JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
+    // Pools and publishers need the async runtime from the moment they are built.
+    block_on(run_async(runtime, command))?
+}
+
+async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
+    match command {
+        DlqCommand::Schema { table } => {
+            if !crate::config::valid_sql_identifier(&table) {
+                return Err(CliError::Usage(format!(
+                    "`{table}` is not a plain lowercase SQL identifier"
+                )));
+            }
+            print!("{}", archive::schema(&table));
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Migrate { config, processor } => {
+            let config = runtime.load(&config.config)?;
+            let pools = crate::database::pools(&config.databases)?;
+            let mut done = Vec::new();
+            for (name, dl) in &config.dead_letters {
+                if processor.as_ref().is_some_and(|p| p != name) {
+                    continue;
+                }
+                let Some(db) = &dl.archive else { continue };
+                let pool = pools
+                    .get(db)
+                    .ok_or_else(|| CliError::Usage(format!("database `{db}` is not defined")))?;
+                if done.contains(&(db.clone(), dl.table.clone())) {
+                    continue;
+                }
+                archive::migrate(pool, &dl.table).await.map_err(failed)?;
+                println!("{}: table {} in database {db} is ready", name, dl.table);
+                done.push((db.clone(), dl.table.clone()));
+            }
+            if done.is_empty() {
+                return Err(CliError::Usage(match processor {
+                    Some(p) => format!("no dead-letter processor `{p}` with an archive"),
+                    None => "no dead-letter processor with an archive is configured".into(),
+                }));
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::List {
+            common,
+            group,
+            since,
+            status,
+            limit,
+        } => {
+            let ops = ops(runtime, &common.config.config)?;
+            let filter = ListFilter {
+                group,
+                since: since
+                    .as_deref()
+                    .map(parse_time)
+                    .transpose()
+                    .map_err(usage)?,
+                status,
+                limit: limit.clamp(1, 10_000),
+            };
+            let rows = ops
+                .list(common.processor.as_deref(), &filter)
+                .await
+                .map_err(failed)?;
+            if common.json {
+                print_json(&rows)?;
+            } else {
+                print!("{}", summaries_table(&rows));
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Groups { common } => {
+            let ops = ops(runtime, &common.config.config)?;
+            let groups = ops
+                .groups(common.processor.as_deref())
+                .await
+                .map_err(failed)?;
+            if common.json {
+                print_json(&groups)?;
+            } else {
+                print!("{}", groups_table(&groups));
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Show { common, id } => {
+            let ops = ops(runtime, &common.config.config)?;
+            let row = ops
+                .show(common.processor.as_deref(), id)
+                .await
+                .map_err(failed)?;
+            let value = row_json(&row);
+            if common.json {
+                print_json(&value)?;
+            } else if let Some(map) = value.as_object() {
+                for (k, v) in map {
+                    let shown = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Null => "-".into(),
+                        other => other.to_string(),
+                    };
+                    println!("{k:<18} {shown}");
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Replay {
+            common,
+            select,
+            dry_run,
+        } => {
+            let selector = select.selector(None)?;
+            let ops = ops(runtime, &common.config.config)?;
+            let report = ops
+                .replay(common.processor.as_deref(), &selector, dry_run)
+                .await
+                .map_err(failed)?;
+            if common.json {
+                print_json(&report)?;
+            } else if dry_run {
+                println!("would replay {} dead letters", report.would_replay.len());
+                print!("{}", summaries_table(&report.would_replay));
+            } else {
+                println!("replayed {} dead letters", report.replayed.len());
+                for f in &report.failed {
+                    println!("not replayed: id {}: {}", f.id, f.error);
+                }
+            }
+            Ok(if report.failed.is_empty() {
+                EXIT_OK
+            } else {
+                EXIT_FAILURE
+            })
+        }
+        DlqCommand::Purge {
+            common,
+            select,
+            before,
+            dry_run,
+        } => {
+            let selector = select.selector(before.as_deref())?;
+            let ops = ops(runtime, &common.config.config)?;
+            let report = ops
+                .purge(common.processor.as_deref(), &selector, dry_run)
+                .await
+                .map_err(failed)?;
+            if common.json {
+                print_json(&report)?;
+            } else if dry_run {
+                println!("would purge {} dead letters", report.would_purge.len());
+                print!("{}", summaries_table(&report.would_purge));
+            } else {
+                println!("purged {} dead letters", report.purged.len());
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// Cuts `text` to `max` characters for a table cell.
+fn cell(text: &str, max: usize) -> String {
+    let flat = text.replace(['\n', '\r', '\t'], " ");
+    if flat.chars().count() <= max {
+        flat
+    } else {
+        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+fn summaries_table(rows: &[Summary]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>8}  {:<20}  {:<10}  {:<16}  {:<16}  {:>3}  {:<20}  ERROR",
+        "ID", "ARCHIVED", "STATUS", "GROUP", "ORIGINAL", "TRY", "KIND"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<20}  {:<10}  {:<16}  {:<16}  {:>3}  {:<20}  {}",
+            r.id,
+            r.archived_at.format("%Y-%m-%d %H:%M:%S"),
+            r.status,
+            r.group_key,
+            cell(r.original.as_deref().unwrap_or("-"), 16),
+            r.attempts,
+            cell(
+                &match &r.reason {
+                    Some(reason) => format!("{} ({reason})", r.error_kind),
+                    None => r.error_kind.clone(),
+                },
+                20
+            ),
+            cell(r.error.as_deref().unwrap_or("-"), 80)
+        );
+    }
+    out
+}
+
+fn groups_table(groups: &[Group]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16}  {:<10}  {:>7}  {:<20}  {:<20}  SAMPLE ERROR",
+        "GROUP", "KIND", "COUNT", "FIRST SEEN", "LAST SEEN"
+    );
+    for g in groups {
+        let _ = writeln!(
+            out,
+            "{:<16}  {:<10}  {:>7}  {:<20}  {:<20}  {}",
+            g.group_key,
+            g.error_kind,
+            g.count,
+            g.first_seen.format("%Y-%m-%d %H:%M:%S"),
+            g.last_seen.format("%Y-%m-%d %H:%M:%S"),
+            cell(g.sample_error.as_deref().unwrap_or("-"), 80)
+        );
+    }
+    out
+}

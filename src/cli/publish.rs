@@ -1,0 +1,144 @@
+//! `bosun publish`: publish one message through a configured broker, with confirms, and
+//! print its message id.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::PathBuf;
+
+use super::{CliError, ConfigArg, EXIT_OK};
+use crate::Runtime;
+use crate::amqp::AmqpPublisher;
+use crate::config::BrokerConfig;
+use crate::handler::HeaderValue;
+use crate::publish::{OutgoingMessage, Publisher};
+
+#[derive(clap::Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The `[brokers.*]` entry to publish through.
+    #[arg(long)]
+    pub broker: String,
+    /// amqp: the exchange ("" is the default exchange, which routes by queue name).
+    #[arg(long)]
+    pub exchange: Option<String>,
+    /// amqp: the routing key.
+    #[arg(long = "routing-key", default_value = "")]
+    pub routing_key: String,
+    /// redis: the stream to add the entry to.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// redis: an entry field, `name=value`; repeatable.
+    #[arg(long = "field", value_name = "NAME=VALUE")]
+    pub fields: Vec<String>,
+    /// A header, `name=value`; repeatable.
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// The content type, e.g. `application/json`.
+    #[arg(long = "content-type")]
+    pub content_type: Option<String>,
+    /// The message id (default: a new UUID v7).
+    #[arg(long = "message-id")]
+    pub message_id: Option<String>,
+    /// The correlation id.
+    #[arg(long = "correlation-id")]
+    pub correlation_id: Option<String>,
+    /// File holding the body; `-` reads standard input. Without it the body is empty.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+}
+
+/// Splits `name=value`.
+fn pair(text: &str, what: &str) -> Result<(String, String), CliError> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(CliError::Usage(format!(
+            "{what} {text:?} is not of the form name=value"
+        ))),
+    }
+}
+
+fn body(file: Option<&PathBuf>) -> Result<Vec<u8>, CliError> {
+    match file {
+        None => Ok(Vec::new()),
+        Some(path) if path.as_os_str() == "-" => {
+            let mut body = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .map_err(|e| CliError::Other(anyhow::anyhow!("cannot read standard input: {e}")))?;
+            Ok(body)
+        }
+        Some(path) => std::fs::read(path)
+            .map_err(|e| CliError::Other(anyhow::anyhow!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
+    let config = runtime.load(&args.config.config)?;
+    let Some(broker) = config.brokers.get(&args.broker) else {
+        let names: Vec<&str> = config.brokers.keys().map(String::as_str).collect();
+        return Err(CliError::Usage(format!(
+            "broker `{}` is not in {} (brokers: {})",
+            args.broker,
+            config.origin,
+            names.join(", ")
+        )));
+    };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| pair(h, "--header").map(|(k, v)| (k, HeaderValue::String(v))))
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    match broker {
+        BrokerConfig::Redis(_) => {
+            for f in &args.fields {
+                pair(f, "--field")?;
+            }
+            Err(CliError::Other(anyhow::anyhow!(
+                "publishing to redis broker `{}` is not supported yet",
+                args.broker
+            )))
+        }
+        BrokerConfig::Amqp(amqp) => {
+            if args.stream.is_some() || !args.fields.is_empty() {
+                return Err(CliError::Usage(
+                    "--stream and --field are for redis brokers; use --exchange and --routing-key"
+                        .into(),
+                ));
+            }
+            let Some(exchange) = args.exchange.clone() else {
+                return Err(CliError::Usage(format!(
+                    "broker `{}` is amqp: give --exchange (\"\" for the default exchange)",
+                    args.broker
+                )));
+            };
+            let mut message = OutgoingMessage::new(
+                exchange,
+                args.routing_key.clone(),
+                body(args.file.as_ref())?,
+            );
+            if let Some(id) = &args.message_id {
+                message.message_id = id.clone();
+            }
+            message.correlation_id = args.correlation_id.clone();
+            message.content_type = args.content_type.clone();
+            message.headers = headers;
+            let name = crate::amqp::connection_name(amqp, &config.service.name, "publish");
+            let publisher = AmqpPublisher::new(args.broker.clone(), amqp.clone(), name);
+            super::block_on(async move {
+                let result = publisher.publish(&message).await;
+                publisher.close().await;
+                match result {
+                    Ok(()) => {
+                        println!("{}", message.message_id);
+                        Ok(EXIT_OK)
+                    }
+                    Err(e) => Err(CliError::Other(anyhow::anyhow!(
+                        "message {} was not published: {e}",
+                        message.message_id
+                    ))),
+                }
+            })?
+        }
+    }
+}

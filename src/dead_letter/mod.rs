@@ -1,0 +1,89 @@
+//! Dead-letter processors: read a dead-letter queue or stream, apply ordered rules (replay,
+//! archive, drop, forward), and keep an archive in PostgreSQL that operators list, group,
+//! replay and purge from the CLI and the admin HTTP API.
+//!
+//! - [`letter`] reads a dead letter: bosun's failure headers, RabbitMQ's `x-death`, the
+//!   redis failure fields;
+//! - [`rules`] picks the action (first match wins);
+//! - [`group`] computes the failure group key;
+//! - [`archive`] is the table: schema, insert, queries;
+//! - [`copy`] builds replay and forward copies;
+//! - [`processor`] is the [`Handler`](crate::Handler) that applies a decision and answers
+//!   `Ack` only once its effect is durable, run by the ordinary amqp or redis consumer, plus
+//!   the scheduler for delayed replays;
+//! - [`ops`] is list / groups / show / replay / purge, shared by [`admin`] (HTTP) and
+//!   `bosun dlq` (CLI).
+
+pub mod admin;
+pub mod archive;
+pub mod copy;
+pub mod group;
+pub mod letter;
+pub mod ops;
+pub mod processor;
+pub mod publishers;
+pub mod rules;
+
+use crate::publish::PublishError;
+
+/// What can go wrong while handling or operating on dead letters.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The archive database failed; the dead letter stays at its source.
+    #[error("archive database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A replay or forward copy was not confirmed.
+    #[error("publish: {0}")]
+    Publish(#[from] PublishError),
+    /// The broker for a replay or forward cannot be used.
+    #[error("broker `{broker}`: {message}")]
+    Broker { broker: String, message: String },
+    /// A replay of a dead letter that names no original queue or stream.
+    #[error("the dead letter names no original queue or stream to replay to")]
+    NoDestination,
+    /// No archived dead letter with this id (for the selected processors).
+    #[error("no archived dead letter with id {0}")]
+    NotFound(i64),
+    /// The request cannot be served as asked (unknown processor, ambiguous archive).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DeadLetterError {
+    /// Whether the same operation may succeed later without any change (a database or
+    /// broker that is down), as opposed to one that never will (an unroutable target).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DeadLetterError::Database(_) | DeadLetterError::Broker { .. } => true,
+            DeadLetterError::Publish(e) => e.is_transient(),
+            DeadLetterError::NoDestination
+            | DeadLetterError::NotFound(_)
+            | DeadLetterError::Invalid(_) => false,
+        }
+    }
+}
+
+/// Metric names, listed in README.md.
+pub mod metric {
+    /// Counter `{processor, action}`: dead letters settled, by the action that settled them.
+    pub const TOTAL: &str = "bosun_dead_letters_total";
+    /// Gauge `{processor}`: rows with status `archived`, sampled from the table.
+    pub const ARCHIVED: &str = "bosun_dead_letters_archived";
+    /// Counter `{processor}`: replay copies confirmed by the broker.
+    pub const REPLAYS: &str = "bosun_dead_letter_replays_total";
+}
+
+pub(crate) fn describe_metrics() {
+    metrics::describe_counter!(
+        metric::TOTAL,
+        "Dead letters settled by a dead-letter processor, by action."
+    );
+    metrics::describe_gauge!(
+        metric::ARCHIVED,
+        "Archived dead letters waiting in the archive table (sampled)."
+    );
+    metrics::describe_counter!(
+        metric::REPLAYS,
+        "Dead letters replayed to their original queue or stream (confirmed)."
+    );
+}

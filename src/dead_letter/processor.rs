@@ -1,0 +1,454 @@
+//! The dead-letter processor: a [`Handler`] that applies the rules to each dead letter and
+//! answers `Ack` (or `Drop`) only once the decision's effect is durable, plus the periodic
+//! work beside it (delayed replays, the archived gauge).
+//!
+//! The handler is run by the ordinary amqp or redis consumer on the dead-letter queue or
+//! stream, so delivery, prefetch, concurrency, reconnects and settling are the consumers'
+//! own code. When an effect cannot be made durable (database or broker down), the handler
+//! keeps the dead letter in hand and tries again with backoff, reporting not ready; the
+//! dead letter stays unsettled at its source all along and comes back if the process stops.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::archive::{self, NewRow, status};
+use super::copy::{BrokerKind, forward_copy, replay_copy};
+use super::group::group_key;
+use super::letter::{DeadLetter, headers_to_json};
+use super::ops::Ops;
+use super::publishers::PublisherSource;
+use super::rules::{Decision, decide};
+use super::{DeadLetterError, metric};
+use crate::config::{
+    self, BrokerConfig, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource,
+    RedisConsumerConfig,
+};
+use crate::handler::{Handler, Message, Outcome};
+use crate::health::HealthHandle;
+use crate::retry::RetryPolicy;
+use crate::runtime::{Resources, dead_letter_component_name};
+use crate::supervisor::{Component, ComponentContext};
+
+/// First wait after a failed effect; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often scheduled replays are looked for.
+const SCHEDULER_TICK: Duration = Duration::from_secs(1);
+/// How often `bosun_dead_letters_archived` is sampled.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The archive a processor writes to.
+#[derive(Clone)]
+pub struct ArchiveTarget {
+    pub pool: PgPool,
+    pub table: String,
+}
+
+/// Applies one processor's rules to its dead letters.
+pub struct DeadLetterHandler {
+    /// The `[dead_letters.NAME]` name: the `processor` label and archive column.
+    name: String,
+    config: DeadLetterConfig,
+    kind: BrokerKind,
+    archive: Option<ArchiveTarget>,
+    publishers: Arc<dyn PublisherSource>,
+    /// The running component's readiness entry, set when it starts; effects that fail
+    /// make it not ready until one succeeds.
+    health: Mutex<Option<HealthHandle>>,
+}
+
+impl DeadLetterHandler {
+    pub fn new(
+        name: impl Into<String>,
+        config: DeadLetterConfig,
+        kind: BrokerKind,
+        archive: Option<ArchiveTarget>,
+        publishers: Arc<dyn PublisherSource>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            config,
+            kind,
+            archive,
+            publishers,
+            health: Mutex::new(None),
+        }
+    }
+
+    /// Reports into `health` from now on.
+    pub fn attach(&self, health: HealthHandle) {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+    }
+
+    fn health(&self) -> Option<HealthHandle> {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The archive row for `letter`.
+    fn row(
+        &self,
+        letter: &DeadLetter,
+        status: &'static str,
+        note: Option<String>,
+        delay: Option<Duration>,
+    ) -> NewRow {
+        let error = letter.error.clone();
+        NewRow {
+            processor: self.name.clone(),
+            broker: self.config.source.clone(),
+            source: letter.source.clone(),
+            source_entry_id: letter.entry_id.clone(),
+            message_id: letter.message_id.clone(),
+            correlation_id: letter.correlation_id.clone(),
+            original: letter.original.clone(),
+            original_exchange: letter.original_exchange.clone(),
+            routing_key: letter.routing_key.clone(),
+            headers: headers_to_json(&letter.headers),
+            body: letter.body.to_vec(),
+            content_type: letter.content_type.clone(),
+            timestamp_ms: letter.timestamp_ms.and_then(|t| i64::try_from(t).ok()),
+            group_key: group_key(&letter.error_kind, error.as_deref().unwrap_or("")),
+            error_kind: letter.error_kind.clone(),
+            error,
+            reason: letter.reason.clone(),
+            attempts: i32::try_from(letter.attempts).unwrap_or(i32::MAX),
+            replay_count: i32::try_from(letter.replay_count).unwrap_or(i32::MAX),
+            first_failed_at: letter.first_failed_at,
+            status,
+            note,
+            replay_due_at: delay
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| Utc::now() + d),
+        }
+    }
+
+    async fn archive(
+        &self,
+        letter: &DeadLetter,
+        status: &'static str,
+        note: Option<String>,
+        delay: Option<Duration>,
+    ) -> Result<i64, DeadLetterError> {
+        let Some(target) = &self.archive else {
+            // Validation requires an archive for every rule that can archive; this is a
+            // fallback (a replay that cannot be routed) on a processor without one.
+            return Err(DeadLetterError::Invalid(format!(
+                "dead-letter processor `{}` has no archive to keep this dead letter in",
+                self.name
+            )));
+        };
+        archive::insert(
+            &target.pool,
+            &target.table,
+            &self.row(letter, status, note, delay),
+        )
+        .await
+    }
+
+    async fn publish(&self, copy: &crate::publish::OutgoingMessage) -> Result<(), DeadLetterError> {
+        let (_, publisher) = self.publishers.publisher(&self.config.source).await?;
+        publisher.publish(copy).await?;
+        Ok(())
+    }
+
+    /// Makes `decision` durable. `Ok` means the dead letter may be settled.
+    async fn apply(&self, letter: &DeadLetter, decision: &Decision) -> Result<(), DeadLetterError> {
+        match decision {
+            Decision::Replay { delay } if delay.is_zero() => {
+                self.publish(&replay_copy(self.kind, letter)?).await?;
+                metrics::counter!(metric::REPLAYS, "processor" => self.name.clone()).increment(1);
+                Ok(())
+            }
+            Decision::Replay { delay } => {
+                // A long delay is not spent holding the delivery: the row waits in the
+                // archive as `scheduled` and the scheduler replays it when due.
+                self.archive(letter, status::SCHEDULED, None, Some(*delay))
+                    .await?;
+                Ok(())
+            }
+            Decision::Archive { note } => {
+                self.archive(letter, status::ARCHIVED, note.map(str::to_owned), None)
+                    .await?;
+                Ok(())
+            }
+            Decision::Drop => Ok(()),
+            Decision::Forward {
+                target,
+                routing_key,
+            } => {
+                self.publish(&forward_copy(
+                    self.kind,
+                    letter,
+                    target,
+                    routing_key.as_deref(),
+                ))
+                .await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for DeadLetterHandler {
+    async fn handle(&self, message: &Message) -> Outcome {
+        let letter = DeadLetter::from_message(message);
+        let (rule, mut decision) = decide(&self.config, &letter);
+        let mut backoff = BACKOFF_INITIAL;
+        loop {
+            match self.apply(&letter, &decision).await {
+                Ok(()) => {
+                    if let Some(health) = self.health() {
+                        health.set_ready();
+                    }
+                    metrics::counter!(metric::TOTAL, "processor" => self.name.clone(), "action" => decision.label()).increment(1);
+                    tracing::info!(
+                        processor = %self.name,
+                        message_id = letter.message_id.as_deref().unwrap_or(""),
+                        error_kind = %letter.error_kind,
+                        original = letter.original.as_deref().unwrap_or(""),
+                        rule = rule.map(|r| r as i64).unwrap_or(-1),
+                        action = decision.label(),
+                        "dead letter handled"
+                    );
+                    return match decision {
+                        Decision::Drop => Outcome::Drop {
+                            reason: format!("dropped by dead-letter processor `{}`", self.name),
+                        },
+                        _ => Outcome::Ack,
+                    };
+                }
+                Err(e)
+                    if !e.is_transient()
+                        && self.archive.is_some()
+                        && !matches!(decision, Decision::Archive { .. }) =>
+                {
+                    // A replay or forward that can never succeed as configured (no target,
+                    // unroutable, refused) keeps the dead letter in the archive instead.
+                    tracing::warn!(processor = %self.name, action = decision.label(), error = %e, "action failed for good; archiving instead");
+                    decision = Decision::Archive {
+                        note: Some("replay or forward failed"),
+                    };
+                }
+                Err(e) => {
+                    let reason = format!("cannot {} dead letters: {e}", decision.label());
+                    tracing::warn!(processor = %self.name, action = decision.label(), error = %e, retry_in_ms = backoff.as_millis() as u64, "dead letter kept unsettled; retrying");
+                    if let Some(health) = self.health() {
+                        health.set_not_ready(reason);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Replays due scheduled rows and samples the archived gauge until `shutdown`.
+pub async fn background(
+    name: String,
+    ops: Ops,
+    archived: Option<ArchiveTarget>,
+    shutdown: CancellationToken,
+) {
+    let mut scheduler = tokio::time::interval(SCHEDULER_TICK);
+    scheduler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gauge = tokio::time::interval(GAUGE_INTERVAL);
+    gauge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Some(target) = archived else {
+        shutdown.cancelled().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = scheduler.tick() => {
+                match ops.replay_due(&name).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(processor = %name, replayed = n, "scheduled dead letters replayed"),
+                    Err(e) => tracing::warn!(processor = %name, error = %e, "scheduled replays failed; trying again"),
+                }
+            }
+            _ = gauge.tick() => {
+                match archive::count_archived(&target.pool, &target.table, &name).await {
+                    Ok(n) => metrics::gauge!(metric::ARCHIVED, "processor" => name.clone()).set(n as f64),
+                    Err(e) => tracing::debug!(processor = %name, error = %e, "cannot sample archived dead letters"),
+                }
+            }
+        }
+    }
+}
+
+/// Dead letters handled at once per processor: dead letters are few, and each one's effect
+/// is a database insert or a confirmed publish.
+const CONCURRENCY: usize = 16;
+
+/// A running `[dead_letters.NAME]`: the consumer that reads its queue or stream with the
+/// rules handler, and the scheduler beside it.
+pub struct DeadLetterProcessor {
+    name: String,
+    handler: Arc<DeadLetterHandler>,
+    consumer: Arc<dyn Component>,
+    ops: Ops,
+    archive: Option<ArchiveTarget>,
+}
+
+/// Builds the processor `[dead_letters.name]` from shared resources.
+pub fn build(
+    name: &str,
+    dl: &DeadLetterConfig,
+    resources: &Resources,
+) -> anyhow::Result<Arc<dyn Component>> {
+    let config = &resources.config;
+    let component = dead_letter_component_name(name);
+    let broker = config
+        .brokers
+        .get(&dl.source)
+        .ok_or_else(|| anyhow::anyhow!("broker `{}` is not defined", dl.source))?;
+    let archive = match &dl.archive {
+        Some(db) => Some(ArchiveTarget {
+            pool: resources.database(db)?,
+            table: dl.table.clone(),
+        }),
+        None => None,
+    };
+    let publishers: Arc<dyn PublisherSource> = Arc::new(super::publishers::Publishers::new(
+        config.clone(),
+        component.clone(),
+    ));
+    let handler = Arc::new(DeadLetterHandler::new(
+        name,
+        dl.clone(),
+        BrokerKind::of(broker),
+        archive.clone(),
+        publishers.clone(),
+    ));
+    let consumer = consumer_config(dl, &component);
+    let consumer: Arc<dyn Component> = match (&consumer.kind, broker) {
+        (ConsumerKind::Redis(redis), BrokerConfig::Redis(broker)) => {
+            Arc::new(crate::redis_streams::RedisConsumer::new(
+                &component,
+                &consumer,
+                redis,
+                &dl.source,
+                broker,
+                handler.clone(),
+            ))
+        }
+        (ConsumerKind::Amqp(amqp), BrokerConfig::Amqp(broker)) => Arc::new(
+            crate::amqp::consumer::AmqpConsumer::new(crate::amqp::consumer::AmqpConsumerSpec {
+                name: &component,
+                consumer: &consumer,
+                amqp,
+                broker_name: &dl.source,
+                broker,
+                connection_name: crate::amqp::connection_name(
+                    broker,
+                    &config.service.name,
+                    &component,
+                ),
+                handler: handler.clone(),
+            }),
+        ),
+        _ => anyhow::bail!(
+            "broker `{}` is not the kind the processor's source needs",
+            dl.source
+        ),
+    };
+    Ok(Arc::new(DeadLetterProcessor {
+        name: name.to_owned(),
+        handler,
+        consumer,
+        ops: Ops::new(config.clone(), resources.databases.clone(), publishers),
+        archive,
+    }))
+}
+
+/// The consumer settings a processor reads its source with. The handler never asks for a
+/// retry or a dead-letter copy (it holds a dead letter until its effect is durable), so the
+/// retry policy is a single attempt and the delivery limit is off: a dead letter is never
+/// moved on because it was delivered often.
+fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
+    let kind = match &dl.from {
+        DeadLetterSource::Stream { stream, group } => ConsumerKind::Redis(RedisConsumerConfig {
+            stream: stream.clone(),
+            group: group.clone(),
+            consumer: config::default_consumer_name(),
+            start_id: "0".into(),
+            batch: CONCURRENCY * 2,
+            block: Duration::from_secs(5),
+            // Longer than a held dead letter usually waits for a database to come back.
+            claim_idle: Duration::from_secs(300),
+            claim_interval: Duration::from_secs(60),
+            max_deliveries: u32::MAX,
+            // Only entries that are not messages at all (no `payload`) end up here.
+            dead_letter_stream: format!("{stream}:dlq"),
+        }),
+        DeadLetterSource::Queue(queue) => amqp_kind(queue),
+    };
+    ConsumerConfig {
+        source: dl.source.clone(),
+        handler: component.to_owned(),
+        concurrency: CONCURRENCY,
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        },
+        kind,
+    }
+}
+
+#[async_trait]
+impl Component for DeadLetterProcessor {
+    async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
+        self.handler.attach(ctx.health.clone());
+        if let Some(target) = &self.archive {
+            let problem = match archive::exists(&target.pool, &target.table).await {
+                Ok(true) => None,
+                Ok(false) => Some(format!(
+                    "archive table `{}` does not exist; create it with `bosun dlq migrate`",
+                    target.table
+                )),
+                Err(e) => Some(format!("cannot reach the archive database: {e}")),
+            };
+            if let Some(problem) = problem {
+                ctx.health.set_not_ready(problem.clone());
+                anyhow::bail!(problem);
+            }
+        }
+        let stop = ctx.shutdown.child_token();
+        let background = tokio::spawn(background(
+            self.name.clone(),
+            self.ops.clone(),
+            self.archive.clone(),
+            stop.clone(),
+        ));
+        let result = self.consumer.run(ctx).await;
+        stop.cancel();
+        let _ = background.await;
+        result
+    }
+}
+
+/// The amqp consumer settings for a dead-letter queue. The queue is only checked, never
+/// declared: the consumer that dead-letters into it declared it with its own arguments, and
+/// declaring it again with others would fail (PRECONDITION_FAILED). A single attempt means no
+/// retry tiers; the consumer's own dead-letter target is the queue itself, which exists, and
+/// is used only if the handler panicked (it never answers `DeadLetter`).
+fn amqp_kind(queue: &str) -> ConsumerKind {
+    ConsumerKind::Amqp(config::AmqpConsumerConfig {
+        queue: queue.to_owned(),
+        queue_type: config::QueueType::Classic,
+        bindings: Vec::new(),
+        declare: false,
+        prefetch: (CONCURRENCY * 2) as u16,
+        dead_letter: config::AmqpDeadLetter::Queue(queue.to_owned()),
+    })
+}

@@ -1,0 +1,910 @@
+//! The consumer-group component.
+//!
+//! Task tree of one running consumer:
+//! - the reader (this task): reads its own pending entries from ID `0`, then new ones with
+//!   `>` and `BLOCK`, on a connection of its own; reconnects with backoff;
+//! - one task per entry, up to `concurrency` at once, that runs the handler and turns its
+//!   outcome into a [`Settlement`];
+//! - the settler ([`settle`]): batches settlements into one pipeline (one XACK for every
+//!   ack and drop, one script call per retry or dead letter) on the managed connection;
+//! - the claimer ([`super::claim`]) and the retry mover ([`super::retry`]).
+//!
+//! An entry id stays in the `inflight` set from the moment it is read until its settlement
+//! is confirmed, so neither the pending re-read after a reconnect nor XAUTOCLAIM hands it to
+//! a second handler in this process.
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::FutureExt as _;
+use metrics::{Counter, Gauge, Histogram};
+use redis::Value;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::fields::{self, Entry, Failure};
+use super::scripts::Scripts;
+use super::{Error, Ops, client_name, connect_reader};
+use crate::config::{ConsumerConfig, RedisBrokerConfig, RedisConsumerConfig};
+use crate::handler::{FailureKind, Handler, Outcome, Source};
+use crate::health::HealthHandle;
+use crate::retry::RetryPolicy;
+use crate::supervisor::{Component, ComponentContext};
+
+/// Most settlements sent in one pipeline.
+const SETTLE_BATCH: usize = 1000;
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A Redis Streams consumer-group consumer: one `[consumers.NAME]` whose source is a redis
+/// broker.
+pub struct RedisConsumer {
+    inner: Arc<Inner>,
+}
+
+/// Everything the consumer's tasks share; fixed for the component's lifetime.
+pub(crate) struct Inner {
+    /// The `[consumers.NAME]` name: the `consumer` label of the metrics.
+    pub(crate) name: String,
+    /// The `[brokers.NAME]` name: the `broker` label of the connection metrics.
+    pub(crate) broker_name: String,
+    pub(crate) broker: RedisBrokerConfig,
+    pub(crate) config: RedisConsumerConfig,
+    pub(crate) retry: RetryPolicy,
+    /// Handlers in flight at once.
+    pub(crate) concurrency: usize,
+    pub(crate) handler: Arc<dyn Handler>,
+    /// `<stream>:retry`: the sorted set of scheduled retries, score = due time in ms.
+    pub(crate) retry_key: String,
+    pub(crate) scripts: Scripts,
+    pub(crate) metrics: Metrics,
+}
+
+/// Metric handles, registered once so the per-message path does no label lookups.
+pub(crate) struct Metrics {
+    received: Counter,
+    settled_ack: Counter,
+    settled_retry: Counter,
+    settled_dead_letter: Counter,
+    settled_drop: Counter,
+    in_flight: Gauge,
+    duration_ack: Histogram,
+    duration_retry: Histogram,
+    duration_dead_letter: Histogram,
+    duration_drop: Histogram,
+    connected: Gauge,
+    reconnects: Counter,
+    pub(crate) pending: Gauge,
+    pub(crate) claimed: Counter,
+    /// Pending entries whose stream entry was deleted: nothing left to handle.
+    pub(crate) deleted: Counter,
+}
+
+impl Metrics {
+    fn new(consumer: &str, broker: &str) -> Self {
+        let c = consumer.to_owned();
+        let settled = |outcome: &'static str| metrics::counter!("bosun_messages_settled_total", "consumer" => c.clone(), "outcome" => outcome);
+        let duration = |outcome: &'static str| metrics::histogram!("bosun_handler_duration_seconds", "consumer" => c.clone(), "outcome" => outcome);
+        Self {
+            received: metrics::counter!("bosun_messages_received_total", "consumer" => c.clone()),
+            settled_ack: settled("ack"),
+            settled_retry: settled("retry"),
+            settled_dead_letter: settled("dead_letter"),
+            settled_drop: settled("drop"),
+            in_flight: metrics::gauge!("bosun_messages_in_flight", "consumer" => c.clone()),
+            duration_ack: duration("ack"),
+            duration_retry: duration("retry"),
+            duration_dead_letter: duration("dead_letter"),
+            duration_drop: duration("drop"),
+            connected: metrics::gauge!("bosun_broker_connected", "broker" => broker.to_owned()),
+            reconnects: metrics::counter!("bosun_broker_reconnects_total", "broker" => broker.to_owned()),
+            pending: metrics::gauge!("bosun_redis_pending_messages", "consumer" => c.clone()),
+            claimed: metrics::counter!("bosun_redis_claimed_total", "consumer" => c.clone()),
+            deleted: metrics::counter!("bosun_redis_deleted_entries_total", "consumer" => c),
+        }
+    }
+
+    fn duration(&self, outcome: &Outcome) -> &Histogram {
+        match outcome {
+            Outcome::Ack => &self.duration_ack,
+            Outcome::Retry { .. } => &self.duration_retry,
+            Outcome::DeadLetter { .. } => &self.duration_dead_letter,
+            Outcome::Drop { .. } => &self.duration_drop,
+        }
+    }
+}
+
+impl RedisConsumer {
+    /// A consumer for `[consumers.name]`, reading `broker` (named `broker_name`).
+    pub fn new(
+        name: &str,
+        consumer: &ConsumerConfig,
+        config: &RedisConsumerConfig,
+        broker_name: &str,
+        broker: &RedisBrokerConfig,
+        handler: Arc<dyn Handler>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                broker_name: broker_name.to_owned(),
+                broker: broker.clone(),
+                config: config.clone(),
+                retry: consumer.retry.clone(),
+                concurrency: consumer.concurrency.max(1),
+                handler,
+                retry_key: format!("{}:retry", config.stream),
+                scripts: Scripts::default(),
+                metrics: Metrics::new(name, broker_name),
+            }),
+        }
+    }
+}
+
+/// How one entry is settled at its source.
+pub(crate) enum Action {
+    Ack,
+    Drop,
+    /// Re-added with these fields after `delay_ms`.
+    Retry {
+        fields: Vec<(Bytes, Bytes)>,
+        delay_ms: u64,
+    },
+    /// Copied to the dead-letter stream with these fields.
+    DeadLetter {
+        fields: Vec<(Bytes, Bytes)>,
+    },
+}
+
+pub(crate) struct Settlement {
+    id: String,
+    action: Action,
+}
+
+/// The in-flight set: entry ids read and not yet settled.
+#[derive(Clone, Default)]
+pub(crate) struct Inflight(Arc<Mutex<HashSet<String>>>);
+
+impl Inflight {
+    fn lock(&self) -> MutexGuard<'_, HashSet<String>> {
+        // Every update is a single insert or remove: a panic elsewhere cannot leave the set
+        // half-written, so a poisoned lock is still usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Hands entries to handler tasks, at most `concurrency` at once.
+#[derive(Clone)]
+pub(crate) struct Dispatcher {
+    inner: Arc<Inner>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    settle: mpsc::Sender<Settlement>,
+    inflight: Inflight,
+}
+
+/// An entry to handle, with how often it was delivered (from XPENDING; 1 for a fresh read).
+pub(crate) struct Delivery {
+    pub(crate) entry: Entry,
+    pub(crate) deliveries: u64,
+}
+
+impl Dispatcher {
+    /// Starts a handler task for each delivery not already in flight here. Waits for free
+    /// capacity, so the reader never holds more than a batch beyond `concurrency`.
+    pub(crate) async fn dispatch(&self, deliveries: Vec<Delivery>, redelivered: bool) {
+        let fresh: Vec<Delivery> = {
+            let mut inflight = self.inflight.lock();
+            deliveries
+                .into_iter()
+                .filter(|d| inflight.insert(d.entry.id.clone()))
+                .collect()
+        };
+        self.inner.metrics.received.increment(fresh.len() as u64);
+        for delivery in fresh {
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                return;
+            };
+            let inner = self.inner.clone();
+            let settle = self.settle.clone();
+            self.tracker.spawn(async move {
+                inner.metrics.in_flight.increment(1.0);
+                let id = delivery.entry.id.clone();
+                let action = inner.process(delivery, redelivered).await;
+                inner.metrics.in_flight.decrement(1.0);
+                // The permit is held until the settlement is queued, so a slow settler slows
+                // reading instead of piling up finished work.
+                let _ = settle.send(Settlement { id, action }).await;
+                drop(permit);
+            });
+        }
+    }
+
+    pub(crate) fn is_inflight(&self, id: &str) -> bool {
+        self.inflight.lock().contains(id)
+    }
+}
+
+impl Inner {
+    /// Runs the handler on one entry and decides how to settle it.
+    async fn process(&self, delivery: Delivery, redelivered: bool) -> Action {
+        let Delivery { entry, deliveries } = delivery;
+        let max = u64::from(self.config.max_deliveries);
+        if deliveries > max {
+            let error = format!(
+                "delivered {deliveries} times without being settled (max_deliveries {max})"
+            );
+            tracing::warn!(consumer = %self.name, entry_id = %entry.id, deliveries, "dead-lettering an entry delivered too often");
+            return self.dead_letter(&entry, deliveries, 1, &error, FailureKind::Exhausted);
+        }
+        let source = Source {
+            broker: self.broker_name.clone(),
+            consumer: self.name.clone(),
+            queue: self.config.stream.clone(),
+            exchange: None,
+            routing_key: None,
+            entry_id: Some(entry.id.clone()),
+        };
+        let message = match fields::decode(&entry, source, redelivered || deliveries > 1) {
+            Ok(message) => message,
+            Err(reason) => {
+                tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "dead-lettering an invalid entry");
+                return self.dead_letter(&entry, deliveries, 1, &reason, FailureKind::Invalid);
+            }
+        };
+        let started = Instant::now();
+        let outcome = match AssertUnwindSafe(self.handler.handle(&message))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(consumer = %self.name, entry_id = %entry.id, "handler panicked; treating it as a transient failure");
+                Outcome::retry("handler panicked")
+            }
+        };
+        self.metrics
+            .duration(&outcome)
+            .record(started.elapsed().as_secs_f64());
+        let attempt = message.attempt;
+        match outcome {
+            Outcome::Ack => Action::Ack,
+            Outcome::Drop { reason } => {
+                tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "handler dropped the message");
+                Action::Drop
+            }
+            Outcome::Retry { after, reason } if self.retry.should_retry(attempt) => {
+                let delay = after.unwrap_or_else(|| self.retry.delay(attempt));
+                tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms = delay.as_millis() as u64, %reason, "retry scheduled");
+                Action::Retry {
+                    fields: fields::retry_fields(&entry, attempt.saturating_add(1), &reason),
+                    delay_ms: delay.as_millis() as u64,
+                }
+            }
+            Outcome::Retry { reason, .. } => {
+                tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, "attempts exhausted; dead-lettering");
+                self.dead_letter(&entry, deliveries, attempt, &reason, FailureKind::Exhausted)
+            }
+            Outcome::DeadLetter { reason, kind } => {
+                tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, kind = %kind, "dead-lettering");
+                self.dead_letter(&entry, deliveries, attempt, &reason, kind)
+            }
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        entry: &Entry,
+        deliveries: u64,
+        attempt: u32,
+        error: &str,
+        kind: FailureKind,
+    ) -> Action {
+        let failure = Failure {
+            stream: &self.config.stream,
+            group: &self.config.group,
+            consumer: &self.config.consumer,
+            deliveries,
+            attempt,
+            error,
+            kind,
+        };
+        Action::DeadLetter {
+            fields: fields::dead_letter_fields(entry, &failure),
+        }
+    }
+
+    /// `XGROUP CREATE ... MKSTREAM`; an existing group is fine.
+    pub(crate) async fn ensure_group(&self, ops: &Ops) -> Result<(), Error> {
+        let cmd = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&self.config.start_id)
+            .arg("MKSTREAM")
+            .to_owned();
+        match ops.query::<()>(&cmd).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(source) => Err(Error::Command {
+                command: "XGROUP CREATE",
+                source,
+            }),
+        }
+    }
+
+    /// Delivery counts of `ids` (pending for this consumer), from the extended XPENDING.
+    pub(crate) async fn delivery_counts(
+        &self,
+        ops: &Ops,
+        entries: &[Entry],
+    ) -> Result<std::collections::HashMap<String, u64>, Error> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(Default::default());
+        };
+        let cmd = redis::cmd("XPENDING")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&first.id)
+            .arg(&last.id)
+            .arg(entries.len().max(1) * 2)
+            .arg(&self.config.consumer)
+            .to_owned();
+        let rows: Vec<(String, String, u64, u64)> =
+            ops.query(&cmd).await.map_err(Error::command("XPENDING"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, _, _, count)| (id, count))
+            .collect())
+    }
+
+    /// Pairs entries with their delivery counts; an entry missing from XPENDING counts as
+    /// delivered once (it was settled meanwhile, and the script's XACK check will see that).
+    pub(crate) async fn with_counts(
+        &self,
+        ops: &Ops,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Delivery>, Error> {
+        let counts = self.delivery_counts(ops, &entries).await?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let deliveries = counts.get(&entry.id).copied().unwrap_or(1);
+                Delivery { entry, deliveries }
+            })
+            .collect())
+    }
+
+    /// XACKs entries whose stream entry is gone (they are pending with nothing to handle).
+    pub(crate) async fn ack_deleted(&self, ops: &Ops, ids: &[String]) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let cmd = redis::cmd("XACK")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(ids)
+            .to_owned();
+        let _: u64 = ops.query(&cmd).await.map_err(Error::command("XACK"))?;
+        self.metrics.deleted.increment(ids.len() as u64);
+        tracing::info!(consumer = %self.name, count = ids.len(), "acknowledged pending entries that were deleted from the stream");
+        Ok(())
+    }
+}
+
+/// Parses an XREADGROUP reply for one stream into entries; entries whose fields are nil
+/// (deleted from the stream while pending) come back in the second list.
+pub(crate) fn parse_read(reply: Value) -> Result<(Vec<Entry>, Vec<String>), Error> {
+    let streams = match reply {
+        Value::Nil => return Ok((Vec::new(), Vec::new())),
+        Value::Array(streams) => streams.into_iter().filter_map(|s| match s {
+            Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+            _ => None,
+        }),
+        other => return Err(bad("XREADGROUP", &other)),
+    };
+    let mut entries = Vec::new();
+    let mut deleted = Vec::new();
+    for list in streams {
+        parse_entries(list, &mut entries, &mut deleted, "XREADGROUP")?;
+    }
+    Ok((entries, deleted))
+}
+
+/// Same reply layout under RESP3 (a map keyed by stream).
+pub(crate) fn parse_read_any(reply: Value) -> Result<(Vec<Entry>, Vec<String>), Error> {
+    match reply {
+        Value::Map(pairs) => {
+            let mut entries = Vec::new();
+            let mut deleted = Vec::new();
+            for (_, list) in pairs {
+                parse_entries(list, &mut entries, &mut deleted, "XREADGROUP")?;
+            }
+            Ok((entries, deleted))
+        }
+        other => parse_read(other),
+    }
+}
+
+fn bad(command: &'static str, value: &Value) -> Error {
+    let mut detail = format!("{value:?}");
+    detail.truncate(200);
+    Error::Reply { command, detail }
+}
+
+fn bytes_of(value: Value, command: &'static str) -> Result<Vec<u8>, Error> {
+    match value {
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        other => Err(bad(command, &other)),
+    }
+}
+
+/// Parses `[[id, [field, value, ...] | nil], ...]`.
+pub(crate) fn parse_entries(
+    list: Value,
+    entries: &mut Vec<Entry>,
+    deleted: &mut Vec<String>,
+    command: &'static str,
+) -> Result<(), Error> {
+    let Value::Array(items) = list else {
+        return Err(bad(command, &list));
+    };
+    entries.reserve(items.len());
+    for item in items {
+        let Value::Array(pair) = item else {
+            return Err(bad(command, &item));
+        };
+        let mut pair = pair.into_iter();
+        let (Some(id), Some(body)) = (pair.next(), pair.next()) else {
+            return Err(Error::Reply {
+                command,
+                detail: "entry without id and fields".into(),
+            });
+        };
+        let id = String::from_utf8(bytes_of(id, command)?).map_err(|_| Error::Reply {
+            command,
+            detail: "entry id is not UTF-8".into(),
+        })?;
+        let values = match body {
+            Value::Nil => {
+                deleted.push(id);
+                continue;
+            }
+            Value::Array(values) => values,
+            Value::Map(map) => map.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+            other => return Err(bad(command, &other)),
+        };
+        let mut fields = Vec::with_capacity(values.len() / 2);
+        let mut values = values.into_iter();
+        while let (Some(k), Some(v)) = (values.next(), values.next()) {
+            fields.push((
+                Bytes::from(bytes_of(k, command)?),
+                Bytes::from(bytes_of(v, command)?),
+            ));
+        }
+        entries.push(Entry { id, fields });
+    }
+    Ok(())
+}
+
+/// Sleeps `delay` unless `token` is cancelled first; true when cancelled.
+pub(crate) async fn sleep_or_cancel(delay: Duration, token: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = token.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+fn next_backoff(current: Duration) -> Duration {
+    (current * 2).min(BACKOFF_MAX)
+}
+
+#[async_trait]
+impl Component for RedisConsumer {
+    async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
+        let inner = self.inner.clone();
+        let health = ctx.health.clone();
+        let broker = inner.broker_name.clone();
+
+        let ops_name = client_name(&inner.config.consumer, "ops");
+        let mut backoff = BACKOFF_INITIAL;
+        let ops = loop {
+            health.set_not_ready(format!("connecting to redis broker `{broker}`"));
+            match Ops::connect(&inner.broker, &ops_name).await {
+                Ok(ops) => break ops,
+                Err(e) => {
+                    tracing::warn!(consumer = %inner.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to redis; retrying");
+                    health.set_not_ready(format!("connecting to redis broker `{broker}`: {e}"));
+                    if sleep_or_cancel(backoff, &ctx.shutdown).await {
+                        return Ok(());
+                    }
+                    backoff = next_backoff(backoff);
+                }
+            }
+        };
+
+        let (settle_tx, settle_rx) = mpsc::channel(SETTLE_BATCH.max(inner.concurrency * 2));
+        let inflight = Inflight::default();
+        let dispatcher = Dispatcher {
+            inner: inner.clone(),
+            permits: Arc::new(Semaphore::new(inner.concurrency)),
+            tracker: TaskTracker::new(),
+            settle: settle_tx,
+            inflight: inflight.clone(),
+        };
+        let settler = tokio::spawn(settle(inner.clone(), ops.clone(), settle_rx, inflight));
+        // The helpers stop with the reader, before the drain, so nothing new is dispatched.
+        let helpers = ctx.shutdown.child_token();
+        let claimer = tokio::spawn(super::claim::run(
+            inner.clone(),
+            ops.clone(),
+            dispatcher.clone(),
+            helpers.clone(),
+        ));
+        let mover = tokio::spawn(super::retry::run(
+            inner.clone(),
+            ops.clone(),
+            helpers.clone(),
+        ));
+
+        read_loop(&inner, &ops, &dispatcher, &ctx.shutdown, &health).await;
+
+        helpers.cancel();
+        let _ = claimer.await;
+        let _ = mover.await;
+        health.set_not_ready("draining");
+        dispatcher.tracker.close();
+        dispatcher.tracker.wait().await;
+        // The last sender goes with the dispatcher: the settler drains its queue and ends.
+        drop(dispatcher);
+        if let Err(e) = settler.await {
+            tracing::error!(consumer = %inner.name, error = %e, "the settler task failed");
+        }
+        inner.metrics.connected.set(0.0);
+        tracing::info!(consumer = %inner.name, "redis consumer stopped");
+        Ok(())
+    }
+}
+
+/// Reads until shutdown, reconnecting with backoff when the read connection fails.
+async fn read_loop(
+    inner: &Inner,
+    ops: &Ops,
+    dispatcher: &Dispatcher,
+    shutdown: &CancellationToken,
+    health: &HealthHandle,
+) {
+    let mut backoff = BACKOFF_INITIAL;
+    let mut was_connected = false;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let result = session(
+            inner,
+            ops,
+            dispatcher,
+            shutdown,
+            health,
+            &mut was_connected,
+            &mut backoff,
+        )
+        .await;
+        inner.metrics.connected.set(0.0);
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(consumer = %inner.name, broker = %inner.broker_name, error = %e, retry_in_ms = backoff.as_millis() as u64, "redis consumer lost its connection; reconnecting");
+                health.set_not_ready(format!(
+                    "reconnecting to redis broker `{}`: {e}",
+                    inner.broker_name
+                ));
+                if sleep_or_cancel(backoff, shutdown).await {
+                    return;
+                }
+                backoff = next_backoff(backoff);
+            }
+        }
+    }
+}
+
+/// One connected stretch of reading: Ok at shutdown, Err when the connection fails.
+async fn session(
+    inner: &Inner,
+    ops: &Ops,
+    dispatcher: &Dispatcher,
+    shutdown: &CancellationToken,
+    health: &HealthHandle,
+    was_connected: &mut bool,
+    backoff: &mut Duration,
+) -> Result<(), Error> {
+    let config = &inner.config;
+    let mut reader = connect_reader(
+        &inner.broker,
+        &client_name(&config.consumer, "read"),
+        config.block,
+    )
+    .await?;
+    let reader_id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut reader)
+        .await
+        .map_err(Error::command("CLIENT ID"))?;
+    inner.ensure_group(ops).await?;
+    inner
+        .scripts
+        .load(ops)
+        .await
+        .map_err(Error::command("SCRIPT LOAD"))?;
+
+    if *was_connected {
+        inner.metrics.reconnects.increment(1);
+        tracing::info!(consumer = %inner.name, broker = %inner.broker_name, "reconnected to redis");
+    }
+    *was_connected = true;
+    *backoff = BACKOFF_INITIAL;
+    inner.metrics.connected.set(1.0);
+    health.set_ready();
+    tracing::info!(consumer = %inner.name, stream = %config.stream, group = %config.group, redis_consumer = %config.consumer, "redis consumer reading");
+
+    // Own pending entries first (from a crash or a lost connection), then new ones.
+    let mut cursor = String::from("0");
+    let block_ms = config.block.as_millis().max(1) as u64;
+    loop {
+        let pending_phase = cursor != ">";
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&config.group)
+            .arg(&config.consumer)
+            .arg("COUNT")
+            .arg(config.batch);
+        if !pending_phase {
+            cmd.arg("BLOCK").arg(block_ms);
+        }
+        cmd.arg("STREAMS").arg(&config.stream).arg(&cursor);
+
+        let read = cmd.query_async::<Value>(&mut reader);
+        tokio::pin!(read);
+        let mut stopping = false;
+        let reply = tokio::select! {
+            reply = &mut read => reply,
+            _ = shutdown.cancelled() => {
+                // Wake the blocked read so whatever it already took is handled, not left
+                // pending until the next start.
+                stopping = true;
+                let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(reader_id).to_owned();
+                if let Err(e) = ops.query::<i64>(&unblock).await {
+                    tracing::debug!(consumer = %inner.name, error = %e, "CLIENT UNBLOCK failed");
+                }
+                match tokio::time::timeout(Duration::from_secs(2), &mut read).await {
+                    Ok(reply) => reply,
+                    Err(_) => return Ok(()),
+                }
+            }
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) if e.code() == Some("NOGROUP") => {
+                if stopping {
+                    return Ok(());
+                }
+                tracing::warn!(consumer = %inner.name, stream = %config.stream, group = %config.group, "the stream or its consumer group vanished; re-creating it");
+                inner.ensure_group(ops).await?;
+                cursor = String::from("0");
+                continue;
+            }
+            Err(source) if stopping => {
+                tracing::debug!(consumer = %inner.name, error = %source, "read ended at shutdown");
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(Error::Command {
+                    command: "XREADGROUP",
+                    source,
+                });
+            }
+        };
+        let (entries, deleted) = parse_read_any(reply)?;
+        if pending_phase {
+            if let Some(last) = entries
+                .last()
+                .map(|e| e.id.clone())
+                .or_else(|| deleted.last().cloned())
+            {
+                cursor = last;
+            } else {
+                cursor = String::from(">");
+                continue;
+            }
+            inner.ack_deleted(ops, &deleted).await?;
+            let deliveries = inner.with_counts(ops, entries).await?;
+            dispatcher.dispatch(deliveries, true).await;
+        } else {
+            let deliveries = entries
+                .into_iter()
+                .map(|entry| Delivery {
+                    entry,
+                    deliveries: 1,
+                })
+                .collect();
+            dispatcher.dispatch(deliveries, false).await;
+        }
+        if stopping || shutdown.is_cancelled() {
+            return Ok(());
+        }
+    }
+}
+
+/// The settler: applies settlements in batches until every sender is gone.
+async fn settle(
+    inner: Arc<Inner>,
+    ops: Ops,
+    mut rx: mpsc::Receiver<Settlement>,
+    inflight: Inflight,
+) {
+    let mut batch = Vec::with_capacity(SETTLE_BATCH);
+    while rx.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+        settle_batch(&inner, &ops, &batch).await;
+        {
+            let mut set = inflight.lock();
+            for s in &batch {
+                set.remove(&s.id);
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Sends one batch of settlements as a pipeline, again and again until the connection
+/// carries it. Re-sending is safe: XACK is idempotent and each script acts only if its
+/// entry is still pending.
+async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
+    let config = &inner.config;
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let acks: Vec<&str> = batch
+        .iter()
+        .filter(|s| matches!(s.action, Action::Ack | Action::Drop))
+        .map(|s| s.id.as_str())
+        .collect();
+    // Which settlement each pipeline reply belongs to (`None`: the shared XACK).
+    let mut owners: Vec<Option<usize>> = Vec::with_capacity(batch.len() + 1);
+    if !acks.is_empty() {
+        pipe.cmd("XACK")
+            .arg(&config.stream)
+            .arg(&config.group)
+            .arg(&acks);
+        owners.push(None);
+    }
+    for (i, s) in batch.iter().enumerate() {
+        let cmd = match &s.action {
+            Action::Ack | Action::Drop => continue,
+            Action::Retry { fields, delay_ms } => {
+                let mut cmd = inner
+                    .scripts
+                    .retry
+                    .call(&[&config.stream, &inner.retry_key]);
+                cmd.arg(&config.group).arg(&s.id).arg(*delay_ms);
+                push_fields(&mut cmd, fields);
+                cmd
+            }
+            Action::DeadLetter { fields } => {
+                let mut cmd = inner
+                    .scripts
+                    .dead_letter
+                    .call(&[&config.stream, &config.dead_letter_stream]);
+                cmd.arg(&config.group).arg(&s.id);
+                push_fields(&mut cmd, fields);
+                cmd
+            }
+        };
+        pipe.add_command(cmd);
+        owners.push(Some(i));
+    }
+
+    let mut backoff = BACKOFF_INITIAL;
+    let replies = loop {
+        match ops
+            .query_pipe::<Vec<redis::RedisResult<Value>>>(&pipe)
+            .await
+        {
+            Ok(replies)
+                if replies
+                    .iter()
+                    .any(|r| r.as_ref().is_err_and(|e| e.code() == Some("NOSCRIPT"))) =>
+            {
+                tracing::info!(consumer = %inner.name, "redis lost its script cache; loading the scripts again");
+                if let Err(e) = inner.scripts.load(ops).await {
+                    tracing::warn!(consumer = %inner.name, error = %e, "cannot load scripts");
+                    tokio::time::sleep(backoff).await;
+                    backoff = next_backoff(backoff);
+                }
+            }
+            Ok(replies) => break replies,
+            Err(e) => {
+                tracing::warn!(consumer = %inner.name, error = %e, pending = batch.len(), retry_in_ms = backoff.as_millis() as u64, "cannot settle entries; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = next_backoff(backoff);
+            }
+        }
+    };
+
+    let metrics = &inner.metrics;
+    for (owner, reply) in owners.iter().zip(replies) {
+        match (owner, reply) {
+            (None, Ok(_)) => {
+                for s in batch {
+                    match s.action {
+                        Action::Ack => metrics.settled_ack.increment(1),
+                        Action::Drop => metrics.settled_drop.increment(1),
+                        _ => {}
+                    }
+                }
+            }
+            (Some(i), Ok(value)) => {
+                let s = &batch[*i];
+                let applied = !matches!(value, Value::Nil | Value::Int(0));
+                match (&s.action, applied) {
+                    (Action::Retry { .. }, true) => metrics.settled_retry.increment(1),
+                    (Action::DeadLetter { .. }, true) => metrics.settled_dead_letter.increment(1),
+                    _ => {
+                        tracing::info!(consumer = %inner.name, entry_id = %s.id, "entry was settled elsewhere (claimed by another consumer); nothing to do")
+                    }
+                }
+            }
+            (owner, Err(e)) => {
+                let ids: Vec<&str> = match owner {
+                    Some(i) => vec![batch[*i].id.as_str()],
+                    None => acks.clone(),
+                };
+                // Left pending: XAUTOCLAIM offers it again after `claim_idle`.
+                tracing::error!(consumer = %inner.name, error = %e, entries = ?ids, "redis refused a settlement; the entries stay pending");
+            }
+        }
+    }
+}
+
+fn push_fields(cmd: &mut redis::Cmd, fields: &[(Bytes, Bytes)]) {
+    for (k, v) in fields {
+        cmd.arg(k.as_ref()).arg(v.as_ref());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &[u8]) -> Value {
+        Value::BulkString(s.to_vec())
+    }
+
+    #[test]
+    fn read_reply_parses_entries_and_deleted_ids() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk(b"s"),
+            Value::Array(vec![
+                Value::Array(vec![
+                    bulk(b"1-0"),
+                    Value::Array(vec![bulk(b"payload"), bulk(b"\xff")]),
+                ]),
+                Value::Array(vec![bulk(b"2-0"), Value::Nil]),
+            ]),
+        ])]);
+        let (entries, deleted) = parse_read_any(reply).expect("parse");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].id, "1-0");
+        assert_eq!(
+            entries[0].field("payload").map(|b| b.as_ref()),
+            Some(&b"\xff"[..])
+        );
+        assert_eq!(deleted, vec!["2-0".to_owned()]);
+        assert_eq!(parse_read_any(Value::Nil).expect("nil").0.len(), 0);
+        assert!(parse_read_any(Value::Int(3)).is_err());
+    }
+}
