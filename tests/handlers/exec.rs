@@ -323,7 +323,15 @@ async fn megabytes_of_output_keep_only_the_stderr_tail() {
         "{}",
         &reason[reason.len().saturating_sub(100)..]
     );
-    assert!(reason.len() < 2048 + 200, "{}", reason.len());
+    assert!(reason.len() <= 2048, "{}", reason.len());
+    assert!(
+        reason.starts_with(&format!(
+            "command `{}` exited with code 3: ",
+            fixture("noisy.sh")
+        )),
+        "{}",
+        &reason[..100]
+    );
     assert!(
         !reason.contains('o'.to_string().repeat(10).as_str()),
         "stdout never reaches the reason"
