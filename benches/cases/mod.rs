@@ -1,5 +1,6 @@
 //! The harness's cases. Each is an async function returning its printed report.
 
+pub mod http;
 pub mod outbox;
 pub mod util;
 
@@ -16,6 +17,10 @@ pub struct Case {
 /// Every case, in the order they run.
 pub fn all() -> Vec<Case> {
     vec![
+        Case {
+            name: "http",
+            run: || Box::pin(http::run()),
+        },
         Case {
             name: "outbox",
             run: || Box::pin(outbox::drain()),

@@ -7,6 +7,10 @@
 //! [`RuntimeBuilder::handler_kind`](crate::RuntimeBuilder::handler_kind).
 
 mod builtin;
+mod exec;
+mod http;
+mod outcome_map;
+mod route;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,6 +22,10 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 pub use builtin::{LogHandler, NoopHandler};
+pub use exec::ExecHandler;
+pub use http::{HttpHandler, MESSAGE_HEADER_PREFIX};
+pub use outcome_map::OutcomeName;
+pub use route::RouteHandler;
 
 /// A message as a handler sees it, whatever broker it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -271,6 +279,9 @@ impl HandlerKinds {
         };
         kinds.register("noop", builtin::NoopKind);
         kinds.register("log", builtin::LogKind);
+        kinds.register("http", http::HttpKind);
+        kinds.register("exec", exec::ExecKind);
+        kinds.register("route", route::RouteKind);
         kinds
     }
 

@@ -1,0 +1,777 @@
+//! `kind = "http"`: delivers each message to a web endpoint and maps the response to an
+//! outcome (a webhook).
+//!
+//! One pooled `reqwest` client per handler; a semaphore caps requests in flight. The status
+//! decides the outcome (2xx ack, 408/429/5xx retry, other 4xx dead-letter), a 2xx JSON body
+//! may ask for another (`{"status": "RETRY"}`), and `status_overrides` beat both. Response
+//! bodies are read only up to a cap, and everything from sending to the last body byte runs
+//! under `timeout`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue as HttpHeaderValue};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use super::outcome_map::{MAX_REASON_BYTES, OutcomeName, numeric_keys, truncate_start};
+use super::{
+    BuildContext, FailureKind, Handler, HandlerFactory, HandlerKind, Message, OptionError, Outcome,
+    parse_options,
+};
+use crate::config::{Secret, parse_duration};
+
+/// Prefix of the request headers that carry the message's own headers.
+pub const MESSAGE_HEADER_PREFIX: &str = "bosun-header-";
+
+/// Most of a 2xx body read to look for a status object; a longer body is not one.
+const MAX_STATUS_BODY_BYTES: usize = 64 * 1024;
+
+/// Redirects followed at most when `follow_redirects = true`; past that it is a loop.
+const MAX_REDIRECTS: usize = 10;
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONCURRENCY: usize = 64;
+
+/// `[handlers.NAME]` with `kind = "http"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpOptions {
+    /// The endpoint: an `http://` or `https://` URL.
+    url: String,
+    /// The request method. Default `"POST"`.
+    method: Option<String>,
+    /// Time allowed for one delivery, from sending the request to reading the response.
+    /// Default `"30s"`. Waiting for a `max_concurrency` slot does not count.
+    timeout: Option<String>,
+    /// Extra request headers sent with every message (values may use `${VAR}`).
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    /// Requests in flight at once through this handler, across every consumer using it.
+    /// Default 64.
+    max_concurrency: Option<usize>,
+    /// Environment variable holding a bearer token, sent as `Authorization: Bearer ...`.
+    token_env: Option<String>,
+    /// File holding a bearer token (surrounding whitespace ignored).
+    token_file: Option<String>,
+    /// TLS settings for `https://` endpoints.
+    tls: Option<TlsOptions>,
+    /// `"binary"` adds CloudEvents `ce-*` headers (binary content mode); default `"off"`.
+    cloudevents: Option<CloudEventsMode>,
+    /// Follow 3xx redirects (up to 10). Default false: a redirect is not the endpoint's answer.
+    #[serde(default)]
+    follow_redirects: bool,
+    /// Outcome per exact response status, ahead of the built-in mapping, e.g.
+    /// `{ "409" = "ack", "422" = "retry" }`. Values: `ack`, `retry`, `dead_letter`, `drop`.
+    #[serde(default)]
+    status_overrides: BTreeMap<String, OutcomeName>,
+}
+
+/// `tls = { ... }` of an http handler.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsOptions {
+    /// PEM file of CA certificates trusted in addition to the system roots.
+    ca_file: Option<String>,
+    /// PEM file with the client certificate chain (needs `key_file`).
+    cert_file: Option<String>,
+    /// PEM file with the client private key (needs `cert_file`).
+    key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CloudEventsMode {
+    Binary,
+    Off,
+}
+
+/// Validated options, shared by every handler built from them.
+struct HttpSettings {
+    url: reqwest::Url,
+    /// The URL without credentials or query, for logs and reasons.
+    shown_url: String,
+    method: Method,
+    timeout: Duration,
+    /// Static headers, the bearer token included (marked sensitive).
+    headers: HeaderMap,
+    max_concurrency: usize,
+    ca_certs: Vec<reqwest::Certificate>,
+    identity: Option<reqwest::Identity>,
+    cloudevents: bool,
+    follow_redirects: bool,
+    overrides: BTreeMap<u16, OutcomeName>,
+}
+
+pub(super) struct HttpKind;
+
+impl HandlerKind for HttpKind {
+    fn parse(
+        &self,
+        _name: &str,
+        options: &toml::Table,
+    ) -> Result<Arc<dyn HandlerFactory>, OptionError> {
+        let options: HttpOptions = parse_options(options)?;
+        Ok(Arc::new(HttpFactory {
+            settings: Arc::new(settings(options)?),
+        }))
+    }
+}
+
+fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
+    // The parse error never echoes the URL: it may hold a password.
+    let url = reqwest::Url::parse(&o.url)
+        .map_err(|e| OptionError::new(&["url"], format!("invalid URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(OptionError::new(
+            &["url"],
+            format!(
+                "URL scheme `{}` is not supported, expected `http` or `https`",
+                url.scheme()
+            ),
+        ));
+    }
+    let shown_url = shown(&url);
+
+    let method = match &o.method {
+        None => Method::POST,
+        Some(m) => Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+            .map_err(|_| OptionError::new(&["method"], format!("`{m}` is not an HTTP method")))?,
+    };
+
+    let timeout = match &o.timeout {
+        None => DEFAULT_TIMEOUT,
+        Some(text) => match parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => return Err(OptionError::new(&["timeout"], "must be longer than zero")),
+            Err(e) => {
+                return Err(OptionError::new(
+                    &["timeout"],
+                    format!("invalid duration {text:?}: {e} (expected e.g. \"500ms\", \"30s\")"),
+                ));
+            }
+        },
+    };
+
+    let max_concurrency = o.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY);
+    if max_concurrency == 0 {
+        return Err(OptionError::new(&["max_concurrency"], "must be at least 1"));
+    }
+
+    let mut headers = HeaderMap::new();
+    for (name, value) in &o.headers {
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            OptionError::new(
+                &["headers", name],
+                format!("`{name}` is not a valid HTTP header name"),
+            )
+        })?;
+        // Header values may carry interpolated secrets: the error never shows the value.
+        let mut value = HttpHeaderValue::from_str(value)
+            .map_err(|_| OptionError::new(&["headers", name], "not a valid HTTP header value (control characters such as newlines are not allowed)"))?;
+        if header == reqwest::header::AUTHORIZATION {
+            value.set_sensitive(true);
+        }
+        headers.insert(header, value);
+    }
+
+    if let Some(token) = token(&o)? {
+        if headers.contains_key(reqwest::header::AUTHORIZATION) {
+            return Err(OptionError::new(
+                &["headers", "authorization"],
+                "give the bearer token through `token_env`/`token_file` or an `authorization` header, not both",
+            ));
+        }
+        let mut value =
+            HttpHeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+                OptionError::new(
+                    &[if o.token_env.is_some() {
+                        "token_env"
+                    } else {
+                        "token_file"
+                    }],
+                    "the token holds characters not allowed in an HTTP header",
+                )
+            })?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+
+    let (ca_certs, identity) = match &o.tls {
+        None => (Vec::new(), None),
+        Some(tls) => tls_material(tls)?,
+    };
+
+    let overrides = numeric_keys(
+        "status_overrides",
+        &o.status_overrides,
+        100..=599,
+        "an HTTP status",
+    )?
+    .into_iter()
+    .filter_map(|(code, outcome)| u16::try_from(code).ok().map(|code| (code, outcome)))
+    .collect();
+
+    Ok(HttpSettings {
+        url,
+        shown_url,
+        method,
+        timeout,
+        headers,
+        max_concurrency,
+        ca_certs,
+        identity,
+        cloudevents: o.cloudevents == Some(CloudEventsMode::Binary),
+        follow_redirects: o.follow_redirects,
+        overrides,
+    })
+}
+
+/// The URL as logs may show it: no user, password or query (either may hold a token).
+fn shown(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or("");
+    match url.port() {
+        Some(port) => format!("{}://{host}:{port}{}", url.scheme(), url.path()),
+        None => format!("{}://{host}{}", url.scheme(), url.path()),
+    }
+}
+
+fn token(o: &HttpOptions) -> Result<Option<Secret>, OptionError> {
+    match (&o.token_env, &o.token_file) {
+        (Some(_), Some(_)) => Err(OptionError::new(
+            &["token_env"],
+            "give `token_env` or `token_file`, not both",
+        )),
+        (Some(var), None) => match std::env::var(var) {
+            Ok(token) if !token.trim().is_empty() => Ok(Some(Secret::new(token.trim()))),
+            _ => Err(OptionError::new(
+                &["token_env"],
+                format!("environment variable `{var}` is not set or empty"),
+            )),
+        },
+        (None, Some(file)) => match std::fs::read_to_string(file) {
+            Ok(token) if !token.trim().is_empty() => Ok(Some(Secret::new(token.trim()))),
+            Ok(_) => Err(OptionError::new(
+                &["token_file"],
+                format!("token file {file:?} is empty"),
+            )),
+            Err(e) => Err(OptionError::new(
+                &["token_file"],
+                format!("cannot read token file {file:?}: {e}"),
+            )),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+fn tls_material(
+    tls: &TlsOptions,
+) -> Result<(Vec<reqwest::Certificate>, Option<reqwest::Identity>), OptionError> {
+    let read = |key: &str, file: &str| -> Result<Vec<u8>, OptionError> {
+        std::fs::read(file)
+            .map_err(|e| OptionError::new(&["tls", key], format!("cannot read {file:?}: {e}")))
+    };
+    let ca_certs = match &tls.ca_file {
+        None => Vec::new(),
+        Some(file) => {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&read("ca_file", file)?).map_err(|_| {
+                    OptionError::new(
+                        &["tls", "ca_file"],
+                        format!("{file:?} is not a PEM file of certificates"),
+                    )
+                })?;
+            if certs.is_empty() {
+                return Err(OptionError::new(
+                    &["tls", "ca_file"],
+                    format!("{file:?} holds no PEM certificate"),
+                ));
+            }
+            certs
+        }
+    };
+    let identity = match (&tls.cert_file, &tls.key_file) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(OptionError::new(
+                &["tls", "cert_file"],
+                "`cert_file` needs `key_file`",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(OptionError::new(
+                &["tls", "key_file"],
+                "`key_file` needs `cert_file`",
+            ));
+        }
+        (Some(cert), Some(key)) => {
+            let mut pem = read("cert_file", cert)?;
+            pem.push(b'\n');
+            pem.extend(read("key_file", key)?);
+            // The error never quotes the key file's contents.
+            Some(reqwest::Identity::from_pem(&pem).map_err(|_| {
+                OptionError::new(
+                    &["tls", "cert_file"],
+                    format!("{cert:?} and {key:?} are not a PEM certificate chain and private key"),
+                )
+            })?)
+        }
+    };
+    Ok((ca_certs, identity))
+}
+
+struct HttpFactory {
+    settings: Arc<HttpSettings>,
+}
+
+impl HandlerFactory for HttpFactory {
+    fn build(&self, ctx: &BuildContext<'_>) -> anyhow::Result<Arc<dyn Handler>> {
+        Ok(Arc::new(HttpHandler::new(ctx.name, self.settings.clone())?))
+    }
+}
+
+/// The `http` handler: one pooled client, a semaphore for `max_concurrency`.
+pub struct HttpHandler {
+    name: String,
+    settings: Arc<HttpSettings>,
+    client: reqwest::Client,
+    permits: Semaphore,
+}
+
+impl HttpHandler {
+    fn new(name: &str, settings: Arc<HttpSettings>) -> anyhow::Result<Self> {
+        let redirect = if settings.follow_redirects {
+            reqwest::redirect::Policy::limited(MAX_REDIRECTS)
+        } else {
+            reqwest::redirect::Policy::none()
+        };
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("bosun/", env!("CARGO_PKG_VERSION")))
+            .redirect(redirect)
+            .connect_timeout(settings.timeout)
+            .pool_max_idle_per_host(settings.max_concurrency);
+        if !settings.ca_certs.is_empty() {
+            builder = builder.tls_certs_merge(settings.ca_certs.iter().cloned());
+        }
+        if let Some(identity) = &settings.identity {
+            builder = builder.identity(identity.clone());
+        }
+        let client = builder.build().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot build the HTTP client for {}: {e}",
+                settings.shown_url
+            )
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            permits: Semaphore::new(settings.max_concurrency),
+            settings,
+            client,
+        })
+    }
+
+    fn request(&self, message: &Message) -> reqwest::RequestBuilder {
+        let headers = request_headers(&self.settings, message, &self.name);
+        self.client
+            .request(self.settings.method.clone(), self.settings.url.clone())
+            .headers(headers)
+            .body(message.body.clone())
+    }
+
+    async fn deliver(&self, message: &Message) -> (Outcome, &'static str) {
+        // The semaphore is never closed, so acquiring only waits.
+        let Ok(_permit) = self.permits.acquire().await else {
+            return (Outcome::retry("the handler is shutting down"), "connect");
+        };
+        let exchange = async {
+            let mut response = self.request(message).send().await?;
+            let status = response.status();
+            let cap = if status.is_success() {
+                MAX_STATUS_BODY_BYTES
+            } else {
+                MAX_REASON_BYTES
+            };
+            let body = read_capped(&mut response, cap).await;
+            Ok::<_, reqwest::Error>((status, response.headers().clone(), body))
+        };
+        match tokio::time::timeout(self.settings.timeout, exchange).await {
+            Err(_) => {
+                let reason = format!(
+                    "no response from {} within {:?}",
+                    self.settings.shown_url, self.settings.timeout
+                );
+                (Outcome::retry(reason), "timeout")
+            }
+            Ok(Err(e)) => {
+                let failure = TransportError::from(e);
+                (
+                    Outcome::retry(
+                        truncate_start(
+                            &format!("{failure} ({})", self.settings.shown_url),
+                            MAX_REASON_BYTES,
+                        )
+                        .to_owned(),
+                    ),
+                    failure.class(),
+                )
+            }
+            Ok(Ok((status, headers, body))) => {
+                let outcome = map_response(
+                    status,
+                    &headers,
+                    &body,
+                    &self.settings.overrides,
+                    SystemTime::now(),
+                );
+                (outcome, status_class(status))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for HttpHandler {
+    async fn handle(&self, message: &Message) -> Outcome {
+        let started = Instant::now();
+        let (outcome, class) = self.deliver(message).await;
+        let elapsed = started.elapsed();
+        metrics::counter!("bosun_handler_responses_total", "handler" => self.name.clone(), "class" => class).increment(1);
+        metrics::histogram!("bosun_handler_duration_seconds", "handler" => self.name.clone(), "outcome" => outcome.label()).record(elapsed.as_secs_f64());
+        let message_id = message.message_id.as_deref().unwrap_or("");
+        match &outcome {
+            Outcome::Ack => {
+                tracing::debug!(handler = %self.name, message_id, class, elapsed_ms = elapsed.as_millis() as u64, "delivered")
+            }
+            Outcome::Retry { reason, after } => tracing::warn!(
+                handler = %self.name, message_id, class, outcome = "retry",
+                retry_after_ms = after.map(|a| a.as_millis() as u64), reason = %reason, "delivery failed; will retry"
+            ),
+            Outcome::DeadLetter { reason, .. } => {
+                tracing::warn!(handler = %self.name, message_id, class, outcome = "dead_letter", reason = %reason, "endpoint rejected the message")
+            }
+            Outcome::Drop { reason } => {
+                tracing::info!(handler = %self.name, message_id, class, outcome = "drop", reason = %reason, "endpoint dropped the message")
+            }
+        }
+        outcome
+    }
+}
+
+/// Reads at most `cap` bytes of the body; the rest is left unread (the connection is then
+/// not reused, which is cheaper than reading an unbounded body). A body that breaks off
+/// yields what arrived.
+async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < cap {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = cap - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body
+}
+
+/// The headers of one request: the static ones, then the message's.
+fn request_headers(settings: &HttpSettings, message: &Message, handler: &str) -> HeaderMap {
+    let mut headers = settings.headers.clone();
+    let mut skipped = 0usize;
+    let mut set = |name: &'static str, value: &str| match HttpHeaderValue::from_str(value) {
+        Ok(value) => {
+            headers.insert(name, value);
+        }
+        Err(_) => skipped += 1,
+    };
+    set(
+        "content-type",
+        message
+            .content_type
+            .as_deref()
+            .unwrap_or("application/octet-stream"),
+    );
+    if let Some(id) = &message.message_id {
+        set("bosun-message-id", id);
+    }
+    if let Some(id) = &message.correlation_id {
+        set("bosun-correlation-id", id);
+    }
+    set("bosun-attempt", &message.attempt.to_string());
+    set(
+        "bosun-redelivered",
+        if message.redelivered { "true" } else { "false" },
+    );
+    set("bosun-consumer", &message.source.consumer);
+    set("bosun-source-queue", &message.source.queue);
+    if let Some(exchange) = &message.source.exchange {
+        set("bosun-exchange", exchange);
+    }
+    if let Some(key) = &message.source.routing_key {
+        set("bosun-routing-key", key);
+    }
+    if let Some(id) = &message.source.entry_id {
+        set("bosun-entry-id", id);
+    }
+    if settings.cloudevents {
+        set("ce-specversion", "1.0");
+        let id = message
+            .message_id
+            .clone()
+            .or_else(|| message.source.entry_id.clone())
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        set("ce-id", &id);
+        set(
+            "ce-source",
+            &format!("/bosun/{}/{}", message.source.broker, message.source.queue),
+        );
+        set(
+            "ce-type",
+            message
+                .source
+                .routing_key
+                .as_deref()
+                .filter(|k| !k.is_empty())
+                .unwrap_or(&message.source.queue),
+        );
+    }
+    for (name, value) in &message.headers {
+        let name = HeaderName::from_bytes(
+            format!("{MESSAGE_HEADER_PREFIX}{}", name.to_ascii_lowercase()).as_bytes(),
+        );
+        let value = value
+            .as_text()
+            .and_then(|v| HttpHeaderValue::from_str(&v).ok());
+        match (name, value) {
+            (Ok(name), Some(value)) => {
+                headers.append(name, value);
+            }
+            _ => skipped += 1,
+        }
+    }
+    if skipped > 0 {
+        tracing::debug!(
+            handler,
+            message_id = message.message_id.as_deref().unwrap_or(""),
+            skipped,
+            "message headers not valid in HTTP were not sent"
+        );
+    }
+    headers
+}
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    #[error("request timed out: {0}")]
+    Timeout(String),
+    #[error("redirect not followed: {0}")]
+    Redirect(String),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Other(String),
+}
+
+impl TransportError {
+    fn class(&self) -> &'static str {
+        match self {
+            TransportError::Timeout(_) => "timeout",
+            TransportError::Redirect(_) => "3xx",
+            TransportError::Connect(_) | TransportError::Other(_) => "connect",
+        }
+    }
+}
+
+impl From<reqwest::Error> for TransportError {
+    fn from(e: reqwest::Error) -> Self {
+        // Without the URL: it may carry credentials. The causes say what went wrong.
+        let e = e.without_url();
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        if e.is_timeout() {
+            TransportError::Timeout(text)
+        } else if e.is_redirect() {
+            TransportError::Redirect(text)
+        } else if e.is_connect() {
+            TransportError::Connect(text)
+        } else {
+            TransportError::Other(text)
+        }
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() / 100 {
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
+    }
+}
+
+/// Maps a response to an outcome: overrides first, then a 2xx status body, then the status.
+fn map_response(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    overrides: &BTreeMap<u16, OutcomeName>,
+    now: SystemTime,
+) -> Outcome {
+    let after = retry_after(headers, now);
+    let code = status.as_u16();
+    let described = || {
+        let text = String::from_utf8_lossy(body);
+        let text = text.trim();
+        let reason = if text.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {text}")
+        };
+        truncate_start(&reason, MAX_REASON_BYTES).to_owned()
+    };
+    if let Some(outcome) = overrides.get(&code) {
+        return outcome.outcome(described(), after);
+    }
+    match code {
+        200..=299 => status_body(status, body, after),
+        408 | 429 | 500..=599 => Outcome::Retry {
+            after,
+            reason: described(),
+        },
+        300..=399 => Outcome::retry(format!(
+            "HTTP {status}: redirect not followed (`follow_redirects` is off, or too many redirects)"
+        )),
+        400..=499 => Outcome::DeadLetter {
+            reason: described(),
+            kind: FailureKind::Permanent,
+        },
+        _ => Outcome::Retry {
+            after,
+            reason: described(),
+        },
+    }
+}
+
+/// What a 2xx JSON body asks for: `{"status": "RETRY"|"DROP"|"DEAD_LETTER"|"SUCCESS",
+/// "retry_after": seconds, "reason": "..."}`. Any other body means ack.
+fn status_body(status: StatusCode, body: &[u8], header_after: Option<Duration>) -> Outcome {
+    #[derive(Deserialize)]
+    struct StatusBody {
+        status: String,
+        retry_after: Option<f64>,
+        reason: Option<String>,
+    }
+    let Ok(parsed) = serde_json::from_slice::<StatusBody>(body) else {
+        return Outcome::Ack;
+    };
+    let reason = |default: &str| {
+        truncate_start(
+            parsed.reason.as_deref().unwrap_or(default),
+            MAX_REASON_BYTES,
+        )
+        .to_owned()
+    };
+    let after = parsed
+        .retry_after
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .or(header_after);
+    match parsed.status.to_ascii_uppercase().as_str() {
+        "SUCCESS" | "ACK" => Outcome::Ack,
+        "RETRY" => Outcome::Retry {
+            after,
+            reason: reason(&format!("the endpoint asked to retry (HTTP {status})")),
+        },
+        "DROP" => Outcome::Drop {
+            reason: reason(&format!("the endpoint dropped the message (HTTP {status})")),
+        },
+        "DEAD_LETTER" => Outcome::DeadLetter {
+            reason: reason(&format!(
+                "the endpoint dead-lettered the message (HTTP {status})"
+            )),
+            kind: FailureKind::Permanent,
+        },
+        // The endpoint meant something we cannot tell: retrying loses nothing, acking might.
+        other => Outcome::Retry {
+            after,
+            reason: format!(
+                "the endpoint answered HTTP {status} with unknown status `{}`",
+                truncate_start(other, 64)
+            ),
+        },
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date; a date in the past means now.
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, HttpHeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "7")]), now),
+            Some(Duration::from_secs(7))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", &date)]), now),
+            Some(Duration::from_secs(90))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", &past)]), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), now), None);
+    }
+
+    #[test]
+    fn unknown_status_in_body_retries() {
+        let outcome = status_body(StatusCode::OK, br#"{"status":"MAYBE"}"#, None);
+        assert!(matches!(outcome, Outcome::Retry { .. }), "{outcome:?}");
+        assert_eq!(
+            status_body(StatusCode::OK, br#"{"other":1}"#, None),
+            Outcome::Ack
+        );
+        assert_eq!(status_body(StatusCode::OK, b"not json", None), Outcome::Ack);
+    }
+
+    #[test]
+    fn shown_url_hides_credentials_and_query() {
+        let url = reqwest::Url::parse("https://user:pw@example.com:8443/hook?token=abc").unwrap();
+        assert_eq!(shown(&url), "https://example.com:8443/hook");
+    }
+}
