@@ -1,0 +1,429 @@
+//! The scenarios: each drives bosun under load through one fault and returns its row.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::*;
+
+/// Which broker path a scenario exercises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path_ {
+    Amqp,
+    Redis,
+    Outbox,
+}
+
+/// The fault injected while messages flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// kill -9 of bosun, then a restart.
+    Kill,
+    /// The daemon's broker (or database) connections closed, three times.
+    CloseConnections,
+    /// The broker restarted.
+    BrokerRestart,
+    /// SIGTERM, then a restart.
+    Sigterm,
+    /// SIGHUP with a changed configuration (another consumer added).
+    Sighup,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub name: &'static str,
+    pub path: Path_,
+    pub messages: usize,
+    /// Messages per second the producer aims for.
+    pub rate: u32,
+    pub sink: SinkBehaviour,
+    pub fault: Fault,
+}
+
+/// Runs one plan against the `bosun` binary at `bin`.
+pub async fn run(bin: &Path, plan: &Plan) -> Row {
+    let started = Instant::now();
+    let result = match plan.path {
+        Path_::Amqp => amqp(bin, plan).await,
+        Path_::Redis => redis_stream(bin, plan).await,
+        Path_::Outbox => outbox(bin, plan).await,
+    };
+    match result {
+        Ok(mut row) => {
+            row.duration = started.elapsed();
+            row
+        }
+        Err(e) => Row::skipped(plan.name, format!("{e:#}")),
+    }
+}
+
+fn base_config(service: &str, port: u16, sink_url: &str, sink_timeout: &str) -> String {
+    format!(
+        r#"[service]
+name = "{service}"
+shutdown_timeout = "20s"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[brokers.cache]
+kind = "redis"
+url = "{REDIS_URL}"
+
+[databases.main]
+url = "{PG_URL}"
+max_connections = 4
+
+[handlers.sink]
+kind = "http"
+url = "{sink_url}"
+timeout = "{sink_timeout}"
+"#
+    )
+}
+
+/// Injects `fault` on `daemon`; `needle` finds its connections.
+async fn inject(
+    fault: Fault,
+    path: Path_,
+    daemon: &mut Daemon,
+    needle: &str,
+    reload_text: &str,
+) -> anyhow::Result<String> {
+    match fault {
+        Fault::None => Ok(String::new()),
+        Fault::Kill => {
+            daemon.stop_with(Signal::SIGKILL, Duration::from_secs(5))?;
+            daemon.start()?;
+            Ok("killed -9 and restarted".into())
+        }
+        Fault::Sigterm => {
+            let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
+            daemon.start()?;
+            Ok(format!(
+                "SIGTERM (exit {}) and restarted",
+                code.unwrap_or(-1)
+            ))
+        }
+        Fault::Sighup => {
+            daemon.rewrite_config(reload_text)?;
+            daemon.signal(Signal::SIGHUP)?;
+            Ok("SIGHUP with a consumer added".into())
+        }
+        Fault::CloseConnections => {
+            let mut closed = 0;
+            for _ in 0..3 {
+                closed += match path {
+                    Path_::Amqp => {
+                        let needle = needle.to_owned();
+                        tokio::task::spawn_blocking(move || rabbit_close_connections(&needle))
+                            .await??
+                    }
+                    Path_::Redis => redis_kill_clients(needle).await?,
+                    Path_::Outbox => pg_terminate(needle).await?,
+                };
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+            Ok(format!("{closed} connections closed"))
+        }
+        Fault::BrokerRestart => {
+            match path {
+                Path_::Redis => tokio::task::spawn_blocking(redis_restart).await??,
+                _ => tokio::task::spawn_blocking(rabbit_restart).await??,
+            }
+            Ok("broker restarted".into())
+        }
+    }
+}
+
+async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
+    let queue = unique("rel_q");
+    let service = unique("rel");
+    let port = free_port()?;
+    let sink = Sink::start(plan.sink).await?;
+    let consumer = format!(
+        "\n[consumers.load]\nsource = \"rabbit\"\nhandler = \"sink\"\nqueue = \"{queue}\"\nprefetch = 50\nretry = {{ max_attempts = 3, tiers = [\"200ms\", \"500ms\"] }}\n"
+    );
+    let config = format!("{}{consumer}", base_config(&service, port, &sink.url, "5s"));
+    let extra_queue = unique("rel_extra");
+    let reload_text = format!(
+        "{config}\n[consumers.extra]\nsource = \"rabbit\"\nhandler = \"sink\"\nqueue = \"{extra_queue}\"\n"
+    );
+    let mut daemon = Daemon::new(bin, &config, port)?;
+    daemon.start()?;
+    if !until(Duration::from_secs(20), || daemon.ready()).await {
+        anyhow::bail!("bosun never became ready:\n{}", daemon.logs());
+    }
+
+    let ids = ids(plan.messages);
+    let producer = {
+        let (queue, ids, rate) = (queue.clone(), ids.clone(), plan.rate);
+        tokio::spawn(async move { amqp_produce(&queue, &ids, rate).await })
+    };
+    tokio::time::sleep(fault_delay(plan)).await;
+    let note = inject(plan.fault, plan.path, &mut daemon, &service, &reload_text).await?;
+    let confirmed = producer.await??;
+
+    let dlq = format!("{queue}.dlq");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        let dead = amqp_depth(&dlq).await.unwrap_or(0) as usize;
+        if sink.accepted().len() + dead >= confirmed.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
+    let dead = amqp_drain(&dlq).await?;
+    let mut row = tally(
+        plan.name,
+        &ids,
+        &confirmed,
+        &sink.accepted(),
+        &dead,
+        Duration::ZERO,
+    );
+    row.note = note_with_exit(note, code);
+    amqp_delete(&[
+        queue.clone(),
+        dlq,
+        format!("{queue}.retry.200ms"),
+        format!("{queue}.retry.500ms"),
+        extra_queue.clone(),
+        format!("{extra_queue}.dlq"),
+    ])
+    .await;
+    Ok(row)
+}
+
+async fn redis_stream(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
+    let stream = unique("rel_s");
+    let service = unique("rel");
+    let port = free_port()?;
+    let sink = Sink::start(plan.sink).await?;
+    let slow = !plan.sink.delay.is_zero();
+    let consumer = format!(
+        "\n[consumers.load]\nsource = \"cache\"\nhandler = \"sink\"\nstream = \"{stream}\"\ngroup = \"g\"\nconsumer = \"{service}\"\nbatch = 50\nblock = \"1s\"\nclaim_idle = \"{}\"\nclaim_interval = \"500ms\"\nretry = {{ max_attempts = 3, tiers = [\"200ms\", \"500ms\"] }}\n",
+        if slow { "1s" } else { "5s" }
+    );
+    let config = format!("{}{consumer}", base_config(&service, port, &sink.url, "5s"));
+    let extra = unique("rel_extra");
+    let reload_text = format!(
+        "{config}\n[consumers.extra]\nsource = \"cache\"\nhandler = \"sink\"\nstream = \"{extra}\"\n"
+    );
+    let mut daemon = Daemon::new(bin, &config, port)?;
+    daemon.start()?;
+    if !until(Duration::from_secs(20), || daemon.ready()).await {
+        anyhow::bail!("bosun never became ready:\n{}", daemon.logs());
+    }
+    let ids = ids(plan.messages);
+    let producer = {
+        let (stream, ids, rate) = (stream.clone(), ids.clone(), plan.rate);
+        tokio::spawn(async move { redis_produce(&stream, &ids, rate).await })
+    };
+    tokio::time::sleep(fault_delay(plan)).await;
+    let note = inject(plan.fault, plan.path, &mut daemon, &service, &reload_text).await?;
+    let confirmed = producer.await??;
+    let dlq = format!("{stream}:dlq");
+    let target = confirmed.len();
+    let mut dead_now = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        dead_now = redis_read_all(&dlq).await.map(|d| d.len()).unwrap_or(0);
+        let pending = redis_pending(&stream, "g").await.unwrap_or(u64::MAX);
+        if sink.accepted().len() + dead_now >= target && pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
+    let dead = redis_read_all(&dlq).await?;
+    let mut row = tally(
+        plan.name,
+        &ids,
+        &confirmed,
+        &sink.accepted(),
+        &dead,
+        Duration::ZERO,
+    );
+    row.note = note_with_exit(note, code);
+    if slow {
+        row.note.push_str(&format!(
+            "; handler {} ms, claim_idle 1 s; {} requests",
+            plan.sink.delay.as_millis(),
+            sink.requests()
+        ));
+    }
+    let _ = dead_now;
+    redis_delete(&[
+        stream.clone(),
+        dlq,
+        format!("{stream}:retry"),
+        extra.clone(),
+        format!("{extra}:dlq"),
+        format!("{extra}:retry"),
+    ])
+    .await;
+    Ok(row)
+}
+
+/// Terminates PostgreSQL backends whose application name contains `needle` or is bosun's.
+async fn pg_terminate(_needle: &str) -> anyhow::Result<usize> {
+    let pool = sqlx::PgPool::connect(PG_URL).await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'bosun' AND pid <> pg_backend_pid()")
+        .fetch_one(&pool)
+        .await?;
+    Ok(n as usize)
+}
+
+async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
+    let table = unique("rel_outbox");
+    let queue = unique("rel_oq");
+    let service = unique("rel");
+    let port = free_port()?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(PG_URL)
+        .await?;
+    // The schema comes from bosun itself.
+    let out = Command::new(bin)
+        .args(["outbox", "schema", "--table", &table])
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "bosun outbox schema failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    sqlx::raw_sql(&String::from_utf8_lossy(&out.stdout))
+        .execute(&pool)
+        .await?;
+    amqp_declare(&queue).await?;
+
+    let relay = format!(
+        "\n[outboxes.load]\ndatabase = \"main\"\ntable = \"{table}\"\ntarget = \"rabbit\"\ndestination = \"\"\nbatch = 100\npoll_interval = \"500ms\"\n"
+    );
+    let config = format!(
+        "{}{relay}",
+        base_config(&service, port, "http://127.0.0.1:9/", "1s")
+    );
+    let mut daemon = Daemon::new(bin, &config, port)?;
+    daemon.start()?;
+
+    let ids = ids(plan.messages);
+    let producer = {
+        let (pool, table, queue, ids, rate) = (
+            pool.clone(),
+            table.clone(),
+            queue.clone(),
+            ids.clone(),
+            plan.rate,
+        );
+        tokio::spawn(async move { outbox_produce(&pool, &table, &queue, &ids, rate).await })
+    };
+    tokio::time::sleep(fault_delay(plan)).await;
+    let note = inject(plan.fault, plan.path, &mut daemon, &service, &config).await?;
+    let committed = producer.await??;
+    let mut received: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        received.extend(amqp_drain(&queue).await?);
+        let distinct: HashSet<&String> = received.iter().collect();
+        if distinct.len() >= committed.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
+    let mut accepted: HashMap<String, u32> = HashMap::new();
+    for id in received {
+        *accepted.entry(id).or_default() += 1;
+    }
+    let failed: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT convert_from(payload, 'UTF8') FROM {table} WHERE failed_at IS NOT NULL"
+    ))
+    .fetch_all(&pool)
+    .await?;
+    let mut row = tally(
+        plan.name,
+        &ids,
+        &committed,
+        &accepted,
+        &failed,
+        Duration::ZERO,
+    );
+    row.note = note_with_exit(note, code);
+    let _ = sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table} CASCADE"))
+        .execute(&pool)
+        .await;
+    amqp_delete(&[queue]).await;
+    Ok(row)
+}
+
+async fn amqp_declare(queue: &str) -> anyhow::Result<()> {
+    let conn =
+        lapin::Connection::connect(RABBIT_URL, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Inserts one outbox row per id in small committed transactions, `rate` per second;
+/// returns the ids whose transaction committed.
+async fn outbox_produce(
+    pool: &sqlx::PgPool,
+    table: &str,
+    queue: &str,
+    ids: &[String],
+    rate: u32,
+) -> anyhow::Result<HashSet<String>> {
+    let mut committed = HashSet::new();
+    let chunk = (rate as usize / 20).max(1);
+    for group in ids.chunks(chunk) {
+        let mut tx = pool.begin().await?;
+        for id in group {
+            sqlx::query(&format!("INSERT INTO {table} (destination, routing_key, payload, content_type) VALUES ('', $1, $2, 'text/plain')"))
+                .bind(queue)
+                .bind(id.as_bytes())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        committed.extend(group.iter().cloned());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(committed)
+}
+
+fn fault_delay(plan: &Plan) -> Duration {
+    Duration::from_secs_f64(plan.messages as f64 / plan.rate.max(1) as f64 * 0.4)
+}
+
+fn note_with_exit(note: String, code: Option<i32>) -> String {
+    let exit = format!(
+        "final SIGTERM exit {}",
+        code.map(|c| c.to_string())
+            .unwrap_or_else(|| "by signal".into())
+    );
+    if note.is_empty() {
+        exit
+    } else {
+        format!("{note}; {exit}")
+    }
+}

@@ -1,0 +1,33 @@
+//! The contract under faults, reduced for CI: every scenario of `checker::plans` at its
+//! smallest size, through the real `bosun` binary. Lost and unexpected must be 0.
+//! The full set (larger, with broker restarts) is `cargo bench --bench reliability`, which
+//! writes RELIABILITY.md.
+
+mod checker;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_is_handled_or_dead_lettered_under_faults() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_bosun"));
+    let mut rows = Vec::new();
+    for plan in checker::plans(1, false) {
+        let row = checker::scenarios::run(bin, &plan).await;
+        eprintln!("{}: {:?}", plan.name, row);
+        rows.push(row);
+    }
+    let table = checker::table(&rows);
+    eprintln!("{table}");
+    for row in &rows {
+        assert!(
+            row.ran,
+            "scenario {} did not run: {}",
+            row.scenario, row.note
+        );
+        assert!(row.messages > 0, "scenario {} sent nothing", row.scenario);
+        assert_eq!(row.lost, 0, "{} lost messages\n{table}", row.scenario);
+        assert_eq!(
+            row.unexpected, 0,
+            "{} had unexpected messages\n{table}",
+            row.scenario
+        );
+    }
+}
