@@ -15,5 +15,8 @@ pub struct Case {
 
 /// Every case, in the order they run.
 pub fn all() -> Vec<Case> {
-    vec![Case { name: "amqp", run: || Box::pin(amqp::run()) }]
+    vec![Case {
+        name: "amqp",
+        run: || Box::pin(amqp::run()),
+    }]
 }

@@ -518,7 +518,7 @@ async fn process(
     let result = match outcome {
         Outcome::Ack => Ok(Settled::Ack),
         Outcome::Drop { reason } => {
-            tracing::info!(consumer = %inner.name, message_id = ?message.message_id, reason = %reason, "message dropped by the handler");
+            tracing::debug!(consumer = %inner.name, message_id = ?message.message_id, reason = %reason, "message dropped by the handler");
             Ok(Settled::Drop)
         }
         Outcome::Retry { after, reason } if inner.retry.should_retry(attempt) => {
