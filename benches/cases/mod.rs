@@ -1,5 +1,6 @@
 //! The harness's cases. Each is an async function returning its printed report.
 
+pub mod amqp;
 pub mod http;
 pub mod outbox;
 pub mod util;
@@ -17,6 +18,10 @@ pub struct Case {
 /// Every case, in the order they run.
 pub fn all() -> Vec<Case> {
     vec![
+        Case {
+            name: "amqp",
+            run: || Box::pin(amqp::run()),
+        },
         Case {
             name: "http",
             run: || Box::pin(http::run()),

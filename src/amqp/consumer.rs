@@ -2,6 +2,10 @@
 //! delivery (up to `concurrency` at once) and settles every delivery only once its outcome is
 //! durable.
 //!
+//! Handlers run as futures polled by the consumer's own task (no spawn per message), so a
+//! handler that does heavy CPU work should move it to `tokio::task::spawn_blocking`; a
+//! panicking handler is caught and its message retried.
+//!
 //! One connection per consumer, two channels: one consumes (with `prefetch`), one publishes
 //! retry and dead-letter copies in confirm mode. A copy is confirmed before the original is
 //! acked. Acks go out with `multiple` for the longest run of settled tags at the head of the
@@ -21,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -30,7 +35,6 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use metrics::{Counter, Gauge, Histogram};
-use tokio::task::JoinSet;
 
 use super::publisher::{PERSISTENT, confirmation};
 use super::topology::Topology;
@@ -55,7 +59,7 @@ const MAX_ACK_BATCH: usize = 100;
 /// Time allowed to close the channels and connection after a drain.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Everything a consumer needs, built once and shared by its sessions and handler tasks.
+/// Everything a consumer needs, built once and shared by its sessions and handler futures.
 struct Inner {
     /// The `[consumers.*]` name: metrics label, `bosun-consumer` header.
     name: String,
@@ -344,7 +348,8 @@ impl Inner {
         tracing::info!(consumer = %self.name, queue = %self.topology.queue, prefetch = self.prefetch, concurrency = self.concurrency, connection = %self.connection_name, "consuming");
 
         let mut acks = Acks::new(ack_batch(self.prefetch), usize::from(self.prefetch));
-        let mut tasks: JoinSet<(u64, Result<Settled, String>)> = JoinSet::new();
+        // Handlers run as futures of this task: no spawn or cross-thread wake per message.
+        let mut tasks = FuturesUnordered::new();
         let mut flush = tokio::time::interval(ACK_FLUSH_INTERVAL);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -352,7 +357,7 @@ impl Inner {
             tokio::select! {
                 biased;
                 _ = ctx.shutdown.cancelled() => break None,
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(done) = tasks.next(), if !tasks.is_empty() => {
                     if let Err(reason) = self.finish(done, &mut acks) {
                         break Some(reason);
                     }
@@ -366,7 +371,7 @@ impl Inner {
                     Some(Ok(delivery)) => {
                         acks.delivered(delivery.delivery_tag);
                         self.metrics.received.increment(1);
-                        tasks.spawn(process(self.clone(), publish.clone(), delivery));
+                        tasks.push(process(self.clone(), publish.clone(), delivery));
                     }
                     Some(Err(e)) => break Some(e.to_string()),
                     None => break Some(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue)),
@@ -380,7 +385,7 @@ impl Inner {
         };
         if let Some(reason) = lost {
             // Dropping the tasks drops their handlers; their deliveries are redelivered.
-            tasks.abort_all();
+            drop(tasks);
             return Ok(SessionEnd::Lost(reason));
         }
 
@@ -392,9 +397,9 @@ impl Inner {
             .basic_cancel(consumer_tag, BasicCancelOptions::default())
             .await;
         tracing::info!(consumer = %self.name, in_flight = tasks.len(), "draining");
-        while let Some(done) = tasks.join_next().await {
+        while let Some(done) = tasks.next().await {
             if let Err(reason) = self.finish(done, &mut acks) {
-                tasks.abort_all();
+                drop(tasks);
                 return Ok(SessionEnd::Lost(reason));
             }
         }
@@ -417,20 +422,14 @@ impl Inner {
 
     /// Records a finished delivery; an error means its copy could not be made durable, so the
     /// session must end without acking it.
-    fn finish(
-        &self,
-        done: Result<(u64, Result<Settled, String>), tokio::task::JoinError>,
-        acks: &mut Acks,
-    ) -> Result<(), String> {
+    fn finish(&self, done: (u64, Result<Settled, String>), acks: &mut Acks) -> Result<(), String> {
         match done {
-            Ok((tag, Ok(settled))) => {
+            (tag, Ok(settled)) => {
                 acks.settle(tag);
                 self.metrics.settled(settled).increment(1);
                 Ok(())
             }
-            Ok((_, Err(reason))) => Err(reason),
-            // Only an abort ends a task early (handler panics are caught inside it).
-            Err(e) => Err(format!("handler task ended: {e}")),
+            (_, Err(reason)) => Err(reason),
         }
     }
 }
@@ -519,7 +518,7 @@ async fn process(
     let result = match outcome {
         Outcome::Ack => Ok(Settled::Ack),
         Outcome::Drop { reason } => {
-            tracing::info!(consumer = %inner.name, message_id = ?message.message_id, reason = %reason, "message dropped by the handler");
+            tracing::debug!(consumer = %inner.name, message_id = ?message.message_id, reason = %reason, "message dropped by the handler");
             Ok(Settled::Drop)
         }
         Outcome::Retry { after, reason } if inner.retry.should_retry(attempt) => {

@@ -278,7 +278,7 @@ async fn redis_stream(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
 /// Terminates PostgreSQL backends whose application name contains `needle` or is bosun's.
 async fn pg_terminate(_needle: &str) -> anyhow::Result<usize> {
     let pool = sqlx::PgPool::connect(PG_URL).await?;
-    let n: i64 = sqlx::query_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'bosun' AND pid <> pg_backend_pid()")
+    let n: i64 = sqlx::query_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'bosun%' AND pid <> pg_backend_pid()")
         .fetch_one(&pool)
         .await?;
     Ok(n as usize)
