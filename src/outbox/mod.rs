@@ -106,6 +106,36 @@ pub fn component(name: &str, resources: &Resources) -> anyhow::Result<OutboxComp
     Ok(OutboxComponent::new(name, outbox, pool, publishers)?)
 }
 
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "bosun_outbox_published_total",
+        "Outbox rows published and confirmed by the broker."
+    );
+    describe_counter!(
+        "bosun_outbox_retried_total",
+        "Failed outbox publish attempts that will be retried after a backoff."
+    );
+    describe_counter!(
+        "bosun_outbox_failed_total",
+        "Outbox rows marked failed: attempts ran out, or the row is invalid."
+    );
+    describe_gauge!(
+        "bosun_outbox_pending",
+        "Outbox rows neither published nor failed."
+    );
+    describe_gauge!(
+        "bosun_outbox_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest pending outbox row."
+    );
+    describe_histogram!(
+        "bosun_outbox_batch_duration_seconds",
+        Unit::Seconds,
+        "Claim to commit of one non-empty outbox batch."
+    );
+}
+
 /// One `[outboxes.NAME]` as a supervised component: the relay loop, its listener and its
 /// housekeeping.
 pub struct OutboxComponent {
@@ -124,6 +154,7 @@ impl OutboxComponent {
         // The configuration checked these already; checking again keeps this module safe
         // for embedders that build an OutboxConfig by hand.
         Schema::new(&config.table, &config.notify_channel)?;
+        describe_metrics();
         let connect = (*pool.connect_options())
             .clone()
             .application_name(&application_name(name));
