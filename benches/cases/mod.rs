@@ -1,5 +1,6 @@
 //! The harness's cases. Each is an async function returning its printed report.
 
+pub mod redis;
 pub mod util;
 
 use std::future::Future;
@@ -14,5 +15,7 @@ pub struct Case {
 
 /// Every case, in the order they run.
 pub fn all() -> Vec<Case> {
-    vec![]
+    vec![
+        Case { name: "redis", run: redis::case },
+    ]
 }

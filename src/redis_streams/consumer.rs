@@ -338,7 +338,7 @@ impl Inner {
         }
     }
 
-    /// Delivery counts of `ids` (pending for this consumer), from the extended XPENDING.
+    /// Delivery counts of `entries` (pending for this consumer), from the extended XPENDING.
     pub(crate) async fn delivery_counts(
         &self,
         ops: &Ops,
@@ -352,7 +352,9 @@ impl Inner {
             .arg(&self.config.group)
             .arg(&first.id)
             .arg(&last.id)
-            .arg(entries.len().max(1) * 2)
+            // The range may also hold this consumer's entries that are in flight or awaiting
+            // settlement: leave room for all of them.
+            .arg(entries.len() + 2 * self.concurrency + SETTLE_BATCH)
             .arg(&self.config.consumer)
             .to_owned();
         let rows: Vec<(String, String, u64, u64)> =
