@@ -3,6 +3,7 @@
 pub mod amqp;
 pub mod http;
 pub mod outbox;
+pub mod redis;
 pub mod util;
 
 use std::future::Future;
@@ -21,6 +22,10 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "amqp",
             run: || Box::pin(amqp::run()),
+        },
+        Case {
+            name: "redis",
+            run: redis::case,
         },
         Case {
             name: "http",

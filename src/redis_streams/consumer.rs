@@ -168,10 +168,20 @@ pub(crate) struct Settlement {
 
 /// The in-flight set: entry ids read and not yet settled.
 #[derive(Clone, Default)]
-pub(crate) struct Inflight(Arc<Mutex<HashSet<String>>>);
+pub(crate) struct Inflight(Arc<Mutex<HashSet<u128>>>);
+
+/// An entry id (`<ms>-<seq>`) as one number: the in-flight set's key, without an allocation
+/// per entry. Ids that do not parse (none do, from Redis) share key 0 and are merely
+/// under-protected, never lost.
+fn id_key(id: &str) -> u128 {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    let ms: u64 = ms.parse().unwrap_or(0);
+    let seq: u64 = seq.parse().unwrap_or(0);
+    (u128::from(ms) << 64) | u128::from(seq)
+}
 
 impl Inflight {
-    fn lock(&self) -> MutexGuard<'_, HashSet<String>> {
+    fn lock(&self) -> MutexGuard<'_, HashSet<u128>> {
         // Every update is a single insert or remove: a panic elsewhere cannot leave the set
         // half-written, so a poisoned lock is still usable.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -198,14 +208,26 @@ impl Dispatcher {
     /// Starts a handler task for each delivery not already in flight here. Waits for free
     /// capacity, so the reader never holds more than a batch beyond `concurrency`.
     pub(crate) async fn dispatch(&self, deliveries: Vec<Delivery>, redelivered: bool) {
+        let fresh = self.admit(deliveries);
+        self.start(fresh, redelivered).await;
+    }
+
+    /// Marks deliveries in flight and drops those already in flight here. Synchronous, so a
+    /// read that follows cannot admit the same entry again.
+    fn admit(&self, deliveries: Vec<Delivery>) -> Vec<Delivery> {
         let fresh: Vec<Delivery> = {
             let mut inflight = self.inflight.lock();
             deliveries
                 .into_iter()
-                .filter(|d| inflight.insert(d.entry.id.clone()))
+                .filter(|d| inflight.insert(id_key(&d.entry.id)))
                 .collect()
         };
         self.inner.metrics.received.increment(fresh.len() as u64);
+        fresh
+    }
+
+    /// Starts a handler task per admitted delivery, waiting for free capacity.
+    async fn start(&self, fresh: Vec<Delivery>, redelivered: bool) {
         for delivery in fresh {
             let Ok(permit) = self.permits.clone().acquire_owned().await else {
                 return;
@@ -214,8 +236,9 @@ impl Dispatcher {
             let settle = self.settle.clone();
             self.tracker.spawn(async move {
                 inner.metrics.in_flight.increment(1.0);
-                let id = delivery.entry.id.clone();
-                let action = inner.process(delivery, redelivered).await;
+                let Delivery { entry, deliveries } = delivery;
+                let action = inner.process(&entry, deliveries, redelivered).await;
+                let id = entry.id;
                 inner.metrics.in_flight.decrement(1.0);
                 // The permit is held until the settlement is queued, so a slow settler slows
                 // reading instead of piling up finished work.
@@ -226,21 +249,20 @@ impl Dispatcher {
     }
 
     pub(crate) fn is_inflight(&self, id: &str) -> bool {
-        self.inflight.lock().contains(id)
+        self.inflight.lock().contains(&id_key(id))
     }
 }
 
 impl Inner {
     /// Runs the handler on one entry and decides how to settle it.
-    async fn process(&self, delivery: Delivery, redelivered: bool) -> Action {
-        let Delivery { entry, deliveries } = delivery;
+    async fn process(&self, entry: &Entry, deliveries: u64, redelivered: bool) -> Action {
         let max = u64::from(self.config.max_deliveries);
         if deliveries > max {
             let error = format!(
                 "delivered {deliveries} times without being settled (max_deliveries {max})"
             );
             tracing::warn!(consumer = %self.name, entry_id = %entry.id, deliveries, "dead-lettering an entry delivered too often");
-            return self.dead_letter(&entry, deliveries, 1, &error, FailureKind::Exhausted);
+            return self.dead_letter(entry, deliveries, 1, &error, FailureKind::Exhausted);
         }
         let source = Source {
             broker: self.broker_name.clone(),
@@ -250,11 +272,11 @@ impl Inner {
             routing_key: None,
             entry_id: Some(entry.id.clone()),
         };
-        let message = match fields::decode(&entry, source, redelivered || deliveries > 1) {
+        let message = match fields::decode(entry, source, redelivered || deliveries > 1) {
             Ok(message) => message,
             Err(reason) => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "dead-lettering an invalid entry");
-                return self.dead_letter(&entry, deliveries, 1, &reason, FailureKind::Invalid);
+                return self.dead_letter(entry, deliveries, 1, &reason, FailureKind::Invalid);
             }
         };
         let started = Instant::now();
@@ -282,17 +304,17 @@ impl Inner {
                 let delay = after.unwrap_or_else(|| self.retry.delay(attempt));
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms = delay.as_millis() as u64, %reason, "retry scheduled");
                 Action::Retry {
-                    fields: fields::retry_fields(&entry, attempt.saturating_add(1), &reason),
+                    fields: fields::retry_fields(entry, attempt.saturating_add(1), &reason),
                     delay_ms: delay.as_millis() as u64,
                 }
             }
             Outcome::Retry { reason, .. } => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, "attempts exhausted; dead-lettering");
-                self.dead_letter(&entry, deliveries, attempt, &reason, FailureKind::Exhausted)
+                self.dead_letter(entry, deliveries, attempt, &reason, FailureKind::Exhausted)
             }
             Outcome::DeadLetter { reason, kind } => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, kind = %kind, "dead-lettering");
-                self.dead_letter(&entry, deliveries, attempt, &reason, kind)
+                self.dead_letter(entry, deliveries, attempt, &reason, kind)
             }
         }
     }
@@ -338,7 +360,7 @@ impl Inner {
         }
     }
 
-    /// Delivery counts of `ids` (pending for this consumer), from the extended XPENDING.
+    /// Delivery counts of `entries` (pending for this consumer), from the extended XPENDING.
     pub(crate) async fn delivery_counts(
         &self,
         ops: &Ops,
@@ -352,7 +374,9 @@ impl Inner {
             .arg(&self.config.group)
             .arg(&first.id)
             .arg(&last.id)
-            .arg(entries.len().max(1) * 2)
+            // The range may also hold this consumer's entries that are in flight or awaiting
+            // settlement: leave room for all of them.
+            .arg(entries.len() + 2 * self.concurrency + SETTLE_BATCH)
             .arg(&self.config.consumer)
             .to_owned();
         let rows: Vec<(String, String, u64, u64)> =
@@ -655,6 +679,9 @@ async fn session(
 
     // Own pending entries first (from a crash or a lost connection), then new ones.
     let mut cursor = String::from("0");
+    // The task starting the previous batch's handlers (it lives in the tracker, so the drain
+    // at shutdown waits for it).
+    let mut starting: Option<tokio::task::JoinHandle<()>> = None;
     let block_ms = config.block.as_millis().max(1) as u64;
     loop {
         let pending_phase = cursor != ">";
@@ -722,6 +749,9 @@ async fn session(
                 cursor = String::from(">");
                 continue;
             }
+            if let Some(previous) = starting.take() {
+                let _ = previous.await;
+            }
             inner.ack_deleted(ops, &deleted).await?;
             let deliveries = inner.with_counts(ops, entries).await?;
             dispatcher.dispatch(deliveries, true).await;
@@ -733,7 +763,18 @@ async fn session(
                     deliveries: 1,
                 })
                 .collect();
-            dispatcher.dispatch(deliveries, false).await;
+            // The next read goes out while this batch waits for handler capacity, so Redis
+            // is never idle between batches; one batch waits at most.
+            if let Some(previous) = starting.take() {
+                let _ = previous.await;
+            }
+            let fresh = dispatcher.admit(deliveries);
+            let d = dispatcher.clone();
+            starting = Some(
+                dispatcher
+                    .tracker
+                    .spawn(async move { d.start(fresh, false).await }),
+            );
         }
         if stopping || shutdown.is_cancelled() {
             return Ok(());
@@ -754,7 +795,7 @@ async fn settle(
         {
             let mut set = inflight.lock();
             for s in &batch {
-                set.remove(&s.id);
+                set.remove(&id_key(&s.id));
             }
         }
         batch.clear();
@@ -906,5 +947,12 @@ mod tests {
         assert_eq!(deleted, vec!["2-0".to_owned()]);
         assert_eq!(parse_read_any(Value::Nil).expect("nil").0.len(), 0);
         assert!(parse_read_any(Value::Int(3)).is_err());
+    }
+
+    #[test]
+    fn entry_ids_order_as_keys() {
+        assert!(id_key("1700000000000-5") < id_key("1700000000000-6"));
+        assert!(id_key("1700000000000-99") < id_key("1700000000001-0"));
+        assert_ne!(id_key("1-0"), id_key("0-1"));
     }
 }

@@ -1,0 +1,228 @@
+//! `redis`: 200,000 entries pre-loaded in a stream; bosun (noop handler) drains them through
+//! a consumer group, against a bare loop (XREADGROUP COUNT 1000 + one XACK per batch) on an
+//! identical stream.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+
+use super::CaseFuture;
+use super::util::{Bosun, comparison, unique};
+
+const URL: &str = "redis://127.0.0.1:6379/";
+const ENTRIES: usize = 200_000;
+const BATCH: usize = 1000;
+
+pub fn case() -> CaseFuture {
+    Box::pin(run())
+}
+
+async fn connect() -> anyhow::Result<MultiplexedConnection> {
+    let client = redis::Client::open(URL)?;
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
+/// Adds `ENTRIES` entries (a 100-byte payload and a message id) and returns the last id.
+async fn preload(conn: &mut MultiplexedConnection, stream: &str) -> anyhow::Result<String> {
+    let payload = vec![b'x'; 100];
+    let mut last = String::new();
+    for chunk in 0..ENTRIES / BATCH {
+        let mut pipe = redis::pipe();
+        for i in 0..BATCH {
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("payload")
+                .arg(&payload)
+                .arg("message_id")
+                .arg(format!("m-{}", chunk * BATCH + i));
+        }
+        let ids: Vec<String> = pipe.query_async(conn).await?;
+        last = ids.last().cloned().unwrap_or_default();
+    }
+    Ok(last)
+}
+
+async fn create_group(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    start: &str,
+) -> anyhow::Result<()> {
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("g")
+        .arg(start)
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// The ceiling: read 1000, ack those 1000 with one XACK, repeat.
+async fn bare(conn: &mut MultiplexedConnection, stream: &str) -> anyhow::Result<f64> {
+    create_group(conn, stream, "0").await?;
+    let started = Instant::now();
+    let mut done = 0usize;
+    loop {
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("bare")
+            .arg("COUNT")
+            .arg(BATCH)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(conn)
+            .await?;
+        let ids = entry_ids(reply);
+        if ids.is_empty() {
+            break;
+        }
+        done += ids.len();
+        let _: i64 = redis::cmd("XACK")
+            .arg(stream)
+            .arg("g")
+            .arg(&ids)
+            .query_async(conn)
+            .await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        done == ENTRIES,
+        "bare loop read {done} entries, expected {ENTRIES}"
+    );
+    Ok(done as f64 / elapsed)
+}
+
+fn entry_ids(reply: Value) -> Vec<Vec<u8>> {
+    let Value::Array(streams) = reply else {
+        return Vec::new();
+    };
+    let mut ids = Vec::new();
+    for stream in streams {
+        let Value::Array(mut pair) = stream else {
+            continue;
+        };
+        let Some(Value::Array(entries)) = pair.pop() else {
+            continue;
+        };
+        for entry in entries {
+            if let Value::Array(mut parts) = entry
+                && !parts.is_empty()
+                && let Value::BulkString(id) = parts.swap_remove(0)
+            {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+/// (pending count, last-delivered-id) of group `g`.
+async fn group_state(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+) -> anyhow::Result<(i64, String)> {
+    let groups: Vec<std::collections::HashMap<String, Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await?;
+    let group = groups.into_iter().next().context("group g is missing")?;
+    let pending = match group.get("pending") {
+        Some(Value::Int(n)) => *n,
+        _ => -1,
+    };
+    let last = match group.get("last-delivered-id") {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(Value::SimpleString(s)) => s.clone(),
+        _ => String::new(),
+    };
+    Ok((pending, last))
+}
+
+/// bosun drains the stream: the group starts at the end (nothing to read) until bosun is
+/// reading, then is moved back to the start; the clock runs from that move until every
+/// entry is delivered and acknowledged.
+async fn bosun(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    last_id: &str,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    create_group(conn, stream, "$").await?;
+    let config = format!(
+        "[service]\nshutdown_timeout = \"10s\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [brokers.cache]\nkind = \"redis\"\nurl = \"{URL}\"\n\
+         [handlers.noop]\nkind = \"noop\"\n\
+         [consumers.bench]\nsource = \"cache\"\nhandler = \"noop\"\nstream = \"{stream}\"\ngroup = \"g\"\nconsumer = \"bosun-bench\"\n\
+         batch = {BATCH}\nblock = \"20ms\"\n"
+    );
+    let bosun = Bosun::start(&config)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let consumers: Vec<std::collections::HashMap<String, Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg("g")
+            .query_async(conn)
+            .await?;
+        if !consumers.is_empty() {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "bosun did not start reading");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(stream)
+        .arg("g")
+        .arg("0")
+        .query_async(conn)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (pending, last) = group_state(conn, stream).await?;
+        if pending == 0 && last == last_id {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "bosun did not drain the stream (pending {pending}, last {last})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((ENTRIES as f64 / elapsed, bosun.peak_rss_mib()))
+}
+
+async fn run() -> anyhow::Result<String> {
+    let mut conn = connect().await?;
+    let bare_stream = unique("bench_bare");
+    let bosun_stream = unique("bench_bosun");
+    preload(&mut conn, &bare_stream).await?;
+    let bare_rate = bare(&mut conn, &bare_stream).await;
+    let last_id = preload(&mut conn, &bosun_stream).await?;
+    let bosun_rate = bosun(&mut conn, &bosun_stream, &last_id).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&bare_stream)
+        .arg(&bosun_stream)
+        .arg(format!("{bosun_stream}:retry"))
+        .arg(format!("{bosun_stream}:dlq"))
+        .query_async(&mut conn)
+        .await?;
+    let bare_rate = bare_rate?;
+    let (bosun_rate, rss) = bosun_rate?;
+    Ok(format!(
+        "{ENTRIES} entries, noop handler, batch {BATCH}\n{}",
+        comparison("entries", bosun_rate, bare_rate, rss)
+    ))
+}
