@@ -300,6 +300,13 @@ async fn acked_messages_leave_the_queue_and_are_counted() {
         running.metric("bosun_messages_received_total", &[&label]),
         Some(50.0)
     );
+    assert_eq!(
+        running.metric(
+            "bosun_handler_duration_seconds_count",
+            &[&label, "handler=\"scripted\"", "outcome=\"ack\""]
+        ),
+        Some(50.0)
+    );
     let seen: BTreeSet<String> = running
         .seen()
         .iter()

@@ -98,9 +98,9 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn new(consumer: &str, broker: &str) -> Self {
+    fn new(consumer: &str, broker: &str, handler: &str) -> Self {
         let settled = |outcome: &'static str| metrics::counter!("bosun_messages_settled_total", "consumer" => consumer.to_owned(), "outcome" => outcome);
-        let duration = |outcome: &'static str| metrics::histogram!("bosun_handler_duration_seconds", "consumer" => consumer.to_owned(), "outcome" => outcome);
+        let duration = |outcome: &'static str| metrics::histogram!("bosun_handler_duration_seconds", "consumer" => consumer.to_owned(), "handler" => handler.to_owned(), "outcome" => outcome);
         Self {
             received: metrics::counter!("bosun_messages_received_total", "consumer" => consumer.to_owned()),
             settled_ack: settled("ack"),
@@ -181,7 +181,7 @@ impl AmqpConsumer {
             retry: spec.consumer.retry.clone(),
             topology: Topology::for_consumer(spec.consumer, spec.amqp),
             host,
-            metrics: Metrics::new(spec.name, spec.broker_name),
+            metrics: Metrics::new(spec.name, spec.broker_name, &spec.consumer.handler),
         };
         Self {
             inner: Arc::new(inner),

@@ -90,14 +90,65 @@ pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
         .map(|h| pair(h, "--header").map(|(k, v)| (k, HeaderValue::String(v))))
         .collect::<Result<BTreeMap<_, _>, _>>()?;
     match broker {
-        BrokerConfig::Redis(_) => {
-            for f in &args.fields {
-                pair(f, "--field")?;
+        BrokerConfig::Redis(redis) => {
+            if args.exchange.is_some() || !args.routing_key.is_empty() || !headers.is_empty() {
+                return Err(CliError::Usage(
+                    "--exchange, --routing-key and --header are for amqp brokers; use --stream and --field"
+                        .into(),
+                ));
             }
-            Err(CliError::Other(anyhow::anyhow!(
-                "publishing to redis broker `{}` is not supported yet",
-                args.broker
-            )))
+            let Some(stream) = args.stream.clone() else {
+                return Err(CliError::Usage(format!(
+                    "broker `{}` is redis: give --stream",
+                    args.broker
+                )));
+            };
+            let mut fields: Vec<(String, Vec<u8>)> = args
+                .fields
+                .iter()
+                .map(|f| pair(f, "--field").map(|(k, v)| (k, v.into_bytes())))
+                .collect::<Result<_, _>>()?;
+            if let Some(file) = &args.file {
+                fields.push((
+                    crate::redis_streams::fields::BODY.to_owned(),
+                    body(Some(file))?,
+                ));
+            }
+            let message_id = args
+                .message_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            if !fields
+                .iter()
+                .any(|(k, _)| k == crate::redis_streams::fields::MESSAGE_ID)
+            {
+                fields.push((
+                    crate::redis_streams::fields::MESSAGE_ID.to_owned(),
+                    message_id.clone().into_bytes(),
+                ));
+            }
+            for (field, value) in [
+                (
+                    crate::redis_streams::fields::CONTENT_TYPE,
+                    &args.content_type,
+                ),
+                (
+                    crate::redis_streams::fields::CORRELATION_ID,
+                    &args.correlation_id,
+                ),
+            ] {
+                if let Some(value) = value {
+                    fields.push((field.to_owned(), value.clone().into_bytes()));
+                }
+            }
+            let redis = redis.clone();
+            let entry = super::block_on(async move {
+                crate::redis_streams::producer::publish_fields(&redis, &stream, &fields, None).await
+            })?
+            .map_err(|e| CliError::Other(anyhow::anyhow!("publish to redis failed: {e}")))?;
+            eprintln!("entry id {entry}");
+            println!("{message_id}");
+            Ok(EXIT_OK)
         }
         BrokerConfig::Amqp(amqp) => {
             if args.stream.is_some() || !args.fields.is_empty() {

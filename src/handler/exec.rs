@@ -406,7 +406,6 @@ impl Handler for ExecHandler {
         let (outcome, result) = self.run(message).await;
         let elapsed = started.elapsed();
         metrics::counter!("bosun_handler_exec_total", "handler" => self.name.clone(), "result" => result.label()).increment(1);
-        metrics::histogram!("bosun_handler_duration_seconds", "handler" => self.name.clone(), "outcome" => outcome.label()).record(elapsed.as_secs_f64());
         let message_id = message.message_id.as_deref().unwrap_or("");
         let result = result.label();
         match &outcome {

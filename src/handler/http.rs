@@ -439,7 +439,6 @@ impl Handler for HttpHandler {
         let (outcome, class) = self.deliver(message).await;
         let elapsed = started.elapsed();
         metrics::counter!("bosun_handler_responses_total", "handler" => self.name.clone(), "class" => class).increment(1);
-        metrics::histogram!("bosun_handler_duration_seconds", "handler" => self.name.clone(), "outcome" => outcome.label()).record(elapsed.as_secs_f64());
         let message_id = message.message_id.as_deref().unwrap_or("");
         match &outcome {
             Outcome::Ack => {

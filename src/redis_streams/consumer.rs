@@ -86,10 +86,10 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    fn new(consumer: &str, broker: &str) -> Self {
+    fn new(consumer: &str, broker: &str, handler: &str) -> Self {
         let c = consumer.to_owned();
         let settled = |outcome: &'static str| metrics::counter!("bosun_messages_settled_total", "consumer" => c.clone(), "outcome" => outcome);
-        let duration = |outcome: &'static str| metrics::histogram!("bosun_handler_duration_seconds", "consumer" => c.clone(), "outcome" => outcome);
+        let duration = |outcome: &'static str| metrics::histogram!("bosun_handler_duration_seconds", "consumer" => c.clone(), "handler" => handler.to_owned(), "outcome" => outcome);
         Self {
             received: metrics::counter!("bosun_messages_received_total", "consumer" => c.clone()),
             settled_ack: settled("ack"),
@@ -140,7 +140,7 @@ impl RedisConsumer {
                 handler,
                 retry_key: format!("{}:retry", config.stream),
                 scripts: Scripts::default(),
-                metrics: Metrics::new(name, broker_name),
+                metrics: Metrics::new(name, broker_name, &consumer.handler),
             }),
         }
     }

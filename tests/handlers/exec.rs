@@ -117,13 +117,6 @@ async fn exit_code_mapping_rows() {
         ),
         Some(3.0)
     );
-    assert_eq!(
-        metric(
-            "bosun_handler_duration_seconds_count",
-            &[&format!("handler=\"{name}\""), "outcome=\"retry\""]
-        ),
-        Some(2.0)
-    );
 }
 
 #[tokio::test]

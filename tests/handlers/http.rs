@@ -175,13 +175,6 @@ async fn status_mapping_rows() {
             &[&format!("handler=\"{name}\""), "class=\"4xx\""]
         ) == Some(6.0)
     );
-    assert_eq!(
-        metric(
-            "bosun_handler_duration_seconds_count",
-            &[&format!("handler=\"{name}\""), "outcome=\"dead_letter\""]
-        ),
-        Some(4.0)
-    );
 }
 
 #[tokio::test]
