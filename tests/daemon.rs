@@ -193,3 +193,59 @@ fn watch_config_reloads_on_file_change() {
         daemon.logs()
     );
 }
+
+#[test]
+fn migrate_true_creates_outbox_and_archive_tables_at_start() {
+    let port = free_port();
+    let outbox = support::unique("mig_outbox");
+    let archive = support::unique("mig_archive");
+    let queue = support::unique("mig_dlq");
+    let extra = format!(
+        "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"{}\"\n[databases.main]\nurl = \"{}\"\n\
+         [outboxes.o]\ndatabase = \"main\"\ntable = \"{outbox}\"\ntarget = \"rabbit\"\nmigrate = true\n\
+         [consumers.c]\nsource = \"rabbit\"\nhandler = \"drain\"\nqueue = \"{queue}\"\n\
+         [dead_letters.d]\nsource = \"rabbit\"\nqueue = \"{queue}.dlq\"\narchive = \"main\"\ntable = \"{archive}\"\nmigrate = true\n",
+        support::RABBIT_URL,
+        support::PG_URL
+    );
+    let config = ConfigFile::new(&minimal(port, &extra));
+    let mut daemon = Daemon::start(&config.path, port);
+    assert!(
+        daemon.wait_ready(Duration::from_secs(30)),
+        "{}",
+        daemon.logs()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(support::PG_URL)
+            .await
+            .expect("connect");
+        for table in [&outbox, &archive] {
+            let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+                .bind(table)
+                .fetch_one(&pool)
+                .await
+                .expect("query");
+            assert_eq!(
+                found.as_deref(),
+                Some(table.as_str()),
+                "{table} was not created"
+            );
+        }
+        daemon.signal(Signal::SIGTERM);
+        assert_eq!(
+            daemon.wait_exit(Duration::from_secs(20)),
+            Some(0),
+            "{}",
+            daemon.logs()
+        );
+        for table in [&outbox, &archive] {
+            let _ = sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table} CASCADE"))
+                .execute(&pool)
+                .await;
+        }
+    });
+}

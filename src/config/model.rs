@@ -278,6 +278,8 @@ pub struct OutboxConfig {
     pub ordering: Ordering,
     pub publish_timeout: Duration,
     pub maxlen: Option<usize>,
+    /// Apply the table's DDL when the relay starts.
+    pub migrate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -294,6 +296,8 @@ pub struct DeadLetterConfig {
     pub table: String,
     pub default_action: Action,
     pub rules: Vec<Rule>,
+    /// Apply the archive table's DDL when the processor starts.
+    pub migrate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

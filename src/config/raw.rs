@@ -233,6 +233,8 @@ pub struct RawOutbox {
     pub publish_timeout: Option<String>,
     /// Redis targets: approximate MAXLEN for XADD.
     pub maxlen: Option<usize>,
+    /// Create or update the outbox table (as `bosun outbox migrate` does) when the relay starts.
+    pub migrate: Option<bool>,
 }
 
 /// `[dead_letters.NAME]`: a processor for one dead-letter queue or stream.
@@ -253,6 +255,8 @@ pub struct RawDeadLetter {
     pub table: Option<String>,
     /// Action when no rule matches (default "archive").
     pub default_action: Option<String>,
+    /// Create or update the archive table (as `bosun dlq migrate` does) when the processor starts.
+    pub migrate: Option<bool>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
 }

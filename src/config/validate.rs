@@ -854,6 +854,7 @@ fn outbox_config(c: &mut Checker<'_>, name: &str, raw: &RawOutbox) -> OutboxConf
             Duration::from_secs(30),
         ),
         maxlen: raw.maxlen,
+        migrate: raw.migrate.unwrap_or(false),
         table,
     }
 }
@@ -1006,5 +1007,6 @@ fn dead_letter_config(
         table,
         default_action,
         rules,
+        migrate: raw.migrate.unwrap_or(false),
     })
 }

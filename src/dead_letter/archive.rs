@@ -70,7 +70,9 @@ pub async fn migrate(pool: &PgPool, table: &str) -> Result<(), DeadLetterError> 
         .execute(&mut *tx)
         .await?;
     let ddl = schema(table);
-    sqlx::raw_sql(&ddl).execute(&mut *tx).await?;
+    // A plain string runs as a simple query, which may hold several statements; unlike
+    // `raw_sql`, its future is `Send` inside a component's task.
+    sqlx::Executor::execute(&mut *tx, ddl.as_str()).await?;
     tx.commit().await?;
     Ok(())
 }

@@ -47,6 +47,8 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(15);
 pub struct ArchiveTarget {
     pub pool: PgPool,
     pub table: String,
+    /// Apply the table's DDL before the first dead letter is taken.
+    pub migrate: bool,
 }
 
 /// Applies one processor's rules to its dead letters.
@@ -316,6 +318,7 @@ pub fn build(
         Some(db) => Some(ArchiveTarget {
             pool: resources.database(db)?,
             table: dl.table.clone(),
+            migrate: dl.migrate,
         }),
         None => None,
     };
@@ -410,6 +413,13 @@ impl Component for DeadLetterProcessor {
     async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
         self.handler.attach(ctx.health.clone());
         if let Some(target) = &self.archive {
+            if target.migrate
+                && let Err(e) = archive::migrate(&target.pool, &target.table).await
+            {
+                ctx.health
+                    .set_not_ready(format!("cannot migrate the archive table: {e}"));
+                anyhow::bail!("cannot migrate archive table `{}`: {e}", target.table);
+            }
             let problem = match archive::exists(&target.pool, &target.table).await {
                 Ok(true) => None,
                 Ok(false) => Some(format!(

@@ -125,6 +125,7 @@ mod tests {
             table: "dead_letters".into(),
             default_action: Action::Archive,
             rules,
+            migrate: false,
         }
     }
 

@@ -180,6 +180,14 @@ impl OutboxComponent {
 impl Component for OutboxComponent {
     async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
         let relay = &self.relay;
+        if relay.config.migrate {
+            let schema = Schema::new(&relay.config.table, &relay.config.notify_channel)?;
+            if let Err(e) = schema.migrate(&self.pool).await {
+                ctx.health
+                    .set_not_ready(format!("cannot migrate the outbox table: {e}"));
+                anyhow::bail!("cannot migrate outbox table `{}`: {e}", relay.config.table);
+            }
+        }
         let wake = Arc::new(Notify::new());
         let helpers = ctx.shutdown.child_token();
         // Stops the helpers also when this task is aborted (a drain that timed out), so
