@@ -705,9 +705,12 @@ async fn precondition_failed_is_named_and_isolated() {
     let (mut text, port) = config(&good_queue, &good, "");
     text.push_str(&format!("\n[consumers.{bad}]\nsource = \"rabbit\"\nhandler = \"scripted\"\nqueue = \"{bad_queue}\"\n"));
     let running = start(&text, port, Duration::ZERO, |_| Outcome::Ack).await;
+    // Wait until the conflict is reported and the other consumer is ready (its queue declared).
+    let good_component = format!("consumer:{good}");
     let reason = wait_for_async(WAIT, || async {
         let (status, body) = running.readyz()?;
-        (status == 503 && body.contains("PRECONDITION_FAILED")).then_some(body)
+        (status == 503 && body.contains("PRECONDITION_FAILED") && !body.contains(&good_component))
+            .then_some(body)
     })
     .await
     .expect("readyz names the conflict");
