@@ -195,7 +195,7 @@ async fn topology_prints_then_applies_and_publish_routes_through_it() {
 }
 
 #[test]
-fn publish_reports_unroutable_unknown_brokers_and_redis() {
+fn publish_reports_unroutable_unknown_brokers_and_flags_of_the_other_kind() {
     let queue = unique("cli_pub");
     let file = config(&queue);
     let path = file.path.to_str().expect("utf-8 path");
@@ -245,12 +245,20 @@ fn publish_reports_unroutable_unknown_brokers_and_redis() {
 
     let (code, _, err) = bosun_output(
         &[
-            "publish", "--config", path, "--broker", "cache", "--stream", "s", "--field", "a=b",
+            "publish",
+            "--config",
+            path,
+            "--broker",
+            "cache",
+            "--exchange",
+            "x",
+            "--field",
+            "a=b",
         ],
         &[],
     );
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("not supported yet"), "{err}");
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("are for amqp brokers"), "{err}");
 
     let (code, _, err) = bosun_output(
         &[
