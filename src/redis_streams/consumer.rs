@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::FutureExt as _;
 use metrics::{Counter, Gauge, Histogram};
 use redis::Value;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,6 +36,8 @@ use crate::health::HealthHandle;
 use crate::retry::RetryPolicy;
 use crate::supervisor::{Component, ComponentContext};
 
+/// Handler capacity is taken this many permits at a time.
+const PERMIT_CHUNK: usize = 64;
 /// Most settlements sent in one pipeline.
 const SETTLE_BATCH: usize = 1000;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
@@ -228,10 +230,21 @@ impl Dispatcher {
 
     /// Starts a handler task per admitted delivery, waiting for free capacity.
     async fn start(&self, fresh: Vec<Delivery>, redelivered: bool) {
+        let mut left = fresh.len();
+        let mut held: Option<OwnedSemaphorePermit> = None;
         for delivery in fresh {
-            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            // Capacity is taken in chunks: one wake-up per chunk instead of one per entry.
+            if held.as_ref().is_none_or(|p| p.num_permits() == 0) {
+                let want = left.min(PERMIT_CHUNK).min(self.inner.concurrency).max(1);
+                match self.permits.clone().acquire_many_owned(want as u32).await {
+                    Ok(permits) => held = Some(permits),
+                    Err(_) => return,
+                }
+            }
+            let Some(permit) = held.as_mut().and_then(|p| p.split(1)) else {
                 return;
             };
+            left -= 1;
             let inner = self.inner.clone();
             let settle = self.settle.clone();
             self.tracker.spawn(async move {
@@ -791,6 +804,13 @@ async fn settle(
 ) {
     let mut batch = Vec::with_capacity(SETTLE_BATCH);
     while rx.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+        if batch.len() < SETTLE_BATCH {
+            // Let handlers that are about to finish queue theirs: fewer, larger XACKs.
+            tokio::task::yield_now().await;
+            let room = SETTLE_BATCH - batch.len();
+            // recv_many is cancel-safe: when nothing is queued, nothing is taken.
+            let _ = rx.recv_many(&mut batch, room).now_or_never();
+        }
         settle_batch(&inner, &ops, &batch).await;
         {
             let mut set = inflight.lock();
