@@ -137,13 +137,20 @@ impl Daemon {
             .arg(config)
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", std::env::var("BOSUN_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("BOSUN_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
             .expect("spawn bosun");
-        Self { child, http: format!("http://127.0.0.1:{http_port}"), log_path }
+        Self {
+            child,
+            http: format!("http://127.0.0.1:{http_port}"),
+            log_path,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -151,12 +158,19 @@ impl Daemon {
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).expect("send signal");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .expect("send signal");
     }
 
     /// Waits for exit; `None` on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        wait_for(timeout, || self.child.try_wait().ok().flatten().map(|s| s.code().unwrap_or(-1)))
+        wait_for(timeout, || {
+            self.child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|s| s.code().unwrap_or(-1))
+        })
     }
 
     pub fn logs(&self) -> String {
@@ -192,7 +206,12 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
         if std::thread::panicking() {
-            let _ = writeln!(std::io::stderr(), "--- bosun log ({}) ---\n{}", self.log_path.display(), self.logs());
+            let _ = writeln!(
+                std::io::stderr(),
+                "--- bosun log ({}) ---\n{}",
+                self.log_path.display(),
+                self.logs()
+            );
         }
     }
 }
@@ -203,7 +222,12 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
 }
 
 /// A minimal blocking HTTP/1.1 request: (status, body).
-pub fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<(u16, String)> {
+pub fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String)> {
     use std::io::Read as _;
     let rest = url.strip_prefix("http://")?;
     let (host, path) = match rest.find('/') {
@@ -211,8 +235,13 @@ pub fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u
         None => (rest, "/"),
     };
     let mut stream = std::net::TcpStream::connect(host).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -224,14 +253,23 @@ pub fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u
     let text = String::from_utf8_lossy(&response).into_owned();
     let status: u16 = text.split_whitespace().nth(1)?.parse().ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
     Some((status, body))
 }
 
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -245,7 +283,10 @@ fn dechunk(mut body: &str) -> String {
 pub fn metric_value(body: &str, metric: &str, labels: &[&str]) -> Option<f64> {
     body.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(metric) && matches!(l.as_bytes().get(metric.len()), Some(b'{') | Some(b' ')))
+        .filter(|l| {
+            l.starts_with(metric)
+                && matches!(l.as_bytes().get(metric.len()), Some(b'{') | Some(b' '))
+        })
         .filter(|l| labels.iter().all(|label| l.contains(label)))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
