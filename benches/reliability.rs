@@ -39,6 +39,7 @@ fn main() {
         "# Reliability\n\nbosun promises at-least-once delivery with nothing dropped silently. This table is the proof: every\nscenario drives the real `bosun` binary under load, injects one fault, and classifies every message\n(see `tests/checker/mod.rs` for the checker).\n\n- **lost**: confirmed by the broker (or committed to the outbox), never handled and not dead-lettered. Must be 0.\n- **unexpected**: handled or dead-lettered but never sent. Must be 0.\n- **duplicated**: extra deliveries of one id, which at-least-once allows after a crash or a lost ack.\n\nRegenerate with `cargo bench --bench reliability -- --scale {scale}` (scale {scale}: message counts are {scale}x the CI set).\nCI runs the same scenarios at scale 1 without the broker restarts (`cargo test --test reliability`).\n\n{table}\nContract held in every scenario: {}.\n",
         if holds { "yes" } else { "NO" }
     );
+    let doc = format!("{doc}{BAD_INPUT}");
     if let Err(e) = std::fs::write("RELIABILITY.md", doc) {
         eprintln!("cannot write RELIABILITY.md: {e}");
         std::process::exit(1);
@@ -47,3 +48,26 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+/// The bad-input coverage, kept with the table when it is regenerated.
+const BAD_INPUT: &str = r#"
+## Bad input
+
+Each case below must end in its documented place while the daemon keeps running. These are
+covered by the integration suites (run in CI), not yet by rows of the table above:
+
+| input | where it ends | proved by |
+|---|---|---|
+| non-UTF-8, non-JSON body (amqp) | reaches the handler byte for byte | `tests/amqp.rs` `non_utf8_body_reaches_the_handler_byte_for_byte` |
+| binary stream field values (redis) | passed through untouched, also into the dead-letter copy | `tests/redis_streams.rs` `binary_field_values_pass_through_untouched` |
+| stream entry without `payload` or with a bad `bosun-attempt` | dead-lettered as `invalid`, never retried | `tests/redis_streams.rs` `entries_the_handler_cannot_use_are_dead_lettered_as_invalid` |
+| dead letter with no bosun headers and no `x-death` | archived with kind `unknown` | `tests/dead_letters.rs` |
+| handler URL that hangs; refused connection; unresolvable host | retry after `timeout` | `tests/handlers/http.rs` `hanging_endpoint_times_out_as_retry`, `refused_connection_and_unresolvable_host_retry` |
+| command that writes megabytes; command that hangs | only the stderr tail kept; process group killed | `tests/handlers/exec.rs` `megabytes_of_output_keep_only_the_stderr_tail`, `timeout_kills_the_whole_group_and_reaps_it` |
+| unroutable outbox destination | row failed with a clear `last_error` | `tests/outbox.rs` |
+| config file truncated, binary, or over 4 MiB | exit 78 with a located message | `tests/config.rs` `binary_truncated_and_huge_files_are_refused_clearly` |
+| random and mutated config text | never panics; every error has a location | `tests/config_fuzz.rs` (proptest) |
+
+Not yet exercised as harness rows: a body above the broker's maximum message size, huge header
+tables, and outbox rows with NULL destinations or oversized payloads run through the real binary.
+"#;
