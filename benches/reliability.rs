@@ -68,6 +68,8 @@ covered by the integration suites (run in CI), not yet by rows of the table abov
 | config file truncated, binary, or over 4 MiB | exit 78 with a located message | `tests/config.rs` `binary_truncated_and_huge_files_are_refused_clearly` |
 | random and mutated config text | never panics; every error has a location | `tests/config_fuzz.rs` (proptest) |
 
-Not yet exercised as harness rows: a body above the broker's maximum message size, huge header
-tables, and outbox rows with NULL destinations or oversized payloads run through the real binary.
+The table above also has two bad-input rows: amqp bodies of random bytes with 1,000-entry
+non-UTF-8 header tables (handled, ids taken from `bosun-message-id`), and outbox rows with NULL
+destinations (the relay's default applies) and unknown exchanges (marked failed). Not yet
+exercised as rows: a body above the broker's maximum message size and oversized outbox payloads.
 "#;

@@ -122,7 +122,11 @@ impl Drop for Sink {
     }
 }
 
-async fn accept(State(state): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
+async fn accept(
+    State(state): State<Arc<SinkState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     state.requests.fetch_add(1, Ordering::Relaxed);
     let behaviour = state.behaviour.lock().map(|b| *b).unwrap_or_default();
     if !behaviour.delay.is_zero() {
@@ -131,7 +135,12 @@ async fn accept(State(state): State<Arc<SinkState>>, body: Bytes) -> StatusCode 
     if behaviour.fail_rate > 0.0 && rand::random::<f64>() < behaviour.fail_rate {
         return StatusCode::INTERNAL_SERVER_ERROR;
     }
-    let id = String::from_utf8_lossy(&body).into_owned();
+    // The id is the message id bosun's http handler sends; bodies may be arbitrary bytes.
+    let id = headers
+        .get("bosun-message-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
     if let Ok(mut accepted) = state.accepted.lock() {
         *accepted.entry(id).or_default() += 1;
     }
@@ -282,6 +291,17 @@ pub async fn amqp_produce(
     ids: &[String],
     rate: u32,
 ) -> anyhow::Result<HashSet<String>> {
+    amqp_produce_with(queue, ids, rate, false).await
+}
+
+/// [`amqp_produce`]; with `bad`, every body is random bytes and every tenth message carries a
+/// header table of 1,000 entries with non-UTF-8 byte values.
+pub async fn amqp_produce_with(
+    queue: &str,
+    ids: &[String],
+    rate: u32,
+    bad: bool,
+) -> anyhow::Result<HashSet<String>> {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     let mut confirmed = HashSet::new();
     let mut channel: Option<lapin::Channel> = None;
@@ -315,9 +335,25 @@ pub async fn amqp_produce(
         let end = (index + chunk).min(ids.len());
         let mut pending = Vec::new();
         for id in &ids[index..end] {
-            let props = lapin::BasicProperties::default()
+            let mut props = lapin::BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(id.as_str().into());
+            let body: Vec<u8> = if bad {
+                let len = rand::random::<u32>() as usize % 2048;
+                (0..len).map(|_| rand::random::<u8>()).collect()
+            } else {
+                id.as_bytes().to_vec()
+            };
+            if bad && id.ends_with('0') {
+                let mut table = lapin::types::FieldTable::default();
+                for i in 0..1000 {
+                    table.insert(
+                        format!("h{i}").into(),
+                        lapin::types::AMQPValue::ByteArray(vec![0xff, 0xfe, i as u8].into()),
+                    );
+                }
+                props = props.with_headers(table);
+            }
             match ch
                 .basic_publish(
                     "".into(),
@@ -326,7 +362,7 @@ pub async fn amqp_produce(
                         mandatory: true,
                         ..Default::default()
                     },
-                    id.as_bytes(),
+                    &body,
                     props,
                 )
                 .await
@@ -362,7 +398,9 @@ pub async fn amqp_produce(
 }
 
 /// Every body in `queue`, taken off it (basic.get until empty).
-pub async fn amqp_drain(queue: &str) -> anyhow::Result<Vec<String>> {
+/// With `by_message_id`, a message's id is its `message_id` property (bodies may be any
+/// bytes); otherwise its body.
+pub async fn amqp_drain(queue: &str, by_message_id: bool) -> anyhow::Result<Vec<String>> {
     use lapin::options::{BasicAckOptions, BasicGetOptions};
     let conn =
         lapin::Connection::connect(RABBIT_URL, lapin::ConnectionProperties::default()).await?;
@@ -372,7 +410,11 @@ pub async fn amqp_drain(queue: &str) -> anyhow::Result<Vec<String>> {
         .basic_get(queue.into(), BasicGetOptions::default())
         .await?
     {
-        out.push(String::from_utf8_lossy(&message.delivery.data).into_owned());
+        let id = match message.delivery.properties.message_id() {
+            Some(id) if by_message_id => id.to_string(),
+            _ => String::from_utf8_lossy(&message.delivery.data).into_owned(),
+        };
+        out.push(id);
         message.delivery.ack(BasicAckOptions::default()).await?;
     }
     Ok(out)
@@ -897,6 +939,22 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::CloseConnections,
+        },
+        Plan {
+            name: "amqp bad input: random-byte bodies, 1,000 non-UTF-8 headers",
+            path: Path_::Amqp,
+            messages: n(200),
+            rate,
+            sink: ok,
+            fault: Fault::BadInput,
+        },
+        Plan {
+            name: "outbox bad input: unknown and NULL destinations",
+            path: Path_::Outbox,
+            messages: n(300),
+            rate,
+            sink: ok,
+            fault: Fault::BadInput,
         },
     ];
     if full {

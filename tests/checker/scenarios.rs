@@ -30,6 +30,9 @@ pub enum Fault {
     Sigterm,
     /// SIGHUP with a changed configuration (another consumer added).
     Sighup,
+    /// Bad input instead of a fault: amqp bodies of random bytes and huge non-UTF-8 header
+    /// tables; outbox rows with unknown destinations and payloads over the broker's limit.
+    BadInput,
 }
 
 #[derive(Clone, Debug)]
@@ -99,7 +102,7 @@ async fn inject(
     reload_text: &str,
 ) -> anyhow::Result<String> {
     match fault {
-        Fault::None => Ok(String::new()),
+        Fault::None | Fault::BadInput => Ok(String::new()),
         Fault::Kill => {
             daemon.stop_with(Signal::SIGKILL, Duration::from_secs(5))?;
             daemon.start()?;
@@ -166,7 +169,8 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     let ids = ids(plan.messages);
     let producer = {
         let (queue, ids, rate) = (queue.clone(), ids.clone(), plan.rate);
-        tokio::spawn(async move { amqp_produce(&queue, &ids, rate).await })
+        let bad = plan.fault == Fault::BadInput;
+        tokio::spawn(async move { amqp_produce_with(&queue, &ids, rate, bad).await })
     };
     tokio::time::sleep(fault_delay(plan)).await;
     let note = inject(plan.fault, plan.path, &mut daemon, &service, &reload_text).await?;
@@ -182,7 +186,7 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
-    let dead = amqp_drain(&dlq).await?;
+    let dead = amqp_drain(&dlq, true).await?;
     let mut row = tally(
         plan.name,
         &ids,
@@ -309,7 +313,7 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     amqp_declare(&queue).await?;
 
     let relay = format!(
-        "\n[outboxes.load]\ndatabase = \"main\"\ntable = \"{table}\"\ntarget = \"rabbit\"\ndestination = \"\"\nbatch = 100\npoll_interval = \"500ms\"\n"
+        "\n[outboxes.load]\ndatabase = \"main\"\ntable = \"{table}\"\ntarget = \"rabbit\"\ndestination = \"\"\nbatch = 100\npoll_interval = \"500ms\"\nmax_attempts = 2\nretry = {{ initial = \"100ms\", max = \"200ms\" }}\n"
     );
     let config = format!(
         "{}{relay}",
@@ -327,7 +331,8 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
             ids.clone(),
             plan.rate,
         );
-        tokio::spawn(async move { outbox_produce(&pool, &table, &queue, &ids, rate).await })
+        let bad = plan.fault == Fault::BadInput;
+        tokio::spawn(async move { outbox_produce(&pool, &table, &queue, &ids, rate, bad).await })
     };
     tokio::time::sleep(fault_delay(plan)).await;
     let note = inject(plan.fault, plan.path, &mut daemon, &service, &config).await?;
@@ -335,9 +340,14 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     let mut received: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        received.extend(amqp_drain(&queue).await?);
+        received.extend(amqp_drain(&queue, false).await?);
         let distinct: HashSet<&String> = received.iter().collect();
-        if distinct.len() >= committed.len() {
+        let failed: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {table} WHERE failed_at IS NOT NULL"
+        ))
+        .fetch_one(&pool)
+        .await?;
+        if distinct.len() + failed as usize >= committed.len() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -392,15 +402,25 @@ async fn outbox_produce(
     queue: &str,
     ids: &[String],
     rate: u32,
+    bad: bool,
 ) -> anyhow::Result<HashSet<String>> {
     let mut committed = HashSet::new();
     let chunk = (rate as usize / 20).max(1);
-    for group in ids.chunks(chunk) {
+    let nowhere = unique("no_such_exchange");
+    for (g, group) in ids.chunks(chunk).enumerate() {
         let mut tx = pool.begin().await?;
-        for id in group {
-            sqlx::query(&format!("INSERT INTO {table} (destination, routing_key, payload, content_type) VALUES ('', $1, $2, 'text/plain')"))
+        for (i, id) in group.iter().enumerate() {
+            // Bad input: one row in a hundred names an exchange that does not exist (it must
+            // end failed), one in ten has a NULL destination (the relay's default, "", applies).
+            let destination: Option<&str> = match (bad, (g * chunk + i) % 100) {
+                (true, 50) => Some(nowhere.as_str()),
+                (true, n) if n % 10 == 5 => None,
+                _ => Some(""),
+            };
+            sqlx::query(&format!("INSERT INTO {table} (destination, routing_key, payload, content_type) VALUES ($3, $1, $2, 'text/plain')"))
                 .bind(queue)
                 .bind(id.as_bytes())
+                .bind(destination)
                 .execute(&mut *tx)
                 .await?;
         }
