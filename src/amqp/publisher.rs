@@ -181,9 +181,15 @@ pub fn confirmation(
 /// refusals, and anything else is a connection failure (the message may have arrived).
 pub fn publish_error(e: &lapin::Error, exchange: &str) -> PublishError {
     match soft_error(e) {
-        Some((AMQPSoftError::NOTFOUND, text)) => {
+        // The broker closes the whole channel for one publish to a missing exchange, and every
+        // confirmation still pending on it fails with that same error. Only the message whose
+        // exchange the error names is unroutable; the others may or may not have arrived.
+        Some((AMQPSoftError::NOTFOUND, text)) if text.contains(&format!("'{exchange}'")) => {
             PublishError::Unroutable(format!("exchange {exchange:?}: {text}"))
         }
+        Some((AMQPSoftError::NOTFOUND, text)) => PublishError::Connection(format!(
+            "the channel was closed by another message's error: {text}"
+        )),
         Some((_, text)) => PublishError::Rejected(text),
         None => PublishError::Connection(e.to_string()),
     }

@@ -342,12 +342,13 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     while Instant::now() < deadline {
         received.extend(amqp_drain(&queue, false).await?);
         let distinct: HashSet<&String> = received.iter().collect();
-        let failed: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {table} WHERE failed_at IS NOT NULL"
+        let failed: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT convert_from(payload, 'UTF8') FROM {table} WHERE failed_at IS NOT NULL"
         ))
-        .fetch_one(&pool)
+        .fetch_all(&pool)
         .await?;
-        if distinct.len() + failed as usize >= committed.len() {
+        let settled: HashSet<&String> = distinct.iter().copied().chain(failed.iter()).collect();
+        if settled.len() >= committed.len() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
