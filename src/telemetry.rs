@@ -121,3 +121,52 @@ fn describe() {
         "Configuration reloads, by result."
     );
 }
+
+/// The metric handles every consumer kind records, resolved once per consumer so the
+/// per-message path does no label lookups.
+pub struct ConsumerMetrics {
+    pub received: metrics::Counter,
+    pub settled_ack: metrics::Counter,
+    pub settled_retry: metrics::Counter,
+    pub settled_dead_letter: metrics::Counter,
+    pub settled_drop: metrics::Counter,
+    pub in_flight: metrics::Gauge,
+    pub connected: metrics::Gauge,
+    pub reconnects: metrics::Counter,
+    duration_ack: metrics::Histogram,
+    duration_retry: metrics::Histogram,
+    duration_dead_letter: metrics::Histogram,
+    duration_drop: metrics::Histogram,
+}
+
+impl ConsumerMetrics {
+    pub fn new(consumer: &str, broker: &str, handler: &str) -> Self {
+        let settled = |outcome: &'static str| metrics::counter!("bosun_messages_settled_total", "consumer" => consumer.to_owned(), "outcome" => outcome);
+        let duration = |outcome: &'static str| metrics::histogram!("bosun_handler_duration_seconds", "consumer" => consumer.to_owned(), "handler" => handler.to_owned(), "outcome" => outcome);
+        Self {
+            received: metrics::counter!("bosun_messages_received_total", "consumer" => consumer.to_owned()),
+            settled_ack: settled("ack"),
+            settled_retry: settled("retry"),
+            settled_dead_letter: settled("dead_letter"),
+            settled_drop: settled("drop"),
+            in_flight: metrics::gauge!("bosun_messages_in_flight", "consumer" => consumer.to_owned()),
+            connected: metrics::gauge!("bosun_broker_connected", "broker" => broker.to_owned()),
+            reconnects: metrics::counter!("bosun_broker_reconnects_total", "broker" => broker.to_owned()),
+            duration_ack: duration("ack"),
+            duration_retry: duration("retry"),
+            duration_dead_letter: duration("dead_letter"),
+            duration_drop: duration("drop"),
+        }
+    }
+
+    /// The handler-duration histogram for the outcome the handler gave.
+    pub fn duration(&self, outcome: &crate::handler::Outcome) -> &metrics::Histogram {
+        use crate::handler::Outcome;
+        match outcome {
+            Outcome::Ack => &self.duration_ack,
+            Outcome::Retry { .. } => &self.duration_retry,
+            Outcome::DeadLetter { .. } => &self.duration_dead_letter,
+            Outcome::Drop { .. } => &self.duration_drop,
+        }
+    }
+}

@@ -34,7 +34,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use metrics::{Counter, Gauge, Histogram};
+use metrics::Gauge;
 
 use super::publisher::{PERSISTENT, confirmation};
 use super::topology::Topology;
@@ -81,58 +81,15 @@ struct Inner {
     metrics: Metrics,
 }
 
-/// Metric handles resolved once, so the per-message path does no label lookups.
-struct Metrics {
-    received: Counter,
-    settled_ack: Counter,
-    settled_retry: Counter,
-    settled_dead_letter: Counter,
-    settled_drop: Counter,
-    in_flight: Gauge,
-    duration_ack: Histogram,
-    duration_retry: Histogram,
-    duration_dead_letter: Histogram,
-    duration_drop: Histogram,
-    connected: Gauge,
-    reconnects: Counter,
-}
+type Metrics = crate::telemetry::ConsumerMetrics;
 
-impl Metrics {
-    fn new(consumer: &str, broker: &str, handler: &str) -> Self {
-        let settled = |outcome: &'static str| metrics::counter!("bosun_messages_settled_total", "consumer" => consumer.to_owned(), "outcome" => outcome);
-        let duration = |outcome: &'static str| metrics::histogram!("bosun_handler_duration_seconds", "consumer" => consumer.to_owned(), "handler" => handler.to_owned(), "outcome" => outcome);
-        Self {
-            received: metrics::counter!("bosun_messages_received_total", "consumer" => consumer.to_owned()),
-            settled_ack: settled("ack"),
-            settled_retry: settled("retry"),
-            settled_dead_letter: settled("dead_letter"),
-            settled_drop: settled("drop"),
-            in_flight: metrics::gauge!("bosun_messages_in_flight", "consumer" => consumer.to_owned()),
-            duration_ack: duration("ack"),
-            duration_retry: duration("retry"),
-            duration_dead_letter: duration("dead_letter"),
-            duration_drop: duration("drop"),
-            connected: metrics::gauge!("bosun_broker_connected", "broker" => broker.to_owned()),
-            reconnects: metrics::counter!("bosun_broker_reconnects_total", "broker" => broker.to_owned()),
-        }
-    }
-
-    fn settled(&self, settled: Settled) -> &Counter {
-        match settled {
-            Settled::Ack => &self.settled_ack,
-            Settled::Retry => &self.settled_retry,
-            Settled::DeadLetter => &self.settled_dead_letter,
-            Settled::Drop => &self.settled_drop,
-        }
-    }
-
-    fn duration(&self, outcome: &Outcome) -> &Histogram {
-        match outcome {
-            Outcome::Ack => &self.duration_ack,
-            Outcome::Retry { .. } => &self.duration_retry,
-            Outcome::DeadLetter { .. } => &self.duration_dead_letter,
-            Outcome::Drop { .. } => &self.duration_drop,
-        }
+/// The settled-messages counter for how a delivery was settled.
+fn settled_counter(metrics: &Metrics, settled: Settled) -> &metrics::Counter {
+    match settled {
+        Settled::Ack => &metrics.settled_ack,
+        Settled::Retry => &metrics.settled_retry,
+        Settled::DeadLetter => &metrics.settled_dead_letter,
+        Settled::Drop => &metrics.settled_drop,
     }
 }
 
@@ -426,7 +383,7 @@ impl Inner {
         match done {
             (tag, Ok(settled)) => {
                 acks.settle(tag);
-                self.metrics.settled(settled).increment(1);
+                settled_counter(&self.metrics, settled).increment(1);
                 Ok(())
             }
             (_, Err(reason)) => Err(reason),

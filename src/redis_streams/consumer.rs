@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::FutureExt as _;
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Gauge};
 use redis::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -67,56 +67,31 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
 }
 
-/// Metric handles, registered once so the per-message path does no label lookups.
+/// Metric handles, registered once so the per-message path does no label lookups: the ones
+/// every consumer records, plus the stream-specific ones.
 pub(crate) struct Metrics {
-    received: Counter,
-    settled_ack: Counter,
-    settled_retry: Counter,
-    settled_dead_letter: Counter,
-    settled_drop: Counter,
-    in_flight: Gauge,
-    duration_ack: Histogram,
-    duration_retry: Histogram,
-    duration_dead_letter: Histogram,
-    duration_drop: Histogram,
-    connected: Gauge,
-    reconnects: Counter,
+    common: crate::telemetry::ConsumerMetrics,
     pub(crate) pending: Gauge,
     pub(crate) claimed: Counter,
     /// Pending entries whose stream entry was deleted: nothing left to handle.
     pub(crate) deleted: Counter,
 }
 
+impl std::ops::Deref for Metrics {
+    type Target = crate::telemetry::ConsumerMetrics;
+    fn deref(&self) -> &Self::Target {
+        &self.common
+    }
+}
+
 impl Metrics {
     fn new(consumer: &str, broker: &str, handler: &str) -> Self {
         let c = consumer.to_owned();
-        let settled = |outcome: &'static str| metrics::counter!("bosun_messages_settled_total", "consumer" => c.clone(), "outcome" => outcome);
-        let duration = |outcome: &'static str| metrics::histogram!("bosun_handler_duration_seconds", "consumer" => c.clone(), "handler" => handler.to_owned(), "outcome" => outcome);
         Self {
-            received: metrics::counter!("bosun_messages_received_total", "consumer" => c.clone()),
-            settled_ack: settled("ack"),
-            settled_retry: settled("retry"),
-            settled_dead_letter: settled("dead_letter"),
-            settled_drop: settled("drop"),
-            in_flight: metrics::gauge!("bosun_messages_in_flight", "consumer" => c.clone()),
-            duration_ack: duration("ack"),
-            duration_retry: duration("retry"),
-            duration_dead_letter: duration("dead_letter"),
-            duration_drop: duration("drop"),
-            connected: metrics::gauge!("bosun_broker_connected", "broker" => broker.to_owned()),
-            reconnects: metrics::counter!("bosun_broker_reconnects_total", "broker" => broker.to_owned()),
+            common: crate::telemetry::ConsumerMetrics::new(consumer, broker, handler),
             pending: metrics::gauge!("bosun_redis_pending_messages", "consumer" => c.clone()),
             claimed: metrics::counter!("bosun_redis_claimed_total", "consumer" => c.clone()),
             deleted: metrics::counter!("bosun_redis_deleted_entries_total", "consumer" => c),
-        }
-    }
-
-    fn duration(&self, outcome: &Outcome) -> &Histogram {
-        match outcome {
-            Outcome::Ack => &self.duration_ack,
-            Outcome::Retry { .. } => &self.duration_retry,
-            Outcome::DeadLetter { .. } => &self.duration_dead_letter,
-            Outcome::Drop { .. } => &self.duration_drop,
         }
     }
 }
