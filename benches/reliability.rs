@@ -36,7 +36,7 @@ fn main() {
     println!("{table}");
     let holds = rows.iter().all(checker::Row::holds);
     let doc = format!(
-        "# Reliability\n\nbosun promises at-least-once delivery with nothing dropped silently. This table is the proof: every\nscenario drives the real `bosun` binary under load, injects one fault, and classifies every message\n(see `tests/checker/mod.rs` for the checker).\n\n- **lost**: confirmed by the broker (or committed to the outbox), never handled and not dead-lettered. Must be 0.\n- **unexpected**: handled or dead-lettered but never sent. Must be 0.\n- **duplicated**: extra deliveries of one id, which at-least-once allows after a crash or a lost ack.\n\nRegenerate with `cargo bench --bench reliability -- --scale {scale}` (scale {scale}: message counts are {scale}x the CI set).\nCI runs the same scenarios at scale 1 without the broker restarts (`cargo test --test reliability`).\n\n{table}\nContract held in every scenario: {}.\n",
+        "# Reliability\n\nbosun promises at-least-once delivery with nothing dropped silently. This table is the proof: every\nscenario drives the real `bosun` binary under load, injects one fault, and classifies every message\n(see `tests/checker/mod.rs` for the checker).\n\n- **lost**: confirmed by the broker (or committed to the outbox), never handled and not dead-lettered. Must be 0.\n- **misplaced**: bad input that did not end in its documented place (bad-input rows only, described below). Must be 0.\n- **unexpected**: handled or dead-lettered but never sent. Must be 0.\n- **duplicated**: extra deliveries of one id, which at-least-once allows after a crash or a lost ack.\n\nRegenerate with `cargo bench --bench reliability -- --scale {scale}` (scale {scale}: message counts are {scale}x the CI set).\nCI runs the same scenarios at scale 1 without the broker restarts (`cargo test --test reliability`).\n\n{table}\nContract held in every scenario: {}.\n",
         if holds { "yes" } else { "NO" }
     );
     let doc = format!("{doc}{BAD_INPUT}");
@@ -54,7 +54,7 @@ const BAD_INPUT: &str = r#"
 ## Bad input
 
 Each case below must end in its documented place while the daemon keeps running. These are
-covered by the integration suites (run in CI), not yet by rows of the table above:
+covered by the integration suites (run in CI):
 
 | input | where it ends | proved by |
 |---|---|---|
@@ -64,12 +64,22 @@ covered by the integration suites (run in CI), not yet by rows of the table abov
 | dead letter with no bosun headers and no `x-death` | archived with kind `unknown` | `tests/dead_letters.rs` |
 | handler URL that hangs; refused connection; unresolvable host | retry after `timeout` | `tests/handlers/http.rs` `hanging_endpoint_times_out_as_retry`, `refused_connection_and_unresolvable_host_retry` |
 | command that writes megabytes; command that hangs | only the stderr tail kept; process group killed | `tests/handlers/exec.rs` `megabytes_of_output_keep_only_the_stderr_tail`, `timeout_kills_the_whole_group_and_reaps_it` |
-| unroutable outbox destination | row failed with a clear `last_error` | `tests/outbox.rs` |
+| unroutable outbox destination | row failed with a clear `last_error` | `tests/outbox.rs` `unroutable_rows_fail_with_a_clear_last_error` |
+| outbox payload over the broker's `max_message_size` | row failed at the first attempt; the rest of its batch published once | `tests/outbox.rs` `an_oversized_payload_fails_at_once_and_spares_its_batch` |
+| a missing exchange or an oversized body inside a publish batch | only that message fails; the others are confirmed once (exchange) or sent again (size) | `tests/amqp_publish.rs` `a_missing_exchange_fails_only_its_own_message_and_duplicates_nothing`, `the_brokers_size_limit_is_charged_to_the_oversized_message` |
 | config file truncated, binary, or over 4 MiB | exit 78 with a located message | `tests/config.rs` `binary_truncated_and_huge_files_are_refused_clearly` |
 | random and mutated config text | never panics; every error has a location | `tests/config_fuzz.rs` (proptest) |
 
-The table above also has two bad-input rows: amqp bodies of random bytes with 1,000-entry
-non-UTF-8 header tables (handled, ids taken from `bosun-message-id`), and outbox rows with NULL
-destinations (the relay's default applies) and unknown exchanges (marked failed). Not yet
-exercised as rows: a body above the broker's maximum message size and oversized outbox payloads.
+The table above also has two bad-input rows, whose **misplaced** column counts bad input that
+did not end in its documented place (it must be 0):
+
+- **amqp**: bodies of random bytes with 1,000-entry non-UTF-8 header tables, all handled (ids
+  taken from `bosun-message-id`); a body exactly at the broker's `max_message_size` (read from
+  the running broker), handled after one retry, so its retry copy crossed the broker too; and a
+  body one byte over it, refused by the broker at publish, so it never reaches bosun.
+- **outbox**: rows with NULL destinations (the relay's default applies) are published; rows
+  naming a missing exchange, and rows whose payload is one byte over the broker's
+  `max_message_size`, end `failed` with a `last_error` that says why, and no other row does.
+  The relay here has no `max_message_size` configured, so the broker's own refusal is the one
+  charged to the oversized row.
 "#;

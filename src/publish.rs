@@ -57,6 +57,10 @@ pub enum PublishError {
     /// The broker refused it (nack, message too large, wrong type).
     #[error("rejected by the broker: {0}")]
     Rejected(String),
+    /// The body is over the broker's maximum message size: no retry can succeed until the
+    /// broker's limit is raised.
+    #[error("message body of {size} bytes is over the broker's max message size of {max} bytes")]
+    TooLarge { size: u64, max: u64 },
     /// The connection failed or timed out: the message may or may not have arrived.
     #[error("connection failed: {0}")]
     Connection(String),

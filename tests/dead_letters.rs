@@ -770,6 +770,7 @@ fn amqp_publisher() -> bosun::amqp::AmqpPublisher {
             url: bosun::config::SecretUrl::new(url),
             connection_name: None,
             heartbeat: None,
+            max_message_size: None,
             tls: None,
         },
         unique("dlq-test"),

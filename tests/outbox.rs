@@ -147,10 +147,21 @@ fn config(names: &[&str], table: &str, extra: &str) -> (ConfigFile, Config) {
 }
 
 fn config_with_db(names: &[&str], table: &str, extra: &str, db: &str) -> (ConfigFile, Config) {
+    config_full(names, table, extra, db, "")
+}
+
+/// A config whose `[brokers.rabbit]` also has `rabbit_extra`.
+fn config_full(
+    names: &[&str],
+    table: &str,
+    extra: &str,
+    db: &str,
+    rabbit_extra: &str,
+) -> (ConfigFile, Config) {
     let mut text = format!(
         "[service]\nname = \"outbox-test\"\nshutdown_timeout = \"10s\"\n\
          [http]\nlisten = \"127.0.0.1:{}\"\n\
-         [brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\
+         [brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n{rabbit_extra}\n\
          [brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n\
          [databases.main]\nurl = \"{db}\"\nconnect_timeout = \"2s\"\n",
         support::free_port()
@@ -578,6 +589,51 @@ async fn unroutable_rows_fail_with_a_clear_last_error() {
         &["outbox=\"unroutable\""],
     );
     assert_eq!(failed, Some(3.0));
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+/// A payload over the broker's `max_message_size` can never be published: its row fails at
+/// the first attempt, and the rows around it are published once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_payload_fails_at_once_and_spares_its_batch() {
+    let table = Table::new("ob_oversized").await;
+    let queue = Queue::new("ob_oversized").await;
+    let (_file, config) = config_full(
+        &["oversized"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nmax_attempts = 5",
+        PG_URL,
+        "max_message_size = \"1KiB\"",
+    );
+    let mut rows = numbered(10, None);
+    rows[4].1 = "x".repeat(1025);
+    table.insert(None, &queue.name, &rows).await;
+    let relays = start_all(config);
+
+    assert!(table.wait_count("failed_at IS NOT NULL", 1).await);
+    assert!(table.wait_count("published_at IS NOT NULL", 9).await);
+    assert_eq!(
+        table
+            .count("failed_at IS NOT NULL AND attempts = 1 AND length(payload) = 1025")
+            .await,
+        1,
+        "given up at the first attempt"
+    );
+    let error: String = sqlx::query_scalar(&format!(
+        "SELECT last_error FROM {} WHERE failed_at IS NOT NULL",
+        table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .expect("last_error");
+    assert!(
+        error.contains("1025 bytes") && error.contains("max message size of 1024"),
+        "{error}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(queue.received().len(), 9, "each other row exactly once");
     for relay in relays {
         relay.stop().await;
     }

@@ -611,7 +611,7 @@ impl Inner {
             .map_err(|e| {
                 format!("cannot publish a {kind} copy to {exchange:?}/{routing_key:?}: {e}")
             })?;
-        match confirmation(confirm.await, exchange, routing_key) {
+        match confirmation(confirm.await, exchange, routing_key, original.body.len()) {
             Ok(()) => Ok(()),
             Err(PublishError::Connection(e)) => {
                 Err(format!("the {kind} copy was not confirmed: {e}"))

@@ -5,15 +5,25 @@
 //! costs about one round trip, never one per message. A message the broker returns
 //! (no queue bound) is [`PublishError::Unroutable`], a nack is [`PublishError::Rejected`],
 //! and a broken connection is [`PublishError::Connection`]; the next batch reconnects.
+//!
+//! RabbitMQ answers a publish to a missing exchange, or of a body over its maximum message
+//! size, by closing the whole channel: every publish still pending on it fails too, and
+//! must be sent again. So a batch is checked first: a body over the configured
+//! `max_message_size` is refused without being sent, and an exchange not seen lately is
+//! checked with a passive declare on a channel of its own. When the broker closes the
+//! channel anyway, its error is charged to the message it names (by exchange or by size);
+//! the others are reported as a connection failure, to be published again.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex as SyncMutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::stream::{FuturesOrdered, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::AMQPSoftError;
-use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
 use tokio::sync::Mutex;
 
 use super::{AmqpError, connection, headers, short, soft_error};
@@ -25,6 +35,12 @@ pub const DEFAULT_WINDOW: usize = 1024;
 
 /// AMQP delivery mode 2: written to disk by the broker.
 pub const PERSISTENT: u8 = 2;
+
+/// How long an exchange seen to exist is trusted before a batch checks it again.
+const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(60);
+
+/// Exchanges remembered at most; past this the memory starts over.
+const EXCHANGE_CACHE_LIMIT: usize = 10_000;
 
 /// Publishes to one amqp broker with confirms. Cheap to share behind an `Arc`; concurrent
 /// batches share one channel.
@@ -39,6 +55,8 @@ pub struct AmqpPublisher {
     /// The open connection and confirm-mode channel; `None` until the first publish and
     /// after a failure, so a lost connection is re-opened lazily by the next batch.
     session: Mutex<Option<Session>>,
+    /// Exchanges seen to exist, and when they were checked.
+    exchanges: SyncMutex<HashMap<String, Instant>>,
 }
 
 struct Session {
@@ -59,6 +77,7 @@ impl AmqpPublisher {
             connection_name: connection_name.into(),
             window: DEFAULT_WINDOW,
             session: Mutex::new(None),
+            exchanges: SyncMutex::new(HashMap::new()),
         }
     }
 
@@ -101,6 +120,83 @@ impl AmqpPublisher {
             channel: channel.clone(),
         });
         Ok(channel)
+    }
+
+    /// The exchanges among `names` that do not exist, checked with passive declares on a
+    /// channel of their own (a missing exchange closes that channel, not the publishing one).
+    /// Names checked within [`EXCHANGE_CHECK_TTL`] are not checked again; a check that fails
+    /// for another reason leaves the name to the publish itself.
+    async fn missing_exchanges(&self, names: HashSet<&str>) -> HashSet<String> {
+        let now = Instant::now();
+        let unchecked: Vec<&str> = match self.exchanges.lock() {
+            Ok(seen) => names
+                .into_iter()
+                .filter(|name| {
+                    !name.is_empty()
+                        && seen
+                            .get(*name)
+                            .is_none_or(|at| now.duration_since(*at) > EXCHANGE_CHECK_TTL)
+                })
+                .collect(),
+            Err(_) => return HashSet::new(),
+        };
+        let mut missing = HashSet::new();
+        let mut probe: Option<Channel> = None;
+        for name in unchecked {
+            let channel = match &probe {
+                Some(channel) if channel.status().connected() => channel.clone(),
+                _ => match self.side_channel().await {
+                    Some(channel) => {
+                        probe = Some(channel.clone());
+                        channel
+                    }
+                    None => break,
+                },
+            };
+            let Ok(exchange) = short("exchange", name) else {
+                continue;
+            };
+            let options = ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match channel
+                .exchange_declare(
+                    exchange,
+                    ExchangeKind::Direct,
+                    options,
+                    FieldTable::default(),
+                )
+                .await
+            {
+                Ok(()) => {
+                    if let Ok(mut seen) = self.exchanges.lock() {
+                        if seen.len() >= EXCHANGE_CACHE_LIMIT {
+                            seen.clear();
+                        }
+                        seen.insert(name.to_owned(), Instant::now());
+                    }
+                }
+                Err(e) => {
+                    if let Some((AMQPSoftError::NOTFOUND, _)) = soft_error(&e) {
+                        missing.insert(name.to_owned());
+                    }
+                }
+            }
+        }
+        if let Some(channel) = probe
+            && channel.status().connected()
+        {
+            let _ = channel.close(200, "checked".into()).await;
+        }
+        missing
+    }
+
+    /// A fresh plain channel on the publishing connection, for checks.
+    async fn side_channel(&self) -> Option<Channel> {
+        let session = self.session.lock().await;
+        let s = session.as_ref()?;
+        s.connection.create_channel().await.ok()
     }
 
     /// Closes the channel and connection, after every outstanding confirm has arrived.
@@ -156,11 +252,12 @@ pub fn properties(message: &OutgoingMessage) -> Result<BasicProperties, AmqpErro
     Ok(props)
 }
 
-/// Maps the broker's answer to one publish.
+/// Maps the broker's answer to one publish of a `size`-byte body.
 pub fn confirmation(
     result: Result<Confirmation, lapin::Error>,
     exchange: &str,
     routing_key: &str,
+    size: usize,
 ) -> Result<(), PublishError> {
     match result {
         Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
@@ -173,26 +270,50 @@ pub fn confirmation(
         Ok(Confirmation::Nack(None)) => Err(PublishError::Rejected(format!(
             "exchange {exchange:?} routing key {routing_key:?}: nacked by the broker"
         ))),
-        Err(e) => Err(publish_error(&e, exchange)),
+        Err(e) => Err(publish_error(&e, exchange, size)),
     }
 }
 
-/// Classifies a failed publish: a missing exchange is unroutable, other channel errors are
-/// refusals, and anything else is a connection failure (the message may have arrived).
-pub fn publish_error(e: &lapin::Error, exchange: &str) -> PublishError {
-    match soft_error(e) {
-        // The broker closes the whole channel for one publish to a missing exchange, and every
-        // confirmation still pending on it fails with that same error. Only the message whose
-        // exchange the error names is unroutable; the others may or may not have arrived.
-        Some((AMQPSoftError::NOTFOUND, text)) if text.contains(&format!("'{exchange}'")) => {
+/// Classifies a failed publish of a `size`-byte body to `exchange`.
+///
+/// The broker closes the whole channel for one bad publish, and every confirmation still
+/// pending on it fails with that same error. The error is charged to the message it names:
+/// a missing exchange makes that message unroutable, a refused exchange rejected, a size over
+/// the broker's limit too large. The other messages may or may not have arrived: a connection
+/// failure, published again. A channel error that names no message is a refusal, and anything
+/// else a connection failure.
+pub fn publish_error(e: &lapin::Error, exchange: &str, size: usize) -> PublishError {
+    let Some((code, text)) = soft_error(e) else {
+        return PublishError::Connection(e.to_string());
+    };
+    let names_exchange = text.contains(&format!("'{exchange}'"));
+    let another = || {
+        PublishError::Connection(format!(
+            "the channel was closed by another message's error: {text}"
+        ))
+    };
+    match code {
+        AMQPSoftError::NOTFOUND if names_exchange => {
             PublishError::Unroutable(format!("exchange {exchange:?}: {text}"))
         }
-        Some((AMQPSoftError::NOTFOUND, text)) => PublishError::Connection(format!(
-            "the channel was closed by another message's error: {text}"
-        )),
-        Some((_, text)) => PublishError::Rejected(text),
-        None => PublishError::Connection(e.to_string()),
+        AMQPSoftError::NOTFOUND => another(),
+        AMQPSoftError::ACCESSREFUSED if text.contains("exchange") && !names_exchange => another(),
+        AMQPSoftError::PRECONDITIONFAILED => match oversize(&text) {
+            Some((over, max)) if over == size as u64 => PublishError::TooLarge { size: over, max },
+            Some(_) => another(),
+            None => PublishError::Rejected(text),
+        },
+        _ => PublishError::Rejected(text),
     }
+}
+
+/// The sizes in RabbitMQ's "message size N is larger than [configured ]max size M".
+fn oversize(text: &str) -> Option<(u64, u64)> {
+    let rest = text.split("message size ").nth(1)?;
+    let (size, rest) = rest.split_once(' ')?;
+    let max = rest.split("max size ").nth(1)?;
+    let max: String = max.chars().take_while(char::is_ascii_digit).collect();
+    Some((size.parse().ok()?, max.parse().ok()?))
 }
 
 fn names(message: &OutgoingMessage) -> Result<(ShortString, ShortString), AmqpError> {
@@ -219,6 +340,32 @@ impl Publisher for AmqpPublisher {
                     .collect();
             }
         };
+        // Refused before sending: bodies over the configured limit, and exchanges that do
+        // not exist; either would close the channel under the rest of the batch.
+        if let Some(max) = self.config.max_message_size {
+            for (index, message) in messages.iter().enumerate() {
+                let size = message.body.len() as u64;
+                if size > max {
+                    results[index] = Some(Err(PublishError::TooLarge { size, max }));
+                }
+            }
+        }
+        let destinations: HashSet<&str> = messages
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(m, _)| m.destination.as_str())
+            .collect();
+        let missing = self.missing_exchanges(destinations).await;
+        for (index, message) in messages.iter().enumerate() {
+            if results[index].is_none() && missing.contains(&message.destination) {
+                results[index] = Some(Err(PublishError::Unroutable(format!(
+                    "exchange {:?} does not exist",
+                    message.destination
+                ))));
+            }
+        }
+
         let mut pending = FuturesOrdered::new();
         let options = BasicPublishOptions {
             mandatory: true,
@@ -226,6 +373,9 @@ impl Publisher for AmqpPublisher {
         };
         let mut broken: Option<String> = None;
         for (index, message) in messages.iter().enumerate() {
+            if results[index].is_some() {
+                continue;
+            }
             while pending.len() >= self.window {
                 if let Some((i, result)) = pending.next().await {
                     results[i] = Some(result);
@@ -251,11 +401,16 @@ impl Publisher for AmqpPublisher {
                 Ok(confirm) => pending.push_back(async move {
                     (
                         index,
-                        confirmation(confirm.await, &message.destination, &message.routing_key),
+                        confirmation(
+                            confirm.await,
+                            &message.destination,
+                            &message.routing_key,
+                            message.body.len(),
+                        ),
                     )
                 }),
                 Err(e) => {
-                    let error = publish_error(&e, &message.destination);
+                    let error = publish_error(&e, &message.destination, message.body.len());
                     if let PublishError::Connection(reason) = &error {
                         broken = Some(reason.clone());
                     }
@@ -272,5 +427,28 @@ impl Publisher for AmqpPublisher {
                 r.unwrap_or_else(|| Err(PublishError::Connection("no confirmation arrived".into())))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oversize;
+
+    #[test]
+    fn reads_both_sizes_of_the_brokers_size_error() {
+        assert_eq!(
+            oversize(
+                "PRECONDITION_FAILED - message size 134217729 is larger than configured max size 134217728"
+            ),
+            Some((134_217_729, 134_217_728))
+        );
+        assert_eq!(
+            oversize("PRECONDITION_FAILED - message size 10 is larger than max size 5"),
+            Some((10, 5))
+        );
+        assert_eq!(
+            oversize("PRECONDITION_FAILED - inequivalent arg 'x-queue-type'"),
+            None
+        );
     }
 }

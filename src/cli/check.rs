@@ -31,11 +31,16 @@ pub fn describe(config: &Config) -> String {
         }
     );
     for (name, broker) in &config.brokers {
-        let url = match broker {
-            BrokerConfig::Amqp(b) => &b.url,
-            BrokerConfig::Redis(b) => &b.url,
+        let (url, limit) = match broker {
+            BrokerConfig::Amqp(b) => (
+                &b.url,
+                b.max_message_size
+                    .map(|max| format!(" (max message {max} bytes)"))
+                    .unwrap_or_default(),
+            ),
+            BrokerConfig::Redis(b) => (&b.url, String::new()),
         };
-        let _ = writeln!(out, "broker {name}: {} {url}", broker.kind());
+        let _ = writeln!(out, "broker {name}: {} {url}{limit}", broker.kind());
     }
     for (name, db) in &config.databases {
         let _ = writeln!(

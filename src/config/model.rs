@@ -134,6 +134,10 @@ pub struct AmqpBrokerConfig {
     pub url: SecretUrl,
     pub connection_name: Option<String>,
     pub heartbeat: Option<Duration>,
+    /// The broker's maximum message body size, when configured: larger publishes are refused
+    /// before they are sent (the broker would close the channel, failing every publish
+    /// pending on it).
+    pub max_message_size: Option<u64>,
     pub tls: Option<TlsConfig>,
 }
 

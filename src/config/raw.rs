@@ -83,7 +83,18 @@ pub struct RawAmqpBroker {
     pub connection_name: Option<String>,
     /// Heartbeat interval ("30s"); "0" disables heartbeats.
     pub heartbeat: Option<String>,
+    /// The broker's maximum message body size (bytes, or "16MiB"): publishes over it are
+    /// refused without being sent.
+    pub max_message_size: Option<RawSize>,
     pub tls: Option<RawTls>,
+}
+
+/// A size in bytes: an integer, or a string with an optional `B`, `KiB`, `MiB` or `GiB` unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]

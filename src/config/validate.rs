@@ -52,6 +52,28 @@ impl Checker<'_> {
         }
     }
 
+    /// A positive size in bytes.
+    fn size(&mut self, at: &[&str], raw: &RawSize) -> Option<u64> {
+        let parsed = match raw {
+            RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_owned()),
+            RawSize::Text(text) => parse_size(text),
+        };
+        match parsed {
+            Ok(0) => {
+                self.issue(at, "must be at least 1 byte");
+                None
+            }
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.issue(
+                    at,
+                    format!("invalid size: {e} (expected bytes, or e.g. \"16MiB\")"),
+                );
+                None
+            }
+        }
+    }
+
     fn url(&mut self, at: &[&str], value: &str, schemes: &[&str]) -> Option<SecretUrl> {
         match url::Url::parse(value) {
             Ok(url) if schemes.contains(&url.scheme()) => Some(SecretUrl::new(url)),
@@ -208,6 +230,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
+/// A size: bytes, optionally with a `B`, `KiB`, `MiB` or `GiB` unit ("16MiB", "4096").
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (use B, KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 /// The default Redis consumer name: unique per process on a host, stable for its lifetime.
 pub fn default_consumer_name() -> String {
     let host = nix::unistd::gethostname()
@@ -286,10 +330,15 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
                         Duration::from_secs(30),
                     )
                 });
+                let max_message_size = b
+                    .max_message_size
+                    .as_ref()
+                    .and_then(|size| c.size(&["brokers", name, "max_message_size"], size));
                 BrokerConfig::Amqp(AmqpBrokerConfig {
                     url,
                     connection_name: b.connection_name.clone(),
                     heartbeat,
+                    max_message_size,
                     tls: c.tls(b.tls.as_ref()),
                 })
             }),
@@ -1009,4 +1058,21 @@ fn dead_letter_config(
         rules,
         migrate: raw.migrate.unwrap_or(false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("2 KiB"), Ok(2048));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("7B"), Ok(7));
+        assert!(parse_size("16MB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
+    }
 }

@@ -221,17 +221,14 @@ impl Relay {
                     connection_lost.get_or_insert_with(|| e.clone());
                 }
                 None => {
-                    connection_lost
-                        .get_or_insert_with(|| "the publisher returned fewer results than messages".into());
+                    connection_lost.get_or_insert_with(|| {
+                        "the publisher returned fewer results than messages".into()
+                    });
                 }
-                Some(Err(e @ PublishError::Unroutable(_))) => failures.push(self.failure(
-                    row,
-                    format!(
-                        "unroutable: the broker returned the message to destination {:?} with routing key {:?} ({e})",
-                        messages[i].destination, messages[i].routing_key
-                    ),
-                    false,
-                )),
+                // No retry can shrink the payload: given up at once, like an invalid row.
+                Some(Err(e @ PublishError::TooLarge { .. })) => {
+                    failures.push(self.failure(row, e.to_string(), true))
+                }
                 Some(Err(e)) => failures.push(self.failure(row, e.to_string(), false)),
             }
         }

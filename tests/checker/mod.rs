@@ -7,7 +7,10 @@
 //! destination is read back. Then:
 //! - lost = confirmed, never handled and not dead-lettered (must be 0);
 //! - unexpected = handled or dead-lettered but never sent (must be 0);
-//! - duplicated = extra acceptances of an id (reported; at-least-once allows them).
+//! - duplicated = extra acceptances of an id (reported; at-least-once allows them);
+//! - misplaced = bad input that did not end in its documented place (must be 0): a body
+//!   at the broker's limit not handled, one over it accepted, an outbox row failed that
+//!   should have been published or published that should have failed.
 //!
 //! Used by `tests/reliability.rs` (a reduced set in CI) and `benches/reliability.rs` (the
 //! full set, which writes RELIABILITY.md).
@@ -71,6 +74,8 @@ struct SinkState {
     accepted: Mutex<HashMap<String, u32>>,
     requests: AtomicU64,
     behaviour: Mutex<SinkBehaviour>,
+    /// Ids answered 500 on their first delivery (then removed), to send them through a retry.
+    fail_once: Mutex<HashSet<String>>,
 }
 
 pub struct Sink {
@@ -85,8 +90,10 @@ impl Sink {
             behaviour: Mutex::new(behaviour),
             ..SinkState::default()
         });
+        // Bodies up to the broker's maximum message size must reach the handler.
         let app = axum::Router::new()
             .route("/", post(accept))
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/", listener.local_addr()?);
@@ -109,6 +116,13 @@ impl Sink {
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default()
+    }
+
+    /// Answers 500 to the first delivery of `id`.
+    pub fn fail_once(&self, id: &str) {
+        if let Ok(mut ids) = self.state.fail_once.lock() {
+            ids.insert(id.to_owned());
+        }
     }
 
     pub fn requests(&self) -> u64 {
@@ -141,6 +155,14 @@ async fn accept(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    if state
+        .fail_once
+        .lock()
+        .map(|mut ids| ids.remove(&id))
+        .unwrap_or(false)
+    {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
     if let Ok(mut accepted) = state.accepted.lock() {
         *accepted.entry(id).or_default() += 1;
     }
@@ -395,6 +417,69 @@ pub async fn amqp_produce_with(
     }
     drop(conn_keep);
     Ok(confirmed)
+}
+
+/// RabbitMQ's `max_message_size`, read with `rabbitmqctl` (`{ok,134217728}`).
+pub fn rabbit_max_message_size() -> anyhow::Result<u64> {
+    let out = sh(
+        "rabbitmqctl",
+        &["eval", "application:get_env(rabbit, max_message_size)."],
+    )?;
+    let digits: String = out
+        .split_once("{ok,")
+        .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect())
+        .unwrap_or_default();
+    digits
+        .parse()
+        .with_context(|| format!("no max_message_size in {out:?}"))
+}
+
+/// Publishes one `size`-byte body with message id `id` to `queue` on a connection of its
+/// own, and returns whether the broker confirmed it, or the broker's refusal.
+pub async fn amqp_publish_sized(
+    queue: &str,
+    id: &str,
+    size: usize,
+) -> anyhow::Result<Result<(), String>> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let conn =
+        lapin::Connection::connect(RABBIT_URL, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut body = vec![b'x'; size];
+    let prefix = id.as_bytes();
+    let n = prefix.len().min(size);
+    body[..n].copy_from_slice(&prefix[..n]);
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(id.into());
+    let outcome = match ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            props,
+        )
+        .await
+    {
+        Ok(confirm) => match confirm.await {
+            Ok(c) => {
+                if c.is_ack() && c.take_message().is_none() {
+                    Ok(())
+                } else {
+                    Err("nacked or returned".to_owned())
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(outcome)
 }
 
 /// Every body in `queue`, taken off it (basic.get until empty).
@@ -689,6 +774,8 @@ pub struct Row {
     pub lost: usize,
     pub duplicated: usize,
     pub unexpected: usize,
+    /// Bad input that did not end in its documented place.
+    pub misplaced: usize,
     pub duration: Duration,
     /// Why the scenario did not run, or what else was observed.
     pub note: String,
@@ -706,6 +793,7 @@ impl Row {
             lost: 0,
             duplicated: 0,
             unexpected: 0,
+            misplaced: 0,
             duration: Duration::ZERO,
             note: why.into(),
             ran: false,
@@ -714,7 +802,7 @@ impl Row {
 
     /// The contract holds for this row.
     pub fn holds(&self) -> bool {
-        !self.ran || (self.lost == 0 && self.unexpected == 0)
+        !self.ran || (self.lost == 0 && self.unexpected == 0 && self.misplaced == 0)
     }
 }
 
@@ -754,6 +842,7 @@ pub fn tally(
         lost,
         duplicated,
         unexpected,
+        misplaced: 0,
         duration,
         note: String::new(),
         ran: true,
@@ -763,12 +852,12 @@ pub fn tally(
 /// The table as Markdown.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| scenario | messages | handled | dead-lettered | lost | duplicated | unexpected | duration | note |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| scenario | messages | handled | dead-lettered | lost | duplicated | unexpected | misplaced | duration | note |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         if r.ran {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {:.1} s | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s | {} |\n",
                 r.scenario,
                 r.messages,
                 r.handled,
@@ -776,12 +865,13 @@ pub fn table(rows: &[Row]) -> String {
                 r.lost,
                 r.duplicated,
                 r.unexpected,
+                r.misplaced,
                 r.duration.as_secs_f64(),
                 r.note
             ));
         } else {
             out.push_str(&format!(
-                "| {} | - | - | - | - | - | - | - | not run: {} |\n",
+                "| {} | - | - | - | - | - | - | - | - | not run: {} |\n",
                 r.scenario, r.note
             ));
         }
@@ -941,7 +1031,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             fault: Fault::CloseConnections,
         },
         Plan {
-            name: "amqp bad input: random-byte bodies, 1,000 non-UTF-8 headers",
+            name: "amqp bad input: random-byte bodies, 1,000 non-UTF-8 headers, bodies at and over the broker's max size",
             path: Path_::Amqp,
             messages: n(200),
             rate,
@@ -949,7 +1039,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             fault: Fault::BadInput,
         },
         Plan {
-            name: "outbox bad input: unknown and NULL destinations",
+            name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size",
             path: Path_::Outbox,
             messages: n(300),
             rate,

@@ -174,7 +174,18 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     };
     tokio::time::sleep(fault_delay(plan)).await;
     let note = inject(plan.fault, plan.path, &mut daemon, &service, &reload_text).await?;
-    let confirmed = producer.await??;
+    let mut confirmed = producer.await??;
+    let mut sent = ids.clone();
+    let big = if plan.fault == Fault::BadInput {
+        let big = BigBodies::send(&queue, &sink).await?;
+        sent.extend([big.at_limit.clone(), big.over.clone()]);
+        if big.at_limit_confirmed {
+            confirmed.insert(big.at_limit.clone());
+        }
+        Some(big)
+    } else {
+        None
+    };
 
     let dlq = format!("{queue}.dlq");
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -187,14 +198,40 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     }
     let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
     let dead = amqp_drain(&dlq, true).await?;
+    let accepted = sink.accepted();
     let mut row = tally(
         plan.name,
-        &ids,
+        &sent,
         &confirmed,
-        &sink.accepted(),
+        &accepted,
         &dead,
         Duration::ZERO,
     );
+    let mut note = note;
+    if let Some(big) = big {
+        // Every bad body here belongs with the handler: none may be dead-lettered, the body
+        // at the limit must be handled (after one retry), and the one over it refused.
+        row.misplaced = dead.iter().collect::<HashSet<_>>().len()
+            + usize::from(!accepted.contains_key(&big.at_limit))
+            + usize::from(accepted.contains_key(&big.over) || big.over_refusal.is_none());
+        let prefix = if note.is_empty() {
+            String::new()
+        } else {
+            format!("{note}; ")
+        };
+        note = format!(
+            "{}a {} B body (the broker's max) {}, handled after one retry; one of {} B refused at publish: {}",
+            prefix,
+            big.max,
+            if big.at_limit_confirmed {
+                "confirmed"
+            } else {
+                "NOT confirmed"
+            },
+            big.max + 1,
+            big.over_refusal.as_deref().unwrap_or("accepted (!)")
+        );
+    }
     row.note = note_with_exit(note, code);
     amqp_delete(&[
         queue.clone(),
@@ -206,6 +243,36 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     ])
     .await;
     Ok(row)
+}
+
+/// The amqp bad-input row's two big bodies: one at the broker's `max_message_size`, which
+/// must be handled (the sink fails its first delivery, so its retry copy is published too),
+/// and one a byte over, which the broker must refuse at publish.
+struct BigBodies {
+    max: u64,
+    at_limit: String,
+    at_limit_confirmed: bool,
+    over: String,
+    /// The broker's error for the body over the limit; `None` if it was accepted.
+    over_refusal: Option<String>,
+}
+
+impl BigBodies {
+    async fn send(queue: &str, sink: &Sink) -> anyhow::Result<Self> {
+        let max = tokio::task::spawn_blocking(rabbit_max_message_size).await??;
+        let size = usize::try_from(max)?;
+        let big = ids(2);
+        sink.fail_once(&big[0]);
+        let at_limit_confirmed = amqp_publish_sized(queue, &big[0], size).await?.is_ok();
+        let over_refusal = amqp_publish_sized(queue, &big[1], size + 1).await?.err();
+        Ok(Self {
+            max,
+            at_limit: big[0].clone(),
+            at_limit_confirmed,
+            over: big[1].clone(),
+            over_refusal: over_refusal.map(|e| e.chars().take(160).collect()),
+        })
+    }
 }
 
 async fn redis_stream(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
@@ -331,19 +398,23 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
             ids.clone(),
             plan.rate,
         );
-        let bad = plan.fault == Fault::BadInput;
+        let bad = if plan.fault == Fault::BadInput {
+            Some(tokio::task::spawn_blocking(rabbit_max_message_size).await??)
+        } else {
+            None
+        };
         tokio::spawn(async move { outbox_produce(&pool, &table, &queue, &ids, rate, bad).await })
     };
     tokio::time::sleep(fault_delay(plan)).await;
     let note = inject(plan.fault, plan.path, &mut daemon, &service, &config).await?;
-    let committed = producer.await??;
+    let (committed, must_fail) = producer.await??;
     let mut received: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         received.extend(amqp_drain(&queue, false).await?);
         let distinct: HashSet<&String> = received.iter().collect();
         let failed: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT convert_from(payload, 'UTF8') FROM {table} WHERE failed_at IS NOT NULL"
+            "SELECT {FAILED_ID} FROM {table} WHERE failed_at IS NOT NULL"
         ))
         .fetch_all(&pool)
         .await?;
@@ -359,7 +430,7 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
         *accepted.entry(id).or_default() += 1;
     }
     let failed: Vec<String> = sqlx::query_scalar(&format!(
-        "SELECT convert_from(payload, 'UTF8') FROM {table} WHERE failed_at IS NOT NULL"
+        "SELECT {FAILED_ID} FROM {table} WHERE failed_at IS NOT NULL"
     ))
     .fetch_all(&pool)
     .await?;
@@ -371,7 +442,29 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
         &failed,
         Duration::ZERO,
     );
-    row.note = note_with_exit(note, code);
+    if plan.fault == Fault::BadInput {
+        // Exactly the bad rows end failed; every other row is published.
+        let failed: HashSet<&String> = failed.iter().collect();
+        let expected: HashSet<&String> = must_fail.keys().collect();
+        row.misplaced = failed.symmetric_difference(&expected).count();
+        let reasons: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT DISTINCT regexp_replace(last_error, '[0-9a-z_]*no_such_exchange[0-9a-z_]*', 'no_such_exchange_…') FROM {table} WHERE failed_at IS NOT NULL"
+        ))
+        .fetch_all(&pool)
+        .await?;
+        let unknown = must_fail
+            .values()
+            .filter(|k| **k == BadRow::UnknownExchange)
+            .count();
+        let oversized = must_fail.len() - unknown;
+        let note_text = format!(
+            "{unknown} rows to a missing exchange and {oversized} over the broker's max message size must end failed; last_error: {}",
+            reasons.join(" / ").replace('|', "/")
+        );
+        row.note = note_with_exit(note_text, code);
+    } else {
+        row.note = note_with_exit(note, code);
+    }
     let _ = sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table} CASCADE"))
         .execute(&pool)
         .await;
@@ -395,41 +488,69 @@ async fn amqp_declare(queue: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The id of a failed outbox row: its payload up to the first space (oversized payloads are
+/// the id, a space, then padding).
+const FAILED_ID: &str =
+    "split_part(convert_from(substring(payload from 1 for 200), 'UTF8'), ' ', 1)";
+
+/// Why a bad outbox row must end failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BadRow {
+    UnknownExchange,
+    Oversized,
+}
+
 /// Inserts one outbox row per id in small committed transactions, `rate` per second;
-/// returns the ids whose transaction committed.
+/// returns the ids whose transaction committed, and the bad rows that must end failed.
+///
+/// With `bad` (the broker's max message size), one row in a hundred names an exchange that
+/// does not exist, one in three hundred has a payload a byte over the broker's limit, and one
+/// in ten has a NULL destination (the relay's default, "", applies).
 async fn outbox_produce(
     pool: &sqlx::PgPool,
     table: &str,
     queue: &str,
     ids: &[String],
     rate: u32,
-    bad: bool,
-) -> anyhow::Result<HashSet<String>> {
+    bad: Option<u64>,
+) -> anyhow::Result<(HashSet<String>, HashMap<String, BadRow>)> {
     let mut committed = HashSet::new();
+    let mut must_fail = HashMap::new();
     let chunk = (rate as usize / 20).max(1);
     let nowhere = unique("no_such_exchange");
     for (g, group) in ids.chunks(chunk).enumerate() {
         let mut tx = pool.begin().await?;
+        let mut failing = Vec::new();
         for (i, id) in group.iter().enumerate() {
-            // Bad input: one row in a hundred names an exchange that does not exist (it must
-            // end failed), one in ten has a NULL destination (the relay's default, "", applies).
-            let destination: Option<&str> = match (bad, (g * chunk + i) % 100) {
-                (true, 50) => Some(nowhere.as_str()),
-                (true, n) if n % 10 == 5 => None,
+            let n = g * chunk + i;
+            let mut payload = id.as_bytes().to_vec();
+            let destination: Option<&str> = match bad {
+                Some(max) if n % 300 == 150 => {
+                    payload.push(b' ');
+                    payload.resize(usize::try_from(max)? + 1, b'x');
+                    failing.push((id.clone(), BadRow::Oversized));
+                    Some("")
+                }
+                Some(_) if n % 100 == 50 => {
+                    failing.push((id.clone(), BadRow::UnknownExchange));
+                    Some(nowhere.as_str())
+                }
+                Some(_) if n % 10 == 5 => None,
                 _ => Some(""),
             };
             sqlx::query(&format!("INSERT INTO {table} (destination, routing_key, payload, content_type) VALUES ($3, $1, $2, 'text/plain')"))
                 .bind(queue)
-                .bind(id.as_bytes())
+                .bind(payload)
                 .bind(destination)
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
         committed.extend(group.iter().cloned());
+        must_fail.extend(failing);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(committed)
+    Ok((committed, must_fail))
 }
 
 fn fault_delay(plan: &Plan) -> Duration {

@@ -290,3 +290,19 @@ pub fn metric_value(body: &str, metric: &str, labels: &[&str]) -> Option<f64> {
         .filter(|l| labels.iter().all(|label| l.contains(label)))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// RabbitMQ's `max_message_size`, read with `rabbitmqctl` (`{ok,134217728}`).
+pub fn rabbit_max_message_size() -> Option<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["eval", "application:get_env(rabbit, max_message_size)."])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let digits: String = text
+        .split_once("{ok,")?
+        .1
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
