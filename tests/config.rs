@@ -132,6 +132,48 @@ fn bad_url_scheme_is_rejected_without_showing_the_password() {
 }
 
 #[test]
+fn tls_needs_the_tls_scheme_and_a_certificate_needs_its_key() {
+    let text = "[brokers.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1/\"\ntls = { ca_file = \"/ca.pem\" }\n";
+    check_error(
+        text,
+        4,
+        1,
+        &["need a `rediss://` URL", "`redis://`", "brokers.cache.tls"],
+    );
+    let text = "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"amqps://127.0.0.1/\"\ntls = { cert_file = \"/c.pem\" }\n";
+    check_error(text, 4, 1, &["`cert_file` and `key_file` go together"]);
+    let ok = "[brokers.cache]\nkind = \"redis\"\nurl = \"rediss://127.0.0.1/\"\ntls = { ca_file = \"/ca.pem\", cert_file = \"/c.pem\", key_file = \"/c.key\" }\n";
+    assert!(load(ok).is_ok());
+}
+
+#[test]
+fn max_message_size_takes_bytes_or_binary_units() {
+    let text = "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"amqp://127.0.0.1/\"\nmax_message_size = \"16 MB\"\n";
+    check_error(
+        text,
+        4,
+        1,
+        &[
+            "invalid size",
+            "unknown unit",
+            "brokers.rabbit.max_message_size",
+        ],
+    );
+    for (value, bytes) in [("4096", 4096u64), ("\"16MiB\"", 16 << 20)] {
+        let text = format!(
+            "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"amqp://127.0.0.1/\"\nmax_message_size = {value}\n"
+        );
+        let config = load(&text).expect("valid");
+        match config.brokers.get("rabbit") {
+            Some(bosun::config::BrokerConfig::Amqp(b)) => {
+                assert_eq!(b.max_message_size, Some(bytes), "{value}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
 fn unknown_broker_kind_lists_the_kinds() {
     let text = "[brokers.x]\nkind = \"kafka\"\nurl = \"x\"\n";
     let rendered = load(text).expect_err("rejected").to_string();

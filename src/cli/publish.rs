@@ -108,10 +108,15 @@ pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
                 .iter()
                 .map(|f| pair(f, "--field").map(|(k, v)| (k, v.into_bytes())))
                 .collect::<Result<_, _>>()?;
-            if let Some(file) = &args.file {
+            // The body is the `payload` field: from --file, or empty (an entry without it is
+            // invalid to a consumer) unless a --field gives it.
+            let given = fields
+                .iter()
+                .any(|(k, _)| k == crate::redis_streams::fields::BODY);
+            if args.file.is_some() || !given {
                 fields.push((
                     crate::redis_streams::fields::BODY.to_owned(),
-                    body(Some(file))?,
+                    body(args.file.as_ref())?,
                 ));
             }
             let message_id = args

@@ -127,6 +127,35 @@ impl Checker<'_> {
         }
     }
 
+    /// The `tls` table of broker `name`, whose URL is `url`: it only applies to the TLS
+    /// scheme, and a client certificate needs its key.
+    fn broker_tls(
+        &mut self,
+        name: &str,
+        url: &SecretUrl,
+        tls_scheme: &str,
+        raw: Option<&RawTls>,
+    ) -> Option<TlsConfig> {
+        let t = raw?;
+        let at = ["brokers", name, "tls"];
+        if url.url().scheme() != tls_scheme {
+            self.issue(
+                &at,
+                format!(
+                    "TLS settings need a `{tls_scheme}://` URL; this broker's URL is `{}://`",
+                    url.url().scheme()
+                ),
+            );
+        }
+        if t.cert_file.is_some() != t.key_file.is_some() {
+            self.issue(
+                &at,
+                "`cert_file` and `key_file` go together: a client certificate needs its key",
+            );
+        }
+        self.tls(raw)
+    }
+
     fn tls(&mut self, raw: Option<&RawTls>) -> Option<TlsConfig> {
         raw.map(|t| TlsConfig {
             ca_file: t.ca_file.as_ref().map(PathBuf::from),
@@ -334,19 +363,18 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
                     .max_message_size
                     .as_ref()
                     .and_then(|size| c.size(&["brokers", name, "max_message_size"], size));
+                let tls = c.broker_tls(name, &url, "amqps", b.tls.as_ref());
                 BrokerConfig::Amqp(AmqpBrokerConfig {
                     url,
                     connection_name: b.connection_name.clone(),
                     heartbeat,
                     max_message_size,
-                    tls: c.tls(b.tls.as_ref()),
+                    tls,
                 })
             }),
             RawBroker::Redis(b) => c.url(&at, &b.url, &["redis", "rediss"]).map(|url| {
-                BrokerConfig::Redis(RedisBrokerConfig {
-                    url,
-                    tls: c.tls(b.tls.as_ref()),
-                })
+                let tls = c.broker_tls(name, &url, "rediss", b.tls.as_ref());
+                BrokerConfig::Redis(RedisBrokerConfig { url, tls })
             }),
         };
         if let Some(config) = config {

@@ -37,9 +37,15 @@ pub use producer::{RedisPublisher, publish_fields};
 /// Errors of the Redis module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The URL cannot be used (bad scheme, TLS unavailable); the URL is shown redacted.
+    /// The URL cannot be used (bad scheme, unusable TLS material); the URL is shown redacted.
     #[error("invalid redis broker URL {url}: {source}")]
     Url { url: String, source: RedisError },
+    /// A TLS file (`ca_file`, `cert_file`, `key_file`) cannot be read.
+    #[error("cannot read TLS file {path}: {source}")]
+    TlsFile {
+        path: String,
+        source: std::io::Error,
+    },
     /// Connecting failed.
     #[error("cannot connect to redis at {url}: {source}")]
     Connect { url: String, source: RedisError },
@@ -85,11 +91,39 @@ pub fn client_name(consumer: &str, role: &str) -> String {
     format!("bosun:{clean}:{role}")
 }
 
+/// A client for `broker`. `rediss://` connects with TLS: the server is verified against
+/// `tls.ca_file` when given (else the system's roots), and `tls.cert_file`/`tls.key_file` are
+/// presented as the client certificate when the server asks for one.
 fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, Error> {
-    redis::Client::open(broker.url.expose()).map_err(|source| Error::Url {
+    let url_error = |source| Error::Url {
         url: broker.url.redacted(),
         source,
-    })
+    };
+    let Some(tls) = &broker.tls else {
+        return redis::Client::open(broker.url.expose()).map_err(url_error);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| Error::TlsFile {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let client_tls = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        _ => None,
+    };
+    let root_cert = tls.ca_file.as_deref().map(read).transpose()?;
+    redis::Client::build_with_tls(
+        broker.url.expose(),
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(url_error)
 }
 
 /// The managed connection for everything but the blocking read. It reconnects by itself;
