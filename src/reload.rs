@@ -16,6 +16,8 @@ use async_trait::async_trait;
 use futures::Stream;
 
 use crate::config::{self, BrokerConfig, Config, DatabaseConfig, Env, HandlerConfig};
+use crate::dead_letter::admin::AdminOps;
+use crate::dead_letter::ops::Ops;
 use crate::handler::HandlerKinds;
 use crate::runtime::{self, Resources};
 use crate::supervisor::{Changes, ReloadHook, SignalKind};
@@ -144,6 +146,10 @@ pub struct ConfigReload {
     current: Arc<Config>,
     /// Set by `reload`, committed by `applied` once the supervisor has made the change.
     pending: Option<Arc<Config>>,
+    /// The admin API's operations, replaced with the new configuration's when a reload is
+    /// applied; `None` when the admin API is off.
+    admin: Option<AdminOps>,
+    pending_admin: Option<Ops>,
 }
 
 impl ConfigReload {
@@ -153,7 +159,16 @@ impl ConfigReload {
             kinds,
             current,
             pending: None,
+            admin: None,
+            pending_admin: None,
         }
+    }
+
+    /// Keeps the admin API's view of dead-letter processors and archives in step with
+    /// reloads.
+    pub fn with_admin(mut self, admin: Option<AdminOps>) -> Self {
+        self.admin = admin;
+        self
     }
 
     fn failed(&self, error: &str) -> Option<Changes> {
@@ -206,6 +221,9 @@ impl ReloadHook for ConfigReload {
             Err(e) => return self.failed(&format!("{e:#}")),
         };
         tracing::info!(stop = ?stop, start = ?start, "configuration is valid; applying changes");
+        if self.admin.is_some() {
+            self.pending_admin = Some(AdminOps::build(&new, &resources));
+        }
         self.pending = Some(new);
         Some(Changes { stop, start: built })
     }
@@ -213,6 +231,9 @@ impl ReloadHook for ConfigReload {
     async fn applied(&mut self) {
         if let Some(new) = self.pending.take() {
             self.current = new;
+        }
+        if let (Some(admin), Some(ops)) = (&self.admin, self.pending_admin.take()) {
+            admin.replace(ops);
         }
         metrics::counter!("bosun_config_reloads_total", "result" => "success").increment(1);
         let now = SystemTime::now()

@@ -231,19 +231,19 @@ impl Runtime {
             },
             health.clone(),
         );
-        let app = crate::http::with_admin(
-            crate::http::router(health, metrics),
-            crate::dead_letter::admin::router(&config, &resources),
-        );
+        let (admin, admin_ops) = match crate::dead_letter::admin::router(&config, &resources) {
+            Some((router, ops)) => (Some(router), Some(ops)),
+            None => (None, None),
+        };
+        let app = crate::http::with_admin(crate::http::router(health, metrics), admin);
         let http_stop = tokio_util::sync::CancellationToken::new();
         let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
         tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");
 
-        let reload = Box::new(crate::reload::ConfigReload::new(
-            path,
-            self.kinds,
-            config.clone(),
-        ));
+        let reload = Box::new(
+            crate::reload::ConfigReload::new(path, self.kinds, config.clone())
+                .with_admin(admin_ops),
+        );
         let status = supervisor.run(components, signals, reload, lifecycle).await;
 
         // The listener outlives the drain so /metrics and /readyz answer during it.

@@ -1003,3 +1003,50 @@ async fn archive_failure_keeps_the_dead_letter_unsettled_and_not_ready_until_it_
         daemon.get("/readyz")
     );
 }
+
+/// A processor added by a reload is served by the admin API without a restart: the API
+/// follows the running configuration, not the one the process started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_follows_a_reload_that_adds_a_processor() {
+    let s = redis_setup(true);
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let daemon = Daemon::start_with_env(&s.config.path, s.port, &[(TOKEN_VAR, TOKEN)]);
+    assert!(daemon.wait_http(WAIT));
+    let path = "/admin/dead-letters?processor=added";
+    let (status, before) = admin(&daemon, "GET", path, Some(TOKEN), "");
+    assert_eq!(
+        status, 400,
+        "an unknown processor before the reload: {before}"
+    );
+
+    let table = unique("dl_added");
+    let dlq = unique("dl_added_dlq");
+    let text = std::fs::read_to_string(&s.config.path).expect("config");
+    s.config.rewrite(&format!(
+        "{text}\n[dead_letters.added]\nsource = \"cache\"\nstream = \"{dlq}\"\narchive = \"main\"\ntable = \"{table}\"\n"
+    ));
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+
+    let mut conn = redis().await;
+    add(
+        &mut conn,
+        &dlq,
+        &dead("after-reload", "orders", "permanent", "boom", "1"),
+    )
+    .await;
+    let listed = wait_for(WAIT, || {
+        let (status, list) = admin(&daemon, "GET", path, Some(TOKEN), "");
+        (status == 200 && list.as_array().is_some_and(|rows| rows.len() == 1)).then_some(list)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the admin API never listed the added processor's archive:\n{}",
+            daemon.logs()
+        )
+    });
+    assert_eq!(listed[0]["message_id"], "after-reload", "{listed}");
+    let _ = conn.del::<_, ()>(&dlq).await;
+}

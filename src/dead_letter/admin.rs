@@ -5,7 +5,7 @@
 //! digests, so neither the token's content nor its length leaks through timing. Anything
 //! else is answered 401 before any handler runs.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -26,24 +26,56 @@ use crate::runtime::Resources;
 
 #[derive(Clone)]
 struct AdminState {
-    ops: Ops,
+    ops: AdminOps,
     /// SHA-256 of the token: what requests are compared against.
     token_digest: Arc<[u8; 32]>,
 }
 
-/// The admin routes, or `None` when no admin token is configured (the API stays off).
-pub fn router(config: &Arc<Config>, resources: &Resources) -> Option<Router> {
+/// The [`Ops`] the admin API serves, replaced when a reload is applied, so the API always
+/// knows the processors and archives that run now. A request works on the `Ops` it started
+/// with.
+#[derive(Clone)]
+pub struct AdminOps(Arc<RwLock<Ops>>);
+
+impl AdminOps {
+    pub fn new(ops: Ops) -> Self {
+        Self(Arc::new(RwLock::new(ops)))
+    }
+
+    /// The `Ops` for `config`, over the pools in `resources`.
+    pub fn build(config: &Arc<Config>, resources: &Resources) -> Ops {
+        Ops::new(
+            config.clone(),
+            resources.databases.clone(),
+            Arc::new(Publishers::new(config.clone(), "admin")),
+        )
+    }
+
+    pub fn current(&self) -> Ops {
+        match self.0.read() {
+            Ok(ops) => ops.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, ops: Ops) {
+        match self.0.write() {
+            Ok(mut current) => *current = ops,
+            Err(poisoned) => *poisoned.into_inner() = ops,
+        }
+    }
+}
+
+/// The admin routes and the handle a reload replaces their [`Ops`] through, or `None` when no
+/// admin token is configured (the API stays off).
+pub fn router(config: &Arc<Config>, resources: &Resources) -> Option<(Router, AdminOps)> {
     let token = config.http.admin_token.as_ref()?;
-    let ops = Ops::new(
-        config.clone(),
-        resources.databases.clone(),
-        Arc::new(Publishers::new(config.clone(), "admin")),
-    );
-    Some(routes(ops, token))
+    let ops = AdminOps::new(AdminOps::build(config, resources));
+    Some((routes(ops.clone(), token), ops))
 }
 
 /// The routes over `ops`, guarded by `token`.
-pub fn routes(ops: Ops, token: &Secret) -> Router {
+pub fn routes(ops: AdminOps, token: &Secret) -> Router {
     let state = AdminState {
         ops,
         token_digest: Arc::new(digest(token.expose().as_bytes())),
@@ -138,7 +170,11 @@ async fn list(
         status: q.status,
         limit: q.limit.unwrap_or(50).clamp(1, 10_000),
     };
-    let rows = state.ops.list(q.processor.as_deref(), &filter).await?;
+    let rows = state
+        .ops
+        .current()
+        .list(q.processor.as_deref(), &filter)
+        .await?;
     Ok(Json(rows).into_response())
 }
 
@@ -146,7 +182,7 @@ async fn groups(
     State(state): State<AdminState>,
     Query(q): Query<ProcessorQuery>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(state.ops.groups(q.processor.as_deref()).await?).into_response())
+    Ok(Json(state.ops.current().groups(q.processor.as_deref()).await?).into_response())
 }
 
 async fn show(
@@ -154,7 +190,7 @@ async fn show(
     Path(id): Path<i64>,
     Query(q): Query<ProcessorQuery>,
 ) -> Result<Response, ApiError> {
-    let row = state.ops.show(q.processor.as_deref(), id).await?;
+    let row = state.ops.current().show(q.processor.as_deref(), id).await?;
     Ok(Json(row_json(&row)).into_response())
 }
 
@@ -196,6 +232,7 @@ async fn replay(State(state): State<AdminState>, text: String) -> Result<Respons
     let body = body(&text)?;
     let report = state
         .ops
+        .current()
         .replay(body.processor.as_deref(), &body.selector()?, body.dry_run)
         .await?;
     Ok(Json(report).into_response())
@@ -205,6 +242,7 @@ async fn purge(State(state): State<AdminState>, text: String) -> Result<Response
     let body = body(&text)?;
     let report = state
         .ops
+        .current()
         .purge(body.processor.as_deref(), &body.selector()?, body.dry_run)
         .await?;
     Ok(Json(report).into_response())
