@@ -237,7 +237,9 @@ async fn timeout_kills_the_whole_group_and_reaps_it() {
     let handler = exec(
         &name,
         &[&fixture("hang.sh"), &pid_file.display().to_string()],
-        "timeout = \"1s\"",
+        // Long enough for the fixture to write its pid on a loaded machine: a group killed
+        // before that leaves nothing to check.
+        "timeout = \"3s\"",
     );
     let outcome = tokio::time::timeout(Duration::from_secs(20), handler.handle(&message("{}")))
         .await
@@ -261,7 +263,7 @@ async fn timeout_kills_the_whole_group_and_reaps_it() {
             &fixture("hang.sh"),
             &dir.path().join("pid2").display().to_string(),
         ],
-        "timeout = \"1s\"\non_timeout = \"dead_letter\"",
+        "timeout = \"3s\"\non_timeout = \"dead_letter\"",
     );
     assert!(matches!(
         dead.handle(&message("{}")).await,
