@@ -99,6 +99,10 @@ fn describe() {
         "bosun_messages_settled_total",
         "Messages settled at their source, by outcome."
     );
+    describe_counter!(
+        "bosun_messages_released_total",
+        "Messages a handler handed back to their source unsettled (at shutdown)."
+    );
     describe_gauge!(
         "bosun_messages_in_flight",
         "Messages whose handler is running."
@@ -130,6 +134,8 @@ pub struct ConsumerMetrics {
     pub settled_retry: metrics::Counter,
     pub settled_dead_letter: metrics::Counter,
     pub settled_drop: metrics::Counter,
+    /// Messages handed back to their source unsettled ([`Outcome::Release`]).
+    pub released: metrics::Counter,
     pub in_flight: metrics::Gauge,
     pub connected: metrics::Gauge,
     pub reconnects: metrics::Counter,
@@ -137,6 +143,7 @@ pub struct ConsumerMetrics {
     duration_retry: metrics::Histogram,
     duration_dead_letter: metrics::Histogram,
     duration_drop: metrics::Histogram,
+    duration_release: metrics::Histogram,
 }
 
 impl ConsumerMetrics {
@@ -149,6 +156,7 @@ impl ConsumerMetrics {
             settled_retry: settled("retry"),
             settled_dead_letter: settled("dead_letter"),
             settled_drop: settled("drop"),
+            released: metrics::counter!("bosun_messages_released_total", "consumer" => consumer.to_owned()),
             in_flight: metrics::gauge!("bosun_messages_in_flight", "consumer" => consumer.to_owned()),
             connected: metrics::gauge!("bosun_broker_connected", "broker" => broker.to_owned()),
             reconnects: metrics::counter!("bosun_broker_reconnects_total", "broker" => broker.to_owned()),
@@ -156,6 +164,7 @@ impl ConsumerMetrics {
             duration_retry: duration("retry"),
             duration_dead_letter: duration("dead_letter"),
             duration_drop: duration("drop"),
+            duration_release: duration("release"),
         }
     }
 
@@ -167,6 +176,7 @@ impl ConsumerMetrics {
             Outcome::Retry { .. } => &self.duration_retry,
             Outcome::DeadLetter { .. } => &self.duration_dead_letter,
             Outcome::Drop { .. } => &self.duration_drop,
+            Outcome::Release { .. } => &self.duration_release,
         }
     }
 }

@@ -1050,3 +1050,148 @@ async fn admin_api_follows_a_reload_that_adds_a_processor() {
     assert_eq!(listed[0]["message_id"], "after-reload", "{listed}");
     let _ = conn.del::<_, ()>(&dlq).await;
 }
+
+/// SIGTERM while the archive is down: the held dead letter is released (handed back
+/// unsettled) instead of holding up the drain, so the daemon exits cleanly within the
+/// shutdown timeout, and the dead letter is still there for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_an_archive_outage_releases_the_dead_letter() {
+    // redis: the entry stays pending.
+    let s = redis_setup(false);
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let mut daemon = Daemon::start(&s.config.path, s.port);
+    assert!(
+        daemon.wait_ready(WAIT),
+        "ready: {:?}",
+        daemon.get("/readyz")
+    );
+    let pool = pg().await;
+    sqlx::raw_sql(&format!("DROP TABLE {}", s.table))
+        .execute(&pool)
+        .await
+        .expect("drop archive");
+    let mut conn = redis().await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead("held", &s.stream, "permanent", "boom", "1"),
+    )
+    .await;
+    assert!(
+        wait_for(WAIT, || daemon.get("/readyz").filter(
+            |(status, body)| *status == 503 && body.contains("dead_letter:dl")
+        ))
+        .is_some(),
+        "the processor must report not ready"
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    // Exit 0 is a drain that finished; the 5 s shutdown timeout would exit 1.
+    assert_eq!(daemon.wait_exit(WAIT), Some(0), "{}", daemon.logs());
+    assert!(
+        daemon.logs().contains("released unsettled"),
+        "{}",
+        daemon.logs()
+    );
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(&s.dlq)
+        .arg("bosun-dlq")
+        .query_async(&mut conn)
+        .await
+        .expect("XPENDING");
+    assert_eq!(
+        pending.first(),
+        Some(&redis::Value::Int(1)),
+        "still pending: read again by a consumer of the same name, or claimed after claim_idle"
+    );
+}
+
+/// The same on amqp: the dead letter is nacked back to its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_shutdown_during_an_archive_outage_requeues_the_dead_letter() {
+    use bosun::publish::Publisher as _;
+    use lapin::types::FieldTable;
+
+    let dlq = unique("dl_release");
+    let table = unique("dl_release_archive");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"
+[service]
+name = "dlq-release-test"
+shutdown_timeout = "5s"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[databases.main]
+url = "{PG_URL}"
+max_connections = 4
+
+[dead_letters.dl]
+source = "rabbit"
+queue = "{dlq}"
+archive = "main"
+table = "{table}"
+"#
+    ));
+    let (code, _, err) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let (_conn, ch) = amqp_channel().await;
+    declare(&ch, &dlq, FieldTable::default()).await;
+    let mut daemon = Daemon::start(&config.path, port);
+    assert!(
+        daemon.wait_ready(WAIT),
+        "ready: {:?}",
+        daemon.get("/readyz")
+    );
+    let pool = pg().await;
+    sqlx::raw_sql(&format!("DROP TABLE {table}"))
+        .execute(&pool)
+        .await
+        .expect("drop archive");
+    let publisher = amqp_publisher();
+    assert_eq!(
+        publisher.publish(&outgoing(&dlq, "held", &[])).await,
+        Ok(())
+    );
+    assert!(
+        wait_for(WAIT, || daemon.get("/readyz").filter(
+            |(status, body)| *status == 503 && body.contains("dead_letter:dl")
+        ))
+        .is_some(),
+        "the processor must report not ready"
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(WAIT), Some(0), "{}", daemon.logs());
+    assert!(
+        daemon.logs().contains("released unsettled"),
+        "{}",
+        daemon.logs()
+    );
+    let back = ch
+        .queue_declare(
+            dlq.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    assert_eq!(
+        back.message_count(),
+        1,
+        "the dead letter is back in its queue"
+    );
+    publisher.close().await;
+    let _ = ch
+        .queue_delete(dlq.as_str().into(), Default::default())
+        .await;
+}

@@ -29,8 +29,8 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -90,6 +90,7 @@ fn settled_counter(metrics: &Metrics, settled: Settled) -> &metrics::Counter {
         Settled::Retry => &metrics.settled_retry,
         Settled::DeadLetter => &metrics.settled_dead_letter,
         Settled::Drop => &metrics.settled_drop,
+        Settled::Release => &metrics.released,
     }
 }
 
@@ -100,6 +101,8 @@ enum Settled {
     Retry,
     DeadLetter,
     Drop,
+    /// Handed back unsettled: nacked with requeue, not acked.
+    Release,
 }
 
 /// A supervised consumer of one RabbitMQ queue.
@@ -315,7 +318,7 @@ impl Inner {
                 biased;
                 _ = ctx.shutdown.cancelled() => break None,
                 Some(done) = tasks.next(), if !tasks.is_empty() => {
-                    if let Err(reason) = self.finish(done, &mut acks) {
+                    if let Err(reason) = self.finish(done, &mut acks, &channel).await {
                         break Some(reason);
                     }
                     if acks.batch_ready()
@@ -355,7 +358,7 @@ impl Inner {
             .await;
         tracing::info!(consumer = %self.name, in_flight = tasks.len(), "draining");
         while let Some(done) = tasks.next().await {
-            if let Err(reason) = self.finish(done, &mut acks) {
+            if let Err(reason) = self.finish(done, &mut acks, &channel).await {
                 drop(tasks);
                 return Ok(SessionEnd::Lost(reason));
             }
@@ -377,10 +380,28 @@ impl Inner {
         Ok(SessionEnd::Drained)
     }
 
-    /// Records a finished delivery; an error means its copy could not be made durable, so the
-    /// session must end without acking it.
-    fn finish(&self, done: (u64, Result<Settled, String>), acks: &mut Acks) -> Result<(), String> {
+    /// Records a finished delivery; an error means its copy could not be made durable (or a
+    /// release could not be sent), so the session must end without acking it.
+    async fn finish(
+        &self,
+        done: (u64, Result<Settled, String>),
+        acks: &mut Acks,
+        channel: &Channel,
+    ) -> Result<(), String> {
         match done {
+            (tag, Ok(Settled::Release)) => {
+                let requeue = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                channel
+                    .basic_nack(tag, requeue)
+                    .await
+                    .map_err(|e| format!("cannot release a delivery: {e}"))?;
+                acks.released(tag);
+                self.metrics.released.increment(1);
+                Ok(())
+            }
             (tag, Ok(settled)) => {
                 acks.settle(tag);
                 settled_counter(&self.metrics, settled).increment(1);
@@ -515,6 +536,10 @@ async fn process(
         }
         Outcome::DeadLetter { reason, kind } => {
             inner.dead_letter(&publish, &original, kind, &reason).await
+        }
+        Outcome::Release { reason } => {
+            tracing::info!(consumer = %inner.name, message_id = ?message.message_id, reason = %reason, "released unsettled; it goes back to the queue");
+            Ok(Settled::Release)
         }
     };
     (delivery_tag, result)
@@ -688,6 +713,19 @@ impl Acks {
         }
     }
 
+    /// `tag` was nacked on its own: it is no longer outstanding, and a later `multiple` ack
+    /// passes over it.
+    fn released(&mut self, tag: u64) {
+        if let Some(state) = tag
+            .checked_sub(self.base)
+            .and_then(|i| self.states.get_mut(i as usize))
+            && *state == State::Pending
+        {
+            *state = State::Acked;
+            self.acked += 1;
+        }
+    }
+
     fn batch_ready(&self) -> bool {
         self.settled >= self.batch
     }
@@ -770,5 +808,21 @@ mod tests {
         assert!(acks.batch_ready());
         acks.settle(99);
         assert_eq!(acks.settled, 3);
+    }
+
+    #[test]
+    fn a_released_tag_leaves_the_window_without_an_ack() {
+        let mut acks = Acks::new(2, 10);
+        for tag in 1..=3 {
+            acks.delivered(tag);
+        }
+        acks.released(1);
+        acks.released(1);
+        assert_eq!((acks.acked, acks.settled), (1, 0));
+        assert_eq!(acks.states[0], State::Acked);
+        // A settled tag cannot be released afterwards: it is acked, never nacked too.
+        acks.settle(2);
+        acks.released(2);
+        assert_eq!((acks.acked, acks.settled), (1, 1));
     }
 }

@@ -6,7 +6,8 @@
 //! stream, so delivery, prefetch, concurrency, reconnects and settling are the consumers'
 //! own code. When an effect cannot be made durable (database or broker down), the handler
 //! keeps the dead letter in hand and tries again with backoff, reporting not ready; the
-//! dead letter stays unsettled at its source all along and comes back if the process stops.
+//! dead letter stays unsettled at its source all along. At shutdown it is released (handed
+//! back unsettled) at once, so an outage does not hold up the drain.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -62,6 +63,9 @@ pub struct DeadLetterHandler {
     /// The running component's readiness entry, set when it starts; effects that fail
     /// make it not ready until one succeeds.
     health: Mutex<Option<HealthHandle>>,
+    /// The running component's shutdown: a dead letter whose effect keeps failing is
+    /// released (handed back unsettled) once it fires, instead of holding up the drain.
+    shutdown: Mutex<Option<CancellationToken>>,
 }
 
 impl DeadLetterHandler {
@@ -79,12 +83,22 @@ impl DeadLetterHandler {
             archive,
             publishers,
             health: Mutex::new(None),
+            shutdown: Mutex::new(None),
         }
     }
 
     /// Reports into `health` from now on.
-    pub fn attach(&self, health: HealthHandle) {
+    pub fn attach(&self, health: HealthHandle, shutdown: CancellationToken) {
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+        *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = Some(shutdown);
+    }
+
+    fn shutdown(&self) -> CancellationToken {
+        self.shutdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     fn health(&self) -> Option<HealthHandle> {
@@ -243,9 +257,15 @@ impl Handler for DeadLetterHandler {
                     let reason = format!("cannot {} dead letters: {e}", decision.label());
                     tracing::warn!(processor = %self.name, action = decision.label(), error = %e, retry_in_ms = backoff.as_millis() as u64, "dead letter kept unsettled; retrying");
                     if let Some(health) = self.health() {
-                        health.set_not_ready(reason);
+                        health.set_not_ready(reason.clone());
                     }
-                    tokio::time::sleep(backoff).await;
+                    let shutdown = self.shutdown();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        // Stopping: hand the dead letter back rather than hold up the drain;
+                        // it stays at its source and is processed after the restart.
+                        _ = shutdown.cancelled() => return Outcome::Release { reason },
+                    }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
@@ -411,7 +431,8 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
 #[async_trait]
 impl Component for DeadLetterProcessor {
     async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
-        self.handler.attach(ctx.health.clone());
+        self.handler
+            .attach(ctx.health.clone(), ctx.shutdown.clone());
         if let Some(target) = &self.archive {
             if target.migrate
                 && let Err(e) = archive::migrate(&target.pool, &target.table).await

@@ -414,7 +414,8 @@ impl Handler for ExecHandler {
             }
             Outcome::Retry { reason, .. }
             | Outcome::DeadLetter { reason, .. }
-            | Outcome::Drop { reason } => {
+            | Outcome::Drop { reason }
+            | Outcome::Release { reason } => {
                 tracing::warn!(handler = %self.name, message_id, result, outcome = outcome.label(), reason = %reason, "command failed")
             }
         }

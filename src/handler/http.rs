@@ -454,6 +454,9 @@ impl Handler for HttpHandler {
             Outcome::Drop { reason } => {
                 tracing::info!(handler = %self.name, message_id, class, outcome = "drop", reason = %reason, "endpoint dropped the message")
             }
+            Outcome::Release { reason } => {
+                tracing::info!(handler = %self.name, message_id, class, outcome = "release", reason = %reason, "message released")
+            }
         }
         outcome
     }

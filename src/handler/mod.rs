@@ -135,6 +135,11 @@ pub enum Outcome {
     DeadLetter { reason: String, kind: FailureKind },
     /// Discard on purpose: settle without dead-lettering, counted separately.
     Drop { reason: String },
+    /// No outcome: hand the message back to its source unsettled, without using an attempt
+    /// (amqp: nack with requeue; redis: it stays pending, read again at this consumer's next
+    /// start or claimed by another after `claim_idle`). For a handler that must stop before
+    /// it can decide, such as at shutdown; not a retry, which has a delay.
+    Release { reason: String },
 }
 
 impl Outcome {
@@ -163,6 +168,7 @@ impl Outcome {
             Outcome::Retry { .. } => "retry",
             Outcome::DeadLetter { .. } => "dead_letter",
             Outcome::Drop { .. } => "drop",
+            Outcome::Release { .. } => "release",
         }
     }
 }

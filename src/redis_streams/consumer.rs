@@ -136,6 +136,8 @@ pub(crate) enum Action {
     DeadLetter {
         fields: Vec<(Bytes, Bytes)>,
     },
+    /// Left pending, unsettled: read again at the next start, or claimed by another consumer.
+    Release,
 }
 
 pub(crate) struct Settlement {
@@ -303,6 +305,10 @@ impl Inner {
             Outcome::DeadLetter { reason, kind } => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, kind = %kind, "dead-lettering");
                 self.dead_letter(entry, deliveries, attempt, &reason, kind)
+            }
+            Outcome::Release { reason } => {
+                tracing::info!(consumer = %self.name, entry_id = %entry.id, %reason, "released unsettled; it stays pending");
+                Action::Release
             }
         }
     }
@@ -821,6 +827,11 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
     for (i, s) in batch.iter().enumerate() {
         let cmd = match &s.action {
             Action::Ack | Action::Drop => continue,
+            // Nothing to send: the entry stays pending.
+            Action::Release => {
+                inner.metrics.released.increment(1);
+                continue;
+            }
             Action::Retry { fields, delay_ms } => {
                 let mut cmd = inner
                     .scripts
@@ -842,6 +853,10 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
         };
         pipe.add_command(cmd);
         owners.push(Some(i));
+    }
+    if owners.is_empty() {
+        // Only releases: nothing to tell Redis.
+        return;
     }
 
     let mut backoff = BACKOFF_INITIAL;
