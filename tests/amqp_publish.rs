@@ -34,16 +34,7 @@ async fn channel() -> (lapin::Connection, lapin::Channel) {
 async fn batch_is_confirmed_and_keeps_properties() {
     let queue = unique("pub_batch");
     let (_conn, ch) = channel().await;
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare");
+    declare(&ch, &queue).await;
 
     let publisher =
         AmqpPublisher::new("rabbit", broker(), unique("test-publisher")).with_window(16);
@@ -92,9 +83,7 @@ async fn batch_is_confirmed_and_keeps_properties() {
         Some(7)
     );
     publisher.close().await;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    delete(&ch, &queue).await;
 }
 
 #[tokio::test]
@@ -117,24 +106,13 @@ async fn unroutable_message_is_an_error_and_the_publisher_recovers() {
     // The broker closed the channel over the missing exchange; the next publish still works.
     let queue = unique("pub_recover");
     let (_conn, ch) = channel().await;
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare");
+    declare(&ch, &queue).await;
     let ok = publisher
         .publish(&OutgoingMessage::new("", queue.clone(), "y"))
         .await;
     assert_eq!(ok, Ok(()));
     publisher.close().await;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    delete(&ch, &queue).await;
 }
 
 async fn declare(ch: &lapin::Channel, queue: &str) {
@@ -148,6 +126,12 @@ async fn declare(ch: &lapin::Channel, queue: &str) {
     )
     .await
     .expect("declare");
+}
+
+async fn delete(ch: &lapin::Channel, queue: &str) {
+    let _ = ch
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
 }
 
 /// Messages in `queue`, taken off it.
@@ -225,9 +209,7 @@ async fn a_missing_exchange_fails_only_its_own_message_and_duplicates_nothing() 
     let _ = ch
         .exchange_delete(nowhere.as_str().into(), Default::default())
         .await;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    delete(&ch, &queue).await;
 }
 
 /// With `max_message_size` set, a larger body is refused without being sent.
@@ -258,9 +240,7 @@ async fn a_body_over_the_configured_max_is_refused_before_sending() {
     assert_eq!(results[2], Ok(()));
     assert_eq!(drain(&ch, &queue).await.len(), 2);
     publisher.close().await;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    delete(&ch, &queue).await;
 }
 
 /// The broker's own limit (`max_message_size`, 128 MiB by default) closes the channel; the
@@ -297,7 +277,5 @@ async fn the_brokers_size_limit_is_charged_to_the_oversized_message() {
     assert_eq!(ok, Ok(()));
     assert!(drain(&ch, &queue).await.contains(&b"next".to_vec()));
     publisher.close().await;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    delete(&ch, &queue).await;
 }

@@ -741,6 +741,29 @@ fn schema_prints_idempotent_ddl_for_a_valid_table_only() {
     assert_eq!(code, 64, "{err}");
 }
 
+/// `[service]`, `[http]` on `port`, the `rabbit` broker and the `main` database.
+fn amqp_base(service: &str, port: u16) -> String {
+    format!(
+        r#"
+[service]
+name = "{service}"
+shutdown_timeout = "5s"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[databases.main]
+url = "{PG_URL}"
+max_connections = 4
+"#
+    )
+}
+
 async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     let conn = lapin::Connection::connect(RABBIT_URL, lapin::ConnectionProperties::default())
         .await
@@ -803,23 +826,7 @@ async fn amqp_broker_dead_letters_replay_until_the_limit_and_bosun_ones_reach_th
     let table = unique("dl_archive");
     let port = free_port();
     let config = ConfigFile::new(&format!(
-        r#"
-[service]
-name = "dlq-amqp-test"
-shutdown_timeout = "5s"
-log_format = "json"
-
-[http]
-listen = "127.0.0.1:{port}"
-
-[brokers.rabbit]
-kind = "amqp"
-url = "{RABBIT_URL}"
-
-[databases.main]
-url = "{PG_URL}"
-max_connections = 4
-
+        r#"{}
 [handlers.seen]
 kind = "log"
 
@@ -842,7 +849,8 @@ max_replays = 2
 [[dead_letters.dl.rules]]
 when = {{ error_kind = ["permanent"], original = ["{queue}"], attempts_below = 5 }}
 action = "replay"
-"#
+"#,
+        amqp_base("dlq-amqp-test", port)
     ));
     let (code, _, err) = cli(&config, &["migrate"]);
     assert_eq!(code, 0, "migrate: {err}");
@@ -1116,29 +1124,14 @@ async fn amqp_shutdown_during_an_archive_outage_requeues_the_dead_letter() {
     let table = unique("dl_release_archive");
     let port = free_port();
     let config = ConfigFile::new(&format!(
-        r#"
-[service]
-name = "dlq-release-test"
-shutdown_timeout = "5s"
-log_format = "json"
-
-[http]
-listen = "127.0.0.1:{port}"
-
-[brokers.rabbit]
-kind = "amqp"
-url = "{RABBIT_URL}"
-
-[databases.main]
-url = "{PG_URL}"
-max_connections = 4
-
+        r#"{}
 [dead_letters.dl]
 source = "rabbit"
 queue = "{dlq}"
 archive = "main"
 table = "{table}"
-"#
+"#,
+        amqp_base("dlq-release-test", port)
     ));
     let (code, _, err) = cli(&config, &["migrate"]);
     assert_eq!(code, 0, "migrate: {err}");

@@ -324,7 +324,7 @@ pub async fn amqp_produce_with(
     rate: u32,
     bad: bool,
 ) -> anyhow::Result<HashSet<String>> {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::options::ConfirmSelectOptions;
     let mut confirmed = HashSet::new();
     let mut channel: Option<lapin::Channel> = None;
     let mut conn_keep: Option<lapin::Connection> = None;
@@ -376,19 +376,7 @@ pub async fn amqp_produce_with(
                 }
                 props = props.with_headers(table);
             }
-            match ch
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    props,
-                )
-                .await
-            {
+            match publish_to_queue(&ch, queue, &body, props).await {
                 Ok(confirm) => pending.push((id.clone(), confirm)),
                 Err(_) => break,
             }
@@ -419,6 +407,26 @@ pub async fn amqp_produce_with(
     Ok(confirmed)
 }
 
+/// Publishes `body` to `queue` through the default exchange, `mandatory`.
+async fn publish_to_queue(
+    ch: &lapin::Channel,
+    queue: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) -> Result<lapin::PublisherConfirm, lapin::Error> {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        lapin::options::BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        body,
+        props,
+    )
+    .await
+}
+
 /// RabbitMQ's `max_message_size`, read with `rabbitmqctl` (`{ok,134217728}`).
 pub fn rabbit_max_message_size() -> anyhow::Result<u64> {
     let out = sh(
@@ -441,7 +449,7 @@ pub async fn amqp_publish_sized(
     id: &str,
     size: usize,
 ) -> anyhow::Result<Result<(), String>> {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::options::ConfirmSelectOptions;
     let conn =
         lapin::Connection::connect(RABBIT_URL, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
@@ -453,19 +461,7 @@ pub async fn amqp_publish_sized(
     let props = lapin::BasicProperties::default()
         .with_delivery_mode(2)
         .with_message_id(id.into());
-    let outcome = match ch
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &body,
-            props,
-        )
-        .await
-    {
+    let outcome = match publish_to_queue(&ch, queue, &body, props).await {
         Ok(confirm) => match confirm.await {
             Ok(c) => {
                 if c.is_ack() && c.take_message().is_none() {
