@@ -941,8 +941,16 @@ action = "replay"
     assert_eq!(rows(&pool, &table).await.len(), 2, "nothing else archived");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn archive_failure_keeps_the_dead_letter_unsettled_and_not_ready_until_it_recovers() {
+/// A running daemon whose processor holds the dead letter `id`: its archive table was
+/// dropped under it, and it reports not ready.
+struct Outage {
+    s: RedisSetup,
+    daemon: Daemon,
+    pool: PgPool,
+    conn: redis::aio::MultiplexedConnection,
+}
+
+async fn archive_outage(id: &str) -> Outage {
     let s = redis_setup(false);
     let (code, _, err) = cli(&s.config, &["migrate"]);
     assert_eq!(code, 0, "migrate: {err}");
@@ -952,8 +960,6 @@ async fn archive_failure_keeps_the_dead_letter_unsettled_and_not_ready_until_it_
         "ready: {:?}",
         daemon.get("/readyz")
     );
-
-    // The archive goes away under the running processor.
     let pool = pg().await;
     sqlx::raw_sql(&format!("DROP TABLE {}", s.table))
         .execute(&pool)
@@ -963,25 +969,48 @@ async fn archive_failure_keeps_the_dead_letter_unsettled_and_not_ready_until_it_
     add(
         &mut conn,
         &s.dlq,
-        &dead("kept", &s.stream, "permanent", "boom", "1"),
+        &dead(id, &s.stream, "permanent", "boom", "1"),
     )
     .await;
-
     let not_ready = wait_for(WAIT, || {
         daemon
             .get("/readyz")
             .filter(|(status, body)| *status == 503 && body.contains("dead_letter:dl"))
     });
     assert!(not_ready.is_some(), "the processor must report not ready");
+    Outage {
+        s,
+        daemon,
+        pool,
+        conn,
+    }
+}
+
+/// Entries pending in the processors' group on `dlq`.
+async fn dlq_pending(conn: &redis::aio::MultiplexedConnection, dlq: &str) -> i64 {
     let pending: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(&s.dlq)
+        .arg(dlq)
         .arg("bosun-dlq")
-        .query_async(&mut conn)
+        .query_async(&mut conn.clone())
         .await
         .expect("XPENDING");
+    match pending.first() {
+        Some(redis::Value::Int(n)) => *n,
+        other => panic!("XPENDING: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_failure_keeps_the_dead_letter_unsettled_and_not_ready_until_it_recovers() {
+    let Outage {
+        s,
+        daemon,
+        pool,
+        conn,
+    } = archive_outage("kept").await;
     assert_eq!(
-        pending.first(),
-        Some(&redis::Value::Int(1)),
+        dlq_pending(&conn, &s.dlq).await,
+        1,
         "the dead letter stays unsettled"
     );
 
@@ -1065,34 +1094,12 @@ async fn admin_api_follows_a_reload_that_adds_a_processor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_an_archive_outage_releases_the_dead_letter() {
     // redis: the entry stays pending.
-    let s = redis_setup(false);
-    let (code, _, err) = cli(&s.config, &["migrate"]);
-    assert_eq!(code, 0, "migrate: {err}");
-    let mut daemon = Daemon::start(&s.config.path, s.port);
-    assert!(
-        daemon.wait_ready(WAIT),
-        "ready: {:?}",
-        daemon.get("/readyz")
-    );
-    let pool = pg().await;
-    sqlx::raw_sql(&format!("DROP TABLE {}", s.table))
-        .execute(&pool)
-        .await
-        .expect("drop archive");
-    let mut conn = redis().await;
-    add(
-        &mut conn,
-        &s.dlq,
-        &dead("held", &s.stream, "permanent", "boom", "1"),
-    )
-    .await;
-    assert!(
-        wait_for(WAIT, || daemon.get("/readyz").filter(
-            |(status, body)| *status == 503 && body.contains("dead_letter:dl")
-        ))
-        .is_some(),
-        "the processor must report not ready"
-    );
+    let Outage {
+        s,
+        mut daemon,
+        conn,
+        ..
+    } = archive_outage("held").await;
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     // Exit 0 is a drain that finished; the 5 s shutdown timeout would exit 1.
     assert_eq!(daemon.wait_exit(WAIT), Some(0), "{}", daemon.logs());
@@ -1101,15 +1108,9 @@ async fn shutdown_during_an_archive_outage_releases_the_dead_letter() {
         "{}",
         daemon.logs()
     );
-    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(&s.dlq)
-        .arg("bosun-dlq")
-        .query_async(&mut conn)
-        .await
-        .expect("XPENDING");
     assert_eq!(
-        pending.first(),
-        Some(&redis::Value::Int(1)),
+        dlq_pending(&conn, &s.dlq).await,
+        1,
         "still pending: read again by a consumer of the same name, or claimed after claim_idle"
     );
 }
