@@ -152,6 +152,15 @@ impl Relay {
             idle_limit.as_millis()
         );
         sqlx::query(&set).execute(&mut conn).await?;
+        // The claim must walk the pending index in id order and stop at `batch` rows. Right
+        // after a burst of inserts, before autovacuum has analyzed the table, the planner
+        // believes almost nothing is pending and prefers a bitmap scan that collects every
+        // pending row and sorts them all (on disk for a large backlog): 130 ms instead of
+        // 9 ms per claim with 150,000 rows pending. This session runs only the relay's own
+        // statements, so the bitmap scan is turned off for it alone.
+        sqlx::query("SET enable_bitmapscan = off")
+            .execute(&mut conn)
+            .await?;
         Ok(conn)
     }
 
