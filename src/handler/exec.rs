@@ -21,9 +21,8 @@ use tokio::sync::Semaphore;
 use super::outcome_map::{MAX_REASON_BYTES, OutcomeName, numeric_keys, tail_text};
 use super::{
     BuildContext, Handler, HandlerFactory, HandlerKind, Message, OptionError, Outcome,
-    parse_options,
+    max_concurrency_option, parse_options, timeout_option,
 };
-use crate::config::parse_duration;
 
 /// EX_DATAERR from sysexits.h: the input was bad; dead-letter by default.
 pub const EXIT_DATAERR: i32 = 65;
@@ -133,23 +132,8 @@ fn settings(o: ExecOptions) -> Result<ExecSettings, OptionError> {
             ));
         }
     }
-    let timeout = match &o.timeout {
-        None => DEFAULT_TIMEOUT,
-        Some(text) => match parse_duration(text) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => return Err(OptionError::new(&["timeout"], "must be longer than zero")),
-            Err(e) => {
-                return Err(OptionError::new(
-                    &["timeout"],
-                    format!("invalid duration {text:?}: {e} (expected e.g. \"500ms\", \"30s\")"),
-                ));
-            }
-        },
-    };
-    let max_concurrency = o.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY);
-    if max_concurrency == 0 {
-        return Err(OptionError::new(&["max_concurrency"], "must be at least 1"));
-    }
+    let timeout = timeout_option(o.timeout.as_deref(), DEFAULT_TIMEOUT)?;
+    let max_concurrency = max_concurrency_option(o.max_concurrency, DEFAULT_MAX_CONCURRENCY)?;
     let mut exit_codes: BTreeMap<i32, OutcomeName> = [
         (0, OutcomeName::Ack),
         (EXIT_DATAERR, OutcomeName::DeadLetter),

@@ -20,9 +20,9 @@ use tokio::sync::Semaphore;
 use super::outcome_map::{MAX_REASON_BYTES, OutcomeName, numeric_keys, truncate_start};
 use super::{
     BuildContext, FailureKind, Handler, HandlerFactory, HandlerKind, Message, OptionError, Outcome,
-    parse_options,
+    max_concurrency_option, parse_options, timeout_option,
 };
-use crate::config::{Secret, parse_duration};
+use crate::config::Secret;
 
 /// Prefix of the request headers that carry the message's own headers.
 pub const MESSAGE_HEADER_PREFIX: &str = "bosun-header-";
@@ -142,24 +142,9 @@ fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
             .map_err(|_| OptionError::new(&["method"], format!("`{m}` is not an HTTP method")))?,
     };
 
-    let timeout = match &o.timeout {
-        None => DEFAULT_TIMEOUT,
-        Some(text) => match parse_duration(text) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => return Err(OptionError::new(&["timeout"], "must be longer than zero")),
-            Err(e) => {
-                return Err(OptionError::new(
-                    &["timeout"],
-                    format!("invalid duration {text:?}: {e} (expected e.g. \"500ms\", \"30s\")"),
-                ));
-            }
-        },
-    };
+    let timeout = timeout_option(o.timeout.as_deref(), DEFAULT_TIMEOUT)?;
 
-    let max_concurrency = o.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY);
-    if max_concurrency == 0 {
-        return Err(OptionError::new(&["max_concurrency"], "must be at least 1"));
-    }
+    let max_concurrency = max_concurrency_option(o.max_concurrency, DEFAULT_MAX_CONCURRENCY)?;
 
     let mut headers = HeaderMap::new();
     for (name, value) in &o.headers {

@@ -196,6 +196,35 @@ impl OptionError {
     }
 }
 
+/// A handler's `timeout` option: a duration longer than zero; `default` when unset.
+pub(crate) fn timeout_option(
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, OptionError> {
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    match crate::config::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(OptionError::new(&["timeout"], "must be longer than zero")),
+        Err(e) => Err(OptionError::new(
+            &["timeout"],
+            format!("invalid duration {text:?}: {e} (expected e.g. \"500ms\", \"30s\")"),
+        )),
+    }
+}
+
+/// A handler's `max_concurrency` option: at least 1; `default` when unset.
+pub(crate) fn max_concurrency_option(
+    value: Option<usize>,
+    default: usize,
+) -> Result<usize, OptionError> {
+    match value.unwrap_or(default) {
+        0 => Err(OptionError::new(&["max_concurrency"], "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
 /// Deserializes a handler's options (everything in its table but `kind`) into `T`, with the
 /// failing key's path. Give `T` `#[serde(deny_unknown_fields)]`.
 pub fn parse_options<T: DeserializeOwned>(options: &toml::Table) -> Result<T, OptionError> {
@@ -342,4 +371,36 @@ pub fn build_all(
         }
     }
     Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_and_concurrency_options_are_checked() {
+        let default = Duration::from_secs(30);
+        assert_eq!(timeout_option(None, default), Ok(default));
+        assert_eq!(
+            timeout_option(Some("250ms"), default),
+            Ok(Duration::from_millis(250))
+        );
+        let zero = timeout_option(Some("0"), default).unwrap_err();
+        assert_eq!(
+            (zero.path, zero.message.as_str()),
+            (vec!["timeout".to_owned()], "must be longer than zero")
+        );
+        assert!(
+            timeout_option(Some("soon"), default)
+                .unwrap_err()
+                .message
+                .contains("invalid duration \"soon\"")
+        );
+        assert_eq!(max_concurrency_option(None, 8), Ok(8));
+        assert_eq!(max_concurrency_option(Some(3), 8), Ok(3));
+        assert_eq!(
+            max_concurrency_option(Some(0), 8).unwrap_err().path,
+            vec!["max_concurrency".to_owned()]
+        );
+    }
 }
