@@ -18,27 +18,16 @@ use chrono::{DateTime, TimeZone as _, Utc};
 use crate::handler::{HeaderValue, Message};
 
 /// Header and field names bosun's consumers write; a compatibility boundary, listed in
-/// README.md.
+/// README.md. Defined where the consumers write them; gathered here for the reader.
 pub mod names {
-    pub const ATTEMPT: &str = "bosun-attempt";
-    pub const FIRST_FAILURE_AT: &str = "bosun-first-failure-at";
-    pub const LAST_FAILURE_AT: &str = "bosun-last-failure-at";
-    pub const ERROR: &str = "bosun-error";
-    pub const ERROR_KIND: &str = "bosun-error-kind";
-    pub const ORIGINAL_EXCHANGE: &str = "bosun-original-exchange";
-    pub const ORIGINAL_ROUTING_KEY: &str = "bosun-original-routing-key";
-    pub const ORIGINAL_QUEUE: &str = "bosun-original-queue";
-    pub const CONSUMER: &str = "bosun-consumer";
-    pub const HOST: &str = "bosun-host";
-    pub const REPLAY_COUNT: &str = "bosun-replay-count";
-    /// Redis Streams failure fields.
-    pub const ORIG_STREAM: &str = "bosun-orig-stream";
-    pub const ORIG_ID: &str = "bosun-orig-id";
-    pub const GROUP: &str = "bosun-group";
-    pub const DELIVERIES: &str = "bosun-deliveries";
-    pub const FAILED_AT: &str = "bosun-failed-at";
-    /// Redis Streams: the producer's timestamp, a stream field of its own.
-    pub const TIMESTAMP_MS: &str = "timestamp_ms";
+    pub use crate::amqp::headers::{
+        ATTEMPT, CONSUMER, ERROR, ERROR_KIND, FIRST_FAILURE_AT, HOST, LAST_FAILURE_AT,
+        ORIGINAL_EXCHANGE, ORIGINAL_QUEUE, ORIGINAL_ROUTING_KEY, REPLAY_COUNT,
+    };
+    /// Redis Streams failure fields, and the producer's timestamp (a field of its own).
+    pub use crate::redis_streams::fields::{
+        DELIVERIES, FAILED_AT, GROUP, ORIG_ID, ORIG_STREAM, TIMESTAMP as TIMESTAMP_MS,
+    };
 
     /// Failure bookkeeping that a replayed copy must not carry: the replay starts a fresh
     /// round of attempts, and the next failure writes its own.

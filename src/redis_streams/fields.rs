@@ -27,15 +27,13 @@ pub const CORRELATION_ID: &str = "correlation_id";
 pub const CONTENT_TYPE: &str = "content_type";
 /// Producer's timestamp (milliseconds since the Unix epoch); a header to the consumer.
 pub const TIMESTAMP: &str = "timestamp_ms";
-pub const ATTEMPT: &str = "bosun-attempt";
+/// The failure names both brokers write, defined once with the AMQP headers.
+pub use crate::amqp::headers::{ATTEMPT, CONSUMER, ERROR, ERROR_KIND};
 
 pub const ORIG_STREAM: &str = "bosun-orig-stream";
 pub const ORIG_ID: &str = "bosun-orig-id";
 pub const GROUP: &str = "bosun-group";
-pub const CONSUMER: &str = "bosun-consumer";
 pub const DELIVERIES: &str = "bosun-deliveries";
-pub const ERROR: &str = "bosun-error";
-pub const ERROR_KIND: &str = "bosun-error-kind";
 pub const FAILED_AT: &str = "bosun-failed-at";
 
 /// Fields a header may not be named after: they carry the message itself.
