@@ -90,6 +90,20 @@ async fn publish(ch: &lapin::Channel, queue: &str, bodies: impl Iterator<Item = 
     }
 }
 
+/// Waits until `{http}/readyz` answers 200.
+async fn wait_ready(http: &str) -> Option<(u16, String)> {
+    wait_for_async(Duration::from_secs(30), || {
+        let url = format!("{http}/readyz");
+        async move {
+            tokio::task::spawn_blocking(move || support::http_get(&url))
+                .await
+                .ok()
+                .flatten()
+                .filter(|(s, _)| *s == 200)
+        }
+    })
+    .await
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_removes_and_changes_consumers_while_the_unchanged_one_keeps_running() {
     let service = unique("reload");
@@ -140,17 +154,7 @@ async fn reload_adds_removes_and_changes_consumers_while_the_unchanged_one_keeps
     let task = tokio::spawn(runtime.run(loaded, Some(file.path.clone()), tokio_stream_wrapper(rx)));
 
     let http = format!("http://127.0.0.1:{port}");
-    let ready = wait_for_async(Duration::from_secs(30), || {
-        let url = format!("{http}/readyz");
-        async move {
-            tokio::task::spawn_blocking(move || support::http_get(&url))
-                .await
-                .ok()
-                .flatten()
-                .filter(|(s, _)| *s == 200)
-        }
-    })
-    .await;
+    let ready = wait_ready(&http).await;
     assert!(ready.is_some(), "never ready");
     let conns_before = connections(&service);
     let keep_conn = conns_before
@@ -197,17 +201,7 @@ async fn reload_adds_removes_and_changes_consumers_while_the_unchanged_one_keeps
     .await;
     assert_eq!(applied, Some(1.0));
     // The added consumer declares its queue when it starts; wait until every consumer is ready.
-    let ready = wait_for_async(Duration::from_secs(30), || {
-        let url = format!("{http}/readyz");
-        async move {
-            tokio::task::spawn_blocking(move || support::http_get(&url))
-                .await
-                .ok()
-                .flatten()
-                .filter(|(s, _)| *s == 200)
-        }
-    })
-    .await;
+    let ready = wait_ready(&http).await;
     assert!(ready.is_some(), "not ready after the reload");
     publish(&ch, &change, ["c-after".to_owned()].into_iter()).await;
     publish(&ch, &added, ["a-after".to_owned()].into_iter()).await;

@@ -93,6 +93,16 @@ timeout = "{sink_timeout}"
     )
 }
 
+/// A `bosun run` on `config`, started and ready.
+async fn ready_daemon(bin: &Path, config: &str, port: u16) -> anyhow::Result<Daemon> {
+    let mut daemon = Daemon::new(bin, config, port)?;
+    daemon.start()?;
+    if !until(Duration::from_secs(20), || daemon.ready()).await {
+        anyhow::bail!("bosun never became ready:\n{}", daemon.logs());
+    }
+    Ok(daemon)
+}
+
 /// Injects `fault` on `daemon`; `needle` finds its connections.
 async fn inject(
     fault: Fault,
@@ -160,11 +170,7 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     let reload_text = format!(
         "{config}\n[consumers.extra]\nsource = \"rabbit\"\nhandler = \"sink\"\nqueue = \"{extra_queue}\"\n"
     );
-    let mut daemon = Daemon::new(bin, &config, port)?;
-    daemon.start()?;
-    if !until(Duration::from_secs(20), || daemon.ready()).await {
-        anyhow::bail!("bosun never became ready:\n{}", daemon.logs());
-    }
+    let mut daemon = ready_daemon(bin, &config, port).await?;
 
     let ids = ids(plan.messages);
     let producer = {
@@ -290,11 +296,7 @@ async fn redis_stream(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     let reload_text = format!(
         "{config}\n[consumers.extra]\nsource = \"cache\"\nhandler = \"sink\"\nstream = \"{extra}\"\n"
     );
-    let mut daemon = Daemon::new(bin, &config, port)?;
-    daemon.start()?;
-    if !until(Duration::from_secs(20), || daemon.ready()).await {
-        anyhow::bail!("bosun never became ready:\n{}", daemon.logs());
-    }
+    let mut daemon = ready_daemon(bin, &config, port).await?;
     let ids = ids(plan.messages);
     let producer = {
         let (stream, ids, rate) = (stream.clone(), ids.clone(), plan.rate);
