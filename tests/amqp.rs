@@ -248,6 +248,13 @@ async fn get_all(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message::Delive
     out
 }
 
+/// `queue` and the dead-letter and retry queues of the default retry tiers.
+fn default_queues(queue: &str) -> Vec<String> {
+    let mut queues = vec![queue.to_owned(), format!("{queue}.dlq")];
+    queues.extend(["1s", "2s", "4s", "8s"].map(|tier| format!("{queue}.retry.{tier}")));
+    queues
+}
+
 async fn cleanup(ch: &lapin::Channel, queues: &[String]) {
     for q in queues {
         let _ = ch
@@ -315,18 +322,7 @@ async fn acked_messages_leave_the_queue_and_are_counted() {
     assert_eq!(seen, ids.iter().cloned().collect::<BTreeSet<String>>());
     assert_eq!(running.stop().await, ExitStatus::Clean);
     assert_eq!(depth(&ch, &queue).await, Some(0));
-    cleanup(
-        &ch,
-        &[
-            queue.clone(),
-            format!("{queue}.dlq"),
-            format!("{queue}.retry.1s"),
-            format!("{queue}.retry.2s"),
-            format!("{queue}.retry.4s"),
-            format!("{queue}.retry.8s"),
-        ],
-    )
-    .await;
+    cleanup(&ch, &default_queues(&queue)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -551,18 +547,7 @@ async fn concurrency_limit_holds() {
         "peak in flight must reach and never pass the limit"
     );
     assert_eq!(running.stop().await, ExitStatus::Clean);
-    cleanup(
-        &ch,
-        &[
-            queue.clone(),
-            format!("{queue}.dlq"),
-            format!("{queue}.retry.1s"),
-            format!("{queue}.retry.2s"),
-            format!("{queue}.retry.4s"),
-            format!("{queue}.retry.8s"),
-        ],
-    )
-    .await;
+    cleanup(&ch, &default_queues(&queue)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,18 +562,7 @@ async fn non_utf8_body_reaches_the_handler_byte_for_byte() {
     assert!(wait_until(|| !running.seen().is_empty()).await);
     assert_eq!(running.seen()[0].body.as_ref(), body.as_slice());
     assert_eq!(running.stop().await, ExitStatus::Clean);
-    cleanup(
-        &ch,
-        &[
-            queue.clone(),
-            format!("{queue}.dlq"),
-            format!("{queue}.retry.1s"),
-            format!("{queue}.retry.2s"),
-            format!("{queue}.retry.4s"),
-            format!("{queue}.retry.8s"),
-        ],
-    )
-    .await;
+    cleanup(&ch, &default_queues(&queue)).await;
 }
 
 /// The broker-side pid of the connection whose client-given name contains `name`.
@@ -672,18 +646,7 @@ async fn closed_connection_mid_flight_loses_nothing() {
         .is_some()
     );
     assert_eq!(running.stop().await, ExitStatus::Clean);
-    cleanup(
-        &ch,
-        &[
-            queue.clone(),
-            format!("{queue}.dlq"),
-            format!("{queue}.retry.1s"),
-            format!("{queue}.retry.2s"),
-            format!("{queue}.retry.4s"),
-            format!("{queue}.retry.8s"),
-        ],
-    )
-    .await;
+    cleanup(&ch, &default_queues(&queue)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

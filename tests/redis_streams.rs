@@ -39,6 +39,19 @@ async fn xadd(
     cmd.query_async(conn).await.expect("XADD")
 }
 
+/// Group `g` on `stream`, from the start, creating the stream.
+async fn create_group(conn: &mut redis::aio::MultiplexedConnection, stream: &str) {
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("g")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await
+        .expect("XGROUP");
+}
+
 async fn xadd_many(conn: &mut redis::aio::MultiplexedConnection, stream: &str, n: usize) {
     let mut pipe = redis::pipe();
     for i in 0..n {
@@ -376,15 +389,7 @@ async fn entry_delivered_more_than_max_deliveries_is_dead_lettered_unhandled() {
     let stream = unique("rs_maxdel");
     let name = unique("c_maxdel");
     let mut conn = redis().await;
-    let () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .expect("XGROUP");
+    create_group(&mut conn, &stream).await;
     xadd(&mut conn, &stream, &[("payload", b"poison")]).await;
     // Three deliveries to this consumer name that never settled (a crash loop).
     for cursor in [">", "0", "0"] {
@@ -429,15 +434,7 @@ async fn entries_of_a_dead_consumer_are_claimed_after_claim_idle() {
     let stream = unique("rs_claim");
     let name = unique("c_claim");
     let mut conn = redis().await;
-    let () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("g")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .expect("XGROUP");
+    create_group(&mut conn, &stream).await;
     xadd_many(&mut conn, &stream, 20).await;
     // A consumer that read a batch and died before XACK.
     let _: redis::Value = redis::cmd("XREADGROUP")
