@@ -285,48 +285,17 @@ async fn redis_rules_apply_every_action_and_replays_are_handled() {
     );
     limit.push(("bosun-replay-count".into(), "2".into()));
     add(&mut conn, &s.dlq, &limit).await;
-    add(
-        &mut conn,
-        &s.dlq,
-        &dead("invalid", st, "invalid", "not json", "1"),
-    )
-    .await;
-    add(
-        &mut conn,
-        &s.dlq,
-        &dead("elsewhere", other, "permanent", "whatever", "1"),
-    )
-    .await;
-    add(
-        &mut conn,
-        &s.dlq,
-        &dead("replay-tired", st, "exhausted", "replay: still down", "4"),
-    )
-    .await;
-    add(
-        &mut conn,
-        &s.dlq,
-        &dead("forward-me", st, "permanent", "forward: for a person", "1"),
-    )
-    .await;
-    add(
-        &mut conn,
-        &s.dlq,
-        &dead("later", st, "transient", "later: rate limited", "1"),
-    )
-    .await;
-    add(
-        &mut conn,
-        &s.dlq,
-        &dead("slow-1", st, "exhausted", "timeout after 3012 ms", "2"),
-    )
-    .await;
-    add(
-        &mut conn,
-        &s.dlq,
-        &dead("slow-2", st, "exhausted", "timeout after 87 ms", "2"),
-    )
-    .await;
+    for (id, stream, kind, error, attempt) in [
+        ("invalid", st, "invalid", "not json", "1"),
+        ("elsewhere", other, "permanent", "whatever", "1"),
+        ("replay-tired", st, "exhausted", "replay: still down", "4"),
+        ("forward-me", st, "permanent", "forward: for a person", "1"),
+        ("later", st, "transient", "later: rate limited", "1"),
+        ("slow-1", st, "exhausted", "timeout after 3012 ms", "2"),
+        ("slow-2", st, "exhausted", "timeout after 87 ms", "2"),
+    ] {
+        add(&mut conn, &s.dlq, &dead(id, stream, kind, error, attempt)).await;
+    }
     xadd(
         &mut conn,
         &s.dlq,
