@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bosun::handler::HeaderValue;
-use bosun::supervisor::{ExitStatus, SignalKind};
-use bosun::{Handler, Message, Outcome, Runtime};
+use bosun::supervisor::ExitStatus;
+use bosun::{Handler, Message, Outcome};
 use redis::AsyncCommands;
-use support::{REDIS_URL, unique};
+use support::{InProcess, REDIS_URL, unique};
 
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 const WAIT: Duration = Duration::from_secs(20);
@@ -177,26 +177,6 @@ impl Handler for Recorder {
     }
 }
 
-/// A runtime running in this process, stopped through its signal stream.
-struct Running {
-    signals: futures::channel::mpsc::UnboundedSender<SignalKind>,
-    task: tokio::task::JoinHandle<anyhow::Result<ExitStatus>>,
-    _config: support::ConfigFile,
-}
-
-impl Running {
-    async fn stop(self) -> ExitStatus {
-        self.signals
-            .unbounded_send(SignalKind::Terminate)
-            .expect("send terminate");
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("runtime stops")
-            .expect("join")
-            .expect("run")
-    }
-}
-
 /// Consumer settings of one test; `consumers` are `[consumers.*]` tables without the header.
 fn config(broker: &str, consumers: &[(&str, String)]) -> String {
     let mut text = format!(
@@ -226,19 +206,8 @@ kind = "test"
     text
 }
 
-async fn start(text: &str, handler: Arc<dyn Handler>) -> Running {
-    let runtime = Runtime::builder()
-        .handler_fn("test", move |_, _| Ok(handler.clone()))
-        .build();
-    let file = support::ConfigFile::new(text);
-    let config = runtime.load(&file.path).expect("valid config");
-    let (signals, rx) = futures::channel::mpsc::unbounded();
-    let task = tokio::spawn(runtime.run(config, None, rx));
-    Running {
-        signals,
-        task,
-        _config: file,
-    }
+async fn start(text: &str, handler: Arc<dyn Handler>) -> InProcess {
+    InProcess::start_text(text, handler)
 }
 
 fn metric(name: &str, labels: &[&str]) -> f64 {

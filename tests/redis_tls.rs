@@ -3,15 +3,15 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bosun::supervisor::{ExitStatus, SignalKind};
-use bosun::{Handler, Message, Outcome, Runtime};
-use support::unique;
+use bosun::supervisor::ExitStatus;
+use bosun::{Handler, Message, Outcome};
+use support::{InProcess, unique};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -224,34 +224,6 @@ fn tls_files(certs: &Certs, client: bool) -> String {
     text
 }
 
-struct Running {
-    signals: futures::channel::mpsc::UnboundedSender<SignalKind>,
-    task: tokio::task::JoinHandle<anyhow::Result<ExitStatus>>,
-}
-
-impl Running {
-    fn start(config: &Path, handler: Arc<Recorder>) -> Self {
-        let runtime = Runtime::builder()
-            .handler_fn("test", move |_, _| Ok(handler.clone()))
-            .build();
-        let config = runtime.load(config).expect("valid config");
-        let (signals, rx) = futures::channel::mpsc::unbounded();
-        let task = tokio::spawn(runtime.run(config, None, rx));
-        Self { signals, task }
-    }
-
-    async fn stop(self) -> ExitStatus {
-        self.signals
-            .unbounded_send(SignalKind::Terminate)
-            .expect("send terminate");
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("runtime stops")
-            .expect("join")
-            .expect("run")
-    }
-}
-
 /// With the CA and a client certificate, `bosun publish` adds entries over TLS and the
 /// consumer reads and acknowledges every one of them, on a server that demands client
 /// certificates.
@@ -299,7 +271,7 @@ async fn publish_and_consume_over_mutual_tls() {
     }
 
     let recorder = Arc::new(Recorder::default());
-    let running = Running::start(&file.path, recorder.clone());
+    let running = InProcess::start(&file.path, recorder.clone());
     let deadline = Instant::now() + WAIT;
     while recorder.ids.lock().map(|ids| ids.len()).unwrap_or(0) < 5 {
         assert!(
@@ -358,7 +330,7 @@ async fn an_untrusted_server_or_a_missing_client_certificate_is_not_ready() {
         let file =
             support::ConfigFile::new(&config_text(&server.url(), &tls, &unique("tls_bad"), port));
         let recorder = Arc::new(Recorder::default());
-        let running = Running::start(&file.path, recorder.clone());
+        let running = InProcess::start(&file.path, recorder.clone());
         let url = format!("http://127.0.0.1:{port}/readyz");
         let reason = support::wait_for(WAIT, || {
             support::http_get(&url)

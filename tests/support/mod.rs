@@ -306,3 +306,48 @@ pub fn rabbit_max_message_size() -> Option<u64> {
         .collect();
     digits.parse().ok()
 }
+
+/// A `bosun::Runtime` running in this process with `handler` as handler kind `test`, stopped
+/// through its signal stream.
+pub struct InProcess {
+    signals: futures::channel::mpsc::UnboundedSender<bosun::supervisor::SignalKind>,
+    task: tokio::task::JoinHandle<anyhow::Result<bosun::supervisor::ExitStatus>>,
+    _config: Option<ConfigFile>,
+}
+
+impl InProcess {
+    /// Loads `config` (it must be valid) and runs it.
+    pub fn start(config: &Path, handler: std::sync::Arc<dyn bosun::Handler>) -> Self {
+        let runtime = bosun::Runtime::builder()
+            .handler_fn("test", move |_, _| Ok(handler.clone()))
+            .build();
+        let config = runtime.load(config).expect("valid config");
+        let (signals, rx) = futures::channel::mpsc::unbounded();
+        let task = tokio::spawn(runtime.run(config, None, rx));
+        Self {
+            signals,
+            task,
+            _config: None,
+        }
+    }
+
+    /// Runs the config `text`, keeping its file as long as the runtime.
+    pub fn start_text(text: &str, handler: std::sync::Arc<dyn bosun::Handler>) -> Self {
+        let file = ConfigFile::new(text);
+        let mut running = Self::start(&file.path, handler);
+        running._config = Some(file);
+        running
+    }
+
+    /// SIGTERM, then the runtime's exit status (within 30 s).
+    pub async fn stop(self) -> bosun::supervisor::ExitStatus {
+        self.signals
+            .unbounded_send(bosun::supervisor::SignalKind::Terminate)
+            .expect("send terminate");
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("runtime stops")
+            .expect("join")
+            .expect("run")
+    }
+}
