@@ -61,7 +61,9 @@ pub enum PublishError {
     /// broker's limit is raised.
     #[error("message body of {size} bytes is over the broker's max message size of {max} bytes")]
     TooLarge { size: u64, max: u64 },
-    /// The connection failed or timed out: the message may or may not have arrived.
+    /// The connection failed or timed out (the message may or may not have arrived), or the
+    /// broker cannot take it for now (redis `OOM`, `LOADING`, `READONLY`, `BUSY`...): sent
+    /// again later without using up an attempt.
     #[error("connection failed: {0}")]
     Connection(String),
 }

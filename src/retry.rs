@@ -80,6 +80,26 @@ impl RetryPolicy {
         apply_jitter(self.base_delay(attempt), self.jitter)
     }
 
+    /// The longest delay this policy asks for, before jitter: the cap on delays a handler
+    /// supplies (`Retry-After`, a status body's `retry_after`).
+    pub fn max_delay(&self) -> Duration {
+        match &self.backoff {
+            Backoff::Fixed(delay) => *delay,
+            Backoff::Tiers(tiers) => tiers.iter().max().copied().unwrap_or_default(),
+            Backoff::Exponential { initial, max, .. } => (*initial).max(*max),
+        }
+    }
+
+    /// The delay before the attempt after failed attempt `attempt`: the handler's `after`
+    /// when it gave one, cut to [`max_delay`](Self::max_delay) (a peer's `Retry-After` must
+    /// not park a message for years), else the policy's own delay.
+    pub fn next_delay(&self, attempt: u32, after: Option<Duration>) -> Duration {
+        match after {
+            Some(after) => after.min(self.max_delay()),
+            None => self.delay(attempt),
+        }
+    }
+
     /// The distinct delays this policy can ask for, ascending: the amqp consumer declares one
     /// delay queue per tier, since a queue's TTL only expires messages at its head.
     pub fn tiers(&self) -> Vec<Duration> {
@@ -104,6 +124,11 @@ impl RetryPolicy {
     }
 }
 
+/// `delay` in whole milliseconds, saturating at `u64::MAX` instead of wrapping.
+pub fn saturating_millis(delay: Duration) -> u64 {
+    u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Spreads a delay by up to ±`jitter` of itself, so retries of a burst do not land together.
 pub fn apply_jitter(delay: Duration, jitter: f64) -> Duration {
     if jitter <= 0.0 || delay.is_zero() {
@@ -111,7 +136,7 @@ pub fn apply_jitter(delay: Duration, jitter: f64) -> Duration {
     }
     let spread = rand::random::<f64>() * 2.0 - 1.0;
     let secs = delay.as_secs_f64() * (1.0 + jitter.min(1.0) * spread);
-    Duration::from_secs_f64(secs.max(0.0))
+    Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 /// Rounds a derived delay to a whole number of seconds (or milliseconds below one second) so
@@ -226,6 +251,35 @@ mod tests {
         assert_eq!(
             apply_jitter(Duration::from_secs(3), 0.0),
             Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn handler_delays_are_capped_at_the_largest_configured_delay() {
+        let policy = exp(5);
+        let huge = Duration::from_secs(99_999_999_999);
+        assert_eq!(
+            policy.next_delay(1, Some(huge)),
+            Duration::from_secs(300),
+            "capped at `max`"
+        );
+        assert_eq!(
+            policy.next_delay(1, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        let tiers = RetryPolicy {
+            backoff: Backoff::Tiers(vec![Duration::from_secs(10), Duration::from_secs(60)]),
+            ..exp(3)
+        };
+        assert_eq!(
+            tiers.next_delay(1, Some(Duration::MAX)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(saturating_millis(Duration::MAX), u64::MAX);
+        assert_eq!(
+            saturating_millis(Duration::from_secs(18_446_744_073_709_552)),
+            u64::MAX,
+            "saturates instead of wrapping to a few milliseconds"
         );
     }
 

@@ -259,6 +259,35 @@ pub struct RedisConsumerConfig {
     pub claim_interval: Duration,
     pub max_deliveries: u32,
     pub dead_letter_stream: String,
+    /// Bounds on one entry, checked before it is decoded or copied.
+    pub limits: RedisEntryLimits,
+    /// Other consumers of the group idle this long with nothing pending are removed.
+    pub forget_idle: Duration,
+}
+
+/// Bounds on one stream entry. An entry over them never reaches a handler: it is
+/// dead-lettered as `invalid` in a form whose size does not depend on its field count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisEntryLimits {
+    /// Most field/value pairs.
+    pub max_fields: usize,
+    /// Most bytes, field names and values together.
+    pub max_bytes: u64,
+}
+
+impl RedisEntryLimits {
+    /// The largest `max_fields` allowed: a copy of the entry plus bosun's failure fields must
+    /// fit the argument list of one Lua call (about 8,000 values).
+    pub const MAX_FIELDS_CEILING: usize = 3_800;
+}
+
+impl Default for RedisEntryLimits {
+    fn default() -> Self {
+        Self {
+            max_fields: 1_000,
+            max_bytes: 16 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

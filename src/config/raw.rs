@@ -168,6 +168,12 @@ pub struct RawConsumer {
     pub claim_idle: Option<String>,
     pub claim_interval: Option<String>,
     pub max_deliveries: Option<u32>,
+    /// Most fields an entry may have; one with more is dead-lettered as `invalid`.
+    pub max_fields: Option<usize>,
+    /// Most bytes (names and values together) an entry may have.
+    pub max_entry_size: Option<RawSize>,
+    /// Consumers of the group with nothing pending and idle this long are removed.
+    pub forget_idle: Option<String>,
 }
 
 /// `retry = { ... }`: how failed messages are retried before they are dead-lettered.

@@ -281,13 +281,20 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
-/// The default Redis consumer name: unique per process on a host, stable for its lifetime.
+/// The default Redis consumer name: `$BOSUN_CONSUMER_NAME`, else the hostname (the pod name
+/// in Kubernetes). Stable across restarts, so a restarted process reads its own pending
+/// entries again; two live processes with one name are refused by the consumer's name lock.
 pub fn default_consumer_name() -> String {
-    let host = nix::unistd::gethostname()
+    if let Ok(name) = std::env::var("BOSUN_CONSUMER_NAME")
+        && !name.trim().is_empty()
+    {
+        return name.trim().to_owned();
+    }
+    nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "bosun".into());
-    format!("{host}-{}", std::process::id())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "bosun".into())
 }
 
 /// Validates `raw`; `origin` names the file in the result.
@@ -652,6 +659,9 @@ fn consumer_config(
                 ("claim_idle", raw.claim_idle.is_some()),
                 ("claim_interval", raw.claim_interval.is_some()),
                 ("max_deliveries", raw.max_deliveries.is_some()),
+                ("max_fields", raw.max_fields.is_some()),
+                ("max_entry_size", raw.max_entry_size.is_some()),
+                ("forget_idle", raw.forget_idle.is_some()),
             ] {
                 if given {
                     c.issue(
@@ -836,6 +846,33 @@ fn consumer_config(
             if concurrency == 0 {
                 c.issue(&at("concurrency"), "must be at least 1");
             }
+            let mut limits = RedisEntryLimits::default();
+            if let Some(n) = raw.max_fields {
+                if n == 0 || n > RedisEntryLimits::MAX_FIELDS_CEILING {
+                    c.issue(
+                        &at("max_fields"),
+                        format!(
+                            "{n} is outside 1..={} (a copy must fit one script call)",
+                            RedisEntryLimits::MAX_FIELDS_CEILING
+                        ),
+                    );
+                } else {
+                    limits.max_fields = n;
+                }
+            }
+            if let Some(size) = raw.max_entry_size.as_ref()
+                && let Some(n) = c.size(&at("max_entry_size"), size)
+            {
+                limits.max_bytes = n;
+            }
+            let forget_idle = c.duration(
+                &at("forget_idle"),
+                raw.forget_idle.as_deref(),
+                Duration::from_secs(86_400),
+            );
+            if forget_idle < claim_idle {
+                c.issue(&at("forget_idle"), "must not be shorter than `claim_idle`");
+            }
             Some(ConsumerConfig {
                 source: raw.source.clone(),
                 handler: raw.handler.clone(),
@@ -854,6 +891,8 @@ fn consumer_config(
                     claim_idle,
                     claim_interval,
                     max_deliveries: max_deliveries.max(1),
+                    limits,
+                    forget_idle,
                 }),
             })
         }

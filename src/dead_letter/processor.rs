@@ -413,6 +413,8 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             max_deliveries: u32::MAX,
             // Only entries that are not messages at all (no `payload`) end up here.
             dead_letter_stream: format!("{stream}:dlq"),
+            limits: Default::default(),
+            forget_idle: Duration::from_secs(86_400),
         }),
         DeadLetterSource::Queue(queue) => amqp_kind(queue),
     };

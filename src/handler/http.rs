@@ -706,8 +706,11 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         .to_str()
         .ok()?
         .trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // More seconds than a u64 holds still means "much later": saturate, never wrap.
+        return Some(Duration::from_secs(
+            value.parse::<u64>().unwrap_or(u64::MAX),
+        ));
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
@@ -743,6 +746,11 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), now), None);
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "99999999999999999999999")]), now),
+            Some(Duration::from_secs(u64::MAX)),
+            "a number too large for u64 saturates"
+        );
     }
 
     #[test]

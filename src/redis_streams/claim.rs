@@ -2,9 +2,16 @@
 //! pending longer than `claim_idle` (a consumer died or lost its connection mid-batch) and
 //! hands them to this consumer's handlers.
 //!
+//! XAUTOCLAIM runs with `JUSTID`, which moves entries to this consumer without counting a
+//! delivery; the ones not in flight here are then XCLAIMed, which counts the delivery and
+//! returns the entry only if it is still pending, so an entry settled meanwhile is not
+//! handed out again. Entries of this consumer still in flight are claimed too (their idle
+//! time restarts, so nobody else takes them) but not delivered.
+//!
 //! XAUTOCLAIM also reports pending IDs whose stream entry was deleted; Redis drops those
 //! from the pending list itself, and they are counted here. Each round also refreshes
-//! `bosun_redis_pending_messages`.
+//! `bosun_redis_pending_messages` and removes consumers of the group that are idle longer
+//! than `forget_idle` with nothing pending.
 
 use std::sync::Arc;
 
@@ -12,8 +19,7 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::Ops;
-use super::consumer::{Dispatcher, Inner, parse_entries, sleep_or_cancel};
-use super::fields::Entry;
+use super::consumer::{Dispatcher, Inner, lock_prefix, sleep_or_cancel};
 
 pub(crate) async fn run(
     inner: Arc<Inner>,
@@ -24,6 +30,11 @@ pub(crate) async fn run(
     loop {
         if sleep_or_cancel(inner.config.claim_interval, &stop).await {
             return;
+        }
+        // While another process holds the name, claiming under it would hand entries to
+        // that process's pending list.
+        if !inner.name_held.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
         }
         if let Err(e) = round(&inner, &ops, &dispatcher, &stop).await {
             // NOGROUP lands here while the stream is re-created; the reader logs that.
@@ -50,6 +61,7 @@ async fn round(
             .arg(&cursor)
             .arg("COUNT")
             .arg(config.batch)
+            .arg("JUSTID")
             .to_owned();
         let reply: Value = ops
             .query(&cmd)
@@ -68,9 +80,23 @@ async fn round(
                 detail: "short reply".into(),
             });
         };
-        let mut entries = Vec::new();
-        let mut deleted = Vec::new();
-        parse_entries(claimed, &mut entries, &mut deleted, "XAUTOCLAIM")?;
+        let ids: Vec<String> = match claimed {
+            Value::Array(ids) => ids
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::BulkString(b) => String::from_utf8(b).ok(),
+                    Value::SimpleString(s) => Some(s),
+                    _ => None,
+                })
+                .collect(),
+            other => {
+                return Err(super::Error::Reply {
+                    command: "XAUTOCLAIM",
+                    detail: format!("{other:?}"),
+                });
+            }
+        };
+        let mut deleted: Vec<String> = Vec::new();
         if let Some(Value::Array(gone)) = parts.next() {
             deleted.extend(gone.into_iter().filter_map(|v| match v {
                 Value::BulkString(b) => String::from_utf8(b).ok(),
@@ -82,15 +108,26 @@ async fn round(
             tracing::info!(consumer = %inner.name, count = deleted.len(), "claimed entries were deleted from the stream; dropped from the pending list");
         }
         // Our own slow entries come back too once idle long enough: they are still running.
-        let entries: Vec<Entry> = entries
+        let free: Vec<(String, u64)> = dispatcher
+            .reserve(ids)
             .into_iter()
-            .filter(|e| !dispatcher.is_inflight(&e.id))
+            .map(|id| (id, 0))
             .collect();
+        let entries = inner.claim_reserved(ops, dispatcher, &free).await?;
         if !entries.is_empty() {
             inner.metrics.claimed.increment(entries.len() as u64);
             tracing::info!(consumer = %inner.name, count = entries.len(), "claimed entries left pending by another consumer");
-            let deliveries = inner.with_counts(ops, entries).await?;
-            dispatcher.dispatch(deliveries, true).await;
+            let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+            let deliveries = match inner.with_counts(ops, entries).await {
+                Ok(deliveries) => deliveries,
+                Err(e) => {
+                    // Claimed but not handed out: they stay pending here and come back in
+                    // a later round, so they must not stay marked in flight.
+                    dispatcher.unreserve(ids.iter().map(String::as_str));
+                    return Err(e);
+                }
+            };
+            dispatcher.dispatch_reserved(deliveries).await;
         }
         cursor = match next {
             Value::BulkString(b) => String::from_utf8(b).unwrap_or_else(|_| "0-0".into()),
@@ -114,5 +151,30 @@ async fn round(
     {
         inner.metrics.pending.set(*count as f64);
     }
+    forget_idle_consumers(inner, ops).await;
     Ok(())
+}
+
+/// Removes consumers idle longer than `forget_idle` with nothing pending and no live holder
+/// of their name, so names of processes gone for good do not pile up in the group.
+async fn forget_idle_consumers(inner: &Inner, ops: &Ops) {
+    let config = &inner.config;
+    let cmd = inner
+        .scripts
+        .forget
+        .call(&[&config.stream])
+        .arg(&config.group)
+        .arg(u64::try_from(config.forget_idle.as_millis()).unwrap_or(u64::MAX))
+        .arg(lock_prefix(&config.stream, &config.group))
+        .arg(&config.consumer)
+        .to_owned();
+    match inner.scripts.run::<i64>(ops, &cmd).await {
+        Ok(0) => {}
+        Ok(removed) => {
+            tracing::info!(consumer = %inner.name, removed, forget_idle_s = config.forget_idle.as_secs(), "removed idle consumers with nothing pending from the group")
+        }
+        Err(e) => {
+            tracing::debug!(consumer = %inner.name, error = %e, "cannot remove idle consumers")
+        }
+    }
 }

@@ -12,9 +12,23 @@
 //! An entry id stays in the `inflight` set from the moment it is read until its settlement
 //! is confirmed, so neither the pending re-read after a reconnect nor XAUTOCLAIM hands it to
 //! a second handler in this process.
+//!
+//! Delivery counts (`XPENDING`'s, compared with `max_deliveries`) count deliveries to a
+//! handler only: entries still in flight here are never re-read nor claimed in a way that
+//! counts (own pending entries are listed with XPENDING and only those not in flight are
+//! XCLAIMed; XAUTOCLAIM runs with `JUSTID`, which does not count, and only the entries not
+//! in flight are then XCLAIMed), and a release gives its delivery back ([`RELEASE`]). XCLAIM
+//! claims only entries still pending, so an entry settled between a listing and its claim is
+//! never handed out again.
+//!
+//! The consumer name is held with a lock key renewed while the consumer runs: a second
+//! live process with the same name waits instead of reading under it.
+//!
+//! [`RELEASE`]: super::scripts::RELEASE
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,7 +47,7 @@ use super::{Error, Ops, client_name, connect_reader};
 use crate::config::{ConsumerConfig, RedisBrokerConfig, RedisConsumerConfig};
 use crate::handler::{FailureKind, Handler, Outcome, Source};
 use crate::health::HealthHandle;
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, saturating_millis};
 use crate::supervisor::{Component, ComponentContext};
 
 /// Handler capacity is taken this many permits at a time.
@@ -42,6 +56,11 @@ const PERMIT_CHUNK: usize = 64;
 const SETTLE_BATCH: usize = 1000;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a consumer-name lock lives without renewal: how long a restarted process waits
+/// for the name after its predecessor was killed.
+const LOCK_TTL: Duration = Duration::from_secs(10);
+/// How often the running consumer renews its name lock.
+const LOCK_RENEW: Duration = Duration::from_millis(2500);
 
 /// A Redis Streams consumer-group consumer: one `[consumers.NAME]` whose source is a redis
 /// broker.
@@ -65,6 +84,17 @@ pub(crate) struct Inner {
     pub(crate) retry_key: String,
     pub(crate) scripts: Scripts,
     pub(crate) metrics: Metrics,
+    /// `<stream>:lock:<group>:<consumer>`: held while this process reads under the name.
+    pub(crate) lock_key: String,
+    /// This process's value in the lock: host, pid and a random part.
+    pub(crate) lock_token: String,
+    /// Whether the name lock is held: claims wait while it is not.
+    pub(crate) name_held: AtomicBool,
+}
+
+/// The prefix of the name-lock keys of `group` on `stream`.
+pub(crate) fn lock_prefix(stream: &str, group: &str) -> String {
+    format!("{stream}:lock:{group}:")
 }
 
 /// Metric handles, registered once so the per-message path does no label lookups: the ones
@@ -75,6 +105,8 @@ pub(crate) struct Metrics {
     pub(crate) claimed: Counter,
     /// Pending entries whose stream entry was deleted: nothing left to handle.
     pub(crate) deleted: Counter,
+    /// Scheduled retries that could not be re-added and were dead-lettered as `invalid`.
+    pub(crate) invalid_retries: Counter,
 }
 
 impl std::ops::Deref for Metrics {
@@ -91,7 +123,8 @@ impl Metrics {
             common: crate::telemetry::ConsumerMetrics::new(consumer, broker, handler),
             pending: metrics::gauge!("bosun_redis_pending_messages", "consumer" => c.clone()),
             claimed: metrics::counter!("bosun_redis_claimed_total", "consumer" => c.clone()),
-            deleted: metrics::counter!("bosun_redis_deleted_entries_total", "consumer" => c),
+            deleted: metrics::counter!("bosun_redis_deleted_entries_total", "consumer" => c.clone()),
+            invalid_retries: metrics::counter!("bosun_redis_invalid_retries_total", "consumer" => c),
         }
     }
 }
@@ -118,6 +151,18 @@ impl RedisConsumer {
                 retry_key: format!("{}:retry", config.stream),
                 scripts: Scripts::default(),
                 metrics: Metrics::new(name, broker_name, &consumer.handler),
+                lock_key: format!(
+                    "{}{}",
+                    lock_prefix(&config.stream, &config.group),
+                    config.consumer
+                ),
+                lock_token: format!(
+                    "{}/{}/{}",
+                    crate::config::default_consumer_name(),
+                    std::process::id(),
+                    uuid::Uuid::now_v7().simple()
+                ),
+                name_held: AtomicBool::new(false),
             }),
         }
     }
@@ -136,7 +181,8 @@ pub(crate) enum Action {
     DeadLetter {
         fields: Vec<(Bytes, Bytes)>,
     },
-    /// Left pending, unsettled: read again at the next start, or claimed by another consumer.
+    /// Left pending, unsettled, its delivery not counted: read again at the next start, or
+    /// claimed by another consumer.
     Release,
 }
 
@@ -184,13 +230,6 @@ pub(crate) struct Delivery {
 }
 
 impl Dispatcher {
-    /// Starts a handler task for each delivery not already in flight here. Waits for free
-    /// capacity, so the reader never holds more than a batch beyond `concurrency`.
-    pub(crate) async fn dispatch(&self, deliveries: Vec<Delivery>, redelivered: bool) {
-        let fresh = self.admit(deliveries);
-        self.start(fresh, redelivered).await;
-    }
-
     /// Marks deliveries in flight and drops those already in flight here. Synchronous, so a
     /// read that follows cannot admit the same entry again.
     fn admit(&self, deliveries: Vec<Delivery>) -> Vec<Delivery> {
@@ -238,14 +277,44 @@ impl Dispatcher {
         }
     }
 
-    pub(crate) fn is_inflight(&self, id: &str) -> bool {
-        self.inflight.lock().contains(&id_key(id))
+    /// Marks the ids not in flight here as in flight and returns them: the ones to claim.
+    /// Reserved before the claim, so no other path can hand them out meanwhile.
+    pub(crate) fn reserve(&self, ids: Vec<String>) -> Vec<String> {
+        let mut inflight = self.inflight.lock();
+        ids.into_iter()
+            .filter(|id| inflight.insert(id_key(id)))
+            .collect()
+    }
+
+    /// Gives back reserved ids that were not claimed after all (settled meanwhile, deleted,
+    /// or taken by another consumer).
+    pub(crate) fn unreserve<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut inflight = self.inflight.lock();
+        for id in ids {
+            inflight.remove(&id_key(id));
+        }
+    }
+
+    /// Starts handlers for deliveries already reserved with [`reserve`](Self::reserve).
+    pub(crate) async fn dispatch_reserved(&self, deliveries: Vec<Delivery>) {
+        self.inner
+            .metrics
+            .received
+            .increment(deliveries.len() as u64);
+        self.start(deliveries, true).await;
     }
 }
 
 impl Inner {
     /// Runs the handler on one entry and decides how to settle it.
     async fn process(&self, entry: &Entry, deliveries: u64, redelivered: bool) -> Action {
+        if let Some(reason) = fields::over_limits(entry, &self.config.limits) {
+            tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "dead-lettering an entry over its bounds");
+            let failure = self.failure(deliveries, 1, &reason, FailureKind::Invalid);
+            return Action::DeadLetter {
+                fields: fields::oversized_fields(entry, &failure),
+            };
+        }
         let max = u64::from(self.config.max_deliveries);
         if deliveries > max {
             let error = format!(
@@ -291,11 +360,11 @@ impl Inner {
                 Action::Drop
             }
             Outcome::Retry { after, reason } if self.retry.should_retry(attempt) => {
-                let delay = after.unwrap_or_else(|| self.retry.delay(attempt));
-                tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms = delay.as_millis() as u64, %reason, "retry scheduled");
+                let delay_ms = saturating_millis(self.retry.next_delay(attempt, after));
+                tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms, %reason, "retry scheduled");
                 Action::Retry {
                     fields: fields::retry_fields(entry, attempt.saturating_add(1), &reason),
-                    delay_ms: delay.as_millis() as u64,
+                    delay_ms,
                 }
             }
             Outcome::Retry { reason, .. } => {
@@ -313,6 +382,24 @@ impl Inner {
         }
     }
 
+    fn failure<'a>(
+        &'a self,
+        deliveries: u64,
+        attempt: u32,
+        error: &'a str,
+        kind: FailureKind,
+    ) -> Failure<'a> {
+        Failure {
+            stream: &self.config.stream,
+            group: &self.config.group,
+            consumer: &self.config.consumer,
+            deliveries,
+            attempt,
+            error,
+            kind,
+        }
+    }
+
     fn dead_letter(
         &self,
         entry: &Entry,
@@ -321,18 +408,136 @@ impl Inner {
         error: &str,
         kind: FailureKind,
     ) -> Action {
-        let failure = Failure {
-            stream: &self.config.stream,
-            group: &self.config.group,
-            consumer: &self.config.consumer,
-            deliveries,
-            attempt,
-            error,
-            kind,
-        };
+        let failure = self.failure(deliveries, attempt, error, kind);
         Action::DeadLetter {
             fields: fields::dead_letter_fields(entry, &failure),
         }
+    }
+
+    /// Takes or renews the consumer-name lock; false when another live process holds it.
+    pub(crate) async fn lock_name(&self, ops: &Ops) -> Result<bool, Error> {
+        let cmd = self
+            .scripts
+            .lock
+            .call(&[&self.lock_key])
+            .arg(&self.lock_token)
+            .arg(LOCK_TTL.as_millis() as u64)
+            .to_owned();
+        let held: i64 = self
+            .scripts
+            .run(ops, &cmd)
+            .await
+            .map_err(Error::command("name lock"))?;
+        Ok(held == 1)
+    }
+
+    /// Drops the name lock at a clean stop, so a restart takes the name at once.
+    async fn unlock_name(&self, ops: &Ops) {
+        let cmd = self
+            .scripts
+            .unlock
+            .call(&[&self.lock_key])
+            .arg(&self.lock_token)
+            .to_owned();
+        if let Err(e) = self.scripts.run::<i64>(ops, &cmd).await {
+            tracing::debug!(consumer = %self.name, error = %e, "cannot drop the consumer-name lock; it expires by itself");
+        }
+    }
+
+    /// Claims `ids` (reserved in `dispatcher`) for this consumer with XCLAIM, which counts
+    /// the delivery and returns only entries still pending; the others are unreserved.
+    /// `min_idle` per id keeps an entry another consumer took meanwhile with it.
+    pub(crate) async fn claim_reserved(
+        &self,
+        ops: &Ops,
+        dispatcher: &Dispatcher,
+        ids: &[(String, u64)],
+    ) -> Result<Vec<Entry>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (id, min_idle) in ids {
+            pipe.cmd("XCLAIM")
+                .arg(&self.config.stream)
+                .arg(&self.config.group)
+                .arg(&self.config.consumer)
+                .arg(*min_idle)
+                .arg(id);
+        }
+        let replies: Vec<Value> = match ops.query_pipe(&pipe).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                dispatcher.unreserve(ids.iter().map(|(id, _)| id.as_str()));
+                return Err(Error::command("XCLAIM")(e));
+            }
+        };
+        let mut entries = Vec::with_capacity(ids.len());
+        let mut deleted = Vec::new();
+        for reply in replies {
+            if let Err(e) = parse_entries(reply, &mut entries, &mut deleted, "XCLAIM") {
+                tracing::warn!(consumer = %self.name, error = %e, "unreadable XCLAIM reply; those entries stay pending");
+            }
+        }
+        let claimed: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        dispatcher.unreserve(
+            ids.iter()
+                .map(|(id, _)| id.as_str())
+                .filter(|id| !claimed.contains(id)),
+        );
+        // Servers before 7.0 return deleted entries as nil instead of dropping them.
+        self.ack_deleted(ops, &deleted).await?;
+        Ok(entries)
+    }
+
+    /// One page of this consumer's own pending entries after `after` (exclusive; `None`
+    /// from the start): those not in flight here are claimed and returned with their counts.
+    /// Returns the id to continue after, or `None` when the list is done.
+    async fn own_pending_page(
+        &self,
+        ops: &Ops,
+        dispatcher: &Dispatcher,
+        after: Option<&str>,
+    ) -> Result<(Vec<Delivery>, Option<String>), Error> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let cmd = redis::cmd("XPENDING")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&start)
+            .arg("+")
+            .arg(self.config.batch)
+            .arg(&self.config.consumer)
+            .to_owned();
+        let rows: Vec<(String, String, u64, u64)> =
+            ops.query(&cmd).await.map_err(Error::command("XPENDING"))?;
+        let Some(last) = rows.last().map(|r| r.0.clone()) else {
+            return Ok((Vec::new(), None));
+        };
+        let order: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        let counts: std::collections::HashMap<String, (u64, u64)> = rows
+            .into_iter()
+            .map(|(id, _, idle, count)| (id, (idle, count)))
+            .collect();
+        let free = dispatcher.reserve(order);
+        let ids: Vec<(String, u64)> = free
+            .into_iter()
+            .map(|id| {
+                let idle = counts.get(&id).map_or(0, |c| c.0);
+                (id, idle)
+            })
+            .collect();
+        let entries = self.claim_reserved(ops, dispatcher, &ids).await?;
+        let deliveries = entries
+            .into_iter()
+            .map(|entry| {
+                let before = counts.get(&entry.id).map_or(0, |c| c.1);
+                Delivery {
+                    entry,
+                    deliveries: before.saturating_add(1),
+                }
+            })
+            .collect();
+        Ok((deliveries, Some(last)))
     }
 
     /// `XGROUP CREATE ... MKSTREAM`; an existing group is fine.
@@ -345,13 +550,27 @@ impl Inner {
             .arg("MKSTREAM")
             .to_owned();
         match ops.query::<()>(&cmd).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(source) => Err(Error::Command {
-                command: "XGROUP CREATE",
-                source,
-            }),
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(source) => {
+                return Err(Error::Command {
+                    command: "XGROUP CREATE",
+                    source,
+                });
+            }
         }
+        // A blocking read on an empty stream does not make the consumer known to the group
+        // (Redis 7.0): join it now, so it is listed (and kept) from the start.
+        let join = redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&self.config.consumer)
+            .to_owned();
+        ops.query::<i64>(&join)
+            .await
+            .map_err(Error::command("XGROUP CREATECONSUMER"))?;
+        Ok(())
     }
 
     /// Delivery counts of `entries` (pending for this consumer), from the extended XPENDING.
@@ -584,6 +803,7 @@ impl Component for RedisConsumer {
         if let Err(e) = settler.await {
             tracing::error!(consumer = %inner.name, error = %e, "the settler task failed");
         }
+        inner.unlock_name(&ops).await;
         inner.metrics.connected.set(0.0);
         tracing::info!(consumer = %inner.name, "redis consumer stopped");
         Ok(())
@@ -592,7 +812,7 @@ impl Component for RedisConsumer {
 
 /// Reads until shutdown, reconnecting with backoff when the read connection fails.
 async fn read_loop(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     ops: &Ops,
     dispatcher: &Dispatcher,
     shutdown: &CancellationToken,
@@ -615,8 +835,17 @@ async fn read_loop(
         )
         .await;
         inner.metrics.connected.set(0.0);
+        inner.name_held.store(false, AtomicOrdering::Relaxed);
         match result {
             Ok(()) => return,
+            Err(e @ Error::NameInUse { .. }) => {
+                tracing::error!(consumer = %inner.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "not reading: the consumer name is taken");
+                health.set_not_ready(e.to_string());
+                if sleep_or_cancel(backoff, shutdown).await {
+                    return;
+                }
+                backoff = next_backoff(backoff);
+            }
             Err(e) => {
                 tracing::warn!(consumer = %inner.name, broker = %inner.broker_name, error = %e, retry_in_ms = backoff.as_millis() as u64, "redis consumer lost its connection; reconnecting");
                 health.set_not_ready(format!(
@@ -634,7 +863,7 @@ async fn read_loop(
 
 /// One connected stretch of reading: Ok at shutdown, Err when the connection fails.
 async fn session(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     ops: &Ops,
     dispatcher: &Dispatcher,
     shutdown: &CancellationToken,
@@ -660,6 +889,20 @@ async fn session(
         .load(ops)
         .await
         .map_err(Error::command("SCRIPT LOAD"))?;
+    if !inner.lock_name(ops).await? {
+        return Err(name_in_use(config));
+    }
+    inner.name_held.store(true, AtomicOrdering::Relaxed);
+    // The keeper renews the name lock while this session reads, and says when it was lost.
+    let lost = CancellationToken::new();
+    let keeper_stop = CancellationToken::new();
+    let _keeper = keeper_stop.clone().drop_guard();
+    tokio::spawn(keep_name(
+        inner.clone(),
+        ops.clone(),
+        lost.clone(),
+        keeper_stop,
+    ));
 
     if *was_connected {
         inner.metrics.reconnects.increment(1);
@@ -671,30 +914,55 @@ async fn session(
     health.set_ready();
     tracing::info!(consumer = %inner.name, stream = %config.stream, group = %config.group, redis_consumer = %config.consumer, "redis consumer reading");
 
-    // Own pending entries first (from a crash or a lost connection), then new ones.
-    let mut cursor = String::from("0");
+    // Own pending entries first (from a crash or a lost connection), then new ones. They
+    // are listed with XPENDING and claimed one by one, so those still in flight here are
+    // not delivered (and counted) again.
+    let mut after: Option<String> = None;
+    loop {
+        if lost.is_cancelled() {
+            return Err(name_in_use(config));
+        }
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let (deliveries, next) = inner
+            .own_pending_page(ops, dispatcher, after.as_deref())
+            .await?;
+        if !deliveries.is_empty() {
+            dispatcher.dispatch_reserved(deliveries).await;
+        }
+        match next {
+            Some(id) => after = Some(id),
+            None => break,
+        }
+    }
     // The task starting the previous batch's handlers (it lives in the tracker, so the drain
     // at shutdown waits for it).
     let mut starting: Option<tokio::task::JoinHandle<()>> = None;
     let block_ms = config.block.as_millis().max(1) as u64;
     loop {
-        let pending_phase = cursor != ">";
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&config.group)
             .arg(&config.consumer)
             .arg("COUNT")
-            .arg(config.batch);
-        if !pending_phase {
-            cmd.arg("BLOCK").arg(block_ms);
-        }
-        cmd.arg("STREAMS").arg(&config.stream).arg(&cursor);
+            .arg(config.batch)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&config.stream)
+            .arg(">");
 
         let read = cmd.query_async::<Value>(&mut reader);
         tokio::pin!(read);
         let mut stopping = false;
         let reply = tokio::select! {
             reply = &mut read => reply,
+            _ = lost.cancelled() => {
+                // Another process took the name while this one could not renew it: stop
+                // reading under it. Whatever the abandoned read took stays pending.
+                return Err(name_in_use(config));
+            }
             _ = shutdown.cancelled() => {
                 // Wake the blocked read so whatever it already took is handled, not left
                 // pending until the next start.
@@ -717,7 +985,6 @@ async fn session(
                 }
                 tracing::warn!(consumer = %inner.name, stream = %config.stream, group = %config.group, "the stream or its consumer group vanished; re-creating it");
                 inner.ensure_group(ops).await?;
-                cursor = String::from("0");
                 continue;
             }
             Err(source) if stopping => {
@@ -731,47 +998,58 @@ async fn session(
                 });
             }
         };
-        let (entries, deleted) = parse_read_any(reply)?;
-        if pending_phase {
-            if let Some(last) = entries
-                .last()
-                .map(|e| e.id.clone())
-                .or_else(|| deleted.last().cloned())
-            {
-                cursor = last;
-            } else {
-                cursor = String::from(">");
-                continue;
-            }
-            if let Some(previous) = starting.take() {
-                let _ = previous.await;
-            }
-            inner.ack_deleted(ops, &deleted).await?;
-            let deliveries = inner.with_counts(ops, entries).await?;
-            dispatcher.dispatch(deliveries, true).await;
-        } else {
-            let deliveries = entries
-                .into_iter()
-                .map(|entry| Delivery {
-                    entry,
-                    deliveries: 1,
-                })
-                .collect();
-            // The next read goes out while this batch waits for handler capacity, so Redis
-            // is never idle between batches; one batch waits at most.
-            if let Some(previous) = starting.take() {
-                let _ = previous.await;
-            }
-            let fresh = dispatcher.admit(deliveries);
-            let d = dispatcher.clone();
-            starting = Some(
-                dispatcher
-                    .tracker
-                    .spawn(async move { d.start(fresh, false).await }),
-            );
+        let (entries, _) = parse_read_any(reply)?;
+        let deliveries = entries
+            .into_iter()
+            .map(|entry| Delivery {
+                entry,
+                deliveries: 1,
+            })
+            .collect();
+        // The next read goes out while this batch waits for handler capacity, so Redis is
+        // never idle between batches; one batch waits at most.
+        if let Some(previous) = starting.take() {
+            let _ = previous.await;
         }
+        let fresh = dispatcher.admit(deliveries);
+        let d = dispatcher.clone();
+        starting = Some(
+            dispatcher
+                .tracker
+                .spawn(async move { d.start(fresh, false).await }),
+        );
         if stopping || shutdown.is_cancelled() {
             return Ok(());
+        }
+    }
+}
+
+fn name_in_use(config: &RedisConsumerConfig) -> Error {
+    Error::NameInUse {
+        consumer: config.consumer.clone(),
+        group: config.group.clone(),
+        stream: config.stream.clone(),
+    }
+}
+
+/// Renews the name lock every [`LOCK_RENEW`] until `stop`; cancels `lost` when another
+/// process holds it. A renewal that fails on the connection is tried again: the lock lives
+/// [`LOCK_TTL`], several renewals.
+async fn keep_name(inner: Arc<Inner>, ops: Ops, lost: CancellationToken, stop: CancellationToken) {
+    loop {
+        if sleep_or_cancel(LOCK_RENEW, &stop).await {
+            return;
+        }
+        match inner.lock_name(&ops).await {
+            Ok(true) => {}
+            Ok(false) => {
+                inner.name_held.store(false, AtomicOrdering::Relaxed);
+                lost.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(consumer = %inner.name, error = %e, "cannot renew the consumer-name lock; trying again");
+            }
         }
     }
 }
@@ -804,33 +1082,30 @@ async fn settle(
 }
 
 /// Sends one batch of settlements as a pipeline, again and again until the connection
-/// carries it. Re-sending is safe: XACK is idempotent and each script acts only if its
-/// entry is still pending.
+/// carries it; commands the server refuses for now (`OOM`, `BUSY`, `LOADING`...) are sent
+/// again too. Re-sending is safe: XACK is idempotent and each script acts only if its entry
+/// is still pending.
 async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
     let config = &inner.config;
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
     let acks: Vec<&str> = batch
         .iter()
         .filter(|s| matches!(s.action, Action::Ack | Action::Drop))
         .map(|s| s.id.as_str())
         .collect();
-    // Which settlement each pipeline reply belongs to (`None`: the shared XACK).
-    let mut owners: Vec<Option<usize>> = Vec::with_capacity(batch.len() + 1);
+    // Each command with the settlement it belongs to (`None`: the shared XACK).
+    let mut commands: Vec<(Option<usize>, redis::Cmd)> = Vec::with_capacity(batch.len() + 1);
     if !acks.is_empty() {
-        pipe.cmd("XACK")
-            .arg(&config.stream)
-            .arg(&config.group)
-            .arg(&acks);
-        owners.push(None);
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&config.stream).arg(&config.group).arg(&acks);
+        commands.push((None, cmd));
     }
     for (i, s) in batch.iter().enumerate() {
         let cmd = match &s.action {
             Action::Ack | Action::Drop => continue,
-            // Nothing to send: the entry stays pending.
             Action::Release => {
-                inner.metrics.released.increment(1);
-                continue;
+                let mut cmd = inner.scripts.release.call(&[&config.stream]);
+                cmd.arg(&config.group).arg(&s.id).arg(&config.consumer);
+                cmd
             }
             Action::Retry { fields, delay_ms } => {
                 let mut cmd = inner
@@ -851,73 +1126,85 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
                 cmd
             }
         };
-        pipe.add_command(cmd);
-        owners.push(Some(i));
-    }
-    if owners.is_empty() {
-        // Only releases: nothing to tell Redis.
-        return;
+        commands.push((Some(i), cmd));
     }
 
+    let metrics = &inner.metrics;
     let mut backoff = BACKOFF_INITIAL;
-    let replies = loop {
-        match ops
+    while !commands.is_empty() {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (_, cmd) in &commands {
+            pipe.add_command(cmd.clone());
+        }
+        let replies = match ops
             .query_pipe::<Vec<redis::RedisResult<Value>>>(&pipe)
             .await
         {
-            Ok(replies)
-                if replies
-                    .iter()
-                    .any(|r| r.as_ref().is_err_and(|e| e.code() == Some("NOSCRIPT"))) =>
-            {
-                tracing::info!(consumer = %inner.name, "redis lost its script cache; loading the scripts again");
-                if let Err(e) = inner.scripts.load(ops).await {
-                    tracing::warn!(consumer = %inner.name, error = %e, "cannot load scripts");
-                    tokio::time::sleep(backoff).await;
-                    backoff = next_backoff(backoff);
-                }
-            }
-            Ok(replies) => break replies,
+            Ok(replies) => replies,
             Err(e) => {
                 tracing::warn!(consumer = %inner.name, error = %e, pending = batch.len(), retry_in_ms = backoff.as_millis() as u64, "cannot settle entries; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = next_backoff(backoff);
+                continue;
             }
-        }
-    };
-
-    let metrics = &inner.metrics;
-    for (owner, reply) in owners.iter().zip(replies) {
-        match (owner, reply) {
-            (None, Ok(_)) => {
-                for s in batch {
-                    match s.action {
-                        Action::Ack => metrics.settled_ack.increment(1),
-                        Action::Drop => metrics.settled_drop.increment(1),
-                        _ => {}
+        };
+        let mut again = Vec::new();
+        let mut reload = false;
+        for ((owner, cmd), reply) in commands.into_iter().zip(replies) {
+            match (owner, reply) {
+                (None, Ok(_)) => {
+                    for s in batch {
+                        match s.action {
+                            Action::Ack => metrics.settled_ack.increment(1),
+                            Action::Drop => metrics.settled_drop.increment(1),
+                            _ => {}
+                        }
                     }
                 }
-            }
-            (Some(i), Ok(value)) => {
-                let s = &batch[*i];
-                let applied = !matches!(value, Value::Nil | Value::Int(0));
-                match (&s.action, applied) {
-                    (Action::Retry { .. }, true) => metrics.settled_retry.increment(1),
-                    (Action::DeadLetter { .. }, true) => metrics.settled_dead_letter.increment(1),
-                    _ => {
-                        tracing::info!(consumer = %inner.name, entry_id = %s.id, "entry was settled elsewhere (claimed by another consumer); nothing to do")
+                (Some(i), Ok(value)) => {
+                    let s = &batch[i];
+                    let applied = !matches!(value, Value::Nil | Value::Int(0));
+                    match (&s.action, applied) {
+                        (Action::Retry { .. }, true) => metrics.settled_retry.increment(1),
+                        (Action::DeadLetter { .. }, true) => {
+                            metrics.settled_dead_letter.increment(1)
+                        }
+                        (Action::Release, _) => metrics.released.increment(1),
+                        _ => {
+                            tracing::info!(consumer = %inner.name, entry_id = %s.id, "entry was settled elsewhere (claimed by another consumer); nothing to do")
+                        }
                     }
                 }
-            }
-            (owner, Err(e)) => {
-                let ids: Vec<&str> = match owner {
-                    Some(i) => vec![batch[*i].id.as_str()],
-                    None => acks.clone(),
-                };
-                // Left pending: XAUTOCLAIM offers it again after `claim_idle`.
-                tracing::error!(consumer = %inner.name, error = %e, entries = ?ids, "redis refused a settlement; the entries stay pending");
+                (owner, Err(e)) if e.code() == Some("NOSCRIPT") || super::is_transient(&e) => {
+                    reload |= e.code() == Some("NOSCRIPT");
+                    tracing::warn!(consumer = %inner.name, error = %e, entry_id = owner.map(|i| batch[i].id.as_str()), retry_in_ms = backoff.as_millis() as u64, "redis cannot take a settlement now; retrying");
+                    again.push((owner, cmd));
+                }
+                (owner, Err(e)) => {
+                    let ids: Vec<&str> = match owner {
+                        Some(i) => vec![batch[i].id.as_str()],
+                        None => acks.clone(),
+                    };
+                    // Left pending: XAUTOCLAIM offers it again after `claim_idle`.
+                    tracing::error!(consumer = %inner.name, error = %e, entries = ?ids, "redis refused a settlement; the entries stay pending");
+                }
             }
         }
+        commands = again;
+        if commands.is_empty() {
+            break;
+        }
+        if reload {
+            tracing::info!(consumer = %inner.name, "redis lost its script cache; loading the scripts again");
+            if let Err(e) = inner.scripts.load(ops).await {
+                tracing::warn!(consumer = %inner.name, error = %e, "cannot load scripts");
+            } else {
+                continue;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = next_backoff(backoff);
     }
 }
 

@@ -13,11 +13,17 @@
 //! Dead-letter copies add the failure fields (`bosun-orig-stream`, `bosun-orig-id`,
 //! `bosun-group`, `bosun-consumer`, `bosun-deliveries`, `bosun-error`, `bosun-error-kind`,
 //! `bosun-failed-at`) to the original fields.
+//!
+//! An entry over the consumer's bounds ([`RedisEntryLimits`]) is never decoded nor copied
+//! field by field: its dead-letter copy ([`oversized_fields`]) keeps `payload` and
+//! `message_id` as fields and every other original field packed into one value,
+//! `bosun-orig-fields`, so the copy has a fixed number of fields whatever the entry holds.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use crate::config::RedisEntryLimits;
 use crate::handler::{HeaderValue, Message, Source};
 use crate::publish::{OutgoingMessage, PublishError};
 
@@ -35,6 +41,9 @@ pub const ORIG_ID: &str = "bosun-orig-id";
 pub const GROUP: &str = "bosun-group";
 pub const DELIVERIES: &str = "bosun-deliveries";
 pub const FAILED_AT: &str = "bosun-failed-at";
+/// The original fields of an oversized entry, packed as netstrings (`<len>:<bytes>,`),
+/// name then value, in their order.
+pub const ORIG_FIELDS: &str = "bosun-orig-fields";
 
 /// Fields a header may not be named after: they carry the message itself.
 const RESERVED: &[&str] = &[BODY, MESSAGE_ID, CORRELATION_ID, CONTENT_TYPE, TIMESTAMP];
@@ -223,14 +232,86 @@ pub struct Failure<'a> {
     pub kind: crate::handler::FailureKind,
 }
 
+/// Why `entry` is over `limits` (too many fields, too many bytes), if it is.
+pub fn over_limits(entry: &Entry, limits: &RedisEntryLimits) -> Option<String> {
+    if entry.fields.len() > limits.max_fields {
+        return Some(format!(
+            "entry has {} fields, over the limit of {} (max_fields)",
+            entry.fields.len(),
+            limits.max_fields
+        ));
+    }
+    let size: u64 = entry
+        .fields
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64)
+        .sum();
+    (size > limits.max_bytes).then(|| {
+        format!(
+            "entry has {size} bytes, over the limit of {} (max_entry_size)",
+            limits.max_bytes
+        )
+    })
+}
+
 /// The fields of a dead-letter copy: the original's plus the failure fields.
 pub fn dead_letter_fields(entry: &Entry, failure: &Failure<'_>) -> Vec<(Bytes, Bytes)> {
-    let mut fields: Vec<(Bytes, Bytes)> = entry
+    let fields: Vec<(Bytes, Bytes)> = entry
         .fields
         .iter()
         .filter(|(k, _)| !is_failure_field(k))
         .cloned()
         .collect();
+    with_failure(fields, entry, failure)
+}
+
+/// The dead-letter copy of an entry over its bounds: a fixed number of fields whatever the
+/// entry holds (the first `payload`, the stable `message_id` when it is short, every other
+/// original field packed into [`ORIG_FIELDS`], and the failure fields), so the copy always
+/// fits one script call and nothing of the original is lost.
+pub fn oversized_fields(entry: &Entry, failure: &Failure<'_>) -> Vec<(Bytes, Bytes)> {
+    let body_at = entry
+        .fields
+        .iter()
+        .position(|(k, _)| k.as_ref() == BODY.as_bytes());
+    let mut packed = Vec::new();
+    for (i, (k, v)) in entry.fields.iter().enumerate() {
+        if Some(i) == body_at {
+            continue;
+        }
+        for part in [k, v] {
+            packed.extend_from_slice(part.len().to_string().as_bytes());
+            packed.push(b':');
+            packed.extend_from_slice(part);
+            packed.push(b',');
+        }
+    }
+    let mut fields = Vec::with_capacity(2);
+    if let Some((k, v)) = body_at.and_then(|i| entry.fields.get(i)) {
+        fields.push((k.clone(), v.clone()));
+    }
+    fields.push((
+        Bytes::from_static(ORIG_FIELDS.as_bytes()),
+        Bytes::from(packed),
+    ));
+    let mut copy = with_failure(fields, entry, failure);
+    // A stable id longer than this is not an id anyone can use: the entry id stands in.
+    if let Some((_, id)) = copy
+        .iter_mut()
+        .find(|(k, _)| k.as_ref() == MESSAGE_ID.as_bytes())
+        && id.len() > 1024
+    {
+        *id = Bytes::copy_from_slice(entry.id.as_bytes());
+    }
+    copy
+}
+
+/// `fields` followed by the failure fields of `failure`.
+fn with_failure(
+    mut fields: Vec<(Bytes, Bytes)>,
+    entry: &Entry,
+    failure: &Failure<'_>,
+) -> Vec<(Bytes, Bytes)> {
     let mut push = |name: &'static str, value: Bytes| {
         fields.push((Bytes::from_static(name.as_bytes()), value))
     };
@@ -351,6 +432,53 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn oversized_entries_are_copied_in_a_fixed_number_of_fields() {
+        let mut e = entry(&[("payload", b"body"), ("message_id", b"m1")]);
+        for i in 0..5000 {
+            e.fields
+                .push((Bytes::from(format!("f{i}")), Bytes::from_static(b"v")));
+        }
+        let limits = RedisEntryLimits::default();
+        let why = over_limits(&e, &limits).expect("over the field bound");
+        assert!(why.contains("5002 fields"), "{why}");
+        let failure = Failure {
+            stream: "s",
+            group: "g",
+            consumer: "c",
+            deliveries: 1,
+            attempt: 1,
+            error: &why,
+            kind: crate::handler::FailureKind::Invalid,
+        };
+        let copy = Entry {
+            id: "9-0".into(),
+            fields: oversized_fields(&e, &failure),
+        };
+        assert!(copy.fields.len() <= 14, "{} fields", copy.fields.len());
+        assert_eq!(
+            copy.field("payload").map(|b| b.as_ref()),
+            Some(&b"body"[..])
+        );
+        assert_eq!(
+            copy.field("message_id").map(|b| b.as_ref()),
+            Some(&b"m1"[..])
+        );
+        let packed = copy.field(ORIG_FIELDS).expect("packed fields");
+        assert!(packed.starts_with(b"10:message_id,2:m1,2:f0,1:v,"));
+        assert_eq!(
+            copy.field("bosun-error-kind").map(|b| b.as_ref()),
+            Some(&b"invalid"[..])
+        );
+        let big = entry(&[("payload", &vec![b'x'; 100][..])]);
+        let small = RedisEntryLimits {
+            max_fields: 10,
+            max_bytes: 50,
+        };
+        assert!(over_limits(&big, &small).is_some_and(|w| w.contains("107 bytes")));
+        assert!(over_limits(&big, &limits).is_none());
     }
 
     #[test]

@@ -61,6 +61,17 @@ pub enum Error {
         command: &'static str,
         detail: String,
     },
+    /// Another live process holds this consumer name in the group (its name lock is held
+    /// and renewed): reading under the same name would mix up both processes' pending
+    /// entries.
+    #[error(
+        "consumer name `{consumer}` is in use by another live process in group `{group}` of stream `{stream}`; give each process its own name (`consumer`, or $BOSUN_CONSUMER_NAME)"
+    )]
+    NameInUse {
+        consumer: String,
+        group: String,
+        stream: String,
+    },
 }
 
 impl Error {
@@ -231,6 +242,30 @@ pub async fn connect_reader(
             source,
         })?;
     Ok(conn)
+}
+
+/// Server error codes that mean "not now" rather than "never": out of memory
+/// (`maxmemory`), loading its dataset, a replica or a demoted primary, a busy script, a
+/// primary or cluster that is down or resharding.
+const TRANSIENT_CODES: &[&str] = &[
+    "OOM",
+    "LOADING",
+    "READONLY",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+];
+
+/// Whether the same command may succeed later unchanged: the connection failed, or the
+/// server answered with one of [`TRANSIENT_CODES`].
+pub fn is_transient(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+        || e.code().is_some_and(|code| TRANSIENT_CODES.contains(&code))
 }
 
 /// Milliseconds since the Unix epoch by the local clock.

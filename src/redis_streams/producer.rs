@@ -43,13 +43,11 @@ fn xadd(stream: &str, maxlen: Option<usize>) -> redis::Cmd {
     cmd
 }
 
-fn publish_error(e: &redis::RedisError) -> PublishError {
-    if e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_timeout()
-        || e.is_connection_refusal()
-        || e.is_unrecoverable_error()
-    {
+/// A failed XADD as a [`PublishError`]: lost connections and the server's "not now" answers
+/// are [`PublishError::Connection`] (the caller keeps the message and tries again without
+/// using an attempt); anything else is a refusal of this message.
+pub(crate) fn publish_error(e: &redis::RedisError) -> PublishError {
+    if super::is_transient(e) {
         PublishError::Connection(e.to_string())
     } else {
         PublishError::Rejected(e.to_string())

@@ -2,8 +2,10 @@
 //!
 //! A failed entry is scheduled in the sorted set (score = due time in ms) by the settler,
 //! atomically with its XACK. This loop moves every due entry back with one script call,
-//! which re-adds and removes each in one step. Every consumer of the stream runs a mover;
-//! the script makes concurrent movers safe.
+//! which re-adds and removes each in one step. A member that cannot be re-added (over the
+//! entry bounds, not decodable) is dead-lettered as `invalid` by the same script, so it
+//! never blocks the members behind it. Every consumer of the stream runs a mover; the
+//! script makes concurrent movers safe.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,25 +19,43 @@ use super::consumer::{Inner, sleep_or_cancel};
 pub const MOVE_INTERVAL: Duration = Duration::from_millis(200);
 /// Most entries moved by one script call, so the server is never blocked for long.
 const MOVE_BATCH: i64 = 500;
+/// What a scheduled copy adds to the entry it was made from: the retry fields
+/// (`message_id`, `bosun-attempt`, `bosun-error`)...
+const COPY_EXTRA_FIELDS: usize = 3;
+/// ...and the bytes of those fields and the packing around them.
+const COPY_EXTRA_BYTES: u64 = 64 << 10;
 
 pub(crate) async fn run(inner: Arc<Inner>, ops: Ops, stop: CancellationToken) {
+    let config = &inner.config;
+    let max_fields = config.limits.max_fields + COPY_EXTRA_FIELDS;
+    let max_bytes = config.limits.max_bytes.saturating_add(COPY_EXTRA_BYTES);
     loop {
         if sleep_or_cancel(MOVE_INTERVAL, &stop).await {
             return;
         }
         loop {
+            let failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let cmd = inner
                 .scripts
                 .move_due
-                .call(&[&inner.retry_key, &inner.config.stream])
+                .call(&[&inner.retry_key, &config.stream, &config.dead_letter_stream])
                 .arg(MOVE_BATCH)
+                .arg(max_fields)
+                .arg(max_bytes)
+                .arg(failed_at)
+                .arg(&config.group)
+                .arg(&config.consumer)
                 .to_owned();
-            match ops.query::<i64>(&cmd).await {
-                Ok(moved) => {
-                    if moved > 0 {
-                        tracing::debug!(consumer = %inner.name, moved, "due retries re-added to the stream");
+            match ops.query::<(i64, i64)>(&cmd).await {
+                Ok((handled, invalid)) => {
+                    if invalid > 0 {
+                        inner.metrics.invalid_retries.increment(invalid as u64);
+                        tracing::warn!(consumer = %inner.name, invalid, dead_letter_stream = %config.dead_letter_stream, "scheduled retries that cannot be re-added were dead-lettered as invalid");
                     }
-                    if moved < MOVE_BATCH || stop.is_cancelled() {
+                    if handled > invalid {
+                        tracing::debug!(consumer = %inner.name, moved = handled - invalid, "due retries re-added to the stream");
+                    }
+                    if handled < MOVE_BATCH || stop.is_cancelled() {
                         break;
                     }
                 }
