@@ -224,3 +224,81 @@ async fn publish_command_adds_fields_body_and_message_id_to_a_stream() {
     );
     assert_eq!(code, 64, "{stderr}");
 }
+
+/// A private `redis-server` on a free port, for server states the shared one must never be
+/// put in (out of memory, read-only); stopped when dropped.
+struct PrivateRedis {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    fn start(args: &[&str]) -> Self {
+        let port = support::free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let child = std::process::Command::new("redis-server")
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let up = support::wait_for(std::time::Duration::from_secs(10), || {
+            redis::Client::open(url.as_str())
+                .ok()?
+                .get_connection()
+                .ok()
+                .map(|_| ())
+        });
+        assert!(up.is_some(), "private redis-server answers");
+        Self {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    fn broker(&self) -> RedisBrokerConfig {
+        RedisBrokerConfig {
+            url: SecretUrl::new(url::Url::parse(&self.url).expect("url")),
+            tls: None,
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn out_of_memory_and_read_only_servers_are_transient_publish_failures() {
+    for (state, args) in [
+        (
+            "OOM",
+            &["--maxmemory", "1", "--maxmemory-policy", "noeviction"][..],
+        ),
+        ("READONLY", &["--replicaof", "127.0.0.1", "1"][..]),
+    ] {
+        let server = PrivateRedis::start(args);
+        let publisher = RedisPublisher::connect(&server.broker(), "test", None)
+            .await
+            .expect("connect");
+        let message = OutgoingMessage::new("s", "", &b"body"[..]);
+        let results = publisher.publish_batch(&[message]).await;
+        match &results[..] {
+            [Err(e @ PublishError::Connection(text))] => {
+                assert!(text.to_ascii_uppercase().contains(state), "{state}: {text}");
+                assert!(e.is_transient(), "{state} must not use up an attempt");
+            }
+            other => panic!("{state}: expected a transient failure, got {other:?}"),
+        }
+    }
+}

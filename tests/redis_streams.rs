@@ -801,3 +801,570 @@ async fn a_vanished_stream_and_group_are_recreated() {
     assert_eq!(running.stop().await, ExitStatus::Clean);
     cleanup(&mut conn, &stream).await;
 }
+
+/// `items` as a MessagePack array of strings, the way the retry script packs a copy.
+fn msgpack_strings(items: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n = items.len();
+    if n < 16 {
+        out.push(0x90 | n as u8);
+    } else {
+        out.push(0xdc);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    }
+    for item in items {
+        let len = item.len();
+        if len < 32 {
+            out.push(0xa0 | len as u8);
+        } else {
+            out.push(0xda);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        out.extend_from_slice(item);
+    }
+    out
+}
+
+/// An XADD of `payload`, `message_id` and `extra` fields named `f0`, `f1`...
+async fn xadd_wide(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    message_id: &str,
+    extra: usize,
+) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream)
+        .arg("*")
+        .arg("payload")
+        .arg(format!("body of {message_id}"))
+        .arg("message_id")
+        .arg(message_id);
+    for i in 0..extra {
+        cmd.arg(format!("f{i}")).arg("v");
+    }
+    cmd.query_async(conn).await.expect("XADD")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_thousand_field_entry_that_fails_is_dead_lettered_whole_as_invalid() {
+    let stream = unique("rs_wide");
+    let name = unique("c_wide");
+    let mut conn = redis().await;
+    let handler = Recorder::new(Duration::ZERO, |_| Outcome::retry("boom"));
+    let retry =
+        "retry = { max_attempts = 2, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }";
+    let running = start(
+        &config(&unique("b"), &[(&name, consumer(&stream, &name, retry))]),
+        handler.clone(),
+    )
+    .await;
+    xadd_wide(&mut conn, &stream, "wide-1", 4000).await;
+    xadd(
+        &mut conn,
+        &stream,
+        &[("payload", b"p"), ("message_id", b"narrow-1")],
+    )
+    .await;
+
+    let dlq = format!("{stream}:dlq");
+    wait_until("both entries are dead-lettered", async || {
+        range(&mut conn, &dlq).await.len() == 2
+    })
+    .await;
+    let dead = range(&mut conn, &dlq).await;
+    let wide = dead
+        .iter()
+        .map(|(_, f)| f)
+        .find(|f| text(f, "message_id") == "wide-1")
+        .expect("the wide entry's copy");
+    assert_eq!(text(wide, "bosun-error-kind"), "invalid");
+    assert!(
+        text(wide, "bosun-error").contains("4002 fields"),
+        "{}",
+        text(wide, "bosun-error")
+    );
+    assert_eq!(text(wide, "payload"), "body of wide-1");
+    let packed = field(wide, "bosun-orig-fields").expect("the original fields, packed");
+    assert!(
+        packed.ends_with(b"5:f3999,1:v,"),
+        "every original field is kept"
+    );
+    assert!(wide.len() < 20, "the copy has a fixed number of fields");
+    assert!(
+        !handler.ids().contains(&"wide-1".to_owned()),
+        "an entry over the bounds never reaches the handler"
+    );
+    assert_eq!(handler.ids(), vec!["narrow-1", "narrow-1"]);
+    wait_until("nothing is left pending or scheduled", async || {
+        let scheduled: i64 = conn.zcard(format!("{stream}:retry")).await.expect("ZCARD");
+        pending_count(&mut conn, &stream, "g").await == 0 && scheduled == 0
+    })
+    .await;
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_at_the_field_limit_is_retried_and_dead_lettered_with_every_field() {
+    let stream = unique("rs_limit");
+    let name = unique("c_limit");
+    let mut conn = redis().await;
+    let handler = Recorder::new(Duration::ZERO, |_| Outcome::retry("boom"));
+    let extra = "max_fields = 3800\nretry = { max_attempts = 2, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }";
+    let running = start(
+        &config(&unique("b"), &[(&name, consumer(&stream, &name, extra))]),
+        handler.clone(),
+    )
+    .await;
+    // 3,800 fields with `payload` and `message_id`: the most this consumer accepts.
+    xadd_wide(&mut conn, &stream, "limit-1", 3798).await;
+    let dlq = format!("{stream}:dlq");
+    wait_until("the entry is dead-lettered", async || {
+        range(&mut conn, &dlq).await.len() == 1
+    })
+    .await;
+    let dead = range(&mut conn, &dlq).await.remove(0).1;
+    assert_eq!(text(&dead, "bosun-error-kind"), "exhausted");
+    assert_eq!(text(&dead, "f3797"), "v");
+    assert_eq!(
+        handler
+            .seen()
+            .iter()
+            .map(|s| s.message.attempt)
+            .collect::<Vec<_>>(),
+        vec![1, 2],
+        "retried through the retry set, then dead-lettered"
+    );
+    assert_eq!(pending_count(&mut conn, &stream, "g").await, 0);
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_fails_leaves_the_entry_pending_until_it_can_be_made() {
+    let (dl_stream, retry_stream) = (unique("rs_dlfail"), unique("rs_rtfail"));
+    let (dl_name, retry_name) = (unique("c_dlfail"), unique("c_rtfail"));
+    let mut conn = redis().await;
+    // Keys of the wrong type: the dead-letter XADD and the retry ZADD fail.
+    let _: () = conn
+        .set(format!("{dl_stream}:dlq"), "not a stream")
+        .await
+        .expect("SET");
+    let _: () = conn
+        .set(format!("{retry_stream}:retry"), "not a sorted set")
+        .await
+        .expect("SET");
+    let dl_for = dl_stream.clone();
+    let handler = Recorder::new(Duration::ZERO, move |m| {
+        if m.source.queue == dl_for {
+            Outcome::DeadLetter {
+                reason: "refused".into(),
+                kind: bosun::handler::FailureKind::Permanent,
+            }
+        } else if m.attempt == 1 {
+            Outcome::retry("later")
+        } else {
+            Outcome::Ack
+        }
+    });
+    let body = |stream: &str, name: &str| {
+        consumer(
+            stream,
+            name,
+            "retry = { max_attempts = 3, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }",
+        )
+        .replace("claim_idle = \"30s\"", "claim_idle = \"1s\"")
+    };
+    let running = start(
+        &config(
+            &unique("b"),
+            &[
+                (&dl_name, body(&dl_stream, &dl_name)),
+                (&retry_name, body(&retry_stream, &retry_name)),
+            ],
+        ),
+        handler.clone(),
+    )
+    .await;
+    xadd(
+        &mut conn,
+        &dl_stream,
+        &[("payload", b"d"), ("message_id", b"dl-1")],
+    )
+    .await;
+    xadd(
+        &mut conn,
+        &retry_stream,
+        &[("payload", b"r"), ("message_id", b"rt-1")],
+    )
+    .await;
+    wait_until("both entries reached the handler", async || {
+        let ids = handler.ids();
+        ids.contains(&"dl-1".to_owned()) && ids.contains(&"rt-1".to_owned())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        pending_count(&mut conn, &dl_stream, "g").await,
+        1,
+        "a failed dead-letter copy leaves the entry pending"
+    );
+    assert_eq!(
+        pending_count(&mut conn, &retry_stream, "g").await,
+        1,
+        "a failed retry copy leaves the entry pending"
+    );
+    // Once the copies can be made, the claim loop takes the entries again.
+    let _: () = conn
+        .del(&[format!("{dl_stream}:dlq"), format!("{retry_stream}:retry")])
+        .await
+        .expect("DEL");
+    wait_until(
+        "the dead letter is copied and the retry handled",
+        async || {
+            range(&mut conn, &format!("{dl_stream}:dlq")).await.len() == 1
+                && handler.seen().iter().any(|s| {
+                    s.message.message_id.as_deref() == Some("rt-1") && s.message.attempt == 2
+                })
+                && pending_count(&mut conn, &dl_stream, "g").await == 0
+                && pending_count(&mut conn, &retry_stream, "g").await == 0
+        },
+    )
+    .await;
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &dl_stream).await;
+    cleanup(&mut conn, &retry_stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoned_retry_members_are_dead_lettered_and_the_rest_move_on() {
+    let stream = unique("rs_poison");
+    let name = unique("c_poison");
+    let mut conn = redis().await;
+    create_group(&mut conn, &stream).await;
+    let retry_key = format!("{stream}:retry");
+    let good = msgpack_strings(&[b"1-0", b"payload", b"fine", b"message_id", b"good-1"]);
+    let mut wide: Vec<Vec<u8>> = vec![b"2-0".to_vec(), b"payload".to_vec(), b"w".to_vec()];
+    for i in 0..4000 {
+        wide.push(format!("f{i}").into_bytes());
+        wide.push(b"v".to_vec());
+    }
+    let wide = msgpack_strings(&wide.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    // Ahead of the good one: undecodable, and too many fields to re-add in one call.
+    let _: i64 = conn
+        .zadd(&retry_key, &b"\xc1 not msgpack"[..], 1)
+        .await
+        .expect("ZADD");
+    let _: i64 = conn
+        .zadd(&retry_key, wide.as_slice(), 2)
+        .await
+        .expect("ZADD");
+    let _: i64 = conn
+        .zadd(&retry_key, good.as_slice(), 3)
+        .await
+        .expect("ZADD");
+
+    let handler = Recorder::new(Duration::ZERO, |_| Outcome::Ack);
+    let running = start(
+        &config(&unique("b"), &[(&name, consumer(&stream, &name, ""))]),
+        handler.clone(),
+    )
+    .await;
+    wait_until("the good member is handled", async || {
+        handler.ids() == vec!["good-1".to_owned()]
+    })
+    .await;
+    let dlq = format!("{stream}:dlq");
+    wait_until("both poisoned members are dead-lettered", async || {
+        range(&mut conn, &dlq).await.len() == 2
+    })
+    .await;
+    for (_, dead) in range(&mut conn, &dlq).await {
+        assert_eq!(text(&dead, "bosun-error-kind"), "invalid");
+        assert_eq!(text(&dead, "bosun-orig-stream"), stream);
+        assert!(
+            field(&dead, "payload")
+                .is_some_and(|p| p == b"\xc1 not msgpack" || p == wide.as_slice())
+        );
+    }
+    let scheduled: i64 = conn.zcard(&retry_key).await.expect("ZCARD");
+    assert_eq!(scheduled, 0);
+    assert_eq!(metric("bosun_redis_invalid_retries_total", &[&name]), 2.0);
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_beyond_the_longest_delay_is_capped_to_it() {
+    let stream = unique("rs_cap");
+    let name = unique("c_cap");
+    let mut conn = redis().await;
+    let handler = Recorder::new(Duration::ZERO, |m| {
+        if m.attempt == 1 {
+            // What a `Retry-After: 99999999999` asks for: over 3,000 years.
+            Outcome::Retry {
+                after: Some(Duration::from_secs(99_999_999_999)),
+                reason: "come back much later".into(),
+            }
+        } else {
+            Outcome::Ack
+        }
+    });
+    let retry = "retry = { max_attempts = 3, backoff = \"exponential\", initial = \"100ms\", max = \"500ms\", jitter = 0.0 }";
+    let running = start(
+        &config(&unique("b"), &[(&name, consumer(&stream, &name, retry))]),
+        handler.clone(),
+    )
+    .await;
+    xadd(
+        &mut conn,
+        &stream,
+        &[("payload", b"p"), ("message_id", b"cap-1")],
+    )
+    .await;
+    wait_until("the second attempt runs after at most `max`", async || {
+        handler.seen().len() == 2
+    })
+    .await;
+    let seen = handler.seen();
+    let waited = seen[1].at - seen[0].at;
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(10),
+        "waited {waited:?}"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}
+
+/// This consumer's delivery count of `id`, from XPENDING.
+async fn delivery_count(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    id: &str,
+) -> Option<u64> {
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("g")
+        .arg(id)
+        .arg(id)
+        .arg(1)
+        .query_async(conn)
+        .await
+        .expect("XPENDING");
+    rows.first().map(|r| r.3)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_reconnects_do_not_count_deliveries_of_entries_in_flight() {
+    let stream = unique("rs_count");
+    let name = unique("c_count");
+    let mut conn = redis().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    // The first run outlasts many claim rounds and a reconnect, then hands the entry back.
+    let handler = Recorder::new(Duration::from_millis(2500), move |_| {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            Outcome::Release {
+                reason: "not now".into(),
+            }
+        } else {
+            Outcome::Ack
+        }
+    });
+    let body = consumer(&stream, &name, "max_deliveries = 2")
+        .replace("claim_idle = \"30s\"", "claim_idle = \"300ms\"");
+    let running = start(&config(&unique("b"), &[(&name, body)]), handler.clone()).await;
+    let id = xadd(
+        &mut conn,
+        &stream,
+        &[("payload", b"p"), ("message_id", b"count-1")],
+    )
+    .await;
+    wait_until("the handler started", async || handler.seen().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(kill_own_clients(&mut conn, &name).await > 0);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        delivery_count(&mut conn, &stream, &id).await,
+        Some(1),
+        "claims and the re-read after a reconnect did not count the entry in flight"
+    );
+    wait_until(
+        "the released entry is handled again and acked",
+        async || {
+            handler.finished.load(Ordering::SeqCst) == 2
+                && pending_count(&mut conn, &stream, "g").await == 0
+        },
+    )
+    .await;
+    assert!(
+        range(&mut conn, &format!("{stream}:dlq")).await.is_empty(),
+        "never dead-lettered as exhausted"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_process_with_the_same_consumer_name_does_not_read_until_the_first_stops() {
+    let stream = unique("rs_dup");
+    let shared = unique("c_dup");
+    let mut conn = redis().await;
+    let first = Recorder::new(Duration::ZERO, |_| Outcome::Ack);
+    let second = Recorder::new(Duration::ZERO, |_| Outcome::Ack);
+    let text = |consumer_name: &str| {
+        config(
+            &unique("b"),
+            &[(consumer_name, consumer(&stream, &shared, ""))],
+        )
+    };
+    let running_first = start(&text(&unique("one")), first.clone()).await;
+    wait_until("the first process holds the name", async || {
+        let held: Option<String> = conn
+            .get(format!("{stream}:lock:g:{shared}"))
+            .await
+            .expect("GET");
+        held.is_some()
+    })
+    .await;
+    let running_second = start(&text(&unique("two")), second.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    xadd_many(&mut conn, &stream, 30).await;
+    wait_until("the first process handled everything", async || {
+        first.ids().len() == 30 && pending_count(&mut conn, &stream, "g").await == 0
+    })
+    .await;
+    assert!(second.ids().is_empty(), "the duplicate name never read");
+    assert_eq!(running_first.stop().await, ExitStatus::Clean);
+    xadd(
+        &mut conn,
+        &stream,
+        &[("payload", b"p"), ("message_id", b"after")],
+    )
+    .await;
+    wait_until("the second process takes the name over", async || {
+        second.ids() == vec!["after".to_owned()]
+    })
+    .await;
+    assert_eq!(running_second.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_consumer_name_is_bosun_consumer_name_or_the_hostname() {
+    let stream = unique("rs_name");
+    let chosen = unique("pod");
+    let mut conn = redis().await;
+    let port = support::free_port();
+    let text = format!(
+        "[http]\nlisten = \"127.0.0.1:{port}\"\n[brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n[handlers.n]\nkind = \"noop\"\n[consumers.c]\nsource = \"cache\"\nhandler = \"n\"\nstream = \"{stream}\"\ngroup = \"g\"\nblock = \"200ms\"\n"
+    );
+    let file = support::ConfigFile::new(&text);
+    let mut daemon =
+        support::Daemon::start_with_env(&file.path, port, &[("BOSUN_CONSUMER_NAME", &chosen)]);
+    assert!(daemon.wait_ready(WAIT), "ready");
+    let names = async |conn: &mut redis::aio::MultiplexedConnection| -> Vec<String> {
+        let info: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&stream)
+            .arg("g")
+            .query_async(conn)
+            .await
+            .expect("XINFO");
+        info.iter()
+            .filter_map(|c| match c.get("name") {
+                Some(redis::Value::BulkString(b)) => String::from_utf8(b.clone()).ok(),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(names(&mut conn).await, vec![chosen.clone()]);
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(WAIT), Some(0), "clean exit");
+    // Without the variable, the hostname: the same name at every restart.
+    let _: () = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(&stream)
+        .arg("g")
+        .arg(&chosen)
+        .query_async(&mut conn)
+        .await
+        .expect("DELCONSUMER");
+    let host = nix::unistd::gethostname()
+        .expect("hostname")
+        .into_string()
+        .expect("UTF-8 hostname");
+    for _ in 0..2 {
+        let mut daemon = support::Daemon::start(&file.path, port);
+        assert!(daemon.wait_ready(WAIT), "ready");
+        assert_eq!(names(&mut conn).await, vec![host.clone()]);
+        daemon.signal(nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(daemon.wait_exit(WAIT), Some(0), "clean exit");
+    }
+    cleanup(&mut conn, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_idle_past_forget_idle_with_nothing_pending_are_removed() {
+    let stream = unique("rs_forget");
+    let name = unique("c_forget");
+    let mut conn = redis().await;
+    create_group(&mut conn, &stream).await;
+    for ghost in ["ghost-1", "ghost-2"] {
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(&stream)
+            .arg("g")
+            .arg(ghost)
+            .query_async(&mut conn)
+            .await
+            .expect("CREATECONSUMER");
+    }
+    // A third one still holds an entry: kept until the entry is claimed and handled.
+    xadd(
+        &mut conn,
+        &stream,
+        &[("payload", b"p"), ("message_id", b"held")],
+    )
+    .await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("holder")
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .expect("XREADGROUP");
+    let handler = Recorder::new(Duration::ZERO, |_| Outcome::Ack);
+    let body = consumer(&stream, &name, "forget_idle = \"2s\"")
+        .replace("claim_idle = \"30s\"", "claim_idle = \"1s\"");
+    let running = start(&config(&unique("b"), &[(&name, body)]), handler.clone()).await;
+    let names = async |conn: &mut redis::aio::MultiplexedConnection| -> HashSet<String> {
+        let info: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&stream)
+            .arg("g")
+            .query_async(conn)
+            .await
+            .expect("XINFO");
+        info.iter()
+            .filter_map(|c| match c.get("name") {
+                Some(redis::Value::BulkString(b)) => String::from_utf8(b.clone()).ok(),
+                _ => None,
+            })
+            .collect()
+    };
+    wait_until("only the running consumer is left", async || {
+        names(&mut conn).await == HashSet::from([name.clone()])
+    })
+    .await;
+    assert_eq!(
+        handler.ids(),
+        vec!["held".to_owned()],
+        "the held entry was claimed first"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}

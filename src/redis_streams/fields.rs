@@ -171,6 +171,9 @@ pub fn stable_id(entry: &Entry) -> Bytes {
         .unwrap_or_else(|| Bytes::copy_from_slice(entry.id.as_bytes()))
 }
 
+/// How many failure fields there are: the margin [`over_limits`] allows for them.
+const FAILURE_FIELDS: usize = 10;
+
 fn is_failure_field(name: &[u8]) -> bool {
     [
         ORIG_STREAM,
@@ -232,9 +235,16 @@ pub struct Failure<'a> {
     pub kind: crate::handler::FailureKind,
 }
 
-/// Why `entry` is over `limits` (too many fields, too many bytes), if it is.
+/// Why `entry` is over `limits` (too many fields, too many bytes), if it is. The failure
+/// fields bosun itself adds to a retry copy do not count, within a margin: copies replace
+/// them, so they never pile up.
 pub fn over_limits(entry: &Entry, limits: &RedisEntryLimits) -> Option<String> {
-    if entry.fields.len() > limits.max_fields {
+    let own = entry
+        .fields
+        .iter()
+        .filter(|(k, _)| !is_failure_field(k))
+        .count();
+    if own > limits.max_fields || entry.fields.len() > limits.max_fields + FAILURE_FIELDS {
         return Some(format!(
             "entry has {} fields, over the limit of {} (max_fields)",
             entry.fields.len(),
