@@ -1042,6 +1042,14 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             sink: ok,
             fault: Fault::BadInput,
         },
+        Plan {
+            name: "redis bad input: 4,000-field entries amid failing handlers",
+            path: Path_::Redis,
+            messages: n(200),
+            rate,
+            sink: flaky,
+            fault: Fault::BadInput,
+        },
     ];
     if full {
         plans.push(Plan {

@@ -297,14 +297,25 @@ async fn redis_stream(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
         "{config}\n[consumers.extra]\nsource = \"cache\"\nhandler = \"sink\"\nstream = \"{extra}\"\n"
     );
     let mut daemon = ready_daemon(bin, &config, port).await?;
-    let ids = ids(plan.messages);
+    let mut ids = ids(plan.messages);
     let producer = {
         let (stream, ids, rate) = (stream.clone(), ids.clone(), plan.rate);
         tokio::spawn(async move { redis_produce(&stream, &ids, rate).await })
     };
     tokio::time::sleep(fault_delay(plan)).await;
     let note = inject(plan.fault, plan.path, &mut daemon, &service, &reload_text).await?;
-    let confirmed = producer.await??;
+    let mut confirmed = producer.await??;
+    // Bad input: entries of 4,000 fields, over the consumer's default bound, amid the flow.
+    let wide: Vec<String> = if plan.fault == Fault::BadInput {
+        let wide: Vec<String> = (0..(plan.messages / 10).max(10))
+            .map(|i| format!("wide-{stream}-{i:04}"))
+            .collect();
+        confirmed.extend(redis_produce_wide(&stream, &wide, 4000).await?);
+        ids.extend(wide.iter().cloned());
+        wide
+    } else {
+        Vec::new()
+    };
     let dlq = format!("{stream}:dlq");
     let target = confirmed.len();
     let mut dead_now = 0usize;
@@ -328,6 +339,22 @@ async fn redis_stream(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
         Duration::ZERO,
     );
     row.note = note_with_exit(note, code);
+    if !wide.is_empty() {
+        // Each wide entry ends in the dead-letter stream, never at the handler.
+        let dead: HashSet<&String> = dead.iter().collect();
+        let accepted = sink.accepted();
+        row.misplaced = wide
+            .iter()
+            .filter(|id| !dead.contains(id) || accepted.contains_key(*id))
+            .count();
+        row.note = note_with_exit(
+            format!(
+                "{} entries of 4,000 fields must end in the dead-letter stream as invalid",
+                wide.len()
+            ),
+            code,
+        );
+    }
     if slow {
         row.note.push_str(&format!(
             "; handler {} ms, claim_idle 1 s; {} requests",
@@ -346,6 +373,33 @@ async fn redis_stream(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     ])
     .await;
     Ok(row)
+}
+
+/// XADDs one entry per id with `fields` extra fields besides `payload` and `message_id`;
+/// returns the ids Redis acknowledged.
+async fn redis_produce_wide(
+    stream: &str,
+    ids: &[String],
+    fields: usize,
+) -> anyhow::Result<HashSet<String>> {
+    let client = redis::Client::open(REDIS_URL)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut confirmed = HashSet::new();
+    for id in ids {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream)
+            .arg("*")
+            .arg("payload")
+            .arg(id.as_str())
+            .arg("message_id")
+            .arg(id.as_str());
+        for i in 0..fields {
+            cmd.arg(format!("f{i}")).arg("v");
+        }
+        let _: String = cmd.query_async(&mut conn).await?;
+        confirmed.insert(id.clone());
+    }
+    Ok(confirmed)
 }
 
 /// Terminates PostgreSQL backends whose application name contains `needle` or is bosun's.
