@@ -1368,3 +1368,103 @@ async fn consumers_idle_past_forget_idle_with_nothing_pending_are_removed() {
     assert_eq!(running.stop().await, ExitStatus::Clean);
     cleanup(&mut conn, &stream).await;
 }
+
+/// A private `redis-server` on a free port, for server states the shared one must never be
+/// put in (out of memory); stopped when dropped.
+struct PrivateRedis {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    async fn start() -> Self {
+        let port = support::free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let child = std::process::Command::new("redis-server")
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let server = Self {
+            child,
+            url,
+            _dir: dir,
+        };
+        wait_until("the private redis-server answers", async || {
+            server.connect().await.is_some()
+        })
+        .await;
+        server
+    }
+
+    async fn connect(&self) -> Option<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url.as_str())
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_refused_for_lack_of_memory_is_sent_again_not_left_pending() {
+    let server = PrivateRedis::start().await;
+    let mut conn = server.connect().await.expect("connect");
+    let stream = unique("rs_oom");
+    let name = unique("c_oom");
+    let handler = Recorder::new(Duration::from_millis(500), |_| Outcome::DeadLetter {
+        reason: "refused".into(),
+        kind: bosun::handler::FailureKind::Permanent,
+    });
+    let body = consumer(&stream, &name, "").replace("claim_idle = \"30s\"", "claim_idle = \"1s\"");
+    let text = config(&unique("b"), &[(&name, body)]).replace(REDIS_URL, &server.url);
+    let running = start(&text, handler.clone()).await;
+    xadd(
+        &mut conn,
+        &stream,
+        &[("payload", b"p"), ("message_id", b"oom-1")],
+    )
+    .await;
+    wait_until("the handler started", async || handler.seen().len() == 1).await;
+    // Out of memory while the handler runs: its dead-letter copy is refused with OOM.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET");
+    wait_until("the copy is made once memory is back", async || {
+        range(&mut conn, &format!("{stream}:dlq")).await.len() == 1
+            && pending_count(&mut conn, &stream, "g").await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        handler.seen().len(),
+        1,
+        "settled by sending the copy again, not by claiming and handling the entry again"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+}
