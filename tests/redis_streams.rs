@@ -1468,3 +1468,41 @@ async fn a_settlement_refused_for_lack_of_memory_is_sent_again_not_left_pending(
     );
     assert_eq!(running.stop().await, ExitStatus::Clean);
 }
+
+#[test]
+fn entry_bounds_and_forget_idle_are_validated() {
+    let load = |extra: &str| {
+        let text = format!(
+            "[brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n[handlers.n]\nkind = \"noop\"\n[consumers.c]\nsource = \"cache\"\nhandler = \"n\"\nstream = \"s\"\n{extra}"
+        );
+        bosun::config::load_str(
+            &text,
+            "test.toml",
+            &bosun::handler::HandlerKinds::builtin(),
+            &bosun::config::Env::from_pairs(std::iter::empty::<(&str, &str)>()),
+        )
+    };
+    let redis_of = |config: bosun::config::Config| match config.consumers.get("c").map(|c| &c.kind)
+    {
+        Some(bosun::config::ConsumerKind::Redis(r)) => r.clone(),
+        other => panic!("not a redis consumer: {other:?}"),
+    };
+    let defaults = redis_of(load("").expect("valid"));
+    assert_eq!(defaults.limits.max_fields, 1000);
+    assert_eq!(defaults.limits.max_bytes, 16 << 20);
+    assert_eq!(defaults.forget_idle, Duration::from_secs(86_400));
+    let set = redis_of(
+        load("max_fields = 3800\nmax_entry_size = \"1MiB\"\nforget_idle = \"2h\"").expect("valid"),
+    );
+    assert_eq!(set.limits.max_fields, 3800);
+    assert_eq!(set.limits.max_bytes, 1 << 20);
+    assert_eq!(set.forget_idle, Duration::from_secs(7200));
+    for bad in [
+        "max_fields = 0",
+        "max_fields = 3801",
+        "max_entry_size = \"0\"",
+        "forget_idle = \"1s\"",
+    ] {
+        assert!(load(bad).is_err(), "{bad} must be refused");
+    }
+}

@@ -485,8 +485,11 @@ impl Inner {
                 .map(|(id, _)| id.as_str())
                 .filter(|id| !claimed.contains(id)),
         );
-        // Servers before 7.0 return deleted entries as nil instead of dropping them.
-        self.ack_deleted(ops, &deleted).await?;
+        // Servers before 7.0 return deleted entries as nil instead of dropping them. Not
+        // fatal: the claimed entries must still be handed out, or they stay reserved.
+        if let Err(e) = self.ack_deleted(ops, &deleted).await {
+            tracing::debug!(consumer = %self.name, error = %e, "cannot acknowledge deleted entries; they are dropped at the next claim");
+        }
         Ok(entries)
     }
 
