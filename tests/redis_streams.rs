@@ -1162,7 +1162,7 @@ async fn claims_and_reconnects_do_not_count_deliveries_of_entries_in_flight() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     // The first run outlasts many claim rounds and a reconnect, then hands the entry back.
-    let handler = Recorder::new(Duration::from_millis(2500), move |_| {
+    let handler = Recorder::new(Duration::from_secs(4), move |_| {
         if counter.fetch_add(1, Ordering::SeqCst) == 0 {
             Outcome::Release {
                 reason: "not now".into(),

@@ -1,8 +1,10 @@
 //! The consumer-group component.
 //!
 //! Task tree of one running consumer:
-//! - the reader (this task): reads its own pending entries from ID `0`, then new ones with
-//!   `>` and `BLOCK`, on a connection of its own; reconnects with backoff;
+//! - the reader (this task): takes its own pending entries (XPENDING, then XCLAIM of those
+//!   not in flight), then reads new ones with `>` and `BLOCK` on a connection of its own;
+//!   reconnects with backoff;
+//! - the keeper ([`keep_name`]): renews the consumer-name lock while the reader runs;
 //! - one task per entry, up to `concurrency` at once, that runs the handler and turns its
 //!   outcome into a [`Settlement`];
 //! - the settler ([`settle`]): batches settlements into one pipeline (one XACK for every
