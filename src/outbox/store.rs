@@ -20,7 +20,9 @@ pub struct OutboxRow {
     /// NULL means the outbox's configured default destination.
     pub destination: Option<String>,
     pub routing_key: String,
-    pub headers: serde_json::Value,
+    /// The `headers` column as JSON text, parsed per row with bounds by the relay, so one
+    /// row's headers can never fail the claim of a whole batch.
+    pub headers: String,
     pub payload: Vec<u8>,
     pub content_type: Option<String>,
     /// Stamped on the message as its timestamp: when the application wrote it.
@@ -57,7 +59,7 @@ pub struct Queries {
     delete_published: String,
 }
 
-const ROW_COLUMNS: &str = "o.id, o.message_id, o.destination, o.routing_key, o.headers, o.payload, o.content_type, o.created_at, o.attempts";
+const ROW_COLUMNS: &str = "o.id, o.message_id, o.destination, o.routing_key, o.headers::text AS headers, o.payload, o.content_type, o.created_at, o.attempts";
 
 impl Queries {
     /// `table` must be a validated identifier; `delete_on_publish` is `retain_published = "0"`.
@@ -70,19 +72,30 @@ impl Queries {
                  ORDER BY o.id LIMIT $1
                  FOR UPDATE SKIP LOCKED"
             ),
-            // Per-key ordering: only the head of each key (its lowest pending id) can be
-            // claimed. A head another relay holds is skipped by SKIP LOCKED, and the rows
-            // behind it are excluded by NOT EXISTS because the head is still pending in any
-            // snapshot until the holder commits. A stale snapshot only sees more rows pending,
-            // so it can only exclude more, never claim a key twice or out of order. A head
-            // waiting in backoff keeps blocking its key; a failed head releases it.
+            // Per-key ordering: a key's rows go out in the order of (insert_xid, id), one at a
+            // time. A keyed row is claimable only when
+            // - it is the head of its key: no pending row of the key comes before it, and
+            // - its transaction began writing before every transaction still running
+            //   (`insert_xid` below the snapshot's xmin).
+            // The second condition is what makes the first one safe: a row of the key that
+            // comes before it has a smaller or equal `insert_xid`, so its transaction has
+            // ended too, and the row is either visible here (and blocks this one as a head)
+            // or rolled back (and never appears). Without it, a row committed by a slower
+            // transaction with a lower id would go out after a higher id of its key.
+            // A head another relay holds is skipped by SKIP LOCKED, and the rows behind it
+            // are excluded by NOT EXISTS because the head is still pending in any snapshot
+            // until the holder commits. A head waiting in backoff keeps blocking its key; a
+            // failed head releases it.
             Ordering::PerKey => format!(
                 "SELECT {ROW_COLUMNS} FROM {table} o
                  WHERE {pending} AND o.next_attempt_at <= now()
-                   AND (o.partition_key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM {table} e
-                        WHERE e.partition_key = o.partition_key AND e.id < o.id
-                          AND e.published_at IS NULL AND e.failed_at IS NULL))
+                   AND (o.partition_key IS NULL OR (
+                        o.insert_xid < pg_snapshot_xmin(pg_current_snapshot())
+                        AND NOT EXISTS (
+                            SELECT 1 FROM {table} e
+                            WHERE e.partition_key = o.partition_key
+                              AND (e.insert_xid, e.id) < (o.insert_xid, o.id)
+                              AND e.published_at IS NULL AND e.failed_at IS NULL)))
                  ORDER BY o.id LIMIT $1
                  FOR UPDATE OF o SKIP LOCKED"
             ),
