@@ -1364,3 +1364,51 @@ async fn a_single_key_backlog_drains_without_waiting_for_polls() {
     }
     queue.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_rows_held_by_an_unrelated_transaction_go_out_soon_after_it_ends() {
+    let table = Table::new("ob_held").await;
+    let other = Table::new("ob_held_other").await;
+    let queue = Queue::new("ob_held").await;
+    let (_file, config) = config(
+        &["held"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"",
+    );
+    let relays = start_all(config);
+    relays[0].wait_ready().await;
+    // A transaction that writes elsewhere and stays open holds back keyed rows written
+    // after it began; its end sends no NOTIFY to this outbox.
+    let mut unrelated = other.pool.begin().await.expect("begin");
+    sqlx::query(&format!(
+        "INSERT INTO {} (destination, payload) VALUES ('nowhere', 'x')",
+        other.name
+    ))
+    .execute(&mut *unrelated)
+    .await
+    .expect("unrelated write");
+    table
+        .insert(None, &queue.name, &[(Some("K"), "held".to_owned())])
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        queue.received().is_empty(),
+        "published past an older writer"
+    );
+    unrelated
+        .rollback()
+        .await
+        .expect("end the unrelated transaction");
+    let ended = std::time::Instant::now();
+    let got = queue.wait_len(1).await;
+    assert_eq!(got[0].1, "held");
+    assert!(
+        ended.elapsed() < Duration::from_secs(10),
+        "waited {:?}",
+        ended.elapsed()
+    );
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}

@@ -29,6 +29,10 @@ use crate::supervisor::ComponentContext;
 /// is considered hung and dropped (PostgreSQL then rolls the transaction back).
 const SQL_ALLOWANCE: Duration = Duration::from_secs(30);
 
+/// How soon a per_key relay looks again when due rows wait only for an older transaction
+/// (of any table) to end.
+const HELD_RECHECK: Duration = Duration::from_millis(100);
+
 /// Longest `last_error` kept on a row.
 const MAX_ERROR_LEN: usize = 2048;
 
@@ -53,6 +57,8 @@ pub struct BatchReport {
     pub retried: usize,
     /// Rows that failed for the last time (`failed_at` set).
     pub failed: usize,
+    /// per_key, nothing claimed: due rows wait only for an older transaction to end.
+    pub held: bool,
 }
 
 /// Why a row cannot become a message at all.
@@ -88,10 +94,15 @@ impl Relay {
                     {
                         continue;
                     }
+                    let wait = if report.held {
+                        self.config.poll_interval.min(HELD_RECHECK)
+                    } else {
+                        self.config.poll_interval
+                    };
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => {}
                         _ = wake.notified() => {}
-                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
                 }
                 Err(e) => {
@@ -179,8 +190,17 @@ impl Relay {
         let mut tx = conn.begin().await?;
         let rows = self.queries.claim(&mut tx, self.config.batch).await?;
         if rows.is_empty() {
+            // Only asked when the relay is about to wait: a batch that published anything
+            // loops at once anyway.
+            let held = self
+                .queries
+                .held_by_older_transactions(&mut tx, self.config.batch)
+                .await?;
             tx.commit().await?;
-            return Ok(BatchReport::default());
+            return Ok(BatchReport {
+                held,
+                ..BatchReport::default()
+            });
         }
         let mut report = BatchReport {
             claimed: rows.len(),

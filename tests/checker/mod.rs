@@ -1042,6 +1042,14 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             sink: ok,
             fault: Fault::BadInput,
         },
+        Plan {
+            name: "outbox per_key: 3 relays, 50 keys, commits out of id order, one relay kill -9",
+            path: Path_::OutboxPerKey,
+            messages: n(600),
+            rate,
+            sink: ok,
+            fault: Fault::Kill,
+        },
     ];
     if full {
         plans.push(Plan {
