@@ -28,10 +28,15 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// keep their type; anything nested travels as JSON. `null` means no headers. The error
 /// says which bound was broken, for the row's `last_error`.
 pub fn parse(text: &str) -> Result<BTreeMap<String, HeaderValue>, String> {
-    if text.len() > MAX_BYTES {
+    parse_sized(text, text.len())
+}
+
+/// [`parse`] for a text that may have been cut: `full_len` is the length of the whole of it.
+pub fn parse_sized(text: &str, full_len: usize) -> Result<BTreeMap<String, HeaderValue>, String> {
+    let len = full_len.max(text.len());
+    if len > MAX_BYTES {
         return Err(format!(
-            "invalid row: headers take {} bytes, over the limit of {MAX_BYTES}",
-            text.len()
+            "invalid row: headers take {len} bytes, over the limit of {MAX_BYTES}"
         ));
     }
     let depth = nesting_depth(text);

@@ -333,7 +333,11 @@ impl Relay {
             message_id: row.message_id.to_string(),
             correlation_id: None,
             content_type: row.content_type.clone(),
-            headers: super::headers::parse(&row.headers).map_err(RowProblem::Invalid)?,
+            headers: super::headers::parse_sized(
+                &row.headers,
+                usize::try_from(row.headers_bytes).unwrap_or(usize::MAX),
+            )
+            .map_err(RowProblem::Invalid)?,
             body: row.payload.clone().into(),
             timestamp_ms: u64::try_from(row.created_at.timestamp_millis()).ok(),
         })

@@ -21,8 +21,11 @@ pub struct OutboxRow {
     pub destination: Option<String>,
     pub routing_key: String,
     /// The `headers` column as JSON text, parsed per row with bounds by the relay, so one
-    /// row's headers can never fail the claim of a whole batch.
+    /// row's headers can never fail the claim of a whole batch. Cut to just past the
+    /// relay's limit ([`super::headers::MAX_BYTES`]), so huge headers are never read whole.
     pub headers: String,
+    /// Bytes of the whole `headers` text, to report an oversized one.
+    pub headers_bytes: i32,
     pub payload: Vec<u8>,
     pub content_type: Option<String>,
     /// Stamped on the message as its timestamp: when the application wrote it.
@@ -66,15 +69,27 @@ pub struct Queries {
 /// With per_key, keys are looked for among the oldest `batch ×` this many due rows.
 const CLAIM_WINDOW_BATCHES: i64 = 4;
 
-const ROW_COLUMNS: &str = "o.id, o.message_id, o.destination, o.routing_key, o.headers::text AS headers, o.payload, o.content_type, o.created_at, o.attempts";
+/// Characters of `headers` read at most: one past the limit, so an oversized value shows.
+const HEADERS_READ: usize = super::headers::MAX_BYTES + 1;
+
+/// The columns of a claimed row, as [`OutboxRow`] reads them.
+fn row_columns() -> String {
+    format!(
+        "o.id, o.message_id, o.destination, o.routing_key, \
+         left(o.headers::text, {HEADERS_READ}) AS headers, \
+         octet_length(o.headers::text) AS headers_bytes, \
+         o.payload, o.content_type, o.created_at, o.attempts"
+    )
+}
 
 impl Queries {
     /// `table` must be a validated identifier; `delete_on_publish` is `retain_published = "0"`.
     pub fn new(table: &str, ordering: Ordering, delete_on_publish: bool) -> Self {
         let pending = "o.published_at IS NULL AND o.failed_at IS NULL";
+        let columns = row_columns();
         let claim = match ordering {
             Ordering::None => format!(
-                "SELECT {ROW_COLUMNS} FROM {table} o
+                "SELECT {columns} FROM {table} o
                  WHERE {pending} AND o.next_attempt_at <= now()
                  ORDER BY o.id LIMIT $1
                  FOR UPDATE SKIP LOCKED"
@@ -105,7 +120,7 @@ impl Queries {
                      SELECT id, partition_key FROM {table}
                      WHERE published_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
                      ORDER BY id LIMIT $2)
-                 SELECT {ROW_COLUMNS} FROM {table} o
+                 SELECT {columns} FROM {table} o
                  WHERE {pending} AND o.next_attempt_at <= now()
                    AND (o.partition_key IS NULL
                         OR o.insert_xid < pg_snapshot_xmin(pg_current_snapshot()))

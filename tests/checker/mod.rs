@@ -1035,7 +1035,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             fault: Fault::BadInput,
         },
         Plan {
-            name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size",
+            name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size, headers nested 200 deep, 1e400 and 200 KB",
             path: Path_::Outbox,
             messages: n(300),
             rate,

@@ -461,9 +461,13 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
             .values()
             .filter(|k| **k == BadRow::UnknownExchange)
             .count();
-        let oversized = must_fail.len() - unknown;
+        let headers = must_fail
+            .values()
+            .filter(|k| **k == BadRow::Headers)
+            .count();
+        let oversized = must_fail.len() - unknown - headers;
         let note_text = format!(
-            "{unknown} rows to a missing exchange and {oversized} over the broker's max message size must end failed; last_error: {}",
+            "{unknown} rows to a missing exchange, {oversized} over the broker's max message size and {headers} with unusable headers (200 deep, 1e400, a 200 KB value) must end failed; last_error: {}",
             reasons.join(" / ").replace('|', "/")
         );
         row.note = note_with_exit(note_text, code);
@@ -503,6 +507,8 @@ const FAILED_ID: &str =
 enum BadRow {
     UnknownExchange,
     Oversized,
+    /// `headers` nested 200 deep, holding `1e400`, or a 200 KB value.
+    Headers,
 }
 
 /// Inserts one outbox row per id in small committed transactions, `rate` per second;
@@ -510,7 +516,8 @@ enum BadRow {
 ///
 /// With `bad` (the broker's max message size), one row in a hundred names an exchange that
 /// does not exist, one in three hundred has a payload a byte over the broker's limit, and one
-/// in ten has a NULL destination (the relay's default, "", applies).
+/// in ten has a NULL destination (the relay's default, "", applies); three in three hundred
+/// have headers the relay must refuse (nested 200 deep, `1e400`, a 200 KB value).
 async fn outbox_produce(
     pool: &sqlx::PgPool,
     table: &str,
@@ -529,6 +536,17 @@ async fn outbox_produce(
         for (i, id) in group.iter().enumerate() {
             let n = g * chunk + i;
             let mut payload = id.as_bytes().to_vec();
+            let headers = match bad {
+                Some(_) if n % 300 == 100 => {
+                    format!("{{\"a\": {}1{}}}", "[".repeat(199), "]".repeat(199))
+                }
+                Some(_) if n % 300 == 200 => "{\"n\": 1e400}".to_owned(),
+                Some(_) if n % 300 == 230 => format!("{{\"v\": \"{}\"}}", "x".repeat(200 * 1024)),
+                _ => "{}".to_owned(),
+            };
+            if headers.len() > 2 {
+                failing.push((id.clone(), BadRow::Headers));
+            }
             let destination: Option<&str> = match bad {
                 Some(max) if n % 300 == 150 => {
                     payload.push(b' ');
@@ -543,10 +561,11 @@ async fn outbox_produce(
                 Some(_) if n % 10 == 5 => None,
                 _ => Some(""),
             };
-            sqlx::query(&format!("INSERT INTO {table} (destination, routing_key, payload, content_type) VALUES ($3, $1, $2, 'text/plain')"))
+            sqlx::query(&format!("INSERT INTO {table} (destination, routing_key, payload, content_type, headers) VALUES ($3, $1, $2, 'text/plain', $4::jsonb)"))
                 .bind(queue)
                 .bind(payload)
                 .bind(destination)
+                .bind(headers)
                 .execute(&mut *tx)
                 .await?;
         }
