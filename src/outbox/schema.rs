@@ -220,6 +220,23 @@ mod tests {
     }
 
     #[test]
+    fn tables_from_the_previous_ddl_gain_insert_xid_and_the_new_key_index() {
+        let script = Schema::new("app.outbox", "c").unwrap().script();
+        assert!(
+            script.contains("insert_xid      xid8        NOT NULL DEFAULT pg_current_xact_id()")
+        );
+        assert!(
+            script.contains("WHERE attrelid = 'app.outbox'::regclass AND attname = 'insert_xid'")
+        );
+        assert!(script.contains("ALTER TABLE app.outbox ADD COLUMN insert_xid xid8;"));
+        assert!(script.contains("ADD CONSTRAINT outbox_insert_xid_check"));
+        assert!(script.contains(
+            "CREATE INDEX IF NOT EXISTS outbox_key_order_idx ON app.outbox (partition_key, insert_xid, id)"
+        ));
+        assert!(script.contains("DROP INDEX IF EXISTS app.outbox_key_idx;"));
+    }
+
+    #[test]
     fn long_names_are_shortened_without_colliding() {
         let a = "a".repeat(60);
         let b = format!("{}b", "a".repeat(59));
