@@ -243,6 +243,8 @@ mod tests {
                 }),
                 // A deep chain built directly, past any recursion the parser could take.
                 (1usize..3000).prop_map(|n| format!("{}0{}", "[".repeat(n), "]".repeat(n))),
+                // A wide array, past the count bound.
+                (1usize..6000).prop_map(|n| format!("[{}0]", "0,".repeat(n))),
             ]
         })
     }
