@@ -61,6 +61,10 @@ pub enum PublishError {
     /// broker's limit is raised.
     #[error("message body of {size} bytes is over the broker's max message size of {max} bytes")]
     TooLarge { size: u64, max: u64 },
+    /// The message can never be published as it is, whatever the broker's state: its
+    /// headers do not fit one frame, or a name is longer than the protocol allows.
+    #[error("invalid message: {0}")]
+    Invalid(String),
     /// The connection failed or timed out (the message may or may not have arrived), or the
     /// broker cannot take it for now (redis `OOM`, `LOADING`, `READONLY`, `BUSY`...): sent
     /// again later without using up an attempt.

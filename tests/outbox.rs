@@ -1049,3 +1049,366 @@ async fn killing_the_daemon_mid_run_loses_no_row() {
     drop(daemon);
     queue.delete().await;
 }
+
+/// Inserts one keyed row on `conn` (inside whatever transaction it is in) and returns its id.
+async fn insert_keyed(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    queue: &str,
+    key: &str,
+    payload: &str,
+) -> i64 {
+    sqlx::query_scalar(&format!(
+        "INSERT INTO {table} (destination, routing_key, partition_key, payload)
+         VALUES ('', $1, $2, $3) RETURNING id"
+    ))
+    .bind(queue)
+    .bind(key)
+    .bind(payload.as_bytes())
+    .fetch_one(conn)
+    .await
+    .expect("insert keyed row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_rows_committed_out_of_id_order_go_out_in_id_order() {
+    let table = Table::new("ob_late").await;
+    let queue = Queue::new("ob_late").await;
+    let (_file, config) = config(
+        &["late"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
+    );
+    let relays = start_all(config);
+    relays[0].wait_ready().await;
+
+    // T1 takes id 1 of key K and stays open; T2 takes id 2 of K and commits first.
+    let mut t1 = table.pool.begin().await.expect("begin T1");
+    let first = insert_keyed(&mut t1, &table.name, &queue.name, "K", "first").await;
+    let mut t2 = table.pool.begin().await.expect("begin T2");
+    let second = insert_keyed(&mut t2, &table.name, &queue.name, "K", "second").await;
+    assert!(first < second);
+    t2.commit().await.expect("commit T2");
+
+    // Time for many claims: id 2 must not go out while id 1 may still appear.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        queue.received().is_empty(),
+        "published before the lower id of its key committed: {:?}",
+        queue.received()
+    );
+    assert_eq!(table.count("published_at IS NOT NULL").await, 0);
+
+    t1.commit().await.expect("commit T1");
+    let got = queue.wait_len(2).await;
+    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, ["first", "second"]);
+    assert!(table.wait_count("published_at IS NOT NULL", 2).await);
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_lower_id_does_not_hold_its_key_back() {
+    let table = Table::new("ob_lateroll").await;
+    let queue = Queue::new("ob_lateroll").await;
+    let (_file, config) = config(
+        &["lateroll"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
+    );
+    let relays = start_all(config);
+    relays[0].wait_ready().await;
+    let mut t1 = table.pool.begin().await.expect("begin T1");
+    insert_keyed(&mut t1, &table.name, &queue.name, "K", "gone").await;
+    let mut conn = table.pool.acquire().await.expect("connection");
+    insert_keyed(&mut conn, &table.name, &queue.name, "K", "kept").await;
+    t1.rollback().await.expect("roll back T1");
+    let got = queue.wait_len(1).await;
+    assert_eq!(got[0].1, "kept");
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_upgrades_a_table_from_the_previous_ddl() {
+    let name = unique("ob_upgrade").to_lowercase();
+    let pool = pg().await;
+    let table = Table {
+        name: name.clone(),
+        pool: pool.clone(),
+    };
+    // The table as the previous DDL made it, with rows already pending.
+    for statement in [
+        format!(
+            "CREATE TABLE {name} (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                message_id uuid NOT NULL DEFAULT gen_random_uuid(),
+                destination text, routing_key text NOT NULL DEFAULT '',
+                headers jsonb NOT NULL DEFAULT '{{}}'::jsonb, payload bytea NOT NULL,
+                content_type text, partition_key text,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                attempts integer NOT NULL DEFAULT 0, last_error text,
+                next_attempt_at timestamptz NOT NULL DEFAULT now(),
+                published_at timestamptz, failed_at timestamptz)"
+        ),
+        format!(
+            "CREATE INDEX {name}_key_idx ON {name} (partition_key, id)
+             WHERE published_at IS NULL AND failed_at IS NULL AND partition_key IS NOT NULL"
+        ),
+    ] {
+        sqlx::query(&statement)
+            .execute(&pool)
+            .await
+            .expect("old DDL");
+    }
+    let queue = Queue::new("ob_upgrade").await;
+    table
+        .insert(None, &queue.name, &[(Some("K"), "old".to_owned())])
+        .await;
+    sqlx::query(&format!(
+        "INSERT INTO {name} (destination, payload, published_at) VALUES ('', 'done', now())"
+    ))
+    .execute(&pool)
+    .await
+    .expect("published row");
+
+    let schema = Schema::new(&name, &name).expect("names");
+    for _ in 0..2 {
+        schema.migrate(&pool).await.expect("migrate");
+    }
+    assert_eq!(
+        table.count("insert_xid = '0'::xid8").await,
+        1,
+        "the pending row ranks before every later one"
+    );
+    assert_eq!(table.count("insert_xid IS NULL").await, 1);
+    let old_index: Option<String> =
+        sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE indexname = $1")
+            .bind(format!("{name}_key_idx"))
+            .fetch_optional(&pool)
+            .await
+            .expect("pg_indexes");
+    assert_eq!(old_index, None);
+    let refused = sqlx::query(&format!(
+        "INSERT INTO {name} (payload, insert_xid) VALUES ('x', NULL)"
+    ))
+    .execute(&pool)
+    .await;
+    assert!(refused.is_err(), "a row without insert_xid is refused");
+
+    table
+        .insert(None, &queue.name, &[(Some("K"), "new".to_owned())])
+        .await;
+    assert_eq!(table.count("insert_xid > '0'::xid8").await, 1);
+    let (_file, config) = config(
+        &["upgraded"],
+        &name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
+    );
+    let relays = start_all(config);
+    let got = queue.wait_len(2).await;
+    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, ["old", "new"]);
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_unusable_headers_fail_alone_at_their_first_attempt() {
+    let table = Table::new("ob_badheaders").await;
+    let queue = Queue::new("ob_badheaders").await;
+    let deep = format!("{{\"a\": {}1{}}}", "[".repeat(199), "]".repeat(199));
+    let huge_number = "{\"n\": 1e400}".to_owned();
+    let huge_value = format!("{{\"v\": \"{}\"}}", "x".repeat(200 * 1024));
+    let rows = [
+        ("{\"ok\": 1}".to_owned(), "before"),
+        (deep, "deep"),
+        (huge_number, "number"),
+        (huge_value, "large"),
+        ("{\"ok\": 2}".to_owned(), "after"),
+    ];
+    for (headers, payload) in &rows {
+        sqlx::query(&format!(
+            "INSERT INTO {} (destination, routing_key, payload, headers) VALUES ('', $1, $2, $3::jsonb)",
+            table.name
+        ))
+        .bind(&queue.name)
+        .bind(payload.as_bytes())
+        .bind(headers)
+        .execute(&table.pool)
+        .await
+        .expect("insert");
+    }
+    let (_file, config) = config(
+        &["badheaders"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nmax_attempts = 5",
+    );
+    let relays = start_all(config);
+    assert!(table.wait_count("published_at IS NOT NULL", 2).await);
+    assert!(
+        table
+            .wait_count("failed_at IS NOT NULL AND attempts = 1", 3)
+            .await
+    );
+    let errors: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT convert_from(payload, 'UTF8'), last_error FROM {} WHERE failed_at IS NOT NULL ORDER BY id",
+        table.name
+    ))
+    .fetch_all(&table.pool)
+    .await
+    .expect("errors");
+    assert!(errors[0].1.contains("200 levels deep"), "{errors:?}");
+    assert!(errors[1].1.contains("number out of range"), "{errors:?}");
+    assert!(
+        errors[2].1.contains("over the limit of 65536"),
+        "{errors:?}"
+    );
+    let got = queue.wait_len(2).await;
+    let bodies: BTreeSet<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, BTreeSet::from(["before", "after"]));
+    relays[0].wait_ready().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_headers_exceed_the_frame_fails_at_its_first_attempt() {
+    let table = Table::new("ob_frame").await;
+    let queue = Queue::new("ob_frame").await;
+    // 10 KB of headers: within the outbox's own bounds, over a 8 KiB frame.
+    let rows = [
+        ("{}".to_owned(), "before"),
+        (format!("{{\"v\": \"{}\"}}", "x".repeat(10_000)), "large"),
+        ("{}".to_owned(), "after"),
+    ];
+    for (headers, payload) in &rows {
+        sqlx::query(&format!(
+            "INSERT INTO {} (destination, routing_key, payload, headers) VALUES ('', $1, $2, $3::jsonb)",
+            table.name
+        ))
+        .bind(&queue.name)
+        .bind(payload.as_bytes())
+        .bind(headers)
+        .execute(&table.pool)
+        .await
+        .expect("insert");
+    }
+    let text = format!(
+        "[service]\nname = \"outbox-frame\"\nshutdown_timeout = \"10s\"\n\
+         [http]\nlisten = \"127.0.0.1:{}\"\n\
+         [brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}?frame_max=8192\"\n\
+         [databases.main]\nurl = \"{PG_URL}\"\n\
+         [outboxes.frame]\ndatabase = \"main\"\ntable = \"{}\"\ntarget = \"rabbit\"\n\
+         destination = \"\"\nmax_attempts = 5\n",
+        support::free_port(),
+        table.name
+    );
+    let file = ConfigFile::new(&text);
+    let config = bosun::Runtime::builder()
+        .build()
+        .load(&file.path)
+        .unwrap_or_else(|e| panic!("config:\n{e}\n{text}"));
+    let relays = start_all(config);
+    assert!(table.wait_count("published_at IS NOT NULL", 2).await);
+    assert!(
+        table
+            .wait_count("failed_at IS NOT NULL AND attempts = 1", 1)
+            .await
+    );
+    let error: String = sqlx::query_scalar(&format!(
+        "SELECT last_error FROM {} WHERE failed_at IS NOT NULL",
+        table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .expect("last_error");
+    assert!(error.contains("frame_max of 8192"), "{error}");
+    let got = queue.wait_len(2).await;
+    let bodies: BTreeSet<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, BTreeSet::from(["before", "after"]));
+    relays[0].wait_ready().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_key_backlog_drains_without_waiting_for_polls() {
+    let table = Table::new("ob_onekey").await;
+    let queue = Queue::new("ob_onekey").await;
+    // A poll interval far longer than the test: only looping at once can drain the key.
+    let (_file, config) = config(
+        &["onekey"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"",
+    );
+    let rows: Vec<(Option<&str>, String)> = (0..200).map(|i| (Some("K"), format!("{i}"))).collect();
+    table.insert(None, &queue.name, &rows).await;
+    let relays = start_all(config);
+    let got = queue.wait_len(200).await;
+    let order: Vec<usize> = got.iter().map(|(_, b)| b.parse().expect("n")).collect();
+    assert_eq!(order, (0..200).collect::<Vec<_>>());
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_rows_held_by_an_unrelated_transaction_go_out_soon_after_it_ends() {
+    let table = Table::new("ob_held").await;
+    let other = Table::new("ob_held_other").await;
+    let queue = Queue::new("ob_held").await;
+    let (_file, config) = config(
+        &["held"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"",
+    );
+    let relays = start_all(config);
+    relays[0].wait_ready().await;
+    // A transaction that writes elsewhere and stays open holds back keyed rows written
+    // after it began; its end sends no NOTIFY to this outbox.
+    let mut unrelated = other.pool.begin().await.expect("begin");
+    sqlx::query(&format!(
+        "INSERT INTO {} (destination, payload) VALUES ('nowhere', 'x')",
+        other.name
+    ))
+    .execute(&mut *unrelated)
+    .await
+    .expect("unrelated write");
+    table
+        .insert(None, &queue.name, &[(Some("K"), "held".to_owned())])
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        queue.received().is_empty(),
+        "published past an older writer"
+    );
+    unrelated
+        .rollback()
+        .await
+        .expect("end the unrelated transaction");
+    let ended = std::time::Instant::now();
+    let got = queue.wait_len(1).await;
+    assert_eq!(got[0].1, "held");
+    assert!(
+        ended.elapsed() < Duration::from_secs(10),
+        "waited {:?}",
+        ended.elapsed()
+    );
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}

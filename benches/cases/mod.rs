@@ -39,5 +39,9 @@ pub fn all() -> Vec<Case> {
             name: "outbox-latency",
             run: || Box::pin(outbox::latency()),
         },
+        Case {
+            name: "outbox-one-key",
+            run: || Box::pin(outbox::one_key()),
+        },
     ]
 }

@@ -7,6 +7,11 @@
 //! `outbox-latency`: rows committed at 1,000/s by separate transactions, the relay woken by
 //! NOTIFY (poll interval 60 s); latency from the inserting client's commit to arrival at a
 //! consumer of the target queue.
+//!
+//! `outbox-one-key`: 10,000 rows of one `partition_key` pre-inserted, relayed with
+//! `ordering = "per_key"`, so one row is in flight at a time; against a bare loop that does
+//! the same one row per transaction (claim the key's head, publish, await its confirm,
+//! UPDATE, commit).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +36,7 @@ const ROUNDS: i64 = 2;
 const BATCH: i64 = 500;
 const LATENCY_RATE: u64 = 1_000;
 const LATENCY_SECONDS: u64 = 10;
+const ONE_KEY_ROWS: i64 = 10_000;
 
 /// A benchmark table, dropped when the case ends.
 struct Table {
@@ -55,6 +61,24 @@ impl Table {
             "INSERT INTO {} (destination, routing_key, payload, headers, content_type)
              SELECT '', $1, convert_to('{{\"order\": ' || g || ', \"status\": \"paid\"}}', 'UTF8'),
                     '{{\"tenant\": \"acme\"}}'::jsonb, 'application/json'
+             FROM generate_series(1, $2) g",
+            self.name
+        ))
+        .bind(queue)
+        .bind(rows)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(&format!("ANALYZE {}", self.name))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// `rows` rows of one partition key, numbered in their payload.
+    async fn fill_one_key(&self, queue: &str, rows: i64) -> anyhow::Result<()> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (destination, routing_key, partition_key, payload)
+             SELECT '', $1, 'the-key', convert_to(g::text, 'UTF8')
              FROM generate_series(1, $2) g",
             self.name
         ))
@@ -411,4 +435,118 @@ pub async fn latency() -> anyhow::Result<String> {
         rss.map(|r| format!("{r:.1} MiB"))
             .unwrap_or_else(|| "n/a".into()),
     ))
+}
+
+pub async fn one_key() -> anyhow::Result<String> {
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(PG_URL)
+        .await?;
+    let bare = one_key_bare(&pool).await?;
+    let (bosun, rss) = one_key_bosun(&pool).await?;
+    Ok(format!(
+        "{}\n(rows {ONE_KEY_ROWS} of one partition key, ordering per_key, poll_interval 1s; target 500 rows/s)",
+        super::util::comparison(
+            "rows",
+            ONE_KEY_ROWS as f64 / bosun,
+            ONE_KEY_ROWS as f64 / bare,
+            rss
+        )
+    ))
+}
+
+/// Seconds the `bosun` binary takes to drain one key's backlog, and its peak RSS.
+async fn one_key_bosun(pool: &PgPool) -> anyhow::Result<(f64, Option<f64>)> {
+    let (_conn, channel) = amqp().await?;
+    let table = Table::new(pool, "bench_outbox_key").await?;
+    let queue = unique("bench_outbox_key");
+    declare(&channel, &queue).await?;
+    table.fill_one_key(&queue, ONE_KEY_ROWS).await?;
+    let text = format!("{}ordering = \"per_key\"\n", config(&table.name, "", "1s"));
+    let bosun = Bosun::start(&text)?;
+    let mut started: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let pending = table.pending().await?;
+        if started.is_none() && pending < ONE_KEY_ROWS {
+            started = Some(Instant::now());
+        }
+        if pending == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "bosun did not drain the key ({pending} left)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secs = started
+        .map(|s| s.elapsed().as_secs_f64())
+        .unwrap_or_default();
+    let rss = bosun.peak_rss_mib();
+    drop(bosun);
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    table.drop_table().await;
+    Ok((secs.max(1e-9), rss))
+}
+
+/// Seconds a bare loop takes to drain one key, one row per transaction.
+async fn one_key_bare(pool: &PgPool) -> anyhow::Result<f64> {
+    let (_conn, channel) = amqp().await?;
+    let table = Table::new(pool, "bench_outbox_key_bare").await?;
+    let queue = unique("bench_outbox_key_bare");
+    declare(&channel, &queue).await?;
+    table.fill_one_key(&queue, ONE_KEY_ROWS).await?;
+    let mut db = PgConnection::connect(PG_URL).await?;
+    let (_publishing, publisher) = amqp().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let claim = format!(
+        "SELECT id, routing_key, payload FROM {} WHERE published_at IS NULL
+         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        table.name
+    );
+    let mark = format!(
+        "UPDATE {} SET published_at = now() WHERE id = $1",
+        table.name
+    );
+    let started = Instant::now();
+    let mut total = 0i64;
+    loop {
+        let mut tx = db.begin().await?;
+        let Some(row) = sqlx::query(&claim).fetch_optional(&mut *tx).await? else {
+            tx.commit().await?;
+            break;
+        };
+        let id: i64 = row.try_get("id")?;
+        let routing_key: String = row.try_get("routing_key")?;
+        let payload: Vec<u8> = row.try_get("payload")?;
+        let confirmation = publisher
+            .basic_publish(
+                "".into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &payload,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(confirmation.is_ack(), "bare loop: broker did not ack");
+        sqlx::query(&mark).bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        total += 1;
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    anyhow::ensure!(total == ONE_KEY_ROWS, "bare loop published {total} rows");
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    table.drop_table().await;
+    Ok(secs)
 }

@@ -12,7 +12,10 @@
 //! `max_message_size` is refused without being sent, and an exchange not seen lately is
 //! checked with a passive declare on a channel of its own. When the broker closes the
 //! channel anyway, its error is charged to the message it names (by exchange or by size);
-//! the others are reported as a connection failure, to be published again.
+//! the others are reported as a connection failure, to be published again. A message whose
+//! properties and headers would not fit one frame of the connection's `frame_max` is refused
+//! as [`PublishError::Invalid`] before it is sent: the broker would close the whole
+//! connection with FRAME_ERROR.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex as SyncMutex;
@@ -35,6 +38,10 @@ pub const DEFAULT_WINDOW: usize = 1024;
 
 /// AMQP delivery mode 2: written to disk by the broker.
 pub const PERSISTENT: u8 = 2;
+
+/// A content header frame around its properties: frame type, channel, size and end octet
+/// (8), class, weight and body size (12).
+const HEADER_FRAME_OVERHEAD: u64 = 20;
 
 /// How long an exchange seen to exist is trusted before a batch checks it again.
 const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(60);
@@ -192,6 +199,13 @@ impl AmqpPublisher {
         missing
     }
 
+    /// The frame size negotiated on the publishing connection.
+    async fn frame_max(&self) -> Option<u64> {
+        let session = self.session.lock().await;
+        let s = session.as_ref()?;
+        Some(u64::from(s.connection.configuration().frame_max()))
+    }
+
     /// A fresh plain channel on the publishing connection, for checks.
     async fn side_channel(&self) -> Option<Channel> {
         let session = self.session.lock().await;
@@ -250,6 +264,15 @@ pub fn properties(message: &OutgoingMessage) -> Result<BasicProperties, AmqpErro
         props = props.with_headers(headers::to_table(&message.headers)?);
     }
     Ok(props)
+}
+
+/// Bytes the content header frame of a message with `props` takes on the wire.
+fn header_frame_size(props: &BasicProperties) -> u64 {
+    let generate = lapin::protocol::basic::gen_properties(props);
+    match generate(Vec::new().into()) {
+        Ok(written) => written.position.saturating_add(HEADER_FRAME_OVERHEAD),
+        Err(_) => u64::MAX,
+    }
 }
 
 /// Maps the broker's answer to one publish of a `size`-byte body.
@@ -366,6 +389,7 @@ impl Publisher for AmqpPublisher {
             }
         }
 
+        let frame_max = self.frame_max().await;
         let mut pending = FuturesOrdered::new();
         let options = BasicPublishOptions {
             mandatory: true,
@@ -390,10 +414,19 @@ impl Publisher for AmqpPublisher {
             let (exchange, key, props) = match prepared {
                 Ok(p) => p,
                 Err(e) => {
-                    results[index] = Some(Err(PublishError::Rejected(e.to_string())));
+                    results[index] = Some(Err(PublishError::Invalid(e.to_string())));
                     continue;
                 }
             };
+            if let Some(max) = frame_max {
+                let size = header_frame_size(&props);
+                if size > max {
+                    results[index] = Some(Err(PublishError::Invalid(format!(
+                        "its properties and headers take {size} bytes, over the connection's frame_max of {max}"
+                    ))));
+                    continue;
+                }
+            }
             match channel
                 .basic_publish(exchange, key, options, &message.body, props)
                 .await

@@ -3,6 +3,7 @@
 //!
 //! - [`schema`]: the table, its indexes and the NOTIFY trigger (`bosun outbox schema|migrate`);
 //! - [`store`]: the SQL that claims, settles, measures and cleans up rows;
+//! - [`headers`]: a row's `headers` text, parsed within bounds;
 //! - [`relay`]: the claim → publish → mark → commit loop;
 //! - [`listener`]: LISTEN for the insert trigger, so new rows go out without waiting for a poll;
 //! - [`cleanup`]: backlog gauges and retention of published rows.
@@ -11,6 +12,7 @@
 //! own for batches plus one pooled connection for LISTEN.
 
 pub mod cleanup;
+pub mod headers;
 pub mod listener;
 pub mod publishers;
 pub mod relay;

@@ -11,7 +11,6 @@
 //! A crash or a lost connection anywhere before 4 rolls the transaction back, and the rows are
 //! claimed again: the broker may see a message twice (same `message_id`), never zero times.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,13 +22,16 @@ use super::listener::sleep_or_cancel;
 use super::store::{Failure, OutboxRow, Queries};
 use super::{OutboxError, PublisherSource, reconnect_delay};
 use crate::config::OutboxConfig;
-use crate::handler::HeaderValue;
 use crate::publish::{OutgoingMessage, PublishError, Publisher};
 use crate::supervisor::ComponentContext;
 
 /// Extra time a batch may take beyond `publish_timeout` for its SQL; past it the connection
 /// is considered hung and dropped (PostgreSQL then rolls the transaction back).
 const SQL_ALLOWANCE: Duration = Duration::from_secs(30);
+
+/// How soon a per_key relay looks again when due rows wait only for an older transaction
+/// (of any table) to end.
+const HELD_RECHECK: Duration = Duration::from_millis(100);
 
 /// Longest `last_error` kept on a row.
 const MAX_ERROR_LEN: usize = 2048;
@@ -55,13 +57,15 @@ pub struct BatchReport {
     pub retried: usize,
     /// Rows that failed for the last time (`failed_at` set).
     pub failed: usize,
+    /// per_key, nothing claimed: due rows wait only for an older transaction to end.
+    pub held: bool,
 }
 
 /// Why a row cannot become a message at all.
 enum RowProblem {
     /// No destination on the row and none configured: fixable by configuration, so retried.
     NoDestination,
-    /// Content that can never be published (headers that are not a JSON object).
+    /// Content that can never be published (headers that are not a bounded JSON object).
     Invalid(String),
 }
 
@@ -80,13 +84,25 @@ impl Relay {
                     }
                     failures = 0;
                     ctx.health.set_ready();
-                    if report.claimed >= self.config.batch {
+                    // A full batch may have more behind it; so may a batch that published or
+                    // gave up anything under per_key ordering, which claims one row per key:
+                    // the next row of each key is claimable now, not after a poll interval.
+                    // A batch that only retried waits, so failing rows never spin.
+                    if report.claimed >= self.config.batch
+                        || report.published > 0
+                        || report.failed > 0
+                    {
                         continue;
                     }
+                    let wait = if report.held {
+                        self.config.poll_interval.min(HELD_RECHECK)
+                    } else {
+                        self.config.poll_interval
+                    };
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => {}
                         _ = wake.notified() => {}
-                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
                 }
                 Err(e) => {
@@ -174,8 +190,17 @@ impl Relay {
         let mut tx = conn.begin().await?;
         let rows = self.queries.claim(&mut tx, self.config.batch).await?;
         if rows.is_empty() {
+            // Only asked when the relay is about to wait: a batch that published anything
+            // loops at once anyway.
+            let held = self
+                .queries
+                .held_by_older_transactions(&mut tx, self.config.batch)
+                .await?;
             tx.commit().await?;
-            return Ok(BatchReport::default());
+            return Ok(BatchReport {
+                held,
+                ..BatchReport::default()
+            });
         }
         let mut report = BatchReport {
             claimed: rows.len(),
@@ -234,8 +259,9 @@ impl Relay {
                         "the publisher returned fewer results than messages".into()
                     });
                 }
-                // No retry can shrink the payload: given up at once, like an invalid row.
-                Some(Err(e @ PublishError::TooLarge { .. })) => {
+                // No retry can shrink the payload or its headers: given up at once, like an
+                // invalid row.
+                Some(Err(e @ (PublishError::TooLarge { .. } | PublishError::Invalid(_)))) => {
                     failures.push(self.failure(row, e.to_string(), true))
                 }
                 Some(Err(e)) => failures.push(self.failure(row, e.to_string(), false)),
@@ -307,52 +333,14 @@ impl Relay {
             message_id: row.message_id.to_string(),
             correlation_id: None,
             content_type: row.content_type.clone(),
-            headers: headers_from_json(&row.headers).map_err(RowProblem::Invalid)?,
+            headers: super::headers::parse_sized(
+                &row.headers,
+                usize::try_from(row.headers_bytes).unwrap_or(usize::MAX),
+            )
+            .map_err(RowProblem::Invalid)?,
             body: row.payload.clone().into(),
             timestamp_ms: u64::try_from(row.created_at.timestamp_millis()).ok(),
         })
-    }
-}
-
-/// The `headers` column as message headers: strings, integers, floats and booleans keep
-/// their type; anything nested travels as JSON.
-fn headers_from_json(value: &serde_json::Value) -> Result<BTreeMap<String, HeaderValue>, String> {
-    let object = match value {
-        serde_json::Value::Object(object) => object,
-        serde_json::Value::Null => return Ok(BTreeMap::new()),
-        other => {
-            return Err(format!(
-                "invalid row: headers must be a JSON object, found {}",
-                json_kind(other)
-            ));
-        }
-    };
-    Ok(object
-        .iter()
-        .map(|(k, v)| {
-            let header = match v {
-                serde_json::Value::String(s) => HeaderValue::String(s.clone()),
-                serde_json::Value::Bool(b) => HeaderValue::Bool(*b),
-                serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
-                    (Some(i), _) => HeaderValue::Int(i),
-                    (None, Some(f)) => HeaderValue::Float(f),
-                    (None, None) => HeaderValue::Json(v.clone()),
-                },
-                other => HeaderValue::Json(other.clone()),
-            };
-            (k.clone(), header)
-        })
-        .collect())
-}
-
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -370,34 +358,6 @@ fn truncate(mut text: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn headers_keep_their_types() {
-        let json = serde_json::json!({"s": "x", "i": 3, "f": 1.5, "b": true, "n": {"a": [1]}});
-        let headers = headers_from_json(&json).unwrap();
-        assert_eq!(headers["s"], HeaderValue::String("x".into()));
-        assert_eq!(headers["i"], HeaderValue::Int(3));
-        assert_eq!(headers["f"], HeaderValue::Float(1.5));
-        assert_eq!(headers["b"], HeaderValue::Bool(true));
-        assert_eq!(
-            headers["n"],
-            HeaderValue::Json(serde_json::json!({"a": [1]}))
-        );
-    }
-
-    #[test]
-    fn headers_that_are_not_an_object_are_invalid() {
-        let error = headers_from_json(&serde_json::json!([1, 2])).unwrap_err();
-        assert!(
-            error.contains("must be a JSON object, found an array"),
-            "{error}"
-        );
-        assert!(
-            headers_from_json(&serde_json::Value::Null)
-                .unwrap()
-                .is_empty()
-        );
-    }
 
     #[test]
     fn long_errors_are_cut_on_a_char_boundary() {

@@ -3,7 +3,9 @@
 //!
 //! Every statement is idempotent (`IF NOT EXISTS`, `CREATE OR REPLACE`), so migrating an
 //! existing table is a no-op and migrating with another channel only re-points the trigger.
-//! Requires PostgreSQL 14 or later (`CREATE OR REPLACE TRIGGER`).
+//! A table made by an earlier version gains the `insert_xid` column that `per_key` ordering
+//! needs (see [`super::store`]) in the same migration.
+//! Requires PostgreSQL 14 or later (`CREATE OR REPLACE TRIGGER`, `xid8`).
 
 use sqlx::PgPool;
 
@@ -78,7 +80,9 @@ impl Schema {
     pub fn statements(&self) -> Vec<String> {
         let table = &self.table;
         let pending_idx = self.derived("pending_idx");
-        let key_idx = self.derived("key_idx");
+        let old_key_idx = format!("{}{}", self.schema_prefix(), self.derived("key_idx"));
+        let key_idx = self.derived("key_order_idx");
+        let xid_check = self.derived("insert_xid_check");
         let published_idx = self.derived("published_idx");
         let function = format!("{}{}", self.schema_prefix(), self.derived("notify"));
         let trigger = self.derived("notify");
@@ -99,17 +103,41 @@ impl Schema {
     last_error      text,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     published_at    timestamptz,
-    failed_at       timestamptz
+    failed_at       timestamptz,
+    insert_xid      xid8        NOT NULL DEFAULT pg_current_xact_id()
 )"
+            ),
+            // A table from before `insert_xid`: rows already there were committed before the
+            // column existed (ALTER TABLE waits for every open writer of the table), so they
+            // are older than any later row and take the lowest possible value. The column
+            // stays nullable for them (no rewrite of published history); the check keeps
+            // new rows from leaving it empty. Checked first, so an up-to-date table is not
+            // locked.
+            format!(
+                "DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = '{table}'::regclass AND attname = 'insert_xid'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE {table} ADD COLUMN insert_xid xid8;
+        ALTER TABLE {table} ALTER COLUMN insert_xid SET DEFAULT pg_current_xact_id();
+        UPDATE {table} SET insert_xid = '0' WHERE published_at IS NULL;
+        ALTER TABLE {table} ADD CONSTRAINT {xid_check}
+            CHECK (insert_xid IS NOT NULL) NOT VALID;
+    END IF;
+END
+$$"
             ),
             format!(
                 "CREATE INDEX IF NOT EXISTS {pending_idx} ON {table} (id)
     WHERE published_at IS NULL AND failed_at IS NULL"
             ),
             format!(
-                "CREATE INDEX IF NOT EXISTS {key_idx} ON {table} (partition_key, id)
+                "CREATE INDEX IF NOT EXISTS {key_idx} ON {table} (partition_key, insert_xid, id)
     WHERE published_at IS NULL AND failed_at IS NULL AND partition_key IS NOT NULL"
             ),
+            // Replaced by the index above, which orders a key's rows as the claim does.
+            format!("DROP INDEX IF EXISTS {old_key_idx}"),
             format!(
                 "CREATE INDEX IF NOT EXISTS {published_idx} ON {table} (published_at)
     WHERE published_at IS NOT NULL"
@@ -189,6 +217,23 @@ mod tests {
             script.contains("CREATE OR REPLACE TRIGGER outbox_notify AFTER INSERT ON app.outbox")
         );
         assert!(script.contains("EXECUTE FUNCTION app.outbox_notify('app_outbox')"));
+    }
+
+    #[test]
+    fn tables_from_the_previous_ddl_gain_insert_xid_and_the_new_key_index() {
+        let script = Schema::new("app.outbox", "c").unwrap().script();
+        assert!(
+            script.contains("insert_xid      xid8        NOT NULL DEFAULT pg_current_xact_id()")
+        );
+        assert!(
+            script.contains("WHERE attrelid = 'app.outbox'::regclass AND attname = 'insert_xid'")
+        );
+        assert!(script.contains("ALTER TABLE app.outbox ADD COLUMN insert_xid xid8;"));
+        assert!(script.contains("ADD CONSTRAINT outbox_insert_xid_check"));
+        assert!(script.contains(
+            "CREATE INDEX IF NOT EXISTS outbox_key_order_idx ON app.outbox (partition_key, insert_xid, id)"
+        ));
+        assert!(script.contains("DROP INDEX IF EXISTS app.outbox_key_idx;"));
     }
 
     #[test]

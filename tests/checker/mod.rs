@@ -1035,7 +1035,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             fault: Fault::BadInput,
         },
         Plan {
-            name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size",
+            name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size, headers nested 200 deep, 1e400 and 200 KB",
             path: Path_::Outbox,
             messages: n(300),
             rate,
@@ -1049,6 +1049,14 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: flaky,
             fault: Fault::BadInput,
+        },
+        Plan {
+            name: "outbox per_key: 3 relays, 50 keys, commits out of id order, one relay kill -9",
+            path: Path_::OutboxPerKey,
+            messages: n(600),
+            rate,
+            sink: ok,
+            fault: Fault::Kill,
         },
     ];
     if full {

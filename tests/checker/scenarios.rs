@@ -14,6 +14,8 @@ pub enum Path_ {
     Amqp,
     Redis,
     Outbox,
+    /// Three relay processes on one `per_key` outbox table.
+    OutboxPerKey,
 }
 
 /// The fault injected while messages flow.
@@ -53,6 +55,7 @@ pub async fn run(bin: &Path, plan: &Plan) -> Row {
         Path_::Amqp => amqp(bin, plan).await,
         Path_::Redis => redis_stream(bin, plan).await,
         Path_::Outbox => outbox(bin, plan).await,
+        Path_::OutboxPerKey => outbox_per_key(bin, plan).await,
     };
     match result {
         Ok(mut row) => {
@@ -141,7 +144,7 @@ async fn inject(
                             .await??
                     }
                     Path_::Redis => redis_kill_clients(needle).await?,
-                    Path_::Outbox => pg_terminate(needle).await?,
+                    Path_::Outbox | Path_::OutboxPerKey => pg_terminate(needle).await?,
                 };
                 tokio::time::sleep(Duration::from_millis(700)).await;
             }
@@ -512,9 +515,13 @@ async fn outbox(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
             .values()
             .filter(|k| **k == BadRow::UnknownExchange)
             .count();
-        let oversized = must_fail.len() - unknown;
+        let headers = must_fail
+            .values()
+            .filter(|k| **k == BadRow::Headers)
+            .count();
+        let oversized = must_fail.len() - unknown - headers;
         let note_text = format!(
-            "{unknown} rows to a missing exchange and {oversized} over the broker's max message size must end failed; last_error: {}",
+            "{unknown} rows to a missing exchange, {oversized} over the broker's max message size and {headers} with unusable headers (200 deep, 1e400, a 200 KB value) must end failed; last_error: {}",
             reasons.join(" / ").replace('|', "/")
         );
         row.note = note_with_exit(note_text, code);
@@ -554,6 +561,8 @@ const FAILED_ID: &str =
 enum BadRow {
     UnknownExchange,
     Oversized,
+    /// `headers` nested 200 deep, holding `1e400`, or a 200 KB value.
+    Headers,
 }
 
 /// Inserts one outbox row per id in small committed transactions, `rate` per second;
@@ -561,7 +570,8 @@ enum BadRow {
 ///
 /// With `bad` (the broker's max message size), one row in a hundred names an exchange that
 /// does not exist, one in three hundred has a payload a byte over the broker's limit, and one
-/// in ten has a NULL destination (the relay's default, "", applies).
+/// in ten has a NULL destination (the relay's default, "", applies); three in three hundred
+/// have headers the relay must refuse (nested 200 deep, `1e400`, a 200 KB value).
 async fn outbox_produce(
     pool: &sqlx::PgPool,
     table: &str,
@@ -580,6 +590,17 @@ async fn outbox_produce(
         for (i, id) in group.iter().enumerate() {
             let n = g * chunk + i;
             let mut payload = id.as_bytes().to_vec();
+            let headers = match bad {
+                Some(_) if n % 300 == 100 => {
+                    format!("{{\"a\": {}1{}}}", "[".repeat(199), "]".repeat(199))
+                }
+                Some(_) if n % 300 == 200 => "{\"n\": 1e400}".to_owned(),
+                Some(_) if n % 300 == 230 => format!("{{\"v\": \"{}\"}}", "x".repeat(200 * 1024)),
+                _ => "{}".to_owned(),
+            };
+            if headers.len() > 2 {
+                failing.push((id.clone(), BadRow::Headers));
+            }
             let destination: Option<&str> = match bad {
                 Some(max) if n % 300 == 150 => {
                     payload.push(b' ');
@@ -594,10 +615,11 @@ async fn outbox_produce(
                 Some(_) if n % 10 == 5 => None,
                 _ => Some(""),
             };
-            sqlx::query(&format!("INSERT INTO {table} (destination, routing_key, payload, content_type) VALUES ($3, $1, $2, 'text/plain')"))
+            sqlx::query(&format!("INSERT INTO {table} (destination, routing_key, payload, content_type, headers) VALUES ($3, $1, $2, 'text/plain', $4::jsonb)"))
                 .bind(queue)
                 .bind(payload)
                 .bind(destination)
+                .bind(headers)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -624,4 +646,170 @@ fn note_with_exit(note: String, code: Option<i32>) -> String {
     } else {
         format!("{note}; {exit}")
     }
+}
+
+/// Keys the per-key scenario spreads its rows over.
+const PER_KEY_KEYS: usize = 50;
+/// Concurrent writers of the per-key scenario.
+const PER_KEY_WRITERS: usize = 8;
+
+/// Three `bosun` processes relaying one `per_key` table while writers hold their
+/// transactions open for random times (so rows of a key commit out of id order), and one
+/// relay is killed with SIGKILL and not restarted. Beyond lost and unexpected, `misplaced`
+/// counts deliveries that went back in their key's order: a row arriving after a later row of
+/// its key (in `(insert_xid, id)` order, the order bosun promises) had arrived.
+async fn outbox_per_key(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
+    let table = unique("rel_perkey");
+    let queue = unique("rel_pkq");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(PER_KEY_WRITERS as u32 + 2)
+        .connect(PG_URL)
+        .await?;
+    let out = Command::new(bin)
+        .args(["outbox", "schema", "--table", &table])
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "bosun outbox schema failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    sqlx::raw_sql(&String::from_utf8_lossy(&out.stdout))
+        .execute(&pool)
+        .await?;
+    amqp_declare(&queue).await?;
+
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let port = free_port()?;
+        let service = unique("rel_pk");
+        let config = format!(
+            "{}\n[outboxes.keyed]\ndatabase = \"main\"\ntable = \"{table}\"\ntarget = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\nbatch = 20\npoll_interval = \"200ms\"\n",
+            base_config(&service, port, "http://127.0.0.1:9/", "1s")
+        );
+        relays.push(ready_daemon(bin, &config, port).await?);
+    }
+
+    let ids = ids(plan.messages);
+    let mut writers = Vec::new();
+    let per_writer = ids.len().div_ceil(PER_KEY_WRITERS);
+    // Each writer's pause between transactions, so together they offer about `rate`.
+    let pause_ms = (PER_KEY_WRITERS as u64 * 2 * 1000 / u64::from(plan.rate.max(1))).max(1);
+    for chunk in ids.chunks(per_writer) {
+        let (pool, table, queue, chunk) =
+            (pool.clone(), table.clone(), queue.clone(), chunk.to_vec());
+        writers.push(tokio::spawn(async move {
+            per_key_write(&pool, &table, &queue, &chunk, pause_ms).await
+        }));
+    }
+    tokio::time::sleep(fault_delay(plan)).await;
+    relays[0].stop_with(Signal::SIGKILL, Duration::from_secs(5))?;
+    let mut committed = HashSet::new();
+    for writer in writers {
+        committed.extend(writer.await??);
+    }
+
+    let mut received: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        received.extend(amqp_drain(&queue, false).await?);
+        let distinct: HashSet<&String> = received.iter().collect();
+        if committed.iter().all(|id| distinct.contains(id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut codes = Vec::new();
+    for relay in relays.iter_mut().skip(1) {
+        codes.push(relay.stop_with(Signal::SIGTERM, Duration::from_secs(30))?);
+    }
+
+    // Each row's place in its key, in the order bosun promises.
+    let order: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT convert_from(payload, 'UTF8'), partition_key FROM {table}
+         ORDER BY partition_key, insert_xid, id"
+    ))
+    .fetch_all(&pool)
+    .await?;
+    let mut place: HashMap<String, (String, usize)> = HashMap::new();
+    let mut next: HashMap<String, usize> = HashMap::new();
+    for (id, key) in order {
+        let n = next.entry(key.clone()).or_default();
+        place.insert(id, (key, *n));
+        *n += 1;
+    }
+    let mut furthest: HashMap<&str, usize> = HashMap::new();
+    let mut went_back = 0;
+    for id in &received {
+        let Some((key, n)) = place.get(id) else {
+            continue;
+        };
+        let seen = furthest.entry(key.as_str()).or_insert(*n);
+        if *n < *seen {
+            went_back += 1;
+        }
+        *seen = (*seen).max(*n);
+    }
+    let failed: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT convert_from(payload, 'UTF8') FROM {table} WHERE failed_at IS NOT NULL"
+    ))
+    .fetch_all(&pool)
+    .await?;
+    let mut accepted: HashMap<String, u32> = HashMap::new();
+    for id in received {
+        *accepted.entry(id).or_default() += 1;
+    }
+    let mut row = tally(
+        plan.name,
+        &ids,
+        &committed,
+        &accepted,
+        &failed,
+        Duration::ZERO,
+    );
+    row.misplaced = went_back;
+    let keys = next.len();
+    row.note = format!(
+        "{keys} keys, {PER_KEY_WRITERS} writers holding transactions open 0-60 ms, 3 relays, relay 1 killed -9 and not restarted; misplaced = deliveries behind a later row of their key ({went_back}); final SIGTERM exits {codes:?}"
+    );
+    let _ = sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table} CASCADE"))
+        .execute(&pool)
+        .await;
+    amqp_delete(&[queue]).await;
+    Ok(row)
+}
+
+/// Writes `ids` as keyed outbox rows, one to three per transaction, each transaction held
+/// open 0 to 60 ms after its inserts; returns the ids whose transaction committed.
+async fn per_key_write(
+    pool: &sqlx::PgPool,
+    table: &str,
+    queue: &str,
+    ids: &[String],
+    pause_ms: u64,
+) -> anyhow::Result<HashSet<String>> {
+    let mut committed = HashSet::new();
+    let mut rest = ids;
+    while !rest.is_empty() {
+        let take = rand::random_range(1..=3usize).min(rest.len());
+        let (group, tail) = rest.split_at(take);
+        rest = tail;
+        let mut tx = pool.begin().await?;
+        for id in group {
+            let key = format!("key-{:02}", rand::random_range(0..PER_KEY_KEYS));
+            sqlx::query(&format!(
+                "INSERT INTO {table} (destination, routing_key, partition_key, payload) VALUES ('', $1, $2, $3)"
+            ))
+            .bind(queue)
+            .bind(key)
+            .bind(id.as_bytes())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..=60u64))).await;
+        tx.commit().await?;
+        committed.extend(group.iter().cloned());
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..=pause_ms))).await;
+    }
+    Ok(committed)
 }
