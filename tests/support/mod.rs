@@ -87,13 +87,9 @@ impl ConfigFile {
     }
 }
 
-/// Path of the `bosun` binary cargo built for these tests; `BOSUN_TEST_BIN` names another
-/// (a build directory shared by several checkouts holds only the last one linked).
+/// Path of the `bosun` binary cargo built for these tests.
 pub fn bosun_bin() -> &'static str {
-    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        std::env::var("BOSUN_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_bosun").to_owned())
-    })
+    env!("CARGO_BIN_EXE_bosun")
 }
 
 /// Runs `bosun ARGS` to completion and returns (exit code, stdout, stderr).
