@@ -320,21 +320,29 @@ fn body(text: &str) -> Result<SelectBody, DeadLetterError> {
         .map_err(|e| DeadLetterError::Invalid(format!("invalid JSON body: {e}")))
 }
 
-/// The body, or the answer refusing it: 413 for an id list over [`MAX_IDS`].
-fn checked_body(text: &str) -> Result<SelectBody, Response> {
-    let body = body(text).map_err(|e| ApiError(e).into_response())?;
+/// Why a body was refused before any work: not JSON of the right shape (400), or an id
+/// list over [`MAX_IDS`] (413).
+struct Refused(StatusCode, String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// The body, or why it is refused.
+fn checked_body(text: &str) -> Result<SelectBody, Refused> {
+    let body = body(text).map_err(|e| Refused(StatusCode::BAD_REQUEST, e.to_string()))?;
     if let Some(ids) = &body.ids
         && ids.len() > MAX_IDS
     {
-        let error = format!(
-            "{} ids given; at most {MAX_IDS} per request (split the list, or select by `group`)",
-            ids.len()
-        );
-        return Err((
+        return Err(Refused(
             StatusCode::PAYLOAD_TOO_LARGE,
-            Json(serde_json::json!({ "error": error })),
-        )
-            .into_response());
+            format!(
+                "{} ids given; at most {MAX_IDS} per request (split the list, or select by `group`)",
+                ids.len()
+            ),
+        ));
     }
     Ok(body)
 }
@@ -342,7 +350,7 @@ fn checked_body(text: &str) -> Result<SelectBody, Response> {
 async fn replay(State(state): State<AdminState>, text: String) -> Result<Response, ApiError> {
     let body = match checked_body(&text) {
         Ok(body) => body,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(refused.into_response()),
     };
     let report = state
         .ops
@@ -355,7 +363,7 @@ async fn replay(State(state): State<AdminState>, text: String) -> Result<Respons
 async fn purge(State(state): State<AdminState>, text: String) -> Result<Response, ApiError> {
     let body = match checked_body(&text) {
         Ok(body) => body,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(refused.into_response()),
     };
     let report = state
         .ops

@@ -144,6 +144,8 @@ fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
         ));
     }
     let shown_url = shown(&url);
+    // Its password and secret query values are masked wherever they might show up.
+    crate::redact::register_url(&url);
 
     let method = match &o.method {
         None => Method::POST,
@@ -267,10 +269,7 @@ fn token(o: &HttpOptions) -> Result<Option<Secret>, OptionError> {
             &["token_env"],
             "give `token_env` or `token_file`, not both",
         )),
-        (Some(var), None) => match {
-            crate::config::note_env_read(var);
-            std::env::var(var)
-        } {
+        (Some(var), None) => match read_token_env(var) {
             Ok(token) if !token.trim().is_empty() => Ok(Some(Secret::new(token.trim()))),
             _ => Err(OptionError::new(
                 &["token_env"],
@@ -290,6 +289,13 @@ fn token(o: &HttpOptions) -> Result<Option<Secret>, OptionError> {
         },
         (None, None) => Ok(None),
     }
+}
+
+/// The token variable's value; the variable is noted as one the configuration reads, so
+/// that child processes never inherit it.
+fn read_token_env(var: &str) -> Result<String, std::env::VarError> {
+    crate::config::note_env_read(var);
+    std::env::var(var)
 }
 
 fn tls_material(
