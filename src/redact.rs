@@ -126,16 +126,16 @@ fn urlencoding_decode(text: &str) -> Result<String, std::string::FromUtf8Error> 
 type Pattern = LazyLock<Option<Regex>>;
 
 static URL_RE: Pattern =
-    LazyLock::new(|| Regex::new(r#"(?i)\b[a-z][a-z0-9+.\-]{1,15}://[^\s"'<>`]+"#).ok());
+    LazyLock::new(|| Regex::new(r#"(?i)\b[a-z][a-z0-9+.\-]{1,15}://[^\s"'<>`\\]+"#).ok());
 static USERINFO_RE: Pattern = LazyLock::new(|| Regex::new(r"://([^:/@\s]*):[^@/\s]*@").ok());
 static HEADER_RE: Pattern = LazyLock::new(|| {
     Regex::new(
-        r#"(?i)(\b(?:proxy-)?authorization|\bx-api-key|\bapi-key|\bx-auth-token|\bset-cookie|\bcookie)(["']?\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'[^']*'|[^\r\n,;}]*)"#,
+        r#"(?i)(\b(?:proxy-)?authorization|\bx-api-key|\bapi-key|\bx-auth-token|\bset-cookie|\bcookie)(["']?\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'[^']*'|[^\r\n,;}"\\]*)"#,
     )
     .ok()
 });
 static BEARER_RE: Pattern =
-    LazyLock::new(|| Regex::new(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=\-]{4,}").ok());
+    LazyLock::new(|| Regex::new(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=\-]{8,}").ok());
 static JSON_FIELD_RE: Pattern = LazyLock::new(|| {
     Regex::new(
         r#"(?i)"([a-z0-9_\-]*(?:password|passwd|secret|token|api_?key|credential)[a-z0-9_\-]*)"(\s*:\s*)"(?:[^"\\]|\\.)*""#,
@@ -144,7 +144,7 @@ static JSON_FIELD_RE: Pattern = LazyLock::new(|| {
 });
 static PAIR_RE: Pattern = LazyLock::new(|| {
     Regex::new(
-        r#"(?i)\b([a-z0-9_\-]*(?:password|passwd|secret|token|api_?key)|pwd|sig|signature)(\s*[=:]\s*)([^\s&;,"'}]+)"#,
+        r#"(?i)\b([a-z0-9_\-]*(?:password|passwd|secret|token|api_?key)|pwd|sig|signature)(\s*[=:]\s*)([^\s&;,"'}\\]+)"#,
     )
     .ok()
 });
@@ -312,12 +312,36 @@ mod tests {
     }
 
     #[test]
+    fn a_redacted_json_log_line_stays_valid_json() {
+        let line = serde_json::json!({
+            "message": "endpoint rejected the message",
+            "reason": "HTTP 400: POST /x?token=tk-123456 HTTP/1.1\r\nx-api-key: k-998877\r\nauthorization: Bearer abcdefgh123\r\nhost: h",
+            "url": "postgres://u:pw-123456@h/db\\more",
+            "target": "bosun::handler::http"
+        })
+        .to_string();
+        let out = redacted(&line);
+        let parsed: serde_json::Value = serde_json::from_str(&out).expect(&out);
+        assert_eq!(parsed["target"], "bosun::handler::http", "{out}");
+        for secret in ["tk-123456", "k-998877", "abcdefgh123", "pw-123456"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(
+            parsed["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("host: h")),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn ordinary_text_is_left_alone() {
         for input in [
             "HTTP 500 Internal Server Error: upstream unavailable",
             "consumer orders: amqp queue orders on rabbit -> handler hook",
             "https://example.com/path?page=2&sort=asc",
             "connection refused (os error 111)",
+            "admin requests refused: missing or wrong bearer token",
         ] {
             assert_eq!(redacted(input), input);
         }

@@ -423,6 +423,12 @@ async fn no_secret_reaches_any_output() {
         "the logs tell the failure: {logs}"
     );
     secrets.assert_absent("the logs", &logs);
+    for line in logs.lines().filter(|l| l.starts_with('{')) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "redaction kept each log line valid JSON: {line}"
+        );
+    }
     let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
         .execute(&pool)
         .await;

@@ -178,7 +178,7 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
         tracing::warn!(
             refused = count,
             interval_s = AUTH_LOG_INTERVAL.as_secs(),
-            "admin requests refused: missing or wrong bearer token"
+            "admin requests refused: missing or wrong token"
         );
     }
     if allowed {
