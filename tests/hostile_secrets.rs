@@ -862,3 +862,149 @@ stream = "{stream}"
     assert!(!all.contains("exec-secret-value-123"), "{all}");
     let _: Result<(), _> = conn.del(&stream).await;
 }
+
+/// A server that answers `/start...` with a 307 to `location` and records the head of every
+/// other request (answering 204).
+fn start_redirector(location: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&request).to_lowercase();
+            let response = if head.starts_with("post /start") {
+                format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            } else {
+                if let Ok(mut seen) = recorded.lock() {
+                    seen.push(head);
+                }
+                "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_owned()
+            };
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_headers_are_dropped_on_a_redirect_to_another_origin() {
+    let (other_port, other_seen) = start_redirector(String::new());
+    let (home_port, home_seen) = start_redirector(format!("http://127.0.0.1:{other_port}/landing"));
+    let (same_port, same_seen) = start_redirector("/landing".into());
+    let text = format!(
+        r#"
+[handlers.away]
+kind = "http"
+url = "http://127.0.0.1:{home_port}/start"
+follow_redirects = true
+headers = {{ authorization = "Bearer redirect-token-1", "x-api-key" = "redirect-key-2", "x-custom" = "redirect-custom-3", "x-plain" = "visible" }}
+secret_headers = ["x-custom"]
+
+[handlers.home]
+kind = "http"
+url = "http://127.0.0.1:{same_port}/start"
+follow_redirects = true
+headers = {{ authorization = "Bearer redirect-token-1", "x-api-key" = "redirect-key-2", "x-custom" = "redirect-custom-3", "x-plain" = "visible" }}
+secret_headers = ["x-custom"]
+"#
+    );
+    bosun::telemetry::metrics_handle();
+    let kinds = bosun::handler::HandlerKinds::builtin();
+    let config = bosun::config::load_str(
+        &text,
+        "redirect.toml",
+        &kinds,
+        &bosun::config::Env::default(),
+    )
+    .expect("config");
+    let handlers = bosun::handler::build_all(&config.handlers).expect("handlers");
+    let message = bosun::Message {
+        message_id: Some(unique("redirect")),
+        correlation_id: None,
+        headers: Default::default(),
+        content_type: Some("application/json".into()),
+        body: bytes::Bytes::from_static(b"{}"),
+        attempt: 1,
+        redelivered: false,
+        source: bosun::handler::Source {
+            broker: "cache".into(),
+            consumer: "c".into(),
+            queue: "q".into(),
+            exchange: None,
+            routing_key: None,
+            entry_id: None,
+        },
+    };
+    for name in ["away", "home"] {
+        let outcome = handlers[name].handle(&message).await;
+        assert_eq!(outcome, bosun::Outcome::Ack, "{name}");
+    }
+    assert!(home_seen.lock().expect("lock").is_empty());
+    let other = other_seen.lock().expect("lock").join("\n");
+    assert!(
+        other.contains("x-plain: visible"),
+        "the redirect was followed: {other}"
+    );
+    for secret in ["redirect-token-1", "redirect-key-2", "redirect-custom-3"] {
+        assert!(
+            !other.contains(secret),
+            "{secret} went to another origin:\n{other}"
+        );
+    }
+    let same = same_seen.lock().expect("lock").join("\n");
+    for kept in [
+        "redirect-token-1",
+        "redirect-key-2",
+        "redirect-custom-3",
+        "visible",
+    ] {
+        assert!(
+            same.contains(kept),
+            "{kept} kept on the same origin:\n{same}"
+        );
+    }
+}
+
+#[test]
+fn configuration_errors_show_interpolated_values_as_their_variable() {
+    let url = "postgres://app:interp-secret-pw@db.internal:5432/orders?sslpassword=interp-ssl-pw";
+    let env = bosun::config::Env::from_pairs([("DATABASE_URL", url)]);
+    let kinds = bosun::handler::HandlerKinds::builtin();
+    for text in [
+        "[http]\nlisten = \"${DATABASE_URL}\"\n",
+        "[service]\nshutdown_timeout = \"${DATABASE_URL}\"\n",
+        "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"${DATABASE_URL}\"\n",
+        "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"amqp://127.0.0.1/\"\n[handlers.h]\nkind = \"noop\"\n[consumers.c]\nsource = \"rabbit\"\nhandler = \"h\"\nqueue = \"q\"\nqueue_type = \"${DATABASE_URL}\"\n",
+        "[handlers.h]\nkind = \"http\"\nurl = \"http://x/\"\nmethod = \"${DATABASE_URL}\"\n",
+        "[handlers.h]\nkind = \"exec\"\ncommand = [\"/bin/true\"]\ninherit_env = \"${DATABASE_URL}\"\n",
+    ] {
+        let error = bosun::config::load_str(text, "secret.toml", &kinds, &env)
+            .expect_err("the value does not belong there")
+            .to_string();
+        for secret in ["interp-secret-pw", "interp-ssl-pw", "db.internal"] {
+            assert!(!error.contains(secret), "{text}\n-> {error}");
+        }
+    }
+    let error = bosun::config::load_str(
+        "[http]\nlisten = \"${DATABASE_URL}\"\n",
+        "secret.toml",
+        &kinds,
+        &env,
+    )
+    .expect_err("not an address")
+    .to_string();
+    assert!(error.contains("${DATABASE_URL}"), "{error}");
+}
