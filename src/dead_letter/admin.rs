@@ -372,3 +372,32 @@ async fn purge(State(state): State<AdminState>, text: String) -> Result<Response
         .await?;
     Ok(Json(report).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_authentications_beyond_the_burst_are_limited_and_logged_in_aggregate() {
+        let mut failures = AuthFailures::new();
+        let start = Instant::now();
+        let mut limited = 0;
+        let mut logged = Vec::new();
+        for _ in 0..100 {
+            let (allowed, to_log) = failures.record(start);
+            limited += usize::from(!allowed);
+            logged.extend(to_log);
+        }
+        assert_eq!(limited, 100 - AUTH_FAILURE_BURST as usize);
+        assert_eq!(
+            logged,
+            vec![1],
+            "one line at first, the rest waits for the interval"
+        );
+        // The budget refills, and the next line carries the count since the last one.
+        let later = start + AUTH_LOG_INTERVAL;
+        let (allowed, to_log) = failures.record(later);
+        assert!(allowed);
+        assert_eq!(to_log, Some(100));
+    }
+}

@@ -377,7 +377,8 @@ impl ExecHandler {
             };
             tokio::time::timeout(s.timeout, run).await
         };
-        let tail = tail_text(stderr_tail.bytes());
+        // A command may print what it was given (a token in a URL, an Authorization line).
+        let tail = crate::redact::text(&tail_text(stderr_tail.bytes())).into_owned();
         let with_stderr = |head: String| {
             // The end of stderr says most: cut from its start to fit the reason's limit.
             let room = MAX_REASON_BYTES.saturating_sub(head.len() + 2);
@@ -692,6 +693,47 @@ mod tests {
         }
         assert_eq!(tail.bytes(), b"wxyz");
         assert_eq!(tail.total, 26);
+    }
+
+    #[test]
+    fn only_allowed_variables_pass_by_default_and_config_reads_never() {
+        crate::config::note_env_read("EXEC_TEST_READ_BY_CONFIG");
+        for name in ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"] {
+            assert!(InheritEnv::Allowlist.passes(name), "{name}");
+        }
+        for name in [
+            "DATABASE_URL",
+            "AWS_SECRET_ACCESS_KEY",
+            "BOSUN__HTTP__LISTEN",
+            "RUST_LOG",
+        ] {
+            assert!(!InheritEnv::Allowlist.passes(name), "{name}");
+        }
+        assert!(InheritEnv::All.passes("AWS_REGION"));
+        for mode in [InheritEnv::Allowlist, InheritEnv::All, InheritEnv::None] {
+            assert!(!mode.passes("EXEC_TEST_READ_BY_CONFIG"), "{mode:?}");
+            assert!(!mode.passes("BOSUN__DATABASES__MAIN__URL"), "{mode:?}");
+        }
+        assert!(!InheritEnv::None.passes("PATH"));
+    }
+
+    #[test]
+    fn inherit_env_takes_a_mode_or_a_boolean() {
+        let parse = |value: &str| {
+            let table: toml::Table =
+                toml::from_str(&format!("command = [\"/bin/true\"]\n{value}")).unwrap();
+            let options: ExecOptions = parse_options(&table).unwrap();
+            settings(options).map(|s| s.inherit_env)
+        };
+        assert_eq!(parse("").ok(), Some(InheritEnv::Allowlist));
+        assert_eq!(parse("inherit_env = true").ok(), Some(InheritEnv::All));
+        assert_eq!(parse("inherit_env = false").ok(), Some(InheritEnv::None));
+        assert_eq!(parse("inherit_env = \"all\"").ok(), Some(InheritEnv::All));
+        assert_eq!(
+            parse("inherit_env = \"allowlist\"").ok(),
+            Some(InheritEnv::Allowlist)
+        );
+        assert!(parse("inherit_env = \"some\"").is_err());
     }
 
     #[test]
