@@ -81,14 +81,18 @@ impl AuthFailures {
             self.tokens -= 1.0;
         }
         self.unlogged += 1;
+        (allowed, self.flush(now))
+    }
+
+    /// The count not yet logged, when there is one and its interval is over.
+    fn flush(&mut self, now: Instant) -> Option<u64> {
         let due = self
             .logged
             .is_none_or(|at| now.saturating_duration_since(at) >= AUTH_LOG_INTERVAL);
-        let to_log = due.then(|| {
+        (due && self.unlogged > 0).then(|| {
             self.logged = Some(now);
             std::mem::take(&mut self.unlogged)
-        });
-        (allowed, to_log)
+        })
     }
 }
 
@@ -142,6 +146,7 @@ pub fn routes(ops: AdminOps, token: &Secret) -> Router {
         token_digest: Arc::new(digest(token.expose().as_bytes())),
         failures: Arc::new(Mutex::new(AuthFailures::new())),
     };
+    flush_failure_counts(Arc::downgrade(&state.failures));
     Router::new()
         .route("/admin/dead-letters", get(list))
         .route("/admin/dead-letters/groups", get(groups))
@@ -196,6 +201,34 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
         )
             .into_response()
     }
+}
+
+/// Logs failures still uncounted in a line once their interval is over, so the last ones of
+/// a burst are reported too; stops when the routes are dropped.
+fn flush_failure_counts(failures: std::sync::Weak<Mutex<AuthFailures>>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(AUTH_LOG_INTERVAL);
+        loop {
+            tick.tick().await;
+            let Some(failures) = failures.upgrade() else {
+                return;
+            };
+            let count = match failures.lock() {
+                Ok(mut f) => f.flush(Instant::now()),
+                Err(poisoned) => poisoned.into_inner().flush(Instant::now()),
+            };
+            if let Some(count) = count {
+                tracing::warn!(
+                    refused = count,
+                    interval_s = AUTH_LOG_INTERVAL.as_secs(),
+                    "admin requests refused: missing or wrong token"
+                );
+            }
+        }
+    });
 }
 
 /// An error as an HTTP answer: bad requests 400, missing rows 404, unreachable database or
@@ -399,5 +432,10 @@ mod tests {
         let (allowed, to_log) = failures.record(later);
         assert!(allowed);
         assert_eq!(to_log, Some(100));
+        // Failures after the last line are flushed once their interval is over.
+        failures.record(later);
+        assert_eq!(failures.flush(later), None);
+        assert_eq!(failures.flush(later + AUTH_LOG_INTERVAL), Some(1));
+        assert_eq!(failures.flush(later + 3 * AUTH_LOG_INTERVAL), None);
     }
 }
