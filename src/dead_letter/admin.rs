@@ -147,6 +147,14 @@ pub fn routes(ops: AdminOps, token: &Secret) -> Router {
         failures: Arc::new(Mutex::new(AuthFailures::new())),
     };
     flush_failure_counts(Arc::downgrade(&state.failures));
+    metrics::describe_counter!(
+        AUTH_FAILURES_METRIC,
+        "Admin API requests refused for a missing or wrong token (limited=\"true\": answered 429)."
+    );
+    // Present from the start, so that `increase(...)` sees the first failure.
+    for limited in ["false", "true"] {
+        metrics::counter!(AUTH_FAILURES_METRIC, "limited" => limited).increment(0);
+    }
     Router::new()
         .route("/admin/dead-letters", get(list))
         .route("/admin/dead-letters/groups", get(groups))
