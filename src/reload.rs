@@ -192,6 +192,7 @@ impl ReloadHook for ConfigReload {
         tracing::info!(config = %path.display(), "reloading configuration");
         let kinds = self.kinds.clone();
         let loaded = tokio::task::spawn_blocking(move || {
+            config::check_permissions_on_reload(&path)?;
             config::load_file_with_env(&path, &kinds, &Env::from_process())
         })
         .await;

@@ -1008,3 +1008,46 @@ fn configuration_errors_show_interpolated_values_as_their_variable() {
     .to_string();
     assert!(error.contains("${DATABASE_URL}"), "{error}");
 }
+
+#[test]
+fn a_reload_refuses_a_config_file_others_may_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = ConfigFile::new(&pid_config(port, &dir.path().join("bosun.pid")));
+    let mut daemon = Daemon::start(&config.path, port);
+    assert!(daemon.wait_http(WAIT), "{}", daemon.logs());
+    let text = std::fs::read_to_string(&config.path).expect("config");
+    std::fs::write(
+        &config.path,
+        format!("{text}\n[handlers.added]\nkind = \"log\"\n"),
+    )
+    .expect("edit");
+    std::fs::set_permissions(&config.path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_for(WAIT, || {
+            daemon
+                .metric("bosun_config_reloads_total", &["result=\"error\""])
+                .filter(|v| *v >= 1.0)
+        })
+        .is_some(),
+        "the reload was refused: {}",
+        daemon.logs()
+    );
+    assert!(daemon.logs().contains("writable by"), "{}", daemon.logs());
+
+    std::fs::set_permissions(&config.path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_for(WAIT, || {
+            daemon
+                .metric("bosun_config_reloads_total", &["result=\"success\""])
+                .filter(|v| *v >= 1.0)
+        })
+        .is_some(),
+        "a safe file reloads: {}",
+        daemon.logs()
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(WAIT), Some(0));
+}

@@ -178,6 +178,8 @@ pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, CliError
 fn run(runtime: Runtime, config_arg: &ConfigArg, watch_config: bool) -> Result<u8, CliError> {
     let path = config_arg.config.as_path();
     let config = config_arg.load(&runtime)?;
+    // Reloads read the file again: they check it the same way.
+    crate::config::enforce_permissions(!config_arg.allow_insecure_config);
     // Taken before logging starts or anything runs: a second daemon on the same pid file
     // stops here and leaves the first one's file alone.
     let pid_file = match &config.service.pid_file {

@@ -198,6 +198,25 @@ pub fn env_read_by_config(name: &str) -> bool {
         }
 }
 
+/// Whether reloads check the file's permissions like the start did (set by `bosun run`,
+/// unless `--allow-insecure-config`; off for programs embedding the library).
+static ENFORCE_PERMISSIONS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every later [`check_permissions_on_reload`] check the file (or not).
+pub fn enforce_permissions(on: bool) {
+    ENFORCE_PERMISSIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// [`check_permissions`], when the process enforces it.
+pub fn check_permissions_on_reload(path: &Path) -> Result<(), ConfigError> {
+    if ENFORCE_PERMISSIONS.load(std::sync::atomic::Ordering::Relaxed) {
+        check_permissions(path)
+    } else {
+        Ok(())
+    }
+}
+
 /// Refuses a configuration file that users other than its owner may change: whoever can
 /// write it chooses the commands `exec` handlers run and where messages go.
 pub fn check_permissions(path: &Path) -> Result<(), ConfigError> {
