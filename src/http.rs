@@ -1,5 +1,9 @@
-//! The HTTP listener: `/metrics`, `/healthz`, `/readyz`, and whatever routes other modules
-//! add (the dead-letter admin API).
+//! The HTTP listeners: `/metrics`, `/healthz`, `/readyz` on one, and the dead-letter admin
+//! API, when configured, on a listener of its own (`[http.admin].listen`, loopback by
+//! default), so that exposing metrics never exposes the admin API.
+//!
+//! Everything served passes through the redactor: `/readyz` reasons quote broker and
+//! database errors, and `/metrics` labels come from configuration.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -38,7 +42,7 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.metrics.render(),
+        crate::redact::text(&state.metrics.render()).into_owned(),
     )
         .into_response()
 }
@@ -61,7 +65,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .map(|(name, c)| {
             (
                 name.clone(),
-                serde_json::json!({ "reason": c.reason, "since": c.since }),
+                serde_json::json!({ "reason": crate::redact::text(&c.reason), "since": c.since }),
             )
         })
         .collect();
@@ -74,14 +78,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         let body = serde_json::json!({ "status": "not_ready", "not_ready": not_ready });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-    }
-}
-
-/// Adds the dead-letter admin routes when they exist (only with an admin token).
-pub fn with_admin(app: Router, admin: Option<Router>) -> Router {
-    match admin {
-        Some(admin) => app.merge(admin),
-        None => app,
     }
 }
 

@@ -28,6 +28,7 @@ pub mod health;
 pub mod http;
 pub mod outbox;
 pub mod publish;
+pub mod redact;
 pub mod redis_streams;
 pub mod reload;
 pub mod retry;

@@ -129,7 +129,11 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         ("service.log_level", o.log_level != n.log_level),
         ("service.pid_file", o.pid_file != n.pid_file),
         ("http.listen", old.http.listen != new.http.listen),
-        ("http.admin", old.http.admin_token != new.http.admin_token),
+        (
+            "http.admin",
+            old.http.admin_token != new.http.admin_token
+                || old.http.admin_listen != new.http.admin_listen,
+        ),
     ] {
         if changed {
             fields.push(field);
@@ -188,6 +192,7 @@ impl ReloadHook for ConfigReload {
         tracing::info!(config = %path.display(), "reloading configuration");
         let kinds = self.kinds.clone();
         let loaded = tokio::task::spawn_blocking(move || {
+            config::check_permissions_on_reload(&path)?;
             config::load_file_with_env(&path, &kinds, &Env::from_process())
         })
         .await;

@@ -231,12 +231,32 @@ impl Runtime {
             },
             health.clone(),
         );
-        let (admin, admin_ops) = match crate::dead_letter::admin::router(&config, &resources) {
-            Some((router, ops)) => (Some(router), Some(ops)),
-            None => (None, None),
-        };
-        let app = crate::http::with_admin(crate::http::router(health, metrics), admin);
         let http_stop = tokio_util::sync::CancellationToken::new();
+        let admin_ops = match crate::dead_letter::admin::router(&config, &resources) {
+            Some((router, ops)) => {
+                let admin_listener = crate::http::bind(config.http.admin_listen)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen on {} for the admin API",
+                            config.http.admin_listen
+                        )
+                    })?;
+                let admin_listen = admin_listener
+                    .local_addr()
+                    .unwrap_or(config.http.admin_listen);
+                tracing::info!(listen = %admin_listen, "admin API listening");
+                let admin_stop = http_stop.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = crate::http::serve(admin_listener, router, admin_stop).await {
+                        tracing::warn!(error = %e, "admin API listener failed");
+                    }
+                });
+                Some(ops)
+            }
+            None => None,
+        };
+        let app = crate::http::router(health, metrics);
         let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
         tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");
 

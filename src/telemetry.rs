@@ -29,7 +29,7 @@ pub fn init_logging(format: LogFormat, level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::redact::Stderr);
     let _ = match format {
         LogFormat::Json => builder
             .json()

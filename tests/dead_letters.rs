@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use support::*;
 
 const TOKEN_VAR: &str = "BOSUN_TEST_DLQ_ADMIN_TOKEN";
-const TOKEN: &str = "s3cret-admin-token";
+const TOKEN: &str = "s3cret-admin-token-0123456789abcdef";
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn pg() -> PgPool {
@@ -110,7 +110,7 @@ fn admin(
     }
     let (status, text) = http_request(
         method,
-        &format!("{}{path}", daemon.http),
+        &format!("{}{path}", admin_base(daemon)),
         &headers,
         body.as_bytes(),
     )
@@ -119,6 +119,19 @@ fn admin(
         status,
         serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
     )
+}
+
+/// The admin API's own listener, from the daemon's log; without one (no token), the
+/// metrics listener, which must not serve the admin routes.
+fn admin_base(daemon: &Daemon) -> String {
+    let logs = daemon.logs();
+    logs.lines()
+        .filter(|l| l.contains("admin API listening"))
+        .find_map(|l| {
+            let value: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(format!("http://{}", value["listen"].as_str()?))
+        })
+        .unwrap_or_else(|| daemon.http.clone())
 }
 
 fn logged_handled(daemon: &Daemon, handler: &str, message_id: &str) -> bool {
@@ -144,7 +157,7 @@ fn redis_setup(admin_token: bool) -> RedisSetup {
     let table = unique("dl_archive");
     let port = free_port();
     let admin = if admin_token {
-        format!("[http.admin]\ntoken_env = \"{TOKEN_VAR}\"\n")
+        format!("[http.admin]\ntoken_env = \"{TOKEN_VAR}\"\nlisten = \"127.0.0.1:0\"\n")
     } else {
         String::new()
     };
@@ -641,7 +654,7 @@ async fn archive_is_listed_grouped_shown_replayed_and_purged_from_cli_and_http()
         "POST",
         "/admin/dead-letters/purge",
         Some(TOKEN),
-        r#"{"all":true,"dry_run":true}"#,
+        r#"{"all":true,"processor":"dl","dry_run":true}"#,
     );
     assert_eq!(status, 200);
     assert_eq!(

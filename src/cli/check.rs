@@ -1,16 +1,16 @@
 //! `bosun check`: validate the file and print what would run.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
-use super::{CliError, EXIT_OK};
+use super::{CliError, ConfigArg, EXIT_OK};
 use crate::Runtime;
 use crate::config::{AmqpDeadLetter, BrokerConfig, Config, ConsumerKind, DeadLetterSource};
 use crate::retry::format_compact;
 
-pub fn check(runtime: &Runtime, path: &Path) -> Result<u8, CliError> {
-    let config = runtime.load(path)?;
-    print!("{}", describe(&config));
+pub fn check(runtime: &Runtime, config: &ConfigArg) -> Result<u8, CliError> {
+    let config = config.load(runtime)?;
+    // The summary shows URLs; the redactor has the last word on what they reveal.
+    print!("{}", crate::redact::text(&describe(&config)));
     Ok(EXIT_OK)
 }
 

@@ -3,7 +3,6 @@
 //! and goes through [`Ops`], the code the admin HTTP API uses too.
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
@@ -12,7 +11,7 @@ use super::{CliError, ConfigArg, EXIT_FAILURE, EXIT_OK, block_on};
 use crate::Runtime;
 use crate::dead_letter::DeadLetterError;
 use crate::dead_letter::archive::{self, Group, ListFilter, Selector, Summary};
-use crate::dead_letter::ops::{Ops, parse_time, row_json};
+use crate::dead_letter::ops::{MAX_IDS, Ops, confirm_all, parse_time, row_json};
 use crate::dead_letter::publishers::Publishers;
 
 #[derive(Subcommand)]
@@ -103,15 +102,39 @@ pub struct Select {
     /// Every archived row of this failure group.
     #[arg(long, conflicts_with_all = ["ids", "all"])]
     group: Option<String>,
-    /// Every archived row.
+    /// Every archived row of `--processor`; needs `--confirm` naming it again (not with
+    /// `--dry-run`).
     #[arg(long, conflicts_with_all = ["ids", "group"])]
     all: bool,
+    /// With `--all`: the processor's name once more, to confirm.
+    #[arg(long, value_name = "PROCESSOR", requires = "all")]
+    confirm: Option<String>,
 }
 
 impl Select {
-    fn selector(&self, before: Option<&str>) -> Result<Selector, CliError> {
+    fn selector(
+        &self,
+        before: Option<&str>,
+        processor: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Selector, CliError> {
         if let Some(before) = before {
             return Ok(Selector::Before(parse_time(before).map_err(usage)?));
+        }
+        if self.ids.len() > MAX_IDS {
+            return Err(CliError::Usage(format!(
+                "{} ids given; at most {MAX_IDS} per command (split the list, or use --group)",
+                self.ids.len()
+            )));
+        }
+        if self.all {
+            confirm_all(
+                processor,
+                self.confirm.as_deref(),
+                dry_run,
+                "`--confirm <processor>`",
+            )
+            .map_err(usage)?;
         }
         match (&self.group, self.all, self.ids.is_empty()) {
             (Some(g), false, true) => Ok(Selector::Group(g.clone())),
@@ -134,8 +157,8 @@ fn failed(e: DeadLetterError) -> CliError {
     }
 }
 
-fn ops(runtime: &Runtime, path: &Path) -> Result<Ops, CliError> {
-    let config = Arc::new(runtime.load(path)?);
+fn ops(runtime: &Runtime, config: &ConfigArg) -> Result<Ops, CliError> {
+    let config = Arc::new(config.load(runtime)?);
     let pools = crate::database::pools(&config.databases)?;
     let publishers = Arc::new(Publishers::new(config.clone(), "cli"));
     Ok(Ops::new(config, pools, publishers))
@@ -165,7 +188,7 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             Ok(EXIT_OK)
         }
         DlqCommand::Migrate { config, processor } => {
-            let config = runtime.load(&config.config)?;
+            let config = config.load(runtime)?;
             let pools = crate::database::pools(&config.databases)?;
             let mut done = Vec::new();
             for (name, dl) in &config.dead_letters {
@@ -198,7 +221,7 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             status,
             limit,
         } => {
-            let ops = ops(runtime, &common.config.config)?;
+            let ops = ops(runtime, &common.config)?;
             let filter = ListFilter {
                 group,
                 since: since
@@ -221,7 +244,7 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             Ok(EXIT_OK)
         }
         DlqCommand::Groups { common } => {
-            let ops = ops(runtime, &common.config.config)?;
+            let ops = ops(runtime, &common.config)?;
             let groups = ops
                 .groups(common.processor.as_deref())
                 .await
@@ -234,7 +257,7 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             Ok(EXIT_OK)
         }
         DlqCommand::Show { common, id } => {
-            let ops = ops(runtime, &common.config.config)?;
+            let ops = ops(runtime, &common.config)?;
             let row = ops
                 .show(common.processor.as_deref(), id)
                 .await
@@ -259,8 +282,8 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             select,
             dry_run,
         } => {
-            let selector = select.selector(None)?;
-            let ops = ops(runtime, &common.config.config)?;
+            let selector = select.selector(None, common.processor.as_deref(), dry_run)?;
+            let ops = ops(runtime, &common.config)?;
             let report = ops
                 .replay(common.processor.as_deref(), &selector, dry_run)
                 .await
@@ -288,8 +311,9 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             before,
             dry_run,
         } => {
-            let selector = select.selector(before.as_deref())?;
-            let ops = ops(runtime, &common.config.config)?;
+            let selector =
+                select.selector(before.as_deref(), common.processor.as_deref(), dry_run)?;
+            let ops = ops(runtime, &common.config)?;
             let report = ops
                 .purge(common.processor.as_deref(), &selector, dry_run)
                 .await

@@ -6,6 +6,7 @@
 mod check;
 mod dlq;
 mod outbox;
+mod pid_file;
 mod probe;
 mod publish;
 mod reload;
@@ -46,6 +47,20 @@ pub struct ConfigArg {
         default_value = "/etc/bosun/bosun.toml"
     )]
     pub config: PathBuf,
+    /// Accept a config file that its group or other users may write (refused by default:
+    /// whoever can write it chooses what bosun runs).
+    #[arg(long)]
+    pub allow_insecure_config: bool,
+}
+
+impl ConfigArg {
+    /// Checks the file's permissions (unless allowed otherwise), then loads it.
+    pub fn load(&self, runtime: &Runtime) -> Result<crate::config::Config, CliError> {
+        if !self.allow_insecure_config {
+            crate::config::check_permissions(&self.config)?;
+        }
+        Ok(runtime.load(&self.config)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -122,12 +137,12 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
             println!("bosun {}", env!("CARGO_PKG_VERSION"));
             Ok(EXIT_OK)
         }
-        Command::Check { config } => check::check(&runtime, &config.config),
+        Command::Check { config } => check::check(&runtime, &config),
         Command::Dlq { command } => dlq::run(&runtime, command),
         Command::Run {
             config,
             watch_config,
-        } => run(runtime, &config.config, watch_config),
+        } => run(runtime, &config, watch_config),
         Command::Reload(args) => reload::reload(&args),
         Command::Probe(args) => probe::probe(&args),
         Command::Outbox(command) => outbox::run(&runtime, command),
@@ -160,15 +175,18 @@ pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, CliError
     Ok(rt.block_on(future))
 }
 
-fn run(runtime: Runtime, path: &std::path::Path, watch_config: bool) -> Result<u8, CliError> {
-    let config = runtime.load(path)?;
+fn run(runtime: Runtime, config_arg: &ConfigArg, watch_config: bool) -> Result<u8, CliError> {
+    let path = config_arg.config.as_path();
+    let config = config_arg.load(&runtime)?;
+    // Reloads read the file again: they check it the same way.
+    crate::config::enforce_permissions(!config_arg.allow_insecure_config);
+    // Taken before logging starts or anything runs: a second daemon on the same pid file
+    // stops here and leaves the first one's file alone.
+    let pid_file = match &config.service.pid_file {
+        Some(file) => Some(pid_file::PidFile::acquire(file)?),
+        None => None,
+    };
     crate::telemetry::init_logging(config.service.log_format, &config.service.log_level);
-    let pid_file = config.service.pid_file.clone();
-    if let Some(pid_file) = &pid_file {
-        std::fs::write(pid_file, format!("{}\n", std::process::id())).map_err(|e| {
-            anyhow::anyhow!("cannot write the pid file {}: {e}", pid_file.display())
-        })?;
-    }
     let result = block_on(async move {
         // Signal handlers go in before anything starts, so an early SIGTERM drains cleanly.
         let signals = crate::supervisor::os_signals()
@@ -189,8 +207,7 @@ fn run(runtime: Runtime, path: &std::path::Path, watch_config: bool) -> Result<u
             .await?;
         Ok::<u8, CliError>(status.code() as u8)
     });
-    if let Some(pid_file) = &pid_file {
-        let _ = std::fs::remove_file(pid_file);
-    }
+    // Removed only by its holder, while the lock is still held.
+    drop(pid_file);
     result?
 }

@@ -39,7 +39,7 @@ pub fn run(runtime: &Runtime, command: OutboxCommand) -> Result<u8, CliError> {
             Ok(EXIT_OK)
         }
         OutboxCommand::Migrate { config, outbox } => {
-            let config = runtime.load(&config.config)?;
+            let config = config.load(runtime)?;
             if let Some(name) = &outbox
                 && !config.outboxes.contains_key(name)
             {

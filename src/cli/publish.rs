@@ -74,7 +74,7 @@ fn body(file: Option<&PathBuf>) -> Result<Vec<u8>, CliError> {
 }
 
 pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
-    let config = runtime.load(&args.config.config)?;
+    let config = args.config.load(runtime)?;
     let Some(broker) = config.brokers.get(&args.broker) else {
         let names: Vec<&str> = config.brokers.keys().map(String::as_str).collect();
         return Err(CliError::Usage(format!(

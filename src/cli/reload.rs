@@ -15,13 +15,21 @@ pub struct ReloadArgs {
     /// The daemon's pid file (`[service].pid_file`).
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
+    /// The daemon's configuration file: its `[service].pid_file` names the daemon.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The daemon's process id.
     #[arg(long, value_name = "PID")]
     pub pid: Option<i32>,
 }
 
 pub fn reload(args: &ReloadArgs) -> Result<u8, CliError> {
-    let (pid, origin) = match (&args.pid_file, args.pid) {
+    let from_config = match &args.config {
+        Some(config) => Some(pid_file_of(config)?),
+        None => None,
+    };
+    let pid_file = args.pid_file.clone().or(from_config);
+    let (pid, origin) = match (&pid_file, args.pid) {
         (Some(file), None) => (read_pid_file(file)?, format!(" (from {})", file.display())),
         (None, Some(pid)) => (pid, String::new()),
         // clap's argument group already refuses these; kept for callers that build the
@@ -58,6 +66,40 @@ pub fn reload(args: &ReloadArgs) -> Result<u8, CliError> {
             "cannot signal process {pid}{origin}: {e}"
         ))),
     }
+}
+
+/// `[service].pid_file` of the configuration at `config` (a `BOSUN__SERVICE__PID_FILE`
+/// override wins). Only that key is read: reloading needs no secrets.
+fn pid_file_of(config: &Path) -> Result<PathBuf, CliError> {
+    if let Ok(file) = std::env::var(format!("{}SERVICE__PID_FILE", crate::config::ENV_PREFIX)) {
+        return Ok(PathBuf::from(file));
+    }
+    let text = std::fs::read_to_string(config).map_err(|e| {
+        CliError::Other(anyhow::anyhow!(
+            "cannot read the config file {}: {e}",
+            config.display()
+        ))
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        CliError::Usage(format!(
+            "{} is not valid TOML: {}",
+            config.display(),
+            e.message().trim()
+        ))
+    })?;
+    let file = table
+        .get("service")
+        .and_then(|s| s.get("pid_file"))
+        .and_then(toml::Value::as_str)
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{} sets no `[service].pid_file`; give --pid-file or --pid",
+                config.display()
+            ))
+        })?;
+    let file = crate::config::interpolate(file, &|name| std::env::var(name).ok())
+        .map_err(|e| CliError::Usage(format!("`[service].pid_file`: {e}")))?;
+    Ok(PathBuf::from(file))
 }
 
 fn read_pid_file(file: &Path) -> Result<i32, CliError> {

@@ -18,7 +18,7 @@ pub struct TopologyArgs {
 }
 
 pub fn topology(runtime: &Runtime, args: TopologyArgs) -> Result<u8, CliError> {
-    let config = runtime.load(&args.config.config)?;
+    let config = args.config.load(runtime)?;
     let mut plans = Vec::new();
     for (name, consumer) in &config.consumers {
         let ConsumerKind::Amqp(amqp) = &consumer.kind else {

@@ -19,9 +19,10 @@ pub mod model;
 pub mod raw;
 mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
+use std::sync::RwLock;
 
 pub use interpolate::interpolate;
 pub use locate::{Position, position};
@@ -176,12 +177,112 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
+/// Names of the environment variables configurations loaded in this process read (through
+/// `${VAR}`, `token_env`, or as `BOSUN__*` overrides). Child processes never inherit them.
+static CONFIG_ENV: RwLock<BTreeSet<String>> = RwLock::new(BTreeSet::new());
+
+/// Records that the configuration read environment variable `name`.
+pub fn note_env_read(name: &str) {
+    match CONFIG_ENV.write() {
+        Ok(mut names) => names.insert(name.to_owned()),
+        Err(poisoned) => poisoned.into_inner().insert(name.to_owned()),
+    };
+}
+
+/// Whether a configuration loaded in this process read environment variable `name`.
+pub fn env_read_by_config(name: &str) -> bool {
+    name.starts_with(ENV_PREFIX)
+        || match CONFIG_ENV.read() {
+            Ok(names) => names.contains(name),
+            Err(poisoned) => poisoned.into_inner().contains(name),
+        }
+}
+
+/// Whether reloads check the file's permissions like the start did (set by `bosun run`,
+/// unless `--allow-insecure-config`; off for programs embedding the library).
+static ENFORCE_PERMISSIONS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every later [`check_permissions_on_reload`] check the file (or not).
+pub fn enforce_permissions(on: bool) {
+    ENFORCE_PERMISSIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// [`check_permissions`], when the process enforces it.
+pub fn check_permissions_on_reload(path: &Path) -> Result<(), ConfigError> {
+    if ENFORCE_PERMISSIONS.load(std::sync::atomic::Ordering::Relaxed) {
+        check_permissions(path)
+    } else {
+        Ok(())
+    }
+}
+
+/// Refuses a configuration file that users other than its owner may change: whoever can
+/// write it chooses the commands `exec` handlers run and where messages go.
+pub fn check_permissions(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let origin = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        ConfigError::single(
+            &origin,
+            Location::Unknown,
+            "",
+            format!("cannot read the config file: {e}"),
+        )
+    })?;
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+            (true, true) => "its group and every other user",
+            (true, false) => "its group",
+            _ => "every other user",
+        };
+        return Err(ConfigError::single(
+            &origin,
+            Location::Unknown,
+            "",
+            format!(
+                "the config file is writable by {who} (mode {:04o}); make it writable by its owner only (`chmod go-w {origin}`), or pass --allow-insecure-config",
+                mode & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates TOML `text`; `origin` names it in messages.
+///
+/// No message shows a value that came from the environment: every value `${VAR}` put into
+/// the file is shown as `${VAR}` again, and URLs and secret-looking values are redacted.
 pub fn load_str(
     text: &str,
     origin: &str,
     kinds: &HandlerKinds,
     env: &Env,
+) -> Result<Config, ConfigError> {
+    let mut interpolated = Vec::new();
+    load_str_recording(text, origin, kinds, env, &mut interpolated).map_err(|mut e| {
+        // Longest value first, so a value containing another is put back whole.
+        interpolated.sort_by_key(|(_, value): &(String, String)| std::cmp::Reverse(value.len()));
+        for problem in &mut e.problems {
+            let mut message = problem.message.clone();
+            for (name, value) in &interpolated {
+                if value.len() >= 3 && message.contains(value.as_str()) {
+                    message = message.replace(value.as_str(), &format!("${{{name}}}"));
+                }
+            }
+            problem.message = crate::redact::text(&message).into_owned();
+        }
+        e
+    })
+}
+
+fn load_str_recording(
+    text: &str,
+    origin: &str,
+    kinds: &HandlerKinds,
+    env: &Env,
+    interpolated: &mut Vec<(String, String)>,
 ) -> Result<Config, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
         let location = e
@@ -213,8 +314,18 @@ pub fn load_str(
         }
     };
 
+    for var in overridden.values() {
+        if let Some(value) = env.get(var) {
+            interpolated.push((var.clone(), value));
+        }
+    }
     let mut problems = Vec::new();
-    interpolate_table(&mut table, &mut Vec::new(), env, &mut problems);
+    let recording = Recording {
+        env,
+        read: std::cell::RefCell::new(Vec::new()),
+    };
+    interpolate_table(&mut table, &mut Vec::new(), &recording, &mut problems);
+    interpolated.extend(recording.read.into_inner());
     if !problems.is_empty() {
         return Err(ConfigError {
             origin: origin.to_owned(),
@@ -360,10 +471,27 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
     table.insert(last.clone(), value);
 }
 
+/// The environment as interpolation sees it, remembering every variable it hands out.
+struct Recording<'e> {
+    env: &'e Env,
+    read: std::cell::RefCell<Vec<(String, String)>>,
+}
+
+impl Recording<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        note_env_read(name);
+        let value = self.env.get(name)?;
+        self.read
+            .borrow_mut()
+            .push((name.to_owned(), value.clone()));
+        Some(value)
+    }
+}
+
 fn interpolate_table(
     table: &mut toml::Table,
     path: &mut Vec<String>,
-    env: &Env,
+    env: &Recording<'_>,
     problems: &mut Vec<Issue>,
 ) {
     for (key, value) in table.iter_mut() {
@@ -376,7 +504,7 @@ fn interpolate_table(
 fn interpolate_value(
     value: &mut toml::Value,
     path: &mut Vec<String>,
-    env: &Env,
+    env: &Recording<'_>,
     problems: &mut Vec<Issue>,
 ) {
     match value {

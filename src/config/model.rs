@@ -48,15 +48,27 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// The bearer token for `/admin`; `None` keeps the admin API off.
     pub admin_token: Option<Secret>,
+    /// Where the admin API listens, apart from `/metrics` (used only with a token).
+    pub admin_listen: SocketAddr,
 }
+
+/// The admin API's listener when `[http.admin].listen` is not given: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
+
+/// Admin tokens shorter than this are refused: a short token can be guessed.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 32;
 
 /// A string that never shows itself in logs, errors or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps `value`; it is also registered with [`crate::redact`], so that it is masked
+    /// in any text that leaves the process, wherever it turns up.
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        let value = value.into();
+        crate::redact::register(&value);
+        Self(value)
     }
     /// The secret itself: only for the place that uses it.
     pub fn expose(&self) -> &str {
@@ -75,7 +87,10 @@ impl fmt::Debug for Secret {
 pub struct SecretUrl(url::Url);
 
 impl SecretUrl {
+    /// Wraps `url`; its password and secret query values are registered with
+    /// [`crate::redact`].
     pub fn new(url: url::Url) -> Self {
+        crate::redact::register_url(&url);
         Self(url)
     }
     /// The full URL, password included: only for the connecting code.
@@ -85,13 +100,10 @@ impl SecretUrl {
     pub fn url(&self) -> &url::Url {
         &self.0
     }
-    /// The URL with any password replaced by `***`.
+    /// The URL with any password and the values of secret query parameters (`password`,
+    /// `sslpassword`, `token`, ...) replaced by `***`.
     pub fn redacted(&self) -> String {
-        let mut url = self.0.clone();
-        if url.password().is_some() {
-            let _ = url.set_password(Some("***"));
-        }
-        url.to_string()
+        crate::redact::url(&self.0)
     }
 }
 

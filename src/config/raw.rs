@@ -60,6 +60,9 @@ pub struct RawHttp {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
+    /// Socket address of the admin API's own listener (default "127.0.0.1:9091"); never the
+    /// metrics listener, so exposing `/metrics` never exposes the admin API.
+    pub listen: Option<String>,
     /// Name of an environment variable that holds the bearer token.
     pub token_env: Option<String>,
     /// Path of a file that holds the bearer token.

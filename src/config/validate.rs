@@ -77,12 +77,13 @@ impl Checker<'_> {
     fn url(&mut self, at: &[&str], value: &str, schemes: &[&str]) -> Option<SecretUrl> {
         match url::Url::parse(value) {
             Ok(url) if schemes.contains(&url.scheme()) => Some(SecretUrl::new(url)),
+            // Not even redacted: the value may come from the environment, where it belongs
+            // to something else.
             Ok(url) => {
-                let shown = SecretUrl::new(url.clone());
                 self.issue(
                     at,
                     format!(
-                        "URL {shown} has scheme `{}`, expected one of: {}",
+                        "the URL has scheme `{}`, expected one of: {}",
                         url.scheme(),
                         schemes.join(", ")
                     ),
@@ -349,9 +350,35 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
         .admin
         .as_ref()
         .and_then(|admin| admin_token(&mut c, admin));
+    let admin_listen_text = raw
+        .http
+        .admin
+        .as_ref()
+        .and_then(|admin| admin.listen.as_deref())
+        .unwrap_or(DEFAULT_ADMIN_LISTEN);
+    let default_admin_listen = SocketAddr::from(([127, 0, 0, 1], 9091));
+    let admin_listen = match admin_listen_text.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(e) => {
+            c.issue(
+                &["http", "admin", "listen"],
+                format!(
+                    "invalid socket address {admin_listen_text:?}: {e} (expected e.g. \"127.0.0.1:9091\")"
+                ),
+            );
+            default_admin_listen
+        }
+    };
+    if raw.http.admin.is_some() && admin_listen == listen {
+        c.issue(
+            &["http", "admin", "listen"],
+            format!("the admin API needs a listener of its own: {admin_listen} is also `[http].listen`, which serves /metrics"),
+        );
+    }
     let http = HttpConfig {
         listen,
         admin_token,
+        admin_listen,
     };
 
     let mut brokers = BTreeMap::new();
@@ -546,18 +573,25 @@ fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
             );
             None
         }
-        (Some(var), None) => match std::env::var(var) {
-            Ok(token) if !token.trim().is_empty() => Some(Secret::new(token.trim())),
-            _ => {
-                c.issue(
-                    &["http", "admin", "token_env"],
-                    format!("environment variable `{var}` is not set or empty"),
-                );
-                None
+        (Some(var), None) => {
+            super::note_env_read(var);
+            match std::env::var(var) {
+                Ok(token) if !token.trim().is_empty() => {
+                    strong_token(c, &["http", "admin", "token_env"], token.trim())
+                }
+                _ => {
+                    c.issue(
+                        &["http", "admin", "token_env"],
+                        format!("environment variable `{var}` is not set or empty"),
+                    );
+                    None
+                }
             }
-        },
+        }
         (None, Some(file)) => match std::fs::read_to_string(file) {
-            Ok(token) if !token.trim().is_empty() => Some(Secret::new(token.trim())),
+            Ok(token) if !token.trim().is_empty() => {
+                strong_token(c, &["http", "admin", "token_file"], token.trim())
+            }
             Ok(_) => {
                 c.issue(
                     &["http", "admin", "token_file"],
@@ -581,6 +615,22 @@ fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
             None
         }
     }
+}
+
+/// The admin token, if it is long enough to resist guessing. The message never shows it.
+fn strong_token(c: &mut Checker<'_>, at: &[&str], token: &str) -> Option<Secret> {
+    let secret = Secret::new(token);
+    if token.len() < MIN_ADMIN_TOKEN_BYTES {
+        c.issue(
+            at,
+            format!(
+                "the admin token is {} bytes long; it must be at least {MIN_ADMIN_TOKEN_BYTES} (e.g. `openssl rand -hex 32`)",
+                token.len()
+            ),
+        );
+        return None;
+    }
+    Some(secret)
 }
 
 /// Every handler a handler depends on (e.g. a route's targets) must exist, without cycles.

@@ -22,6 +22,8 @@ use crate::publish::{OutgoingMessage, PublishError};
 
 /// Rows locked and published per transaction.
 const REPLAY_BATCH: i64 = 100;
+/// Most ids one replay or purge may name: the work and the report stay bounded.
+pub const MAX_IDS: usize = 10_000;
 /// Upper bound on one batch's publish while its rows are locked.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -170,6 +172,7 @@ impl Ops {
                 "replay selects by ids, group or all".into(),
             ));
         }
+        check_selector(processor, selector)?;
         let t = self.target(processor)?;
         if dry_run {
             let rows = archive::preview(
@@ -216,8 +219,15 @@ impl Ops {
             }
         }
         if let Selector::Ids(ids) = selector {
+            // Sets, not list scans: a long id list stays linear.
+            let mut accounted: std::collections::HashSet<i64> = report
+                .replayed
+                .iter()
+                .copied()
+                .chain(report.failed.iter().map(|f| f.id))
+                .collect();
             for id in ids {
-                if !report.replayed.contains(id) && !report.failed.iter().any(|f| f.id == *id) {
+                if accounted.insert(*id) {
                     report.failed.push(Failed {
                         id: *id,
                         error: "not found, or not archived (already replayed or purged)".into(),
@@ -343,6 +353,7 @@ impl Ops {
         selector: &Selector,
         dry_run: bool,
     ) -> Result<PurgeReport, DeadLetterError> {
+        check_selector(processor, selector)?;
         let t = self.target(processor)?;
         if dry_run {
             let rows = archive::preview(
@@ -366,6 +377,42 @@ impl Ops {
             ..PurgeReport::default()
         })
     }
+}
+
+/// Bounds every selector: an id list of at most [`MAX_IDS`], and `all` only for one named
+/// processor (one processor's rows, never every processor sharing the table).
+fn check_selector(processor: Option<&str>, selector: &Selector) -> Result<(), DeadLetterError> {
+    match selector {
+        Selector::Ids(ids) if ids.len() > MAX_IDS => Err(DeadLetterError::Invalid(format!(
+            "{} ids given; at most {MAX_IDS} per request",
+            ids.len()
+        ))),
+        Selector::All if processor.is_none() => Err(DeadLetterError::Invalid(
+            "`all` needs a processor: name the one whose dead letters to select".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `all` changes every row of a processor: it needs the processor named, and named again
+/// as the confirmation (`how` says how to give it), unless nothing is changed (`dry_run`).
+pub fn confirm_all(
+    processor: Option<&str>,
+    confirm: Option<&str>,
+    dry_run: bool,
+    how: &str,
+) -> Result<(), DeadLetterError> {
+    let Some(processor) = processor else {
+        return Err(DeadLetterError::Invalid(
+            "`all` needs a processor: name the one whose dead letters to select".into(),
+        ));
+    };
+    if dry_run || confirm == Some(processor) {
+        return Ok(());
+    }
+    Err(DeadLetterError::Invalid(format!(
+        "`all` changes every dead letter of processor `{processor}`: confirm with {how} naming it again"
+    )))
 }
 
 #[derive(Default)]

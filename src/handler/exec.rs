@@ -43,9 +43,13 @@ struct ExecOptions {
     /// Extra environment variables for the command.
     #[serde(default)]
     env: BTreeMap<String, String>,
-    /// Pass bosun's own environment on to the command. Default true; false gives the command
-    /// only `env` and the `BOSUN_*` variables.
-    inherit_env: Option<bool>,
+    /// Which of bosun's own environment variables the command inherits: `"allowlist"`
+    /// (default: `PATH`, `HOME`, `USER`, `LOGNAME`, `LANG`, `LANGUAGE`, `LC_*`, `TZ`,
+    /// `TMPDIR`, `SSL_CERT_FILE`, `SSL_CERT_DIR`), `"all"` (or `true`), or `"none"` (or
+    /// `false`). Whatever the choice, variables the configuration itself reads (`${VAR}`,
+    /// `token_env`, `BOSUN__*` overrides) are never inherited: they hold bosun's secrets.
+    /// Pass one on deliberately with `env = { NAME = "${NAME}" }`.
+    inherit_env: Option<InheritEnvOption>,
     /// Working directory of the command. Default: bosun's.
     cwd: Option<String>,
     /// Time the command may run before its process group is killed. Default `"30s"`.
@@ -63,12 +67,58 @@ struct ExecOptions {
     on_timeout: Option<OutcomeName>,
 }
 
+/// `inherit_env` as written: a mode, or a boolean for `all` / `none`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum InheritEnvOption {
+    Flag(bool),
+    Mode(String),
+}
+
+/// Which of bosun's environment variables a command inherits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InheritEnv {
+    /// The non-secret basics a program expects (see [`ALLOWED_ENV`]).
+    Allowlist,
+    /// Everything but what the configuration read.
+    All,
+    /// Nothing.
+    None,
+}
+
+/// Variables inherited by default: what programs need to find binaries, files and locale,
+/// never credentials. `LC_*` variables are allowed too.
+pub const ALLOWED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+impl InheritEnv {
+    /// Whether a command inherits bosun's variable `name` in this mode.
+    pub fn passes(self, name: &str) -> bool {
+        let allowed = match self {
+            InheritEnv::None => false,
+            InheritEnv::All => true,
+            InheritEnv::Allowlist => ALLOWED_ENV.contains(&name) || name.starts_with("LC_"),
+        };
+        allowed && !crate::config::env_read_by_config(name)
+    }
+}
+
 /// Validated options.
 struct ExecSettings {
     program: String,
     args: Vec<String>,
     env: BTreeMap<String, String>,
-    inherit_env: bool,
+    inherit_env: InheritEnv,
     cwd: Option<PathBuf>,
     timeout: Duration,
     max_concurrency: usize,
@@ -132,6 +182,22 @@ fn settings(o: ExecOptions) -> Result<ExecSettings, OptionError> {
             ));
         }
     }
+    let inherit_env = match o.inherit_env {
+        None => InheritEnv::Allowlist,
+        Some(InheritEnvOption::Flag(true)) => InheritEnv::All,
+        Some(InheritEnvOption::Flag(false)) => InheritEnv::None,
+        Some(InheritEnvOption::Mode(mode)) => match mode.as_str() {
+            "allowlist" => InheritEnv::Allowlist,
+            "all" => InheritEnv::All,
+            "none" => InheritEnv::None,
+            other => {
+                return Err(OptionError::new(
+                    &["inherit_env"],
+                    format!("unknown value `{other}`, expected `allowlist`, `all` or `none`"),
+                ));
+            }
+        },
+    };
     let timeout = timeout_option(o.timeout.as_deref(), DEFAULT_TIMEOUT)?;
     let max_concurrency = max_concurrency_option(o.max_concurrency, DEFAULT_MAX_CONCURRENCY)?;
     let mut exit_codes: BTreeMap<i32, OutcomeName> = [
@@ -150,7 +216,7 @@ fn settings(o: ExecOptions) -> Result<ExecSettings, OptionError> {
         program,
         args,
         env: o.env,
-        inherit_env: o.inherit_env.unwrap_or(true),
+        inherit_env,
         cwd: o.cwd.map(PathBuf::from),
         timeout,
         max_concurrency,
@@ -251,9 +317,8 @@ impl ExecHandler {
             // A group of its own: one signal reaches everything the command started.
             .process_group(0)
             .kill_on_drop(true);
-        if !s.inherit_env {
-            command.env_clear();
-        }
+        command.env_clear();
+        command.envs(inherited_env(s.inherit_env));
         command.envs(&s.env);
         command.envs(bosun_env(message, &self.name));
         if let Some(cwd) = &s.cwd {
@@ -312,7 +377,8 @@ impl ExecHandler {
             };
             tokio::time::timeout(s.timeout, run).await
         };
-        let tail = tail_text(stderr_tail.bytes());
+        // A command may print what it was given (a token in a URL, an Authorization line).
+        let tail = crate::redact::text(&tail_text(stderr_tail.bytes())).into_owned();
         let with_stderr = |head: String| {
             // The end of stderr says most: cut from its start to fit the reason's limit.
             let room = MAX_REASON_BYTES.saturating_sub(head.len() + 2);
@@ -405,6 +471,16 @@ impl Handler for ExecHandler {
         }
         outcome
     }
+}
+
+/// bosun's own variables a command inherits under `mode`.
+pub fn inherited_env(mode: InheritEnv) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    if mode == InheritEnv::None {
+        return Vec::new();
+    }
+    std::env::vars_os()
+        .filter(|(name, _)| name.to_str().is_some_and(|name| mode.passes(name)))
+        .collect()
 }
 
 /// The `BOSUN_*` variables. Each is always set (empty when the message has no such value),
@@ -617,6 +693,47 @@ mod tests {
         }
         assert_eq!(tail.bytes(), b"wxyz");
         assert_eq!(tail.total, 26);
+    }
+
+    #[test]
+    fn only_allowed_variables_pass_by_default_and_config_reads_never() {
+        crate::config::note_env_read("EXEC_TEST_READ_BY_CONFIG");
+        for name in ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"] {
+            assert!(InheritEnv::Allowlist.passes(name), "{name}");
+        }
+        for name in [
+            "DATABASE_URL",
+            "AWS_SECRET_ACCESS_KEY",
+            "BOSUN__HTTP__LISTEN",
+            "RUST_LOG",
+        ] {
+            assert!(!InheritEnv::Allowlist.passes(name), "{name}");
+        }
+        assert!(InheritEnv::All.passes("AWS_REGION"));
+        for mode in [InheritEnv::Allowlist, InheritEnv::All, InheritEnv::None] {
+            assert!(!mode.passes("EXEC_TEST_READ_BY_CONFIG"), "{mode:?}");
+            assert!(!mode.passes("BOSUN__DATABASES__MAIN__URL"), "{mode:?}");
+        }
+        assert!(!InheritEnv::None.passes("PATH"));
+    }
+
+    #[test]
+    fn inherit_env_takes_a_mode_or_a_boolean() {
+        let parse = |value: &str| {
+            let table: toml::Table =
+                toml::from_str(&format!("command = [\"/bin/true\"]\n{value}")).unwrap();
+            let options: ExecOptions = parse_options(&table).unwrap();
+            settings(options).map(|s| s.inherit_env)
+        };
+        assert_eq!(parse("").ok(), Some(InheritEnv::Allowlist));
+        assert_eq!(parse("inherit_env = true").ok(), Some(InheritEnv::All));
+        assert_eq!(parse("inherit_env = false").ok(), Some(InheritEnv::None));
+        assert_eq!(parse("inherit_env = \"all\"").ok(), Some(InheritEnv::All));
+        assert_eq!(
+            parse("inherit_env = \"allowlist\"").ok(),
+            Some(InheritEnv::Allowlist)
+        );
+        assert!(parse("inherit_env = \"some\"").is_err());
     }
 
     #[test]

@@ -50,6 +50,12 @@ struct HttpOptions {
     /// Extra request headers sent with every message (values may use `${VAR}`).
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    /// Names of `headers` that carry a secret, beyond those recognised by name
+    /// (`authorization`, `cookie`, `x-api-key`, anything with `token`, `secret`, `key`,
+    /// `auth`, `password` in it). Secret headers are never logged and are dropped when a
+    /// redirect leads to another host, port or scheme.
+    #[serde(default)]
+    secret_headers: Vec<String>,
     /// Requests in flight at once through this handler, across every consumer using it.
     /// Default 64.
     max_concurrency: Option<usize>,
@@ -92,8 +98,11 @@ enum CloudEventsMode {
 /// Validated options, shared by every handler built from them.
 struct HttpSettings {
     url: reqwest::Url,
-    /// The URL without credentials or query, for logs and reasons.
+    /// Scheme, host and port of the URL, for logs and reasons: never the path or the query,
+    /// which often hold the secret (webhook URLs).
     shown_url: String,
+    /// Static headers that carry secrets: dropped on a redirect to another origin.
+    secret_headers: Vec<HeaderName>,
     method: Method,
     timeout: Duration,
     /// Static headers, the bearer token included (marked sensitive).
@@ -135,6 +144,8 @@ fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
         ));
     }
     let shown_url = shown(&url);
+    // Its password and secret query values are masked wherever they might show up.
+    crate::redact::register_url(&url);
 
     let method = match &o.method {
         None => Method::POST,
@@ -145,6 +156,27 @@ fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
     let timeout = timeout_option(o.timeout.as_deref(), DEFAULT_TIMEOUT)?;
 
     let max_concurrency = max_concurrency_option(o.max_concurrency, DEFAULT_MAX_CONCURRENCY)?;
+
+    let mut secret_names = Vec::new();
+    for name in &o.secret_headers {
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            OptionError::new(
+                &["secret_headers"],
+                format!("`{name}` is not a valid HTTP header name"),
+            )
+        })?;
+        secret_names.push(header);
+    }
+    for sensitive in [
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::PROXY_AUTHORIZATION,
+        reqwest::header::COOKIE,
+        reqwest::header::WWW_AUTHENTICATE,
+    ] {
+        if !secret_names.contains(&sensitive) {
+            secret_names.push(sensitive);
+        }
+    }
 
     let mut headers = HeaderMap::new();
     for (name, value) in &o.headers {
@@ -157,8 +189,13 @@ fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
         // Header values may carry interpolated secrets: the error never shows the value.
         let mut value = HttpHeaderValue::from_str(value)
             .map_err(|_| OptionError::new(&["headers", name], "not a valid HTTP header value (control characters such as newlines are not allowed)"))?;
-        if header == reqwest::header::AUTHORIZATION {
+        if secret_names.contains(&header) || crate::redact::is_secret_name(header.as_str()) {
             value.set_sensitive(true);
+            // Registered, so the value is masked wherever it might show up.
+            let _ = Secret::new(value.to_str().unwrap_or_default());
+            if !secret_names.contains(&header) {
+                secret_names.push(header.clone());
+            }
         }
         headers.insert(header, value);
     }
@@ -203,6 +240,7 @@ fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
     Ok(HttpSettings {
         url,
         shown_url,
+        secret_headers: secret_names,
         method,
         timeout,
         headers,
@@ -215,12 +253,13 @@ fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
     })
 }
 
-/// The URL as logs may show it: no user, password or query (either may hold a token).
+/// The URL as logs may show it: scheme, host and port only. User, password, query and
+/// path all may hold a token (a Slack-style webhook's path is its secret).
 fn shown(url: &reqwest::Url) -> String {
     let host = url.host_str().unwrap_or("");
     match url.port() {
-        Some(port) => format!("{}://{host}:{port}{}", url.scheme(), url.path()),
-        None => format!("{}://{host}{}", url.scheme(), url.path()),
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
     }
 }
 
@@ -230,7 +269,7 @@ fn token(o: &HttpOptions) -> Result<Option<Secret>, OptionError> {
             &["token_env"],
             "give `token_env` or `token_file`, not both",
         )),
-        (Some(var), None) => match std::env::var(var) {
+        (Some(var), None) => match read_token_env(var) {
             Ok(token) if !token.trim().is_empty() => Ok(Some(Secret::new(token.trim()))),
             _ => Err(OptionError::new(
                 &["token_env"],
@@ -250,6 +289,13 @@ fn token(o: &HttpOptions) -> Result<Option<Secret>, OptionError> {
         },
         (None, None) => Ok(None),
     }
+}
+
+/// The token variable's value; the variable is noted as one the configuration reads, so
+/// that child processes never inherit it.
+fn read_token_env(var: &str) -> Result<String, std::env::VarError> {
+    crate::config::note_env_read(var);
+    std::env::var(var)
 }
 
 fn tls_material(
@@ -328,14 +374,11 @@ pub struct HttpHandler {
 
 impl HttpHandler {
     fn new(name: &str, settings: Arc<HttpSettings>) -> anyhow::Result<Self> {
-        let redirect = if settings.follow_redirects {
-            reqwest::redirect::Policy::limited(MAX_REDIRECTS)
-        } else {
-            reqwest::redirect::Policy::none()
-        };
+        // Redirects are followed here, not by the client, so that secret headers can be
+        // dropped when one leads elsewhere.
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("bosun/", env!("CARGO_PKG_VERSION")))
-            .redirect(redirect)
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(settings.timeout)
             .pool_max_idle_per_host(settings.max_concurrency);
         if !settings.ca_certs.is_empty() {
@@ -346,7 +389,7 @@ impl HttpHandler {
         }
         let client = builder.build().map_err(|e| {
             anyhow::anyhow!(
-                "cannot build the HTTP client for {}: {e}",
+                "handler `{name}`: cannot build the HTTP client for {}: {e}",
                 settings.shown_url
             )
         })?;
@@ -358,12 +401,55 @@ impl HttpHandler {
         })
     }
 
-    fn request(&self, message: &Message) -> reqwest::RequestBuilder {
-        let headers = request_headers(&self.settings, message, &self.name);
-        self.client
-            .request(self.settings.method.clone(), self.settings.url.clone())
-            .headers(headers)
-            .body(message.body.clone())
+    /// Sends `message`, following redirects when configured: up to [`MAX_REDIRECTS`], to
+    /// `http`/`https` only, without the secret headers once a redirect leaves the origin.
+    /// Past the limit the last 3xx response is returned.
+    async fn send(&self, message: &Message) -> Result<reqwest::Response, reqwest::Error> {
+        let mut headers = request_headers(&self.settings, message, &self.name);
+        let mut url = self.settings.url.clone();
+        let mut method = self.settings.method.clone();
+        let mut body = Some(message.body.clone());
+        let mut hops = 0;
+        loop {
+            let mut request = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(body) = &body {
+                request = request.body(body.clone());
+            }
+            let response = request.send().await?;
+            let status = response.status();
+            if !self.settings.follow_redirects || !status.is_redirection() || hops >= MAX_REDIRECTS
+            {
+                return Ok(response);
+            }
+            let Some(next) = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+                .filter(|next| matches!(next.scheme(), "http" | "https"))
+            else {
+                return Ok(response);
+            };
+            if !same_origin(&url, &next) {
+                for name in &self.settings.secret_headers {
+                    headers.remove(name);
+                }
+            }
+            // As browsers and reqwest do: 303, and 301/302 after a POST, become a GET
+            // without a body; 307 and 308 repeat the request as it was.
+            let to_get = status == StatusCode::SEE_OTHER
+                || (matches!(status.as_u16(), 301 | 302) && method == Method::POST);
+            if to_get && method != Method::HEAD {
+                method = Method::GET;
+                body = None;
+                headers.remove(reqwest::header::CONTENT_TYPE);
+            }
+            url = next;
+            hops += 1;
+        }
     }
 
     async fn deliver(&self, message: &Message) -> (Outcome, &'static str) {
@@ -372,7 +458,7 @@ impl HttpHandler {
             return (Outcome::retry("the handler is shutting down"), "connect");
         };
         let exchange = async {
-            let mut response = self.request(message).send().await?;
+            let mut response = self.send(message).await?;
             let status = response.status();
             let cap = if status.is_success() {
                 MAX_STATUS_BODY_BYTES
@@ -385,20 +471,20 @@ impl HttpHandler {
         match tokio::time::timeout(self.settings.timeout, exchange).await {
             Err(_) => {
                 let reason = format!(
-                    "no response from {} within {:?}",
-                    self.settings.shown_url, self.settings.timeout
+                    "handler `{}`: no response from {} within {:?}",
+                    self.name, self.settings.shown_url, self.settings.timeout
                 );
                 (Outcome::retry(reason), "timeout")
             }
             Ok(Err(e)) => {
                 let failure = TransportError::from(e);
+                let text = format!(
+                    "handler `{}`: {failure} ({})",
+                    self.name, self.settings.shown_url
+                );
                 (
                     Outcome::retry(
-                        truncate_start(
-                            &format!("{failure} ({})", self.settings.shown_url),
-                            MAX_REASON_BYTES,
-                        )
-                        .to_owned(),
+                        truncate_start(&crate::redact::text(&text), MAX_REASON_BYTES).to_owned(),
                     ),
                     failure.class(),
                 )
@@ -411,7 +497,7 @@ impl HttpHandler {
                     &self.settings.overrides,
                     SystemTime::now(),
                 );
-                (outcome, status_class(status))
+                (redact_reason(outcome), status_class(status))
             }
         }
     }
@@ -444,6 +530,40 @@ impl Handler for HttpHandler {
             }
         }
         outcome
+    }
+}
+
+/// Whether `next` is on the same scheme, host and port as `previous`: secret headers go
+/// only there.
+fn same_origin(previous: &reqwest::Url, next: &reqwest::Url) -> bool {
+    previous.scheme() == next.scheme()
+        && previous.host_str() == next.host_str()
+        && previous.port_or_known_default() == next.port_or_known_default()
+}
+
+/// The outcome with its reason passed through the redactor: reasons quote response
+/// bodies, and an endpoint may echo the request's credentials back.
+fn redact_reason(outcome: Outcome) -> Outcome {
+    let clean = |reason: String| match crate::redact::text(&reason) {
+        std::borrow::Cow::Borrowed(_) => reason,
+        std::borrow::Cow::Owned(cleaned) => cleaned,
+    };
+    match outcome {
+        Outcome::Retry { after, reason } => Outcome::Retry {
+            after,
+            reason: clean(reason),
+        },
+        Outcome::DeadLetter { reason, kind } => Outcome::DeadLetter {
+            reason: clean(reason),
+            kind,
+        },
+        Outcome::Drop { reason } => Outcome::Drop {
+            reason: clean(reason),
+        },
+        Outcome::Release { reason } => Outcome::Release {
+            reason: clean(reason),
+        },
+        Outcome::Ack => Outcome::Ack,
     }
 }
 
@@ -765,8 +885,8 @@ mod tests {
     }
 
     #[test]
-    fn shown_url_hides_credentials_and_query() {
+    fn shown_url_hides_credentials_query_and_path() {
         let url = reqwest::Url::parse("https://user:pw@example.com:8443/hook?token=abc").unwrap();
-        assert_eq!(shown(&url), "https://example.com:8443/hook");
+        assert_eq!(shown(&url), "https://example.com:8443");
     }
 }
