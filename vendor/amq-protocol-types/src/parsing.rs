@@ -2,7 +2,7 @@ use crate::{flags::*, types::*, value::*};
 use nom::{
     self, Parser,
     bytes::streaming::take,
-    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser, map_res},
+    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser},
     error::{ContextError, ErrorKind, ParseError, context},
     multi::fold_many0,
     number::streaming::{
@@ -100,10 +100,26 @@ pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
 pub type ParserResult<I, T> = Result<(I, T), ParserError>;
 
+/// Field tables and field arrays nested deeper than this are not decoded.
+///
+/// Decoding is recursive, so an unbounded nesting depth lets a peer exhaust the stack of the
+/// thread that parses its frames (a few kilobytes of nested tables are enough). A table or
+/// array at a deeper level is kept undecoded, as an [AMQPValue::ByteArray] holding its encoded
+/// entries, so the frame (and the message it belongs to) still parses.
+pub const MAX_NESTING_DEPTH: usize = 64;
+
 /// Parse the [AMQPValue](../type.AMQPValue.html) of the given [AMQPType](../type.AMQPType.html)
 #[must_use]
 pub fn parse_raw_value<I: ParsableInput>(
     amqp_type: AMQPType,
+) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
+    parse_raw_value_at(amqp_type, 0)
+}
+
+/// [parse_raw_value] for a value enclosed in `depth` tables or arrays.
+fn parse_raw_value_at<I: ParsableInput>(
+    amqp_type: AMQPType,
+    depth: usize,
 ) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
     context("parse_raw_value", move |i| match amqp_type {
         AMQPType::Boolean => map(parse_boolean, AMQPValue::Boolean).parse(i),
@@ -121,9 +137,23 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray if depth >= MAX_NESTING_DEPTH => {
+            map(parse_byte_array, AMQPValue::ByteArray).parse(i)
+        }
+        AMQPType::FieldArray => map(
+            move |i| parse_field_array_at(i, depth + 1),
+            AMQPValue::FieldArray,
+        )
+        .parse(i),
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable if depth >= MAX_NESTING_DEPTH => {
+            map(parse_byte_array, AMQPValue::ByteArray).parse(i)
+        }
+        AMQPType::FieldTable => map(
+            move |i| parse_field_table_at(i, depth + 1),
+            AMQPValue::FieldTable,
+        )
+        .parse(i),
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
@@ -131,7 +161,18 @@ pub fn parse_raw_value<I: ParsableInput>(
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
 pub fn parse_value<I: ParsableInput>(i: I) -> ParserResult<I, AMQPValue> {
-    context("parse_value", flat_map(parse_type, parse_raw_value)).parse(i)
+    parse_value_at(i, 0)
+}
+
+/// [parse_value] for a value enclosed in `depth` tables or arrays.
+fn parse_value_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, AMQPValue> {
+    context(
+        "parse_value",
+        flat_map(parse_type, move |amqp_type| {
+            parse_raw_value_at(amqp_type, depth)
+        }),
+    )
+    .parse(i)
 }
 
 /// Parse an [AMQPType](../type.AMQPType.html)
@@ -215,16 +256,34 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
     .parse(i)
 }
 
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
-    String::from_utf8(i.iter_elements().collect())
+/// Decodes the bytes of a short string. Bytes that are not UTF-8 are decoded lossily (each
+/// invalid sequence becomes U+FFFD) rather than failing: a short string is part of a method or
+/// content header frame, and failing it fails the whole connection, for a value (a routing
+/// key, a `message_id`, a header name) that any publisher can set. The result is cut on a
+/// character boundary to fit [MAX_SHORT_STRING_LENGTH].
+fn make_str<I: Input<Item = u8>>(i: I) -> String {
+    match String::from_utf8(i.iter_elements().collect()) {
+        Ok(s) => s,
+        Err(e) => {
+            let mut s = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            let mut end = s.len().min(MAX_SHORT_STRING_LENGTH);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s
+        }
+    }
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
+///
+/// Bytes that are not UTF-8 are replaced by U+FFFD (see `make_str`).
 pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString> {
     context(
         "parse_short_string",
         map(
-            map_res(flat_map(parse_short_short_uint, take), make_str),
+            map(flat_map(parse_short_short_uint, take), make_str),
             ShortString::from,
         ),
     )
@@ -243,13 +302,24 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
 }
 
 /// Parse a [FieldArray](../type.FieldArray.html)
+///
+/// Tables and arrays nested deeper than [MAX_NESTING_DEPTH] are kept undecoded.
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
+    parse_field_array_at(i, 1)
+}
+
+/// [parse_field_array] for an array that is itself at nesting level `depth` (1 for the
+/// outermost).
+fn parse_field_array_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldArray> {
     context(
         "parse_field_array",
         map_parser(
             flat_map(parse_long_uint, take),
             all_consuming(fold_many0(
-                context("parse_field_array_entry", complete(parse_value)),
+                context(
+                    "parse_field_array_entry",
+                    complete(move |i| parse_value_at(i, depth)),
+                ),
                 FieldArray::default,
                 |mut acc, elem| {
                     acc.push(elem);
@@ -267,7 +337,15 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 }
 
 /// Parse a [FieldTable](../type.FieldTable.html)
+///
+/// Tables and arrays nested deeper than [MAX_NESTING_DEPTH] are kept undecoded.
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
+    parse_field_table_at(i, 1)
+}
+
+/// [parse_field_table] for a table that is itself at nesting level `depth` (1 for the
+/// outermost).
+fn parse_field_table_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldTable> {
     context(
         "parse_field_table",
         map_parser(
@@ -275,7 +353,7 @@ pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> 
             all_consuming(fold_many0(
                 context(
                     "parse_field_table_entry",
-                    complete(pair(parse_short_string, parse_value)),
+                    complete(pair(parse_short_string, move |i| parse_value_at(i, depth))),
                 ),
                 FieldTable::default,
                 |mut acc, (key, value)| {
@@ -543,6 +621,88 @@ mod test {
             ),
             Ok((EMPTY, table))
         );
+    }
+
+    #[test]
+    fn test_parse_short_string_not_utf8() {
+        assert_eq!(
+            parse_short_string(&[3, b'a', 0xff, b'b'][..]),
+            Ok((EMPTY, "a\u{fffd}b".into()))
+        );
+        // 255 invalid bytes would decode to 765 bytes: cut to fit a ShortString.
+        let mut input = vec![255];
+        input.extend([0xff; 255]);
+        let (rest, s) = parse_short_string(&input[..]).expect("parses");
+        assert!(rest.is_empty());
+        assert_eq!(s.as_str(), "\u{fffd}".repeat(85));
+    }
+
+    /// A table holding `levels` tables, one inside the other, under the key "a".
+    fn nested_table(levels: usize) -> Vec<u8> {
+        let mut encoded = vec![0, 0, 0, 0];
+        for _ in 1..levels {
+            let mut outer = Vec::new();
+            outer.extend(((encoded.len() + 3) as u32).to_be_bytes());
+            outer.extend([1, b'a', b'F']);
+            outer.extend(encoded);
+            encoded = outer;
+        }
+        encoded
+    }
+
+    fn depth_of(table: &FieldTable) -> usize {
+        match table.inner().get("a") {
+            Some(AMQPValue::FieldTable(inner)) => 1 + depth_of(inner),
+            _ => 1,
+        }
+    }
+
+    #[test]
+    fn test_parse_field_table_nesting_limit() {
+        let input = nested_table(MAX_NESTING_DEPTH);
+        let (rest, table) = parse_field_table(&input[..]).expect("parses");
+        assert!(rest.is_empty());
+        assert_eq!(depth_of(&table), MAX_NESTING_DEPTH);
+
+        let input = nested_table(MAX_NESTING_DEPTH + 1);
+        let (rest, table) = parse_field_table(&input[..]).expect("parses");
+        assert!(rest.is_empty());
+        assert_eq!(depth_of(&table), MAX_NESTING_DEPTH);
+        let mut innermost = &table;
+        while let Some(AMQPValue::FieldTable(inner)) = innermost.inner().get("a") {
+            innermost = inner;
+        }
+        // The level past the limit is kept as the bytes of its entries.
+        assert_eq!(
+            innermost.inner().get("a"),
+            Some(&AMQPValue::ByteArray(vec![].into()))
+        );
+    }
+
+    #[test]
+    fn test_parse_deep_values_without_exhausting_the_stack() {
+        // Run on a small stack: without a limit this recursion needs megabytes.
+        let handle = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(|| {
+                let input = nested_table(20_000);
+                let (rest, table) = parse_field_table(&input[..]).expect("parses");
+                assert!(rest.is_empty());
+                assert_eq!(depth_of(&table), MAX_NESTING_DEPTH);
+
+                let mut array = vec![0, 0, 0, 0];
+                for _ in 0..20_000 {
+                    let mut outer = Vec::new();
+                    outer.extend(((array.len() + 1) as u32).to_be_bytes());
+                    outer.push(b'A');
+                    outer.extend(array);
+                    array = outer;
+                }
+                let (rest, _) = parse_field_array(&array[..]).expect("parses");
+                assert!(rest.is_empty());
+            })
+            .expect("spawn");
+        handle.join().expect("no stack overflow");
     }
 
     #[test]
