@@ -133,6 +133,11 @@ impl AmqpConsumer {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "unknown".into());
+        let limits = spec.amqp.limits;
+        let prefetch = limits::prefetch(spec.amqp.prefetch.max(1), &limits);
+        if prefetch < spec.amqp.prefetch {
+            tracing::info!(consumer = %spec.name, prefetch, configured = spec.amqp.prefetch, max_in_flight_bytes = limits.max_in_flight_bytes, max_message_size = limits.max_message_size, "prefetch cut to fit max_in_flight_bytes");
+        }
         let inner = Inner {
             name: spec.name.to_owned(),
             broker_name: spec.broker_name.to_owned(),
@@ -140,8 +145,8 @@ impl AmqpConsumer {
             connection_name: spec.connection_name,
             handler: spec.handler,
             concurrency: spec.consumer.concurrency.max(1),
-            prefetch: limits::prefetch(spec.amqp.prefetch.max(1), &spec.amqp.limits),
-            limits: spec.amqp.limits,
+            prefetch,
+            limits,
             declare: spec.amqp.declare,
             retry: spec.consumer.retry.clone(),
             topology: Topology::for_consumer(spec.consumer, spec.amqp),

@@ -27,8 +27,12 @@ pub const MAX_HEADER_DEPTH: usize = 32;
 pub const REMOVED: &str = "(removed: nested deeper than 32 levels)";
 
 /// The prefetch count asked of the broker: the configured one, cut so that `prefetch` bodies
-/// of `max_message_size` fit `max_in_flight_bytes` (at least 1).
+/// of `max_message_size` fit `max_in_flight_bytes` (at least 1). A budget of `u64::MAX` cuts
+/// nothing.
 pub fn prefetch(configured: u16, limits: &DeliveryLimits) -> u16 {
+    if limits.max_in_flight_bytes == u64::MAX {
+        return configured.max(1);
+    }
     let by_bytes = (limits.max_in_flight_bytes / limits.max_message_size.max(1)).max(1);
     u16::try_from(by_bytes)
         .unwrap_or(u16::MAX)
@@ -194,5 +198,57 @@ fn trim_value(value: &AMQPValue, level: usize, trimmed: &mut bool) -> AMQPValue 
                 .collect::<Vec<_>>(),
         )),
         other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_message_size: u64, max_in_flight_bytes: u64) -> DeliveryLimits {
+        DeliveryLimits {
+            max_message_size,
+            max_in_flight_bytes,
+            refuse_invalid: true,
+        }
+    }
+
+    #[test]
+    fn prefetch_is_cut_to_the_byte_budget() {
+        assert_eq!(prefetch(1000, &DeliveryLimits::default()), 64);
+        assert_eq!(prefetch(10, &DeliveryLimits::default()), 10);
+        // A message larger than the budget is still received, one at a time.
+        assert_eq!(prefetch(100, &limits(128 << 20, 64 << 20)), 1);
+        assert_eq!(prefetch(100, &DeliveryLimits::unchecked()), 100);
+        assert_eq!(prefetch(u16::MAX, &limits(1, u64::MAX)), u16::MAX);
+    }
+
+    #[test]
+    fn dead_letter_processors_refuse_nothing() {
+        let properties = BasicProperties::default().with_message_id("\u{fffd}".into());
+        assert!(check(&properties, 0, &DeliveryLimits::default()).is_some());
+        assert_eq!(
+            check(&properties, usize::MAX, &DeliveryLimits::unchecked()),
+            None
+        );
+    }
+
+    #[test]
+    fn an_omitted_body_is_named_with_its_size() {
+        let (kept, body) = kept(
+            &BasicProperties::default(),
+            Bytes::from(vec![0u8; 10]),
+            Some(4),
+        );
+        assert!(body.is_empty());
+        let headers = headers::from_table(kept.headers().as_ref());
+        assert_eq!(
+            headers.get(headers::TRUNCATED),
+            Some(&crate::handler::HeaderValue::String("body".into()))
+        );
+        assert_eq!(
+            headers.get(headers::BODY_SIZE),
+            Some(&crate::handler::HeaderValue::Int(10))
+        );
     }
 }

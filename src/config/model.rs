@@ -219,7 +219,7 @@ pub struct DeliveryLimits {
     /// A body over this is dead-lettered as `invalid` without reaching the handler.
     pub max_message_size: u64,
     /// Bytes of message bodies held in memory at once: the prefetch asked of the broker is
-    /// cut to `max_in_flight_bytes / max_message_size` (at least 1).
+    /// cut to `max_in_flight_bytes / max_message_size` (at least 1); `u64::MAX` cuts nothing.
     pub max_in_flight_bytes: u64,
     /// false (dead-letter processors): deliveries are never refused as `invalid`; a processor
     /// must be able to read back whatever was dead-lettered.
