@@ -1,8 +1,10 @@
 //! Case `amqp-memory`: peak RSS of bosun draining 300 persistent messages of 1 MiB at
-//! prefetch 1000 (noop handler), with the default byte budget (`max_in_flight_bytes` 64 MiB,
+//! prefetch 1000, with the default byte budget (`max_in_flight_bytes` 64 MiB,
 //! `max_message_size` 1 MiB) and with the budget raised out of the way (4 GiB), which is how
-//! bosun held deliveries before the budget existed. Prints both peaks and drain times; asserts
-//! nothing.
+//! bosun held deliveries before the budget existed. The handler is `exec` running
+//! `sleep 0.1` (8 at once), so deliveries wait in memory as they do behind any real handler;
+//! with `noop` they are settled as fast as they arrive and never pile up. Prints both peaks
+//! and drain times; asserts nothing.
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,7 @@ pub async fn run() -> anyhow::Result<String> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut report = format!(
-        "{MESSAGES} persistent messages of {} MiB, prefetch {PREFETCH}, noop handler\n",
+        "{MESSAGES} persistent messages of {} MiB, prefetch {PREFETCH}, exec `sleep 0.1` x 8\n",
         BODY >> 20
     );
     for (label, budget) in [
@@ -100,11 +102,12 @@ listen = "127.0.0.1:{port}"
 [brokers.rabbit]
 kind = "amqp"
 url = "{URL}"
-[handlers.noop]
-kind = "noop"
+[handlers.slow]
+kind = "exec"
+command = ["sleep", "0.1"]
 [consumers.bench]
 source = "rabbit"
-handler = "noop"
+handler = "slow"
 queue = "{queue}"
 prefetch = {PREFETCH}
 declare = false
