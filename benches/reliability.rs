@@ -39,7 +39,7 @@ fn main() {
         "# Reliability\n\nbosun promises at-least-once delivery with nothing dropped silently. This table is the proof: every\nscenario drives the real `bosun` binary under load, injects one fault, and classifies every message\n(see `tests/checker/mod.rs` for the checker).\n\n- **lost**: confirmed by the broker (or committed to the outbox), never handled and not dead-lettered. Must be 0.\n- **misplaced**: bad input that did not end in its documented place (bad-input rows only, described below). Must be 0.\n- **unexpected**: handled or dead-lettered but never sent. Must be 0.\n- **duplicated**: extra deliveries of one id, which at-least-once allows after a crash or a lost ack.\n\nRegenerate with `cargo bench --bench reliability -- --scale {scale}` (scale {scale}: message counts are {scale}x the CI set).\nCI runs the same scenarios at scale 1 without the broker restarts (`cargo test --test reliability`).\n\n{table}\nContract held in every scenario: {}.\n",
         if holds { "yes" } else { "NO" }
     );
-    let doc = format!("{doc}{BAD_INPUT}");
+    let doc = format!("{doc}{BAD_INPUT}{HOSTILE_AMQP}");
     if let Err(e) = std::fs::write("RELIABILITY.md", doc) {
         eprintln!("cannot write RELIABILITY.md: {e}");
         std::process::exit(1);
@@ -82,4 +82,20 @@ did not end in its documented place (it must be 0):
   `max_message_size`, end `failed` with a `last_error` that says why, and no other row does.
   The relay here has no `max_message_size` configured, so the broker's own refusal is the one
   charged to the oversized row.
+"#;
+
+/// The hostile amqp input coverage, kept with the table when it is regenerated.
+const HOSTILE_AMQP: &str = r#"
+## Hostile input (amqp)
+
+Messages anyone who can publish to a consumer's queue could send to stop it. Each must end in
+its place while the process keeps running on the same connection and every other message is
+handled (`tests/hostile_amqp.rs`, through the real binary, frames written by hand):
+
+| input | where it ends | proved by |
+|---|---|---|
+| header table nested 40, 1,500 and 15,000 levels deep | `Q.dlq`, kind `invalid`, the 32 outer levels kept, `bosun-truncated = headers`; the parser stops decoding at 64 levels | `headers_nested_thousands_of_levels_deep_are_dead_lettered_as_invalid_without_a_crash` |
+| `message_id`, `content_type` or a header name that is not UTF-8 | `Q.dlq`, kind `invalid`, decoded with U+FFFD | `non_utf8_message_id_content_type_and_header_name_are_dead_lettered_as_invalid_without_a_reconnect` |
+| body over the consumer's `max_message_size` | `Q.dlq`, kind `invalid`, body kept (left out, with `bosun-truncated = body`, only when over the broker's limit) | `body_over_max_message_size_is_dead_lettered_as_invalid_with_its_body` |
+| random header tables: deep, wide, non-UTF-8 names, every field type; random bytes | parsed and converted within the depth limits, no panic | `tests/amqp_headers_prop.rs` (proptest) |
 "#;

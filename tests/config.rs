@@ -483,3 +483,49 @@ fn example_config_is_valid() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("configuration is valid"));
 }
+
+#[test]
+fn consumer_delivery_limits_default_and_parse_and_are_amqp_only() {
+    use bosun::config::{ConsumerKind, DeliveryLimits};
+    let limits = |extra: &str| {
+        let text = format!(
+            "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\n{extra}"
+        );
+        match load(&text)
+            .expect("valid")
+            .consumers
+            .get("orders")
+            .map(|c| &c.kind)
+        {
+            Some(ConsumerKind::Amqp(a)) => a.limits,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(limits(""), DeliveryLimits::default());
+    assert_eq!(limits("").max_message_size, 1 << 20);
+    assert_eq!(limits("").max_in_flight_bytes, 64 << 20);
+    let set = limits("max_message_size = \"16MiB\"\nmax_in_flight_bytes = 1073741824\n");
+    assert_eq!(
+        (set.max_message_size, set.max_in_flight_bytes),
+        (16 << 20, 1 << 30)
+    );
+
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\nmax_message_size = \"1 MB\"\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "1 MB"),
+        1,
+        &["invalid size", "consumers.orders.max_message_size"],
+    );
+    let text = format!(
+        "{BASE}\n[consumers.events]\nsource = \"cache\"\nhandler = \"orders\"\nstream = \"s\"\nmax_in_flight_bytes = \"1MiB\"\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "max_in_flight_bytes"),
+        1,
+        &["is for amqp consumers"],
+    );
+}

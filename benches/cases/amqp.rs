@@ -171,7 +171,7 @@ async fn drain_bare(queue: &str) -> anyhow::Result<f64> {
 }
 
 /// Sum of the samples of `name` carrying `label` on bosun's /metrics.
-fn metric(port: u16, name: &str, label: &str) -> Option<f64> {
+pub(super) fn metric(port: u16, name: &str, label: &str) -> Option<f64> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     stream

@@ -1,6 +1,7 @@
 //! The harness's cases. Each is an async function returning its printed report.
 
 pub mod amqp;
+pub mod amqp_memory;
 pub mod http;
 pub mod outbox;
 pub mod redis;
@@ -22,6 +23,10 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "amqp",
             run: || Box::pin(amqp::run()),
+        },
+        Case {
+            name: "amqp-memory",
+            run: || Box::pin(amqp_memory::run()),
         },
         Case {
             name: "redis",

@@ -38,8 +38,10 @@ use metrics::Gauge;
 
 use super::publisher::{PERSISTENT, confirmation};
 use super::topology::Topology;
-use super::{AmqpError, connection, headers, short};
-use crate::config::{AmqpBrokerConfig, AmqpConsumerConfig, BrokerConfig, ConsumerConfig};
+use super::{AmqpError, connection, headers, limits, short};
+use crate::config::{
+    AmqpBrokerConfig, AmqpConsumerConfig, BrokerConfig, ConsumerConfig, DeliveryLimits,
+};
 use crate::handler::{FailureKind, Handler, Message, Outcome, Source};
 use crate::publish::PublishError;
 use crate::retry::RetryPolicy;
@@ -71,7 +73,9 @@ struct Inner {
     handler: Arc<dyn Handler>,
     /// Handlers in flight at once.
     concurrency: usize,
+    /// The configured prefetch, cut to the byte budget (`limits::prefetch`).
     prefetch: u16,
+    limits: DeliveryLimits,
     /// With `false`, topology is only checked passively.
     declare: bool,
     retry: RetryPolicy,
@@ -129,6 +133,11 @@ impl AmqpConsumer {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "unknown".into());
+        let limits = spec.amqp.limits;
+        let prefetch = limits::prefetch(spec.amqp.prefetch.max(1), &limits);
+        if prefetch < spec.amqp.prefetch {
+            tracing::info!(consumer = %spec.name, prefetch, configured = spec.amqp.prefetch, max_in_flight_bytes = limits.max_in_flight_bytes, max_message_size = limits.max_message_size, "prefetch cut to fit max_in_flight_bytes");
+        }
         let inner = Inner {
             name: spec.name.to_owned(),
             broker_name: spec.broker_name.to_owned(),
@@ -136,7 +145,8 @@ impl AmqpConsumer {
             connection_name: spec.connection_name,
             handler: spec.handler,
             concurrency: spec.consumer.concurrency.max(1),
-            prefetch: spec.amqp.prefetch.max(1),
+            prefetch,
+            limits,
             declare: spec.amqp.declare,
             retry: spec.consumer.retry.clone(),
             topology: Topology::for_consumer(spec.consumer, spec.amqp),
@@ -433,6 +443,11 @@ async fn process(
         data,
         ..
     } = delivery;
+    if let Some(invalid) = limits::check(&properties, data.len(), &inner.limits) {
+        let original = (exchange.as_str(), routing_key.as_str(), &properties);
+        let result = inner.refuse(&publish, original, data, &invalid).await;
+        return (delivery_tag, result);
+    }
     let attempt = headers::attempt(properties.headers().as_ref());
     let message = Message {
         message_id: properties
@@ -555,6 +570,27 @@ struct Original<'a> {
 }
 
 impl Inner {
+    /// Dead-letters a delivery that breaks a limit as `invalid`, without running the handler.
+    async fn refuse(
+        &self,
+        publish: &Channel,
+        (exchange, routing_key, properties): (&str, &str, &BasicProperties),
+        data: Vec<u8>,
+        invalid: &limits::Invalid,
+    ) -> Result<Settled, String> {
+        let (properties, body) =
+            limits::kept(properties, Bytes::from(data), self.broker.max_message_size);
+        let original = Original {
+            exchange,
+            routing_key,
+            properties: &properties,
+            body: &body,
+            attempt: headers::attempt(properties.headers().as_ref()),
+        };
+        self.dead_letter(publish, &original, FailureKind::Invalid, &invalid.reason)
+            .await
+    }
+
     async fn dead_letter(
         &self,
         publish: &Channel,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString};
 
-use super::{AmqpError, short};
+use super::{AmqpError, limits, short};
 use crate::handler::{FailureKind, HeaderValue};
 
 /// The attempt the delivery is on (1 for the first). Counted by bosun, never from `x-death`.
@@ -33,6 +33,10 @@ pub const CONSUMER: &str = "bosun-consumer";
 pub const HOST: &str = "bosun-host";
 /// Times a dead letter has been replayed.
 pub const REPLAY_COUNT: &str = "bosun-replay-count";
+/// On an `invalid` dead letter: what its copy left out (`headers`, `body`, comma-separated).
+pub const TRUNCATED: &str = "bosun-truncated";
+/// On an `invalid` dead letter whose body was left out: the body's size in bytes.
+pub const BODY_SIZE: &str = "bosun-body-size";
 
 /// `bosun-error` is cut to this many bytes: all headers must fit one AMQP frame.
 pub const MAX_ERROR_BYTES: usize = 2048;
@@ -71,22 +75,32 @@ fn from_amqp(value: &AMQPValue) -> HeaderValue {
             Err(_) => HeaderValue::Bytes(s.as_bytes().to_vec()),
         },
         AMQPValue::ByteArray(b) => HeaderValue::Bytes(b.as_slice().to_vec()),
-        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => HeaderValue::Json(to_json(value)),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => HeaderValue::Json(to_json(value, 2)),
         AMQPValue::Void => HeaderValue::Json(serde_json::Value::Null),
     }
 }
 
-fn to_json(value: &AMQPValue) -> serde_json::Value {
+/// `value`, a table or array at nesting `level` (the header table is 1), as JSON; levels past
+/// [`limits::MAX_HEADER_DEPTH`] become a marker string, so the recursion is bounded whatever
+/// the table holds.
+fn to_json(value: &AMQPValue, level: usize) -> serde_json::Value {
     use serde_json::Value;
     match value {
-        AMQPValue::FieldArray(items) => {
-            Value::Array(items.as_slice().iter().map(to_json).collect())
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) if level > limits::MAX_HEADER_DEPTH => {
+            Value::String(limits::REMOVED.to_owned())
         }
+        AMQPValue::FieldArray(items) => Value::Array(
+            items
+                .as_slice()
+                .iter()
+                .map(|v| to_json(v, level + 1))
+                .collect(),
+        ),
         AMQPValue::FieldTable(table) => Value::Object(
             table
                 .inner()
                 .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), to_json(v)))
+                .map(|(k, v)| (k.as_str().to_owned(), to_json(v, level + 1)))
                 .collect(),
         ),
         other => match from_amqp(other) {

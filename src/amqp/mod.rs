@@ -11,6 +11,7 @@
 pub mod connection;
 pub mod consumer;
 pub mod headers;
+pub mod limits;
 pub mod publisher;
 pub mod topology;
 

@@ -382,6 +382,7 @@ mod tests {
             declare: true,
             prefetch: 10,
             dead_letter,
+            limits: Default::default(),
         };
         let retry = RetryPolicy {
             max_attempts: 4,

@@ -222,6 +222,44 @@ pub struct AmqpConsumerConfig {
     pub declare: bool,
     pub prefetch: u16,
     pub dead_letter: AmqpDeadLetter,
+    pub limits: DeliveryLimits,
+}
+
+/// What a delivery may hold before a handler sees it, and how much a consumer holds at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryLimits {
+    /// A body over this is dead-lettered as `invalid` without reaching the handler.
+    pub max_message_size: u64,
+    /// Bytes of message bodies held in memory at once: the prefetch asked of the broker is
+    /// cut to `max_in_flight_bytes / max_message_size` (at least 1); `u64::MAX` cuts nothing.
+    pub max_in_flight_bytes: u64,
+    /// false (dead-letter processors): deliveries are never refused as `invalid`; a processor
+    /// must be able to read back whatever was dead-lettered.
+    pub refuse_invalid: bool,
+}
+
+impl DeliveryLimits {
+    pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1 << 20;
+    pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
+
+    /// No size limit and no `invalid` refusals (dead-letter processors).
+    pub fn unchecked() -> Self {
+        Self {
+            max_message_size: u64::MAX,
+            max_in_flight_bytes: u64::MAX,
+            refuse_invalid: false,
+        }
+    }
+}
+
+impl Default for DeliveryLimits {
+    fn default() -> Self {
+        Self {
+            max_message_size: Self::DEFAULT_MAX_MESSAGE_SIZE,
+            max_in_flight_bytes: Self::DEFAULT_MAX_IN_FLIGHT_BYTES,
+            refuse_invalid: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

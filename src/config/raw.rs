@@ -160,6 +160,12 @@ pub struct RawConsumer {
     pub bindings: Option<Vec<RawBinding>>,
     pub declare: Option<bool>,
     pub prefetch: Option<u16>,
+    /// Largest body handed to the handler (default "1MiB"); larger ones are dead-lettered as
+    /// `invalid`.
+    pub max_message_size: Option<RawSize>,
+    /// Bytes of bodies held in memory at once (default "64MiB"); the prefetch is cut to
+    /// `max_in_flight_bytes / max_message_size`.
+    pub max_in_flight_bytes: Option<RawSize>,
 
     // redis
     pub stream: Option<String>,

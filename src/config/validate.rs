@@ -786,6 +786,17 @@ fn consumer_config(
             if concurrency == 0 {
                 c.issue(&at("concurrency"), "must be at least 1");
             }
+            let mut limits = DeliveryLimits::default();
+            if let Some(size) = &raw.max_message_size {
+                limits.max_message_size = c
+                    .size(&at("max_message_size"), size)
+                    .unwrap_or(limits.max_message_size);
+            }
+            if let Some(size) = &raw.max_in_flight_bytes {
+                limits.max_in_flight_bytes = c
+                    .size(&at("max_in_flight_bytes"), size)
+                    .unwrap_or(limits.max_in_flight_bytes);
+            }
             let dead_letter = match dl {
                 Some(RawConsumerDeadLetter {
                     queue: Some(_),
@@ -823,6 +834,7 @@ fn consumer_config(
                     declare: raw.declare.unwrap_or(true),
                     prefetch: prefetch.max(1),
                     dead_letter,
+                    limits,
                 }),
             })
         }
@@ -833,6 +845,8 @@ fn consumer_config(
                 ("bindings", raw.bindings.is_some()),
                 ("declare", raw.declare.is_some()),
                 ("prefetch", raw.prefetch.is_some()),
+                ("max_message_size", raw.max_message_size.is_some()),
+                ("max_in_flight_bytes", raw.max_in_flight_bytes.is_some()),
             ] {
                 if given {
                     c.issue(

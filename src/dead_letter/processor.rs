@@ -483,5 +483,6 @@ fn amqp_kind(queue: &str) -> ConsumerKind {
         declare: false,
         prefetch: (CONCURRENCY * 2) as u16,
         dead_letter: config::AmqpDeadLetter::Queue(queue.to_owned()),
+        limits: config::DeliveryLimits::unchecked(),
     })
 }

@@ -166,7 +166,9 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     let port = free_port()?;
     let sink = Sink::start(plan.sink).await?;
     let consumer = format!(
-        "\n[consumers.load]\nsource = \"rabbit\"\nhandler = \"sink\"\nqueue = \"{queue}\"\nprefetch = 50\nretry = {{ max_attempts = 3, tiers = [\"200ms\", \"500ms\"] }}\n"
+        "\n[consumers.load]\nsource = \"rabbit\"\nhandler = \"sink\"\nqueue = \"{queue}\"\nprefetch = 50\nretry = {{ max_attempts = 3, tiers = [\"200ms\", \"500ms\"] }}\n\
+         # the bad-input row sends a body at the broker's own limit, to be handled\n\
+         max_message_size = \"128MiB\"\nmax_in_flight_bytes = \"8GiB\"\n"
     );
     let config = format!("{}{consumer}", base_config(&service, port, &sink.url, "5s"));
     let extra_queue = unique("rel_extra");
