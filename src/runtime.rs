@@ -223,6 +223,11 @@ impl Runtime {
         let resources = Resources::new(config.clone())?;
         let mut components = components_for(&resources)?;
         components.extend(self.extra);
+        // Every component is "starting" before the listener answers: otherwise `/readyz` could
+        // report an empty, and so trivially ready, set while the supervisor is still spawning.
+        for (name, _) in &components {
+            health.register(name);
+        }
 
         let supervisor = Supervisor::new(
             SupervisorConfig {
