@@ -1508,25 +1508,28 @@ async fn later_rows_of_a_key_wait_while_an_earlier_row_fails() {
         &table.name,
         "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"\nmax_attempts = 5\nretry = { backoff = \"fixed\", initial = \"1h\", jitter = 0.0 }",
     );
-    // One transaction: K's first row goes to an exchange that does not exist.
+    // One transaction: K's first row goes to an exchange that does not exist; its last row
+    // could never be sent (headers not an object), but is not reached either.
     let missing = unique("ob_no_such_exchange");
     let mut tx = table.pool.begin().await.expect("begin");
-    for (destination, key, payload) in [
-        (missing.as_str(), Some("K"), "K0"),
-        ("", Some("K"), "K1"),
-        ("", Some("K"), "K2"),
-        ("", Some("L"), "L0"),
-        ("", Some("L"), "L1"),
-        ("", None, "free"),
+    for (destination, key, payload, headers) in [
+        (missing.as_str(), Some("K"), "K0", "{}"),
+        ("", Some("K"), "K1", "{}"),
+        ("", Some("K"), "K2", "[1]"),
+        ("", Some("L"), "L0", "{}"),
+        ("", Some("L"), "L1", "{}"),
+        ("", None, "free", "{}"),
     ] {
         sqlx::query(&format!(
-            "INSERT INTO {} (destination, routing_key, partition_key, payload) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO {} (destination, routing_key, partition_key, payload, headers)
+             VALUES ($1, $2, $3, $4, $5::jsonb)",
             table.name
         ))
         .bind(destination)
         .bind(&queue.name)
         .bind(key)
         .bind(payload.as_bytes())
+        .bind(headers)
         .execute(&mut *tx)
         .await
         .expect("insert");
@@ -1636,6 +1639,42 @@ async fn a_key_moves_on_once_its_earlier_row_is_given_up() {
         later, 2,
         "K1 and K2 went out in a later batch than K0's failure"
     );
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+/// A key longer than one `publish_timeout` of confirms still drains: a batch stops starting
+/// rounds halfway through the timeout and commits what was confirmed, instead of timing out
+/// and rolling back every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_longer_than_the_publish_timeout_still_drains() {
+    let table = Table::new("ob_keylong").await;
+    let queue = Queue::new("ob_keylong").await;
+    let (_file, config) = config(
+        &["keylong"],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 1000\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"\npublish_timeout = \"1s\"",
+    );
+    // Each row waits for the confirm of the one before (a few ms for a persistent message):
+    // 1,000 of them take longer than 1 s.
+    let rows: Vec<(Option<&str>, String)> =
+        (0..1000).map(|i| (Some("K"), format!("{i}"))).collect();
+    table.insert(None, &queue.name, &rows).await;
+    let relays = start_all(config);
+    assert!(table.wait_count("published_at IS NOT NULL", 1000).await);
+    let got = queue.wait_len(1000).await;
+    // A batch rolled back by a confirm slower than the timeout would send rows again: a
+    // duplicate, never a row ahead of one before it.
+    let mut seen = BTreeSet::new();
+    let firsts: Vec<usize> = got
+        .iter()
+        .map(|(_, b)| b.parse().expect("n"))
+        .filter(|n| seen.insert(*n))
+        .collect();
+    assert_eq!(firsts, (0..1000).collect::<Vec<_>>());
+    assert!(commits(&table, "true").await > 1);
     for relay in relays {
         relay.stop().await;
     }

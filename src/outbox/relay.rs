@@ -2,8 +2,10 @@
 //!
 //! One batch is one transaction on the relay's own connection:
 //! 1. `SELECT ... FOR UPDATE SKIP LOCKED ORDER BY id LIMIT batch` claims rows;
-//! 2. the whole batch goes to the publisher, which pipelines it and awaits every confirm,
-//!    bounded by `publish_timeout` (the row locks are held meanwhile);
+//! 2. the batch goes to the publisher, pipelined, and every confirm is awaited, bounded by
+//!    `publish_timeout` (the row locks are held meanwhile); with per_key, a key's rows are
+//!    sent one after another, each once the one before it is confirmed, and a key stops at
+//!    its first row that is not;
 //! 3. confirmed rows are marked published in one statement, refused ones get their failure
 //!    recorded in one statement;
 //! 4. COMMIT.
@@ -86,8 +88,9 @@ impl Relay {
                     failures = 0;
                     ctx.health.set_ready();
                     // A full batch may have more behind it; so may a batch that published or
-                    // gave up anything under per_key ordering, which claims one row per key:
-                    // the next row of each key is claimable now, not after a poll interval.
+                    // gave up anything under per_key ordering, which claims a key's rows only
+                    // up to an equal share of the batch and stops a key at a row given up: the
+                    // next rows of each key are claimable now, not after a poll interval.
                     // A batch that only retried waits, so failing rows never spin.
                     if report.claimed >= self.config.batch
                         || report.published > 0
@@ -207,38 +210,42 @@ impl Relay {
             claimed: rows.len(),
             ..BatchReport::default()
         };
-        let mut failures: Vec<Failure> = Vec::new();
-        // Each run is sent one row after another; runs go out side by side.
-        let mut runs: Vec<Vec<(&OutboxRow, OutgoingMessage)>> = Vec::new();
-        for run in self.runs(&rows) {
-            let mut ready = Vec::with_capacity(run.len());
-            for row in run {
-                match self.message_for(row) {
-                    Ok(message) => ready.push((row, message)),
-                    // The rest of the run stays pending, untouched, behind this row.
-                    Err(problem) => {
-                        failures.push(self.problem_failure(row, problem));
-                        break;
-                    }
-                }
-            }
-            if !ready.is_empty() {
-                runs.push(ready);
-            }
-        }
+        // Each run is sent one row after another; runs go out side by side. A row that
+        // cannot become a message fails when its run reaches it, never earlier: should a row
+        // before it fail, it stays pending, untouched, like every row behind that one.
+        let runs: Vec<Vec<(&OutboxRow, Result<OutgoingMessage, Failure>)>> = self
+            .runs(&rows)
+            .into_iter()
+            .map(|run| {
+                run.into_iter()
+                    .map(|row| {
+                        let message = self
+                            .message_for(row)
+                            .map_err(|problem| self.problem_failure(row, problem));
+                        (row, message)
+                    })
+                    .collect()
+            })
+            .collect();
 
-        let outcome =
-            match tokio::time::timeout(self.config.publish_timeout, publish_runs(publisher, runs))
-                .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    tx.rollback().await?;
-                    return Err(OutboxError::PublishTimeout(self.config.publish_timeout));
-                }
-            };
+        // Rounds start only in the first half of publish_timeout, so one long key cannot make
+        // every batch time out and roll back: the rows left wait for the next batch.
+        let last_round_start = Instant::now() + self.config.publish_timeout / 2;
+        let outcome = match tokio::time::timeout(
+            self.config.publish_timeout,
+            publish_runs(publisher, runs, last_round_start),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tx.rollback().await?;
+                return Err(OutboxError::PublishTimeout(self.config.publish_timeout));
+            }
+        };
         let published = outcome.published;
         let connection_lost = outcome.connection_lost;
+        let mut failures = outcome.unsendable;
         for (row, error) in outcome.refused {
             // No retry can shrink the payload or its headers: given up at once, like an
             // invalid row.
@@ -371,10 +378,12 @@ impl Relay {
     }
 }
 
-/// What became of the rows handed to the broker.
+/// What became of the rows the runs reached.
 struct RunsOutcome<'r> {
     /// Confirmed.
     published: Vec<i64>,
+    /// Rows that could not become a message, reached in their run.
+    unsendable: Vec<Failure>,
     /// Refused by the broker or before sending; recorded as failures.
     refused: Vec<(&'r OutboxRow, PublishError)>,
     /// The connection failed: the rows it hit (and every row not yet sent) stay untouched.
@@ -384,25 +393,39 @@ struct RunsOutcome<'r> {
 /// Publishes the runs in rounds: round n sends the n-th row of every run still going,
 /// pipelined, and awaits every confirm. A run stops at its first row that is not confirmed;
 /// its later rows are never sent and stay pending, untouched, so a key's rows reach the
-/// broker one after another and in order, and one key never has two rows in flight.
+/// broker one after another and in order, and one key never has two rows in flight. No round
+/// starts after `last_round_start`; the rows not reached stay pending, untouched.
 async fn publish_runs<'r>(
     publisher: &dyn Publisher,
-    runs: Vec<Vec<(&'r OutboxRow, OutgoingMessage)>>,
+    runs: Vec<Vec<(&'r OutboxRow, Result<OutgoingMessage, Failure>)>>,
+    last_round_start: Instant,
 ) -> RunsOutcome<'r> {
     let mut outcome = RunsOutcome {
         published: Vec::new(),
+        unsendable: Vec::new(),
         refused: Vec::new(),
         connection_lost: None,
     };
-    let mut runs: Vec<std::vec::IntoIter<(&OutboxRow, OutgoingMessage)>> =
-        runs.into_iter().map(Vec::into_iter).collect();
+    let mut runs: Vec<_> = runs.into_iter().map(Vec::into_iter).collect();
+    let mut first = true;
     loop {
+        if !first && Instant::now() >= last_round_start {
+            return outcome;
+        }
+        first = false;
         let mut round_rows: Vec<(usize, &OutboxRow)> = Vec::new();
         let mut messages: Vec<OutgoingMessage> = Vec::new();
         for (at, run) in runs.iter_mut().enumerate() {
-            if let Some((row, message)) = run.next() {
-                round_rows.push((at, row));
-                messages.push(message);
+            match run.next() {
+                Some((row, Ok(message))) => {
+                    round_rows.push((at, row));
+                    messages.push(message);
+                }
+                Some((_, Err(failure))) => {
+                    outcome.unsendable.push(failure);
+                    *run = Vec::new().into_iter();
+                }
+                None => {}
             }
         }
         if messages.is_empty() {
