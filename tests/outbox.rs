@@ -1680,3 +1680,49 @@ async fn a_key_longer_than_the_publish_timeout_still_drains() {
     }
     queue.delete().await;
 }
+
+/// Rows behind a key's head are taken only as an unbroken run: a row of the key that some
+/// other session holds locked stops the key there, and the rows behind it wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_stops_at_a_row_locked_elsewhere() {
+    let table = Table::new("ob_keygap").await;
+    let queue = Queue::new("ob_keygap").await;
+    let (_file, config) = config(
+        &["keygap"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
+    );
+    let rows: Vec<(Option<&str>, String)> = (0..3).map(|i| (Some("K"), format!("{i}"))).collect();
+    table.insert(None, &queue.name, &rows).await;
+    let mut holder = table.pool.begin().await.expect("begin");
+    sqlx::query(&format!(
+        "SELECT id FROM {} WHERE payload = '1' FOR UPDATE",
+        table.name
+    ))
+    .fetch_one(&mut *holder)
+    .await
+    .expect("lock row 1");
+    let relays = start_all(config);
+
+    let got = queue.wait_len(1).await;
+    assert_eq!(got[0].1, "0");
+    // Time for many claims: row 2 must not overtake the held row 1.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bodies: Vec<String> = queue.received().into_iter().map(|(_, b)| b).collect();
+    assert_eq!(bodies, ["0"]);
+    assert_eq!(
+        table
+            .count("payload <> '0' AND published_at IS NULL AND attempts = 0")
+            .await,
+        2
+    );
+
+    holder.commit().await.expect("release");
+    let got = queue.wait_len(3).await;
+    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, ["0", "1", "2"]);
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
