@@ -1412,3 +1412,317 @@ async fn keyed_rows_held_by_an_unrelated_transaction_go_out_soon_after_it_ends()
     }
     queue.delete().await;
 }
+
+/// Records the bodies of every `publish_batch` call, in call order.
+struct Recording {
+    inner: Arc<dyn Publisher>,
+    calls: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
+#[async_trait]
+impl Publisher for Recording {
+    async fn publish_batch(&self, messages: &[OutgoingMessage]) -> Vec<Result<(), PublishError>> {
+        let bodies = messages
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        self.calls.lock().expect("lock").push(bodies);
+        self.inner.publish_batch(messages).await
+    }
+}
+
+struct RecordingSource {
+    inner: Arc<dyn PublisherSource>,
+    calls: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
+#[async_trait]
+impl PublisherSource for RecordingSource {
+    async fn connect(&self) -> anyhow::Result<Arc<dyn Publisher>> {
+        Ok(Arc::new(Recording {
+            inner: self.inner.connect().await?,
+            calls: self.calls.clone(),
+        }))
+    }
+}
+
+/// The distinct `published_at` values of the rows matching `condition`: rows marked in one
+/// transaction share one (`now()` is the transaction's start).
+async fn commits(table: &Table, condition: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(DISTINCT published_at) FROM {} WHERE {condition}",
+        table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .expect("distinct published_at")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_sends_several_rows_of_a_key_one_after_another() {
+    let table = Table::new("ob_keyrun").await;
+    let queue = Queue::new("ob_keyrun").await;
+    let (_file, config) = config(
+        &["keyrun"],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 100\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"",
+    );
+    let rows: Vec<(Option<&str>, String)> = (0..30).map(|i| (Some("K"), format!("{i}"))).collect();
+    table.insert(None, &queue.name, &rows).await;
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let recorded = calls.clone();
+    let relay = start_wrapped(config, "keyrun", move |inner| {
+        Arc::new(RecordingSource {
+            inner,
+            calls: recorded,
+        })
+    });
+
+    let got = queue.wait_len(30).await;
+    let order: Vec<usize> = got.iter().map(|(_, b)| b.parse().expect("n")).collect();
+    assert_eq!(order, (0..30).collect::<Vec<_>>());
+    assert!(table.wait_count("published_at IS NOT NULL", 30).await);
+    assert_eq!(
+        commits(&table, "true").await,
+        1,
+        "the whole key went out in one batch"
+    );
+    let calls = calls.lock().expect("lock").clone();
+    let expected: Vec<Vec<String>> = (0..30).map(|i| vec![i.to_string()]).collect();
+    assert_eq!(
+        calls, expected,
+        "each row of the key was sent alone, after the one before it was confirmed"
+    );
+    relay.stop().await;
+    queue.delete().await;
+}
+
+/// A row refused by the broker stops its key for the batch: the key's later rows are not
+/// sent, use no attempt, and wait behind it while it waits for its retry. Other keys go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_rows_of_a_key_wait_while_an_earlier_row_fails() {
+    let table = Table::new("ob_keystop").await;
+    let queue = Queue::new("ob_keystop").await;
+    let (_file, config) = config(
+        &["keystop"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"\nmax_attempts = 5\nretry = { backoff = \"fixed\", initial = \"1h\", jitter = 0.0 }",
+    );
+    // One transaction: K's first row goes to an exchange that does not exist; its last row
+    // could never be sent (headers not an object), but is not reached either.
+    let missing = unique("ob_no_such_exchange");
+    let mut tx = table.pool.begin().await.expect("begin");
+    for (destination, key, payload, headers) in [
+        (missing.as_str(), Some("K"), "K0", "{}"),
+        ("", Some("K"), "K1", "{}"),
+        ("", Some("K"), "K2", "[1]"),
+        ("", Some("L"), "L0", "{}"),
+        ("", Some("L"), "L1", "{}"),
+        ("", None, "free", "{}"),
+    ] {
+        sqlx::query(&format!(
+            "INSERT INTO {} (destination, routing_key, partition_key, payload, headers)
+             VALUES ($1, $2, $3, $4, $5::jsonb)",
+            table.name
+        ))
+        .bind(destination)
+        .bind(&queue.name)
+        .bind(key)
+        .bind(payload.as_bytes())
+        .bind(headers)
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    }
+    tx.commit().await.expect("commit");
+    let relays = start_all(config);
+
+    let got = queue.wait_len(3).await;
+    assert!(
+        table
+            .wait_count(
+                "payload = 'K0' AND attempts = 1 AND last_error IS NOT NULL",
+                1
+            )
+            .await
+    );
+    let error: String = sqlx::query_scalar(&format!(
+        "SELECT last_error FROM {} WHERE payload = 'K0'",
+        table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .expect("last_error");
+    assert!(error.contains(&missing), "{error}");
+    // Time for many more batches: K's later rows must stay behind K0 until its retry.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        table
+            .count(
+                "partition_key = 'K' AND payload <> 'K0' AND attempts = 0 AND published_at IS NULL \
+                 AND failed_at IS NULL AND last_error IS NULL"
+            )
+            .await,
+        2,
+        "K's later rows are pending and untouched"
+    );
+    let got_now = queue.received();
+    assert_eq!(got_now.len(), 3, "{got_now:?}");
+    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    let l_rows: Vec<&str> = bodies
+        .iter()
+        .copied()
+        .filter(|b| b.starts_with('L'))
+        .collect();
+    assert_eq!(l_rows, ["L0", "L1"]);
+    assert!(bodies.contains(&"free"), "{bodies:?}");
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+/// A row that can never be sent is given up at its first attempt; its key's later rows are
+/// not sent in that batch but in the next one, after the failure is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_moves_on_once_its_earlier_row_is_given_up() {
+    let table = Table::new("ob_keygiveup").await;
+    let queue = Queue::new("ob_keygiveup").await;
+    let (_file, config) = config(
+        &["keygiveup"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"",
+    );
+    let mut tx = table.pool.begin().await.expect("begin");
+    // Headers that are not a JSON object: the row cannot become a message.
+    for (headers, payload) in [("[1, 2]", "K0"), ("{}", "K1"), ("{}", "K2")] {
+        sqlx::query(&format!(
+            "INSERT INTO {} (destination, routing_key, partition_key, payload, headers)
+             VALUES ('', $1, 'K', $2, $3::jsonb)",
+            table.name
+        ))
+        .bind(&queue.name)
+        .bind(payload.as_bytes())
+        .bind(headers)
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    }
+    tx.commit().await.expect("commit");
+    let relays = start_all(config);
+
+    let got = queue.wait_len(2).await;
+    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, ["K1", "K2"]);
+    assert!(
+        table
+            .wait_count(
+                "payload = 'K0' AND failed_at IS NOT NULL AND attempts = 1",
+                1
+            )
+            .await
+    );
+    assert!(
+        table
+            .wait_count("published_at IS NOT NULL AND attempts = 1", 2)
+            .await
+    );
+    let later: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {t} p, {t} f
+         WHERE f.payload = 'K0' AND p.published_at > f.failed_at",
+        t = table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .expect("compare");
+    assert_eq!(
+        later, 2,
+        "K1 and K2 went out in a later batch than K0's failure"
+    );
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+/// A key longer than one `publish_timeout` of confirms still drains: a batch stops starting
+/// rounds halfway through the timeout and commits what was confirmed, instead of timing out
+/// and rolling back every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_longer_than_the_publish_timeout_still_drains() {
+    let table = Table::new("ob_keylong").await;
+    let queue = Queue::new("ob_keylong").await;
+    let (_file, config) = config(
+        &["keylong"],
+        &table.name,
+        "target = \"rabbit\"\nbatch = 1000\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"\npublish_timeout = \"1s\"",
+    );
+    // Each row waits for the confirm of the one before (a few ms for a persistent message):
+    // 1,000 of them take longer than 1 s.
+    let rows: Vec<(Option<&str>, String)> =
+        (0..1000).map(|i| (Some("K"), format!("{i}"))).collect();
+    table.insert(None, &queue.name, &rows).await;
+    let relays = start_all(config);
+    assert!(table.wait_count("published_at IS NOT NULL", 1000).await);
+    let got = queue.wait_len(1000).await;
+    // A batch rolled back by a confirm slower than the timeout would send rows again: a
+    // duplicate, never a row ahead of one before it.
+    let mut seen = BTreeSet::new();
+    let firsts: Vec<usize> = got
+        .iter()
+        .map(|(_, b)| b.parse().expect("n"))
+        .filter(|n| seen.insert(*n))
+        .collect();
+    assert_eq!(firsts, (0..1000).collect::<Vec<_>>());
+    assert!(commits(&table, "true").await > 1);
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}
+
+/// Rows behind a key's head are taken only as an unbroken run: a row of the key that some
+/// other session holds locked stops the key there, and the rows behind it wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_stops_at_a_row_locked_elsewhere() {
+    let table = Table::new("ob_keygap").await;
+    let queue = Queue::new("ob_keygap").await;
+    let (_file, config) = config(
+        &["keygap"],
+        &table.name,
+        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
+    );
+    let rows: Vec<(Option<&str>, String)> = (0..3).map(|i| (Some("K"), format!("{i}"))).collect();
+    table.insert(None, &queue.name, &rows).await;
+    let mut holder = table.pool.begin().await.expect("begin");
+    sqlx::query(&format!(
+        "SELECT id FROM {} WHERE payload = '1' FOR UPDATE",
+        table.name
+    ))
+    .fetch_one(&mut *holder)
+    .await
+    .expect("lock row 1");
+    let relays = start_all(config);
+
+    let got = queue.wait_len(1).await;
+    assert_eq!(got[0].1, "0");
+    // Time for many claims: row 2 must not overtake the held row 1.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bodies: Vec<String> = queue.received().into_iter().map(|(_, b)| b).collect();
+    assert_eq!(bodies, ["0"]);
+    assert_eq!(
+        table
+            .count("payload <> '0' AND published_at IS NULL AND attempts = 0")
+            .await,
+        2
+    );
+
+    holder.commit().await.expect("release");
+    let got = queue.wait_len(3).await;
+    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, ["0", "1", "2"]);
+    for relay in relays {
+        relay.stop().await;
+    }
+    queue.delete().await;
+}

@@ -10,8 +10,8 @@
 //!
 //! `outbox-one-key`: 10,000 rows of one `partition_key` pre-inserted, relayed with
 //! `ordering = "per_key"`, so one row is in flight at a time; against a bare loop that does
-//! the same one row per transaction (claim the key's head, publish, await its confirm,
-//! UPDATE, commit).
+//! the same: claim 500 rows of the key, publish each after the one before it was confirmed,
+//! one UPDATE, commit.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -492,7 +492,8 @@ async fn one_key_bosun(pool: &PgPool) -> anyhow::Result<(f64, Option<f64>)> {
     Ok((secs.max(1e-9), rss))
 }
 
-/// Seconds a bare loop takes to drain one key, one row per transaction.
+/// Seconds a bare loop takes to drain one key: up to `BATCH` rows of the key per
+/// transaction, each published only after the one before it was confirmed.
 async fn one_key_bare(pool: &PgPool) -> anyhow::Result<f64> {
     let (_conn, channel) = amqp().await?;
     let table = Table::new(pool, "bench_outbox_key_bare").await?;
@@ -506,41 +507,45 @@ async fn one_key_bare(pool: &PgPool) -> anyhow::Result<f64> {
         .await?;
     let claim = format!(
         "SELECT id, routing_key, payload FROM {} WHERE published_at IS NULL
-         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+         ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED",
         table.name
     );
     let mark = format!(
-        "UPDATE {} SET published_at = now() WHERE id = $1",
+        "UPDATE {} SET published_at = now() WHERE id = ANY($1)",
         table.name
     );
     let started = Instant::now();
     let mut total = 0i64;
     loop {
         let mut tx = db.begin().await?;
-        let Some(row) = sqlx::query(&claim).fetch_optional(&mut *tx).await? else {
+        let rows = sqlx::query(&claim).fetch_all(&mut *tx).await?;
+        if rows.is_empty() {
             tx.commit().await?;
             break;
-        };
-        let id: i64 = row.try_get("id")?;
-        let routing_key: String = row.try_get("routing_key")?;
-        let payload: Vec<u8> = row.try_get("payload")?;
-        let confirmation = publisher
-            .basic_publish(
-                "".into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &payload,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?
-            .await?;
-        anyhow::ensure!(confirmation.is_ack(), "bare loop: broker did not ack");
-        sqlx::query(&mark).bind(id).execute(&mut *tx).await?;
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let routing_key: String = row.try_get("routing_key")?;
+            let payload: Vec<u8> = row.try_get("payload")?;
+            let confirmation = publisher
+                .basic_publish(
+                    "".into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &payload,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?
+                .await?;
+            anyhow::ensure!(confirmation.is_ack(), "bare loop: broker did not ack");
+            ids.push(row.try_get::<i64, _>("id")?);
+        }
+        sqlx::query(&mark).bind(&ids).execute(&mut *tx).await?;
         tx.commit().await?;
-        total += 1;
+        total += i64::try_from(ids.len())?;
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     anyhow::ensure!(total == ONE_KEY_ROWS, "bare loop published {total} rows");

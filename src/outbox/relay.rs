@@ -2,8 +2,10 @@
 //!
 //! One batch is one transaction on the relay's own connection:
 //! 1. `SELECT ... FOR UPDATE SKIP LOCKED ORDER BY id LIMIT batch` claims rows;
-//! 2. the whole batch goes to the publisher, which pipelines it and awaits every confirm,
-//!    bounded by `publish_timeout` (the row locks are held meanwhile);
+//! 2. the batch goes to the publisher, pipelined, and every confirm is awaited, bounded by
+//!    `publish_timeout` (the row locks are held meanwhile); with per_key, a key's rows are
+//!    sent one after another, each once the one before it is confirmed, and a key stops at
+//!    its first row that is not;
 //! 3. confirmed rows are marked published in one statement, refused ones get their failure
 //!    recorded in one statement;
 //! 4. COMMIT.
@@ -11,6 +13,7 @@
 //! A crash or a lost connection anywhere before 4 rolls the transaction back, and the rows are
 //! claimed again: the broker may see a message twice (same `message_id`), never zero times.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +24,7 @@ use tokio::sync::Notify;
 use super::listener::sleep_or_cancel;
 use super::store::{Failure, OutboxRow, Queries};
 use super::{OutboxError, PublisherSource, reconnect_delay};
-use crate::config::OutboxConfig;
+use crate::config::{Ordering, OutboxConfig};
 use crate::publish::{OutgoingMessage, PublishError, Publisher};
 use crate::supervisor::ComponentContext;
 
@@ -85,8 +88,9 @@ impl Relay {
                     failures = 0;
                     ctx.health.set_ready();
                     // A full batch may have more behind it; so may a batch that published or
-                    // gave up anything under per_key ordering, which claims one row per key:
-                    // the next row of each key is claimable now, not after a poll interval.
+                    // gave up anything under per_key ordering, which claims a key's rows only
+                    // up to an equal share of the batch and stops a key at a row given up: the
+                    // next rows of each key are claimable now, not after a poll interval.
                     // A batch that only retried waits, so failing rows never spin.
                     if report.claimed >= self.config.batch
                         || report.published > 0
@@ -206,66 +210,50 @@ impl Relay {
             claimed: rows.len(),
             ..BatchReport::default()
         };
-        let mut failures: Vec<Failure> = Vec::new();
-        let mut sent: Vec<&OutboxRow> = Vec::with_capacity(rows.len());
-        let mut messages: Vec<OutgoingMessage> = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match self.message_for(row) {
-                Ok(message) => {
-                    sent.push(row);
-                    messages.push(message);
-                }
-                Err(RowProblem::NoDestination) => failures.push(self.failure(
-                    row,
-                    format!(
-                        "row has no destination and outbox `{}` has no default `destination`",
-                        self.name
-                    ),
-                    false,
-                )),
-                Err(RowProblem::Invalid(why)) => failures.push(self.failure(row, why, true)),
-            }
-        }
+        // Each run is sent one row after another; runs go out side by side. A row that
+        // cannot become a message fails when its run reaches it, never earlier: should a row
+        // before it fail, it stays pending, untouched, like every row behind that one.
+        let runs: Vec<Vec<(&OutboxRow, Result<OutgoingMessage, Failure>)>> = self
+            .runs(&rows)
+            .into_iter()
+            .map(|run| {
+                run.into_iter()
+                    .map(|row| {
+                        let message = self
+                            .message_for(row)
+                            .map_err(|problem| self.problem_failure(row, problem));
+                        (row, message)
+                    })
+                    .collect()
+            })
+            .collect();
 
-        let results = if messages.is_empty() {
-            Vec::new()
-        } else {
-            match tokio::time::timeout(
-                self.config.publish_timeout,
-                publisher.publish_batch(&messages),
-            )
-            .await
-            {
-                Ok(results) => results,
-                Err(_) => {
-                    tx.rollback().await?;
-                    return Err(OutboxError::PublishTimeout(self.config.publish_timeout));
-                }
+        // Rounds start only in the first half of publish_timeout, so one long key cannot make
+        // every batch time out and roll back: the rows left wait for the next batch.
+        let last_round_start = Instant::now() + self.config.publish_timeout / 2;
+        let outcome = match tokio::time::timeout(
+            self.config.publish_timeout,
+            publish_runs(publisher, runs, last_round_start),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tx.rollback().await?;
+                return Err(OutboxError::PublishTimeout(self.config.publish_timeout));
             }
         };
-
-        let mut published: Vec<i64> = Vec::with_capacity(sent.len());
-        let mut connection_lost: Option<String> = None;
-        for (i, row) in sent.iter().enumerate() {
-            match results.get(i) {
-                Some(Ok(())) => published.push(row.id),
-                // The message may or may not have arrived; the row stays as it was (no attempt
-                // used up by a broker outage) and is sent again after reconnecting.
-                Some(Err(PublishError::Connection(e))) => {
-                    connection_lost.get_or_insert_with(|| e.clone());
-                }
-                None => {
-                    connection_lost.get_or_insert_with(|| {
-                        "the publisher returned fewer results than messages".into()
-                    });
-                }
-                // No retry can shrink the payload or its headers: given up at once, like an
-                // invalid row.
-                Some(Err(e @ (PublishError::TooLarge { .. } | PublishError::Invalid(_)))) => {
-                    failures.push(self.failure(row, e.to_string(), true))
-                }
-                Some(Err(e)) => failures.push(self.failure(row, e.to_string(), false)),
-            }
+        let published = outcome.published;
+        let connection_lost = outcome.connection_lost;
+        let mut failures = outcome.unsendable;
+        for (row, error) in outcome.refused {
+            // No retry can shrink the payload or its headers: given up at once, like an
+            // invalid row.
+            let permanent = matches!(
+                error,
+                PublishError::TooLarge { .. } | PublishError::Invalid(_)
+            );
+            failures.push(self.failure(row, error.to_string(), permanent));
         }
 
         self.queries.mark_published(&mut tx, &published).await?;
@@ -279,6 +267,52 @@ impl Relay {
         match connection_lost {
             Some(e) => Err(OutboxError::Broker(e)),
             None => Ok(report),
+        }
+    }
+
+    /// The claimed rows as runs to send one row after another: with per_key, a key's rows
+    /// in key order up to the first gap in their `key_rank` (the rows after it stay pending,
+    /// untouched); every other row is a run of its own. Runs are in the order of their first
+    /// row's id.
+    fn runs<'r>(&self, rows: &'r [OutboxRow]) -> Vec<Vec<&'r OutboxRow>> {
+        let mut runs: Vec<Vec<&OutboxRow>> = Vec::new();
+        let mut by_key: HashMap<&str, usize> = HashMap::new();
+        for row in rows {
+            match (&row.partition_key, self.config.ordering) {
+                (Some(key), Ordering::PerKey) => match by_key.get(key.as_str()) {
+                    Some(&at) => runs[at].push(row),
+                    None => {
+                        by_key.insert(key, runs.len());
+                        runs.push(vec![row]);
+                    }
+                },
+                _ => runs.push(vec![row]),
+            }
+        }
+        for run in &mut runs {
+            run.sort_by_key(|row| row.key_rank);
+            let unbroken = run
+                .iter()
+                .zip(0i64..)
+                .take_while(|(row, rank)| row.key_rank == *rank)
+                .count();
+            run.truncate(unbroken);
+        }
+        runs.retain(|run| !run.is_empty());
+        runs
+    }
+
+    fn problem_failure(&self, row: &OutboxRow, problem: RowProblem) -> Failure {
+        match problem {
+            RowProblem::NoDestination => self.failure(
+                row,
+                format!(
+                    "row has no destination and outbox `{}` has no default `destination`",
+                    self.name
+                ),
+                false,
+            ),
+            RowProblem::Invalid(why) => self.failure(row, why, true),
         }
     }
 
@@ -341,6 +375,86 @@ impl Relay {
             body: row.payload.clone().into(),
             timestamp_ms: u64::try_from(row.created_at.timestamp_millis()).ok(),
         })
+    }
+}
+
+/// What became of the rows the runs reached.
+struct RunsOutcome<'r> {
+    /// Confirmed.
+    published: Vec<i64>,
+    /// Rows that could not become a message, reached in their run.
+    unsendable: Vec<Failure>,
+    /// Refused by the broker or before sending; recorded as failures.
+    refused: Vec<(&'r OutboxRow, PublishError)>,
+    /// The connection failed: the rows it hit (and every row not yet sent) stay untouched.
+    connection_lost: Option<String>,
+}
+
+/// Publishes the runs in rounds: round n sends the n-th row of every run still going,
+/// pipelined, and awaits every confirm. A run stops at its first row that is not confirmed;
+/// its later rows are never sent and stay pending, untouched, so a key's rows reach the
+/// broker one after another and in order, and one key never has two rows in flight. No round
+/// starts after `last_round_start`; the rows not reached stay pending, untouched.
+async fn publish_runs<'r>(
+    publisher: &dyn Publisher,
+    runs: Vec<Vec<(&'r OutboxRow, Result<OutgoingMessage, Failure>)>>,
+    last_round_start: Instant,
+) -> RunsOutcome<'r> {
+    let mut outcome = RunsOutcome {
+        published: Vec::new(),
+        unsendable: Vec::new(),
+        refused: Vec::new(),
+        connection_lost: None,
+    };
+    let mut runs: Vec<_> = runs.into_iter().map(Vec::into_iter).collect();
+    let mut first = true;
+    loop {
+        if !first && Instant::now() >= last_round_start {
+            return outcome;
+        }
+        first = false;
+        let mut round_rows: Vec<(usize, &OutboxRow)> = Vec::new();
+        let mut messages: Vec<OutgoingMessage> = Vec::new();
+        for (at, run) in runs.iter_mut().enumerate() {
+            match run.next() {
+                Some((row, Ok(message))) => {
+                    round_rows.push((at, row));
+                    messages.push(message);
+                }
+                Some((_, Err(failure))) => {
+                    outcome.unsendable.push(failure);
+                    *run = Vec::new().into_iter();
+                }
+                None => {}
+            }
+        }
+        if messages.is_empty() {
+            return outcome;
+        }
+        let results = publisher.publish_batch(&messages).await;
+        for (i, (at, row)) in round_rows.into_iter().enumerate() {
+            match results.get(i) {
+                Some(Ok(())) => {
+                    outcome.published.push(row.id);
+                    continue;
+                }
+                // The message may or may not have arrived; the row stays as it was (no
+                // attempt used up by a broker outage) and is sent again after reconnecting.
+                Some(Err(PublishError::Connection(e))) => {
+                    outcome.connection_lost.get_or_insert_with(|| e.clone());
+                }
+                None => {
+                    outcome.connection_lost.get_or_insert_with(|| {
+                        "the publisher returned fewer results than messages".into()
+                    });
+                }
+                Some(Err(e)) => outcome.refused.push((row, e.clone())),
+            }
+            runs[at] = Vec::new().into_iter();
+        }
+        if outcome.connection_lost.is_some() {
+            return outcome;
+        }
     }
 }
 

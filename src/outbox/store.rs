@@ -32,6 +32,11 @@ pub struct OutboxRow {
     pub created_at: DateTime<Utc>,
     /// Publish attempts before this one, to decide whether a failure is the last.
     pub attempts: i32,
+    /// With per_key, the rows of one key are sent one after another.
+    pub partition_key: Option<String>,
+    /// With per_key, the row's place in its key's claimed run (0: the key's head); the rows
+    /// of a key are sent only while these follow on without a gap. 0 otherwise.
+    pub key_rank: i64,
 }
 
 /// What to record for a row whose publish failed.
@@ -78,7 +83,7 @@ fn row_columns() -> String {
         "o.id, o.message_id, o.destination, o.routing_key, \
          left(o.headers::text, {HEADERS_READ}) AS headers, \
          octet_length(o.headers::text) AS headers_bytes, \
-         o.payload, o.content_type, o.created_at, o.attempts"
+         o.payload, o.content_type, o.created_at, o.attempts, o.partition_key"
     )
 }
 
@@ -89,51 +94,90 @@ impl Queries {
         let columns = row_columns();
         let claim = match ordering {
             Ordering::None => format!(
-                "SELECT {columns} FROM {table} o
+                "SELECT {columns}, 0::bigint AS key_rank FROM {table} o
                  WHERE {pending} AND o.next_attempt_at <= now()
                  ORDER BY o.id LIMIT $1
                  FOR UPDATE SKIP LOCKED"
             ),
-            // Per-key ordering: a key's rows go out in the order of (insert_xid, id), one at a
-            // time. A keyed row is claimable only when
-            // - it is the head of its key: no pending row of the key comes before it, and
+            // Per-key ordering: a key's rows go out in the order of (insert_xid, id). A keyed
+            // row is claimable only when
+            // - every pending row of its key that comes before it is claimed by this same
+            //   statement (the first, the key's head, being claimable on its own), and
             // - its transaction began writing before every transaction still running
             //   (`insert_xid` below the snapshot's xmin).
             // The second condition is what makes the first one safe: a row of the key that
             // comes before it has a smaller or equal `insert_xid`, so its transaction has
-            // ended too, and the row is either visible here (and is the head instead) or
+            // ended too, and the row is either visible here (and is claimed before it) or
             // rolled back (and never appears). Without it, a row committed by a slower
             // transaction with a lower id would go out after a higher id of its key.
-            // A head another relay holds is skipped by SKIP LOCKED, and the rows behind it
-            // are never candidates, because the head is still pending in any snapshot until
-            // the holder commits. A head waiting in backoff keeps blocking its key; a failed
-            // head releases it.
             //
-            // Which keys: those among the oldest $2 due rows (a window a few batches wide, so
-            // several relays find different keys), each looked up in the key index for its
-            // head. A claim so costs the window plus one index probe per key, however long
-            // one key's backlog is; walking every pending row for heads, as a plain
-            // `ORDER BY id LIMIT` would when few keys hold many rows, took over a second per
-            // claim with 10,000 rows on one key.
+            // Heads first: which keys come from the oldest $2 due rows (a window a few batches
+            // wide, so several relays find different keys), each looked up in the key index
+            // for its head, and the heads are locked with SKIP LOCKED. A head another relay
+            // holds is skipped, and so is its whole key: rows behind a head are only ever
+            // taken by the statement that locked the head, so one key is held by at most one
+            // relay. A head waiting in backoff keeps blocking its key; a failed head releases
+            // it. Walking every pending row for heads, as a plain `ORDER BY id LIMIT` would
+            // when few keys hold many rows, took over a second per claim with 10,000 rows on
+            // one key; this costs the window plus one index probe per key.
+            //
+            // Then each locked head's followers, from the same index, in key order: each key
+            // gets an equal share of the room the heads left in the batch (rounded up), then
+            // they are cut to that room taking every key's next row before any key's row after
+            // it. `key_rank` numbers a key's rows from 0 (the head) before any is left out;
+            // the relay sends a key's rows only up to the first gap (a follower not due, or
+            // locked by anyone else, which the protocol never does but an operator could).
             Ordering::PerKey => format!(
                 "WITH due AS MATERIALIZED (
                      SELECT id, partition_key FROM {table}
                      WHERE published_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
-                     ORDER BY id LIMIT $2)
-                 SELECT {columns} FROM {table} o
-                 WHERE {pending} AND o.next_attempt_at <= now()
-                   AND (o.partition_key IS NULL
-                        OR o.insert_xid < pg_snapshot_xmin(pg_current_snapshot()))
-                   AND o.id = ANY(ARRAY(
-                        SELECT id FROM due WHERE partition_key IS NULL
-                        UNION ALL
-                        SELECT (SELECT h.id FROM {table} h
-                                WHERE h.partition_key = k.partition_key
-                                  AND h.published_at IS NULL AND h.failed_at IS NULL
-                                ORDER BY h.insert_xid, h.id LIMIT 1)
-                        FROM (SELECT DISTINCT partition_key FROM due
-                              WHERE partition_key IS NOT NULL) k))
-                 ORDER BY o.id LIMIT $1
+                     ORDER BY id LIMIT $2),
+                 heads AS MATERIALIZED (
+                     SELECT o.id, o.partition_key, o.insert_xid FROM {table} o
+                     WHERE {pending} AND o.next_attempt_at <= now()
+                       AND (o.partition_key IS NULL
+                            OR o.insert_xid < pg_snapshot_xmin(pg_current_snapshot()))
+                       AND o.id = ANY(ARRAY(
+                            SELECT id FROM due WHERE partition_key IS NULL
+                            UNION ALL
+                            SELECT (SELECT h.id FROM {table} h
+                                    WHERE h.partition_key = k.partition_key
+                                      AND h.published_at IS NULL AND h.failed_at IS NULL
+                                    ORDER BY h.insert_xid, h.id LIMIT 1)
+                            FROM (SELECT DISTINCT partition_key FROM due
+                                  WHERE partition_key IS NOT NULL) k))
+                     ORDER BY o.id LIMIT $1
+                     FOR UPDATE OF o SKIP LOCKED),
+                 room AS (
+                     SELECT $1 - count(*) AS rows,
+                            greatest(count(partition_key), 1) AS keys
+                     FROM heads),
+                 followers AS (
+                     SELECT f.id, f.key_rank
+                     FROM heads h CROSS JOIN room r
+                     CROSS JOIN LATERAL (
+                         SELECT s.id, s.key_rank FROM (
+                             SELECT f.id, f.next_attempt_at,
+                                    row_number() OVER (ORDER BY f.insert_xid, f.id) AS key_rank
+                             FROM {table} f
+                             WHERE f.partition_key = h.partition_key
+                               AND f.published_at IS NULL AND f.failed_at IS NULL
+                               AND (f.insert_xid, f.id) > (h.insert_xid, h.id)
+                               AND f.insert_xid < pg_snapshot_xmin(pg_current_snapshot())
+                             ORDER BY f.insert_xid, f.id
+                             LIMIT (r.rows + r.keys - 1) / r.keys) s
+                         WHERE s.next_attempt_at <= now()) f
+                     WHERE h.partition_key IS NOT NULL AND r.rows > 0
+                     ORDER BY f.key_rank, f.id
+                     LIMIT (SELECT greatest(rows, 0) FROM room)),
+                 claimed AS (
+                     SELECT id, 0::bigint AS key_rank FROM heads
+                     UNION ALL
+                     SELECT id, key_rank FROM followers)
+                 SELECT {columns}, c.key_rank FROM {table} o
+                 JOIN claimed c ON c.id = o.id
+                 WHERE o.id = ANY(ARRAY(SELECT id FROM claimed)) AND {pending}
+                 ORDER BY o.id
                  FOR UPDATE OF o SKIP LOCKED"
             ),
         };
