@@ -545,3 +545,152 @@ fn accepted_by_bosun_refuses_unknown_commands_and_flags() {
     assert!(accepted_by_bosun(&["outbox".into(), "migrat".into()]).is_err());
     assert!(accepted_by_bosun(&["probe".into(), "--no-such-flag".into()]).is_err());
 }
+
+// ---------------------------------------------------------------------------------------
+// systemd
+
+fn systemd_version() -> Option<u32> {
+    let out = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `systemd-analyze verify` of the unit (with `drop_in`, if given) installed in a scratch
+/// unit directory, the binary path pointed at the one cargo built. Returns what it reported
+/// about the unit's own files (its complaints about the host's units are not ours).
+fn verify_unit(unit: &str, drop_in: Option<&str>) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit_path = dir.path().join("bosun.service");
+    std::fs::write(
+        &unit_path,
+        unit.replace("/usr/local/bin/bosun", bosun_bin()),
+    )
+    .expect("write unit");
+    if let Some(drop_in) = drop_in {
+        let d = dir.path().join("bosun.service.d");
+        std::fs::create_dir_all(&d).expect("drop-in dir");
+        std::fs::write(d.join("notify-reload.conf"), drop_in).expect("write drop-in");
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        // A trailing ':' keeps the built-in search path after ours.
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+        .output()
+        .expect("run systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = dir.path().to_string_lossy().into_owned();
+    let mut problems: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(&ours) || l.contains("bosun"))
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() {
+        problems.push(format!(
+            "systemd-analyze verify exited with {}: {text}",
+            out.status
+        ));
+    }
+    problems
+}
+
+fn systemd_file(rel: &str) -> String {
+    std::fs::read_to_string(repo().join("deploy/systemd").join(rel))
+        .unwrap_or_else(|e| panic!("deploy/systemd/{rel}: {e}"))
+}
+
+#[test]
+fn systemd_unit_verifies_on_systemd_247_and_later() {
+    let unit = systemd_file("bosun.service");
+    assert!(
+        !unit.lines().any(|l| l.trim() == "Type=notify-reload"),
+        "bosun.service must not need systemd 253: Type=notify-reload belongs in the drop-in"
+    );
+    assert!(unit.lines().any(|l| l.trim() == "Type=notify"));
+    assert!(
+        unit.lines()
+            .any(|l| l.trim() == "ExecReload=/bin/kill -HUP $MAINPID"),
+        "Type=notify needs ExecReload to send SIGHUP"
+    );
+    // The bosun command lines the unit runs exist.
+    for line in unit.lines() {
+        let line = line.trim();
+        if line.starts_with("ExecStart") {
+            let (_, command) = line.split_once('=').expect("key=value");
+            let args: Vec<String> = command
+                .split_whitespace()
+                .skip(1)
+                .map(|w| w.replace("${BOSUN_CONFIG}", "/etc/bosun/bosun.toml"))
+                .collect();
+            assert_bosun_command(&format!("bosun.service {line}"), &args);
+        }
+    }
+    if systemd_version().is_none() {
+        missing_tool("systemd-analyze");
+        return;
+    }
+    let problems = verify_unit(&unit, None);
+    assert!(
+        problems.is_empty(),
+        "systemd-analyze verify bosun.service:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn systemd_notify_reload_drop_in_verifies_where_supported() {
+    let unit = systemd_file("bosun.service");
+    let drop_in = systemd_file("bosun.service.d/notify-reload.conf");
+    assert!(drop_in.lines().any(|l| l.trim() == "Type=notify-reload"));
+    assert!(
+        drop_in.lines().any(|l| l.trim() == "ExecReload="),
+        "the drop-in resets ExecReload so a reload sends one SIGHUP, not two"
+    );
+    let Some(version) = systemd_version() else {
+        missing_tool("systemd-analyze");
+        return;
+    };
+    let problems = verify_unit(&unit, Some(&drop_in));
+    if version >= 253 {
+        assert!(
+            problems.is_empty(),
+            "systemd-analyze verify with the drop-in:\n{}",
+            problems.join("\n")
+        );
+    } else {
+        // This systemd predates notify-reload: the type is its only complaint.
+        let other: Vec<&String> = problems
+            .iter()
+            .filter(|p| !p.contains("Failed to parse service type, ignoring: notify-reload"))
+            .collect();
+        assert!(
+            other.is_empty(),
+            "systemd {version} finds more than the unsupported type in the drop-in:\n{other:?}"
+        );
+        assert!(
+            !problems.is_empty(),
+            "systemd {version} was expected to reject notify-reload"
+        );
+    }
+}
+
+#[test]
+fn systemd_verify_reports_a_broken_unit() {
+    if systemd_version().is_none() {
+        missing_tool("systemd-analyze");
+        return;
+    }
+    let broken = systemd_file("bosun.service").replace("[Service]", "[Service]\nRestartt=always");
+    let problems = verify_unit(&broken, None);
+    assert!(
+        problems.iter().any(|p| p.contains("Restartt")),
+        "a misspelt key must be reported: {problems:?}"
+    );
+}
