@@ -694,3 +694,234 @@ fn systemd_verify_reports_a_broken_unit() {
         "a misspelt key must be reported: {problems:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes
+
+fn kubernetes_dir() -> PathBuf {
+    repo().join("deploy/kubernetes")
+}
+
+/// The API groups whose kinds come from add-ons (Prometheus Operator, KEDA, kustomize), for
+/// which the Kubernetes schemas have nothing. Their manifests are checked by other means
+/// (the PrometheusRule by the metrics test and promtool).
+const ADD_ON_GROUPS: &[&str] = &[
+    "monitoring.coreos.com/",
+    "keda.sh/",
+    "kustomize.config.k8s.io/",
+];
+
+fn kubernetes_validate_available() -> bool {
+    Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `kubernetes-validate --strict` (unknown fields are errors) of `files`: Ok, or what it
+/// reported. A kind it has no schema for is an error unless its API group is an add-on's.
+fn validate_manifests(files: &[PathBuf]) -> Result<(), String> {
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .args(files)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| {
+            !(l.contains("Couldn't find schema")
+                && ADD_ON_GROUPS
+                    .iter()
+                    .any(|g| l.contains(&format!("api version {g}"))))
+        })
+        .collect();
+    if out.status.success() && problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("exit {}: {}", out.status, problems.join("\n")))
+    }
+}
+
+fn kustomization_resources() -> Vec<PathBuf> {
+    let docs = yaml_documents(&kubernetes_dir().join("kustomization.yaml")).expect("kustomization");
+    docs[0]["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| kubernetes_dir().join(r.as_str().expect("resource path")))
+        .collect()
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_kubernetes_schemas() {
+    if !python_yaml_available() {
+        missing_tool("python3 with PyYAML");
+        return;
+    }
+    let resources = kustomization_resources();
+    for r in &resources {
+        assert!(
+            r.is_file(),
+            "kustomization.yaml lists {} which does not exist",
+            r.display()
+        );
+    }
+    // Every manifest in the directory is applied by the kustomization.
+    for entry in std::fs::read_dir(kubernetes_dir()).expect("read deploy/kubernetes") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            assert!(
+                resources.contains(&path),
+                "kustomization.yaml does not list {name}"
+            );
+        }
+    }
+    if !kubernetes_validate_available() {
+        missing_tool("kubernetes-validate (pip install kubernetes-validate)");
+        return;
+    }
+    let mut files = resources.clone();
+    files.push(kubernetes_dir().join("kustomization.yaml"));
+    if let Err(e) = validate_manifests(&files) {
+        panic!("deploy/kubernetes does not validate:\n{e}");
+    }
+
+    // The validation can fail: a misspelt field and a wrong type are both refused.
+    let deployment =
+        std::fs::read_to_string(kubernetes_dir().join("deployment.yaml")).expect("deployment");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    for (name, broken) in [
+        (
+            "misspelt.yaml",
+            deployment.replacen("replicas:", "replica:", 1),
+        ),
+        (
+            "wrong-type.yaml",
+            deployment.replacen("replicas: 2", "replicas: two", 1),
+        ),
+        (
+            "unknown-kind.yaml",
+            deployment.replacen("kind: Deployment", "kind: Deploymnet", 1),
+        ),
+    ] {
+        assert_ne!(
+            broken, deployment,
+            "{name}: the manifest changed shape; update this check"
+        );
+        let path = scratch.path().join(name);
+        std::fs::write(&path, broken).expect("write broken manifest");
+        assert!(
+            validate_manifests(&[path]).is_err(),
+            "kubernetes-validate accepted the broken manifest {name}"
+        );
+    }
+}
+
+/// The ConfigMap's bosun.toml.
+fn configmap_config() -> String {
+    let docs = yaml_documents(&kubernetes_dir().join("configmap.yaml")).expect("configmap");
+    docs[0]["data"]["bosun.toml"]
+        .as_str()
+        .expect("data.bosun.toml")
+        .to_owned()
+}
+
+#[test]
+fn kubernetes_pods_migrate_the_tables_their_components_need() {
+    if !python_yaml_available() {
+        missing_tool("python3 with PyYAML");
+        return;
+    }
+    let config: toml::Table = configmap_config()
+        .parse()
+        .expect("the ConfigMap's bosun.toml is TOML");
+    let docs = yaml_documents(&kubernetes_dir().join("deployment.yaml")).expect("deployment");
+    let pod = &docs[0]["spec"]["template"]["spec"];
+    let init: Vec<Vec<String>> = pod["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| string_list(&c["args"]))
+        .collect();
+    let has_init = |cmd: &[&str]| {
+        init.iter().any(|args| {
+            args.iter()
+                .map(String::as_str)
+                .take(cmd.len())
+                .eq(cmd.iter().copied())
+        })
+    };
+    let table = |key: &str| {
+        config
+            .get(key)
+            .and_then(|v| v.as_table())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let migrates = |t: &toml::Value| t.get("migrate").and_then(|m| m.as_bool()) == Some(true);
+
+    for (name, outbox) in &table("outboxes") {
+        assert!(
+            migrates(outbox) || has_init(&["outbox", "migrate"]),
+            "outbox {name} has no migrate = true and no init container runs `bosun outbox migrate`: its relay never becomes ready"
+        );
+    }
+    for (name, dl) in &table("dead_letters") {
+        if dl.get("archive").is_some() {
+            assert!(
+                migrates(dl) || has_init(&["dlq", "migrate"]),
+                "dead-letter processor {name} archives but nothing runs `bosun dlq migrate`: it never becomes ready"
+            );
+        }
+    }
+
+    // Every container's command line is a bosun command line (the image's entrypoint is
+    // `tini -- bosun`).
+    let containers = pod["containers"].as_array().into_iter().flatten();
+    let inits = pod["initContainers"].as_array().into_iter().flatten();
+    for c in containers.chain(inits) {
+        assert!(
+            c.get("command").is_none(),
+            "{}: overrides the image's entrypoint",
+            c["name"]
+        );
+        assert_bosun_command(
+            &format!("deployment.yaml container {}", c["name"]),
+            &string_list(&c["args"]),
+        );
+    }
+
+    // And the file itself is a valid configuration (secrets only as placeholders).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bosun.toml");
+    std::fs::write(&path, configmap_config()).expect("write config");
+    let out = Command::new(bosun_bin())
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .envs([
+            ("RABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            ("REDIS_URL", "redis://127.0.0.1:6379/"),
+            ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
+            ("WEBHOOK_URL", "http://127.0.0.1:9/messages"),
+        ])
+        .output()
+        .expect("bosun check");
+    assert!(
+        out.status.success(),
+        "bosun check refuses the ConfigMap's bosun.toml:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
