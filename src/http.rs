@@ -38,7 +38,7 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.metrics.render(),
+        crate::telemetry::render(&state.metrics),
     )
         .into_response()
 }
