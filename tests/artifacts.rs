@@ -303,7 +303,12 @@ fn dockerfile_build_stage_builds_with_the_real_manifest() {
                                 .find(|w| w.starts_with("target/"))
                                 .map(|w| w.to_string());
                         }
-                        Some(cmd) if cmd.starts_with("/usr/local/bin/") => {}
+                        // The freshly installed binary's self-check.
+                        Some(cmd) if cmd.ends_with("/bosun") => {
+                            let args: Vec<String> =
+                                words[1..].iter().map(|w| w.to_string()).collect();
+                            assert_bosun_command("Dockerfile build stage", &args);
+                        }
                         Some("rm") if step.contains("/var/lib/apt") => {}
                         _ => {
                             let status = Command::new("sh")
