@@ -650,3 +650,45 @@ fn a_component_removed_by_reload_leaves_no_series() {
     });
     assert!(back.is_some(), "the re-added consumer's series are hidden");
 }
+
+#[test]
+fn broker_connected_counts_each_connected_consumer() {
+    let (a, b) = (unique("conn_a"), unique("conn_b"));
+    let port = free_port();
+    let broker = unique("cache");
+    let text = |streams: &[&str]| {
+        let mut t = format!(
+            "[http]\nlisten = \"127.0.0.1:{port}\"\n[brokers.{broker}]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n[handlers.n]\nkind = \"noop\"\n"
+        );
+        for s in streams {
+            t.push_str(&format!(
+                "[consumers.{s}]\nsource = \"{broker}\"\nstream = \"{s}\"\ngroup = \"g\"\nhandler = \"n\"\n"
+            ));
+        }
+        t
+    };
+    let file = ConfigFile::new(&text(&[&a, &b]));
+    let daemon = Daemon::start(&file.path, port);
+    assert!(daemon.wait_ready(Duration::from_secs(60)), "never ready");
+    let connected = || daemon.metric("bosun_broker_connected", &[&format!("broker=\"{broker}\"")]);
+    let two = wait_for(Duration::from_secs(10), || {
+        (connected() == Some(2.0)).then_some(())
+    });
+    assert!(
+        two.is_some(),
+        "two consumers connected, the gauge reads {:?}",
+        connected()
+    );
+
+    // One consumer stops: the other is still connected.
+    file.rewrite(&text(&[&a]));
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let one = wait_for(Duration::from_secs(30), || {
+        (connected() == Some(1.0)).then_some(())
+    });
+    assert!(
+        one.is_some(),
+        "one consumer left connected, the gauge reads {:?}",
+        connected()
+    );
+}
