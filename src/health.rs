@@ -37,6 +37,10 @@ impl Default for Health {
     }
 }
 
+fn ready_gauge(component: &str) -> metrics::Gauge {
+    metrics::gauge!("bosun_component_ready", "component" => component.to_owned())
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -51,8 +55,10 @@ impl Health {
         self.components.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a component, not ready until it says so.
+    /// Adds a component, not ready until it says so. Its readiness is also the gauge
+    /// `bosun_component_ready{component}`.
     pub fn register(&self, name: &str) -> HealthHandle {
+        ready_gauge(name).set(0.0);
         self.lock().insert(
             name.to_owned(),
             ComponentHealth {
@@ -81,6 +87,7 @@ impl Health {
                 reason,
                 since: unix_now(),
             };
+            ready_gauge(name).set(if ready { 1.0 } else { 0.0 });
         }
     }
 

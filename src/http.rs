@@ -42,7 +42,7 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        crate::redact::text(&state.metrics.render()).into_owned(),
+        crate::redact::text(&crate::telemetry::render(&state.metrics)).into_owned(),
     )
         .into_response()
 }

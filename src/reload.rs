@@ -158,6 +158,8 @@ pub struct ConfigReload {
 
 impl ConfigReload {
     pub fn new(path: Option<PathBuf>, kinds: HandlerKinds, current: Arc<Config>) -> Self {
+        register_series(&current);
+        metrics::gauge!("bosun_config_last_reload_success_timestamp_seconds").set(unix_now());
         Self {
             path,
             kinds,
@@ -235,18 +237,73 @@ impl ReloadHook for ConfigReload {
 
     async fn applied(&mut self) {
         if let Some(new) = self.pending.take() {
+            register_series(&new);
             self.current = new;
         }
         if let (Some(admin), Some(ops)) = (&self.admin, self.pending_admin.take()) {
             admin.replace(ops);
         }
         metrics::counter!("bosun_config_reloads_total", "result" => "success").increment(1);
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        metrics::gauge!("bosun_config_last_reload_success_timestamp_seconds").set(now);
+        metrics::gauge!("bosun_config_last_reload_success_timestamp_seconds").set(unix_now());
         tracing::info!("configuration reload applied");
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Registers at 0 the labelled counters of every outbox, dead-letter processor and handler
+/// of `config`, so each series exists before its first increment and `increase(...) > 0`
+/// fires on the first one. (Consumers register theirs when they are built; the supervisor
+/// those of every component; the process-wide ones are registered with the recorder.)
+fn register_series(config: &Config) {
+    use metrics::counter;
+    for name in config.outboxes.keys() {
+        for metric in [
+            "bosun_outbox_published_total",
+            "bosun_outbox_retried_total",
+            "bosun_outbox_failed_total",
+        ] {
+            counter!(metric, "outbox" => name.clone()).increment(0);
+        }
+        // A histogram with no samples yet still renders its buckets at 0.
+        let _ =
+            metrics::histogram!("bosun_outbox_batch_duration_seconds", "outbox" => name.clone());
+    }
+    for name in config.dead_letters.keys() {
+        for action in ["replay", "archive", "drop", "forward"] {
+            counter!(crate::dead_letter::metric::TOTAL, "processor" => name.clone(), "action" => action)
+                .increment(0);
+        }
+        counter!(crate::dead_letter::metric::REPLAYS, "processor" => name.clone()).increment(0);
+    }
+    for (name, handler) in &config.handlers {
+        match handler.kind.as_str() {
+            "http" => {
+                for class in ["2xx", "3xx", "4xx", "5xx", "other", "timeout", "connect"] {
+                    counter!("bosun_handler_responses_total", "handler" => name.clone(), "class" => class)
+                        .increment(0);
+                }
+            }
+            "exec" => {
+                for result in ["success", "failure", "signal", "timeout", "spawn_error"] {
+                    counter!("bosun_handler_exec_total", "handler" => name.clone(), "result" => result)
+                        .increment(0);
+                }
+            }
+            "route" => {
+                let targets = handler.factory.dependencies();
+                for target in targets.iter().map(String::as_str).chain(["unmatched"]) {
+                    counter!("bosun_route_total", "handler" => name.clone(), "target" => target.to_owned())
+                        .increment(0);
+                }
+            }
+            _ => {}
+        }
     }
 }
 

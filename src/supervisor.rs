@@ -165,6 +165,11 @@ enum Event {
     Tick,
     /// The drain deadline passed.
     DrainDeadline,
+    /// `shutdown_timeout` passed since a reload asked this run of a component to stop.
+    ReloadStopDeadline {
+        name: String,
+        generation: u64,
+    },
 }
 
 /// One named component and its current run.
@@ -202,6 +207,8 @@ pub struct Supervisor {
     /// Components waiting for a stopping predecessor of the same name to exit.
     pending_start: BTreeMap<String, Arc<dyn Component>>,
     reload_in_progress: bool,
+    /// The last run's generation.
+    generations: u64,
 }
 
 impl Supervisor {
@@ -217,6 +224,7 @@ impl Supervisor {
             events_rx,
             pending_start: BTreeMap::new(),
             reload_in_progress: false,
+            generations: 0,
         }
     }
 
@@ -227,7 +235,10 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, name: &str, component: Arc<dyn Component>) {
-        let generation = self.slots.get(name).map(|s| s.generation + 1).unwrap_or(0);
+        // Unique across names and removals, so a late event of an earlier run (one aborted
+        // after a reload, or a removed component's) never matches a later run.
+        self.generations += 1;
+        let generation = self.generations;
         let failures = self.slots.get(name).map(|s| s.failures).unwrap_or(0);
         let token = self.root.child_token();
         let health = match self.slots.get(name) {
@@ -259,6 +270,7 @@ impl Supervisor {
                 ran_for: started.elapsed(),
             });
         });
+        crate::telemetry::register_component(name);
         metrics::gauge!("bosun_component_up", "component" => name.to_owned()).set(1.0);
         tracing::info!(component = name, generation, "component started");
         self.slots.insert(
@@ -358,11 +370,7 @@ impl Supervisor {
                         }
                         (Phase::Running, SlotState::Stopping) => {
                             tracing::info!(component = %name, "component stopped for reload");
-                            self.slots.remove(&name);
-                            self.health.remove(&name);
-                            if let Some(next) = self.pending_start.remove(&name) {
-                                self.spawn(&name, next);
-                            }
+                            self.stopped_for_reload(&name);
                             self.finish_reload_if_done(&mut *reload, &mut *lifecycle)
                                 .await;
                         }
@@ -467,6 +475,28 @@ impl Supervisor {
                         }
                     }
                 }
+                Event::ReloadStopDeadline { name, generation } => {
+                    let overdue = self.slots.get_mut(&name).filter(|slot| {
+                        slot.generation == generation && slot.state == SlotState::Stopping
+                    });
+                    let Some(slot) = overdue else { continue };
+                    if !matches!(phase, Phase::Running) {
+                        continue;
+                    }
+                    tracing::error!(
+                        component = %name,
+                        timeout_ms = self.config.shutdown_timeout.as_millis() as u64,
+                        "component did not stop within shutdown_timeout after a reload; aborting it"
+                    );
+                    metrics::counter!("bosun_reload_stops_aborted_total", "component" => name.clone())
+                        .increment(1);
+                    if let Some(abort) = slot.abort.take() {
+                        abort.abort();
+                    }
+                    self.stopped_for_reload(&name);
+                    self.finish_reload_if_done(&mut *reload, &mut *lifecycle)
+                        .await;
+                }
                 Event::DrainDeadline => {
                     if matches!(phase, Phase::Draining) {
                         let stuck: Vec<&String> = self
@@ -489,6 +519,18 @@ impl Supervisor {
         status
     }
 
+    /// A component stopped (or was aborted) for a reload: its slot, readiness and series go,
+    /// and its replacement, if any, starts.
+    fn stopped_for_reload(&mut self, name: &str) {
+        metrics::gauge!("bosun_component_up", "component" => name.to_owned()).set(0.0);
+        self.slots.remove(name);
+        self.health.remove(name);
+        crate::telemetry::forget_component(name);
+        if let Some(next) = self.pending_start.remove(name) {
+            self.spawn(name, next);
+        }
+    }
+
     fn apply(&mut self, changes: Changes) {
         self.reload_in_progress = true;
         for name in &changes.stop {
@@ -499,8 +541,23 @@ impl Supervisor {
                     // Waiting for a restart: nothing runs, remove it now.
                     self.slots.remove(name);
                     self.health.remove(name);
+                    crate::telemetry::forget_component(name);
                 } else {
                     slot.state = SlotState::Stopping;
+                    // A component that never drains must not hold this reload (and every
+                    // later one) forever.
+                    let events = self.events_tx.clone();
+                    let deadline = self.config.shutdown_timeout;
+                    let token = self.root.clone();
+                    let (name, generation) = (name.clone(), slot.generation);
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = tokio::time::sleep(deadline) => {
+                                let _ = events.send(Event::ReloadStopDeadline { name, generation });
+                            }
+                            _ = token.cancelled() => {}
+                        }
+                    });
                 }
             }
         }

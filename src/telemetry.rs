@@ -4,7 +4,8 @@
 //! else by `[service].log_level`. Metrics go to one process-wide Prometheus recorder that the
 //! HTTP server renders on `/metrics`. Metric names are listed in README.md.
 
-use std::sync::OnceLock;
+use std::collections::BTreeSet;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -60,6 +61,9 @@ pub fn metrics_handle() -> PrometheusHandle {
             };
             describe();
             metrics::gauge!("bosun_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            for result in ["success", "error"] {
+                metrics::counter!("bosun_config_reloads_total", "result" => result).increment(0);
+            }
             let upkeep = handle.clone();
             // Histograms' internal buffers are drained by upkeep; without it they grow.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -114,7 +118,7 @@ fn describe() {
     );
     describe_gauge!(
         "bosun_broker_connected",
-        "1 while a component holds a connection to the broker."
+        "Consumer connections open to the broker: one per connected consumer, 0 while none is."
     );
     describe_counter!(
         "bosun_broker_reconnects_total",
@@ -124,6 +128,116 @@ fn describe() {
         "bosun_config_reloads_total",
         "Configuration reloads, by result."
     );
+    describe_gauge!(
+        "bosun_config_last_reload_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time the running configuration was applied: at start, then by each successful reload."
+    );
+    describe_gauge!(
+        "bosun_component_ready",
+        "1 while a component reports ready (as /readyz does), 0 while it connects, retries or restarts."
+    );
+    describe_counter!(
+        "bosun_reload_stops_aborted_total",
+        "Components a reload stopped that did not drain within shutdown_timeout and were aborted."
+    );
+    describe_gauge!(
+        "bosun_redis_pending_messages",
+        "Entries pending in a consumer's group (delivered, not acknowledged); the same for every replica of the group."
+    );
+    describe_counter!(
+        "bosun_redis_claimed_total",
+        "Entries a Redis consumer took over from another consumer with XAUTOCLAIM."
+    );
+    describe_counter!(
+        "bosun_redis_deleted_entries_total",
+        "Pending entries found deleted from the stream, dropped from the pending list."
+    );
+    describe_counter!(
+        "bosun_handler_responses_total",
+        "Deliveries of an http handler, by response class (2xx..5xx, timeout, connect)."
+    );
+    describe_counter!(
+        "bosun_handler_exec_total",
+        "Runs of an exec handler, by result."
+    );
+    describe_counter!(
+        "bosun_route_total",
+        "Messages a route handler handed to each target, or to none (unmatched)."
+    );
+}
+
+/// Components removed by a reload: their series are left out of `/metrics`, so an alert on
+/// `bosun_component_up == 0` does not fire for a component that no longer exists. The
+/// Prometheus registry cannot delete a series, so rendering filters them.
+static REMOVED_COMPONENTS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn removed_components() -> std::sync::MutexGuard<'static, BTreeSet<String>> {
+    // Every write is one insert or remove: a poisoned set is still whole.
+    REMOVED_COMPONENTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Leaves the series of component `name` (every series with `component="name"`) out of
+/// `/metrics` until it is started again.
+pub fn forget_component(name: &str) {
+    removed_components().insert(name.to_owned());
+}
+
+/// Shows the series of component `name` again (it was started).
+pub fn remember_component(name: &str) {
+    removed_components().remove(name);
+}
+
+/// The Prometheus text of every series, less those of removed components.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let text = handle.render();
+    let removed = removed_components();
+    if removed.is_empty() {
+        return text;
+    }
+    let labels: Vec<String> = removed
+        .iter()
+        .map(|name| format!("component=\"{}\"", escape_label_value(name)))
+        .collect();
+    drop(removed);
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let hidden = !line.starts_with('#')
+            && line.split_once('{').is_some_and(|(_, rest)| {
+                let set = rest.rsplit_once('}').map(|(set, _)| set).unwrap_or(rest);
+                labels.iter().any(|l| label_set_contains(set, l))
+            });
+        if !hidden {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A label value as the Prometheus text format writes it.
+fn escape_label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Whether the rendered label set `set` (`a="1",b="2"`) holds the pair `pair` (`b="2"`).
+fn label_set_contains(set: &str, pair: &str) -> bool {
+    set.match_indices(pair).any(|(at, _)| {
+        (at == 0 || set[..at].ends_with(','))
+            && matches!(set[at + pair.len()..].chars().next(), None | Some(','))
+    })
+}
+
+/// Registers every series of a started component at 0, so that the first failure is an
+/// increase from 0 (`increase(...) > 0` fires on it) rather than a series appearing at 1.
+pub fn register_component(name: &str) {
+    remember_component(name);
+    metrics::counter!("bosun_task_restarts_total", "component" => name.to_owned()).increment(0);
+    metrics::counter!("bosun_reload_stops_aborted_total", "component" => name.to_owned())
+        .increment(0);
 }
 
 /// The metric handles every consumer kind records, resolved once per consumer so the
@@ -178,5 +292,22 @@ impl ConsumerMetrics {
             Outcome::Drop { .. } => &self.duration_drop,
             Outcome::Release { .. } => &self.duration_release,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_set_contains_matches_whole_pairs_only() {
+        let set = r#"component="consumer:a",result="ok""#;
+        assert!(label_set_contains(set, r#"component="consumer:a""#));
+        assert!(label_set_contains(set, r#"result="ok""#));
+        assert!(!label_set_contains(set, r#"component="consumer:""#));
+        assert!(!label_set_contains(
+            r#"other_component="consumer:a""#,
+            r#"component="consumer:a""#
+        ));
     }
 }

@@ -118,7 +118,10 @@ fn sighup_revalidates_and_a_broken_file_keeps_the_daemon_running() {
     config.rewrite(&minimal(port + 1, "[handlers.more]\nkind = \"log\"\n"));
     daemon.signal(Signal::SIGHUP);
     let applied = support::wait_for(Duration::from_secs(10), || {
-        daemon.metric("bosun_config_reloads_total", &["result=\"success\""])
+        // The series exists at 0 from the start: wait for the increment.
+        daemon
+            .metric("bosun_config_reloads_total", &["result=\"success\""])
+            .filter(|v| *v >= 1.0)
     });
     assert_eq!(applied, Some(1.0), "{}", daemon.logs());
     assert!(
@@ -177,7 +180,10 @@ fn watch_config_reloads_on_file_change() {
     std::thread::sleep(Duration::from_millis(1100));
     config.rewrite(&minimal(port, "[handlers.extra]\nkind = \"log\"\n"));
     let applied = support::wait_for(Duration::from_secs(10), || {
-        daemon.metric("bosun_config_reloads_total", &["result=\"success\""])
+        // The series exists at 0 from the start: wait for the increment.
+        daemon
+            .metric("bosun_config_reloads_total", &["result=\"success\""])
+            .filter(|v| *v >= 1.0)
     });
     assert_eq!(applied, Some(1.0), "{}", daemon.logs());
     assert!(

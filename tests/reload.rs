@@ -195,7 +195,9 @@ async fn reload_adds_removes_and_changes_consumers_while_the_unchanged_one_keeps
                 .await
                 .ok()
                 .flatten()?;
+            // The series exists at 0 from the start: wait for the increment.
             support::metric_value(&body, "bosun_config_reloads_total", &["result=\"success\""])
+                .filter(|v| *v >= 1.0)
         }
     })
     .await;

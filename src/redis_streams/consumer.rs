@@ -809,7 +809,6 @@ impl Component for RedisConsumer {
             tracing::error!(consumer = %inner.name, error = %e, "the settler task failed");
         }
         inner.unlock_name(&ops).await;
-        inner.metrics.connected.set(0.0);
         tracing::info!(consumer = %inner.name, "redis consumer stopped");
         Ok(())
     }
@@ -839,7 +838,6 @@ async fn read_loop(
             &mut backoff,
         )
         .await;
-        inner.metrics.connected.set(0.0);
         inner.name_held.store(false, AtomicOrdering::Relaxed);
         match result {
             Ok(()) => return,
@@ -863,6 +861,15 @@ async fn read_loop(
                 backoff = next_backoff(backoff);
             }
         }
+    }
+}
+
+/// Decrements the connected gauge however the session ends (including an abort).
+struct ConnectedGuard<'a>(&'a Gauge);
+
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
@@ -915,7 +922,9 @@ async fn session(
     }
     *was_connected = true;
     *backoff = BACKOFF_INITIAL;
-    inner.metrics.connected.set(1.0);
+    // One per connected consumer, as for amqp: several consumers share a broker's gauge.
+    inner.metrics.connected.increment(1.0);
+    let _connected = ConnectedGuard(&inner.metrics.connected);
     health.set_ready();
     tracing::info!(consumer = %inner.name, stream = %config.stream, group = %config.group, redis_consumer = %config.consumer, "redis consumer reading");
 
