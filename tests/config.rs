@@ -483,3 +483,62 @@ fn example_config_is_valid() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("configuration is valid"));
 }
+
+#[test]
+fn every_unknown_key_is_reported_with_the_keys_of_its_kind_and_a_suggestion() {
+    let text = format!(
+        "{BASE}\n[service]\nshutdown_timout = \"5s\"\n\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\nprefech = 10\nretry = {{ max_attempts = 0 }}\n\n[consumers.events]\nsource = \"cache\"\nhandler = \"orders\"\nstream = \"s\"\nclaim_idel = \"1m\"\n"
+    );
+    let err = load(&text).expect_err("rejected");
+    let rendered = err.to_string();
+    assert_eq!(err.problems.len(), 4, "{rendered}");
+    let problem = |needle: &str| {
+        err.problems
+            .iter()
+            .find(|p| p.message.contains(needle))
+            .unwrap_or_else(|| panic!("no problem mentions {needle:?}: {rendered}"))
+    };
+    let line = |p: &bosun::config::ConfigProblem| match &p.location {
+        Location::File(pos) => pos.line,
+        other => panic!("{other:?}"),
+    };
+
+    let typo = problem("`shutdown_timout`");
+    assert_eq!(line(typo), line_of(&text, "shutdown_timout"), "{rendered}");
+    assert!(
+        typo.message.contains("did you mean `shutdown_timeout`?"),
+        "{rendered}"
+    );
+
+    // An amqp consumer is offered amqp keys only, and the closest one.
+    let amqp = problem("`prefech`");
+    assert_eq!(line(amqp), line_of(&text, "prefech"), "{rendered}");
+    assert!(
+        amqp.message.contains("did you mean `prefetch`?"),
+        "{rendered}"
+    );
+    assert!(amqp.message.contains("`queue_type`"), "{rendered}");
+    assert!(!amqp.message.contains("`claim_idle`"), "{rendered}");
+    assert!(!amqp.message.contains("`stream`"), "{rendered}");
+
+    // A redis consumer is offered redis keys only.
+    let redis = problem("`claim_idel`");
+    assert_eq!(line(redis), line_of(&text, "claim_idel"), "{rendered}");
+    assert!(
+        redis.message.contains("did you mean `claim_idle`?"),
+        "{rendered}"
+    );
+    assert!(!redis.message.contains("`prefetch`"), "{rendered}");
+
+    // The unknown keys do not hide the validation errors behind them.
+    problem("must be at least 1 (1 means no retries)");
+}
+
+#[test]
+fn unknown_key_far_from_every_name_gets_no_suggestion() {
+    let text = "[service]\nzzzz = 1\n";
+    let err = load(text).expect_err("rejected");
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(!err.to_string().contains("did you mean"), "{err}");
+    assert!(err.to_string().contains("`log_format`"), "{err}");
+}

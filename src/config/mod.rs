@@ -229,50 +229,190 @@ pub fn load_str(
         });
     }
 
-    let raw: raw::RawConfig =
-        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let mut path: Vec<String> = e
-                .path()
-                .iter()
-                .filter_map(|segment| match segment {
-                    serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
-                    serde_path_to_error::Segment::Map { key } => Some(key.clone()),
-                    serde_path_to_error::Segment::Enum { .. }
-                    | serde_path_to_error::Segment::Unknown => None,
-                })
-                .collect();
-            let mut message = e.inner().message().trim().to_owned();
-            if let Some(field) = unknown_field_name(&message) {
-                // Point at the misspelt key itself and name the table it sits in.
-                if path.last() == Some(&field) {
-                    path.pop();
+    // Every unknown key is reported, not just the first: each one found is noted and taken
+    // out, and the rest of the file is read again, so a typo never hides other problems.
+    let mut unknown: Vec<ConfigProblem> = Vec::new();
+    let raw: raw::RawConfig = loop {
+        match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+            Ok(raw) => break raw,
+            Err(e) => {
+                let (path, message, field) = deserialize_problem(&e, &table);
+                let problem = ConfigProblem {
+                    location: locate(&path),
+                    path: path.join("."),
+                    message,
+                };
+                let removed = field.is_some()
+                    && unknown.len() < MAX_UNKNOWN_KEYS
+                    && remove_path(&mut table, &path);
+                if !removed {
+                    unknown.push(problem);
+                    return Err(ConfigError {
+                        origin: origin.to_owned(),
+                        problems: unknown,
+                    });
                 }
-                let table_path = path.join(".");
-                if !table_path.is_empty() {
-                    message = message.replacen(
-                        &format!("`{field}`"),
-                        &format!("`{field}` in [{table_path}]"),
-                        1,
-                    );
-                }
-                path.push(field);
-            } else if message.starts_with("missing field") && !path.is_empty() {
-                message = format!("{message} in [{}]", path.join("."));
+                unknown.push(problem);
             }
-            ConfigError::single(origin, locate(&path), &path.join("."), message)
-        })?;
+        }
+    };
 
-    validate::validate(raw, origin, kinds).map_err(|issues| ConfigError {
+    let validated = validate::validate(raw, origin, kinds);
+    let issues = match validated {
+        Ok(config) if unknown.is_empty() => return Ok(config),
+        Ok(_) => Vec::new(),
+        Err(issues) => issues,
+    };
+    let mut problems = unknown;
+    problems.extend(issues.into_iter().map(|issue| ConfigProblem {
+        location: locate(&issue.path),
+        path: issue.path.join("."),
+        message: explain_unknown_field(&issue.message, &[]),
+    }));
+    Err(ConfigError {
         origin: origin.to_owned(),
-        problems: issues
-            .into_iter()
-            .map(|issue| ConfigProblem {
-                location: locate(&issue.path),
-                path: issue.path.join("."),
-                message: issue.message,
-            })
-            .collect(),
+        problems,
     })
+}
+
+/// Unknown keys reported before the rest of the file is given up on.
+const MAX_UNKNOWN_KEYS: usize = 100;
+
+/// A deserialization error as a key path and a message; for an unknown key, the path names
+/// the key itself and `Some(key)` is returned with it.
+fn deserialize_problem(
+    e: &serde_path_to_error::Error<toml::de::Error>,
+    table: &toml::Table,
+) -> (Vec<String>, String, Option<String>) {
+    let mut path: Vec<String> =
+        e.path()
+            .iter()
+            .filter_map(|segment| match segment {
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Enum { .. }
+                | serde_path_to_error::Segment::Unknown => None,
+            })
+            .collect();
+    let mut message = e.inner().message().trim().to_owned();
+    let Some(field) = unknown_field_name(&message) else {
+        if message.starts_with("missing field") && !path.is_empty() {
+            message = format!("{message} in [{}]", path.join("."));
+        }
+        return (path, message, None);
+    };
+    // Point at the misspelt key itself and name the table it sits in.
+    if path.last() == Some(&field) {
+        path.pop();
+    }
+    let not_for_this_kind = other_kind_keys(table, &path);
+    message = explain_unknown_field(&message, not_for_this_kind);
+    let table_path = path.join(".");
+    if !table_path.is_empty() {
+        message = message.replacen(
+            &format!("`{field}`"),
+            &format!("`{field}` in [{table_path}]"),
+            1,
+        );
+    }
+    path.push(field.clone());
+    (path, message, Some(field))
+}
+
+/// Keys a `[consumers.*]` or `[dead_letters.*]` table accepts only for the other broker kind
+/// than the one its `source` names: left out of the keys an unknown key is compared with.
+fn other_kind_keys(table: &toml::Table, path: &[String]) -> &'static [&'static str] {
+    const AMQP_CONSUMER: &[&str] = &["queue", "queue_type", "bindings", "declare", "prefetch"];
+    const REDIS_CONSUMER: &[&str] = &[
+        "stream",
+        "group",
+        "consumer",
+        "start_id",
+        "batch",
+        "block",
+        "claim_idle",
+        "claim_interval",
+        "max_deliveries",
+        "trim",
+    ];
+    const AMQP_DEAD_LETTER: &[&str] = &["queue"];
+    const REDIS_DEAD_LETTER: &[&str] = &["stream", "group", "trim"];
+    let [section, name] = path else {
+        return &[];
+    };
+    let kind = get_path(table, &[section.clone(), name.clone(), "source".into()])
+        .and_then(toml::Value::as_str)
+        .and_then(|source| get_path(table, &["brokers".into(), source.into(), "kind".into()]))
+        .and_then(toml::Value::as_str);
+    match (section.as_str(), kind) {
+        ("consumers", Some("amqp")) => REDIS_CONSUMER,
+        ("consumers", Some("redis")) => AMQP_CONSUMER,
+        ("dead_letters", Some("amqp")) => REDIS_DEAD_LETTER,
+        ("dead_letters", Some("redis")) => AMQP_DEAD_LETTER,
+        _ => &[],
+    }
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" so it lists only the keys
+/// that apply (`exclude` names those that do not) and suggests the closest one.
+fn explain_unknown_field(message: &str, exclude: &[&str]) -> String {
+    let Some(field) = unknown_field_name(message) else {
+        return message.to_owned();
+    };
+    let Some((_, expected)) = message.split_once(", expected ") else {
+        return message.to_owned();
+    };
+    let valid: Vec<&str> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|key| !exclude.contains(key))
+        .collect();
+    if valid.is_empty() {
+        return format!("unknown field `{field}`: this table takes no keys");
+    }
+    let listed: Vec<String> = valid.iter().map(|k| format!("`{k}`")).collect();
+    let mut out = format!(
+        "unknown field `{field}`, expected one of {}",
+        listed.join(", ")
+    );
+    if let Some(best) = closest(&field, &valid) {
+        out = format!("{out}; did you mean `{best}`?");
+    }
+    out
+}
+
+/// The known name closest to `typo`, if any is close enough to be a likely misspelling.
+fn closest<'k>(typo: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(typo, k), *k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
+/// Removes the key at `path` (through tables and array indices); false when it is not there.
+fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => table.remove(last).is_some(),
+        [first, rest @ ..] => table
+            .get_mut(first)
+            .is_some_and(|value| remove_in_value(value, rest)),
+    }
+}
+
+fn remove_in_value(value: &mut toml::Value, path: &[String]) -> bool {
+    match (value, path) {
+        (toml::Value::Table(t), _) => remove_path(t, path),
+        (toml::Value::Array(items), [index, rest @ ..]) if !rest.is_empty() => index
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| items.get_mut(i))
+            .is_some_and(|item| remove_in_value(item, rest)),
+        _ => false,
+    }
 }
 
 /// The name inside "unknown field `name`, expected ...".
