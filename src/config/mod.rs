@@ -14,6 +14,7 @@
 //! original file (or to the environment variable that set it).
 
 mod interpolate;
+mod lint;
 mod locate;
 pub mod model;
 pub mod raw;
@@ -26,7 +27,9 @@ use std::path::Path;
 pub use interpolate::interpolate;
 pub use locate::{Position, position};
 pub use model::*;
-pub use validate::{Issue, default_consumer_name, parse_duration, valid_sql_identifier};
+pub use validate::{
+    Issue, Secrets, default_consumer_name, is_missing_secret, parse_duration, valid_sql_identifier,
+};
 
 use crate::handler::HandlerKinds;
 
@@ -76,21 +79,36 @@ impl ConfigError {
     }
 }
 
+impl ConfigProblem {
+    /// `origin:line:column: message (at `path`)`, as every problem and warning is shown.
+    pub fn display<'a>(&'a self, origin: &'a str) -> impl fmt::Display + 'a {
+        struct Shown<'a>(&'a ConfigProblem, &'a str);
+        impl fmt::Display for Shown<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let (p, origin) = (self.0, self.1);
+                match &p.location {
+                    Location::File(pos) => write!(f, "{origin}:{}:{}: ", pos.line, pos.column)?,
+                    Location::Env(var) => write!(f, "{origin} (environment variable {var}): ")?,
+                    Location::Unknown => write!(f, "{origin}: ")?,
+                }
+                f.write_str(&p.message)?;
+                if !p.path.is_empty() && !p.message.contains(" in [") {
+                    write!(f, " (at `{}`)", p.path)?;
+                }
+                Ok(())
+            }
+        }
+        Shown(self, origin)
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, p) in self.problems.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
-            match &p.location {
-                Location::File(pos) => write!(f, "{}:{}:{}: ", self.origin, pos.line, pos.column)?,
-                Location::Env(var) => write!(f, "{} (environment variable {var}): ", self.origin)?,
-                Location::Unknown => write!(f, "{}: ", self.origin)?,
-            }
-            f.write_str(&p.message)?;
-            if !p.path.is_empty() && !p.message.contains(" in [") {
-                write!(f, " (at `{}`)", p.path)?;
-            }
+            write!(f, "{}", p.display(&self.origin))?;
         }
         Ok(())
     }
@@ -140,23 +158,28 @@ pub fn load_file_with_env(
     env: &Env,
 ) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
+    let text = read_text(path, &origin)?;
+    load_str(&text, &origin, kinds, env)
+}
+
+/// The file's text: size-capped, UTF-8.
+fn read_text(path: &Path, origin: &str) -> Result<String, ConfigError> {
     let bytes =
-        read_capped(path).map_err(|e| ConfigError::single(&origin, Location::Unknown, "", e))?;
-    let text = match String::from_utf8(bytes) {
-        Ok(text) => text,
+        read_capped(path).map_err(|e| ConfigError::single(origin, Location::Unknown, "", e))?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(text),
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
             let bytes = e.into_bytes();
             let pos = position(&String::from_utf8_lossy(&bytes[..valid]), valid);
-            return Err(ConfigError::single(
-                &origin,
+            Err(ConfigError::single(
+                origin,
                 Location::File(pos),
                 "",
                 "the file is not valid UTF-8 text (is it a binary file?)",
-            ));
+            ))
         }
-    };
-    load_str(&text, &origin, kinds, env)
+    }
 }
 
 fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
@@ -183,6 +206,57 @@ pub fn load_str(
     kinds: &HandlerKinds,
     env: &Env,
 ) -> Result<Config, ConfigError> {
+    load_str_with(text, origin, kinds, env, Secrets::Required).map(|loaded| loaded.config)
+}
+
+/// A configuration read for `bosun check`, with what it found worth a warning.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Missing secrets (when they are optional), unused handlers, exchanges nothing declares.
+    pub warnings: Vec<Warning>,
+}
+
+/// A problem that does not stop the file from being used (or, for a missing secret, only
+/// stops `bosun run`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub problem: ConfigProblem,
+    pub kind: WarningKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarningKind {
+    /// An unset `${VAR}` without default, an unset token variable, an unreadable token file.
+    MissingSecret,
+    /// A handler no consumer and no route uses.
+    UnusedHandler,
+    /// An amqp exchange an outbox or a dead-letter forward publishes to that no consumer
+    /// declares: it has to exist on the broker already.
+    UndeclaredExchange { broker: String, exchange: String },
+}
+
+/// Reads and validates the file at `path` for `bosun check`: missing secrets are warnings
+/// unless `secrets` is `Required`.
+pub fn load_file_for_check(
+    path: &Path,
+    kinds: &HandlerKinds,
+    env: &Env,
+    secrets: Secrets,
+) -> Result<Loaded, ConfigError> {
+    let origin = path.display().to_string();
+    let text = read_text(path, &origin)?;
+    load_str_with(&text, &origin, kinds, env, secrets)
+}
+
+/// Validates TOML `text` and lists its warnings; `origin` names it in messages.
+pub fn load_str_with(
+    text: &str,
+    origin: &str,
+    kinds: &HandlerKinds,
+    env: &Env,
+    secrets: Secrets,
+) -> Result<Loaded, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
         let location = e
             .span()
@@ -215,23 +289,28 @@ pub fn load_str(
 
     let mut problems = Vec::new();
     interpolate_table(&mut table, &mut Vec::new(), env, &mut problems);
-    if !problems.is_empty() {
-        return Err(ConfigError {
-            origin: origin.to_owned(),
-            problems: problems
-                .into_iter()
-                .map(|issue: Issue| ConfigProblem {
-                    location: locate(&issue.path),
-                    path: issue.path.join("."),
-                    message: issue.message,
-                })
-                .collect(),
-        });
+    // A value that could not be interpolated is unknown: problems with it are not reported
+    // again by validation. A missing secret is only a warning when secrets are optional.
+    let unchecked: Vec<Vec<String>> = problems.iter().map(|i| i.path.clone()).collect();
+    let mut missing_secrets: Vec<Issue> = Vec::new();
+    if secrets == Secrets::Optional {
+        let (missing, rest): (Vec<Issue>, Vec<Issue>) = problems
+            .into_iter()
+            .partition(|issue| is_missing_secret(&issue.message));
+        problems = rest;
+        missing_secrets = missing;
     }
 
     // Every unknown key is reported, not just the first: each one found is noted and taken
     // out, and the rest of the file is read again, so a typo never hides other problems.
-    let mut unknown: Vec<ConfigProblem> = Vec::new();
+    let mut unknown: Vec<ConfigProblem> = problems
+        .into_iter()
+        .map(|issue| ConfigProblem {
+            location: locate(&issue.path),
+            path: issue.path.join("."),
+            message: issue.message,
+        })
+        .collect();
     let raw: raw::RawConfig = loop {
         match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
             Ok(raw) => break raw,
@@ -257,9 +336,39 @@ pub fn load_str(
         }
     };
 
-    let validated = validate::validate(raw, origin, kinds);
+    let (validated, secret_issues) =
+        validate::validate_with(raw, origin, kinds, secrets, unchecked);
+    missing_secrets.extend(secret_issues);
     let issues = match validated {
-        Ok(config) if unknown.is_empty() => return Ok(config),
+        Ok(config) if unknown.is_empty() => {
+            let mut warnings: Vec<Warning> = missing_secrets
+                .into_iter()
+                .map(|issue| Warning {
+                    problem: ConfigProblem {
+                        location: locate(&issue.path),
+                        path: issue.path.join("."),
+                        message: format!(
+                            "{}; the value cannot be checked, and `bosun run` refuses the file until it is set",
+                            issue.message
+                        ),
+                    },
+                    kind: WarningKind::MissingSecret,
+                })
+                .collect();
+            warnings.extend(
+                lint::lint(&config)
+                    .into_iter()
+                    .map(|(issue, kind)| Warning {
+                        problem: ConfigProblem {
+                            location: locate(&issue.path),
+                            path: issue.path.join("."),
+                            message: issue.message,
+                        },
+                        kind,
+                    }),
+            );
+            return Ok(Loaded { config, warnings });
+        }
         Ok(_) => Vec::new(),
         Err(issues) => issues,
     };

@@ -267,6 +267,16 @@ pub enum Ordering {
     PerKey,
 }
 
+impl fmt::Display for Ordering {
+    /// The value as written in the file.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ordering::None => "none",
+            Ordering::PerKey => "per_key",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxConfig {
     pub database: String,

@@ -25,6 +25,40 @@ pub struct Issue {
 struct Checker<'a> {
     issues: Vec<Issue>,
     kinds: &'a HandlerKinds,
+    /// With `Secrets::Optional`, secrets that cannot be read are noted here, not in `issues`.
+    secrets: Secrets,
+    missing_secrets: Vec<Issue>,
+    /// Keys whose value holds an unset variable (only with `Secrets::Optional`): their value
+    /// is unknown, so problems with it are not reported and URLs get a placeholder.
+    unchecked: Vec<Vec<String>>,
+}
+
+/// Whether a secret bosun cannot read (an unset variable, a missing token file) stops the
+/// load (`bosun run`) or is only reported (`bosun check` without `--strict`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Secrets {
+    #[default]
+    Required,
+    Optional,
+}
+
+/// True for a message that says a secret could not be read: an unset environment variable
+/// or an unreadable token file. Such a problem is about the machine, not the file's shape.
+pub fn is_missing_secret(message: &str) -> bool {
+    (message.contains("environment variable `") && message.contains("is not set"))
+        || message.starts_with("cannot read token file")
+}
+
+/// A handler whose secret could not be read while checking: it can be listed, never built.
+struct MissingSecret(String);
+
+impl crate::handler::HandlerFactory for MissingSecret {
+    fn build(
+        &self,
+        _: &crate::handler::BuildContext<'_>,
+    ) -> anyhow::Result<std::sync::Arc<dyn crate::handler::Handler>> {
+        Err(anyhow::anyhow!("{}", self.0))
+    }
 }
 
 fn path(parts: &[&str]) -> Vec<String> {
@@ -32,11 +66,31 @@ fn path(parts: &[&str]) -> Vec<String> {
 }
 
 impl Checker<'_> {
-    fn issue(&mut self, at: &[&str], message: impl Into<String>) {
-        self.issues.push(Issue {
+    /// An issue that is only a warning when secrets are optional.
+    fn secret_issue(&mut self, at: &[&str], message: impl Into<String>) {
+        let issue = Issue {
             path: path(at),
             message: message.into(),
+        };
+        match self.secrets {
+            Secrets::Required => self.issues.push(issue),
+            Secrets::Optional => self.missing_secrets.push(issue),
+        }
+    }
+
+    fn issue(&mut self, at: &[&str], message: impl Into<String>) {
+        let path = path(at);
+        if self.is_unchecked(&path) {
+            return;
+        }
+        self.issues.push(Issue {
+            path,
+            message: message.into(),
         });
+    }
+
+    fn is_unchecked(&self, at: &[String]) -> bool {
+        self.unchecked.iter().any(|u| at.starts_with(u))
     }
 
     fn duration(&mut self, at: &[&str], value: Option<&str>, default: Duration) -> Duration {
@@ -75,6 +129,14 @@ impl Checker<'_> {
     }
 
     fn url(&mut self, at: &[&str], value: &str, schemes: &[&str]) -> Option<SecretUrl> {
+        if self.is_unchecked(&path(at)) && url::Url::parse(value).is_err() {
+            // The URL comes from a variable that is not set: a placeholder lets the rest of
+            // the file be checked (nothing connects to it: only `bosun check` gets here).
+            let scheme = schemes.first().copied().unwrap_or("unset");
+            return url::Url::parse(&format!("{scheme}://unset.invalid/"))
+                .ok()
+                .map(SecretUrl::new);
+        }
         match url::Url::parse(value) {
             Ok(url) if schemes.contains(&url.scheme()) => Some(SecretUrl::new(url)),
             Ok(url) => {
@@ -290,11 +352,21 @@ pub fn default_consumer_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Validates `raw`; `origin` names the file in the result.
-pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Config, Vec<Issue>> {
+/// Validates `raw` (`origin` names the file in the result); with `Secrets::Optional`, secrets that cannot be read come back in the
+/// second list instead of failing the load.
+pub fn validate_with(
+    raw: RawConfig,
+    origin: &str,
+    kinds: &HandlerKinds,
+    secrets: Secrets,
+    unchecked: Vec<Vec<String>>,
+) -> (Result<Config, Vec<Issue>>, Vec<Issue>) {
     let mut c = Checker {
         issues: Vec::new(),
         kinds,
+        secrets,
+        missing_secrets: Vec::new(),
+        unchecked,
     };
 
     let service = ServiceConfig {
@@ -439,6 +511,16 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
             Err(e) => {
                 let mut at: Vec<&str> = vec!["handlers", name];
                 at.extend(e.path.iter().map(String::as_str));
+                if c.secrets == Secrets::Optional && is_missing_secret(&e.message) {
+                    handlers.insert(
+                        name.clone(),
+                        HandlerConfig {
+                            kind: handler.kind.clone(),
+                            options: handler.options.clone(),
+                            factory: std::sync::Arc::new(MissingSecret(e.message.clone())),
+                        },
+                    );
+                }
                 c.issue(&at, e.message);
             }
         }
@@ -504,7 +586,15 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
         }
     }
 
-    if c.issues.is_empty() {
+    if c.secrets == Secrets::Optional {
+        let (missing, issues): (Vec<Issue>, Vec<Issue>) = std::mem::take(&mut c.issues)
+            .into_iter()
+            .partition(|issue| is_missing_secret(&issue.message));
+        c.issues = issues;
+        c.missing_secrets.extend(missing);
+    }
+    let missing_secrets = std::mem::take(&mut c.missing_secrets);
+    let result = if c.issues.is_empty() {
         Ok(Config {
             origin: origin.to_owned(),
             service,
@@ -518,7 +608,8 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
         })
     } else {
         Err(c.issues)
-    }
+    };
+    (result, missing_secrets)
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
@@ -542,7 +633,7 @@ fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
         (Some(var), None) => match std::env::var(var) {
             Ok(token) if !token.trim().is_empty() => Some(Secret::new(token.trim())),
             _ => {
-                c.issue(
+                c.secret_issue(
                     &["http", "admin", "token_env"],
                     format!("environment variable `{var}` is not set or empty"),
                 );
@@ -559,7 +650,7 @@ fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
                 None
             }
             Err(e) => {
-                c.issue(
+                c.secret_issue(
                     &["http", "admin", "token_file"],
                     format!("cannot read token file {file:?}: {e}"),
                 );
