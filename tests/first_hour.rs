@@ -205,3 +205,149 @@ async fn cleanup(prefix: &str, pool: &sqlx::PgPool) {
             .await;
     }
 }
+
+/// Values in logs are plain text: a message id is the id, a list of components is a list of
+/// names, an exit status is a word; no `Some(...)`, `ShortString(...)` or `["..."]`.
+#[test]
+fn log_fields_hold_plain_values_not_rust_debug_text() {
+    let queue = unique("plain_logs");
+    let port = free_port();
+    let with_consumer = |consumer: bool| {
+        let mut text = format!(
+            "[service]\nlog_format = \"json\"\nshutdown_timeout = \"10s\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\n[handlers.reject]\nkind = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 65\"]\n\n[handlers.keep]\nkind = \"noop\"\n\n[consumers.keep]\nsource = \"rabbit\"\nhandler = \"keep\"\nqueue = \"{queue}_keep\"\n"
+        );
+        if consumer {
+            text.push_str(&format!(
+                "\n[consumers.jobs]\nsource = \"rabbit\"\nhandler = \"reject\"\nqueue = \"{queue}\"\n"
+            ));
+        }
+        text
+    };
+    let config = ConfigFile::new(&with_consumer(true));
+    let mut daemon = Daemon::start(&config.path, port);
+    assert!(
+        daemon.wait_ready(Duration::from_secs(60)),
+        "{}",
+        daemon.logs()
+    );
+    wait_for(Duration::from_secs(60), || {
+        daemon
+            .get("/readyz")
+            .filter(|(s, b)| *s == 200 && b.contains("\"components\":2"))
+    })
+    .expect("both consumers ready");
+
+    let message_id = unique("msg");
+    let path = config.path.to_string_lossy().into_owned();
+    let (code, _, stderr) = support::bosun_output(
+        &[
+            "publish",
+            "--config",
+            &path,
+            "--broker",
+            "rabbit",
+            "--exchange",
+            "",
+            "--routing-key",
+            &queue,
+            "--message-id",
+            &message_id,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let line = wait_for(Duration::from_secs(60), || {
+        daemon
+            .logs()
+            .lines()
+            .find(|l| l.contains("dead-lettering message"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("no dead-letter log line\n{}", daemon.logs()));
+    let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(json["message_id"], message_id.as_str(), "{line}");
+
+    // A reload that removes a component names it plainly.
+    config.rewrite(&with_consumer(false));
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let line = wait_for(Duration::from_secs(60), || {
+        daemon
+            .logs()
+            .lines()
+            .find(|l| l.contains("applying changes"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("no reload log line\n{}", daemon.logs()));
+    let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(json["stop"], "consumer:jobs", "{line}");
+    assert_eq!(json["start"], "", "{line}");
+
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(60)), Some(0));
+    let logs = daemon.logs();
+    let stopped = logs
+        .lines()
+        .find(|l| l.contains("bosun stopped"))
+        .expect("a stop line");
+    let json: serde_json::Value = serde_json::from_str(stopped).expect("a JSON log line");
+    assert_eq!(json["status"], "clean", "{stopped}");
+    for debug_text in ["Some(", "ShortString(", "[\\\"", "PerKey"] {
+        assert!(
+            !logs.contains(debug_text),
+            "{debug_text} in the logs:\n{logs}"
+        );
+    }
+    delete_queues(&[
+        queue.clone(),
+        format!("{queue}.dlq"),
+        format!("{queue}_keep"),
+        format!("{queue}_keep.dlq"),
+    ]);
+}
+
+/// `bosun check` speaks in the file's own words.
+#[test]
+fn check_output_reads_as_plain_text() {
+    let port = free_port();
+    let token = unique("TOKEN").to_uppercase();
+    let text = format!(
+        "[http]\nlisten = \"127.0.0.1:{port}\"\n\n[http.admin]\ntoken_env = \"{token}\"\n\n[brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\n[databases.main]\nurl = \"{PG_URL}\"\n\n[outboxes.orders]\ndatabase = \"main\"\ntarget = \"rabbit\"\nordering = \"per_key\"\n"
+    );
+    let config = ConfigFile::new(&text);
+    let path = config.path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = support::bosun_output(
+        &["check", "--config", &path],
+        &[(token.as_str(), "a-long-enough-token")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ordering per_key"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("admin API on 127.0.0.1:{port}/admin")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("service bosun:"), "{stdout}");
+    for debug_text in ["PerKey", "Some(", "\"bosun\""] {
+        assert!(!stdout.contains(debug_text), "{debug_text} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("a-long-enough-token"), "{stdout}");
+}
+
+fn delete_queues(queues: &[String]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        if let Ok(conn) =
+            lapin::Connection::connect(RABBIT_URL, lapin::ConnectionProperties::default()).await
+            && let Ok(channel) = conn.create_channel().await
+        {
+            for q in queues {
+                let _ = channel
+                    .queue_delete(q.as_str().into(), Default::default())
+                    .await;
+            }
+            let _ = conn.close(200, "done".into()).await;
+        }
+    });
+}

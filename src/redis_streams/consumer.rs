@@ -915,7 +915,7 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
                     None => acks.clone(),
                 };
                 // Left pending: XAUTOCLAIM offers it again after `claim_idle`.
-                tracing::error!(consumer = %inner.name, error = %e, entries = ?ids, "redis refused a settlement; the entries stay pending");
+                tracing::error!(consumer = %inner.name, error = %e, entries = %ids.join(", "), "redis refused a settlement; the entries stay pending");
             }
         }
     }
