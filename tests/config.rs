@@ -672,3 +672,59 @@ fn check_reports_an_outbox_exchange_no_consumer_declares_and_the_broker_lacks() 
         "{stderr}"
     );
 }
+
+#[test]
+fn trim_takes_maxlen_or_max_age_on_redis_consumers_only() {
+    let redis = |trim: &str| {
+        format!(
+            "{BASE}\n[consumers.events]\nsource = \"cache\"\nhandler = \"orders\"\nstream = \"s\"\n{trim}\n"
+        )
+    };
+    let config = load(&redis(
+        "trim = { maxlen = 1000 }\ndead_letter = { trim = { max_age = \"7d\", interval = \"10s\" } }",
+    ))
+    .expect("valid");
+    match &config.consumers["events"].kind {
+        bosun::config::ConsumerKind::Redis(r) => {
+            let stream = r.trim.stream.as_ref().expect("stream trim");
+            assert_eq!(stream.limit, bosun::config::TrimLimit::MaxLen(1000));
+            assert_eq!(stream.interval, std::time::Duration::from_secs(60));
+            let dl = r.trim.dead_letter.as_ref().expect("dead-letter trim");
+            assert_eq!(
+                dl.limit,
+                bosun::config::TrimLimit::MaxAge(std::time::Duration::from_secs(7 * 86400))
+            );
+            assert_eq!(dl.interval, std::time::Duration::from_secs(10));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Off by default.
+    let config = load(&redis("")).expect("valid");
+    match &config.consumers["events"].kind {
+        bosun::config::ConsumerKind::Redis(r) => assert_eq!(r.trim, Default::default()),
+        other => panic!("{other:?}"),
+    }
+    let text = redis("trim = { maxlen = 10, max_age = \"1d\" }");
+    check_error(
+        &text,
+        line_of(&text, "trim ="),
+        1,
+        &["give `maxlen`", "consumers.events.trim"],
+    );
+    let text = redis("trim = { maxlen = 0 }");
+    check_error(
+        &text,
+        line_of(&text, "trim ="),
+        10,
+        &["must be at least 1", "trim.maxlen"],
+    );
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\ntrim = {{ maxlen = 10 }}\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "trim ="),
+        1,
+        &["`trim` is for redis consumers"],
+    );
+}

@@ -445,7 +445,7 @@ fn other_kind_keys(table: &toml::Table, path: &[String]) -> &'static [&'static s
         "trim",
     ];
     const AMQP_DEAD_LETTER: &[&str] = &["queue"];
-    const REDIS_DEAD_LETTER: &[&str] = &["stream", "group", "trim"];
+    const REDIS_DEAD_LETTER: &[&str] = &["stream", "group"];
     let [section, name] = path else {
         return &[];
     };

@@ -259,6 +259,30 @@ pub struct RedisConsumerConfig {
     pub claim_interval: Duration,
     pub max_deliveries: u32,
     pub dead_letter_stream: String,
+    /// Trimming of the stream and of the dead-letter stream; none by default.
+    pub trim: StreamTrims,
+}
+
+/// `trim` of a redis consumer (its stream) and of its `dead_letter` (the dead-letter stream).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamTrims {
+    pub stream: Option<Trim>,
+    pub dead_letter: Option<Trim>,
+}
+
+/// How far one stream is trimmed, and how often.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trim {
+    pub limit: TrimLimit,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrimLimit {
+    /// Keep this many of the newest entries.
+    MaxLen(u64),
+    /// Trim entries whose id is older than this.
+    MaxAge(Duration),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

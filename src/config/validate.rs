@@ -183,6 +183,45 @@ impl Checker<'_> {
         }
     }
 
+    /// A `trim = { ... }` table: exactly one of `maxlen` and `max_age`.
+    fn trim(&mut self, at: &[&str], raw: &RawTrim) -> Option<Trim> {
+        let sub = |k: &'static str| -> Vec<&str> { at.iter().copied().chain([k]).collect() };
+        let interval = self.duration(
+            &sub("interval"),
+            raw.interval.as_deref(),
+            Duration::from_secs(60),
+        );
+        if interval.is_zero() {
+            self.issue(&sub("interval"), "must be longer than zero");
+        }
+        let limit = match (raw.maxlen, &raw.max_age) {
+            (Some(0), None) => {
+                self.issue(&sub("maxlen"), "must be at least 1");
+                return None;
+            }
+            (Some(n), None) => TrimLimit::MaxLen(n),
+            (None, Some(age)) => {
+                let age = self.duration(&sub("max_age"), Some(age), Duration::ZERO);
+                if age.is_zero() {
+                    self.issue(&sub("max_age"), "must be longer than zero");
+                    return None;
+                }
+                TrimLimit::MaxAge(age)
+            }
+            _ => {
+                self.issue(
+                    at,
+                    "give `maxlen` (entries kept) or `max_age` (e.g. \"7d\"), one of the two",
+                );
+                return None;
+            }
+        };
+        Some(Trim {
+            limit,
+            interval: interval.max(Duration::from_millis(100)),
+        })
+    }
+
     fn name_ok(&mut self, at: &[&str], what: &str, name: &str) {
         if name.is_empty() {
             self.issue(at, format!("{what} must not be empty"));
@@ -743,6 +782,7 @@ fn consumer_config(
                 ("claim_idle", raw.claim_idle.is_some()),
                 ("claim_interval", raw.claim_interval.is_some()),
                 ("max_deliveries", raw.max_deliveries.is_some()),
+                ("trim", raw.trim.is_some()),
             ] {
                 if given {
                     c.issue(
@@ -753,6 +793,12 @@ fn consumer_config(
                         ),
                     );
                 }
+            }
+            if dl.is_some_and(|d| d.trim.is_some()) {
+                c.issue(
+                    &["consumers", name, "dead_letter", "trim"],
+                    "`dead_letter.trim` is for redis consumers: a queue is bounded by its own policy (`x-max-length`)",
+                );
             }
             if dl.is_some_and(|d| d.stream.is_some()) {
                 c.issue(
@@ -945,6 +991,12 @@ fn consumer_config(
                     claim_idle,
                     claim_interval,
                     max_deliveries: max_deliveries.max(1),
+                    trim: StreamTrims {
+                        stream: raw.trim.as_ref().and_then(|t| c.trim(&at("trim"), t)),
+                        dead_letter: dl
+                            .and_then(|d| d.trim.as_ref())
+                            .and_then(|t| c.trim(&["consumers", name, "dead_letter", "trim"], t)),
+                    },
                 }),
             })
         }

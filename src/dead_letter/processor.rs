@@ -413,6 +413,7 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             max_deliveries: u32::MAX,
             // Only entries that are not messages at all (no `payload`) end up here.
             dead_letter_stream: format!("{stream}:dlq"),
+            trim: Default::default(),
         }),
         DeadLetterSource::Queue(queue) => amqp_kind(queue),
     };

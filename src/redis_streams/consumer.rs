@@ -570,12 +570,20 @@ impl Component for RedisConsumer {
             ops.clone(),
             helpers.clone(),
         ));
+        let trim = super::trim::targets(&inner.config);
+        let trimmer = tokio::spawn(super::trim::run(
+            inner.name.clone(),
+            ops.clone(),
+            trim,
+            helpers.clone(),
+        ));
 
         read_loop(&inner, &ops, &dispatcher, &ctx.shutdown, &health).await;
 
         helpers.cancel();
         let _ = claimer.await;
         let _ = mover.await;
+        let _ = trimmer.await;
         health.set_not_ready("draining");
         dispatcher.tracker.close();
         dispatcher.tracker.wait().await;
