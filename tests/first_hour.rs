@@ -351,3 +351,45 @@ fn delete_queues(queues: &[String]) {
         }
     });
 }
+
+/// `bosun topology` lists what outboxes and dead-letter `forward` rules publish to, and
+/// `--apply` fails when such an exchange exists nowhere.
+#[test]
+fn topology_lists_outbox_and_forward_targets_and_apply_checks_them() {
+    let name = unique("topology");
+    let missing = format!("{name}_missing");
+    let text = format!(
+        "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\n[databases.main]\nurl = \"{PG_URL}\"\n\n[handlers.h]\nkind = \"noop\"\n\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"h\"\nqueue = \"{name}\"\nbindings = [{{ exchange = \"{name}_shop\", routing_key = \"order.*\" }}]\n\n[outboxes.orders]\ndatabase = \"main\"\ntarget = \"rabbit\"\ndestination = \"{name}_shop\"\n\n[dead_letters.orders]\nsource = \"rabbit\"\nqueue = \"{name}.dlq\"\ndefault_action = \"drop\"\n\n[[dead_letters.orders.rules]]\naction = \"forward\"\nexchange = \"{missing}\"\n"
+    );
+    let config = ConfigFile::new(&text);
+    let path = config.path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = support::bosun_output(&["topology", "--config", &path], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "# outbox orders publishes on broker rabbit to exchange {name}_shop: declared by consumer orders"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "# dead letters orders (rule 1, forward) publishes on broker rabbit to exchange {missing}: declared by no consumer"
+        )),
+        "{stdout}"
+    );
+
+    let (code, stdout, stderr) =
+        support::bosun_output(&["topology", "--config", &path, "--apply"], &[]);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stdout.contains("consumer orders: declared"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("exchange `{missing}`, which does not exist")),
+        "{stderr}"
+    );
+
+    delete_queues(&[
+        name.clone(),
+        format!("{name}.dlq"),
+        format!("{name}.retry.1s"),
+    ]);
+}
