@@ -227,7 +227,7 @@ impl ReloadHook for ConfigReload {
                 .collect(),
             Err(e) => return self.failed(&format!("{e:#}")),
         };
-        tracing::info!(stop = ?stop, start = ?start, "configuration is valid; applying changes");
+        tracing::info!(stop = %stop.join(", "), start = %start.join(", "), "configuration is valid; applying changes");
         if self.admin.is_some() {
             self.pending_admin = Some(AdminOps::build(&new, &resources));
         }

@@ -278,7 +278,7 @@ impl Runtime {
             Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
             Ok(Ok(())) => {}
         }
-        tracing::info!(status = ?status, "bosun stopped");
+        tracing::info!(status = %status, "bosun stopped");
         Ok(status)
     }
 }

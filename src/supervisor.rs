@@ -138,6 +138,16 @@ pub enum ExitStatus {
     Forced,
 }
 
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExitStatus::Clean => "clean",
+            ExitStatus::TimedOut => "timed_out",
+            ExitStatus::Forced => "forced",
+        })
+    }
+}
+
 impl ExitStatus {
     pub fn code(self) -> i32 {
         match self {
@@ -505,7 +515,7 @@ impl Supervisor {
                             .filter(|(_, s)| s.abort.is_some())
                             .map(|(n, _)| n)
                             .collect();
-                        tracing::error!(components = ?stuck, "shutdown timeout passed; aborting components that are still running");
+                        tracing::error!(components = %stuck.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "), "shutdown timeout passed; aborting components that are still running");
                         self.abort_all();
                         break ExitStatus::TimedOut;
                     }

@@ -56,7 +56,7 @@ impl SystemdNotify {
     /// An explicit socket and watchdog timeout.
     pub fn new(socket: Option<PathBuf>, watchdog: Option<Duration>) -> Self {
         if let Some(path) = &socket {
-            tracing::debug!(socket = %path.display(), watchdog = ?watchdog, "systemd notification enabled");
+            tracing::debug!(socket = %path.display(), watchdog_ms = watchdog.map(|w| w.as_millis() as u64), "systemd notification enabled");
         }
         Self {
             socket,

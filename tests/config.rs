@@ -482,6 +482,251 @@ fn example_config_is_valid() {
     let (code, stdout, stderr) = bosun_output(&["check", "--config", path], &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("configuration is valid"));
+    // Every handler is used and the outbox publishes to an exchange a consumer declares.
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
+fn every_unknown_key_is_reported_with_the_keys_of_its_kind_and_a_suggestion() {
+    let text = format!(
+        "{BASE}\n[service]\nshutdown_timout = \"5s\"\n\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\nprefech = 10\nretry = {{ max_attempts = 0 }}\n\n[consumers.events]\nsource = \"cache\"\nhandler = \"orders\"\nstream = \"s\"\nclaim_idel = \"1m\"\n"
+    );
+    let err = load(&text).expect_err("rejected");
+    let rendered = err.to_string();
+    assert_eq!(err.problems.len(), 4, "{rendered}");
+    let problem = |needle: &str| {
+        err.problems
+            .iter()
+            .find(|p| p.message.contains(needle))
+            .unwrap_or_else(|| panic!("no problem mentions {needle:?}: {rendered}"))
+    };
+    let line = |p: &bosun::config::ConfigProblem| match &p.location {
+        Location::File(pos) => pos.line,
+        other => panic!("{other:?}"),
+    };
+
+    let typo = problem("`shutdown_timout`");
+    assert_eq!(line(typo), line_of(&text, "shutdown_timout"), "{rendered}");
+    assert!(
+        typo.message.contains("did you mean `shutdown_timeout`?"),
+        "{rendered}"
+    );
+
+    // An amqp consumer is offered amqp keys only, and the closest one.
+    let amqp = problem("`prefech`");
+    assert_eq!(line(amqp), line_of(&text, "prefech"), "{rendered}");
+    assert!(
+        amqp.message.contains("did you mean `prefetch`?"),
+        "{rendered}"
+    );
+    assert!(amqp.message.contains("`queue_type`"), "{rendered}");
+    assert!(!amqp.message.contains("`claim_idle`"), "{rendered}");
+    assert!(!amqp.message.contains("`stream`"), "{rendered}");
+
+    // A redis consumer is offered redis keys only.
+    let redis = problem("`claim_idel`");
+    assert_eq!(line(redis), line_of(&text, "claim_idel"), "{rendered}");
+    assert!(
+        redis.message.contains("did you mean `claim_idle`?"),
+        "{rendered}"
+    );
+    assert!(!redis.message.contains("`prefetch`"), "{rendered}");
+
+    // The unknown keys do not hide the validation errors behind them.
+    problem("must be at least 1 (1 means no retries)");
+}
+
+#[test]
+fn unknown_key_far_from_every_name_gets_no_suggestion() {
+    let text = "[service]\nzzzz = 1\n";
+    let err = load(text).expect_err("rejected");
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(!err.to_string().contains("did you mean"), "{err}");
+    assert!(err.to_string().contains("`log_format`"), "{err}");
+}
+
+#[test]
+fn check_reports_missing_secrets_as_warnings_and_strict_makes_them_errors() {
+    let var = support::unique("BOSUN_TEST_UNSET").to_uppercase();
+    let text = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\n[http.admin]\ntoken_env = \"{var}_ADMIN\"\n\n[databases.main]\nurl = \"${{{var}_DB}}\"\n\n[handlers.hook]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/hook\"\ntoken_env = \"{var}_HOOK\"\n\n[brokers.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/\"\n\n[consumers.events]\nsource = \"cache\"\nhandler = \"hook\"\nstream = \"s\"\n"
+    );
+    let file = ConfigFile::new(&text);
+    let path = file.path.to_string_lossy().into_owned();
+
+    let (code, stdout, stderr) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
+    for (needle, line) in [
+        (format!("`{var}_ADMIN`"), 5),
+        (format!("`{var}_DB`"), 8),
+        (format!("`{var}_HOOK`"), 13),
+    ] {
+        let warning = stderr
+            .lines()
+            .find(|l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("no warning names {needle}: {stderr}"));
+        assert!(
+            warning.starts_with(&format!("warning: {path}:{line}:")),
+            "{warning}"
+        );
+    }
+    // The unset URL is not also reported as an invalid URL.
+    assert!(!stderr.contains("invalid URL"), "{stderr}");
+
+    let (code, _, stderr) = bosun_output(&["check", "--strict", "--config", &path], &[]);
+    assert_eq!(code, 78, "{stderr}");
+    for name in ["_ADMIN", "_DB", "_HOOK"] {
+        assert!(stderr.contains(&format!("`{var}{name}`")), "{stderr}");
+    }
+
+    // `bosun run` still refuses the file.
+    let (code, _, stderr) = bosun_output(&["run", "--config", &path], &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains(&format!("`{var}_ADMIN`")), "{stderr}");
+}
+
+#[test]
+fn check_warns_about_a_handler_nothing_uses() {
+    let text = "[handlers.used]\nkind = \"noop\"\n\n[handlers.route]\nkind = \"route\"\nroutes = [{ routing_key = \"a.#\", handler = \"via_route\" }]\n\n[handlers.via_route]\nkind = \"log\"\n\n[handlers.forgotten]\nkind = \"log\"\n\n[brokers.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/\"\n\n[consumers.events]\nsource = \"cache\"\nhandler = \"used\"\nstream = \"s\"\n";
+    let file = ConfigFile::new(text);
+    let path = file.path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    // `route` itself is unused; `via_route` is used by it; `forgotten` by nothing.
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("handler `forgotten` is not used")
+                && w.starts_with(&format!("warning: {path}:11:"))),
+        "{stderr}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("handler `route` is not used")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_reports_an_outbox_exchange_no_consumer_declares_and_the_broker_lacks() {
+    let exchange = support::unique("nowhere");
+    let config = |destination: &str, url: &str, binding: &str| {
+        format!(
+            "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"{url}\"\n\n[databases.main]\nurl = \"postgres://postgres@127.0.0.1:5432/test\"\n\n[handlers.h]\nkind = \"noop\"\n\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"h\"\nqueue = \"q\"\nbindings = [{{ exchange = \"{binding}\" }}]\n\n[outboxes.orders]\ndatabase = \"main\"\ntarget = \"rabbit\"\ndestination = \"{destination}\"\n\n[dead_letters.orders]\nsource = \"rabbit\"\nqueue = \"q.dlq\"\ndefault_action = \"drop\"\n\n[[dead_letters.orders.rules]]\naction = \"forward\"\nexchange = \"{destination}\"\n"
+        )
+    };
+    let rabbit = support::RABBIT_URL;
+    let line = |text: &str, needle: &str| line_of(text, needle);
+
+    // Neither declared by a consumer nor present on the broker: an error at each key.
+    let text = config(&exchange, rabbit, "shop");
+    let file = ConfigFile::new(&text);
+    let path = file.path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 78, "{stdout}\n{stderr}");
+    let destination_line = line(&text, "destination =");
+    let forward_line = line(&text, &format!("exchange = \"{exchange}\""));
+    assert!(
+        stderr.contains(&format!(
+            "{path}:{destination_line}:1: outbox `orders` publishes to exchange `{exchange}`"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{path}:{forward_line}:")) && stderr.contains("`forward`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    // Declared by the consumer: nothing to say.
+    let text = config(&exchange, rabbit, &exchange);
+    file.rewrite(&text);
+    let (code, stdout, stderr) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert!(stdout.contains(&format!("exchange {exchange}")), "{stdout}");
+
+    // Present on the broker though no consumer declares it: nothing to say.
+    file.rewrite(&config("amq.topic", rabbit, "shop"));
+    let (code, stdout, stderr) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+
+    // The broker cannot be asked: a warning that says so.
+    file.rewrite(&config(
+        &exchange,
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "shop",
+    ));
+    let (code, stdout, stderr) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("could not be asked"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn trim_takes_maxlen_or_max_age_on_redis_consumers_only() {
+    let redis = |trim: &str| {
+        format!(
+            "{BASE}\n[consumers.events]\nsource = \"cache\"\nhandler = \"orders\"\nstream = \"s\"\n{trim}\n"
+        )
+    };
+    let config = load(&redis(
+        "trim = { maxlen = 1000 }\ndead_letter = { trim = { max_age = \"7d\", interval = \"10s\" } }",
+    ))
+    .expect("valid");
+    match &config.consumers["events"].kind {
+        bosun::config::ConsumerKind::Redis(r) => {
+            let stream = r.trim.stream.as_ref().expect("stream trim");
+            assert_eq!(stream.limit, bosun::config::TrimLimit::MaxLen(1000));
+            assert_eq!(stream.interval, std::time::Duration::from_secs(60));
+            let dl = r.trim.dead_letter.as_ref().expect("dead-letter trim");
+            assert_eq!(
+                dl.limit,
+                bosun::config::TrimLimit::MaxAge(std::time::Duration::from_secs(7 * 86400))
+            );
+            assert_eq!(dl.interval, std::time::Duration::from_secs(10));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Off by default.
+    let config = load(&redis("")).expect("valid");
+    match &config.consumers["events"].kind {
+        bosun::config::ConsumerKind::Redis(r) => assert_eq!(r.trim, Default::default()),
+        other => panic!("{other:?}"),
+    }
+    let text = redis("trim = { maxlen = 10, max_age = \"1d\" }");
+    check_error(
+        &text,
+        line_of(&text, "trim ="),
+        1,
+        &["give `maxlen`", "consumers.events.trim"],
+    );
+    let text = redis("trim = { maxlen = 0 }");
+    check_error(
+        &text,
+        line_of(&text, "trim ="),
+        10,
+        &["must be at least 1", "trim.maxlen"],
+    );
+    let text = format!(
+        "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\ntrim = {{ maxlen = 10 }}\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "trim ="),
+        1,
+        &["`trim` is for redis consumers"],
+    );
 }
 
 #[test]

@@ -1506,3 +1506,194 @@ fn entry_bounds_and_forget_idle_are_validated() {
         assert!(load(bad).is_err(), "{bad} must be refused");
     }
 }
+
+async fn xlen(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> u64 {
+    redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .expect("XLEN")
+}
+
+async fn trim_ops() -> bosun::redis_streams::Ops {
+    let text = format!("[brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n");
+    let config = bosun::config::load_str(
+        &text,
+        "trim.toml",
+        &bosun::handler::HandlerKinds::builtin(),
+        &bosun::config::Env::default(),
+    )
+    .expect("valid config");
+    let Some(bosun::config::BrokerConfig::Redis(broker)) = config.brokers.get("cache") else {
+        panic!("a redis broker");
+    };
+    bosun::redis_streams::Ops::connect(broker, "trim-test")
+        .await
+        .expect("connect to redis")
+}
+
+#[tokio::test]
+async fn trim_removes_only_entries_every_group_has_acknowledged() {
+    use bosun::config::TrimLimit;
+    use bosun::redis_streams::trim::trim_once;
+    let mut conn = redis().await;
+    let ops = trim_ops().await;
+    let stream = unique("trim_groups");
+    xadd_many(&mut conn, &stream, 10).await;
+    create_group(&mut conn, &stream).await;
+    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("c")
+        .arg("COUNT")
+        .arg(6)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .expect("XREADGROUP");
+    let ids: Vec<String> = read.keys[0].ids.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), 6);
+    let acked: i64 = conn.xack(&stream, "g", &ids[..3]).await.expect("XACK");
+    assert_eq!(acked, 3);
+
+    // maxlen 1 asks for 9 to go, but 3 pending and 4 never delivered must stay.
+    let trimmed = trim_once(&ops, &stream, TrimLimit::MaxLen(1), None)
+        .await
+        .expect("trim");
+    assert_eq!(trimmed, 3);
+    assert_eq!(xlen(&mut conn, &stream).await, 7);
+    let first = range(&mut conn, &stream).await;
+    assert_eq!(first[0].0, ids[3], "the oldest pending entry is kept");
+
+    // A group that has read nothing keeps everything.
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("late")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .expect("XGROUP");
+    let acked: i64 = conn.xack(&stream, "g", &ids[3..]).await.expect("XACK");
+    assert_eq!(acked, 3);
+    assert_eq!(
+        trim_once(&ops, &stream, TrimLimit::MaxLen(1), None)
+            .await
+            .expect("trim"),
+        0
+    );
+    assert_eq!(xlen(&mut conn, &stream).await, 7);
+
+    // Without groups (a dead-letter stream nobody reads) the limit alone decides.
+    let bare = unique("trim_bare");
+    xadd_many(&mut conn, &bare, 10).await;
+    assert_eq!(
+        trim_once(&ops, &bare, TrimLimit::MaxLen(4), None)
+            .await
+            .expect("trim"),
+        6
+    );
+    assert_eq!(xlen(&mut conn, &bare).await, 4);
+
+    // max_age goes by the time in the entry id.
+    let aged = unique("trim_aged");
+    for id in ["1000-1", "1000-2"] {
+        let _: String = redis::cmd("XADD")
+            .arg(&aged)
+            .arg(id)
+            .arg("payload")
+            .arg("old")
+            .query_async(&mut conn)
+            .await
+            .expect("XADD");
+    }
+    xadd_many(&mut conn, &aged, 3).await;
+    assert_eq!(
+        trim_once(
+            &ops,
+            &aged,
+            TrimLimit::MaxAge(Duration::from_secs(3600)),
+            None
+        )
+        .await
+        .expect("trim"),
+        2
+    );
+    assert_eq!(xlen(&mut conn, &aged).await, 3);
+    // A consumer's stream is left alone while its group does not exist.
+    let ungrouped = unique("trim_ungrouped");
+    xadd_many(&mut conn, &ungrouped, 5).await;
+    assert_eq!(
+        trim_once(&ops, &ungrouped, TrimLimit::MaxLen(1), Some("g"))
+            .await
+            .expect("trim"),
+        0
+    );
+    assert_eq!(xlen(&mut conn, &ungrouped).await, 5);
+    let _: () = conn.del(&ungrouped).await.expect("DEL");
+    // An empty or missing stream is nothing to do.
+    assert_eq!(
+        trim_once(&ops, &unique("trim_none"), TrimLimit::MaxLen(1), None)
+            .await
+            .expect("trim"),
+        0
+    );
+    let _: () = conn.del(&[&stream, &bare, &aged]).await.expect("DEL");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_trims_its_stream_and_dead_letter_stream_when_asked() {
+    let mut conn = redis().await;
+    let stream = unique("trim_consumer");
+    let dlq = format!("{stream}:dlq");
+    let handler = Recorder::new(Duration::ZERO, |m| {
+        if m.message_id
+            .as_deref()
+            .is_some_and(|id| id.ends_with('7') || id.ends_with('8') || id.ends_with('9'))
+        {
+            Outcome::DeadLetter {
+                reason: "unwanted".into(),
+                kind: bosun::handler::FailureKind::Permanent,
+            }
+        } else {
+            Outcome::Ack
+        }
+    });
+    let text = config(
+        "cache",
+        &[(
+            "trimmed",
+            format!(
+                "stream = \"{stream}\"\ngroup = \"g\"\nblock = \"200ms\"\ntrim = {{ maxlen = 3, interval = \"100ms\" }}\ndead_letter = {{ trim = {{ maxlen = 1, interval = \"100ms\" }} }}\n"
+            ),
+        )],
+    );
+    let running = start(&text, handler.clone()).await;
+    xadd_many(&mut conn, &stream, 10).await;
+    let trimmed = support::wait_for_async(WAIT, || {
+        let mut conn = conn.clone();
+        let (stream, dlq) = (stream.clone(), dlq.clone());
+        async move {
+            let lengths = (xlen(&mut conn, &stream).await, xlen(&mut conn, &dlq).await);
+            (lengths == (3, 1)).then_some(lengths)
+        }
+    })
+    .await;
+    let lengths = (xlen(&mut conn, &stream).await, xlen(&mut conn, &dlq).await);
+    assert!(
+        trimmed.is_some(),
+        "stream and dead-letter stream lengths: {lengths:?}"
+    );
+    // Every entry was handled before it was trimmed.
+    let mut ids = handler.ids();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "{ids:?}");
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    let _: () = conn
+        .del(&[&stream, &dlq, &format!("{stream}:retry")])
+        .await
+        .expect("DEL");
+}

@@ -488,7 +488,7 @@ async fn process(
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::error!(consumer = %inner.name, message_id = ?message.message_id, panic = %text, "handler panicked; retrying the message");
+            tracing::error!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), panic = %text, "handler panicked; retrying the message");
             Outcome::Retry {
                 after: None,
                 reason: format!("handler panicked: {text}"),
@@ -511,7 +511,7 @@ async fn process(
     let result = match outcome {
         Outcome::Ack => Ok(Settled::Ack),
         Outcome::Drop { reason } => {
-            tracing::debug!(consumer = %inner.name, message_id = ?message.message_id, reason = %reason, "message dropped by the handler");
+            tracing::debug!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), reason = %reason, "message dropped by the handler");
             Ok(Settled::Drop)
         }
         Outcome::Retry { after, reason } if inner.retry.should_retry(attempt) => {
@@ -553,7 +553,7 @@ async fn process(
             inner.dead_letter(&publish, &original, kind, &reason).await
         }
         Outcome::Release { reason } => {
-            tracing::info!(consumer = %inner.name, message_id = ?message.message_id, reason = %reason, "released unsettled; it goes back to the queue");
+            tracing::info!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), reason = %reason, "released unsettled; it goes back to the queue");
             Ok(Settled::Release)
         }
     };
@@ -603,7 +603,7 @@ impl Inner {
             .routing_key
             .as_deref()
             .unwrap_or(original.routing_key);
-        tracing::warn!(consumer = %self.name, message_id = ?original.properties.message_id(), attempt = original.attempt, kind = %kind, reason = %headers::truncate(reason, 512), "dead-lettering message");
+        tracing::warn!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), attempt = original.attempt, kind = %kind, reason = %headers::truncate(reason, 512), "dead-lettering message");
         self.copy(
             publish,
             original,

@@ -4,14 +4,92 @@ use std::fmt::Write as _;
 
 use super::{CliError, ConfigArg, EXIT_OK};
 use crate::Runtime;
-use crate::config::{AmqpDeadLetter, BrokerConfig, Config, ConsumerKind, DeadLetterSource};
+use crate::config::{
+    AmqpDeadLetter, BrokerConfig, Config, ConfigError, ConsumerKind, DeadLetterSource, Env,
+    Secrets, Warning, WarningKind,
+};
 use crate::retry::format_compact;
 
-pub fn check(runtime: &Runtime, config: &ConfigArg) -> Result<u8, CliError> {
-    let config = config.load(runtime)?;
+/// Validates the file, prints what would run and every warning. With `strict`, a secret that
+/// cannot be read is an error, as it is for `bosun run`.
+pub fn check(runtime: &Runtime, config: &ConfigArg, strict: bool) -> Result<u8, CliError> {
+    if !config.allow_insecure_config {
+        crate::config::check_permissions(&config.config)?;
+    }
+    let secrets = if strict {
+        Secrets::Required
+    } else {
+        Secrets::Optional
+    };
+    let loaded = crate::config::load_file_for_check(
+        &config.config,
+        runtime.handler_kinds(),
+        &Env::from_process(),
+        secrets,
+    )?;
+    let (warnings, errors) = ask_brokers(&loaded.config, loaded.warnings)?;
+    if !errors.is_empty() {
+        return Err(CliError::Config(ConfigError {
+            origin: loaded.config.origin.clone(),
+            problems: errors,
+        }));
+    }
     // The summary shows URLs; the redactor has the last word on what they reveal.
-    print!("{}", crate::redact::text(&describe(&config)));
+    print!("{}", crate::redact::text(&describe(&loaded.config)));
+    for warning in &warnings {
+        eprintln!(
+            "warning: {}",
+            warning.problem.display(&loaded.config.origin)
+        );
+    }
     Ok(EXIT_OK)
+}
+
+/// Asks each amqp broker whether the exchanges nothing declares exist: one that exists is no
+/// longer a warning, one the broker does not have is an error, and a broker that cannot be
+/// reached leaves the warning (saying so).
+fn ask_brokers(
+    config: &Config,
+    warnings: Vec<Warning>,
+) -> Result<(Vec<Warning>, Vec<crate::config::ConfigProblem>), CliError> {
+    if !warnings
+        .iter()
+        .any(|w| matches!(w.kind, WarningKind::UndeclaredExchange { .. }))
+    {
+        return Ok((warnings, Vec::new()));
+    }
+    super::block_on(async move {
+        let mut kept = Vec::new();
+        let mut errors = Vec::new();
+        for mut warning in warnings {
+            let WarningKind::UndeclaredExchange { broker, exchange } = &warning.kind else {
+                kept.push(warning);
+                continue;
+            };
+            let Some(BrokerConfig::Amqp(amqp)) = config.brokers.get(broker) else {
+                kept.push(warning);
+                continue;
+            };
+            match super::topology::exchange_exists(amqp, &config.service.name, exchange).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warning.problem.message = format!(
+                        "{} (broker `{broker}` says it does not exist)",
+                        warning.problem.message
+                    );
+                    errors.push(warning.problem);
+                }
+                Err(e) => {
+                    warning.problem.message = format!(
+                        "{} (broker `{broker}` could not be asked: {e})",
+                        warning.problem.message
+                    );
+                    kept.push(warning);
+                }
+            }
+        }
+        (kept, errors)
+    })
 }
 
 /// A human summary of a validated config. Secrets are redacted.
@@ -20,14 +98,14 @@ pub fn describe(config: &Config) -> String {
     let _ = writeln!(out, "{}: configuration is valid", config.origin);
     let _ = writeln!(
         out,
-        "service {:?}: shutdown timeout {}, http on {}{}",
+        "service {}: shutdown timeout {}, http on {}{}",
         config.service.name,
         format_compact(config.service.shutdown_timeout),
         config.http.listen,
         if config.http.admin_token.is_some() {
-            ", admin API on"
+            format!(", admin API on {}/admin", config.http.listen)
         } else {
-            ""
+            String::new()
         }
     );
     for (name, broker) in &config.brokers {
@@ -92,8 +170,18 @@ pub fn describe(config: &Config) -> String {
     for (name, o) in &config.outboxes {
         let _ = writeln!(
             out,
-            "outbox {name}: table {} in {} -> broker {} (batch {}, ordering {:?})",
-            o.table, o.database, o.target, o.batch, o.ordering
+            "outbox {name}: table {} in {} -> broker {}{} (batch {}, ordering {})",
+            o.table,
+            o.database,
+            o.target,
+            match (o.destination.as_deref(), config.brokers.get(&o.target)) {
+                (None, _) => String::new(),
+                (Some(""), _) => ", default exchange".to_owned(),
+                (Some(d), Some(BrokerConfig::Redis(_))) => format!(", stream {d}"),
+                (Some(d), _) => format!(", exchange {d}"),
+            },
+            o.batch,
+            o.ordering
         );
     }
     for (name, d) in &config.dead_letters {

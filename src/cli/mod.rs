@@ -73,10 +73,14 @@ enum Command {
         #[arg(long)]
         watch_config: bool,
     },
-    /// Validate the configuration and print what would run.
+    /// Validate the configuration and print what would run; warnings go to stderr.
     Check {
         #[command(flatten)]
         config: ConfigArg,
+        /// Treat secrets that cannot be read (an unset `${VAR}` without default, an unset
+        /// token variable, a missing token file) as errors, as `bosun run` does.
+        #[arg(long)]
+        strict: bool,
     },
     /// Dead-letter archive: schema, migrate, list, groups, show, replay, purge.
     Dlq {
@@ -137,7 +141,7 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
             println!("bosun {}", env!("CARGO_PKG_VERSION"));
             Ok(EXIT_OK)
         }
-        Command::Check { config } => check::check(&runtime, &config),
+        Command::Check { config, strict } => check::check(&runtime, &config, strict),
         Command::Dlq { command } => dlq::run(&runtime, command),
         Command::Run {
             config,

@@ -14,6 +14,7 @@
 //! original file (or to the environment variable that set it).
 
 mod interpolate;
+mod lint;
 mod locate;
 pub mod model;
 pub mod raw;
@@ -27,7 +28,9 @@ use std::sync::RwLock;
 pub use interpolate::interpolate;
 pub use locate::{Position, position};
 pub use model::*;
-pub use validate::{Issue, default_consumer_name, parse_duration, valid_sql_identifier};
+pub use validate::{
+    Issue, Secrets, default_consumer_name, is_missing_secret, parse_duration, valid_sql_identifier,
+};
 
 use crate::handler::HandlerKinds;
 
@@ -77,21 +80,36 @@ impl ConfigError {
     }
 }
 
+impl ConfigProblem {
+    /// `origin:line:column: message (at `path`)`, as every problem and warning is shown.
+    pub fn display<'a>(&'a self, origin: &'a str) -> impl fmt::Display + 'a {
+        struct Shown<'a>(&'a ConfigProblem, &'a str);
+        impl fmt::Display for Shown<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let (p, origin) = (self.0, self.1);
+                match &p.location {
+                    Location::File(pos) => write!(f, "{origin}:{}:{}: ", pos.line, pos.column)?,
+                    Location::Env(var) => write!(f, "{origin} (environment variable {var}): ")?,
+                    Location::Unknown => write!(f, "{origin}: ")?,
+                }
+                f.write_str(&p.message)?;
+                if !p.path.is_empty() && !p.message.contains(" in [") {
+                    write!(f, " (at `{}`)", p.path)?;
+                }
+                Ok(())
+            }
+        }
+        Shown(self, origin)
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, p) in self.problems.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
-            match &p.location {
-                Location::File(pos) => write!(f, "{}:{}:{}: ", self.origin, pos.line, pos.column)?,
-                Location::Env(var) => write!(f, "{} (environment variable {var}): ", self.origin)?,
-                Location::Unknown => write!(f, "{}: ", self.origin)?,
-            }
-            f.write_str(&p.message)?;
-            if !p.path.is_empty() && !p.message.contains(" in [") {
-                write!(f, " (at `{}`)", p.path)?;
-            }
+            write!(f, "{}", p.display(&self.origin))?;
         }
         Ok(())
     }
@@ -141,23 +159,28 @@ pub fn load_file_with_env(
     env: &Env,
 ) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
+    let text = read_text(path, &origin)?;
+    load_str(&text, &origin, kinds, env)
+}
+
+/// The file's text: size-capped, UTF-8.
+fn read_text(path: &Path, origin: &str) -> Result<String, ConfigError> {
     let bytes =
-        read_capped(path).map_err(|e| ConfigError::single(&origin, Location::Unknown, "", e))?;
-    let text = match String::from_utf8(bytes) {
-        Ok(text) => text,
+        read_capped(path).map_err(|e| ConfigError::single(origin, Location::Unknown, "", e))?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(text),
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
             let bytes = e.into_bytes();
             let pos = position(&String::from_utf8_lossy(&bytes[..valid]), valid);
-            return Err(ConfigError::single(
-                &origin,
+            Err(ConfigError::single(
+                origin,
                 Location::File(pos),
                 "",
                 "the file is not valid UTF-8 text (is it a binary file?)",
-            ));
+            ))
         }
-    };
-    load_str(&text, &origin, kinds, env)
+    }
 }
 
 fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
@@ -260,21 +283,83 @@ pub fn load_str(
     kinds: &HandlerKinds,
     env: &Env,
 ) -> Result<Config, ConfigError> {
+    load_str_with(text, origin, kinds, env, Secrets::Required).map(|loaded| loaded.config)
+}
+
+/// A configuration read for `bosun check`, with what it found worth a warning.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Missing secrets (when they are optional), unused handlers, exchanges nothing declares.
+    pub warnings: Vec<Warning>,
+}
+
+/// A problem that does not stop the file from being used (or, for a missing secret, only
+/// stops `bosun run`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub problem: ConfigProblem,
+    pub kind: WarningKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarningKind {
+    /// An unset `${VAR}` without default, an unset token variable, an unreadable token file.
+    MissingSecret,
+    /// A handler no consumer and no route uses.
+    UnusedHandler,
+    /// An amqp exchange an outbox or a dead-letter forward publishes to that no consumer
+    /// declares: it has to exist on the broker already.
+    UndeclaredExchange { broker: String, exchange: String },
+}
+
+/// Reads and validates the file at `path` for `bosun check`: missing secrets are warnings
+/// unless `secrets` is `Required`.
+pub fn load_file_for_check(
+    path: &Path,
+    kinds: &HandlerKinds,
+    env: &Env,
+    secrets: Secrets,
+) -> Result<Loaded, ConfigError> {
+    let origin = path.display().to_string();
+    let text = read_text(path, &origin)?;
+    load_str_with(&text, &origin, kinds, env, secrets)
+}
+
+/// Validates TOML `text` and lists its warnings; `origin` names it in messages. As in
+/// [`load_str`], no message shows a value that came from the environment.
+pub fn load_str_with(
+    text: &str,
+    origin: &str,
+    kinds: &HandlerKinds,
+    env: &Env,
+    secrets: Secrets,
+) -> Result<Loaded, ConfigError> {
     let mut interpolated = Vec::new();
-    load_str_recording(text, origin, kinds, env, &mut interpolated).map_err(|mut e| {
-        // Longest value first, so a value containing another is put back whole.
-        interpolated.sort_by_key(|(_, value): &(String, String)| std::cmp::Reverse(value.len()));
-        for problem in &mut e.problems {
-            let mut message = problem.message.clone();
-            for (name, value) in &interpolated {
-                if value.len() >= 3 && message.contains(value.as_str()) {
-                    message = message.replace(value.as_str(), &format!("${{{name}}}"));
-                }
+    let result = load_str_recording(text, origin, kinds, env, secrets, &mut interpolated);
+    // Longest value first, so a value containing another is put back whole.
+    interpolated.sort_by_key(|(_, value): &(String, String)| std::cmp::Reverse(value.len()));
+    let mask = |problem: &mut ConfigProblem| {
+        let mut message = problem.message.clone();
+        for (name, value) in &interpolated {
+            if value.len() >= 3 && message.contains(value.as_str()) {
+                message = message.replace(value.as_str(), &format!("${{{name}}}"));
             }
-            problem.message = crate::redact::text(&message).into_owned();
         }
-        e
-    })
+        problem.message = crate::redact::text(&message).into_owned();
+    };
+    match result {
+        Ok(mut loaded) => {
+            for warning in &mut loaded.warnings {
+                mask(&mut warning.problem);
+            }
+            Ok(loaded)
+        }
+        Err(mut e) => {
+            e.problems.iter_mut().for_each(mask);
+            Err(e)
+        }
+    }
 }
 
 fn load_str_recording(
@@ -282,8 +367,9 @@ fn load_str_recording(
     origin: &str,
     kinds: &HandlerKinds,
     env: &Env,
+    secrets: Secrets,
     interpolated: &mut Vec<(String, String)>,
-) -> Result<Config, ConfigError> {
+) -> Result<Loaded, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
         let location = e
             .span()
@@ -326,64 +412,239 @@ fn load_str_recording(
     };
     interpolate_table(&mut table, &mut Vec::new(), &recording, &mut problems);
     interpolated.extend(recording.read.into_inner());
-    if !problems.is_empty() {
-        return Err(ConfigError {
-            origin: origin.to_owned(),
-            problems: problems
-                .into_iter()
-                .map(|issue: Issue| ConfigProblem {
-                    location: locate(&issue.path),
-                    path: issue.path.join("."),
-                    message: issue.message,
-                })
-                .collect(),
-        });
+    // A value that could not be interpolated is unknown: problems with it are not reported
+    // again by validation. A missing secret is only a warning when secrets are optional.
+    let unchecked: Vec<Vec<String>> = problems.iter().map(|i| i.path.clone()).collect();
+    let mut missing_secrets: Vec<Issue> = Vec::new();
+    if secrets == Secrets::Optional {
+        let (missing, rest): (Vec<Issue>, Vec<Issue>) = problems
+            .into_iter()
+            .partition(|issue| is_missing_secret(&issue.message));
+        problems = rest;
+        missing_secrets = missing;
     }
 
-    let raw: raw::RawConfig =
-        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let mut path: Vec<String> = e
-                .path()
-                .iter()
-                .filter_map(|segment| match segment {
-                    serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
-                    serde_path_to_error::Segment::Map { key } => Some(key.clone()),
-                    serde_path_to_error::Segment::Enum { .. }
-                    | serde_path_to_error::Segment::Unknown => None,
+    // Every unknown key is reported, not just the first: each one found is noted and taken
+    // out, and the rest of the file is read again, so a typo never hides other problems.
+    let mut unknown: Vec<ConfigProblem> = problems
+        .into_iter()
+        .map(|issue| ConfigProblem {
+            location: locate(&issue.path),
+            path: issue.path.join("."),
+            message: issue.message,
+        })
+        .collect();
+    let raw: raw::RawConfig = loop {
+        match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+            Ok(raw) => break raw,
+            Err(e) => {
+                let (path, message, field) = deserialize_problem(&e, &table);
+                let problem = ConfigProblem {
+                    location: locate(&path),
+                    path: path.join("."),
+                    message,
+                };
+                let removed = field.is_some()
+                    && unknown.len() < MAX_UNKNOWN_KEYS
+                    && remove_path(&mut table, &path);
+                if !removed {
+                    unknown.push(problem);
+                    return Err(ConfigError {
+                        origin: origin.to_owned(),
+                        problems: unknown,
+                    });
+                }
+                unknown.push(problem);
+            }
+        }
+    };
+
+    let (validated, secret_issues) =
+        validate::validate_with(raw, origin, kinds, secrets, unchecked);
+    missing_secrets.extend(secret_issues);
+    let issues = match validated {
+        Ok(config) if unknown.is_empty() => {
+            let mut warnings: Vec<Warning> = missing_secrets
+                .into_iter()
+                .map(|issue| Warning {
+                    problem: ConfigProblem {
+                        location: locate(&issue.path),
+                        path: issue.path.join("."),
+                        message: format!(
+                            "{}; the value cannot be checked, and `bosun run` refuses the file until it is set",
+                            issue.message
+                        ),
+                    },
+                    kind: WarningKind::MissingSecret,
                 })
                 .collect();
-            let mut message = e.inner().message().trim().to_owned();
-            if let Some(field) = unknown_field_name(&message) {
-                // Point at the misspelt key itself and name the table it sits in.
-                if path.last() == Some(&field) {
-                    path.pop();
-                }
-                let table_path = path.join(".");
-                if !table_path.is_empty() {
-                    message = message.replacen(
-                        &format!("`{field}`"),
-                        &format!("`{field}` in [{table_path}]"),
-                        1,
-                    );
-                }
-                path.push(field);
-            } else if message.starts_with("missing field") && !path.is_empty() {
-                message = format!("{message} in [{}]", path.join("."));
-            }
-            ConfigError::single(origin, locate(&path), &path.join("."), message)
-        })?;
-
-    validate::validate(raw, origin, kinds).map_err(|issues| ConfigError {
+            warnings.extend(
+                lint::lint(&config)
+                    .into_iter()
+                    .map(|(issue, kind)| Warning {
+                        problem: ConfigProblem {
+                            location: locate(&issue.path),
+                            path: issue.path.join("."),
+                            message: issue.message,
+                        },
+                        kind,
+                    }),
+            );
+            return Ok(Loaded { config, warnings });
+        }
+        Ok(_) => Vec::new(),
+        Err(issues) => issues,
+    };
+    let mut problems = unknown;
+    problems.extend(issues.into_iter().map(|issue| ConfigProblem {
+        location: locate(&issue.path),
+        path: issue.path.join("."),
+        message: explain_unknown_field(&issue.message, &[]),
+    }));
+    Err(ConfigError {
         origin: origin.to_owned(),
-        problems: issues
-            .into_iter()
-            .map(|issue| ConfigProblem {
-                location: locate(&issue.path),
-                path: issue.path.join("."),
-                message: issue.message,
-            })
-            .collect(),
+        problems,
     })
+}
+
+/// Unknown keys reported before the rest of the file is given up on.
+const MAX_UNKNOWN_KEYS: usize = 100;
+
+/// A deserialization error as a key path and a message; for an unknown key, the path names
+/// the key itself and `Some(key)` is returned with it.
+fn deserialize_problem(
+    e: &serde_path_to_error::Error<toml::de::Error>,
+    table: &toml::Table,
+) -> (Vec<String>, String, Option<String>) {
+    let mut path: Vec<String> =
+        e.path()
+            .iter()
+            .filter_map(|segment| match segment {
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Enum { .. }
+                | serde_path_to_error::Segment::Unknown => None,
+            })
+            .collect();
+    let mut message = e.inner().message().trim().to_owned();
+    let Some(field) = unknown_field_name(&message) else {
+        if message.starts_with("missing field") && !path.is_empty() {
+            message = format!("{message} in [{}]", path.join("."));
+        }
+        return (path, message, None);
+    };
+    // Point at the misspelt key itself and name the table it sits in.
+    if path.last() == Some(&field) {
+        path.pop();
+    }
+    let not_for_this_kind = other_kind_keys(table, &path);
+    message = explain_unknown_field(&message, not_for_this_kind);
+    let table_path = path.join(".");
+    if !table_path.is_empty() {
+        message = message.replacen(
+            &format!("`{field}`"),
+            &format!("`{field}` in [{table_path}]"),
+            1,
+        );
+    }
+    path.push(field.clone());
+    (path, message, Some(field))
+}
+
+/// Keys a `[consumers.*]` or `[dead_letters.*]` table accepts only for the other broker kind
+/// than the one its `source` names: left out of the keys an unknown key is compared with.
+fn other_kind_keys(table: &toml::Table, path: &[String]) -> &'static [&'static str] {
+    const AMQP_CONSUMER: &[&str] = &["queue", "queue_type", "bindings", "declare", "prefetch"];
+    const REDIS_CONSUMER: &[&str] = &[
+        "stream",
+        "group",
+        "consumer",
+        "start_id",
+        "batch",
+        "block",
+        "claim_idle",
+        "claim_interval",
+        "max_deliveries",
+        "trim",
+    ];
+    const AMQP_DEAD_LETTER: &[&str] = &["queue"];
+    const REDIS_DEAD_LETTER: &[&str] = &["stream", "group"];
+    let [section, name] = path else {
+        return &[];
+    };
+    let kind = get_path(table, &[section.clone(), name.clone(), "source".into()])
+        .and_then(toml::Value::as_str)
+        .and_then(|source| get_path(table, &["brokers".into(), source.into(), "kind".into()]))
+        .and_then(toml::Value::as_str);
+    match (section.as_str(), kind) {
+        ("consumers", Some("amqp")) => REDIS_CONSUMER,
+        ("consumers", Some("redis")) => AMQP_CONSUMER,
+        ("dead_letters", Some("amqp")) => REDIS_DEAD_LETTER,
+        ("dead_letters", Some("redis")) => AMQP_DEAD_LETTER,
+        _ => &[],
+    }
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" so it lists only the keys
+/// that apply (`exclude` names those that do not) and suggests the closest one.
+fn explain_unknown_field(message: &str, exclude: &[&str]) -> String {
+    let Some(field) = unknown_field_name(message) else {
+        return message.to_owned();
+    };
+    let Some((_, expected)) = message.split_once(", expected ") else {
+        return message.to_owned();
+    };
+    let valid: Vec<&str> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|key| !exclude.contains(key))
+        .collect();
+    if valid.is_empty() {
+        return format!("unknown field `{field}`: this table takes no keys");
+    }
+    let listed: Vec<String> = valid.iter().map(|k| format!("`{k}`")).collect();
+    let mut out = format!(
+        "unknown field `{field}`, expected one of {}",
+        listed.join(", ")
+    );
+    if let Some(best) = closest(&field, &valid) {
+        out = format!("{out}; did you mean `{best}`?");
+    }
+    out
+}
+
+/// The known name closest to `typo`, if any is close enough to be a likely misspelling.
+fn closest<'k>(typo: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(typo, k), *k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
+/// Removes the key at `path` (through tables and array indices); false when it is not there.
+fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => table.remove(last).is_some(),
+        [first, rest @ ..] => table
+            .get_mut(first)
+            .is_some_and(|value| remove_in_value(value, rest)),
+    }
+}
+
+fn remove_in_value(value: &mut toml::Value, path: &[String]) -> bool {
+    match (value, path) {
+        (toml::Value::Table(t), _) => remove_path(t, path),
+        (toml::Value::Array(items), [index, rest @ ..]) if !rest.is_empty() => index
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| items.get_mut(i))
+            .is_some_and(|item| remove_in_value(item, rest)),
+        _ => false,
+    }
 }
 
 /// The name inside "unknown field `name`, expected ...".

@@ -313,6 +313,8 @@ pub struct RedisConsumerConfig {
     pub limits: RedisEntryLimits,
     /// Other consumers of the group idle this long with nothing pending are removed.
     pub forget_idle: Duration,
+    /// Trimming of the stream and of the dead-letter stream; none by default.
+    pub trim: StreamTrims,
 }
 
 /// Bounds on one stream entry. An entry over them never reaches a handler: it is
@@ -340,10 +342,42 @@ impl Default for RedisEntryLimits {
     }
 }
 
+/// `trim` of a redis consumer (its stream) and of its `dead_letter` (the dead-letter stream).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamTrims {
+    pub stream: Option<Trim>,
+    pub dead_letter: Option<Trim>,
+}
+
+/// How far one stream is trimmed, and how often.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trim {
+    pub limit: TrimLimit,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrimLimit {
+    /// Keep this many of the newest entries.
+    MaxLen(u64),
+    /// Trim entries whose id is older than this.
+    MaxAge(Duration),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ordering {
     None,
     PerKey,
+}
+
+impl fmt::Display for Ordering {
+    /// The value as written in the file.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ordering::None => "none",
+            Ordering::PerKey => "per_key",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

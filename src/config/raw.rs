@@ -183,6 +183,21 @@ pub struct RawConsumer {
     pub max_entry_size: Option<RawSize>,
     /// Consumers of the group with nothing pending and idle this long are removed.
     pub forget_idle: Option<String>,
+    /// redis: trim the stream (`{ maxlen = N }` or `{ max_age = "7d" }`); off by default.
+    pub trim: Option<RawTrim>,
+}
+
+/// `trim = { ... }`: how far a Redis stream is trimmed. Entries some group has not read and
+/// acknowledged are never trimmed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrim {
+    /// Keep about this many of the newest entries.
+    pub maxlen: Option<u64>,
+    /// Trim entries older than this ("7d", "12h"), by their id's time.
+    pub max_age: Option<String>,
+    /// How often to trim (default "1m").
+    pub interval: Option<String>,
 }
 
 /// `retry = { ... }`: how failed messages are retried before they are dead-lettered.
@@ -217,6 +232,8 @@ pub struct RawConsumerDeadLetter {
     pub routing_key: Option<String>,
     /// redis: stream to dead-letter into (default `<stream>:dlq`).
     pub stream: Option<String>,
+    /// redis: trim the dead-letter stream (`{ maxlen = N }` or `{ max_age = "30d" }`).
+    pub trim: Option<RawTrim>,
 }
 
 /// One `bindings = [{ ... }]` item.

@@ -25,6 +25,40 @@ pub struct Issue {
 struct Checker<'a> {
     issues: Vec<Issue>,
     kinds: &'a HandlerKinds,
+    /// With `Secrets::Optional`, secrets that cannot be read are noted here, not in `issues`.
+    secrets: Secrets,
+    missing_secrets: Vec<Issue>,
+    /// Keys whose value holds an unset variable (only with `Secrets::Optional`): their value
+    /// is unknown, so problems with it are not reported and URLs get a placeholder.
+    unchecked: Vec<Vec<String>>,
+}
+
+/// Whether a secret bosun cannot read (an unset variable, a missing token file) stops the
+/// load (`bosun run`) or is only reported (`bosun check` without `--strict`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Secrets {
+    #[default]
+    Required,
+    Optional,
+}
+
+/// True for a message that says a secret could not be read: an unset environment variable
+/// or an unreadable token file. Such a problem is about the machine, not the file's shape.
+pub fn is_missing_secret(message: &str) -> bool {
+    (message.contains("environment variable `") && message.contains("is not set"))
+        || message.starts_with("cannot read token file")
+}
+
+/// A handler whose secret could not be read while checking: it can be listed, never built.
+struct MissingSecret(String);
+
+impl crate::handler::HandlerFactory for MissingSecret {
+    fn build(
+        &self,
+        _: &crate::handler::BuildContext<'_>,
+    ) -> anyhow::Result<std::sync::Arc<dyn crate::handler::Handler>> {
+        Err(anyhow::anyhow!("{}", self.0))
+    }
 }
 
 fn path(parts: &[&str]) -> Vec<String> {
@@ -32,11 +66,31 @@ fn path(parts: &[&str]) -> Vec<String> {
 }
 
 impl Checker<'_> {
-    fn issue(&mut self, at: &[&str], message: impl Into<String>) {
-        self.issues.push(Issue {
+    /// An issue that is only a warning when secrets are optional.
+    fn secret_issue(&mut self, at: &[&str], message: impl Into<String>) {
+        let issue = Issue {
             path: path(at),
             message: message.into(),
+        };
+        match self.secrets {
+            Secrets::Required => self.issues.push(issue),
+            Secrets::Optional => self.missing_secrets.push(issue),
+        }
+    }
+
+    fn issue(&mut self, at: &[&str], message: impl Into<String>) {
+        let path = path(at);
+        if self.is_unchecked(&path) {
+            return;
+        }
+        self.issues.push(Issue {
+            path,
+            message: message.into(),
         });
+    }
+
+    fn is_unchecked(&self, at: &[String]) -> bool {
+        self.unchecked.iter().any(|u| at.starts_with(u))
     }
 
     fn duration(&mut self, at: &[&str], value: Option<&str>, default: Duration) -> Duration {
@@ -75,6 +129,14 @@ impl Checker<'_> {
     }
 
     fn url(&mut self, at: &[&str], value: &str, schemes: &[&str]) -> Option<SecretUrl> {
+        if self.is_unchecked(&path(at)) && url::Url::parse(value).is_err() {
+            // The URL comes from a variable that is not set: a placeholder lets the rest of
+            // the file be checked (nothing connects to it: only `bosun check` gets here).
+            let scheme = schemes.first().copied().unwrap_or("unset");
+            return url::Url::parse(&format!("{scheme}://unset.invalid/"))
+                .ok()
+                .map(SecretUrl::new);
+        }
         match url::Url::parse(value) {
             Ok(url) if schemes.contains(&url.scheme()) => Some(SecretUrl::new(url)),
             // Not even redacted: the value may come from the environment, where it belongs
@@ -120,6 +182,45 @@ impl Checker<'_> {
                 default
             }
         }
+    }
+
+    /// A `trim = { ... }` table: exactly one of `maxlen` and `max_age`.
+    fn trim(&mut self, at: &[&str], raw: &RawTrim) -> Option<Trim> {
+        let sub = |k: &'static str| -> Vec<&str> { at.iter().copied().chain([k]).collect() };
+        let interval = self.duration(
+            &sub("interval"),
+            raw.interval.as_deref(),
+            Duration::from_secs(60),
+        );
+        if interval.is_zero() {
+            self.issue(&sub("interval"), "must be longer than zero");
+        }
+        let limit = match (raw.maxlen, &raw.max_age) {
+            (Some(0), None) => {
+                self.issue(&sub("maxlen"), "must be at least 1");
+                return None;
+            }
+            (Some(n), None) => TrimLimit::MaxLen(n),
+            (None, Some(age)) => {
+                let age = self.duration(&sub("max_age"), Some(age), Duration::ZERO);
+                if age.is_zero() {
+                    self.issue(&sub("max_age"), "must be longer than zero");
+                    return None;
+                }
+                TrimLimit::MaxAge(age)
+            }
+            _ => {
+                self.issue(
+                    at,
+                    "give `maxlen` (entries kept) or `max_age` (e.g. \"7d\"), one of the two",
+                );
+                return None;
+            }
+        };
+        Some(Trim {
+            limit,
+            interval: interval.max(Duration::from_millis(100)),
+        })
     }
 
     fn name_ok(&mut self, at: &[&str], what: &str, name: &str) {
@@ -298,11 +399,21 @@ pub fn default_consumer_name() -> String {
         .unwrap_or_else(|| "bosun".into())
 }
 
-/// Validates `raw`; `origin` names the file in the result.
-pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Config, Vec<Issue>> {
+/// Validates `raw` (`origin` names the file in the result); with `Secrets::Optional`, secrets that cannot be read come back in the
+/// second list instead of failing the load.
+pub fn validate_with(
+    raw: RawConfig,
+    origin: &str,
+    kinds: &HandlerKinds,
+    secrets: Secrets,
+    unchecked: Vec<Vec<String>>,
+) -> (Result<Config, Vec<Issue>>, Vec<Issue>) {
     let mut c = Checker {
         issues: Vec::new(),
         kinds,
+        secrets,
+        missing_secrets: Vec::new(),
+        unchecked,
     };
 
     let service = ServiceConfig {
@@ -473,6 +584,16 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
             Err(e) => {
                 let mut at: Vec<&str> = vec!["handlers", name];
                 at.extend(e.path.iter().map(String::as_str));
+                if c.secrets == Secrets::Optional && is_missing_secret(&e.message) {
+                    handlers.insert(
+                        name.clone(),
+                        HandlerConfig {
+                            kind: handler.kind.clone(),
+                            options: handler.options.clone(),
+                            factory: std::sync::Arc::new(MissingSecret(e.message.clone())),
+                        },
+                    );
+                }
                 c.issue(&at, e.message);
             }
         }
@@ -538,7 +659,15 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
         }
     }
 
-    if c.issues.is_empty() {
+    if c.secrets == Secrets::Optional {
+        let (missing, issues): (Vec<Issue>, Vec<Issue>) = std::mem::take(&mut c.issues)
+            .into_iter()
+            .partition(|issue| is_missing_secret(&issue.message));
+        c.issues = issues;
+        c.missing_secrets.extend(missing);
+    }
+    let missing_secrets = std::mem::take(&mut c.missing_secrets);
+    let result = if c.issues.is_empty() {
         Ok(Config {
             origin: origin.to_owned(),
             service,
@@ -552,7 +681,8 @@ pub fn validate(raw: RawConfig, origin: &str, kinds: &HandlerKinds) -> Result<Co
         })
     } else {
         Err(c.issues)
-    }
+    };
+    (result, missing_secrets)
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
@@ -580,7 +710,7 @@ fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
                     strong_token(c, &["http", "admin", "token_env"], token.trim())
                 }
                 _ => {
-                    c.issue(
+                    c.secret_issue(
                         &["http", "admin", "token_env"],
                         format!("environment variable `{var}` is not set or empty"),
                     );
@@ -600,7 +730,7 @@ fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
                 None
             }
             Err(e) => {
-                c.issue(
+                c.secret_issue(
                     &["http", "admin", "token_file"],
                     format!("cannot read token file {file:?}: {e}"),
                 );
@@ -712,6 +842,7 @@ fn consumer_config(
                 ("max_fields", raw.max_fields.is_some()),
                 ("max_entry_size", raw.max_entry_size.is_some()),
                 ("forget_idle", raw.forget_idle.is_some()),
+                ("trim", raw.trim.is_some()),
             ] {
                 if given {
                     c.issue(
@@ -722,6 +853,12 @@ fn consumer_config(
                         ),
                     );
                 }
+            }
+            if dl.is_some_and(|d| d.trim.is_some()) {
+                c.issue(
+                    &["consumers", name, "dead_letter", "trim"],
+                    "`dead_letter.trim` is for redis consumers: a queue is bounded by its own policy (`x-max-length`)",
+                );
             }
             if dl.is_some_and(|d| d.stream.is_some()) {
                 c.issue(
@@ -957,6 +1094,12 @@ fn consumer_config(
                     max_deliveries: max_deliveries.max(1),
                     limits,
                     forget_idle,
+                    trim: StreamTrims {
+                        stream: raw.trim.as_ref().and_then(|t| c.trim(&at("trim"), t)),
+                        dead_letter: dl
+                            .and_then(|d| d.trim.as_ref())
+                            .and_then(|t| c.trim(&["consumers", name, "dead_letter", "trim"], t)),
+                    },
                 }),
             })
         }

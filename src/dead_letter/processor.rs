@@ -415,6 +415,7 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             dead_letter_stream: format!("{stream}:dlq"),
             limits: Default::default(),
             forget_idle: Duration::from_secs(86_400),
+            trim: Default::default(),
         }),
         DeadLetterSource::Queue(queue) => amqp_kind(queue),
     };

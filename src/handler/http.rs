@@ -74,6 +74,10 @@ struct HttpOptions {
     /// `{ "409" = "ack", "422" = "retry" }`. Values: `ack`, `retry`, `dead_letter`, `drop`.
     #[serde(default)]
     status_overrides: BTreeMap<String, OutcomeName>,
+    /// A 2xx body whose `status` is not `RETRY`, `DROP`, `DEAD_LETTER`, `SUCCESS` or `ACK`
+    /// retries instead of acking. Default false: `{"status": "ok"}` is a success.
+    #[serde(default)]
+    strict_status_body: bool,
 }
 
 /// `tls = { ... }` of an http handler.
@@ -113,6 +117,7 @@ struct HttpSettings {
     cloudevents: bool,
     follow_redirects: bool,
     overrides: BTreeMap<u16, OutcomeName>,
+    strict_status_body: bool,
 }
 
 pub(super) struct HttpKind;
@@ -250,6 +255,7 @@ fn settings(o: HttpOptions) -> Result<HttpSettings, OptionError> {
         cloudevents: o.cloudevents == Some(CloudEventsMode::Binary),
         follow_redirects: o.follow_redirects,
         overrides,
+        strict_status_body: o.strict_status_body,
     })
 }
 
@@ -370,6 +376,8 @@ pub struct HttpHandler {
     settings: Arc<HttpSettings>,
     client: reqwest::Client,
     permits: Semaphore,
+    /// How a 2xx body's `status` is read; remembers whether an unknown value was logged.
+    body_policy: StatusBodyPolicy,
 }
 
 impl HttpHandler {
@@ -396,6 +404,7 @@ impl HttpHandler {
         Ok(Self {
             name: name.to_owned(),
             permits: Semaphore::new(settings.max_concurrency),
+            body_policy: StatusBodyPolicy::new(name, settings.strict_status_body),
             settings,
             client,
         })
@@ -496,6 +505,7 @@ impl HttpHandler {
                     &body,
                     &self.settings.overrides,
                     SystemTime::now(),
+                    &self.body_policy,
                 );
                 (redact_reason(outcome), status_class(status))
             }
@@ -733,6 +743,7 @@ fn map_response(
     body: &[u8],
     overrides: &BTreeMap<u16, OutcomeName>,
     now: SystemTime,
+    body_policy: &StatusBodyPolicy,
 ) -> Outcome {
     let after = retry_after(headers, now);
     let code = status.as_u16();
@@ -750,7 +761,7 @@ fn map_response(
         return outcome.outcome(described(), after);
     }
     match code {
-        200..=299 => status_body(status, body, after),
+        200..=299 => status_body(status, body, after, body_policy),
         408 | 429 | 500..=599 => Outcome::Retry {
             after,
             reason: described(),
@@ -769,9 +780,34 @@ fn map_response(
     }
 }
 
-/// What a 2xx JSON body asks for: `{"status": "RETRY"|"DROP"|"DEAD_LETTER"|"SUCCESS",
-/// "retry_after": seconds, "reason": "..."}`. Any other body means ack.
-fn status_body(status: StatusCode, body: &[u8], header_after: Option<Duration>) -> Outcome {
+/// How a handler reads the `status` of a 2xx JSON body it does not know.
+struct StatusBodyPolicy {
+    handler: String,
+    /// `strict_status_body`: an unknown value retries instead of acking.
+    strict: bool,
+    /// An unknown value is logged once per handler, not once per message.
+    unknown_logged: std::sync::atomic::AtomicBool,
+}
+
+impl StatusBodyPolicy {
+    fn new(handler: &str, strict: bool) -> Self {
+        Self {
+            handler: handler.to_owned(),
+            strict,
+            unknown_logged: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// What a 2xx JSON body asks for: `{"status": "RETRY"|"DROP"|"DEAD_LETTER",
+/// "retry_after": seconds, "reason": "..."}` (case-insensitive). Any other body, and any
+/// other status value (`"ok"`, `"SUCCESS"`, ...), means ack, unless the policy is strict.
+fn status_body(
+    status: StatusCode,
+    body: &[u8],
+    header_after: Option<Duration>,
+    policy: &StatusBodyPolicy,
+) -> Outcome {
     #[derive(Deserialize)]
     struct StatusBody {
         status: String,
@@ -808,14 +844,28 @@ fn status_body(status: StatusCode, body: &[u8], header_after: Option<Duration>) 
             )),
             kind: FailureKind::Permanent,
         },
-        // The endpoint meant something we cannot tell: retrying loses nothing, acking might.
-        other => Outcome::Retry {
+        // Strict: the endpoint meant something we cannot tell; retrying loses nothing.
+        other if policy.strict => Outcome::Retry {
             after,
             reason: format!(
-                "the endpoint answered HTTP {status} with unknown status `{}`",
+                "the endpoint answered HTTP {status} with unknown status `{}` (`strict_status_body` is on)",
                 truncate_start(other, 64)
             ),
         },
+        other => {
+            if !policy
+                .unknown_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::debug!(
+                    handler = %policy.handler,
+                    http_status = status.as_u16(),
+                    body_status = truncate_start(other, 64),
+                    "2xx body status is not RETRY, DROP or DEAD_LETTER; treated as success (logged once)"
+                );
+            }
+            Outcome::Ack
+        }
     }
 }
 
@@ -874,14 +924,31 @@ mod tests {
     }
 
     #[test]
-    fn unknown_status_in_body_retries() {
-        let outcome = status_body(StatusCode::OK, br#"{"status":"MAYBE"}"#, None);
-        assert!(matches!(outcome, Outcome::Retry { .. }), "{outcome:?}");
-        assert_eq!(
-            status_body(StatusCode::OK, br#"{"other":1}"#, None),
-            Outcome::Ack
-        );
-        assert_eq!(status_body(StatusCode::OK, b"not json", None), Outcome::Ack);
+    fn unknown_status_in_body_acks_unless_strict() {
+        let lenient = StatusBodyPolicy::new("h", false);
+        let strict = StatusBodyPolicy::new("h", true);
+        for body in [&br#"{"status":"MAYBE"}"#[..], br#"{"status":"ok"}"#] {
+            assert_eq!(
+                status_body(StatusCode::OK, body, None, &lenient),
+                Outcome::Ack
+            );
+            let outcome = status_body(StatusCode::OK, body, None, &strict);
+            assert!(matches!(outcome, Outcome::Retry { .. }), "{outcome:?}");
+        }
+        for policy in [&lenient, &strict] {
+            assert_eq!(
+                status_body(StatusCode::OK, br#"{"other":1}"#, None, policy),
+                Outcome::Ack
+            );
+            assert_eq!(
+                status_body(StatusCode::OK, b"not json", None, policy),
+                Outcome::Ack
+            );
+            assert!(matches!(
+                status_body(StatusCode::OK, br#"{"status":"retry"}"#, None, policy),
+                Outcome::Retry { .. }
+            ));
+        }
     }
 
     #[test]

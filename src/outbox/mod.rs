@@ -210,7 +210,7 @@ impl Component for OutboxComponent {
             helpers.clone(),
         ));
         tracing::info!(outbox = %relay.name, table = %relay.config.table, channel = %relay.config.notify_channel,
-            batch = relay.config.batch, ordering = ?relay.config.ordering, "outbox relay started");
+            batch = relay.config.batch, ordering = %relay.config.ordering, "outbox relay started");
         relay.run(&ctx, &wake).await;
         helpers.cancel();
         let _ = listen.await;

@@ -794,12 +794,20 @@ impl Component for RedisConsumer {
             ops.clone(),
             helpers.clone(),
         ));
+        let trim = super::trim::targets(&inner.config);
+        let trimmer = tokio::spawn(super::trim::run(
+            inner.name.clone(),
+            ops.clone(),
+            trim,
+            helpers.clone(),
+        ));
 
         read_loop(&inner, &ops, &dispatcher, &ctx.shutdown, &health).await;
 
         helpers.cancel();
         let _ = claimer.await;
         let _ = mover.await;
+        let _ = trimmer.await;
         health.set_not_ready("draining");
         dispatcher.tracker.close();
         dispatcher.tracker.wait().await;
@@ -1201,7 +1209,7 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
                         None => acks.clone(),
                     };
                     // Left pending: XAUTOCLAIM offers it again after `claim_idle`.
-                    tracing::error!(consumer = %inner.name, error = %e, entries = ?ids, "redis refused a settlement; the entries stay pending");
+                    tracing::error!(consumer = %inner.name, error = %e, entries = %ids.join(", "), "redis refused a settlement; the entries stay pending");
                 }
             }
         }

@@ -21,6 +21,7 @@ pub mod fields;
 pub mod producer;
 pub mod retry;
 pub mod scripts;
+pub mod trim;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -302,6 +302,54 @@ async fn json_status_bodies() {
 }
 
 #[tokio::test]
+async fn status_ok_body_is_success_and_only_retry_drop_dead_letter_change_it() {
+    let (base, _) = start().await;
+    let name = support::unique("http_ok_body");
+    let body = |json: &str| {
+        format!(
+            r#"{{"status":200,"body":{}}}"#,
+            serde_json::to_string(json).unwrap()
+        )
+    };
+    for json in [
+        r#"{"status":"ok"}"#,
+        r#"{"status":"OK","id":17}"#,
+        r#"{"status":"accepted"}"#,
+    ] {
+        assert_eq!(
+            outcome_for(&base, &name, "", &body(json)).await,
+            Outcome::Ack,
+            "{json}"
+        );
+    }
+    // The three values that ask for something else are read case-insensitively.
+    assert!(matches!(
+        outcome_for(&base, &name, "", &body(r#"{"status":"retry"}"#)).await,
+        Outcome::Retry { .. }
+    ));
+    assert!(matches!(
+        outcome_for(&base, &name, "", &body(r#"{"status":"Drop"}"#)).await,
+        Outcome::Drop { .. }
+    ));
+    assert!(matches!(
+        outcome_for(&base, &name, "", &body(r#"{"status":"dead_letter"}"#)).await,
+        Outcome::DeadLetter { .. }
+    ));
+    // `strict_status_body` keeps the old reading: a value it does not know retries.
+    let strict = "strict_status_body = true";
+    match outcome_for(&base, &name, strict, &body(r#"{"status":"ok"}"#)).await {
+        Outcome::Retry { reason, .. } => {
+            assert!(reason.contains("unknown status `OK`"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        outcome_for(&base, &name, strict, &body(r#"{"status":"SUCCESS"}"#)).await,
+        Outcome::Ack
+    );
+}
+
+#[tokio::test]
 async fn status_overrides_beat_the_default_mapping() {
     let (base, _) = start().await;
     let name = support::unique("http_overrides");
