@@ -809,6 +809,8 @@ source = "rabbit"
 queue = "{dlq}"
 archive = "main"
 table = "{table}"
+# The expiring queue dead-letters here too, but no consumer of this configuration reads it.
+replay_to = ["{queue}", "{expiring}"]
 
 [[dead_letters.dl.rules]]
 when = {{ reason = ["expired", "maxlen"] }}
