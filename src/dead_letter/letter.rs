@@ -216,10 +216,15 @@ impl DeadLetter {
         let reason = text(h, "x-last-death-reason")
             .or_else(|| death.as_ref().and_then(|d| d.reason.clone()))
             .or_else(|| text(h, "x-first-death-reason"));
-        let original = text(h, names::ORIGINAL_QUEUE)
-            .or_else(|| text(h, names::ORIG_STREAM))
-            .or_else(|| death.as_ref().and_then(|d| d.queue.clone()))
-            .or_else(|| text(h, "x-first-death-queue"));
+        // A stream entry's original is the field the redis consumer writes; amqp headers
+        // (and RabbitMQ's `x-death`) mean nothing there.
+        let original = if message.source.entry_id.is_some() {
+            text(h, names::ORIG_STREAM)
+        } else {
+            text(h, names::ORIGINAL_QUEUE)
+                .or_else(|| death.as_ref().and_then(|d| d.queue.clone()))
+                .or_else(|| text(h, "x-first-death-queue"))
+        };
         let original_exchange = text(h, names::ORIGINAL_EXCHANGE)
             .or_else(|| death.as_ref().and_then(|d| d.exchange.clone()))
             .or_else(|| text(h, "x-first-death-exchange"));
@@ -456,8 +461,10 @@ mod tests {
             ("bosun-error", s("bad")),
             ("bosun-failed-at", s("2026-01-02T03:04:05.123Z")),
             ("timestamp_ms", s("1700000000000")),
+            ("bosun-original-queue", s("set-by-a-producer")),
         ]);
         m.attempt = 3;
+        m.source.entry_id = Some("1-0".into());
         let d = DeadLetter::from_message(&m);
         assert_eq!(d.original.as_deref(), Some("events"));
         assert_eq!(d.attempts, 3);

@@ -28,8 +28,8 @@ use super::publishers::PublisherSource;
 use super::rules::{Decision, decide};
 use super::{DeadLetterError, metric};
 use crate::config::{
-    self, AmqpBrokerConfig, BrokerConfig, ConsumerConfig, ConsumerKind, DeadLetterConfig,
-    DeadLetterSource, RedisConsumerConfig,
+    self, BrokerConfig, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource,
+    RedisConsumerConfig,
 };
 use crate::handler::{Handler, Message, Outcome, UNDECODABLE};
 use crate::health::HealthHandle;
@@ -436,78 +436,65 @@ pub struct DeadLetterProcessor {
     consumer: Arc<dyn Component>,
     ops: Ops,
     archive: Option<ArchiveTarget>,
-    /// amqp: the broker and the dead-letter queue, which the consumer that dead-letters
-    /// into it declares; the processor waits for it quietly instead of failing.
-    amqp_queue: Option<(AmqpBrokerConfig, String)>,
+    /// amqp: the dead-letter queue and the consumers of this process that declare it; the
+    /// processor starts once one of them has.
+    declared_by: Option<(String, Vec<String>)>,
 }
 
-/// First wait for a dead-letter queue that is not declared yet; doubles up to
-/// [`QUEUE_WAIT_MAX`].
-const QUEUE_WAIT_INITIAL: Duration = Duration::from_millis(250);
-const QUEUE_WAIT_MAX: Duration = Duration::from_secs(5);
+/// How long a processor waits for the consumers that declare its queue before it starts
+/// anyway (a consumer that cannot start reports why itself).
+const DECLARED_WAIT: Duration = Duration::from_secs(60);
 
-/// Waits until `queue` exists, checking passively, so a processor that starts before the
-/// consumer that declares its queue (a fresh broker) waits quietly rather than failing and
-/// reconnecting. Returns `false` when stopped meanwhile. A broker that cannot be reached is
-/// left to the consumer, which reports it and reconnects.
-async fn wait_for_queue(
+/// Waits until one of `consumers` (components of this process that declare the processor's
+/// dead-letter queue) is ready, so that on a fresh broker the processor does not race them
+/// to a queue that does not exist yet (a failed passive check closes the channel and the
+/// processor reconnects). Returns `false` when stopped meanwhile.
+async fn wait_for_declaring_consumers(
     processor: &str,
-    broker: &AmqpBrokerConfig,
     queue: &str,
+    consumers: &[String],
     ctx: &ComponentContext,
 ) -> bool {
-    let name = format!("{}/wait", dead_letter_component_name(processor));
-    let Ok(connection) = crate::amqp::connection::connect(broker, &name).await else {
-        return true;
-    };
-    let Ok(queue_name) = crate::amqp::short("queue", queue) else {
-        return true;
-    };
-    let mut wait = QUEUE_WAIT_INITIAL;
+    let deadline = tokio::time::Instant::now() + DECLARED_WAIT;
     let mut logged = false;
-    let found = loop {
-        let Ok(channel) = connection.create_channel().await else {
-            break true;
-        };
-        let options = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        match channel
-            .queue_declare(queue_name.clone(), options, Default::default())
-            .await
-        {
-            Ok(_) => {
-                let _ = channel.close(200, "ok".into()).await;
-                break true;
-            }
-            Err(e)
-                if crate::amqp::soft_error(&e)
-                    .is_some_and(|(code, _)| code == lapin::protocol::AMQPSoftError::NOTFOUND) =>
-            {
-                let reason = format!("waiting for dead-letter queue `{queue}` to be declared");
-                if logged {
-                    tracing::debug!(processor = %processor, queue = %queue, "{reason}");
-                } else {
-                    tracing::info!(processor = %processor, queue = %queue, "{reason} by the consumer that dead-letters into it");
-                    logged = true;
-                }
-                ctx.health.set_not_ready(reason);
-            }
-            // Anything else is the consumer's to report.
-            Err(_) => break true,
+    loop {
+        let states: Vec<Option<bool>> = consumers.iter().map(|c| ctx.health.is_ready(c)).collect();
+        // Ready, or not running in this process at all (removed by a reload).
+        if states.contains(&Some(true)) || states.iter().all(Option::is_none) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!(processor = %processor, queue = %queue, "the consumers that declare the dead-letter queue are not ready yet; starting anyway");
+            return true;
+        }
+        if !logged {
+            tracing::info!(processor = %processor, queue = %queue, consumers = %consumers.join(", "), "waiting for the consumer that declares the dead-letter queue");
+            ctx.health.set_not_ready(format!(
+                "waiting for {} to declare dead-letter queue `{queue}`",
+                consumers.join(", ")
+            ));
+            logged = true;
         }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = ctx.shutdown.cancelled() => break false,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = ctx.shutdown.cancelled() => return false,
         }
-        wait = (wait * 2).min(QUEUE_WAIT_MAX);
-    };
-    let _ = connection.close(200, "ok".into()).await;
-    if found && logged {
-        tracing::info!(processor = %processor, queue = %queue, "dead-letter queue declared; starting");
     }
-    found
+}
+
+/// The components of `config` that declare `queue` on `broker`: the amqp consumers that
+/// dead-letter into it.
+fn declaring_consumers(config: &config::Config, broker: &str, queue: &str) -> Vec<String> {
+    config
+        .consumers
+        .iter()
+        .filter(|(_, c)| c.source == broker)
+        .filter(|(_, c)| {
+            matches!(&c.kind, ConsumerKind::Amqp(amqp)
+                if amqp.declare && matches!(&amqp.dead_letter, config::AmqpDeadLetter::Queue(q) if q == queue))
+        })
+        .map(|(name, _)| crate::runtime::consumer_component_name(name))
+        .collect()
 }
 
 /// Builds the processor `[dead_letters.name]` from shared resources.
@@ -579,11 +566,12 @@ pub fn build(
         consumer,
         ops: Ops::new(config.clone(), resources.databases.clone(), publishers),
         archive,
-        amqp_queue: match (&dl.from, broker) {
-            (DeadLetterSource::Queue(queue), BrokerConfig::Amqp(broker)) => {
-                Some((broker.clone(), queue.clone()))
+        declared_by: match &dl.from {
+            DeadLetterSource::Queue(queue) => {
+                let consumers = declaring_consumers(config, &dl.source, queue);
+                (!consumers.is_empty()).then(|| (queue.clone(), consumers))
             }
-            _ => None,
+            DeadLetterSource::Stream { .. } => None,
         },
     }))
 }
@@ -657,8 +645,8 @@ impl Component for DeadLetterProcessor {
                 anyhow::bail!(problem);
             }
         }
-        if let Some((broker, queue)) = &self.amqp_queue
-            && !wait_for_queue(&self.name, broker, queue, &ctx).await
+        if let Some((queue, consumers)) = &self.declared_by
+            && !wait_for_declaring_consumers(&self.name, queue, consumers, &ctx).await
         {
             return Ok(());
         }
