@@ -895,6 +895,7 @@ pub async fn until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 pub type Counts = BTreeMap<String, usize>;
 
+pub mod dead_letters;
 pub mod scenarios;
 
 use scenarios::{Fault, Path_, Plan};
@@ -1038,6 +1039,14 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size",
             path: Path_::Outbox,
             messages: n(300),
+            rate,
+            sink: ok,
+            fault: Fault::BadInput,
+        },
+        Plan {
+            name: "dead letters with NUL bytes into the archive (amqp and redis)",
+            path: Path_::DeadLetters,
+            messages: n(200),
             rate,
             sink: ok,
             fault: Fault::BadInput,

@@ -14,6 +14,8 @@ pub enum Path_ {
     Amqp,
     Redis,
     Outbox,
+    /// Dead letters straight into the processors' queue and stream.
+    DeadLetters,
 }
 
 /// The fault injected while messages flow.
@@ -53,6 +55,7 @@ pub async fn run(bin: &Path, plan: &Plan) -> Row {
         Path_::Amqp => amqp(bin, plan).await,
         Path_::Redis => redis_stream(bin, plan).await,
         Path_::Outbox => outbox(bin, plan).await,
+        Path_::DeadLetters => super::dead_letters::nul_archive(bin, plan).await,
     };
     match result {
         Ok(mut row) => {
@@ -141,7 +144,7 @@ async fn inject(
                             .await??
                     }
                     Path_::Redis => redis_kill_clients(needle).await?,
-                    Path_::Outbox => pg_terminate(needle).await?,
+                    Path_::Outbox | Path_::DeadLetters => pg_terminate(needle).await?,
                 };
                 tokio::time::sleep(Duration::from_millis(700)).await;
             }
