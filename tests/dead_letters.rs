@@ -2071,3 +2071,74 @@ max_replays = 3
         0.0
     );
 }
+
+/// Without an archive, a forward that can never succeed (its exchange does not exist) goes
+/// to the configured fallback instead of being retried for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_forward_without_an_archive_goes_to_the_fallback() {
+    use bosun::publish::Publisher as _;
+    let dlq = unique("dl_fb");
+    let parking = unique("dl_parking");
+    let fallback = unique("dl_fallback");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"{}
+[dead_letters.dl]
+source = "rabbit"
+queue = "{dlq}"
+default_action = "drop"
+fallback = "{fallback}"
+
+[[dead_letters.dl.rules]]
+action = "forward"
+exchange = "{}"
+"#,
+        amqp_base("dlq-fallback-test", port),
+        unique("dl_nowhere")
+    ));
+    let (_conn, ch) = amqp_channel().await;
+    declare(&ch, &dlq, lapin::types::FieldTable::default()).await;
+    declare(&ch, &parking, lapin::types::FieldTable::default()).await;
+    ch.exchange_declare(
+        fallback.as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("declare the fallback exchange");
+    ch.queue_bind(
+        parking.as_str().into(),
+        fallback.as_str().into(),
+        "".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("bind");
+    let publisher = amqp_publisher();
+    for i in 0..20 {
+        assert_eq!(
+            publisher
+                .publish(&outgoing(&dlq, &format!("fb-{i}"), &[("bosun-error", "x")]))
+                .await,
+            Ok(())
+        );
+    }
+    publisher.close().await;
+    let daemon = Daemon::start(&config.path, port);
+    let parked = wait_for_async(WAIT, || {
+        let ch = ch.clone();
+        let parking = parking.clone();
+        async move { (queue_depth(&ch, &parking).await == 20).then_some(()) }
+    })
+    .await;
+    assert!(parked.is_some(), "{}", daemon.logs());
+    assert_eq!(queue_depth(&ch, &dlq).await, 0);
+    let _ = ch
+        .exchange_delete(fallback.as_str().into(), Default::default())
+        .await;
+    for q in [&dlq, &parking] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+}
