@@ -2142,3 +2142,38 @@ exchange = "{}"
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     }
 }
+
+#[test]
+fn rule_sources_and_fallbacks_are_checked_at_load() {
+    let config = ConfigFile::new(&format!(
+        r#"{}
+[dead_letters.dl]
+source = "rabbit"
+queue = "q.dlq"
+archive = "main"
+fallback = "parking"
+
+[[dead_letters.dl.rules]]
+when = {{ source = "producer" }}
+action = "archive"
+
+[[dead_letters.dl.rules]]
+when = {{ source = ["broker", "bosun"] }}
+action = "archive"
+"#,
+        amqp_base("dlq-check-test", free_port())
+    ));
+    let path = config.path.to_string_lossy().into_owned();
+    let (code, out, err) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 78, "{out}{err}");
+    let text = format!("{out}{err}");
+    assert!(text.contains("unknown source `producer`"), "{text}");
+    assert!(
+        text.contains("`fallback` is for processors without an archive"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("rules.1"),
+        "a list of sources is fine: {text}"
+    );
+}
