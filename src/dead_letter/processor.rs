@@ -593,10 +593,11 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             claim_idle: Duration::from_secs(300),
             claim_interval: Duration::from_secs(60),
             max_deliveries: u32::MAX,
-            // Never used: the handler takes undecodable entries itself and never asks for a
-            // retry or a dead-letter copy. Should that change, the entry stays in the
-            // processor's own stream rather than in a second-level one nobody reads.
-            dead_letter_stream: stream.clone(),
+            // Not used by the processor: the handler takes undecodable entries itself and
+            // never asks for a retry or a dead-letter copy. It must not be the processor's
+            // own stream: an entry refused before it reaches the handler would be copied
+            // back into it and refused again, for ever.
+            dead_letter_stream: format!("{stream}:dlq"),
         }),
         DeadLetterSource::Queue(queue) => amqp_kind(queue),
     };
