@@ -134,6 +134,12 @@ impl HealthHandle {
         &self.name
     }
 
+    /// Whether another component of the same registry is ready; `None` when it is not
+    /// registered. For a component that must start after another has done its part.
+    pub fn is_ready(&self, component: &str) -> Option<bool> {
+        self.health.lock().get(component).map(|c| c.ready)
+    }
+
     /// A handle that reports into a private registry: for components run outside a
     /// supervisor (CLI commands, tests).
     pub fn detached(name: &str) -> Self {

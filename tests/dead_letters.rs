@@ -822,6 +822,8 @@ source = "rabbit"
 queue = "{dlq}"
 archive = "main"
 table = "{table}"
+# The expiring queue dead-letters here too, but no consumer of this configuration reads it.
+replay_to = ["{queue}", "{expiring}"]
 
 [[dead_letters.dl.rules]]
 when = {{ reason = ["expired", "maxlen"] }}
@@ -1170,4 +1172,1021 @@ table = "{table}"
     let _ = ch
         .queue_delete(dlq.as_str().into(), Default::default())
         .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Replays carry what the original carried, go only where the processor's consumers read,
+// and every dead letter ends somewhere, NUL bytes and deep nesting included.
+
+/// A header value as the test publishes it.
+fn header(value: &str) -> bosun::handler::HeaderValue {
+    bosun::handler::HeaderValue::String(value.to_owned())
+}
+
+/// A bosun-style amqp dead letter of `queue` with `headers` added.
+fn letter(
+    dlq: &str,
+    id: &str,
+    queue: &str,
+    error: &str,
+    headers: &[(&str, bosun::handler::HeaderValue)],
+) -> bosun::publish::OutgoingMessage {
+    let mut m = outgoing(
+        dlq,
+        id,
+        &[
+            ("bosun-error-kind", "permanent"),
+            ("bosun-error", error),
+            ("bosun-attempt", "1"),
+            ("bosun-original-queue", queue),
+        ],
+    );
+    for (k, v) in headers {
+        m.headers.insert((*k).to_owned(), v.clone());
+    }
+    m
+}
+
+/// Every message in `queue`, taken off it: (message id, headers).
+async fn drain(
+    ch: &lapin::Channel,
+    queue: &str,
+) -> Vec<(
+    String,
+    std::collections::BTreeMap<String, lapin::types::AMQPValue>,
+)> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let props = &m.delivery.properties;
+        let id = props
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default();
+        let headers = props
+            .headers()
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((id, headers));
+    }
+    out
+}
+
+fn long_string(value: Option<&lapin::types::AMQPValue>) -> Option<Vec<u8>> {
+    match value? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+/// An archive filled by a processor that replays only to `queue` and otherwise archives.
+struct AmqpArchive {
+    config: ConfigFile,
+    table: String,
+    queue: String,
+    pool: PgPool,
+    ch: lapin::Channel,
+    _conn: lapin::Connection,
+}
+
+impl AmqpArchive {
+    async fn id(&self, message_id: &str) -> String {
+        row_id(&self.pool, &self.table, message_id)
+            .await
+            .to_string()
+    }
+}
+
+/// Runs a processor over `letters` (built for the returned queue and its `.dlq`) until all
+/// are archived, then stops it.
+async fn amqp_archive(
+    letters: impl FnOnce(&str, &str) -> Vec<bosun::publish::OutgoingMessage>,
+) -> AmqpArchive {
+    use bosun::publish::Publisher as _;
+    let queue = unique("dl_rq");
+    let dlq = format!("{queue}.dlq");
+    let table = unique("dl_archive");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"{}
+[dead_letters.dl]
+source = "rabbit"
+queue = "{dlq}"
+archive = "main"
+table = "{table}"
+replay_to = ["{queue}"]
+"#,
+        amqp_base("dlq-archive-test", port)
+    ));
+    let (code, _, err) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let (conn, ch) = amqp_channel().await;
+    declare(&ch, &dlq, lapin::types::FieldTable::default()).await;
+    declare(&ch, &queue, lapin::types::FieldTable::default()).await;
+    let letters = letters(&queue, &dlq);
+    let publisher = amqp_publisher();
+    let results = publisher.publish_batch(&letters).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    publisher.close().await;
+    let mut daemon = Daemon::start(&config.path, port);
+    let pool = pg().await;
+    let n = letters.len();
+    let archived = wait_for_async(WAIT, || {
+        let pool = pool.clone();
+        let table = table.clone();
+        async move { (rows(&pool, &table).await.len() == n).then_some(()) }
+    })
+    .await;
+    assert!(
+        archived.is_some(),
+        "not every dead letter was archived:\n{}",
+        daemon.logs()
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(WAIT), Some(0), "{}", daemon.logs());
+    AmqpArchive {
+        config,
+        table,
+        queue,
+        pool,
+        ch,
+        _conn: conn,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_keeps_x_application_headers_and_drops_the_broker_s_death_record() {
+    let a = amqp_archive(|queue, dlq| {
+        vec![letter(
+            dlq,
+            "tenant",
+            queue,
+            "boom",
+            &[
+                ("x-tenant-id", header("t-42")),
+                ("x-kind", header("refund")),
+                (
+                    "x-death",
+                    bosun::handler::HeaderValue::Json(serde_json::json!([
+                        {"queue": queue, "reason": "rejected", "count": 1}
+                    ])),
+                ),
+            ],
+        )]
+    })
+    .await;
+    let id = a.id("tenant").await;
+    let (code, out, err) = cli(&a.config, &["replay", &id]);
+    assert_eq!(code, 0, "replay: {err}{out}");
+    let replayed = drain(&a.ch, &a.queue).await;
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    let headers = &replayed[0].1;
+    assert_eq!(
+        long_string(headers.get("x-tenant-id")).as_deref(),
+        Some(&b"t-42"[..])
+    );
+    assert_eq!(
+        long_string(headers.get("x-kind")).as_deref(),
+        Some(&b"refund"[..])
+    );
+    for gone in [
+        "x-death",
+        "bosun-error",
+        "bosun-error-kind",
+        "bosun-attempt",
+    ] {
+        assert!(!headers.contains_key(gone), "{gone} replayed: {headers:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_at_the_largest_replay_count_is_marked_replayed_and_never_sent_twice() {
+    let a = amqp_archive(|queue, dlq| {
+        vec![letter(
+            dlq,
+            "tired",
+            queue,
+            "boom",
+            &[("bosun-replay-count", header("2147483647"))],
+        )]
+    })
+    .await;
+    let id = a.id("tired").await;
+    let (code, out, err) = cli(&a.config, &["replay", &id]);
+    assert_eq!(code, 0, "the replay is recorded: {err}{out}");
+    assert_eq!(status_of(&a.pool, &a.table, "tired").await, "replayed");
+    let (code, out, _) = cli(&a.config, &["replay", "--all"]);
+    assert_eq!(code, 0, "nothing left to replay: {out}");
+    assert!(out.contains("replayed 0"), "{out}");
+    let replayed = drain(&a.ch, &a.queue).await;
+    assert_eq!(replayed.len(), 1, "sent exactly once: {replayed:?}");
+    let count: i32 = sqlx::query_scalar(&format!(
+        "SELECT replay_count FROM {} WHERE message_id = 'tired'",
+        a.table
+    ))
+    .fetch_one(&a.pool)
+    .await
+    .expect("row");
+    assert_eq!(count, i32::MAX, "the count saturates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_with_nul_bytes_are_archived_and_replayed_exactly() {
+    let a = amqp_archive(|queue, dlq| {
+        (0..20)
+            .map(|i| {
+                letter(
+                    dlq,
+                    &format!("nul-{i}"),
+                    queue,
+                    "exec stderr:\0\0 tail \\ end",
+                    &[("x-note", header("before\0after"))],
+                )
+            })
+            .collect()
+    })
+    .await;
+    let id = a.id("nul-3").await;
+    let shown = cli_json(&a.config, &["show", &id, "--json"]);
+    assert_eq!(
+        shown["error"], "exec stderr:\\0\\0 tail \\\\ end",
+        "{shown}"
+    );
+    assert_eq!(shown["escaped"], serde_json::json!(["error"]), "{shown}");
+    let (code, out, err) = cli(&a.config, &["replay", "--all"]);
+    assert_eq!(code, 0, "replay: {err}{out}");
+    assert!(out.contains("replayed 20"), "{out}");
+    let replayed = drain(&a.ch, &a.queue).await;
+    assert_eq!(replayed.len(), 20);
+    for (id, headers) in &replayed {
+        assert_eq!(
+            long_string(headers.get("x-note")).as_deref(),
+            Some(&b"before\0after"[..]),
+            "{id}: {headers:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_archived_letter_fails_alone_in_show_and_replay_all() {
+    let mut deep = serde_json::json!("bottom");
+    for _ in 0..150 {
+        deep = serde_json::json!([deep]);
+    }
+    let a = amqp_archive(move |queue, dlq| {
+        vec![
+            letter(dlq, "before", queue, "boom", &[]),
+            letter(
+                dlq,
+                "deep",
+                queue,
+                "boom",
+                &[("nested", bosun::handler::HeaderValue::Json(deep))],
+            ),
+            letter(dlq, "after", queue, "boom", &[]),
+        ]
+    })
+    .await;
+    for id in ["before", "deep", "after"] {
+        let row = a.id(id).await;
+        let (code, out, err) = cli(&a.config, &["show", &row]);
+        assert_eq!(code, 0, "show {id}: {err}{out}");
+    }
+    let (code, out, _) = cli(&a.config, &["replay", "--all", "--json"]);
+    assert_eq!(code, 1, "one row is not replayed: {out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("json report");
+    assert_eq!(
+        report["replayed"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+    let failed = report["failed"].as_array().expect("failed list");
+    assert_eq!(failed.len(), 1, "{report}");
+    assert_eq!(failed[0]["id"].to_string(), a.id("deep").await, "{report}");
+    let mut ids: Vec<String> = drain(&a.ch, &a.queue)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["after", "before"]);
+}
+
+/// (status, note, last_error, replay_attempts) of the row of `message_id`.
+async fn row_state(
+    pool: &PgPool,
+    table: &str,
+    message_id: &str,
+) -> (String, Option<String>, Option<String>, i32) {
+    sqlx::query_as(&format!(
+        "SELECT status, note, last_error, replay_attempts FROM {table} WHERE message_id = $1"
+    ))
+    .bind(message_id)
+    .fetch_one(pool)
+    .await
+    .expect("archived row")
+}
+
+async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("passive declare")
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_dead_letter_naming_another_queue_is_archived_not_replayed() {
+    use bosun::publish::Publisher as _;
+    let queue = unique("dl_home");
+    let dlq = format!("{queue}.dlq");
+    let other = unique("dl_victim");
+    let table = unique("dl_archive");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"{}
+[handlers.seen]
+kind = "log"
+
+[consumers.orig]
+source = "rabbit"
+handler = "seen"
+queue = "{queue}"
+
+[dead_letters.dl]
+source = "rabbit"
+queue = "{dlq}"
+archive = "main"
+table = "{table}"
+
+[[dead_letters.dl.rules]]
+when = {{ error = "^replay" }}
+action = "replay"
+"#,
+        amqp_base("dlq-allow-test", port)
+    ));
+    let (code, _, err) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let (_conn, ch) = amqp_channel().await;
+    declare(&ch, &other, lapin::types::FieldTable::default()).await;
+    let daemon = Daemon::start(&config.path, port);
+    assert!(daemon.wait_ready(WAIT), "{}", daemon.logs());
+    // Published straight into the dead-letter queue by anyone who may publish there.
+    let publisher = amqp_publisher();
+    let results = publisher
+        .publish_batch(&[
+            letter(&dlq, "away", &other, "replay: to a queue of my choice", &[]),
+            letter(&dlq, "home", &queue, "replay: back home", &[]),
+        ])
+        .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    publisher.close().await;
+    assert!(
+        wait_for(WAIT, || logged_handled(&daemon, "seen", "home")
+            .then_some(()))
+        .is_some(),
+        "the dead letter of the consumer's own queue is replayed:\n{}",
+        daemon.logs()
+    );
+    let pool = pg().await;
+    wait_rows(&pool, &table, 1).await;
+    let (status, note, _, _) = row_state(&pool, &table, "away").await;
+    assert_eq!(status, "archived");
+    assert!(
+        note.as_deref()
+            .is_some_and(|n| n.contains(&other) && n.contains("replay_to")),
+        "{note:?}"
+    );
+    assert_eq!(
+        queue_depth(&ch, &other).await,
+        0,
+        "nothing replayed elsewhere"
+    );
+    let _ = ch
+        .queue_delete(other.as_str().into(), Default::default())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dead_letter_naming_another_stream_is_archived_not_replayed() {
+    let s = redis_setup(false);
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let hijacked = unique("dl_hijacked");
+    let mut conn = redis().await;
+    add(
+        &mut conn,
+        &s.dlq,
+        &dead(
+            "stream-field",
+            &hijacked,
+            "permanent",
+            "replay: elsewhere",
+            "1",
+        ),
+    )
+    .await;
+    // The amqp header name on a stream entry means nothing: the entry goes back to the
+    // stream the redis consumer recorded.
+    let mut queue_field = dead("queue-field", &s.stream, "permanent", "replay: home", "1");
+    queue_field.push(("bosun-original-queue".into(), hijacked.clone()));
+    add(&mut conn, &s.dlq, &queue_field).await;
+    let daemon = Daemon::start(&s.config.path, s.port);
+    let pool = pg().await;
+    wait_rows(&pool, &s.table, 1).await;
+    let (status, note, _, _) = row_state(&pool, &s.table, "stream-field").await;
+    assert_eq!(status, "archived");
+    assert!(
+        note.as_deref().is_some_and(|n| n.contains(&hijacked)),
+        "{note:?}"
+    );
+    assert!(
+        wait_for(WAIT, || logged_handled(&daemon, "seen", "queue-field")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        daemon.logs()
+    );
+    assert!(entries(&mut conn, &hijacked).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_scheduled_replays_back_off_and_do_not_block_later_ones() {
+    use bosun::publish::Publisher as _;
+    let queue = unique("dl_sq");
+    let dlq = format!("{queue}.dlq");
+    // Allowed, but declared by nobody: every replay to it is returned unroutable.
+    let missing = unique("dl_missing");
+    let table = unique("dl_archive");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"{}
+[dead_letters.dl]
+source = "rabbit"
+queue = "{dlq}"
+archive = "main"
+table = "{table}"
+replay_to = ["{queue}", "{missing}"]
+
+[[dead_letters.dl.rules]]
+when = {{ error = "^later" }}
+action = "replay"
+delay = "2s"
+"#,
+        amqp_base("dlq-scheduled-test", port)
+    ));
+    let (code, _, err) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let (_conn, ch) = amqp_channel().await;
+    declare(&ch, &dlq, lapin::types::FieldTable::default()).await;
+    declare(&ch, &queue, lapin::types::FieldTable::default()).await;
+    let publisher = amqp_publisher();
+    let doomed: Vec<_> = (0..100)
+        .map(|i| letter(&dlq, &format!("doomed-{i}"), &missing, "later: never", &[]))
+        .collect();
+    let results = publisher.publish_batch(&doomed).await;
+    assert!(results.iter().all(Result::is_ok));
+    let daemon = Daemon::start(&config.path, port);
+    let pool = pg().await;
+    wait_rows(&pool, &table, 100).await;
+    assert_eq!(
+        publisher
+            .publish(&letter(&dlq, "fine", &queue, "later: rate limited", &[]))
+            .await,
+        Ok(())
+    );
+    publisher.close().await;
+    let replayed = wait_for_async(Duration::from_secs(60), || {
+        let pool = pool.clone();
+        let table = table.clone();
+        async move {
+            let rows = rows(&pool, &table).await;
+            rows.iter()
+                .any(|r| r.0.as_deref() == Some("fine") && r.1 == "replayed")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        replayed.is_some(),
+        "a due replay waits behind failing ones:\n{}",
+        daemon.logs()
+    );
+    assert_eq!(queue_depth(&ch, &queue).await, 1);
+    let (status, _, last_error, attempts) = row_state(&pool, &table, "doomed-7").await;
+    assert_eq!(status, "failed", "an unroutable replay fails for good");
+    assert_eq!(attempts, 1);
+    assert!(
+        last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("unroutable")),
+        "{last_error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_scheduled_replay_failures_back_off_then_end_failed() {
+    let table = unique("dl_backoff");
+    let pool = pg().await;
+    bosun::dead_letter::archive::migrate(&pool, &table)
+        .await
+        .expect("migrate");
+    let row = bosun::dead_letter::archive::NewRow {
+        processor: "dl".into(),
+        broker: "rabbit".into(),
+        source: "q.dlq".into(),
+        source_entry_id: None,
+        message_id: Some("m".into()),
+        correlation_id: None,
+        original: Some("q".into()),
+        original_exchange: None,
+        routing_key: None,
+        headers: serde_json::json!({}),
+        body: Vec::new(),
+        content_type: None,
+        timestamp_ms: None,
+        error_kind: "permanent".into(),
+        error: None,
+        reason: None,
+        attempts: 1,
+        replay_count: 0,
+        group_key: "g".into(),
+        first_failed_at: None,
+        status: "scheduled",
+        note: None,
+        replay_due_at: Some(chrono::Utc::now()),
+    };
+    let id = bosun::dead_letter::archive::insert(&pool, &table, &row)
+        .await
+        .expect("insert");
+    let state = || async {
+        let (status, attempts, wait): (String, i32, f64) = sqlx::query_as(&format!(
+            "SELECT status, replay_attempts,
+                    extract(epoch FROM replay_due_at - now())::float8 FROM {table} WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+        (status, attempts, wait)
+    };
+    let mut waits = Vec::new();
+    for attempt in 1..=10 {
+        let mut tx = pool.begin().await.expect("begin");
+        bosun::dead_letter::archive::mark_replay_failed(&mut tx, &table, id, "down\0", false)
+            .await
+            .expect("mark");
+        tx.commit().await.expect("commit");
+        let (status, attempts, wait) = state().await;
+        assert_eq!(attempts, attempt);
+        waits.push(wait);
+        if attempt < 10 {
+            assert_eq!(status, "scheduled", "attempt {attempt}");
+        } else {
+            assert_eq!(status, "failed", "the last attempt ends it");
+        }
+    }
+    assert!(
+        waits[0] > 3.0 && waits[1] > waits[0] && waits[9] <= 3600.5,
+        "{waits:?}"
+    );
+    let _ = sqlx::raw_sql(&format!("DROP TABLE {table}"))
+        .execute(&pool)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_migration_upgrades_an_earlier_table_idempotently() {
+    let table = unique("dl_old");
+    let pool = pg().await;
+    // The table as an earlier version created it.
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {table} (
+            id bigserial PRIMARY KEY, processor text NOT NULL, broker text NOT NULL,
+            source text NOT NULL, source_entry_id text, message_id text, correlation_id text,
+            original text, original_exchange text, routing_key text,
+            headers jsonb NOT NULL DEFAULT '{{}}'::jsonb, body bytea, content_type text,
+            timestamp_ms bigint, error_kind text NOT NULL, error text, reason text,
+            attempts integer NOT NULL DEFAULT 1, replay_count integer NOT NULL DEFAULT 0,
+            group_key text NOT NULL, first_failed_at timestamptz,
+            archived_at timestamptz NOT NULL DEFAULT now(),
+            status text NOT NULL DEFAULT 'archived'
+                CHECK (status IN ('archived', 'scheduled', 'replayed', 'purged')),
+            note text, replay_due_at timestamptz, replayed_at timestamptz, purged_at timestamptz);
+         INSERT INTO {table} (processor, broker, source, error_kind, group_key)
+            VALUES ('dl', 'rabbit', 'q.dlq', 'permanent', 'g');"
+    ))
+    .execute(&pool)
+    .await
+    .expect("old table");
+    assert!(
+        !bosun::dead_letter::archive::up_to_date(&pool, &table)
+            .await
+            .expect("query")
+    );
+    for _ in 0..2 {
+        bosun::dead_letter::archive::migrate(&pool, &table)
+            .await
+            .expect("migrate");
+    }
+    assert!(
+        bosun::dead_letter::archive::up_to_date(&pool, &table)
+            .await
+            .expect("query")
+    );
+    sqlx::raw_sql(&format!("UPDATE {table} SET status = 'failed'"))
+        .execute(&pool)
+        .await
+        .expect("a row can end failed");
+    let rejected = sqlx::raw_sql(&format!("UPDATE {table} SET status = 'bogus'"))
+        .execute(&pool)
+        .await;
+    assert!(rejected.is_err(), "the status is still checked");
+    let _ = sqlx::raw_sql(&format!("DROP TABLE {table}"))
+        .execute(&pool)
+        .await;
+}
+
+async fn exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
+    let n: i64 = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("EXISTS");
+    n == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_processor_input_is_archived_as_invalid_not_moved_on() {
+    let s = redis_setup(false);
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let mut conn = redis().await;
+    // A dead letter of an entry that had no body at all, as the redis consumer moves it.
+    xadd(
+        &mut conn,
+        &s.dlq,
+        &[
+            ("message_id", "no-body"),
+            ("bosun-orig-stream", &s.stream),
+            ("bosun-error-kind", "invalid"),
+            ("bosun-error", "entry has no `payload` field"),
+        ],
+    )
+    .await;
+    // A field name that is not UTF-8.
+    let _: String = redis::cmd("XADD")
+        .arg(&s.dlq)
+        .arg("*")
+        .arg("payload")
+        .arg(&b"\xffraw\0body"[..])
+        .arg("message_id")
+        .arg("bad-name")
+        .arg(&b"\xfe\xff"[..])
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .expect("XADD");
+    let daemon = Daemon::start(&s.config.path, s.port);
+    let pool = pg().await;
+    wait_rows(&pool, &s.table, 2).await;
+    /// (message_id, status, error_kind, body, error)
+    type Invalid = (
+        Option<String>,
+        String,
+        String,
+        Option<Vec<u8>>,
+        Option<String>,
+    );
+    let rows: Vec<Invalid> = sqlx::query_as(&format!(
+        "SELECT message_id, status, error_kind, body, error FROM {} ORDER BY message_id",
+        s.table
+    ))
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    assert_eq!(rows[0].0.as_deref(), Some("bad-name"));
+    assert_eq!(
+        rows[0].3.as_deref(),
+        Some(&b"\xffraw\0body"[..]),
+        "body kept as bytes"
+    );
+    assert_eq!(rows[1].0.as_deref(), Some("no-body"));
+    for row in &rows {
+        assert_eq!(
+            (row.1.as_str(), row.2.as_str()),
+            ("archived", "invalid"),
+            "{row:?}"
+        );
+        assert!(
+            row.4.as_deref().is_some_and(|e| e.contains("unusable")),
+            "{row:?}"
+        );
+    }
+    assert!(
+        !exists(&mut conn, &format!("{}:dlq", s.dlq)).await,
+        "no second-level dead-letter stream"
+    );
+    assert_eq!(dlq_pending(&conn, &s.dlq).await, 0, "{}", daemon.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_input_without_an_archive_stays_pending_and_is_counted() {
+    let dlq = unique("dl_noarchive");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"
+[service]
+name = "dlq-noarchive-test"
+shutdown_timeout = "5s"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.cache]
+kind = "redis"
+url = "{REDIS_URL}"
+
+[dead_letters.na]
+source = "cache"
+stream = "{dlq}"
+default_action = "drop"
+"#
+    ));
+    let mut conn = redis().await;
+    xadd(&mut conn, &dlq, &[("message_id", "no-body")]).await;
+    xadd(&mut conn, &dlq, &[("payload", "x"), ("message_id", "fine")]).await;
+    let daemon = Daemon::start(&config.path, port);
+    let held = wait_for(WAIT, || {
+        daemon
+            .metric(
+                "bosun_dead_letters_held_total",
+                &["processor=\"na\"", "cause=\"undecodable\""],
+            )
+            .filter(|v| *v >= 1.0)
+    });
+    assert!(held.is_some(), "{}", daemon.logs());
+    assert!(
+        wait_for(WAIT, || daemon
+            .metric(
+                "bosun_dead_letters_total",
+                &["processor=\"na\"", "action=\"drop\""]
+            )
+            .filter(|v| *v >= 1.0))
+        .is_some(),
+        "the readable one is handled"
+    );
+    assert_eq!(
+        dlq_pending(&conn, &dlq).await,
+        1,
+        "the unreadable one stays pending"
+    );
+    assert!(!exists(&mut conn, &format!("{dlq}:dlq")).await);
+    let _ = conn.del::<_, ()>(&dlq).await;
+}
+
+/// A fresh broker: the processors start with the consumers that declare their queues and
+/// wait for them instead of racing them, so a clean first start logs no warning or error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_start_with_processors_and_their_consumers_logs_no_error() {
+    use bosun::publish::Publisher as _;
+    let table = unique("dl_archive");
+    let port = free_port();
+    let queues: Vec<String> = (0..2).map(|_| unique("dl_fresh")).collect();
+    // Many bindings: each consumer declares its exchanges before its queues, which gives a
+    // processor that does not wait plenty of time to look for its queue too early.
+    let exchanges: Vec<String> = (0..150).map(|_| unique("dl_fresh_x")).collect();
+    let bindings = exchanges
+        .iter()
+        .map(|x| format!("{{ exchange = \"{x}\" }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut text = format!(
+        "{}\n[handlers.seen]\nkind = \"log\"\n",
+        amqp_base("dlq-fresh-test", port)
+    );
+    for (i, queue) in queues.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[consumers.c{i}]\nsource = \"rabbit\"\nhandler = \"seen\"\nqueue = \"{queue}\"\nbindings = [{bindings}]\n\n[dead_letters.d{i}]\nsource = \"rabbit\"\nqueue = \"{queue}.dlq\"\narchive = \"main\"\ntable = \"{table}\"\nmigrate = true\n"
+        ));
+    }
+    let config = ConfigFile::new(&text);
+    let mut daemon = Daemon::start(&config.path, port);
+    assert!(daemon.wait_ready(WAIT), "{}", daemon.logs());
+    let publisher = amqp_publisher();
+    for queue in &queues {
+        let dlq = format!("{queue}.dlq");
+        assert_eq!(publisher.publish(&outgoing(&dlq, queue, &[])).await, Ok(()));
+    }
+    publisher.close().await;
+    let pool = pg().await;
+    wait_rows(&pool, &table, 2).await;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(WAIT), Some(0));
+    let logs = daemon.logs();
+    let loud: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("\"level\":\"WARN\""))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "a clean start logs no warning or error:\n{logs}"
+    );
+    let (_conn, ch) = amqp_channel().await;
+    for queue in &queues {
+        for q in [queue.clone(), format!("{queue}.dlq")] {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+    }
+    for x in &exchanges {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), Default::default())
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_rule_leaves_bosun_dead_letters_of_retried_messages_alone() {
+    let queue = unique("dl_retried");
+    let dlq = format!("{queue}.dlq");
+    let table = unique("dl_archive");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"{}
+[handlers.failing]
+kind = "exec"
+command = ["/bin/false"]
+exit_codes = {{ "1" = "retry" }}
+
+[consumers.orig]
+source = "rabbit"
+handler = "failing"
+queue = "{queue}"
+retry = {{ max_attempts = 2, tiers = ["100ms"] }}
+
+[dead_letters.dl]
+source = "rabbit"
+queue = "{dlq}"
+archive = "main"
+table = "{table}"
+
+[[dead_letters.dl.rules]]
+when = {{ source = "broker", reason = ["expired", "maxlen"] }}
+action = "replay"
+max_replays = 3
+"#,
+        amqp_base("dlq-source-test", port)
+    ));
+    let (code, _, err) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let daemon = Daemon::start(&config.path, port);
+    assert!(daemon.wait_ready(WAIT), "{}", daemon.logs());
+    let publisher = amqp_publisher();
+    use bosun::publish::Publisher as _;
+    assert_eq!(
+        publisher.publish(&outgoing(&queue, "retried", &[])).await,
+        Ok(())
+    );
+    publisher.close().await;
+    let pool = pg().await;
+    wait_rows(&pool, &table, 1).await;
+    let (message_id, status, kind, replays, _) = rows(&pool, &table).await.remove(0);
+    assert_eq!(message_id.as_deref(), Some("retried"));
+    assert_eq!((status.as_str(), kind.as_str()), ("archived", "exhausted"));
+    assert_eq!(
+        replays, 0,
+        "bosun's dead letter is not the broker's: no replay"
+    );
+    assert_eq!(
+        daemon
+            .metric("bosun_dead_letter_replays_total", &["processor=\"dl\""])
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
+/// Without an archive, a forward that can never succeed (its exchange does not exist) goes
+/// to the configured fallback instead of being retried for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_forward_without_an_archive_goes_to_the_fallback() {
+    use bosun::publish::Publisher as _;
+    let dlq = unique("dl_fb");
+    let parking = unique("dl_parking");
+    let fallback = unique("dl_fallback");
+    let port = free_port();
+    let config = ConfigFile::new(&format!(
+        r#"{}
+[dead_letters.dl]
+source = "rabbit"
+queue = "{dlq}"
+default_action = "drop"
+fallback = "{fallback}"
+
+[[dead_letters.dl.rules]]
+action = "forward"
+exchange = "{}"
+"#,
+        amqp_base("dlq-fallback-test", port),
+        unique("dl_nowhere")
+    ));
+    let (_conn, ch) = amqp_channel().await;
+    declare(&ch, &dlq, lapin::types::FieldTable::default()).await;
+    declare(&ch, &parking, lapin::types::FieldTable::default()).await;
+    ch.exchange_declare(
+        fallback.as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("declare the fallback exchange");
+    ch.queue_bind(
+        parking.as_str().into(),
+        fallback.as_str().into(),
+        "".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("bind");
+    let publisher = amqp_publisher();
+    for i in 0..20 {
+        assert_eq!(
+            publisher
+                .publish(&outgoing(&dlq, &format!("fb-{i}"), &[("bosun-error", "x")]))
+                .await,
+            Ok(())
+        );
+    }
+    publisher.close().await;
+    let daemon = Daemon::start(&config.path, port);
+    let parked = wait_for_async(WAIT, || {
+        let ch = ch.clone();
+        let parking = parking.clone();
+        async move { (queue_depth(&ch, &parking).await == 20).then_some(()) }
+    })
+    .await;
+    assert!(parked.is_some(), "{}", daemon.logs());
+    assert_eq!(queue_depth(&ch, &dlq).await, 0);
+    let _ = ch
+        .exchange_delete(fallback.as_str().into(), Default::default())
+        .await;
+    for q in [&dlq, &parking] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+}
+
+#[test]
+fn rule_sources_and_fallbacks_are_checked_at_load() {
+    let config = ConfigFile::new(&format!(
+        r#"{}
+[dead_letters.dl]
+source = "rabbit"
+queue = "q.dlq"
+archive = "main"
+fallback = "parking"
+
+[[dead_letters.dl.rules]]
+when = {{ source = "producer" }}
+action = "archive"
+
+[[dead_letters.dl.rules]]
+when = {{ source = ["broker", "bosun"] }}
+action = "archive"
+"#,
+        amqp_base("dlq-check-test", free_port())
+    ));
+    let path = config.path.to_string_lossy().into_owned();
+    let (code, out, err) = bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 78, "{out}{err}");
+    let text = format!("{out}{err}");
+    assert!(text.contains("unknown source `producer`"), "{text}");
+    assert!(
+        text.contains("`fallback` is for processors without an archive"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("rules.1"),
+        "a list of sources is fine: {text}"
+    );
 }

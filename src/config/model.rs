@@ -415,6 +415,13 @@ pub struct DeadLetterConfig {
     pub rules: Vec<Rule>,
     /// Apply the archive table's DDL when the processor starts.
     pub migrate: bool,
+    /// The queues (amqp) or streams (redis) a replay may go to: `replay_to` as configured,
+    /// else the consumers whose dead letters land in this processor's source. A dead letter
+    /// naming anything else is archived, never replayed.
+    pub replay_to: Vec<String>,
+    /// Where a dead letter goes when its action can never succeed and there is no archive:
+    /// an exchange (amqp) or stream (redis) on the processor's broker.
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -425,6 +432,9 @@ pub struct Rule {
 
 #[derive(Debug, Clone, Default)]
 pub struct Matcher {
+    /// Who wrote the dead letter: `broker` (RabbitMQ's own dead-lettering) or `bosun` (a
+    /// consumer's dead-letter copy).
+    pub source: Vec<String>,
     pub error_kind: Vec<String>,
     pub error: Option<regex::Regex>,
     pub original: Vec<String>,
@@ -435,7 +445,8 @@ pub struct Matcher {
 
 impl PartialEq for Matcher {
     fn eq(&self, other: &Self) -> bool {
-        self.error_kind == other.error_kind
+        self.source == other.source
+            && self.error_kind == other.error_kind
             && self.error.as_ref().map(regex::Regex::as_str)
                 == other.error.as_ref().map(regex::Regex::as_str)
             && self.original == other.original

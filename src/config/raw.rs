@@ -300,6 +300,12 @@ pub struct RawDeadLetter {
     pub default_action: Option<String>,
     /// Create or update the archive table (as `bosun dlq migrate` does) when the processor starts.
     pub migrate: Option<bool>,
+    /// Queues (amqp) or streams (redis) replays may go to (default: the queues or streams of
+    /// the consumers that dead-letter into this processor's source).
+    pub replay_to: Option<Vec<String>>,
+    /// Without an archive: exchange (amqp) or stream (redis) for dead letters whose action can
+    /// never succeed.
+    pub fallback: Option<String>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
 }
@@ -328,6 +334,9 @@ pub struct RawRule {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatcher {
+    /// Who wrote the dead letter: "broker" (RabbitMQ dead-lettered it: expired, maxlen,
+    /// rejected, delivery limit) or "bosun" (a consumer's dead-letter copy). A string or a list.
+    pub source: Option<StringOrList>,
     pub error_kind: Option<Vec<String>>,
     /// Regular expression over the error text.
     pub error: Option<String>,
@@ -337,4 +346,21 @@ pub struct RawMatcher {
     pub reason: Option<Vec<String>>,
     pub attempts_below: Option<u32>,
     pub attempts_at_least: Option<u32>,
+}
+
+/// A value given as one string or as a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StringOrList::One(s) => vec![s],
+            StringOrList::Many(v) => v,
+        }
+    }
 }

@@ -654,7 +654,7 @@ pub fn validate_with(
                 dl.source, broker_names()));
             continue;
         };
-        if let Some(config) = dead_letter_config(&mut c, name, dl, broker) {
+        if let Some(config) = dead_letter_config(&mut c, name, dl, broker, &consumers) {
             dead_letters.insert(name.clone(), config);
         }
     }
@@ -1187,6 +1187,7 @@ fn dead_letter_config(
     name: &str,
     raw: &RawDeadLetter,
     broker: &RawBroker,
+    consumers: &BTreeMap<String, ConsumerConfig>,
 ) -> Option<DeadLetterConfig> {
     let at = |k: &'static str| -> [&str; 3] { ["dead_letters", name, k] };
     let from = match (broker, &raw.queue, &raw.stream) {
@@ -1254,7 +1255,22 @@ fn dead_letter_config(
                 c.issue(&["dead_letters", name, "rules", &index, "when", "error_kind"], format!("unknown error kind `{kind}`, expected `transient`, `permanent`, `exhausted`, `invalid` or `unknown`"));
             }
         }
+        let source = rule
+            .when
+            .source
+            .clone()
+            .map(StringOrList::into_vec)
+            .unwrap_or_default();
+        for writer in &source {
+            if !["broker", "bosun"].contains(&writer.as_str()) {
+                c.issue(
+                    &["dead_letters", name, "rules", &index, "when", "source"],
+                    format!("unknown source `{writer}`, expected `broker` or `bosun`"),
+                );
+            }
+        }
         let when = Matcher {
+            source,
             error_kind: rule.when.error_kind.clone().unwrap_or_default(),
             error,
             original: rule.when.original.clone().unwrap_or_default(),
@@ -1323,6 +1339,24 @@ fn dead_letter_config(
     if matches!(default_action, Action::Archive) && raw.archive.is_none() {
         c.issue(&at("archive"), format!("dead-letter processor `{name}` archives by default and needs `archive = \"<database>\"` (or `default_action = \"drop\"`)"));
     }
+    let replay_to = match &raw.replay_to {
+        Some(list) => list.clone(),
+        None => served_originals(&raw.source, &from, consumers),
+    };
+    if let Some(fallback) = &raw.fallback {
+        if raw.archive.is_some() {
+            c.issue(
+                &at("fallback"),
+                "`fallback` is for processors without an archive; this one keeps such dead letters in its archive",
+            );
+        }
+        if fallback.trim().is_empty() {
+            c.issue(
+                &at("fallback"),
+                "must name an exchange (amqp) or a stream (redis)",
+            );
+        }
+    }
     Some(DeadLetterConfig {
         source: raw.source.clone(),
         from,
@@ -1331,7 +1365,35 @@ fn dead_letter_config(
         default_action,
         rules,
         migrate: raw.migrate.unwrap_or(false),
+        replay_to,
+        fallback: raw.fallback.clone(),
     })
+}
+
+/// The queues or streams of the consumers on `broker` that dead-letter into `from`: where
+/// the dead letters a processor reads came from, so where replays may go.
+fn served_originals(
+    broker: &str,
+    from: &DeadLetterSource,
+    consumers: &BTreeMap<String, ConsumerConfig>,
+) -> Vec<String> {
+    let mut originals: Vec<String> = consumers
+        .values()
+        .filter(|consumer| consumer.source == broker)
+        .filter_map(|consumer| match (&consumer.kind, from) {
+            (ConsumerKind::Amqp(amqp), DeadLetterSource::Queue(queue)) => {
+                matches!(&amqp.dead_letter, AmqpDeadLetter::Queue(q) if q == queue)
+                    .then(|| amqp.queue.clone())
+            }
+            (ConsumerKind::Redis(redis), DeadLetterSource::Stream { stream, .. }) => {
+                (&redis.dead_letter_stream == stream).then(|| redis.stream.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    originals.sort();
+    originals.dedup();
+    originals
 }
 
 #[cfg(test)]

@@ -10,14 +10,19 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::DeadLetterError;
 
-/// Row statuses. `scheduled` rows wait for a delayed replay; `purged` rows keep their
+/// Row statuses. `scheduled` rows wait for a delayed replay; `failed` rows are scheduled
+/// replays that failed for good (`last_error` says why); `purged` rows keep their
 /// bookkeeping but not their body or headers.
 pub mod status {
     pub const ARCHIVED: &str = "archived";
     pub const SCHEDULED: &str = "scheduled";
     pub const REPLAYED: &str = "replayed";
+    pub const FAILED: &str = "failed";
     pub const PURGED: &str = "purged";
 }
+
+/// Scheduled replay attempts before a row that keeps failing ends `failed`.
+pub const MAX_SCHEDULED_ATTEMPTS: i32 = 10;
 
 /// The DDL for `table`: idempotent, so `bosun dlq migrate` can run on every deploy.
 pub fn schema(table: &str) -> String {
@@ -47,13 +52,31 @@ pub fn schema(table: &str) -> String {
     group_key         text        NOT NULL,
     first_failed_at   timestamptz,
     archived_at       timestamptz NOT NULL DEFAULT now(),
-    status            text        NOT NULL DEFAULT 'archived'
-                      CHECK (status IN ('archived', 'scheduled', 'replayed', 'purged')),
+    status            text        NOT NULL DEFAULT 'archived',
     note              text,
     replay_due_at     timestamptz,
     replayed_at       timestamptz,
     purged_at         timestamptz
 );
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS escaped text[];
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS replay_attempts integer NOT NULL DEFAULT 0;
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS last_error text;
+DO $$
+DECLARE
+    old text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = '{table}'::regclass AND contype = 'c'
+                     AND pg_get_constraintdef(oid) LIKE '%''failed''%') THEN
+        FOR old IN SELECT conname FROM pg_constraint
+                   WHERE conrelid = '{table}'::regclass AND contype = 'c'
+                     AND pg_get_constraintdef(oid) LIKE '%status%' LOOP
+            EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', old);
+        END LOOP;
+        ALTER TABLE {table} ADD CONSTRAINT {base}_status_check
+            CHECK (status IN ('archived', 'scheduled', 'replayed', 'failed', 'purged'));
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS {base}_processor_status_idx ON {table} (processor, status, archived_at);
 CREATE INDEX IF NOT EXISTS {base}_group_idx ON {table} (processor, group_key) WHERE status = 'archived';
 CREATE INDEX IF NOT EXISTS {base}_due_idx ON {table} (replay_due_at) WHERE status = 'scheduled';
@@ -86,6 +109,45 @@ pub async fn exists(pool: &PgPool, table: &str) -> Result<bool, DeadLetterError>
     Ok(found.is_some())
 }
 
+/// Whether `table` (which exists) has every column this version writes; one created by an
+/// earlier version needs `bosun dlq migrate` first.
+pub async fn up_to_date(pool: &PgPool, table: &str) -> Result<bool, DeadLetterError> {
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_attribute
+         WHERE attrelid = to_regclass($1) AND NOT attisdropped
+           AND attname IN ('escaped', 'replay_attempts', 'last_error')",
+    )
+    .bind(table)
+    .fetch_one(pool)
+    .await?;
+    Ok(columns == 3)
+}
+
+/// Text columns that may hold a NUL character, which PostgreSQL's `text` cannot store: such
+/// a value is stored escaped (`\\` for a backslash, `\0` for NUL) and the column named in the
+/// row's `escaped` list, so [`unescape`] gives it back exactly.
+pub fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('\0', "\\0")
+}
+
+/// The inverse of [`escape`].
+pub fn unescape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('0') => out.push('\0'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
 /// A row to insert.
 #[derive(Debug, Clone)]
 pub struct NewRow {
@@ -115,16 +177,59 @@ pub struct NewRow {
     pub replay_due_at: Option<DateTime<Utc>>,
 }
 
+impl NewRow {
+    /// The row with every text value PostgreSQL cannot store escaped, and the escaped
+    /// columns listed.
+    fn storable(&self) -> (NewRow, Vec<String>) {
+        let mut row = self.clone();
+        let mut escaped = Vec::new();
+        let mut fix = |name: &str, value: &mut String| {
+            if value.contains('\0') {
+                *value = escape(value);
+                escaped.push(name.to_owned());
+            }
+        };
+        for (name, value) in [
+            ("processor", &mut row.processor),
+            ("broker", &mut row.broker),
+            ("source", &mut row.source),
+            ("error_kind", &mut row.error_kind),
+            ("group_key", &mut row.group_key),
+        ] {
+            fix(name, value);
+        }
+        for (name, value) in [
+            ("source_entry_id", &mut row.source_entry_id),
+            ("message_id", &mut row.message_id),
+            ("correlation_id", &mut row.correlation_id),
+            ("original", &mut row.original),
+            ("original_exchange", &mut row.original_exchange),
+            ("routing_key", &mut row.routing_key),
+            ("content_type", &mut row.content_type),
+            ("error", &mut row.error),
+            ("reason", &mut row.reason),
+            ("note", &mut row.note),
+        ] {
+            if let Some(value) = value {
+                fix(name, value);
+            }
+        }
+        (row, escaped)
+    }
+}
+
 /// Inserts `row` and commits; returns its id. Only after this returns may the dead letter
 /// be settled at its source.
 pub async fn insert(pool: &PgPool, table: &str, row: &NewRow) -> Result<i64, DeadLetterError> {
+    let (row, escaped) = row.storable();
+    let row = &row;
     let sql = format!(
         "INSERT INTO {table} (processor, broker, source, source_entry_id, message_id,
             correlation_id, original, original_exchange, routing_key, headers, body,
             content_type, timestamp_ms, error_kind, error, reason, attempts, replay_count,
-            group_key, first_failed_at, status, note, replay_due_at)
+            group_key, first_failed_at, status, note, replay_due_at, escaped)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-            $18, $19, $20, $21, $22, $23)
+            $18, $19, $20, $21, $22, $23, $24)
          RETURNING id"
     );
     let id: i64 = sqlx::query_scalar(&sql)
@@ -151,10 +256,48 @@ pub async fn insert(pool: &PgPool, table: &str, row: &NewRow) -> Result<i64, Dea
         .bind(row.status)
         .bind(&row.note)
         .bind(row.replay_due_at)
+        .bind((!escaped.is_empty()).then_some(escaped))
         .fetch_one(pool)
         .await?;
     Ok(id)
 }
+
+/// The archived headers as read back. They are read as text and parsed per row, so a row
+/// whose JSON the reader refuses (nested too deep) fails alone instead of failing the query
+/// that lists, shows or replays every other row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredJson {
+    Value(serde_json::Value),
+    /// Why the stored JSON cannot be read.
+    Undecodable(String),
+}
+
+impl From<String> for StoredJson {
+    fn from(text: String) -> Self {
+        match serde_json::from_str(&text) {
+            Ok(value) => StoredJson::Value(value),
+            Err(e) => StoredJson::Undecodable(format!("the archived headers cannot be read: {e}")),
+        }
+    }
+}
+
+impl Serialize for StoredJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            StoredJson::Value(value) => value.serialize(serializer),
+            StoredJson::Undecodable(error) => {
+                serde_json::json!({ "$undecodable": error }).serialize(serializer)
+            }
+        }
+    }
+}
+
+/// The columns of [`Row`], headers as text (see [`StoredJson`]).
+const ROW_COLUMNS: &str = "id, processor, broker, source, source_entry_id, message_id,
+    correlation_id, original, original_exchange, routing_key, headers::text AS headers, body,
+    content_type, timestamp_ms, error_kind, error, reason, attempts, replay_count, group_key,
+    first_failed_at, archived_at, status, note, replay_due_at, replayed_at, purged_at, escaped,
+    replay_attempts, last_error";
 
 /// One archived dead letter, everything included.
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
@@ -169,7 +312,8 @@ pub struct Row {
     pub original: Option<String>,
     pub original_exchange: Option<String>,
     pub routing_key: Option<String>,
-    pub headers: serde_json::Value,
+    #[sqlx(try_from = "String")]
+    pub headers: StoredJson,
     #[serde(skip)]
     pub body: Option<Vec<u8>>,
     pub content_type: Option<String>,
@@ -187,6 +331,25 @@ pub struct Row {
     pub replay_due_at: Option<DateTime<Utc>>,
     pub replayed_at: Option<DateTime<Utc>>,
     pub purged_at: Option<DateTime<Utc>>,
+    /// Text columns stored escaped because they held a NUL character (see [`escape`]).
+    pub escaped: Option<Vec<String>>,
+    /// Scheduled replays tried and failed so far.
+    pub replay_attempts: i32,
+    /// Why the latest scheduled replay failed.
+    pub last_error: Option<String>,
+}
+
+impl Row {
+    /// The text of column `name` as it was before it was stored (see [`escape`]).
+    pub fn text(&self, name: &str, value: &Option<String>) -> Option<String> {
+        let escaped = self
+            .escaped
+            .as_ref()
+            .is_some_and(|columns| columns.iter().any(|c| c == name));
+        value
+            .as_deref()
+            .map(|v| if escaped { unescape(v) } else { v.to_owned() })
+    }
 }
 
 /// A list line: no headers, no body.
@@ -284,7 +447,7 @@ pub async fn show(
     processors: &[String],
     id: i64,
 ) -> Result<Option<Row>, DeadLetterError> {
-    let sql = format!("SELECT * FROM {table} WHERE id = $1 AND processor = ANY($2)");
+    let sql = format!("SELECT {ROW_COLUMNS} FROM {table} WHERE id = $1 AND processor = ANY($2)");
     Ok(sqlx::query_as::<_, Row>(&sql)
         .bind(id)
         .bind(processors)
@@ -335,8 +498,8 @@ pub async fn claim_for_replay(
     limit: i64,
 ) -> Result<Vec<Row>, DeadLetterError> {
     let sql = format!(
-        "SELECT * FROM {table}
-         WHERE processor = ANY($1) AND status IN ('archived', 'scheduled') AND {}
+        "SELECT {ROW_COLUMNS} FROM {table}
+         WHERE processor = ANY($1) AND status IN ('archived', 'scheduled', 'failed') AND {}
            AND NOT (id = ANY($3))
          ORDER BY id LIMIT $4
          FOR UPDATE SKIP LOCKED",
@@ -382,7 +545,7 @@ pub async fn claim_due(
     limit: i64,
 ) -> Result<Vec<Row>, DeadLetterError> {
     let sql = format!(
-        "SELECT * FROM {table}
+        "SELECT {ROW_COLUMNS} FROM {table}
          WHERE processor = $1 AND status = 'scheduled' AND replay_due_at <= now()
          ORDER BY replay_due_at LIMIT $2
          FOR UPDATE SKIP LOCKED"
@@ -394,17 +557,48 @@ pub async fn claim_due(
         .await?)
 }
 
-/// Marks rows replayed (their copies are confirmed by the broker).
+/// Marks rows replayed (their copies are confirmed by the broker). Runs after the publish,
+/// so nothing in it may fail on the rows' data: the count saturates.
 pub async fn mark_replayed(
     tx: &mut Transaction<'_, Postgres>,
     table: &str,
     ids: &[i64],
 ) -> Result<(), DeadLetterError> {
     let sql = format!(
-        "UPDATE {table} SET status = 'replayed', replayed_at = now(), replay_count = replay_count + 1
+        "UPDATE {table} SET status = 'replayed', replayed_at = now(),
+                replay_count = LEAST(replay_count, 2147483646) + 1
          WHERE id = ANY($1)"
     );
     sqlx::query(&sql).bind(ids).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Records a failed scheduled replay of row `id`: a permanent failure, or the last allowed
+/// attempt, ends it `failed`; otherwise it is due again after a backoff that doubles from
+/// 5 s up to an hour, so rows that keep failing never block the ones behind them.
+pub async fn mark_replay_failed(
+    tx: &mut Transaction<'_, Postgres>,
+    table: &str,
+    id: i64,
+    error: &str,
+    permanent: bool,
+) -> Result<(), DeadLetterError> {
+    let sql = format!(
+        "UPDATE {table} SET
+            replay_attempts = LEAST(replay_attempts, 2147483646) + 1,
+            last_error = $2,
+            status = CASE WHEN $3 OR replay_attempts + 1 >= $4 THEN 'failed' ELSE status END,
+            replay_due_at = now() + LEAST(interval '1 hour',
+                interval '5 seconds' * power(2, LEAST(replay_attempts, 10)))
+         WHERE id = $1"
+    );
+    sqlx::query(&sql)
+        .bind(id)
+        .bind(error.replace('\0', "\\0"))
+        .bind(permanent)
+        .bind(MAX_SCHEDULED_ATTEMPTS)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -450,6 +644,22 @@ pub async fn count_archived(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_text_comes_back_exactly() {
+        for text in [
+            "plain",
+            "a\0b",
+            "back\\slash\0",
+            "\\0 literal",
+            "\0",
+            "tail\\",
+        ] {
+            let stored = escape(text);
+            assert!(!stored.contains('\0'), "{stored:?}");
+            assert_eq!(unescape(&stored), text, "{stored:?}");
+        }
+    }
 
     #[test]
     fn schema_qualified_tables_get_unqualified_index_names() {

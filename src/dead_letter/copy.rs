@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use super::DeadLetterError;
-use super::archive::Row;
-use super::letter::{DeadLetter, headers_from_json, names};
+use super::archive::{Row, StoredJson};
+use super::letter::{DeadLetter, Writer, headers_from_json, names, x_death};
 use crate::config::BrokerConfig;
 use crate::handler::HeaderValue;
 use crate::publish::OutgoingMessage;
@@ -36,8 +36,18 @@ const STREAM_RESERVED: &[&str] = &[
     names::TIMESTAMP_MS,
 ];
 
-/// Headers a publish may carry: RabbitMQ owns `x-` headers (it ignores `x-death` set by
-/// clients), and stream entries keep their reserved fields outside the headers.
+/// Headers RabbitMQ writes when it dead-letters or redelivers a message: the record of this
+/// message's deaths, not part of it (RabbitMQ 3.13+ ignores them when a client sets them).
+fn broker_owned(name: &str) -> bool {
+    name == "x-death"
+        || name == "x-delivery-count"
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+}
+
+/// Headers a publish may carry: every application header (`x-tenant-id` included), but not
+/// the broker's dead-lettering record, and stream entries keep their reserved fields outside
+/// the headers.
 fn publishable(
     kind: BrokerKind,
     headers: &BTreeMap<String, HeaderValue>,
@@ -45,11 +55,24 @@ fn publishable(
     headers
         .iter()
         .filter(|(k, _)| match kind {
-            BrokerKind::Amqp => !k.starts_with("x-"),
+            BrokerKind::Amqp => !broker_owned(k),
             BrokerKind::Redis => !STREAM_RESERVED.contains(&k.as_str()),
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// Checks that `letter` names a replay destination the processor serves. The destination
+/// comes from headers anyone who can publish into the dead-letter queue or stream can set,
+/// so it is only trusted when it is one of `allowed`.
+pub fn check_destination(letter: &DeadLetter, allowed: &[String]) -> Result<(), DeadLetterError> {
+    match &letter.original {
+        None => Err(DeadLetterError::NoDestination),
+        Some(original) if allowed.iter().any(|a| a == original) => Ok(()),
+        Some(original) => Err(DeadLetterError::Invalid(format!(
+            "replay destination `{original}` is not among the processor's originals (`replay_to`)"
+        ))),
+    }
 }
 
 fn message_id(letter: &DeadLetter) -> String {
@@ -59,13 +82,15 @@ fn message_id(letter: &DeadLetter) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
-/// The copy that replays `letter` to its original queue or stream: same id, body and
-/// properties, failure headers removed (a fresh round of attempts), `bosun-replay-count`
-/// raised.
+/// The copy that replays `letter` to its original queue or stream, which must be one of
+/// `allowed`: same id, body, properties and application headers, failure headers removed
+/// (a fresh round of attempts), `bosun-replay-count` raised (saturating).
 pub fn replay_copy(
     kind: BrokerKind,
     letter: &DeadLetter,
+    allowed: &[String],
 ) -> Result<OutgoingMessage, DeadLetterError> {
+    check_destination(letter, allowed)?;
     let Some(original) = letter.original.clone() else {
         return Err(DeadLetterError::NoDestination);
     };
@@ -73,7 +98,9 @@ pub fn replay_copy(
     headers.retain(|k, _| !names::FAILURE.contains(&k.as_str()));
     headers.insert(
         names::REPLAY_COUNT.to_owned(),
-        HeaderValue::Int(i64::from(letter.replay_count) + 1),
+        HeaderValue::Int(i64::from(
+            letter.replay_count.saturating_add(1).min(i32::MAX as u32),
+        )),
     );
     let (destination, routing_key) = match kind {
         BrokerKind::Amqp => (String::new(), original),
@@ -118,27 +145,38 @@ pub fn forward_copy(
     }
 }
 
-/// An archived row as the dead letter it was archived from.
-pub fn letter_from_row(row: &Row) -> DeadLetter {
-    DeadLetter {
-        message_id: row.message_id.clone(),
-        correlation_id: row.correlation_id.clone(),
-        content_type: row.content_type.clone(),
-        headers: headers_from_json(&row.headers),
+/// An archived row as the dead letter it was archived from, or why it cannot be one (for
+/// this row alone).
+pub fn letter_from_row(row: &Row) -> Result<DeadLetter, DeadLetterError> {
+    let headers = match &row.headers {
+        StoredJson::Value(value) => headers_from_json(value).map_err(DeadLetterError::Invalid)?,
+        StoredJson::Undecodable(e) => return Err(DeadLetterError::Invalid(e.clone())),
+    };
+    let death = x_death(&headers);
+    Ok(DeadLetter {
+        message_id: row.text("message_id", &row.message_id),
+        correlation_id: row.text("correlation_id", &row.correlation_id),
+        content_type: row.text("content_type", &row.content_type),
         body: row.body.clone().unwrap_or_default().into(),
-        error_kind: row.error_kind.clone(),
-        error: row.error.clone(),
-        reason: row.reason.clone(),
-        original: row.original.clone(),
-        original_exchange: row.original_exchange.clone(),
-        routing_key: row.routing_key.clone(),
+        error_kind: row
+            .text("error_kind", &Some(row.error_kind.clone()))
+            .unwrap_or_default(),
+        error: row.text("error", &row.error),
+        reason: row.text("reason", &row.reason),
+        original: row.text("original", &row.original),
+        original_exchange: row.text("original_exchange", &row.original_exchange),
+        routing_key: row.text("routing_key", &row.routing_key),
         attempts: u32::try_from(row.attempts).unwrap_or(1),
         replay_count: u32::try_from(row.replay_count).unwrap_or(0),
         first_failed_at: row.first_failed_at,
-        source: row.source.clone(),
-        entry_id: row.source_entry_id.clone(),
+        source: row
+            .text("source", &Some(row.source.clone()))
+            .unwrap_or_default(),
+        entry_id: row.text("source_entry_id", &row.source_entry_id),
         timestamp_ms: row.timestamp_ms.and_then(|t| u64::try_from(t).ok()),
-    }
+        writer: Writer::of(&headers, death.as_ref()),
+        headers,
+    })
 }
 
 #[cfg(test)]
@@ -154,6 +192,9 @@ mod tests {
             ("bosun-original-queue", HeaderValue::String("orders".into())),
             ("bosun-replay-count", HeaderValue::Int(1)),
             ("x-death", HeaderValue::Json(serde_json::json!([]))),
+            ("x-first-death-queue", HeaderValue::String("orders".into())),
+            ("x-tenant-id", HeaderValue::String("t-9".into())),
+            ("x-kind", HeaderValue::String("refund".into())),
             ("timestamp_ms", HeaderValue::String("17".into())),
             ("tenant", HeaderValue::String("acme".into())),
         ]
@@ -178,12 +219,17 @@ mod tests {
             source: "orders.dlq".into(),
             entry_id: None,
             timestamp_ms: Some(17),
+            writer: Writer::Bosun,
         }
+    }
+
+    fn allowed() -> Vec<String> {
+        vec!["orders".to_owned()]
     }
 
     #[test]
     fn amqp_replay_goes_to_the_queue_with_a_fresh_round_of_attempts() {
-        let copy = replay_copy(BrokerKind::Amqp, &letter()).expect("has an original");
+        let copy = replay_copy(BrokerKind::Amqp, &letter(), &allowed()).expect("has an original");
         assert_eq!(copy.destination, "");
         assert_eq!(copy.routing_key, "orders");
         assert_eq!(copy.message_id, "m-1");
@@ -196,6 +242,7 @@ mod tests {
             "bosun-error",
             "bosun-error-kind",
             "x-death",
+            "x-first-death-queue",
         ] {
             assert!(!copy.headers.contains_key(gone), "{gone} kept");
         }
@@ -204,8 +251,46 @@ mod tests {
     }
 
     #[test]
+    fn replay_keeps_every_application_header_including_x_ones() {
+        let copy = replay_copy(BrokerKind::Amqp, &letter(), &allowed()).expect("allowed");
+        assert_eq!(
+            copy.headers.get("x-tenant-id"),
+            Some(&HeaderValue::String("t-9".into()))
+        );
+        assert_eq!(
+            copy.headers.get("x-kind"),
+            Some(&HeaderValue::String("refund".into()))
+        );
+    }
+
+    #[test]
+    fn replay_count_saturates_instead_of_overflowing() {
+        let l = DeadLetter {
+            replay_count: u32::MAX,
+            ..letter()
+        };
+        let copy = replay_copy(BrokerKind::Amqp, &l, &allowed()).expect("allowed");
+        assert_eq!(
+            copy.headers.get("bosun-replay-count"),
+            Some(&HeaderValue::Int(i64::from(i32::MAX)))
+        );
+    }
+
+    #[test]
+    fn replay_to_a_destination_the_processor_does_not_serve_is_refused() {
+        let l = DeadLetter {
+            original: Some("payments".into()),
+            ..letter()
+        };
+        assert!(matches!(
+            replay_copy(BrokerKind::Amqp, &l, &allowed()),
+            Err(DeadLetterError::Invalid(e)) if e.contains("`payments`")
+        ));
+    }
+
+    #[test]
     fn redis_replay_goes_to_the_stream_without_reserved_fields() {
-        let copy = replay_copy(BrokerKind::Redis, &letter()).expect("has an original");
+        let copy = replay_copy(BrokerKind::Redis, &letter(), &allowed()).expect("has an original");
         assert_eq!(copy.destination, "orders");
         assert!(!copy.headers.contains_key("timestamp_ms"));
         assert_eq!(copy.timestamp_ms, Some(17));
@@ -218,7 +303,7 @@ mod tests {
             ..letter()
         };
         assert!(matches!(
-            replay_copy(BrokerKind::Amqp, &l),
+            replay_copy(BrokerKind::Amqp, &l, &allowed()),
             Err(DeadLetterError::NoDestination)
         ));
     }

@@ -48,6 +48,56 @@ pub mod names {
     ];
 }
 
+/// Who put a dead letter where the processor reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// RabbitMQ's own dead-lettering (a queue's `x-dead-letter-exchange`): the message expired,
+    /// overflowed, hit a delivery limit or was rejected in the queue it died in.
+    Broker,
+    /// A bosun consumer's dead-letter copy.
+    Bosun,
+    /// Neither says so (published straight into the dead-letter queue or stream).
+    Unknown,
+}
+
+impl Writer {
+    /// The value `when.source` matches on.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Writer::Broker => "broker",
+            Writer::Bosun => "bosun",
+            Writer::Unknown => "unknown",
+        }
+    }
+
+    /// Tells the broker's dead-lettering from bosun's copies. A message that went through a
+    /// retry tier carries an `x-death` entry (`expired` from `Q.retry.<tier>`) although bosun
+    /// dead-lettered it; the broker dead-lettered it only when the most recent death is in
+    /// the queue bosun's headers name as its own (or bosun wrote no headers at all).
+    pub fn of(headers: &BTreeMap<String, HeaderValue>, death: Option<&XDeath>) -> Self {
+        let bosun_queue = text(headers, names::ORIGINAL_QUEUE);
+        let died_in = death
+            .and_then(|d| d.queue.clone())
+            .or_else(|| text(headers, "x-last-death-queue"))
+            .or_else(|| text(headers, "x-first-death-queue"));
+        let broker_death = death.is_some()
+            || text(headers, "x-first-death-reason").is_some()
+            || text(headers, "x-last-death-reason").is_some();
+        if broker_death && (bosun_queue.is_none() || (died_in.is_some() && died_in == bosun_queue))
+        {
+            return Writer::Broker;
+        }
+        let bosun = [names::ERROR_KIND, names::ERROR, names::ORIG_STREAM]
+            .iter()
+            .any(|name| headers.contains_key(*name));
+        if bosun || bosun_queue.is_some() {
+            Writer::Bosun
+        } else {
+            Writer::Unknown
+        }
+    }
+}
+
 /// The error kinds bosun writes, plus `unknown` for dead letters that carry none.
 pub const KINDS: &[&str] = &["transient", "permanent", "exhausted", "invalid", "unknown"];
 
@@ -84,6 +134,8 @@ pub struct DeadLetter {
     pub entry_id: Option<String>,
     /// The producer's timestamp, milliseconds since the epoch, when known.
     pub timestamp_ms: Option<u64>,
+    /// Who wrote the dead letter: the broker or bosun.
+    pub writer: Writer,
 }
 
 /// The most recent `x-death` entry: what RabbitMQ says about the last dead-lettering.
@@ -164,10 +216,15 @@ impl DeadLetter {
         let reason = text(h, "x-last-death-reason")
             .or_else(|| death.as_ref().and_then(|d| d.reason.clone()))
             .or_else(|| text(h, "x-first-death-reason"));
-        let original = text(h, names::ORIGINAL_QUEUE)
-            .or_else(|| text(h, names::ORIG_STREAM))
-            .or_else(|| death.as_ref().and_then(|d| d.queue.clone()))
-            .or_else(|| text(h, "x-first-death-queue"));
+        // A stream entry's original is the field the redis consumer writes; amqp headers
+        // (and RabbitMQ's `x-death`) mean nothing there.
+        let original = if message.source.entry_id.is_some() {
+            text(h, names::ORIG_STREAM)
+        } else {
+            text(h, names::ORIGINAL_QUEUE)
+                .or_else(|| death.as_ref().and_then(|d| d.queue.clone()))
+                .or_else(|| text(h, "x-first-death-queue"))
+        };
         let original_exchange = text(h, names::ORIGINAL_EXCHANGE)
             .or_else(|| death.as_ref().and_then(|d| d.exchange.clone()))
             .or_else(|| text(h, "x-first-death-exchange"));
@@ -218,16 +275,24 @@ impl DeadLetter {
             timestamp_ms: number(h, names::TIMESTAMP_MS)
                 .map(u64::from)
                 .or_else(|| text(h, names::TIMESTAMP_MS).and_then(|t| t.parse().ok())),
+            writer: Writer::of(h, death.as_ref()),
         }
     }
 }
 
+/// JSON nesting the archive keeps as structure; a header nested deeper is stored as its
+/// JSON text (`{"$json": "..."}`), so no row is too deep to store, list, show or replay.
+pub const MAX_ARCHIVED_DEPTH: usize = 32;
+
 /// Headers as archived JSON: strings, numbers and booleans as themselves, structured values
 /// (`x-death`) as JSON, and bytes that are not UTF-8 as `{"$bytes": "<hex>"}`, so a replay
-/// rebuilds them exactly.
+/// rebuilds them exactly. What `jsonb` cannot hold is stored losslessly as JSON text, marked:
+/// a header whose value holds a NUL character or nests deeper than [`MAX_ARCHIVED_DEPTH`] as
+/// `{"$json": "<its JSON>"}`, and a header set with a NUL in a name as
+/// `{"$headers": "<the whole set's JSON>"}`.
 pub fn headers_to_json(headers: &BTreeMap<String, HeaderValue>) -> serde_json::Value {
     use serde_json::Value;
-    Value::Object(
+    let object = Value::Object(
         headers
             .iter()
             .map(|(k, v)| {
@@ -242,39 +307,84 @@ pub fn headers_to_json(headers: &BTreeMap<String, HeaderValue>) -> serde_json::V
                     HeaderValue::Bool(b) => Value::Bool(*b),
                     HeaderValue::Json(j) => j.clone(),
                 };
+                let value = if storable(&value, MAX_ARCHIVED_DEPTH) {
+                    value
+                } else {
+                    serde_json::json!({ "$json": value.to_string() })
+                };
                 (k.clone(), value)
             })
             .collect(),
-    )
+    );
+    if headers.keys().any(|k| k.contains('\0')) {
+        return serde_json::json!({ "$headers": object.to_string() });
+    }
+    object
 }
 
-/// The inverse of [`headers_to_json`].
-pub fn headers_from_json(value: &serde_json::Value) -> BTreeMap<String, HeaderValue> {
+/// Whether `jsonb` can hold `value` as it is: no NUL character in any string or key, and no
+/// deeper than `depth` levels.
+fn storable(value: &serde_json::Value, depth: usize) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => !s.contains('\0'),
+        Value::Array(items) => depth > 0 && items.iter().all(|v| storable(v, depth - 1)),
+        Value::Object(map) => {
+            depth > 0
+                && map
+                    .iter()
+                    .all(|(k, v)| !k.contains('\0') && storable(v, depth - 1))
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => true,
+    }
+}
+
+/// The inverse of [`headers_to_json`]. Fails (for this dead letter alone) when an escaped
+/// value cannot be read back, e.g. one nested deeper than the JSON reader allows.
+pub fn headers_from_json(
+    value: &serde_json::Value,
+) -> Result<BTreeMap<String, HeaderValue>, String> {
     use serde_json::Value;
     let Some(map) = value.as_object() else {
-        return BTreeMap::new();
+        return Ok(BTreeMap::new());
     };
+    if map.len() == 1
+        && let Some(Value::String(text)) = map.get("$headers")
+    {
+        let inner: Value = serde_json::from_str(text)
+            .map_err(|e| format!("archived headers cannot be read: {e}"))?;
+        return headers_from_json(&inner);
+    }
     map.iter()
-        .map(|(k, v)| {
-            let value = match v {
-                Value::String(s) => HeaderValue::String(s.clone()),
-                Value::Bool(b) => HeaderValue::Bool(*b),
-                Value::Number(n) => match n.as_i64() {
-                    Some(i) => HeaderValue::Int(i),
-                    None => HeaderValue::Float(n.as_f64().unwrap_or_default()),
-                },
-                Value::Object(o) if o.len() == 1 => match o.get("$bytes").and_then(Value::as_str) {
-                    Some(h) => match hex::decode(h) {
-                        Ok(bytes) => HeaderValue::Bytes(bytes),
-                        Err(_) => HeaderValue::Json(v.clone()),
-                    },
-                    None => HeaderValue::Json(v.clone()),
-                },
-                other => HeaderValue::Json(other.clone()),
-            };
-            (k.clone(), value)
-        })
+        .map(|(k, v)| Ok((k.clone(), header_from_json(k, v)?)))
         .collect()
+}
+
+fn header_from_json(name: &str, v: &serde_json::Value) -> Result<HeaderValue, String> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::String(s) => HeaderValue::String(s.clone()),
+        Value::Bool(b) => HeaderValue::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => HeaderValue::Int(i),
+            None => HeaderValue::Float(n.as_f64().unwrap_or_default()),
+        },
+        Value::Object(o) if o.len() == 1 => {
+            if let Some(h) = o.get("$bytes").and_then(Value::as_str) {
+                match hex::decode(h) {
+                    Ok(bytes) => HeaderValue::Bytes(bytes),
+                    Err(_) => HeaderValue::Json(v.clone()),
+                }
+            } else if let Some(text) = o.get("$json").and_then(Value::as_str) {
+                let inner: Value = serde_json::from_str(text)
+                    .map_err(|e| format!("archived header `{name}` cannot be read: {e}"))?;
+                header_from_json(name, &inner)?
+            } else {
+                HeaderValue::Json(v.clone())
+            }
+        }
+        other => HeaderValue::Json(other.clone()),
+    })
 }
 
 #[cfg(test)]
@@ -351,13 +461,50 @@ mod tests {
             ("bosun-error", s("bad")),
             ("bosun-failed-at", s("2026-01-02T03:04:05.123Z")),
             ("timestamp_ms", s("1700000000000")),
+            ("bosun-original-queue", s("set-by-a-producer")),
         ]);
         m.attempt = 3;
+        m.source.entry_id = Some("1-0".into());
         let d = DeadLetter::from_message(&m);
         assert_eq!(d.original.as_deref(), Some("events"));
         assert_eq!(d.attempts, 3);
         assert_eq!(d.timestamp_ms, Some(1_700_000_000_000));
         assert!(d.first_failed_at.is_some());
+    }
+
+    #[test]
+    fn retry_hops_are_told_from_the_broker_s_own_dead_lettering() {
+        let death = |queue: &str, reason: &str| {
+            HeaderValue::Json(serde_json::json!([{
+                "queue": queue, "reason": reason, "count": 1, "exchange": "",
+                "routing-keys": [queue], "time": 1_700_000_000
+            }]))
+        };
+        // Exhausted by bosun after going through a retry tier: x-death says `expired`.
+        let exhausted = DeadLetter::from_message(&message(&[
+            ("bosun-error-kind", s("exhausted")),
+            ("bosun-original-queue", s("orders")),
+            ("x-death", death("orders.retry.1s", "expired")),
+        ]));
+        assert_eq!(exhausted.writer, Writer::Bosun);
+        assert_eq!(exhausted.reason.as_deref(), Some("expired"));
+        // Expired in the queue itself: the broker's, with or without bosun headers from an
+        // earlier retry.
+        let expired =
+            DeadLetter::from_message(&message(&[("x-death", death("orders", "expired"))]));
+        assert_eq!(expired.writer, Writer::Broker);
+        let retried_then_expired = DeadLetter::from_message(&message(&[
+            ("bosun-error-kind", s("transient")),
+            ("bosun-original-queue", s("orders")),
+            ("x-death", death("orders", "maxlen")),
+        ]));
+        assert_eq!(retried_then_expired.writer, Writer::Broker);
+        let plain = DeadLetter::from_message(&message(&[("bosun-error-kind", s("permanent"))]));
+        assert_eq!(plain.writer, Writer::Bosun);
+        assert_eq!(
+            DeadLetter::from_message(&message(&[])).writer,
+            Writer::Unknown
+        );
     }
 
     #[test]
@@ -384,6 +531,72 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        assert_eq!(headers_from_json(&headers_to_json(&headers)), headers);
+        assert_eq!(headers_from_json(&headers_to_json(&headers)), Ok(headers));
+    }
+
+    fn contains_nul(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().any(contains_nul),
+            serde_json::Value::Object(map) => {
+                map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
+            }
+            _ => false,
+        }
+    }
+
+    fn depth(value: &serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn nul_characters_and_deep_nesting_are_archived_losslessly() {
+        let mut deep = serde_json::json!("bottom");
+        for _ in 0..100 {
+            deep = serde_json::json!([deep]);
+        }
+        let headers: BTreeMap<String, HeaderValue> = [
+            ("bosun-error".to_owned(), s("stderr: \0 tail")),
+            (
+                "x-death".to_owned(),
+                HeaderValue::Json(serde_json::json!([{"queue": "q\0"}])),
+            ),
+            ("deep".to_owned(), HeaderValue::Json(deep)),
+            ("plain".to_owned(), s("kept as is")),
+        ]
+        .into_iter()
+        .collect();
+        let stored = headers_to_json(&headers);
+        assert!(!contains_nul(&stored), "{stored}");
+        assert!(
+            depth(&stored) <= MAX_ARCHIVED_DEPTH + 1,
+            "{}",
+            depth(&stored)
+        );
+        assert_eq!(stored["plain"], "kept as is");
+        assert_eq!(headers_from_json(&stored), Ok(headers.clone()));
+
+        let mut named = headers;
+        named.insert("bad\0name".to_owned(), s("v"));
+        let stored = headers_to_json(&named);
+        assert!(!contains_nul(&stored), "{stored}");
+        assert_eq!(headers_from_json(&stored), Ok(named));
+    }
+
+    #[test]
+    fn an_unreadable_escaped_header_fails_alone() {
+        let mut text = String::new();
+        for _ in 0..500 {
+            text.push('[');
+        }
+        for _ in 0..500 {
+            text.push(']');
+        }
+        let stored = serde_json::json!({ "deep": { "$json": text } });
+        assert!(headers_from_json(&stored).is_err_and(|e| e.contains("deep")));
     }
 }

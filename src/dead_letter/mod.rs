@@ -41,6 +41,7 @@ pub enum DeadLetterError {
     /// A replay of a dead letter that names no original queue or stream.
     #[error("the dead letter names no original queue or stream to replay to")]
     NoDestination,
+
     /// No archived dead letter with this id (for the selected processors).
     #[error("no archived dead letter with id {0}")]
     NotFound(i64),
@@ -54,12 +55,27 @@ impl DeadLetterError {
     /// broker that is down), as opposed to one that never will (an unroutable target).
     pub fn is_transient(&self) -> bool {
         match self {
-            DeadLetterError::Database(_) | DeadLetterError::Broker { .. } => true,
+            DeadLetterError::Database(e) => !is_data_error(e),
+            DeadLetterError::Broker { .. } => true,
             DeadLetterError::Publish(e) => e.is_transient(),
             DeadLetterError::NoDestination
             | DeadLetterError::NotFound(_)
             | DeadLetterError::Invalid(_) => false,
         }
+    }
+}
+
+/// Whether PostgreSQL refused the data itself: SQLSTATE class 22 (data exception: a NUL in
+/// text, a number out of range) or 23 (integrity constraint violation), or the value could
+/// not be encoded. The same statement with the same data fails every time; anything else
+/// (a connection lost, a table missing, a lock timeout) may pass later.
+pub fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
     }
 }
 
@@ -71,6 +87,9 @@ pub mod metric {
     pub const ARCHIVED: &str = "bosun_dead_letters_archived";
     /// Counter `{processor}`: replay copies confirmed by the broker.
     pub const REPLAYS: &str = "bosun_dead_letter_replays_total";
+    /// Counter `{processor, cause}`: dead letters a processor without an archive (or
+    /// fallback) had nowhere to put and left pending at their source.
+    pub const HELD: &str = "bosun_dead_letters_held_total";
 }
 
 pub(crate) fn describe_metrics() {
@@ -81,6 +100,10 @@ pub(crate) fn describe_metrics() {
     metrics::describe_gauge!(
         metric::ARCHIVED,
         "Archived dead letters waiting in the archive table (sampled)."
+    );
+    metrics::describe_counter!(
+        metric::HELD,
+        "Dead letters left pending at their source because they had nowhere to go, by cause."
     );
     metrics::describe_counter!(
         metric::REPLAYS,

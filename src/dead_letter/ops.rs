@@ -59,6 +59,10 @@ pub struct ReplayReport {
 pub struct Failed {
     pub id: i64,
     pub error: String,
+    /// The same replay fails the same way every time (no destination, not allowed, a row
+    /// that cannot be read, a copy the broker refuses).
+    #[serde(skip)]
+    pub permanent: bool,
 }
 
 /// What a purge did (or would do).
@@ -180,7 +184,7 @@ impl Ops {
                 &t.table,
                 &t.processors,
                 selector,
-                &[status::ARCHIVED, status::SCHEDULED],
+                &[status::ARCHIVED, status::SCHEDULED, status::FAILED],
             )
             .await?;
             return Ok(ReplayReport {
@@ -231,6 +235,7 @@ impl Ops {
                     report.failed.push(Failed {
                         id: *id,
                         error: "not found, or not archived (already replayed or purged)".into(),
+                        permanent: true,
                     });
                 }
             }
@@ -239,7 +244,8 @@ impl Ops {
     }
 
     /// Replays the scheduled rows of `processor` whose delay has passed. Returns how many
-    /// were replayed.
+    /// were replayed. A row that fails is due again after a backoff, or ends `failed` with
+    /// the reason, so it never holds up the rows behind it.
     pub async fn replay_due(&self, processor: &str) -> Result<usize, DeadLetterError> {
         let t = self.target(Some(processor))?;
         let mut total = 0;
@@ -251,18 +257,12 @@ impl Ops {
             }
             let full = rows.len() as i64 == REPLAY_BATCH;
             let outcome = self.publish_rows(&mut tx, &t.table, rows).await?;
+            for f in &outcome.failed {
+                archive::mark_replay_failed(&mut tx, &t.table, f.id, &f.error, f.permanent).await?;
+            }
             tx.commit().await?;
             count_replays(&outcome.replayed);
             total += outcome.replayed.len();
-            if let Some(first) = outcome.failed.first() {
-                // The rows stay scheduled and are tried again on the next tick.
-                return Err(DeadLetterError::Invalid(format!(
-                    "{} scheduled replays failed (first: id {}: {})",
-                    outcome.failed.len(),
-                    first.id,
-                    first.error
-                )));
-            }
             if !full {
                 return Ok(total);
             }
@@ -292,12 +292,20 @@ impl Ops {
                 Err(e) => {
                     outcome.failed.push(Failed {
                         id: row.id,
+                        permanent: !e.is_transient(),
                         error: e.to_string(),
                     });
                     continue;
                 }
             };
-            match replay_copy(kind, &letter_from_row(&row)) {
+            // Only to what the row's processor serves, whatever the row's headers say.
+            let allowed = self
+                .config
+                .dead_letters
+                .get(&row.processor)
+                .map(|dl| dl.replay_to.as_slice())
+                .unwrap_or_default();
+            match letter_from_row(&row).and_then(|letter| replay_copy(kind, &letter, allowed)) {
                 Ok(copy) => {
                     by_broker
                         .entry(broker)
@@ -306,12 +314,27 @@ impl Ops {
                 }
                 Err(e) => outcome.failed.push(Failed {
                     id: row.id,
+                    permanent: !e.is_transient(),
                     error: e.to_string(),
                 }),
             }
         }
         for (broker, items) in by_broker {
-            let (_, publisher) = self.publishers.publisher(&broker).await?;
+            // Copies to other brokers may be published already: an error from here on fails
+            // these rows alone, never the transaction.
+            let publisher = match self.publishers.publisher(&broker).await {
+                Ok((_, publisher)) => publisher,
+                Err(e) => {
+                    for (id, _, _) in items {
+                        outcome.failed.push(Failed {
+                            id,
+                            permanent: !e.is_transient(),
+                            error: e.to_string(),
+                        });
+                    }
+                    continue;
+                }
+            };
             let messages: Vec<OutgoingMessage> = items.iter().map(|(_, _, m)| m.clone()).collect();
             let results =
                 match tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish_batch(&messages))
@@ -328,10 +351,12 @@ impl Ops {
                     Some(Ok(())) => outcome.replayed.push((id, processor)),
                     Some(Err(e)) => outcome.failed.push(Failed {
                         id,
+                        permanent: !e.is_transient(),
                         error: e.to_string(),
                     }),
                     None => outcome.failed.push(Failed {
                         id,
+                        permanent: false,
                         error: "publisher returned no result".into(),
                     }),
                 }

@@ -9,11 +9,13 @@
 //! dead letter stays unsettled at its source all along. At shutdown it is released (handed
 //! back unsettled) at once, so an outage does not hold up the drain.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
+use futures::FutureExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +31,7 @@ use crate::config::{
     self, BrokerConfig, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource,
     RedisConsumerConfig,
 };
-use crate::handler::{Handler, Message, Outcome};
+use crate::handler::{Handler, Message, Outcome, UNDECODABLE};
 use crate::health::HealthHandle;
 use crate::retry::RetryPolicy;
 use crate::runtime::{Resources, dead_letter_component_name};
@@ -179,7 +181,8 @@ impl DeadLetterHandler {
     async fn apply(&self, letter: &DeadLetter, decision: &Decision) -> Result<(), DeadLetterError> {
         match decision {
             Decision::Replay { delay } if delay.is_zero() => {
-                self.publish(&replay_copy(self.kind, letter)?).await?;
+                self.publish(&replay_copy(self.kind, letter, &self.config.replay_to)?)
+                    .await?;
                 metrics::counter!(metric::REPLAYS, "processor" => self.name.clone()).increment(1);
                 Ok(())
             }
@@ -191,7 +194,7 @@ impl DeadLetterHandler {
                 Ok(())
             }
             Decision::Archive { note } => {
-                self.archive(letter, status::ARCHIVED, note.map(str::to_owned), None)
+                self.archive(letter, status::ARCHIVED, note.clone(), None)
                     .await?;
                 Ok(())
             }
@@ -210,13 +213,113 @@ impl DeadLetterHandler {
             }
         }
     }
+
+    /// What to do instead when `decision` failed with an error that will never pass: a replay
+    /// or forward is archived with its error, or, without an archive, forwarded to the
+    /// configured fallback; `None` when there is nothing left to try.
+    fn instead(&self, decision: &Decision, error: &DeadLetterError) -> Option<Decision> {
+        let fallback = self.config.fallback.as_ref();
+        match decision {
+            Decision::Replay { .. } | Decision::Forward { .. } if self.archive.is_some() => {
+                Some(Decision::Archive {
+                    note: Some(format!("{} failed: {error}", decision.label())),
+                })
+            }
+            Decision::Forward { target, .. } if fallback.is_some_and(|f| f == target) => None,
+            Decision::Replay { .. } | Decision::Forward { .. } | Decision::Drop => {
+                fallback.map(|target| Decision::Forward {
+                    target: target.clone(),
+                    routing_key: None,
+                })
+            }
+            Decision::Archive { .. } => {
+                fallback
+                    .filter(|_| self.archive.is_none())
+                    .map(|target| Decision::Forward {
+                        target: target.clone(),
+                        routing_key: None,
+                    })
+            }
+        }
+    }
+
+    /// The processor's own input that it cannot read as a dead letter (the consumer could
+    /// not decode it): kept in the archive as kind `invalid`, body as bytes and every field
+    /// as a header; no rule applies to it.
+    fn undecodable(letter: &mut DeadLetter, reason: &str) -> Decision {
+        letter.headers.remove(UNDECODABLE);
+        letter.error_kind = "invalid".into();
+        letter.error = Some(format!("unusable dead letter: {reason}"));
+        Decision::Archive {
+            note: Some("the dead-letter processor could not read this entry".into()),
+        }
+    }
+
+    /// A dead letter with nowhere to go stays unsettled at its source, counted and logged:
+    /// a redis entry is released (it stays pending and is read again after `claim_idle`); an
+    /// amqp delivery is held and tried again every [`BACKOFF_MAX`], since handing it back
+    /// would redeliver it at once.
+    fn held(&self, cause: &'static str, error: &str) -> Option<Outcome> {
+        metrics::counter!(metric::HELD, "processor" => self.name.clone(), "cause" => cause)
+            .increment(1);
+        tracing::error!(processor = %self.name, cause, error = %error, "dead letter has nowhere to go; it stays unsettled at its source");
+        if let Some(health) = self.health() {
+            health.set_not_ready(format!("a dead letter has nowhere to go: {error}"));
+        }
+        match self.kind {
+            BrokerKind::Redis => Some(Outcome::Release {
+                reason: format!("nowhere to go: {error}"),
+            }),
+            BrokerKind::Amqp => None,
+        }
+    }
 }
 
 #[async_trait]
 impl Handler for DeadLetterHandler {
+    fn takes_undecodable(&self) -> bool {
+        true
+    }
+
     async fn handle(&self, message: &Message) -> Outcome {
-        let letter = DeadLetter::from_message(message);
-        let (rule, mut decision) = decide(&self.config, &letter);
+        // A panic here must not reach the consumer, which would retry and then dead-letter
+        // the dead letter onwards: the processor's input has nowhere further to go.
+        match AssertUnwindSafe(self.process(message)).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let error = "the dead-letter processor panicked on this dead letter";
+                match self.held("panic", error) {
+                    Some(outcome) => outcome,
+                    None => {
+                        let mut backoff = BACKOFF_MAX;
+                        self.wait(&mut backoff, BACKOFF_MAX).await;
+                        Outcome::Release {
+                            reason: error.into(),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl DeadLetterHandler {
+    async fn process(&self, message: &Message) -> Outcome {
+        let mut letter = DeadLetter::from_message(message);
+        let undecodable = message.headers.get(UNDECODABLE).and_then(|v| v.as_text());
+        let (rule, mut decision) = match &undecodable {
+            Some(reason) => (None, Self::undecodable(&mut letter, reason)),
+            None => decide(&self.config, &letter),
+        };
+        if undecodable.is_some()
+            && self.archive.is_none()
+            && let Some(outcome) = self.held(
+                "undecodable",
+                "the entry cannot be read as a dead letter and there is no archive",
+            )
+        {
+            return outcome;
+        }
         let mut backoff = BACKOFF_INITIAL;
         loop {
             match self.apply(&letter, &decision).await {
@@ -241,17 +344,21 @@ impl Handler for DeadLetterHandler {
                         _ => Outcome::Ack,
                     };
                 }
-                Err(e)
-                    if !e.is_transient()
-                        && self.archive.is_some()
-                        && !matches!(decision, Decision::Archive { .. }) =>
-                {
-                    // A replay or forward that can never succeed as configured (no target,
-                    // unroutable, refused) keeps the dead letter in the archive instead.
-                    tracing::warn!(processor = %self.name, action = decision.label(), error = %e, "action failed for good; archiving instead");
-                    decision = Decision::Archive {
-                        note: Some("replay or forward failed"),
-                    };
+                Err(e) if !e.is_transient() => {
+                    // The same effect fails the same way every time: never a hot loop.
+                    if let Some(next) = self.instead(&decision, &e) {
+                        tracing::warn!(processor = %self.name, action = decision.label(), instead = next.label(), error = %e, "action failed for good; doing the fallback instead");
+                        decision = next;
+                        continue;
+                    }
+                    if let Some(outcome) = self.held("refused", &e.to_string()) {
+                        return outcome;
+                    }
+                    if self.wait(&mut backoff, BACKOFF_MAX).await {
+                        return Outcome::Release {
+                            reason: format!("cannot {} dead letters: {e}", decision.label()),
+                        };
+                    }
                 }
                 Err(e) => {
                     let reason = format!("cannot {} dead letters: {e}", decision.label());
@@ -259,17 +366,26 @@ impl Handler for DeadLetterHandler {
                     if let Some(health) = self.health() {
                         health.set_not_ready(reason.clone());
                     }
-                    let shutdown = self.shutdown();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        // Stopping: hand the dead letter back rather than hold up the drain;
-                        // it stays at its source and is processed after the restart.
-                        _ = shutdown.cancelled() => return Outcome::Release { reason },
+                    let wait = backoff;
+                    if self.wait(&mut backoff, wait).await {
+                        return Outcome::Release { reason };
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
+    }
+
+    /// Sleeps `wait` and doubles `backoff`; `true` when the processor is stopping instead:
+    /// the dead letter is then handed back rather than holding up the drain (it stays at its
+    /// source and is processed after the restart).
+    async fn wait(&self, backoff: &mut Duration, wait: Duration) -> bool {
+        let shutdown = self.shutdown();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return true,
+        }
+        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+        false
     }
 }
 
@@ -320,6 +436,65 @@ pub struct DeadLetterProcessor {
     consumer: Arc<dyn Component>,
     ops: Ops,
     archive: Option<ArchiveTarget>,
+    /// amqp: the dead-letter queue and the consumers of this process that declare it; the
+    /// processor starts once one of them has.
+    declared_by: Option<(String, Vec<String>)>,
+}
+
+/// How long a processor waits for the consumers that declare its queue before it starts
+/// anyway (a consumer that cannot start reports why itself).
+const DECLARED_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until one of `consumers` (components of this process that declare the processor's
+/// dead-letter queue) is ready, so that on a fresh broker the processor does not race them
+/// to a queue that does not exist yet (a failed passive check closes the channel and the
+/// processor reconnects). Returns `false` when stopped meanwhile.
+async fn wait_for_declaring_consumers(
+    processor: &str,
+    queue: &str,
+    consumers: &[String],
+    ctx: &ComponentContext,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + DECLARED_WAIT;
+    let mut logged = false;
+    loop {
+        let states: Vec<Option<bool>> = consumers.iter().map(|c| ctx.health.is_ready(c)).collect();
+        // Ready, or not running in this process at all (removed by a reload).
+        if states.contains(&Some(true)) || states.iter().all(Option::is_none) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!(processor = %processor, queue = %queue, "the consumers that declare the dead-letter queue are not ready yet; starting anyway");
+            return true;
+        }
+        if !logged {
+            tracing::info!(processor = %processor, queue = %queue, consumers = %consumers.join(", "), "waiting for the consumer that declares the dead-letter queue");
+            ctx.health.set_not_ready(format!(
+                "waiting for {} to declare dead-letter queue `{queue}`",
+                consumers.join(", ")
+            ));
+            logged = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = ctx.shutdown.cancelled() => return false,
+        }
+    }
+}
+
+/// The components of `config` that declare `queue` on `broker`: the amqp consumers that
+/// dead-letter into it.
+fn declaring_consumers(config: &config::Config, broker: &str, queue: &str) -> Vec<String> {
+    config
+        .consumers
+        .iter()
+        .filter(|(_, c)| c.source == broker)
+        .filter(|(_, c)| {
+            matches!(&c.kind, ConsumerKind::Amqp(amqp)
+                if amqp.declare && matches!(&amqp.dead_letter, config::AmqpDeadLetter::Queue(q) if q == queue))
+        })
+        .map(|(name, _)| crate::runtime::consumer_component_name(name))
+        .collect()
 }
 
 /// Builds the processor `[dead_letters.name]` from shared resources.
@@ -391,6 +566,13 @@ pub fn build(
         consumer,
         ops: Ops::new(config.clone(), resources.databases.clone(), publishers),
         archive,
+        declared_by: match &dl.from {
+            DeadLetterSource::Queue(queue) => {
+                let consumers = declaring_consumers(config, &dl.source, queue);
+                (!consumers.is_empty()).then(|| (queue.clone(), consumers))
+            }
+            DeadLetterSource::Stream { .. } => None,
+        },
     }))
 }
 
@@ -411,7 +593,10 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             claim_idle: Duration::from_secs(300),
             claim_interval: Duration::from_secs(60),
             max_deliveries: u32::MAX,
-            // Only entries that are not messages at all (no `payload`) end up here.
+            // Not used by the processor: the handler takes undecodable entries itself and
+            // never asks for a retry or a dead-letter copy. It must not be the processor's
+            // own stream: an entry refused before it reaches the handler would be copied
+            // back into it and refused again, for ever.
             dead_letter_stream: format!("{stream}:dlq"),
             limits: Default::default(),
             forget_idle: Duration::from_secs(86_400),
@@ -445,7 +630,14 @@ impl Component for DeadLetterProcessor {
                 anyhow::bail!("cannot migrate archive table `{}`: {e}", target.table);
             }
             let problem = match archive::exists(&target.pool, &target.table).await {
-                Ok(true) => None,
+                Ok(true) => match archive::up_to_date(&target.pool, &target.table).await {
+                    Ok(true) => None,
+                    Ok(false) => Some(format!(
+                        "archive table `{}` was created by an earlier version; update it with `bosun dlq migrate`",
+                        target.table
+                    )),
+                    Err(e) => Some(format!("cannot reach the archive database: {e}")),
+                },
                 Ok(false) => Some(format!(
                     "archive table `{}` does not exist; create it with `bosun dlq migrate`",
                     target.table
@@ -456,6 +648,11 @@ impl Component for DeadLetterProcessor {
                 ctx.health.set_not_ready(problem.clone());
                 anyhow::bail!(problem);
             }
+        }
+        if let Some((queue, consumers)) = &self.declared_by
+            && !wait_for_declaring_consumers(&self.name, queue, consumers, &ctx).await
+        {
+            return Ok(());
         }
         let stop = ctx.shutdown.child_token();
         let background = tokio::spawn(background(

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::copy::check_destination;
 use super::letter::DeadLetter;
 use crate::config::{Action, DeadLetterConfig, Matcher};
 
@@ -12,7 +13,7 @@ pub enum Decision {
     /// Republish to the original queue or stream, after `delay`.
     Replay { delay: Duration },
     /// Store in the archive table; `note` says why when a replay was turned into this.
-    Archive { note: Option<&'static str> },
+    Archive { note: Option<String> },
     /// Settle without keeping it; counted.
     Drop,
     /// Publish to another exchange (amqp) or stream (redis).
@@ -39,7 +40,8 @@ pub fn matches(matcher: &Matcher, letter: &DeadLetter) -> bool {
     let in_list = |list: &[String], value: Option<&str>| {
         list.is_empty() || value.is_some_and(|v| list.iter().any(|item| item == v))
     };
-    in_list(&matcher.error_kind, Some(&letter.error_kind))
+    in_list(&matcher.source, Some(letter.writer.as_str()))
+        && in_list(&matcher.error_kind, Some(&letter.error_kind))
         && matcher
             .error
             .as_ref()
@@ -67,11 +69,11 @@ pub fn decide(config: &DeadLetterConfig, letter: &DeadLetter) -> (Option<usize>,
         Action::Replay { delay, max_replays } => {
             if letter.replay_count >= *max_replays {
                 Decision::Archive {
-                    note: Some("replay limit reached"),
+                    note: Some("replay limit reached".into()),
                 }
-            } else if letter.original.is_none() {
+            } else if let Err(e) = check_destination(letter, &config.replay_to) {
                 Decision::Archive {
-                    note: Some("no original queue or stream to replay to"),
+                    note: Some(format!("not replayed: {e}")),
                 }
             } else {
                 Decision::Replay { delay: *delay }
@@ -94,6 +96,7 @@ pub fn decide(config: &DeadLetterConfig, letter: &DeadLetter) -> (Option<usize>,
 mod tests {
     use super::*;
     use crate::config::{DeadLetterSource, Rule};
+    use crate::dead_letter::letter::Writer;
 
     fn letter() -> DeadLetter {
         DeadLetter {
@@ -114,6 +117,7 @@ mod tests {
             source: "orders.dlq".into(),
             entry_id: None,
             timestamp_ms: None,
+            writer: Writer::Bosun,
         }
     }
 
@@ -126,6 +130,8 @@ mod tests {
             default_action: Action::Archive,
             rules,
             migrate: false,
+            replay_to: vec!["orders".into()],
+            fallback: None,
         }
     }
 
@@ -181,6 +187,14 @@ mod tests {
         });
         no(Matcher {
             attempts_at_least: Some(4),
+            ..Default::default()
+        });
+        yes(Matcher {
+            source: vec!["bosun".into()],
+            ..Default::default()
+        });
+        no(Matcher {
+            source: vec!["broker".into()],
             ..Default::default()
         });
         let expired = DeadLetter {
@@ -262,6 +276,14 @@ mod tests {
         assert!(matches!(
             decide(&c, &nowhere).1,
             Decision::Archive { note: Some(_) }
+        ));
+        let elsewhere = DeadLetter {
+            original: Some("payments".into()),
+            ..letter()
+        };
+        assert!(matches!(
+            decide(&c, &elsewhere).1,
+            Decision::Archive { note: Some(n) } if n.contains("payments")
         ));
         let once = DeadLetter {
             replay_count: 1,

@@ -178,7 +178,19 @@ impl Outcome {
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, message: &Message) -> Outcome;
+
+    /// Whether input the consumer cannot turn into a message (a stream entry without a
+    /// body, a field that is not UTF-8) is handed to this handler as it is, with the
+    /// reason in the [`UNDECODABLE`] header, instead of being dead-lettered as `invalid`.
+    /// Dead-letter processors ask for it: their input has nowhere further to go.
+    fn takes_undecodable(&self) -> bool {
+        false
+    }
 }
+
+/// The header that carries why the consumer could not decode the input it hands to a
+/// handler that [takes undecodable input](Handler::takes_undecodable).
+pub const UNDECODABLE: &str = "bosun-undecodable";
 
 /// An error in a handler's options, at a path relative to its `[handlers.NAME]` table.
 #[derive(Debug, Clone, PartialEq)]

@@ -333,8 +333,12 @@ impl Inner {
             routing_key: None,
             entry_id: Some(entry.id.clone()),
         };
-        let message = match fields::decode(entry, source, redelivered || deliveries > 1) {
+        let message = match fields::decode(entry, source.clone(), redelivered || deliveries > 1) {
             Ok(message) => message,
+            Err(reason) if self.handler.takes_undecodable() => {
+                tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "handing an undecodable entry to the handler as it is");
+                fields::undecodable(entry, source, &reason)
+            }
             Err(reason) => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "dead-lettering an invalid entry");
                 return self.dead_letter(entry, deliveries, 1, &reason, FailureKind::Invalid);

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::config::RedisEntryLimits;
-use crate::handler::{HeaderValue, Message, Source};
+use crate::handler::{HeaderValue, Message, Source, UNDECODABLE};
 use crate::publish::{OutgoingMessage, PublishError};
 
 pub const BODY: &str = "payload";
@@ -108,6 +108,52 @@ pub fn write_fields(cmd: &mut redis::Cmd, message: &OutgoingMessage) -> Result<(
 
 fn text(name: &str, value: &Bytes) -> Result<String, String> {
     String::from_utf8(value.to_vec()).map_err(|_| format!("field `{name}` is not UTF-8"))
+}
+
+/// `entry` as it is, for a handler that takes undecodable input: the first `payload` field
+/// (if any) as the body, every other field as a header (a repeated or lossily decoded name
+/// gets a `#N` suffix, so no field is lost), and `reason` in [`UNDECODABLE`].
+pub fn undecodable(entry: &Entry, source: Source, reason: &str) -> Message {
+    let mut body = None;
+    let mut headers = BTreeMap::new();
+    for (name, value) in &entry.fields {
+        if body.is_none() && name.as_ref() == BODY.as_bytes() {
+            body = Some(value.clone());
+            continue;
+        }
+        let base = String::from_utf8_lossy(name).into_owned();
+        let mut key = base.clone();
+        let mut n = 2;
+        while headers.contains_key(&key) {
+            key = format!("{base}#{n}");
+            n += 1;
+        }
+        let value = match std::str::from_utf8(value) {
+            Ok(s) => HeaderValue::String(s.to_owned()),
+            Err(_) => HeaderValue::Bytes(value.to_vec()),
+        };
+        headers.insert(key, value);
+    }
+    headers.insert(
+        UNDECODABLE.to_owned(),
+        HeaderValue::String(reason.to_owned()),
+    );
+    let text = |name: &str| {
+        entry
+            .field(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    };
+    Message {
+        message_id: text(MESSAGE_ID),
+        correlation_id: text(CORRELATION_ID),
+        headers,
+        content_type: text(CONTENT_TYPE),
+        body: body.unwrap_or_default(),
+        attempt: 1,
+        redelivered: false,
+        source,
+    }
 }
 
 /// The message a handler sees for `entry`, or why the entry cannot be one (dead-lettered

@@ -895,6 +895,7 @@ pub async fn until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 pub type Counts = BTreeMap<String, usize>;
 
+pub mod dead_letters;
 pub mod scenarios;
 
 use scenarios::{Fault, Path_, Plan};
@@ -1057,6 +1058,14 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+        },
+        Plan {
+            name: "dead letters with NUL bytes into the archive (amqp and redis)",
+            path: Path_::DeadLetters,
+            messages: n(200),
+            rate,
+            sink: ok,
+            fault: Fault::BadInput,
         },
     ];
     if full {

@@ -16,6 +16,8 @@ pub enum Path_ {
     Outbox,
     /// Three relay processes on one `per_key` outbox table.
     OutboxPerKey,
+    /// Dead letters straight into the processors' queue and stream.
+    DeadLetters,
 }
 
 /// The fault injected while messages flow.
@@ -56,6 +58,7 @@ pub async fn run(bin: &Path, plan: &Plan) -> Row {
         Path_::Redis => redis_stream(bin, plan).await,
         Path_::Outbox => outbox(bin, plan).await,
         Path_::OutboxPerKey => outbox_per_key(bin, plan).await,
+        Path_::DeadLetters => super::dead_letters::nul_archive(bin, plan).await,
     };
     match result {
         Ok(mut row) => {
@@ -144,7 +147,7 @@ async fn inject(
                             .await??
                     }
                     Path_::Redis => redis_kill_clients(needle).await?,
-                    Path_::Outbox | Path_::OutboxPerKey => pg_terminate(needle).await?,
+                    Path_::Outbox | Path_::OutboxPerKey | Path_::DeadLetters => pg_terminate(needle).await?,
                 };
                 tokio::time::sleep(Duration::from_millis(700)).await;
             }
