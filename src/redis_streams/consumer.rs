@@ -310,9 +310,20 @@ impl Dispatcher {
 impl Inner {
     /// Runs the handler on one entry and decides how to settle it.
     async fn process(&self, entry: &Entry, deliveries: u64, redelivered: bool) -> Action {
-        if let Some(reason) = fields::over_limits(entry, &self.config.limits) {
+        let source = Source {
+            broker: self.broker_name.clone(),
+            consumer: self.name.clone(),
+            queue: self.config.stream.clone(),
+            exchange: None,
+            routing_key: None,
+            entry_id: Some(entry.id.clone()),
+        };
+        let over_limits = fields::over_limits(entry, &self.config.limits);
+        if let Some(reason) = &over_limits
+            && !self.handler.takes_undecodable()
+        {
             tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "dead-lettering an entry over its bounds");
-            let failure = self.failure(deliveries, 1, &reason, FailureKind::Invalid);
+            let failure = self.failure(deliveries, 1, reason, FailureKind::Invalid);
             return Action::DeadLetter {
                 fields: fields::oversized_fields(entry, &failure),
             };
@@ -325,15 +336,14 @@ impl Inner {
             tracing::warn!(consumer = %self.name, entry_id = %entry.id, deliveries, "dead-lettering an entry delivered too often");
             return self.dead_letter(entry, deliveries, 1, &error, FailureKind::Exhausted);
         }
-        let source = Source {
-            broker: self.broker_name.clone(),
-            consumer: self.name.clone(),
-            queue: self.config.stream.clone(),
-            exchange: None,
-            routing_key: None,
-            entry_id: Some(entry.id.clone()),
+        // A handler that takes undecodable input (a dead-letter processor, which archives it)
+        // gets an entry over its bounds or one that cannot be decoded as it is: a copy of
+        // such an entry into yet another stream would be read by nobody.
+        let decoded = match over_limits {
+            Some(reason) => Err(reason),
+            None => fields::decode(entry, source.clone(), redelivered || deliveries > 1),
         };
-        let message = match fields::decode(entry, source.clone(), redelivered || deliveries > 1) {
+        let message = match decoded {
             Ok(message) => message,
             Err(reason) if self.handler.takes_undecodable() => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "handing an undecodable entry to the handler as it is");
