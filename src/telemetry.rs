@@ -159,6 +159,10 @@ fn describe() {
         "Pending entries found deleted from the stream, dropped from the pending list."
     );
     describe_counter!(
+        "bosun_redis_invalid_retries_total",
+        "Scheduled retries that could not be moved back to their stream (undecodable, oversized or malformed), dead-lettered as invalid."
+    );
+    describe_counter!(
         "bosun_handler_responses_total",
         "Deliveries of an http handler, by response class (2xx..5xx, timeout, connect)."
     );
