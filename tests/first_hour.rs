@@ -317,7 +317,7 @@ fn check_output_reads_as_plain_text() {
     let path = config.path.to_string_lossy().into_owned();
     let (code, stdout, stderr) = support::bosun_output(
         &["check", "--config", &path],
-        &[(token.as_str(), "a-long-enough-token")],
+        &[(token.as_str(), "a-long-enough-token-of-thirty-two-bytes")],
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ordering per_key"), "{stdout}");
@@ -329,7 +329,10 @@ fn check_output_reads_as_plain_text() {
     for debug_text in ["PerKey", "Some(", "\"bosun\""] {
         assert!(!stdout.contains(debug_text), "{debug_text} in:\n{stdout}");
     }
-    assert!(!stdout.contains("a-long-enough-token"), "{stdout}");
+    assert!(
+        !stdout.contains("a-long-enough-token-of-thirty-two-bytes"),
+        "{stdout}"
+    );
 }
 
 fn delete_queues(queues: &[String]) {

@@ -147,7 +147,9 @@ async fn inject(
                             .await??
                     }
                     Path_::Redis => redis_kill_clients(needle).await?,
-                    Path_::Outbox | Path_::OutboxPerKey | Path_::DeadLetters => pg_terminate(needle).await?,
+                    Path_::Outbox | Path_::OutboxPerKey | Path_::DeadLetters => {
+                        pg_terminate(needle).await?
+                    }
                 };
                 tokio::time::sleep(Duration::from_millis(700)).await;
             }
