@@ -1447,7 +1447,7 @@ async fn dead_letters_with_nul_bytes_are_archived_and_replayed_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deeply_nested_archived_letter_fails_alone_in_show_and_replay_all() {
+async fn a_deeply_nested_archived_letter_holds_up_no_other_row_in_show_and_replay_all() {
     let mut deep = serde_json::json!("bottom");
     for _ in 0..150 {
         deep = serde_json::json!([deep]);
