@@ -1319,3 +1319,108 @@ async fn quorum_retry_tiers_are_declared_at_least_once_and_still_retry() {
     assert_eq!(running.stop().await, ExitStatus::Clean);
     cleanup(&ch, &[queue.clone(), format!("{queue}.dlq"), tier]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_closes_the_channel_affects_only_its_own_message() {
+    let (queue, consumer) = (unique("chclose"), unique("c_chclose"));
+    let dlx = unique("dlx_gone");
+    let dl_queue = unique("dl_gone");
+    let (_c, ch) = rabbit().await;
+    exchange_to_queue(&ch, &dlx, &dl_queue, "#", FieldTable::default()).await;
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        &format!(
+            "prefetch = 50\nconcurrency = 20\nretry = {{ max_attempts = 3, tiers = [\"200ms\"] }}\ndead_letter = {{ exchange = \"{dlx}\" }}"
+        ),
+    );
+    let running = start(&text, port, Duration::from_millis(300), |m| {
+        match m.body.as_ref() {
+            b"dead" => Outcome::dead_letter("permanent"),
+            _ if m.attempt == 1 => Outcome::retry("once more"),
+            _ => Outcome::Ack,
+        }
+    })
+    .await;
+    ready(&running).await;
+    // A publish to a missing exchange makes the broker close the whole copy channel, with
+    // every retry copy still waiting for its confirm on it.
+    ch.exchange_delete(dlx.as_str().into(), Default::default())
+        .await
+        .expect("delete the dead-letter exchange");
+    publish_props(
+        &ch,
+        "",
+        &queue,
+        b"dead",
+        BasicProperties::default().with_message_id("dead-1".into()),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let id = format!("good-{i}");
+        publish_props(
+            &ch,
+            "",
+            &queue,
+            b"good",
+            BasicProperties::default().with_message_id(id.as_str().into()),
+        )
+        .await;
+        ids.push(id);
+    }
+    let attempts_of = |id: &str| -> Vec<u32> {
+        running
+            .seen()
+            .iter()
+            .filter(|m| m.message_id.as_deref() == Some(id))
+            .map(|m| m.attempt)
+            .collect()
+    };
+    assert!(
+        wait_until(|| ids.iter().all(|id| attempts_of(id).len() >= 2)).await,
+        "not every good message finished"
+    );
+    let label = format!("consumer=\"{consumer}\"");
+    assert!(
+        wait_for_async(WAIT, || async {
+            running
+                .metric(
+                    "bosun_amqp_copy_problems_total",
+                    &[&label, "problem=\"refused\""],
+                )
+                .filter(|v| *v >= 1.0)
+        })
+        .await
+        .is_some(),
+        "the refusal was never counted"
+    );
+    for id in &ids {
+        assert_eq!(attempts_of(id), [1, 2], "{id}");
+    }
+    assert!(
+        running
+            .seen()
+            .iter()
+            .filter(|m| m.body.as_ref() == b"good")
+            .all(|m| !m.redelivered),
+        "the session was restarted"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    // The dead letter that could not be published is kept in the queue, not lost.
+    let kept: Vec<String> = get_all(&ch, &queue)
+        .await
+        .iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
+        .collect();
+    assert_eq!(kept, ["dead-1"]);
+    cleanup(
+        &ch,
+        &[
+            queue.clone(),
+            format!("{queue}.retry.200ms"),
+            dl_queue.clone(),
+        ],
+    )
+    .await;
+}
