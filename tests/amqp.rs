@@ -1424,3 +1424,142 @@ async fn a_copy_that_closes_the_channel_affects_only_its_own_message() {
     )
     .await;
 }
+
+/// An HTTP endpoint that answers 503 to its first request and 200 after, and records the
+/// `bosun-routing-key` and `ce-type` headers of each request.
+async fn flaky_endpoint() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then as much body as Content-Length says.
+            let head_end = loop {
+                let Ok(n) = socket.read(&mut buf).await else {
+                    break None;
+                };
+                if n == 0 {
+                    break None;
+                }
+                request.extend_from_slice(&buf[..n]);
+                if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(i + 4);
+                }
+            };
+            let Some(head_end) = head_end else { continue };
+            let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+            let value = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            };
+            let length: usize = value("content-length").parse().unwrap_or(0);
+            while request.len() < head_end + length {
+                match socket.read(&mut buf).await {
+                    Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let first = {
+                let mut seen = record.lock().unwrap_or_else(|p| p.into_inner());
+                seen.push((value("bosun-routing-key"), value("ce-type")));
+                seen.len() == 1
+            };
+            let status = if first {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            let _ = socket
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_handler_sees_the_same_routing_key_and_ce_type_on_a_retry() {
+    let (queue, consumer) = (unique("rkhttp"), unique("c_rkhttp"));
+    let exchange = unique("events");
+    let (url, requests) = flaky_endpoint().await;
+    let port = free_port();
+    let text = format!(
+        r#"
+[service]
+name = "{consumer}"
+shutdown_timeout = "10s"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[handlers.hook]
+kind = "http"
+url = "{url}"
+cloudevents = "binary"
+timeout = "10s"
+
+[handlers.drain]
+kind = "noop"
+
+[handlers.router]
+kind = "route"
+routes = [{{ routing_key = "job.#", handler = "hook" }}]
+default = "drain"
+
+[consumers.{consumer}]
+source = "rabbit"
+handler = "router"
+queue = "{queue}"
+retry = {{ max_attempts = 3, tiers = ["200ms"] }}
+bindings = [{{ exchange = "{exchange}", exchange_type = "topic", routing_key = "job.#" }}]
+"#
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::Ack).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    publish_props(
+        &ch,
+        &exchange,
+        "job.done",
+        b"{}",
+        BasicProperties::default().with_message_id("rkh-1".into()),
+    )
+    .await;
+    let seen = || requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(
+        wait_until(|| seen().len() >= 2).await,
+        "the endpoint got {:?}: the retry was routed elsewhere",
+        seen()
+    );
+    let expected = ("job.done".to_owned(), "job.done".to_owned());
+    assert_eq!(seen(), [expected.clone(), expected]);
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(
+        &ch,
+        &[
+            queue.clone(),
+            format!("{queue}.dlq"),
+            format!("{queue}.retry.200ms"),
+        ],
+    )
+    .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+}
