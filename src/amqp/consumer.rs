@@ -114,8 +114,10 @@ struct Inner {
     metrics: Metrics,
     copy_metrics: CopyMetrics,
     /// A head delivery unsettled for longer than this, while later ones settle, ends the
-    /// session: the handler's timeout plus the copy retries plus slack.
-    stuck_after: Duration,
+    /// session: the handler's timeout plus the copy retries plus slack. `None` for a handler
+    /// that may hold a message without bound by design (a dead-letter processor's keeps a
+    /// letter in hand while its archive is down).
+    stuck_after: Option<Duration>,
 }
 
 type Metrics = crate::telemetry::ConsumerMetrics;
@@ -204,7 +206,7 @@ impl AmqpConsumer {
             host,
             metrics: Metrics::new(spec.name, spec.broker_name, &spec.consumer.handler),
             copy_metrics: CopyMetrics::new(spec.name),
-            stuck_after: stuck_after(DEFAULT_HANDLER_TIMEOUT),
+            stuck_after: None,
         };
         Self {
             inner: Arc::new(inner),
@@ -212,10 +214,11 @@ impl AmqpConsumer {
     }
 
     /// Sets the longest time the handler may take on one message (its `timeout`), from which
-    /// the stuck-head limit of the ack window is derived.
+    /// the stuck-head limit of the ack window is derived. Without it, no head is called
+    /// stuck.
     pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.stuck_after = stuck_after(timeout);
+            inner.stuck_after = Some(stuck_after(timeout));
         }
         self
     }
@@ -445,9 +448,11 @@ impl Inner {
                     if let Err(e) = acks.flush(&channel, true).await {
                         break Some(format!("cannot ack: {e}"));
                     }
-                    if let Some((tag, age)) = acks.stuck_head(self.stuck_after) {
+                    if let Some(limit) = self.stuck_after
+                        && let Some((tag, age)) = acks.stuck_head(limit)
+                    {
                         self.copy_metrics.stuck.increment(1);
-                        tracing::error!(consumer = %self.name, queue = %self.topology.queue, delivery_tag = tag, unsettled_for_s = age.as_secs(), limit_s = self.stuck_after.as_secs(), window = acks.len(), "a delivery has been in hand far longer than its handler may take while later ones settle; restarting the session (it comes back redelivered)");
+                        tracing::error!(consumer = %self.name, queue = %self.topology.queue, delivery_tag = tag, unsettled_for_s = age.as_secs(), limit_s = limit.as_secs(), window = acks.len(), "a delivery has been in hand far longer than its handler may take while later ones settle; restarting the session (it comes back redelivered)");
                         break Some(format!("delivery {tag} unsettled for {} s; restarting the session", age.as_secs()));
                     }
                 }
