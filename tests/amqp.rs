@@ -826,3 +826,740 @@ queue = "{queue}"
     );
     rt.block_on(cleanup(&ch, &[queue]));
 }
+
+/// Declares a durable topic exchange `name` and binds `queue` (declared here with `args`,
+/// durable) to it with `key`.
+async fn exchange_to_queue(
+    ch: &lapin::Channel,
+    name: &str,
+    queue: &str,
+    key: &str,
+    args: FieldTable,
+) {
+    ch.exchange_declare(
+        name.into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare exchange");
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare queue");
+    ch.queue_bind(
+        queue.into(),
+        name.into(),
+        key.into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+}
+
+/// Publishes one message to `exchange` with `routing_key` and `props`, confirmed and routed.
+async fn publish_props(
+    ch: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            props.with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "test message not routed"
+    );
+}
+
+fn text_value(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_copy_does_not_inherit_expiration() {
+    let (queue, consumer) = (unique("ttl"), unique("c_ttl"));
+    let (text, port) = config(&queue, &consumer, "");
+    let running = start(&text, port, Duration::ZERO, |_| {
+        Outcome::dead_letter("refused")
+    })
+    .await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    let props = BasicProperties::default()
+        .with_message_id("ttl-1".into())
+        .with_expiration("1500".into());
+    publish_props(&ch, "", &queue, b"short-lived", props).await;
+    let dlq = format!("{queue}.dlq");
+    assert!(
+        wait_for_async(WAIT, || async {
+            depth(&ch, &dlq).await.filter(|d| *d == 1)
+        })
+        .await
+        .is_some(),
+        "never dead-lettered"
+    );
+    // Well past the original's TTL: a copy that kept `expiration` would be gone by now.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let dead = get_all(&ch, &dlq).await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "the dead letter expired in the dead-letter queue"
+    );
+    assert_eq!(dead[0].properties.expiration(), &None);
+    assert_eq!(
+        header(&dead[0], "bosun-orig-expiration").and_then(|v| v.as_text()),
+        Some("1500".into())
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&ch, &default_queues(&queue)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_message_keeps_its_routing_key_through_a_route_and_an_exec_handler() {
+    let (queue, consumer) = (unique("rk"), unique("c_rk"));
+    let exchange = unique("jobs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("seen.txt");
+    let port = free_port();
+    let script = format!(
+        "echo \"$BOSUN_ATTEMPT $BOSUN_EXCHANGE $BOSUN_ROUTING_KEY\" >> '{}'; [ \"$BOSUN_ATTEMPT\" -ge 2 ] || exit 75",
+        record.display()
+    );
+    let text = format!(
+        r#"
+[service]
+name = "{consumer}"
+shutdown_timeout = "10s"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[handlers.script]
+kind = "exec"
+command = ["/bin/sh", "-c", {script:?}]
+timeout = "10s"
+
+[handlers.drain]
+kind = "noop"
+
+[handlers.router]
+kind = "route"
+routes = [{{ routing_key = "job.#", handler = "script" }}]
+default = "drain"
+
+[consumers.{consumer}]
+source = "rabbit"
+handler = "router"
+queue = "{queue}"
+retry = {{ max_attempts = 3, tiers = ["200ms"] }}
+bindings = [{{ exchange = "{exchange}", exchange_type = "topic", routing_key = "job.#" }}]
+"#
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::Ack).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    publish_props(
+        &ch,
+        &exchange,
+        "job.created",
+        b"{}",
+        BasicProperties::default().with_message_id("rk-1".into()),
+    )
+    .await;
+    let lines = || {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(|| lines().len() >= 2).await,
+        "the script ran only {:?}: the retry was routed elsewhere",
+        lines()
+    );
+    assert_eq!(
+        lines(),
+        [
+            format!("1 {exchange} job.created"),
+            format!("2 {exchange} job.created")
+        ]
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    assert_eq!(depth(&ch, &queue).await, Some(0));
+    cleanup(
+        &ch,
+        &[
+            queue.clone(),
+            format!("{queue}.dlq"),
+            format!("{queue}.retry.200ms"),
+        ],
+    )
+    .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_copy_affects_only_its_own_message() {
+    let (queue, consumer) = (unique("refuse"), unique("c_refuse"));
+    let source = unique("src");
+    let dlx = unique("dlx");
+    let (dl_ok, dl_full) = (unique("dl_ok"), unique("dl_full"));
+    let (_c, ch) = rabbit().await;
+    // Dead letters keyed `ok.*` are kept; `bad.*` are nacked (a full queue refusing
+    // publishes); `gone.*` match nothing and come back as returns.
+    exchange_to_queue(&ch, &dlx, &dl_ok, "ok.#", FieldTable::default()).await;
+    let mut full = FieldTable::default();
+    full.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    full.insert("x-overflow".into(), text_value("reject-publish"));
+    exchange_to_queue(&ch, &dlx, &dl_full, "bad.#", full).await;
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        &format!(
+            "prefetch = 50\nconcurrency = 20\nretry = {{ max_attempts = 3, tiers = [\"200ms\"] }}\nbindings = [{{ exchange = \"{source}\", exchange_type = \"topic\", routing_key = \"#\" }}]\ndead_letter = {{ exchange = \"{dlx}\" }}"
+        ),
+    );
+    let running = start(&text, port, Duration::from_millis(300), |m| {
+        match m.body.as_ref() {
+            b"bad" | b"gone" | b"dead" => Outcome::dead_letter("permanent"),
+            _ if m.attempt == 1 => Outcome::retry("once more"),
+            _ => Outcome::Ack,
+        }
+    })
+    .await;
+    ready(&running).await;
+    publish_props(
+        &ch,
+        &source,
+        "bad.1",
+        b"bad",
+        BasicProperties::default().with_message_id("bad-1".into()),
+    )
+    .await;
+    publish_props(
+        &ch,
+        &source,
+        "gone.1",
+        b"gone",
+        BasicProperties::default().with_message_id("gone-1".into()),
+    )
+    .await;
+    publish_props(
+        &ch,
+        &source,
+        "ok.dead",
+        b"dead",
+        BasicProperties::default().with_message_id("dead-1".into()),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let id = format!("good-{i}");
+        publish_props(
+            &ch,
+            &source,
+            &format!("ok.{i}"),
+            b"good",
+            BasicProperties::default().with_message_id(id.as_str().into()),
+        )
+        .await;
+        ids.push(id);
+    }
+    let attempts_of = |id: &str| -> Vec<u32> {
+        running
+            .seen()
+            .iter()
+            .filter(|m| m.message_id.as_deref() == Some(id))
+            .map(|m| m.attempt)
+            .collect()
+    };
+    assert!(
+        wait_until(|| ids.iter().all(|id| attempts_of(id).len() >= 2)).await,
+        "not every good message finished"
+    );
+    let label = format!("consumer=\"{consumer}\"");
+    assert!(
+        wait_for_async(WAIT, || async {
+            running
+                .metric(
+                    "bosun_amqp_copy_problems_total",
+                    &[&label, "problem=\"refused\""],
+                )
+                .filter(|v| *v >= 2.0)
+        })
+        .await
+        .is_some(),
+        "the refusals were never counted"
+    );
+    // The session was never torn down: no good message was handled twice on one attempt.
+    for id in &ids {
+        assert_eq!(attempts_of(id), [1, 2], "{id}");
+    }
+    // A restarted session would have handed them out again, marked redelivered (the
+    // refused ones are handed back on purpose).
+    assert!(
+        running
+            .seen()
+            .iter()
+            .filter(|m| m.body.as_ref() == b"good")
+            .all(|m| !m.redelivered),
+        "the session was restarted"
+    );
+    assert_eq!(attempts_of("dead-1"), [1]);
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    // The refused ones are kept in the queue, not lost; the accepted dead letter arrived.
+    assert_eq!(depth(&ch, &queue).await, Some(2));
+    let kept: BTreeSet<String> = get_all(&ch, &queue)
+        .await
+        .iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
+        .collect();
+    assert_eq!(
+        kept,
+        ["bad-1", "gone-1"].map(str::to_owned).into_iter().collect()
+    );
+    assert_eq!(depth(&ch, &dl_ok).await, Some(1));
+    cleanup(
+        &ch,
+        &[
+            queue.clone(),
+            format!("{queue}.retry.200ms"),
+            dl_ok.clone(),
+            dl_full.clone(),
+        ],
+    )
+    .await;
+    for e in [&source, &dlx] {
+        let _ = ch
+            .exchange_delete(e.as_str().into(), Default::default())
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_copy_over_frame_max_is_trimmed_or_dead_lettered_as_invalid_without_reconnecting() {
+    let (queue, consumer) = (unique("frame"), unique("c_frame"));
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "retry = { max_attempts = 3, tiers = [\"200ms\"] }",
+    );
+    let running = start(&text, port, Duration::ZERO, |m| {
+        if m.attempt == 1 {
+            // A long reason: bosun-error at its 2 KiB limit.
+            Outcome::retry("x".repeat(4096))
+        } else {
+            Outcome::Ack
+        }
+    })
+    .await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    let with_header = |id: &str, size: usize| {
+        let mut table = FieldTable::default();
+        table.insert("big".into(), text_value(&"h".repeat(size)));
+        table.insert("tenant".into(), text_value("acme"));
+        BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(table)
+    };
+    // Fits once bosun-error is cut; cannot fit however bosun's headers are cut.
+    publish_props(&ch, "", &queue, b"trim", with_header("trim-1", 129_500)).await;
+    publish_props(&ch, "", &queue, b"huge", with_header("huge-1", 130_900)).await;
+    publish_props(
+        &ch,
+        "",
+        &queue,
+        b"plain",
+        BasicProperties::default().with_message_id("plain-1".into()),
+    )
+    .await;
+    let dlq = format!("{queue}.dlq");
+    let attempts_of = |id: &str| -> Vec<u32> {
+        running
+            .seen()
+            .iter()
+            .filter(|m| m.message_id.as_deref() == Some(id))
+            .map(|m| m.attempt)
+            .collect()
+    };
+    assert!(
+        wait_until(|| attempts_of("trim-1").len() >= 2 && attempts_of("plain-1").len() >= 2).await,
+        "trim {:?} plain {:?}",
+        attempts_of("trim-1"),
+        attempts_of("plain-1")
+    );
+    assert!(
+        wait_for_async(WAIT, || async {
+            depth(&ch, &dlq).await.filter(|d| *d == 1)
+        })
+        .await
+        .is_some(),
+        "the oversized copy never reached the dead-letter queue"
+    );
+    let trimmed = running
+        .seen()
+        .into_iter()
+        .find(|m| m.message_id.as_deref() == Some("trim-1") && m.attempt == 2)
+        .expect("second attempt");
+    let error = trimmed
+        .headers
+        .get("bosun-error")
+        .and_then(HeaderValue::as_text)
+        .unwrap_or_default();
+    assert!(error.len() <= 256, "bosun-error kept {} bytes", error.len());
+    assert!(trimmed.headers.contains_key("big"));
+    let dead = get_all(&ch, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(
+        d.properties.message_id().as_ref().map(|s| s.to_string()),
+        Some("huge-1".into())
+    );
+    let text = |k: &str| header(d, k).and_then(|v| v.as_text());
+    assert_eq!(text("bosun-error-kind").as_deref(), Some("invalid"));
+    assert_eq!(
+        header(d, "bosun-headers-truncated"),
+        Some(HeaderValue::Int(1))
+    );
+    assert_eq!(text("tenant").as_deref(), Some("acme"));
+    assert!(header(d, "big").is_none());
+    assert_eq!(attempts_of("huge-1"), [1]);
+    // A restarted session would have handed them out again, marked redelivered.
+    assert!(
+        running.seen().iter().all(|m| !m.redelivered),
+        "the session was restarted"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    assert_eq!(depth(&ch, &queue).await, Some(0));
+    cleanup(&ch, &[queue.clone(), dlq, format!("{queue}.retry.200ms")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_retry_tiers_are_declared_at_least_once_and_still_retry() {
+    let (queue, consumer) = (unique("qtier"), unique("c_qtier"));
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "queue_type = \"quorum\"\nretry = { max_attempts = 3, tiers = [\"200ms\"] }",
+    );
+    let running = start(&text, port, Duration::ZERO, |m| {
+        if m.attempt == 1 {
+            Outcome::retry("again")
+        } else {
+            Outcome::Ack
+        }
+    })
+    .await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    publish(&ch, &queue, [b"q".to_vec()], &[]).await;
+    assert!(wait_until(|| running.seen().len() >= 2).await);
+    assert_eq!(running.seen()[1].attempt, 2);
+    // Declaring the tier again with the at-least-once arguments is accepted (the same
+    // queue); without them it is refused (a different one).
+    let tier = format!("{queue}.retry.200ms");
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text_value("quorum"));
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(200));
+    args.insert("x-dead-letter-exchange".into(), text_value(""));
+    args.insert("x-dead-letter-routing-key".into(), text_value(&queue));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut strict = args.clone();
+    strict.insert("x-overflow".into(), text_value("reject-publish"));
+    strict.insert("x-dead-letter-strategy".into(), text_value("at-least-once"));
+    ch.queue_declare(tier.as_str().into(), durable, strict)
+        .await
+        .expect("the tier is declared at-least-once");
+    let (_c2, other) = rabbit().await;
+    assert!(
+        other
+            .queue_declare(tier.as_str().into(), durable, args)
+            .await
+            .is_err(),
+        "the tier was declared without at-least-once dead-lettering"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&ch, &[queue.clone(), format!("{queue}.dlq"), tier]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_closes_the_channel_affects_only_its_own_message() {
+    let (queue, consumer) = (unique("chclose"), unique("c_chclose"));
+    let dlx = unique("dlx_gone");
+    let dl_queue = unique("dl_gone");
+    let (_c, ch) = rabbit().await;
+    exchange_to_queue(&ch, &dlx, &dl_queue, "#", FieldTable::default()).await;
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        &format!(
+            "prefetch = 50\nconcurrency = 20\nretry = {{ max_attempts = 3, tiers = [\"200ms\"] }}\ndead_letter = {{ exchange = \"{dlx}\" }}"
+        ),
+    );
+    let running = start(&text, port, Duration::from_millis(300), |m| {
+        match m.body.as_ref() {
+            b"dead" => Outcome::dead_letter("permanent"),
+            _ if m.attempt == 1 => Outcome::retry("once more"),
+            _ => Outcome::Ack,
+        }
+    })
+    .await;
+    ready(&running).await;
+    // A publish to a missing exchange makes the broker close the whole copy channel, with
+    // every retry copy still waiting for its confirm on it.
+    ch.exchange_delete(dlx.as_str().into(), Default::default())
+        .await
+        .expect("delete the dead-letter exchange");
+    publish_props(
+        &ch,
+        "",
+        &queue,
+        b"dead",
+        BasicProperties::default().with_message_id("dead-1".into()),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let id = format!("good-{i}");
+        publish_props(
+            &ch,
+            "",
+            &queue,
+            b"good",
+            BasicProperties::default().with_message_id(id.as_str().into()),
+        )
+        .await;
+        ids.push(id);
+    }
+    let attempts_of = |id: &str| -> Vec<u32> {
+        running
+            .seen()
+            .iter()
+            .filter(|m| m.message_id.as_deref() == Some(id))
+            .map(|m| m.attempt)
+            .collect()
+    };
+    assert!(
+        wait_until(|| ids.iter().all(|id| attempts_of(id).len() >= 2)).await,
+        "not every good message finished"
+    );
+    let label = format!("consumer=\"{consumer}\"");
+    assert!(
+        wait_for_async(WAIT, || async {
+            running
+                .metric(
+                    "bosun_amqp_copy_problems_total",
+                    &[&label, "problem=\"refused\""],
+                )
+                .filter(|v| *v >= 1.0)
+        })
+        .await
+        .is_some(),
+        "the refusal was never counted"
+    );
+    for id in &ids {
+        assert_eq!(attempts_of(id), [1, 2], "{id}");
+    }
+    assert!(
+        running
+            .seen()
+            .iter()
+            .filter(|m| m.body.as_ref() == b"good")
+            .all(|m| !m.redelivered),
+        "the session was restarted"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    // The dead letter that could not be published is kept in the queue, not lost.
+    let kept: Vec<String> = get_all(&ch, &queue)
+        .await
+        .iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
+        .collect();
+    assert_eq!(kept, ["dead-1"]);
+    cleanup(
+        &ch,
+        &[
+            queue.clone(),
+            format!("{queue}.retry.200ms"),
+            dl_queue.clone(),
+        ],
+    )
+    .await;
+}
+
+/// An HTTP endpoint that answers 503 to its first request and 200 after, and records the
+/// `bosun-routing-key` and `ce-type` headers of each request.
+async fn flaky_endpoint() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then as much body as Content-Length says.
+            let head_end = loop {
+                let Ok(n) = socket.read(&mut buf).await else {
+                    break None;
+                };
+                if n == 0 {
+                    break None;
+                }
+                request.extend_from_slice(&buf[..n]);
+                if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(i + 4);
+                }
+            };
+            let Some(head_end) = head_end else { continue };
+            let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+            let value = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            };
+            let length: usize = value("content-length").parse().unwrap_or(0);
+            while request.len() < head_end + length {
+                match socket.read(&mut buf).await {
+                    Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let first = {
+                let mut seen = record.lock().unwrap_or_else(|p| p.into_inner());
+                seen.push((value("bosun-routing-key"), value("ce-type")));
+                seen.len() == 1
+            };
+            let status = if first {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            let _ = socket
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_handler_sees_the_same_routing_key_and_ce_type_on_a_retry() {
+    let (queue, consumer) = (unique("rkhttp"), unique("c_rkhttp"));
+    let exchange = unique("events");
+    let (url, requests) = flaky_endpoint().await;
+    let port = free_port();
+    let text = format!(
+        r#"
+[service]
+name = "{consumer}"
+shutdown_timeout = "10s"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[handlers.hook]
+kind = "http"
+url = "{url}"
+cloudevents = "binary"
+timeout = "10s"
+
+[handlers.drain]
+kind = "noop"
+
+[handlers.router]
+kind = "route"
+routes = [{{ routing_key = "job.#", handler = "hook" }}]
+default = "drain"
+
+[consumers.{consumer}]
+source = "rabbit"
+handler = "router"
+queue = "{queue}"
+retry = {{ max_attempts = 3, tiers = ["200ms"] }}
+bindings = [{{ exchange = "{exchange}", exchange_type = "topic", routing_key = "job.#" }}]
+"#
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::Ack).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    publish_props(
+        &ch,
+        &exchange,
+        "job.done",
+        b"{}",
+        BasicProperties::default().with_message_id("rkh-1".into()),
+    )
+    .await;
+    let seen = || requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(
+        wait_until(|| seen().len() >= 2).await,
+        "the endpoint got {:?}: the retry was routed elsewhere",
+        seen()
+    );
+    let expected = ("job.done".to_owned(), "job.done".to_owned());
+    assert_eq!(seen(), [expected.clone(), expected]);
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(
+        &ch,
+        &[
+            queue.clone(),
+            format!("{queue}.dlq"),
+            format!("{queue}.retry.200ms"),
+        ],
+    )
+    .await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+}

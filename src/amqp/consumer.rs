@@ -10,7 +10,25 @@
 //! retry and dead-letter copies in confirm mode. A copy is confirmed before the original is
 //! acked. Acks go out with `multiple` for the longest run of settled tags at the head of the
 //! window; a tag settled behind a slow one waits, and is acked alone only when the window is
-//! full.
+//! full. A head that stays unsettled far longer than the handler may take, while later
+//! deliveries settle, is a bug surfaced by ending the session (logged and counted).
+//!
+//! A copy is built from the original's properties, minus `expiration` (kept as the
+//! `bosun-orig-expiration` header, so a dead letter never expires in the dead-letter queue)
+//! and `user_id` (the broker closes the channel when it is not the connection's user). Its
+//! header frame must fit the negotiated `frame_max`: bosun's own `bosun-error` is cut first,
+//! and a message whose own headers are too large is dead-lettered as `invalid` with the
+//! headers that fit and a `bosun-headers-truncated` count.
+//!
+//! A copy the broker refuses (a nack, a return, a channel closed over it) concerns that
+//! message alone: the copy channel is opened again and the copy tried again with backoff; a
+//! refused retry copy falls back to a dead-letter copy, and a refused dead-letter copy hands
+//! the original back to the queue (counted, logged). Only a lost connection ends the
+//! session.
+//!
+//! Retries and replays come back through the default exchange with the queue's name as
+//! routing key; handlers and routes are shown the first delivery's exchange and routing key
+//! from `bosun-original-*` instead ([`headers::presented`]).
 //!
 //! A connection or channel loss ends the session: in-flight handlers are dropped (their
 //! deliveries come back, marked redelivered), nothing is acked through the dead channel, and
@@ -18,7 +36,7 @@
 //! elsewhere with other arguments (PRECONDITION_FAILED) is returned as an error, so the
 //! supervisor restarts this consumer alone with its own backoff.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,13 +48,13 @@ use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicPublishOptions, BasicQosOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use metrics::Gauge;
+use metrics::{Counter, Gauge};
 
-use super::publisher::{PERSISTENT, confirmation};
+use super::publisher::{PERSISTENT, confirm_channel, confirmation, publish_error};
 use super::topology::Topology;
 use super::{AmqpError, connection, headers, limits, short};
 use crate::config::{
@@ -60,6 +78,21 @@ const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 const MAX_ACK_BATCH: usize = 100;
 /// Time allowed to close the channels and connection after a drain.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tries a copy the broker refuses gets before that path is given up for this delivery.
+const COPY_TRIES: u32 = 5;
+/// First pause between tries of a refused copy; doubled after each.
+const COPY_RETRY_INITIAL: Duration = Duration::from_millis(250);
+/// All pauses of one copy path: 250 ms + 500 ms + 1 s + 2 s.
+const COPY_RETRY_BUDGET: Duration = Duration::from_millis(3750);
+/// Handler time assumed when the handler's configuration names no `timeout`.
+const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slack on top of the handler's time and the copy retries before a head is called stuck.
+const STUCK_GRACE: Duration = Duration::from_secs(30);
+/// `bosun-error` is cut to this when a copy's headers must shrink to fit one frame.
+const TRIMMED_ERROR_BYTES: usize = 256;
+/// Bytes of a content header frame besides the properties: the frame header (7), class,
+/// weight and body size (12), the frame end (1).
+const HEADER_FRAME_OVERHEAD: usize = 20;
 
 /// Everything a consumer needs, built once and shared by its sessions and handler futures.
 struct Inner {
@@ -83,9 +116,39 @@ struct Inner {
     /// `bosun-host` on copies.
     host: String,
     metrics: Metrics,
+    copy_metrics: CopyMetrics,
+    /// A head delivery unsettled for longer than this, while later ones settle, ends the
+    /// session: the handler's timeout plus the copy retries plus slack. `None` for a handler
+    /// that may hold a message without bound by design (a dead-letter processor's keeps a
+    /// letter in hand while its archive is down).
+    stuck_after: Option<Duration>,
 }
 
 type Metrics = crate::telemetry::ConsumerMetrics;
+
+/// What the amqp consumer counts about its copies and its ack window.
+struct CopyMetrics {
+    /// A copy the broker refused on every try of a path.
+    refused: Counter,
+    /// A copy whose `bosun-error` was cut to fit one frame.
+    trimmed: Counter,
+    /// A message dead-lettered as `invalid` because its headers do not fit one frame.
+    oversized: Counter,
+    /// A session ended over a head delivery that never settled.
+    stuck: Counter,
+}
+
+impl CopyMetrics {
+    fn new(consumer: &str) -> Self {
+        let c = |what: &'static str| metrics::counter!("bosun_amqp_copy_problems_total", "consumer" => consumer.to_owned(), "problem" => what);
+        Self {
+            refused: c("refused"),
+            trimmed: c("trimmed"),
+            oversized: c("headers_over_frame_max"),
+            stuck: metrics::counter!("bosun_amqp_stuck_deliveries_total", "consumer" => consumer.to_owned()),
+        }
+    }
+}
 
 /// The settled-messages counter for how a delivery was settled.
 fn settled_counter(metrics: &Metrics, settled: Settled) -> &metrics::Counter {
@@ -152,10 +215,52 @@ impl AmqpConsumer {
             topology: Topology::for_consumer(spec.consumer, spec.amqp),
             host,
             metrics: Metrics::new(spec.name, spec.broker_name, &spec.consumer.handler),
+            copy_metrics: CopyMetrics::new(spec.name),
+            stuck_after: None,
         };
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// Sets the longest time the handler may take on one message (its `timeout`), from which
+    /// the stuck-head limit of the ack window is derived. Without it, no head is called
+    /// stuck.
+    pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.stuck_after = Some(stuck_after(timeout));
+        }
+        self
+    }
+}
+
+/// The stuck-head limit for a handler that takes at most `timeout`: a retry path and a
+/// dead-letter path of copy retries, and slack.
+fn stuck_after(timeout: Duration) -> Duration {
+    timeout
+        .saturating_add(COPY_RETRY_BUDGET * 2)
+        .saturating_add(STUCK_GRACE)
+}
+
+/// The longest `timeout` option among the handlers `name` may call: its own, or for a
+/// `route` handler the longest of every configured handler (routes reach any of them).
+fn handler_timeout(config: &crate::config::Config, name: &str) -> Duration {
+    let timeout = |options: &toml::Table| {
+        options
+            .get("timeout")
+            .and_then(toml::Value::as_str)
+            .and_then(|t| crate::config::parse_duration(t).ok())
+    };
+    match config.handlers.get(name) {
+        Some(h) if h.kind == "route" => config
+            .handlers
+            .values()
+            .filter_map(|h| timeout(&h.options))
+            .max()
+            .unwrap_or(DEFAULT_HANDLER_TIMEOUT)
+            .max(DEFAULT_HANDLER_TIMEOUT),
+        Some(h) => timeout(&h.options).unwrap_or(DEFAULT_HANDLER_TIMEOUT),
+        None => DEFAULT_HANDLER_TIMEOUT,
     }
 }
 
@@ -172,19 +277,23 @@ pub fn build(
         None => anyhow::bail!("broker `{}` is not defined", consumer.source),
     };
     let component = consumer_component_name(name);
-    Ok(Arc::new(AmqpConsumer::new(AmqpConsumerSpec {
-        name,
-        consumer,
-        amqp,
-        broker_name: &consumer.source,
-        broker,
-        connection_name: connection::connection_name(
+    let timeout = handler_timeout(&resources.config, &consumer.handler);
+    Ok(Arc::new(
+        AmqpConsumer::new(AmqpConsumerSpec {
+            name,
+            consumer,
+            amqp,
+            broker_name: &consumer.source,
             broker,
-            &resources.config.service.name,
-            &component,
-        ),
-        handler: resources.handler(&consumer.handler)?,
-    })))
+            connection_name: connection::connection_name(
+                broker,
+                &resources.config.service.name,
+                &component,
+            ),
+            handler: resources.handler(&consumer.handler)?,
+        })
+        .with_handler_timeout(timeout),
+    ))
 }
 
 /// Why a session ended without an error worth restarting the component for.
@@ -283,16 +392,14 @@ impl Inner {
             .await
             .map_err(|e| AmqpError::channel("cannot open a channel", e))?;
         self.topology.apply(&channel, self.declare).await?;
-        let publish = connection
-            .create_channel()
-            .await
-            .map_err(|e| AmqpError::channel("cannot open a channel", e))?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| AmqpError::channel("cannot enable publisher confirms", e))?;
-        // Shared by every handler task; an Arc is cheaper to hand out than a channel clone.
-        let publish = Arc::new(publish);
+        let copies = Copies {
+            connection,
+            channel: tokio::sync::Mutex::new(confirm_channel(connection).await?),
+            frame_max: match connection.configuration().frame_max() {
+                0 => usize::MAX,
+                max => max as usize,
+            },
+        };
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await
@@ -318,6 +425,7 @@ impl Inner {
         tracing::info!(consumer = %self.name, queue = %self.topology.queue, prefetch = self.prefetch, concurrency = self.concurrency, connection = %self.connection_name, "consuming");
 
         let mut acks = Acks::new(ack_batch(self.prefetch), usize::from(self.prefetch));
+        // Declared after `copies`: handler futures borrow it and are dropped first.
         // Handlers run as futures of this task: no spawn or cross-thread wake per message.
         let mut tasks = FuturesUnordered::new();
         let mut flush = tokio::time::interval(ACK_FLUSH_INTERVAL);
@@ -341,7 +449,7 @@ impl Inner {
                     Some(Ok(delivery)) => {
                         acks.delivered(delivery.delivery_tag);
                         self.metrics.received.increment(1);
-                        tasks.push(process(self.clone(), publish.clone(), delivery));
+                        tasks.push(process(self.clone(), &copies, delivery));
                     }
                     Some(Err(e)) => break Some(e.to_string()),
                     None => break Some(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue)),
@@ -349,6 +457,13 @@ impl Inner {
                 _ = flush.tick() => {
                     if let Err(e) = acks.flush(&channel, true).await {
                         break Some(format!("cannot ack: {e}"));
+                    }
+                    if let Some(limit) = self.stuck_after
+                        && let Some((tag, age)) = acks.stuck_head(limit)
+                    {
+                        self.copy_metrics.stuck.increment(1);
+                        tracing::error!(consumer = %self.name, queue = %self.topology.queue, delivery_tag = tag, unsettled_for_s = age.as_secs(), limit_s = limit.as_secs(), window = acks.len(), "a delivery has been in hand far longer than its handler may take while later ones settle; restarting the session (it comes back redelivered)");
+                        break Some(format!("delivery {tag} unsettled for {} s; restarting the session", age.as_secs()));
                     }
                 }
             }
@@ -381,6 +496,7 @@ impl Inner {
             channel.close(200, "bosun consumer stopping".into()),
         )
         .await;
+        let publish = copies.channel.lock().await.clone();
         let _ = tokio::time::timeout(
             CLOSE_TIMEOUT,
             publish.close(200, "bosun consumer stopping".into()),
@@ -426,12 +542,56 @@ fn ack_batch(prefetch: u16) -> usize {
     (usize::from(prefetch) / 4).clamp(1, MAX_ACK_BATCH)
 }
 
+/// The confirm-mode channel retry and dead-letter copies go out on. The broker closes it when
+/// it refuses one publish outright; it is opened again on the same connection, so only the
+/// copies in flight on it are tried again and the session goes on.
+struct Copies<'a> {
+    connection: &'a Connection,
+    channel: tokio::sync::Mutex<Channel>,
+    /// The negotiated frame size: a copy's header frame must fit in it.
+    frame_max: usize,
+}
+
+impl Copies<'_> {
+    /// The copy channel, opened again if the broker closed it; an error when the connection
+    /// itself is gone.
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut channel = self.channel.lock().await;
+        if !channel.status().connected() {
+            if !self.connection.status().connected() {
+                return Err("the connection is closed".into());
+            }
+            *channel = confirm_channel(self.connection)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(channel.clone())
+    }
+}
+
+/// Why a copy could not be made durable.
+enum CopyFailure {
+    /// The connection is gone: the session ends and the original comes back.
+    Lost(String),
+    /// The broker refused this copy on every try: a matter of this message alone.
+    Refused(String),
+}
+
+/// How a copy went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// To the destination asked for.
+    AsAsked,
+    /// Its headers do not fit one frame: dead-lettered as `invalid` instead.
+    Invalid,
+}
+
 /// Runs the handler on one delivery and makes its outcome durable (a confirmed copy for
 /// retries and dead letters). Returns the delivery tag and how to settle it, or why it
 /// cannot be settled.
 async fn process(
     inner: Arc<Inner>,
-    publish: Arc<Channel>,
+    copies: &Copies<'_>,
     delivery: Delivery,
 ) -> (u64, Result<Settled, String>) {
     let Delivery {
@@ -445,10 +605,15 @@ async fn process(
     } = delivery;
     if let Some(invalid) = limits::check(&properties, data.len(), &inner.limits) {
         let original = (exchange.as_str(), routing_key.as_str(), &properties);
-        let result = inner.refuse(&publish, original, data, &invalid).await;
+        let result = inner.refuse(copies, original, data, &invalid).await;
         return (delivery_tag, result);
     }
     let attempt = headers::attempt(properties.headers().as_ref());
+    let (exchange, routing_key) = headers::presented(
+        properties.headers().as_ref(),
+        exchange.as_str(),
+        routing_key.as_str(),
+    );
     let message = Message {
         message_id: properties
             .message_id()
@@ -470,8 +635,8 @@ async fn process(
             broker: inner.broker_name.clone(),
             consumer: inner.name.clone(),
             queue: inner.topology.queue.clone(),
-            exchange: Some(exchange.as_str().to_owned()),
-            routing_key: Some(routing_key.as_str().to_owned()),
+            exchange: Some(exchange.to_owned()),
+            routing_key: Some(routing_key.to_owned()),
             entry_id: None,
         },
     };
@@ -502,8 +667,8 @@ async fn process(
     inner.metrics.in_flight.decrement(1.0);
 
     let original = Original {
-        exchange: exchange.as_str(),
-        routing_key: routing_key.as_str(),
+        exchange,
+        routing_key,
         properties: &properties,
         body: &message.body,
         attempt,
@@ -516,41 +681,39 @@ async fn process(
         }
         Outcome::Retry { after, reason } if inner.retry.should_retry(attempt) => {
             let delay = after.unwrap_or_else(|| inner.retry.delay(attempt));
-            match inner.topology.tier_for(&inner.retry, delay) {
-                Some(tier) => inner
-                    .copy(
-                        &publish,
-                        &original,
-                        "",
-                        tier,
-                        attempt + 1,
-                        FailureKind::Transient,
-                        &reason,
-                    )
-                    .await
-                    .map(|()| Settled::Retry),
-                // No delay tier (every delay is zero): straight back to the queue.
-                None => inner
-                    .copy(
-                        &publish,
-                        &original,
-                        "",
-                        &inner.topology.queue,
-                        attempt + 1,
-                        FailureKind::Transient,
-                        &reason,
-                    )
-                    .await
-                    .map(|()| Settled::Retry),
+            // No delay tier (every delay is zero): straight back to the queue.
+            let target = inner
+                .topology
+                .tier_for(&inner.retry, delay)
+                .unwrap_or(&inner.topology.queue);
+            let copy = Copy {
+                exchange: "",
+                routing_key: target,
+                attempt: attempt + 1,
+                kind: FailureKind::Transient,
+                reason: &reason,
+            };
+            match inner.copy(copies, &original, &copy).await {
+                Ok(Sent::AsAsked) => Ok(Settled::Retry),
+                Ok(Sent::Invalid) => Ok(Settled::DeadLetter),
+                Err(CopyFailure::Lost(e)) => Err(e),
+                Err(CopyFailure::Refused(e)) => {
+                    // Its own path: a dead letter keeps it, with why.
+                    tracing::warn!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
+                    let reason = format!("{reason}; the retry copy to {target:?} was refused: {e}");
+                    inner
+                        .dead_letter(copies, &original, FailureKind::Transient, &reason)
+                        .await
+                }
             }
         }
         Outcome::Retry { reason, .. } => {
             inner
-                .dead_letter(&publish, &original, FailureKind::Exhausted, &reason)
+                .dead_letter(copies, &original, FailureKind::Exhausted, &reason)
                 .await
         }
         Outcome::DeadLetter { reason, kind } => {
-            inner.dead_letter(&publish, &original, kind, &reason).await
+            inner.dead_letter(copies, &original, kind, &reason).await
         }
         Outcome::Release { reason } => {
             tracing::info!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), reason = %reason, "released unsettled; it goes back to the queue");
@@ -562,6 +725,7 @@ async fn process(
 
 /// What a copy is made from.
 struct Original<'a> {
+    /// The exchange and routing key presented to the handler (the first delivery's).
     exchange: &'a str,
     routing_key: &'a str,
     properties: &'a BasicProperties,
@@ -569,11 +733,28 @@ struct Original<'a> {
     attempt: u32,
 }
 
+/// Where a copy goes and what it records.
+struct Copy<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    /// `bosun-attempt` of the copy.
+    attempt: u32,
+    kind: FailureKind,
+    reason: &'a str,
+}
+
+/// A copy's properties, ready to publish or dead-lettered as `invalid` instead.
+enum Built {
+    Fits(BasicProperties),
+    /// The headers that fit, and why the rest did not.
+    Invalid(BasicProperties, String),
+}
+
 impl Inner {
     /// Dead-letters a delivery that breaks a limit as `invalid`, without running the handler.
     async fn refuse(
         &self,
-        publish: &Channel,
+        copies: &Copies<'_>,
         (exchange, routing_key, properties): (&str, &str, &BasicProperties),
         data: Vec<u8>,
         invalid: &limits::Invalid,
@@ -587,13 +768,16 @@ impl Inner {
             body: &body,
             attempt: headers::attempt(properties.headers().as_ref()),
         };
-        self.dead_letter(publish, &original, FailureKind::Invalid, &invalid.reason)
+        self.dead_letter(copies, &original, FailureKind::Invalid, &invalid.reason)
             .await
     }
 
+    /// Dead-letters the original. A dead-letter copy the broker refuses on every try hands
+    /// the original back to its queue unsettled (counted and logged): never lost, and the
+    /// other deliveries of the session go on.
     async fn dead_letter(
         &self,
-        publish: &Channel,
+        copies: &Copies<'_>,
         original: &Original<'_>,
         kind: FailureKind,
         reason: &str,
@@ -604,211 +788,403 @@ impl Inner {
             .as_deref()
             .unwrap_or(original.routing_key);
         tracing::warn!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), attempt = original.attempt, kind = %kind, reason = %headers::truncate(reason, 512), "dead-lettering message");
-        self.copy(
-            publish,
-            original,
-            &target.exchange,
-            key,
-            original.attempt,
+        let copy = Copy {
+            exchange: &target.exchange,
+            routing_key: key,
+            attempt: original.attempt,
             kind,
             reason,
-        )
-        .await
-        .map(|()| Settled::DeadLetter)
+        };
+        match self.copy(copies, original, &copy).await {
+            Ok(_) => Ok(Settled::DeadLetter),
+            Err(CopyFailure::Lost(e)) => Err(e),
+            Err(CopyFailure::Refused(e)) => {
+                tracing::error!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), exchange = %target.exchange, routing_key = key, error = %e, "the broker refused the dead-letter copy on every try; handing the message back to the queue");
+                Ok(Settled::Release)
+            }
+        }
     }
 
-    /// Publishes a copy with every original property and header plus the failure headers,
-    /// and waits for the broker's confirm.
-    #[allow(clippy::too_many_arguments)]
+    /// Publishes a copy of the original with the failure headers and waits for the broker's
+    /// confirm; a copy whose headers do not fit one frame goes to the dead-letter destination
+    /// as `invalid` instead.
     async fn copy(
         &self,
-        publish: &Channel,
+        copies: &Copies<'_>,
         original: &Original<'_>,
-        exchange: &str,
-        routing_key: &str,
-        attempt: u32,
-        kind: FailureKind,
-        reason: &str,
-    ) -> Result<(), String> {
-        let mut table = original.properties.headers().clone().unwrap_or_default();
+        copy: &Copy<'_>,
+    ) -> Result<Sent, CopyFailure> {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        headers::add_failure(
-            &mut table,
-            &headers::Failure {
-                attempt,
-                kind,
-                error: reason,
-                exchange: original.exchange,
-                routing_key: original.routing_key,
-                queue: &self.topology.queue,
-                consumer: &self.name,
-                host: &self.host,
-                now: &now,
+        let failure = |attempt, kind, error| headers::Failure {
+            attempt,
+            kind,
+            error,
+            exchange: original.exchange,
+            routing_key: original.routing_key,
+            queue: &self.topology.queue,
+            consumer: &self.name,
+            host: &self.host,
+            now: &now,
+        };
+        let built = build_copy(
+            original,
+            &failure(copy.attempt, copy.kind, copy.reason),
+            copies.frame_max,
+            || {
+                self.copy_metrics.trimmed.increment(1);
             },
         );
-        let mut properties = original
-            .properties
-            .clone()
-            .with_headers(table)
-            .with_delivery_mode(PERSISTENT);
-        if original.properties.message_id().is_none() {
-            // Later attempts and the dead letter must share one id for deduplication.
-            properties = properties.with_message_id(uuid::Uuid::now_v7().to_string().into());
+        match built {
+            Built::Fits(properties) => {
+                self.publish_copy(
+                    copies,
+                    copy.exchange,
+                    copy.routing_key,
+                    original.body,
+                    properties,
+                    copy.kind,
+                )
+                .await?;
+                Ok(Sent::AsAsked)
+            }
+            Built::Invalid(_, why) => {
+                self.copy_metrics.oversized.increment(1);
+                let reason = format!("{why}; the handler said: {}", copy.reason);
+                let (Built::Invalid(properties, _) | Built::Fits(properties)) = build_copy(
+                    original,
+                    &failure(original.attempt, FailureKind::Invalid, &reason),
+                    copies.frame_max,
+                    || {},
+                );
+                let target = &self.topology.dead_letter;
+                let key = target
+                    .routing_key
+                    .as_deref()
+                    .unwrap_or(original.routing_key);
+                tracing::error!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), reason = %why, "a copy's headers do not fit one frame; dead-lettering it as invalid with the headers that fit");
+                self.publish_copy(
+                    copies,
+                    &target.exchange,
+                    key,
+                    original.body,
+                    properties,
+                    FailureKind::Invalid,
+                )
+                .await?;
+                Ok(Sent::Invalid)
+            }
         }
+    }
+
+    /// Publishes one copy, `mandatory`, and waits for its confirm. A refusal (a nack, a
+    /// return, the channel closed over it) is tried again with backoff on a channel opened
+    /// again; a missing destination is declared again first. Only a lost connection ends the
+    /// tries at once.
+    async fn publish_copy(
+        &self,
+        copies: &Copies<'_>,
+        exchange: &str,
+        routing_key: &str,
+        body: &Bytes,
+        properties: BasicProperties,
+        kind: FailureKind,
+    ) -> Result<(), CopyFailure> {
         let (exchange_name, key) = match (
             short("exchange", exchange),
             short("routing key", routing_key),
         ) {
             (Ok(e), Ok(k)) => (e, k),
-            (Err(e), _) | (_, Err(e)) => return Err(e.to_string()),
+            (Err(e), _) | (_, Err(e)) => return Err(CopyFailure::Refused(e.to_string())),
         };
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
         };
-        let confirm = publish
-            .basic_publish(exchange_name, key, options, original.body, properties)
-            .await
-            .map_err(|e| {
-                format!("cannot publish a {kind} copy to {exchange:?}/{routing_key:?}: {e}")
+        let mut pause = COPY_RETRY_INITIAL;
+        let mut last = String::new();
+        for attempt in 1..=COPY_TRIES {
+            let channel = copies.channel().await.map_err(|e| {
+                CopyFailure::Lost(format!("the {kind} copy could not be sent: {e}"))
             })?;
-        match confirmation(confirm.await, exchange, routing_key, original.body.len()) {
-            Ok(()) => Ok(()),
-            Err(PublishError::Connection(e)) => {
-                Err(format!("the {kind} copy was not confirmed: {e}"))
+            let result = match channel
+                .basic_publish(
+                    exchange_name.clone(),
+                    key.clone(),
+                    options,
+                    body,
+                    properties.clone(),
+                )
+                .await
+            {
+                Ok(confirm) => confirmation(confirm.await, exchange, routing_key, body.len()),
+                Err(e) => Err(publish_error(&e, exchange, body.len())),
+            };
+            let error = match result {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if !copies.connection.status().connected() {
+                return Err(CopyFailure::Lost(format!(
+                    "the {kind} copy was not confirmed: {error}"
+                )));
             }
-            // The destination is gone or refuses: end the session so the topology is declared
-            // again; the original stays unacked and comes back.
-            Err(e) => {
-                tracing::error!(consumer = %self.name, exchange, routing_key, error = %e, "retry or dead-letter copy was not accepted; the original is kept");
-                Err(format!("the {kind} copy was not accepted: {e}"))
+            if matches!(error, PublishError::Unroutable(_)) && self.declare {
+                self.declare_again(copies).await;
             }
+            tracing::warn!(consumer = %self.name, exchange, routing_key, kind = %kind, try_ = attempt, error = %error, "a retry or dead-letter copy was not accepted; the original is kept and the copy tried again");
+            last = error.to_string();
+            if attempt < COPY_TRIES {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+        self.copy_metrics.refused.increment(1);
+        Err(CopyFailure::Refused(last))
+    }
+
+    /// Declares the topology again on a channel of its own (a copy came back unroutable: its
+    /// queue may have been deleted); a failure only shows in the log.
+    async fn declare_again(&self, copies: &Copies<'_>) {
+        let Ok(channel) = copies.connection.create_channel().await else {
+            return;
+        };
+        if let Err(e) = self.topology.apply(&channel, true).await {
+            tracing::warn!(consumer = %self.name, error = %e, "cannot declare the topology again");
+        }
+        if channel.status().connected() {
+            let _ = channel.close(200, "declared".into()).await;
         }
     }
 }
 
-/// The settlement window of one channel: which delivery tags are settled and which are
-/// already acked. Tags on a channel with one consumer arrive in order, one apart.
+/// The properties of a copy of `original` carrying `failure`, fitted to `frame_max`.
+///
+/// Properties are taken over one by one: never `expiration` (kept as `bosun-orig-expiration`)
+/// nor `user_id`; always persistent; a message id is given when there was none, so every
+/// attempt and the dead letter share one. When the header frame would not fit, `bosun-error`
+/// is cut first (`trimmed` is called); when it still does not fit, the result is `Invalid`:
+/// bosun's headers and as many of the original's as fit, with `bosun-headers-truncated`.
+fn build_copy(
+    original: &Original<'_>,
+    failure: &headers::Failure<'_>,
+    frame_max: usize,
+    trimmed: impl FnOnce(),
+) -> Built {
+    let source = original.properties.headers().clone().unwrap_or_default();
+    let expiration = original
+        .properties
+        .expiration()
+        .as_ref()
+        .map(|e| e.as_str().to_owned());
+    let mut table = source.clone();
+    if let Some(expiration) = &expiration
+        && !table.contains_key(headers::ORIG_EXPIRATION)
+    {
+        table.insert(headers::ORIG_EXPIRATION.into(), text(expiration));
+    }
+    headers::add_failure(&mut table, failure);
+    let budget = frame_max.saturating_sub(HEADER_FRAME_OVERHEAD);
+    let properties = copy_properties(original.properties, table.clone());
+    if properties_size(&properties) <= budget {
+        return Built::Fits(properties);
+    }
+    let error = headers::truncate(failure.error, TRIMMED_ERROR_BYTES);
+    table.insert(headers::ERROR.into(), text(error));
+    let properties = copy_properties(original.properties, table);
+    let size = properties_size(&properties);
+    if size <= budget {
+        trimmed();
+        return Built::Fits(properties);
+    }
+    let why = format!(
+        "the message's headers do not fit one frame ({size} bytes of properties, frame_max {frame_max})"
+    );
+    // bosun's own headers first (those of this failure win), then the original's, smallest
+    // first, while they fit.
+    let mut kept = FieldTable::default();
+    if let Some(expiration) = &expiration {
+        kept.insert(headers::ORIG_EXPIRATION.into(), text(expiration));
+    }
+    headers::add_failure(&mut kept, &headers::Failure { error, ..*failure });
+    kept.insert(headers::HEADERS_TRUNCATED.into(), AMQPValue::LongLongInt(0));
+    let mut room = budget.saturating_sub(properties_size(&copy_properties(
+        original.properties,
+        kept.clone(),
+    )));
+    let mut entries: Vec<(usize, &ShortString, &AMQPValue)> = source
+        .inner()
+        .iter()
+        .filter(|(k, _)| !kept.contains_key(k.as_str()))
+        .map(|(k, v)| (entry_size(k, v), k, v))
+        .collect();
+    entries.sort_by_key(|(size, _, _)| *size);
+    let mut left_out = 0i64;
+    for (size, k, v) in entries {
+        if size <= room {
+            room -= size;
+            kept.insert(k.clone(), v.clone());
+        } else {
+            left_out += 1;
+        }
+    }
+    kept.insert(
+        headers::HEADERS_TRUNCATED.into(),
+        AMQPValue::LongLongInt(left_out),
+    );
+    Built::Invalid(copy_properties(original.properties, kept), why)
+}
+
+/// The original's properties for a copy with `headers`: see [`build_copy`].
+fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(PERSISTENT);
+    if let Some(v) = original.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        p = p.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    p = p.with_message_id(match original.message_id() {
+        Some(id) => id.clone(),
+        None => uuid::Uuid::now_v7().to_string().into(),
+    });
+    if let Some(v) = original.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        p = p.with_cluster_id(v.clone());
+    }
+    p
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// The encoded size of `properties` (flags and values) in a content header frame.
+fn properties_size(properties: &BasicProperties) -> usize {
+    let serialize = lapin::protocol::basic::gen_properties::<Vec<u8>>(properties);
+    match serialize(Vec::new().into()) {
+        Ok(written) => written.write.len(),
+        // Encoding into memory does not fail; if it did, the copy would not fit anywhere.
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The encoded size of one header table entry.
+fn entry_size(key: &ShortString, value: &AMQPValue) -> usize {
+    let mut one = FieldTable::default();
+    one.insert(key.clone(), value.clone());
+    let serialize = lapin::types::generation::gen_field_table::<Vec<u8>>(&one);
+    match serialize(Vec::new().into()) {
+        // Less the table's own length prefix.
+        Ok(written) => written.write.len().saturating_sub(4),
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The settlement window of one channel: the tags delivered and not settled yet, and the
+/// settled tags not acked yet. Both are bounded by the prefetch window (the broker sends no
+/// more while that many are unacked), however long a head tag stays unsettled: a tag acked
+/// or nacked on its own leaves no trace, and the work of a flush is proportional to the
+/// settled tags it acks.
 struct Acks {
-    /// Tag of `states[0]`.
-    base: u64,
-    states: VecDeque<State>,
+    /// Delivered, unsettled tags, and when each was delivered.
+    pending: BTreeMap<u64, Instant>,
     /// Settled tags not yet acked.
-    settled: usize,
-    /// Tags acked one by one, still in `states` behind an unsettled one.
-    acked: usize,
+    settled: BTreeSet<u64>,
+    /// The highest tag ever settled: a head older than it is being overtaken.
+    newest_settled: u64,
     /// Settled tags that make a `multiple` ack worth sending now.
     batch: usize,
     /// The broker's window: when this many tags are unacked it sends no more.
     window: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Pending,
-    Settled,
-    Acked,
-}
-
 impl Acks {
     fn new(batch: usize, window: usize) -> Self {
         Self {
-            base: 0,
-            states: VecDeque::with_capacity(window),
-            settled: 0,
-            acked: 0,
+            pending: BTreeMap::new(),
+            settled: BTreeSet::new(),
+            newest_settled: 0,
             batch,
             window,
         }
     }
 
     fn delivered(&mut self, tag: u64) {
-        if self.states.is_empty() {
-            self.base = tag;
-        }
-        let next = self.base + self.states.len() as u64;
-        if tag < next {
-            return;
-        }
-        for _ in next..tag {
-            // A gap would be a broker bug; treating the missing tags as settled by someone
-            // else would ack them, so keep them pending instead (never acked past).
-            self.states.push_back(State::Pending);
-        }
-        self.states.push_back(State::Pending);
+        self.pending.entry(tag).or_insert_with(Instant::now);
     }
 
     fn settle(&mut self, tag: u64) {
-        if let Some(state) = tag
-            .checked_sub(self.base)
-            .and_then(|i| self.states.get_mut(i as usize))
-            && *state == State::Pending
-        {
-            *state = State::Settled;
-            self.settled += 1;
+        if self.pending.remove(&tag).is_some() {
+            self.settled.insert(tag);
+            self.newest_settled = self.newest_settled.max(tag);
         }
     }
 
     /// `tag` was nacked on its own: it is no longer outstanding, and a later `multiple` ack
-    /// passes over it.
+    /// passes over it (the broker no longer holds it).
     fn released(&mut self, tag: u64) {
-        if let Some(state) = tag
-            .checked_sub(self.base)
-            .and_then(|i| self.states.get_mut(i as usize))
-            && *state == State::Pending
-        {
-            *state = State::Acked;
-            self.acked += 1;
-        }
+        self.pending.remove(&tag);
     }
 
     fn batch_ready(&self) -> bool {
-        self.settled >= self.batch
+        self.settled.len() >= self.batch
     }
 
-    /// Acks the settled run at the head with one `multiple` ack; with `stragglers` and a full
-    /// window, also acks the settled tags behind the first unsettled one, one by one.
+    /// Tags held: unsettled and settled-but-unacked.
+    fn len(&self) -> usize {
+        self.pending.len() + self.settled.len()
+    }
+
+    /// The oldest unsettled tag and its age, when it has been in hand longer than `limit`
+    /// while a later delivery settled.
+    fn stuck_head(&self, limit: Duration) -> Option<(u64, Duration)> {
+        let (tag, at) = self.pending.first_key_value()?;
+        let age = at.elapsed();
+        (age > limit && self.newest_settled > *tag).then_some((*tag, age))
+    }
+
+    /// Acks the settled tags before the first unsettled one with one `multiple` ack; with
+    /// `stragglers` and a full window, also acks the settled tags behind it, one by one.
     async fn flush(&mut self, channel: &Channel, stragglers: bool) -> Result<(), lapin::Error> {
-        if self.settled == 0 {
+        if self.settled.is_empty() {
             return Ok(());
         }
-        let run = self
-            .states
-            .iter()
-            .position(|s| *s == State::Pending)
-            .unwrap_or(self.states.len());
-        let last_settled = self
-            .states
-            .iter()
-            .take(run)
-            .rposition(|s| *s == State::Settled);
-        if let Some(last) = last_settled {
-            let tag = self.base + last as u64;
+        let behind = match self.pending.first_key_value() {
+            Some((head, _)) => self.settled.split_off(head),
+            None => BTreeSet::new(),
+        };
+        // `self.settled` now holds only tags before the head.
+        // A failed ack ends the session, and the window with it.
+        if let Some(&last) = self.settled.last() {
             channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .basic_ack(last, BasicAckOptions { multiple: true })
                 .await?;
-            let settled_in_run = self
-                .states
-                .iter()
-                .take(run)
-                .filter(|s| **s == State::Settled)
-                .count();
-            let acked_in_run = run - settled_in_run;
-            self.settled -= settled_in_run;
-            self.acked -= acked_in_run;
-            self.states.drain(..run);
-            self.base += run as u64;
         }
-        if stragglers && self.settled > 0 && self.states.len() - self.acked >= self.window {
-            for (i, state) in self.states.iter_mut().enumerate() {
-                if *state == State::Settled {
-                    channel
-                        .basic_ack(self.base + i as u64, BasicAckOptions { multiple: false })
-                        .await?;
-                    *state = State::Acked;
-                    self.settled -= 1;
-                    self.acked += 1;
-                }
+        self.settled = behind;
+        if stragglers && !self.settled.is_empty() && self.len() >= self.window {
+            while let Some(tag) = self.settled.pop_first() {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: false })
+                    .await?;
             }
         }
         Ok(())
@@ -834,16 +1210,13 @@ mod tests {
         }
         acks.settle(2);
         acks.settle(3);
-        assert_eq!(
-            acks.states.iter().position(|s| *s == State::Pending),
-            Some(0)
-        );
+        assert_eq!(acks.pending.first_key_value().map(|(t, _)| *t), Some(1));
         acks.settle(1);
         acks.settle(1);
-        assert_eq!(acks.settled, 3);
+        assert_eq!(acks.settled.len(), 3);
         assert!(acks.batch_ready());
         acks.settle(99);
-        assert_eq!(acks.settled, 3);
+        assert_eq!(acks.settled.len(), 3);
     }
 
     #[test]
@@ -854,11 +1227,165 @@ mod tests {
         }
         acks.released(1);
         acks.released(1);
-        assert_eq!((acks.acked, acks.settled), (1, 0));
-        assert_eq!(acks.states[0], State::Acked);
+        assert_eq!((acks.pending.len(), acks.settled.len()), (2, 0));
         // A settled tag cannot be released afterwards: it is acked, never nacked too.
         acks.settle(2);
         acks.released(2);
-        assert_eq!((acks.acked, acks.settled), (1, 1));
+        assert_eq!((acks.pending.len(), acks.settled.len()), (1, 1));
+    }
+
+    #[test]
+    fn the_ack_window_stays_bounded_behind_a_head_that_never_settles() {
+        // Tag 1 never settles; 100,000 later deliveries settle behind it, and stragglers are
+        // acked one by one each time the window fills (as the flush tick does).
+        let window = 10;
+        let mut acks = Acks::new(3, window);
+        acks.delivered(1);
+        let mut acked_alone = 0;
+        for tag in 2..=100_001u64 {
+            acks.delivered(tag);
+            acks.settle(tag);
+            if acks.len() >= window {
+                // What `flush(.., true)` does without a channel.
+                acked_alone += acks.settled.len();
+                acks.settled.clear();
+            }
+            assert!(acks.len() <= window, "window grew to {}", acks.len());
+        }
+        assert_eq!(acks.pending.len(), 1);
+        assert!(acked_alone >= 99_990);
+    }
+
+    #[test]
+    fn a_head_overtaken_past_the_limit_is_stuck() {
+        let mut acks = Acks::new(1, 10);
+        acks.delivered(1);
+        acks.delivered(2);
+        // Old but not overtaken: a slow handler, not a stuck one.
+        assert_eq!(acks.stuck_head(Duration::ZERO), None);
+        acks.settle(2);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(acks.stuck_head(Duration::from_secs(60)), None);
+        assert_eq!(acks.stuck_head(Duration::ZERO).map(|(t, _)| t), Some(1));
+        acks.settle(1);
+        assert_eq!(acks.stuck_head(Duration::ZERO), None);
+    }
+
+    fn props_with_header(size: usize) -> BasicProperties {
+        let mut table = FieldTable::default();
+        table.insert("big".into(), text(&"x".repeat(size)));
+        table.insert("tenant".into(), text("acme"));
+        BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_expiration("5000".into())
+            .with_user_id("someone-else".into())
+            .with_correlation_id("c-1".into())
+            .with_priority(3)
+            .with_headers(table)
+    }
+
+    fn failure<'a>(error: &'a str) -> headers::Failure<'a> {
+        headers::Failure {
+            attempt: 2,
+            kind: FailureKind::Transient,
+            error,
+            exchange: "jobs",
+            routing_key: "job.created",
+            queue: "q",
+            consumer: "c",
+            host: "h",
+            now: "2026-01-01T00:00:00.000Z",
+        }
+    }
+
+    fn original<'a>(properties: &'a BasicProperties, body: &'a Bytes) -> Original<'a> {
+        Original {
+            exchange: "jobs",
+            routing_key: "job.created",
+            properties,
+            body,
+            attempt: 1,
+        }
+    }
+
+    fn header_of(p: &BasicProperties, key: &str) -> Option<crate::handler::HeaderValue> {
+        headers::from_table(p.headers().as_ref()).remove(key)
+    }
+
+    #[test]
+    fn copies_drop_expiration_and_user_id_and_keep_the_rest() {
+        let props = props_with_header(10);
+        let body = Bytes::from_static(b"b");
+        let Built::Fits(copy) =
+            build_copy(&original(&props, &body), &failure("boom"), 131_072, || {})
+        else {
+            panic!("a small copy fits")
+        };
+        assert_eq!(copy.expiration(), &None);
+        assert_eq!(copy.user_id(), &None);
+        assert_eq!(copy.message_id().as_ref().map(|s| s.as_str()), Some("m-1"));
+        assert_eq!(
+            copy.correlation_id().as_ref().map(|s| s.as_str()),
+            Some("c-1")
+        );
+        assert_eq!(copy.priority(), &Some(3));
+        assert_eq!(copy.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(
+            header_of(&copy, headers::ORIG_EXPIRATION).and_then(|v| v.as_text()),
+            Some("5000".into())
+        );
+        assert_eq!(
+            header_of(&copy, "tenant").and_then(|v| v.as_text()),
+            Some("acme".into())
+        );
+    }
+
+    #[test]
+    fn a_copy_over_frame_max_loses_bosun_error_bulk_first() {
+        let props = props_with_header(125_000);
+        let body = Bytes::new();
+        let long_error = "e".repeat(headers::MAX_ERROR_BYTES * 4);
+        let mut trimmed = false;
+        let Built::Fits(copy) = build_copy(
+            &original(&props, &body),
+            &failure(&long_error),
+            127_000,
+            || trimmed = true,
+        ) else {
+            panic!("fits once bosun-error is cut")
+        };
+        assert!(trimmed);
+        assert!(properties_size(&copy) <= 127_000 - HEADER_FRAME_OVERHEAD);
+        let error = header_of(&copy, headers::ERROR)
+            .and_then(|v| v.as_text())
+            .unwrap_or_default();
+        assert_eq!(error.len(), TRIMMED_ERROR_BYTES);
+        assert!(header_of(&copy, "big").is_some());
+    }
+
+    #[test]
+    fn a_copy_whose_own_headers_exceed_frame_max_is_invalid_with_what_fits() {
+        let props = props_with_header(130_900);
+        let body = Bytes::new();
+        let Built::Invalid(copy, why) =
+            build_copy(&original(&props, &body), &failure("boom"), 131_072, || {})
+        else {
+            panic!("a 130,900-byte header plus bosun's cannot fit 131,072")
+        };
+        assert!(why.contains("frame_max 131072"), "{why}");
+        assert!(properties_size(&copy) <= 131_072 - HEADER_FRAME_OVERHEAD);
+        assert!(header_of(&copy, "big").is_none());
+        assert_eq!(
+            header_of(&copy, "tenant").and_then(|v| v.as_text()),
+            Some("acme".into())
+        );
+        assert_eq!(
+            header_of(&copy, headers::HEADERS_TRUNCATED),
+            Some(crate::handler::HeaderValue::Int(1))
+        );
+        assert_eq!(
+            header_of(&copy, headers::ORIGINAL_ROUTING_KEY).and_then(|v| v.as_text()),
+            Some("job.created".into())
+        );
     }
 }

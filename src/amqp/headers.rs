@@ -37,6 +37,12 @@ pub const REPLAY_COUNT: &str = "bosun-replay-count";
 pub const TRUNCATED: &str = "bosun-truncated";
 /// On an `invalid` dead letter whose body was left out: the body's size in bytes.
 pub const BODY_SIZE: &str = "bosun-body-size";
+/// The original's `expiration` property (per-message TTL, milliseconds as text). Copies never
+/// carry `expiration` themselves: a dead letter must not expire in the dead-letter queue.
+pub const ORIG_EXPIRATION: &str = "bosun-orig-expiration";
+/// On a copy whose headers could not all fit one frame: how many of the original's headers
+/// were left out.
+pub const HEADERS_TRUNCATED: &str = "bosun-headers-truncated";
 
 /// `bosun-error` is cut to this many bytes: all headers must fit one AMQP frame.
 pub const MAX_ERROR_BYTES: usize = 2048;
@@ -213,6 +219,32 @@ pub fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// The exchange and routing key a delivery presents to handlers and routes.
+///
+/// A retry comes back to the queue through the default exchange with the queue's name as its
+/// routing key, and so does a replay; through the default exchange the routing key names only
+/// the queue. The first delivery's exchange and routing key, which bosun wrote into
+/// `bosun-original-*` when the message first failed, are what it was really published with.
+/// Any other delivery presents what it arrived with.
+pub fn presented<'a>(
+    table: Option<&'a FieldTable>,
+    exchange: &'a str,
+    routing_key: &'a str,
+) -> (&'a str, &'a str) {
+    if !exchange.is_empty() {
+        return (exchange, routing_key);
+    }
+    let original = |key: &str| match table.and_then(|t| t.inner().get(key)) {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    match (original(ORIGINAL_EXCHANGE), original(ORIGINAL_ROUTING_KEY)) {
+        (Some(e), Some(k)) => (e, k),
+        _ => (exchange, routing_key),
+    }
+}
+
 /// Adds the failure headers to a copy's table, keeping every header already there. The first
 /// failure time and the original exchange and routing key survive from earlier failures.
 pub fn add_failure(table: &mut FieldTable, failure: &Failure<'_>) {
@@ -294,6 +326,21 @@ mod tests {
             headers.get(ERROR_KIND),
             Some(&HeaderValue::String("transient".into()))
         );
+    }
+
+    #[test]
+    fn retries_and_replays_present_the_original_exchange_and_routing_key() {
+        let mut table = FieldTable::default();
+        table.insert(ORIGINAL_EXCHANGE.into(), text("jobs"));
+        table.insert(ORIGINAL_ROUTING_KEY.into(), text("job.created"));
+        // Back through the default exchange: the original is presented.
+        assert_eq!(presented(Some(&table), "", "q"), ("jobs", "job.created"));
+        // Published to a real exchange: what it arrived with, whatever its headers say.
+        assert_eq!(presented(Some(&table), "other", "x.y"), ("other", "x.y"));
+        // No bosun header: as delivered.
+        assert_eq!(presented(None, "", "q"), ("", "q"));
+        table.insert(ORIGINAL_ROUTING_KEY.into(), AMQPValue::LongLongInt(3));
+        assert_eq!(presented(Some(&table), "", "q"), ("", "q"));
     }
 
     #[test]

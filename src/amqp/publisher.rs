@@ -223,7 +223,7 @@ impl AmqpPublisher {
     }
 }
 
-async fn confirm_channel(connection: &Connection) -> Result<Channel, AmqpError> {
+pub(crate) async fn confirm_channel(connection: &Connection) -> Result<Channel, AmqpError> {
     let channel = connection
         .create_channel()
         .await

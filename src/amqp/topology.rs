@@ -6,7 +6,11 @@
 //!   `x-delivery-limit` above `max_attempts` (a crash-loop backstop, never the retry counter);
 //! - `Q.retry.<tier>`: one queue per delay tier with `x-message-ttl` and dead-lettering back to
 //!   `Q` through the default exchange; one queue per tier because a TTL only expires messages
-//!   at the head of a queue;
+//!   at the head of a queue. On quorum queues the hop back to `Q` is at-least-once
+//!   (`x-dead-letter-strategy = at-least-once`, which needs `x-overflow = reject-publish`): a
+//!   message whose TTL fires while `Q` is missing, full or leaderless stays in the tier until
+//!   `Q` takes it. Classic queues only dead-letter at most once: such a message is dropped by
+//!   the broker, which `bosun topology` says per tier;
 //! - `Q.dlq` (unless dead letters go to an exchange): durable.
 //!
 //! Declaring is idempotent. With `declare = false` every item is only checked passively.
@@ -40,7 +44,16 @@ pub struct QueueSpec {
     pub args: Vec<(&'static str, Arg)>,
     /// What the queue is for, in `bosun topology` output.
     pub role: &'static str,
+    /// What the broker guarantees for the queue's own dead-lettering, in `bosun topology`
+    /// output (retry tiers only).
+    pub guarantee: Option<&'static str>,
 }
+
+/// A quorum tier's hop back to `Q`.
+pub const AT_LEAST_ONCE_HOP: &str =
+    "hop back to the queue at-least-once: kept in the tier until the queue accepts it";
+/// A classic tier's hop back to `Q`.
+pub const AT_MOST_ONCE_HOP: &str = "hop back to the queue at-most-once: dropped by the broker if the queue is missing or refuses it when the TTL fires (use queue_type = \"quorum\" for at-least-once)";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExchangeSpec {
@@ -107,6 +120,7 @@ impl Topology {
                     name: dlq.clone(),
                     args: type_arg.clone().into_iter().collect(),
                     role: "dead letters",
+                    guarantee: None,
                 });
                 DeadLetterTarget {
                     exchange: String::new(),
@@ -143,10 +157,19 @@ impl Topology {
             ));
             args.push(("x-dead-letter-exchange", Arg::Text(String::new())));
             args.push(("x-dead-letter-routing-key", Arg::Text(q.clone())));
+            let guarantee = if amqp.queue_type == QueueType::Quorum {
+                // Without reject-publish the broker silently falls back to at-most-once.
+                args.push(("x-overflow", Arg::Text("reject-publish".into())));
+                args.push(("x-dead-letter-strategy", Arg::Text("at-least-once".into())));
+                AT_LEAST_ONCE_HOP
+            } else {
+                AT_MOST_ONCE_HOP
+            };
             queues.push(QueueSpec {
                 name: name.clone(),
                 args,
                 role: "retry delay",
+                guarantee: Some(guarantee),
             });
         }
         let mut args: Vec<(&'static str, Arg)> = type_arg.into_iter().collect();
@@ -172,6 +195,7 @@ impl Topology {
             name: q.clone(),
             args,
             role: "consumed",
+            guarantee: None,
         });
 
         let mut exchanges: Vec<ExchangeSpec> = Vec::new();
@@ -310,6 +334,9 @@ impl Topology {
                 if args.is_empty() { "" } else { ", " },
                 args.join(", ")
             );
+            if let Some(guarantee) = q.guarantee {
+                let _ = writeln!(out, "  {guarantee}");
+            }
         }
         for b in &self.bindings {
             let _ = writeln!(
@@ -444,6 +471,62 @@ mod tests {
             t.describe()
                 .contains("binding shop -> orders routing key \"order.*\"")
         );
+    }
+
+    #[test]
+    fn quorum_retry_tiers_hop_back_at_least_once() {
+        let (c, a) = consumer(
+            QueueType::Quorum,
+            AmqpDeadLetter::Queue("orders.dlq".into()),
+        );
+        let t = Topology::for_consumer(&c, &a);
+        for tier in t.queues.iter().filter(|q| q.role == "retry delay") {
+            assert!(
+                tier.args
+                    .contains(&("x-dead-letter-strategy", Arg::Text("at-least-once".into())))
+            );
+            assert!(
+                tier.args
+                    .contains(&("x-overflow", Arg::Text("reject-publish".into())))
+            );
+            assert_eq!(tier.guarantee, Some(AT_LEAST_ONCE_HOP));
+        }
+        // The consumed queue and the dead-letter queue keep their arguments: existing ones
+        // are not redeclared differently.
+        for q in t.queues.iter().filter(|q| q.role != "retry delay") {
+            assert!(!q.args.iter().any(|(k, _)| *k == "x-dead-letter-strategy"));
+            assert_eq!(q.guarantee, None);
+        }
+        let described = t.describe();
+        assert!(
+            described.contains("queue orders.retry.500ms") && described.contains(AT_LEAST_ONCE_HOP),
+            "{described}"
+        );
+    }
+
+    #[test]
+    fn classic_retry_tiers_say_their_hop_is_at_most_once() {
+        let (c, a) = consumer(
+            QueueType::Classic,
+            AmqpDeadLetter::Queue("orders.dlq".into()),
+        );
+        let t = Topology::for_consumer(&c, &a);
+        let tiers: Vec<&QueueSpec> = t
+            .queues
+            .iter()
+            .filter(|q| q.role == "retry delay")
+            .collect();
+        assert_eq!(tiers.len(), 2);
+        for tier in tiers {
+            assert!(
+                !tier
+                    .args
+                    .iter()
+                    .any(|(k, _)| *k == "x-dead-letter-strategy")
+            );
+            assert_eq!(tier.guarantee, Some(AT_MOST_ONCE_HOP));
+        }
+        assert!(t.describe().contains("at-most-once"));
     }
 
     #[test]

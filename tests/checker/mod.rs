@@ -1036,6 +1036,17 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             fault: Fault::BadInput,
         },
         Plan {
+            name: "amqp: dead letters of TTL messages with the dead-letter processor stopped",
+            path: Path_::Amqp,
+            messages: n(200),
+            rate,
+            sink: SinkBehaviour {
+                fail_rate: 0.5,
+                delay: Duration::ZERO,
+            },
+            fault: Fault::TtlDeadLetters,
+        },
+        Plan {
             name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size, headers nested 200 deep, 1e400 and 200 KB",
             path: Path_::Outbox,
             messages: n(300),
@@ -1069,6 +1080,16 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
         },
     ];
     if full {
+        // RabbitMQ retries an at-least-once dead-letter hop to a missing queue only after
+        // minutes: too long for CI.
+        plans.push(Plan {
+            name: "amqp: quorum Q deleted and re-declared while retry TTLs fire",
+            path: Path_::Amqp,
+            messages: n(100),
+            rate,
+            sink: ok,
+            fault: Fault::QuorumRedeclared,
+        });
         plans.push(Plan {
             name: "amqp: RabbitMQ stop_app/start_app",
             path: Path_::Amqp,

@@ -8,6 +8,8 @@ use nix::sys::signal::Signal;
 
 use super::*;
 
+pub mod amqp_contract;
+
 /// Which broker path a scenario exercises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path_ {
@@ -37,6 +39,11 @@ pub enum Fault {
     /// Bad input instead of a fault: amqp bodies of random bytes and huge non-UTF-8 header
     /// tables; outbox rows with unknown destinations and payloads over the broker's limit.
     BadInput,
+    /// amqp: messages with a per-message TTL dead-lettered, nothing reading the dead-letter
+    /// queue past their TTL.
+    TtlDeadLetters,
+    /// amqp: the quorum queue deleted and declared again while retry tiers' TTLs fire.
+    QuorumRedeclared,
 }
 
 #[derive(Clone, Debug)]
@@ -54,7 +61,11 @@ pub struct Plan {
 pub async fn run(bin: &Path, plan: &Plan) -> Row {
     let started = Instant::now();
     let result = match plan.path {
-        Path_::Amqp => amqp(bin, plan).await,
+        Path_::Amqp => match plan.fault {
+            Fault::TtlDeadLetters => amqp_contract::ttl_dead_letters(bin, plan).await,
+            Fault::QuorumRedeclared => amqp_contract::quorum_redeclared(bin, plan).await,
+            _ => amqp(bin, plan).await,
+        },
         Path_::Redis => redis_stream(bin, plan).await,
         Path_::Outbox => outbox(bin, plan).await,
         Path_::OutboxPerKey => outbox_per_key(bin, plan).await,
@@ -118,7 +129,9 @@ async fn inject(
     reload_text: &str,
 ) -> anyhow::Result<String> {
     match fault {
-        Fault::None | Fault::BadInput => Ok(String::new()),
+        Fault::None | Fault::BadInput | Fault::TtlDeadLetters | Fault::QuorumRedeclared => {
+            Ok(String::new())
+        }
         Fault::Kill => {
             daemon.stop_with(Signal::SIGKILL, Duration::from_secs(5))?;
             daemon.start()?;
