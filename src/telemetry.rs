@@ -159,6 +159,14 @@ fn describe() {
         "Pending entries found deleted from the stream, dropped from the pending list."
     );
     describe_counter!(
+        "bosun_amqp_copy_problems_total",
+        "amqp retry/dead-letter copies that needed care, by problem: refused by the broker on every try, bosun-error trimmed to fit frame_max, or headers over frame_max."
+    );
+    describe_counter!(
+        "bosun_amqp_stuck_deliveries_total",
+        "amqp sessions restarted over a delivery left unsettled far past its handler's timeout."
+    );
+    describe_counter!(
         "bosun_redis_invalid_retries_total",
         "Scheduled retries that could not be moved back to their stream (undecodable, oversized or malformed), dead-lettered as invalid."
     );
