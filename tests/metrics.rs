@@ -1,7 +1,8 @@
 //! `/metrics` of the real daemon against what reads it: every metric and label the alert
 //! rules (deploy/prometheus/alerts.yml, the PrometheusRule) and the Grafana dashboard use is
 //! exported, counters exist at 0 before their first increment, every family has HELP text,
-//! and a component removed by a reload leaves no series behind.
+//! docs/metrics.md lists exactly the families a daemon with every kind of component exports,
+//! with their types, and a component removed by a reload leaves no series behind.
 
 mod support;
 
@@ -691,4 +692,150 @@ fn broker_connected_counts_each_connected_consumer() {
         "one consumer left connected, the gauge reads {:?}",
         connected()
     );
+}
+
+/// The families docs/metrics.md lists, with their types.
+fn documented_families() -> BTreeMap<String, String> {
+    let path = repo().join("docs/metrics.md");
+    let text = std::fs::read_to_string(&path).expect("read docs/metrics.md");
+    let row = Regex::new(r"(?m)^\| `(bosun_[a-z0-9_]+)` \| ([a-z]+) \|").expect("regex");
+    let mut out = BTreeMap::new();
+    for c in row.captures_iter(&text) {
+        let previous = out.insert(c[1].to_owned(), c[2].to_owned());
+        assert!(previous.is_none(), "{} is listed twice", &c[1]);
+    }
+    out
+}
+
+/// Where the documented and exported families differ: missing on either side, or typed
+/// differently.
+fn family_differences(
+    documented: &BTreeMap<String, String>,
+    exported: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, kind) in documented {
+        match exported.get(name) {
+            None => out.push(format!("{name} is in docs/metrics.md but not exported")),
+            Some(k) if k != kind => out.push(format!(
+                "{name} is a {k} on /metrics, a {kind} in docs/metrics.md"
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in exported.keys() {
+        if !documented.contains_key(name) {
+            out.push(format!("{name} is exported but not in docs/metrics.md"));
+        }
+    }
+    out
+}
+
+#[test]
+fn docs_metrics_lists_every_exported_family_with_its_type() {
+    let names = Names::new();
+    let (trimmed, held) = (unique("metrics_trim"), unique("metrics_held"));
+    let (port, admin_port) = (free_port(), free_port());
+    let token = "0123456789abcdef0123456789abcdef0123456789abcdef";
+    // Every kind of component: the base config's amqp and redis consumers, outbox, archiving
+    // processor and http/exec/route handlers, plus the admin API, a trimmed stream and a
+    // processor without an archive.
+    let text = format!(
+        r#"{base}
+[http.admin]
+token_env = "BOSUN_METRICS_DOCS_TOKEN"
+listen = "127.0.0.1:{admin_port}"
+
+[handlers.quiet]
+kind = "noop"
+
+[consumers.{trimmed}]
+source = "cache"
+stream = "{trimmed}"
+group = "g"
+handler = "quiet"
+trim = {{ maxlen = 1, interval = "1s" }}
+
+[dead_letters.{held}]
+source = "cache"
+stream = "{held}"
+default_action = "drop"
+"#,
+        base = config(port, &names),
+    );
+    let file = ConfigFile::new(&text);
+    let daemon = Daemon::start_with_env(&file.path, port, &[("BOSUN_METRICS_DOCS_TOKEN", token)]);
+    assert!(
+        daemon.wait_ready(Duration::from_secs(90)),
+        "the daemon never became ready: {:?}",
+        daemon.get("/readyz")
+    );
+
+    // The two families that appear at their first increment: entries for `trim` to remove,
+    // and an entry the processor without an archive cannot read (no `payload`).
+    let mut redis = redis::Client::open(REDIS_URL)
+        .expect("redis client")
+        .get_connection()
+        .expect("connect to Redis");
+    for i in 0..5 {
+        let _: String = redis::cmd("XADD")
+            .arg(&trimmed)
+            .arg("*")
+            .arg("payload")
+            .arg(i)
+            .query(&mut redis)
+            .expect("XADD");
+    }
+    let _: String = redis::cmd("XADD")
+        .arg(&held)
+        .arg("*")
+        .arg("not-a-payload")
+        .arg("x")
+        .query(&mut redis)
+        .expect("XADD");
+
+    let documented = documented_families();
+    assert!(documented.len() > 30, "docs/metrics.md was not read");
+    let mut last = Vec::new();
+    let matched = wait_for(Duration::from_secs(90), || {
+        let scrape = scrape(&daemon)?;
+        let exported: BTreeMap<String, String> = scrape
+            .types
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("bosun_"))
+            .collect();
+        last = family_differences(&documented, &exported);
+        last.is_empty().then_some(())
+    });
+    assert!(
+        matched.is_some(),
+        "docs/metrics.md and /metrics differ:\n{}",
+        last.join("\n")
+    );
+}
+
+#[test]
+fn family_comparison_reports_missing_extra_and_mistyped_families() {
+    let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(n, k)| (n.to_string(), k.to_string()))
+            .collect()
+    };
+    let documented = map(&[
+        ("bosun_a", "counter"),
+        ("bosun_b", "gauge"),
+        ("bosun_c", "gauge"),
+    ]);
+    let exported = map(&[
+        ("bosun_a", "counter"),
+        ("bosun_b", "counter"),
+        ("bosun_d", "gauge"),
+    ]);
+    let diff = family_differences(&documented, &exported);
+    assert_eq!(diff.len(), 3, "{diff:#?}");
+    assert!(diff[0].contains("bosun_b is a counter"), "{diff:#?}");
+    assert!(diff[1].contains("bosun_c is in docs"), "{diff:#?}");
+    assert!(diff[2].contains("bosun_d is exported"), "{diff:#?}");
+    assert!(family_differences(&documented, &documented).is_empty());
 }
