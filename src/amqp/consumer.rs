@@ -48,15 +48,16 @@ use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions,
+    BasicPublishOptions, BasicQosOptions, ExchangeDeclareOptions,
 };
+use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use metrics::{Counter, Gauge};
 
 use super::publisher::{PERSISTENT, confirm_channel, confirmation, publish_error};
 use super::topology::Topology;
-use super::{AmqpError, connection, headers, limits, short};
+use super::{AmqpError, connection, headers, limits, short, soft_error};
 use crate::config::{
     AmqpBrokerConfig, AmqpConsumerConfig, BrokerConfig, ConsumerConfig, DeliveryLimits,
 };
@@ -399,6 +400,7 @@ impl Inner {
                 0 => usize::MAX,
                 max => max as usize,
             },
+            probe: tokio::sync::Mutex::new(None),
         };
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
@@ -550,6 +552,10 @@ struct Copies<'a> {
     channel: tokio::sync::Mutex<Channel>,
     /// The negotiated frame size: a copy's header frame must fit in it.
     frame_max: usize,
+    /// A channel for passive exchange checks before a copy goes to a named exchange: a
+    /// missing exchange closes this one, never the copy channel with other copies' confirms
+    /// still pending on it (which would then be sent again, as duplicates).
+    probe: tokio::sync::Mutex<Option<Channel>>,
 }
 
 impl Copies<'_> {
@@ -566,6 +572,38 @@ impl Copies<'_> {
                 .map_err(|e| e.to_string())?;
         }
         Ok(channel.clone())
+    }
+
+    /// True when the broker says `exchange` does not exist; false when it exists or cannot
+    /// be asked (the publish itself then finds out).
+    async fn exchange_missing(&self, exchange: &ShortString) -> bool {
+        let mut probe = self.probe.lock().await;
+        let channel = match probe.as_ref() {
+            Some(channel) if channel.status().connected() => channel.clone(),
+            _ => match self.connection.create_channel().await {
+                Ok(channel) => {
+                    *probe = Some(channel.clone());
+                    channel
+                }
+                Err(_) => return false,
+            },
+        };
+        let options = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel
+            .exchange_declare(
+                exchange.clone(),
+                ExchangeKind::Direct,
+                options,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => false,
+            Err(e) => matches!(soft_error(&e), Some((AMQPSoftError::NOTFOUND, _))),
+        }
     }
 }
 
@@ -906,18 +944,24 @@ impl Inner {
             let channel = copies.channel().await.map_err(|e| {
                 CopyFailure::Lost(format!("the {kind} copy could not be sent: {e}"))
             })?;
-            let result = match channel
-                .basic_publish(
-                    exchange_name.clone(),
-                    key.clone(),
-                    options,
-                    body,
-                    properties.clone(),
-                )
-                .await
-            {
-                Ok(confirm) => confirmation(confirm.await, exchange, routing_key, body.len()),
-                Err(e) => Err(publish_error(&e, exchange, body.len())),
+            let result = if !exchange.is_empty() && copies.exchange_missing(&exchange_name).await {
+                Err(PublishError::Unroutable(format!(
+                    "exchange `{exchange}` does not exist"
+                )))
+            } else {
+                match channel
+                    .basic_publish(
+                        exchange_name.clone(),
+                        key.clone(),
+                        options,
+                        body,
+                        properties.clone(),
+                    )
+                    .await
+                {
+                    Ok(confirm) => confirmation(confirm.await, exchange, routing_key, body.len()),
+                    Err(e) => Err(publish_error(&e, exchange, body.len())),
+                }
             };
             let error = match result {
                 Ok(()) => return Ok(()),
