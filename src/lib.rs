@@ -37,9 +37,11 @@ pub mod reload;
 pub mod resources;
 pub mod retry;
 pub mod runtime;
+pub mod secret;
 pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
+pub mod units;
 
 pub use handler::{Handler, Message, Outcome};
 pub use runtime::{Runtime, RuntimeBuilder};
