@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Ops;
-use super::consumer::{Inner, sleep_or_cancel};
+use super::dispatch::{Inner, sleep_or_cancel};
 
 /// How often due retries are looked for: the precision of retry delays.
 pub const MOVE_INTERVAL: Duration = Duration::from_millis(200);
