@@ -149,7 +149,13 @@ impl Component for RedisConsumer {
             helpers.clone(),
         ));
         let mover = tokio::spawn(super::retry::run(
-            inner.clone(),
+            super::retry::Mover {
+                name: inner.name.clone(),
+                config: inner.config.clone(),
+                retry_key: inner.retry_key.clone(),
+                scripts: inner.scripts.clone(),
+                invalid_retries: inner.metrics.invalid_retries.clone(),
+            },
             ops.clone(),
             helpers.clone(),
         ));
