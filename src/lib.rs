@@ -10,8 +10,9 @@
 //!
 //! How the pieces fit:
 //! - [`config`] loads and validates the file into a [`config::Config`];
-//! - [`runtime`] builds components from it and runs them under the [`supervisor`], which
-//!   restarts failed components, drains on SIGTERM and reloads on SIGHUP;
+//! - [`runtime`] builds components from it ([`components`], out of the shared [`resources`])
+//!   and runs them under the [`supervisor`], which restarts failed components, drains on
+//!   SIGTERM and reloads on SIGHUP ([`reload`]);
 //! - [`health`] and [`telemetry`] feed the HTTP listener in [`http`] (`/metrics`,
 //!   `/healthz`, `/readyz`);
 //! - [`cli`] is the `bosun` binary.
@@ -20,9 +21,11 @@
 
 pub mod amqp;
 pub mod cli;
+pub mod components;
 pub mod config;
 pub mod database;
 pub mod dead_letter;
+pub mod failure_headers;
 pub mod handler;
 pub mod health;
 pub mod http;
@@ -31,11 +34,14 @@ pub mod publish;
 pub mod redact;
 pub mod redis_streams;
 pub mod reload;
+pub mod resources;
 pub mod retry;
 pub mod runtime;
+pub mod secret;
 pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
+pub mod units;
 
 pub use handler::{Handler, Message, Outcome};
 pub use runtime::{Runtime, RuntimeBuilder};

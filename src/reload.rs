@@ -15,11 +15,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use futures::Stream;
 
+use crate::components::components_named;
 use crate::config::{self, BrokerConfig, Config, DatabaseConfig, Env, HandlerConfig};
 use crate::dead_letter::admin::AdminOps;
 use crate::dead_letter::ops::Ops;
 use crate::handler::HandlerKinds;
-use crate::runtime::{self, Resources};
+use crate::resources::{
+    Resources, consumer_component_name, dead_letter_component_name, outbox_component_name,
+};
 use crate::supervisor::{Changes, ReloadHook, SignalKind};
 
 /// Everything one component is built from. Equal inputs mean the running component can stay.
@@ -63,7 +66,7 @@ fn inputs(config: &Config) -> BTreeMap<String, Inputs> {
     let mut out = BTreeMap::new();
     for (name, consumer) in &config.consumers {
         out.insert(
-            runtime::consumer_component_name(name),
+            consumer_component_name(name),
             Inputs::Consumer {
                 consumer: consumer.clone(),
                 broker: config.brokers.get(&consumer.source).cloned(),
@@ -73,7 +76,7 @@ fn inputs(config: &Config) -> BTreeMap<String, Inputs> {
     }
     for (name, outbox) in &config.outboxes {
         out.insert(
-            runtime::outbox_component_name(name),
+            outbox_component_name(name),
             Inputs::Outbox {
                 outbox: outbox.clone(),
                 database: config.databases.get(&outbox.database).cloned(),
@@ -83,7 +86,7 @@ fn inputs(config: &Config) -> BTreeMap<String, Inputs> {
     }
     for (name, dl) in &config.dead_letters {
         out.insert(
-            runtime::dead_letter_component_name(name),
+            dead_letter_component_name(name),
             Inputs::DeadLetter {
                 dead_letter: dl.clone(),
                 broker: config.brokers.get(&dl.source).cloned(),
@@ -219,12 +222,9 @@ impl ReloadHook for ConfigReload {
             Ok(resources) => resources,
             Err(e) => return self.failed(&format!("{e:#}")),
         };
-        let wanted: BTreeSet<&String> = start.iter().collect();
-        let built = match runtime::components_for(&resources) {
-            Ok(all) => all
-                .into_iter()
-                .filter(|(name, _)| wanted.contains(name))
-                .collect(),
+        let wanted: BTreeSet<&str> = start.iter().map(String::as_str).collect();
+        let built = match components_named(&resources, |name| wanted.contains(name)) {
+            Ok(built) => built,
             Err(e) => return self.failed(&format!("{e:#}")),
         };
         tracing::info!(stop = %stop.join(", "), start = %start.join(", "), "configuration is valid; applying changes");

@@ -4,120 +4,21 @@
 //! This is also the library entry point: a Rust program builds a [`Runtime`] with its own
 //! handler kinds and components and runs it like the `bosun` binary does.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use futures::Stream;
-use sqlx::PgPool;
 
+use crate::components::components_for;
 use crate::config::{self, Config, ConfigError};
 use crate::handler::{FnKind, Handler, HandlerKind, HandlerKinds, OptionError};
 use crate::health::Health;
+use crate::resources::Resources;
 use crate::supervisor::{
     Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, SignalKind, Supervisor,
     SupervisorConfig,
 };
-
-/// Shared, already-built resources that components are constructed from.
-#[derive(Clone)]
-pub struct Resources {
-    pub config: Arc<Config>,
-    pub handlers: BTreeMap<String, Arc<dyn Handler>>,
-    pub databases: BTreeMap<String, PgPool>,
-}
-
-impl Resources {
-    pub fn new(config: Arc<Config>) -> anyhow::Result<Self> {
-        let handlers = crate::handler::build_all(&config.handlers)?;
-        let databases = crate::database::pools(&config.databases)?;
-        Ok(Self {
-            config,
-            handlers,
-            databases,
-        })
-    }
-
-    pub fn handler(&self, name: &str) -> anyhow::Result<Arc<dyn Handler>> {
-        self.handlers
-            .get(name)
-            .cloned()
-            .with_context(|| format!("handler `{name}` is not defined"))
-    }
-
-    pub fn database(&self, name: &str) -> anyhow::Result<PgPool> {
-        self.databases
-            .get(name)
-            .cloned()
-            .with_context(|| format!("database `{name}` is not defined"))
-    }
-}
-
-/// Name under which a consumer runs (and appears on `/readyz` and in metrics labels).
-pub fn consumer_component_name(name: &str) -> String {
-    format!("consumer:{name}")
-}
-
-/// Name under which an outbox relay runs.
-pub fn outbox_component_name(name: &str) -> String {
-    format!("outbox:{name}")
-}
-
-/// Name under which a dead-letter processor runs.
-pub fn dead_letter_component_name(name: &str) -> String {
-    format!("dead_letter:{name}")
-}
-
-/// Builds the components for every configured consumer, outbox and dead-letter processor.
-pub fn components_for(resources: &Resources) -> anyhow::Result<Vec<NamedComponent>> {
-    let config = &resources.config;
-    let mut components: Vec<NamedComponent> = Vec::new();
-    for (name, consumer) in &config.consumers {
-        let component = build_consumer(name, consumer, resources)
-            .with_context(|| format!("consumer `{name}`"))?;
-        components.push((consumer_component_name(name), component));
-    }
-    for name in config.outboxes.keys() {
-        let component = crate::outbox::component(name, resources)
-            .with_context(|| format!("outbox `{name}`"))?;
-        components.push((crate::outbox::component_name(name), Arc::new(component)));
-    }
-    for (name, dl) in &config.dead_letters {
-        let component = crate::dead_letter::processor::build(name, dl, resources)
-            .with_context(|| format!("dead-letter processor `{name}`"))?;
-        components.push((dead_letter_component_name(name), component));
-    }
-    Ok(components)
-}
-
-fn build_consumer(
-    name: &str,
-    consumer: &config::ConsumerConfig,
-    resources: &Resources,
-) -> anyhow::Result<Arc<dyn Component>> {
-    match &consumer.kind {
-        config::ConsumerKind::Amqp(amqp) => {
-            crate::amqp::consumer::build(name, consumer, amqp, resources)
-        }
-        config::ConsumerKind::Redis(redis) => {
-            let Some(config::BrokerConfig::Redis(broker)) =
-                resources.config.brokers.get(&consumer.source)
-            else {
-                anyhow::bail!("broker `{}` is not a redis broker", consumer.source);
-            };
-            let handler = resources.handler(&consumer.handler)?;
-            Ok(Arc::new(crate::redis_streams::RedisConsumer::new(
-                name,
-                consumer,
-                redis,
-                &consumer.source,
-                broker,
-                handler,
-            )))
-        }
-    }
-}
 
 /// Builds a [`Runtime`].
 #[derive(Default)]

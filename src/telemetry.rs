@@ -85,9 +85,42 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Dead-letter processor metric names, listed in README.md.
+pub mod dead_letter_metric {
+    /// Counter `{processor, action}`: dead letters settled, by the action that settled them.
+    pub const TOTAL: &str = "bosun_dead_letters_total";
+    /// Gauge `{processor}`: rows with status `archived`, sampled from the table.
+    pub const ARCHIVED: &str = "bosun_dead_letters_archived";
+    /// Counter `{processor}`: replay copies confirmed by the broker.
+    pub const REPLAYS: &str = "bosun_dead_letter_replays_total";
+    /// Counter `{processor, cause}`: dead letters a processor without an archive (or
+    /// fallback) had nowhere to put and left pending at their source.
+    pub const HELD: &str = "bosun_dead_letters_held_total";
+}
+
+fn describe_dead_letter_metrics() {
+    use dead_letter_metric as metric;
+    metrics::describe_counter!(
+        metric::TOTAL,
+        "Dead letters settled by a dead-letter processor, by action."
+    );
+    metrics::describe_gauge!(
+        metric::ARCHIVED,
+        "Archived dead letters waiting in the archive table (sampled)."
+    );
+    metrics::describe_counter!(
+        metric::HELD,
+        "Dead letters left pending at their source because they had nowhere to go, by cause."
+    );
+    metrics::describe_counter!(
+        metric::REPLAYS,
+        "Dead letters replayed to their original queue or stream (confirmed)."
+    );
+}
+
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    crate::dead_letter::describe_metrics();
+    describe_dead_letter_metrics();
     describe_gauge!(
         "bosun_build_info",
         "Always 1; the version label names the running build."

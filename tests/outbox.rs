@@ -14,7 +14,7 @@ use bosun::config::Config;
 use bosun::health::Health;
 use bosun::outbox::{OutboxComponent, PublisherSource, Schema};
 use bosun::publish::{OutgoingMessage, PublishError, Publisher};
-use bosun::runtime::Resources;
+use bosun::resources::Resources;
 use bosun::supervisor::{Component, ComponentContext};
 use futures::StreamExt as _;
 use lapin::options::{
@@ -191,7 +191,7 @@ impl Running {
     fn start(name: &str, component: Arc<dyn Component>) -> Self {
         let health = Health::default();
         let shutdown = CancellationToken::new();
-        let component_name = bosun::outbox::component_name(name);
+        let component_name = bosun::resources::outbox_component_name(name);
         let ctx = ComponentContext {
             name: component_name.clone(),
             shutdown: shutdown.clone(),
@@ -236,7 +236,7 @@ impl Running {
 /// Starts every configured outbox, as `bosun run` would.
 fn start_all(config: Config) -> Vec<Running> {
     let resources = Resources::new(Arc::new(config)).expect("resources");
-    bosun::runtime::components_for(&resources)
+    bosun::components::components_for(&resources)
         .expect("components")
         .into_iter()
         .map(|(name, component)| {

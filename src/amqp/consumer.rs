@@ -63,8 +63,8 @@ use crate::config::{
 };
 use crate::handler::{FailureKind, Handler, Message, Outcome, Source};
 use crate::publish::PublishError;
+use crate::resources::{Resources, consumer_component_name};
 use crate::retry::RetryPolicy;
-use crate::runtime::{Resources, consumer_component_name};
 use crate::supervisor::{Component, ComponentContext};
 
 /// First reconnect delay.

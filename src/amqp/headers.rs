@@ -1,51 +1,27 @@
 //! AMQP header tables: conversion to and from [`HeaderValue`], the attempt counter and the
-//! `bosun-*` failure headers added to retry and dead-letter copies.
-//!
-//! Header names are a compatibility boundary (dead-letter processors and people read them):
-//! keep them stable and documented in README.md.
+//! `bosun-*` failure headers ([`crate::failure_headers`]) added to retry and dead-letter
+//! copies.
 
 use std::collections::BTreeMap;
 
 use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString};
 
-use super::{AmqpError, limits, short};
+use super::{AmqpError, short};
 use crate::handler::{FailureKind, HeaderValue};
 
-/// The attempt the delivery is on (1 for the first). Counted by bosun, never from `x-death`.
-pub const ATTEMPT: &str = "bosun-attempt";
-/// RFC 3339 time of the first failure, kept across retries.
-pub const FIRST_FAILURE_AT: &str = "bosun-first-failure-at";
-/// RFC 3339 time of the latest failure.
-pub const LAST_FAILURE_AT: &str = "bosun-last-failure-at";
-/// The handler's reason, truncated to [`MAX_ERROR_BYTES`].
-pub const ERROR: &str = "bosun-error";
-/// `transient`, `permanent`, `exhausted` or `invalid`.
-pub const ERROR_KIND: &str = "bosun-error-kind";
-/// Exchange of the first delivery (retries come back through the default exchange).
-pub const ORIGINAL_EXCHANGE: &str = "bosun-original-exchange";
-/// Routing key of the first delivery.
-pub const ORIGINAL_ROUTING_KEY: &str = "bosun-original-routing-key";
-/// The queue the consumer read it from.
-pub const ORIGINAL_QUEUE: &str = "bosun-original-queue";
-/// The `[consumers.*]` name.
-pub const CONSUMER: &str = "bosun-consumer";
-/// Host name of the daemon that handled it.
-pub const HOST: &str = "bosun-host";
-/// Times a dead letter has been replayed.
-pub const REPLAY_COUNT: &str = "bosun-replay-count";
-/// On an `invalid` dead letter: what its copy left out (`headers`, `body`, comma-separated).
-pub const TRUNCATED: &str = "bosun-truncated";
-/// On an `invalid` dead letter whose body was left out: the body's size in bytes.
-pub const BODY_SIZE: &str = "bosun-body-size";
-/// The original's `expiration` property (per-message TTL, milliseconds as text). Copies never
-/// carry `expiration` themselves: a dead letter must not expire in the dead-letter queue.
-pub const ORIG_EXPIRATION: &str = "bosun-orig-expiration";
-/// On a copy whose headers could not all fit one frame: how many of the original's headers
-/// were left out.
-pub const HEADERS_TRUNCATED: &str = "bosun-headers-truncated";
+/// The `bosun-*` failure headers, defined in [`crate::failure_headers`].
+pub use crate::failure_headers::{
+    ATTEMPT, BODY_SIZE, CONSUMER, ERROR, ERROR_KIND, FIRST_FAILURE_AT, HEADERS_TRUNCATED, HOST,
+    LAST_FAILURE_AT, MAX_ERROR_BYTES, ORIG_EXPIRATION, ORIGINAL_EXCHANGE, ORIGINAL_QUEUE,
+    ORIGINAL_ROUTING_KEY, REPLAY_COUNT, TRUNCATED,
+};
 
-/// `bosun-error` is cut to this many bytes: all headers must fit one AMQP frame.
-pub const MAX_ERROR_BYTES: usize = 2048;
+/// Header tables and arrays nested deeper than this (the header table itself is level 1) make
+/// a delivery `invalid`; its dead-letter copy keeps the levels above and a marker instead.
+pub const MAX_HEADER_DEPTH: usize = 32;
+
+/// What replaces a value nested deeper than [`MAX_HEADER_DEPTH`] in a dead-letter copy.
+pub const REMOVED: &str = "(removed: nested deeper than 32 levels)";
 
 /// The headers of a delivery as handlers see them.
 pub fn from_table(table: Option<&FieldTable>) -> BTreeMap<String, HeaderValue> {
@@ -87,13 +63,13 @@ fn from_amqp(value: &AMQPValue) -> HeaderValue {
 }
 
 /// `value`, a table or array at nesting `level` (the header table is 1), as JSON; levels past
-/// [`limits::MAX_HEADER_DEPTH`] become a marker string, so the recursion is bounded whatever
+/// [`MAX_HEADER_DEPTH`] become a marker string, so the recursion is bounded whatever
 /// the table holds.
 fn to_json(value: &AMQPValue, level: usize) -> serde_json::Value {
     use serde_json::Value;
     match value {
-        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) if level > limits::MAX_HEADER_DEPTH => {
-            Value::String(limits::REMOVED.to_owned())
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) if level > MAX_HEADER_DEPTH => {
+            Value::String(REMOVED.to_owned())
         }
         AMQPValue::FieldArray(items) => Value::Array(
             items

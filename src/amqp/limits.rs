@@ -19,12 +19,9 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use super::headers;
 use crate::config::DeliveryLimits;
 
-/// Header tables and arrays nested deeper than this (the header table itself is level 1) make
-/// a delivery `invalid`; its dead-letter copy keeps the levels above and a marker instead.
-pub const MAX_HEADER_DEPTH: usize = 32;
-
-/// What replaces a value nested deeper than [`MAX_HEADER_DEPTH`] in a dead-letter copy.
-pub const REMOVED: &str = "(removed: nested deeper than 32 levels)";
+/// How deep header tables may nest, and the marker for what lies deeper: defined with the
+/// header conversion, which bounds its recursion by them.
+pub use super::headers::{MAX_HEADER_DEPTH, REMOVED};
 
 /// The prefetch count asked of the broker: the configured one, cut so that `prefetch` bodies
 /// of `max_message_size` fit `max_in_flight_bytes` (at least 1). A budget of `u64::MAX` cuts

@@ -7,9 +7,8 @@
 
 use std::collections::BTreeSet;
 
-use super::WarningKind;
+use super::issue::{Issue, WarningKind};
 use super::model::{Action, BrokerConfig, Config, ConsumerKind};
-use super::validate::Issue;
 
 fn at(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| (*s).to_owned()).collect()

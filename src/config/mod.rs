@@ -14,31 +14,29 @@
 //! original file (or to the environment variable that set it).
 
 mod interpolate;
+mod issue;
 mod lint;
 mod locate;
 pub mod model;
 pub mod raw;
 mod validate;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::RwLock;
 
+pub use crate::secret::{ENV_PREFIX, env_read_by_config, note_env_read};
+pub use crate::units::parse_duration;
 pub use interpolate::interpolate;
+pub use issue::{Issue, WarningKind};
 pub use locate::{Position, position};
 pub use model::*;
-pub use validate::{
-    Issue, Secrets, default_consumer_name, is_missing_secret, parse_duration, valid_sql_identifier,
-};
+pub use validate::{Secrets, default_consumer_name, is_missing_secret, valid_sql_identifier};
 
 use crate::handler::HandlerKinds;
 
 /// Files larger than this are refused before parsing: a config file is a few kilobytes.
 pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
-
-/// Prefix of environment variables that override file values.
-pub const ENV_PREFIX: &str = "BOSUN__";
 
 /// Where a problem is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,27 +198,6 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// Names of the environment variables configurations loaded in this process read (through
-/// `${VAR}`, `token_env`, or as `BOSUN__*` overrides). Child processes never inherit them.
-static CONFIG_ENV: RwLock<BTreeSet<String>> = RwLock::new(BTreeSet::new());
-
-/// Records that the configuration read environment variable `name`.
-pub fn note_env_read(name: &str) {
-    match CONFIG_ENV.write() {
-        Ok(mut names) => names.insert(name.to_owned()),
-        Err(poisoned) => poisoned.into_inner().insert(name.to_owned()),
-    };
-}
-
-/// Whether a configuration loaded in this process read environment variable `name`.
-pub fn env_read_by_config(name: &str) -> bool {
-    name.starts_with(ENV_PREFIX)
-        || match CONFIG_ENV.read() {
-            Ok(names) => names.contains(name),
-            Err(poisoned) => poisoned.into_inner().contains(name),
-        }
-}
-
 /// Whether reloads check the file's permissions like the start did (set by `bosun run`,
 /// unless `--allow-insecure-config`; off for programs embedding the library).
 static ENFORCE_PERMISSIONS: std::sync::atomic::AtomicBool =
@@ -300,17 +277,6 @@ pub struct Loaded {
 pub struct Warning {
     pub problem: ConfigProblem,
     pub kind: WarningKind,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WarningKind {
-    /// An unset `${VAR}` without default, an unset token variable, an unreadable token file.
-    MissingSecret,
-    /// A handler no consumer and no route uses.
-    UnusedHandler,
-    /// An amqp exchange an outbox or a dead-letter forward publishes to that no consumer
-    /// declares: it has to exist on the broker already.
-    UndeclaredExchange { broker: String, exchange: String },
 }
 
 /// Reads and validates the file at `path` for `bosun check`: missing secrets are warnings

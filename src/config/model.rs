@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::handler::HandlerFactory;
+pub use crate::handler::HandlerConfig;
 use crate::retry::RetryPolicy;
+pub use crate::secret::{Secret, SecretUrl};
 
 /// A validated configuration file.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,67 +58,6 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 /// Admin tokens shorter than this are refused: a short token can be guessed.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 32;
 
-/// A string that never shows itself in logs, errors or `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps `value`; it is also registered with [`crate::redact`], so that it is masked
-    /// in any text that leaves the process, wherever it turns up.
-    pub fn new(value: impl Into<String>) -> Self {
-        let value = value.into();
-        crate::redact::register(&value);
-        Self(value)
-    }
-    /// The secret itself: only for the place that uses it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// A connection URL whose password is masked wherever it is displayed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(url::Url);
-
-impl SecretUrl {
-    /// Wraps `url`; its password and secret query values are registered with
-    /// [`crate::redact`].
-    pub fn new(url: url::Url) -> Self {
-        crate::redact::register_url(&url);
-        Self(url)
-    }
-    /// The full URL, password included: only for the connecting code.
-    pub fn expose(&self) -> &str {
-        self.0.as_str()
-    }
-    pub fn url(&self) -> &url::Url {
-        &self.0
-    }
-    /// The URL with any password and the values of secret query parameters (`password`,
-    /// `sslpassword`, `token`, ...) replaced by `***`.
-    pub fn redacted(&self) -> String {
-        crate::redact::url(&self.0)
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TlsConfig {
     pub ca_file: Option<PathBuf>,
@@ -164,29 +103,6 @@ pub struct DatabaseConfig {
     pub url: SecretUrl,
     pub max_connections: u32,
     pub connect_timeout: Duration,
-}
-
-/// A handler entry: its kind, its options as written (for diffing) and the factory the kind
-/// parsed them into.
-#[derive(Clone)]
-pub struct HandlerConfig {
-    pub kind: String,
-    pub options: toml::Table,
-    pub factory: Arc<dyn HandlerFactory>,
-}
-
-impl PartialEq for HandlerConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind && self.options == other.options
-    }
-}
-
-impl fmt::Debug for HandlerConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HandlerConfig")
-            .field("kind", &self.kind)
-            .finish_non_exhaustive()
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

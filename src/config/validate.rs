@@ -9,17 +9,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::issue::Issue;
 use super::model::*;
 use super::raw::*;
 use crate::handler::HandlerKinds;
 use crate::retry::{Backoff, RetryPolicy};
-
-/// One problem found while validating, at a key path such as `consumers.orders.retry.initial`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Issue {
-    pub path: Vec<String>,
-    pub message: String,
-}
+use crate::units::{parse_duration, parse_size};
 
 /// Collects issues while walking the raw config.
 struct Checker<'a> {
@@ -352,37 +347,6 @@ impl Checker<'_> {
     }
 }
 
-/// Parses "500ms", "30s", "1m 30s", "2h"; a bare "0" is zero.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(text).map_err(|e| e.to_string())
-}
-
-/// A size: bytes, optionally with a `B`, `KiB`, `MiB` or `GiB` unit ("16MiB", "4096").
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => return Err(format!("unknown unit {other:?} (use B, KiB, MiB or GiB)")),
-    };
-    number
-        .checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 /// The default Redis consumer name: `$BOSUN_CONSUMER_NAME`, else the hostname (the pod name
 /// in Kubernetes). Stable across restarts, so a restarted process reads its own pending
 /// entries again; two live processes with one name are refused by the consumer's name lock.
@@ -704,7 +668,7 @@ fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
             None
         }
         (Some(var), None) => {
-            super::note_env_read(var);
+            crate::secret::note_env_read(var);
             match std::env::var(var) {
                 Ok(token) if !token.trim().is_empty() => {
                     strong_token(c, &["http", "admin", "token_env"], token.trim())

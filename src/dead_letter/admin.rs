@@ -28,7 +28,7 @@ use super::archive::{ListFilter, Selector};
 use super::ops::{MAX_IDS, Ops, parse_time, row_json};
 use super::publishers::Publishers;
 use crate::config::{Config, Secret};
-use crate::runtime::Resources;
+use crate::resources::Resources;
 
 /// Largest request body: a full id list ([`MAX_IDS`] ids) fits with room to spare.
 pub const MAX_BODY_BYTES: usize = 512 * 1024;

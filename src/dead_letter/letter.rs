@@ -18,16 +18,15 @@ use chrono::{DateTime, TimeZone as _, Utc};
 use crate::handler::{HeaderValue, Message};
 
 /// Header and field names bosun's consumers write; a compatibility boundary, listed in
-/// README.md. Defined where the consumers write them; gathered here for the reader.
+/// README.md, defined in [`crate::failure_headers`].
 pub mod names {
-    pub use crate::amqp::headers::{
-        ATTEMPT, CONSUMER, ERROR, ERROR_KIND, FIRST_FAILURE_AT, HOST, LAST_FAILURE_AT,
-        ORIGINAL_EXCHANGE, ORIGINAL_QUEUE, ORIGINAL_ROUTING_KEY, REPLAY_COUNT,
+    pub use crate::failure_headers::{
+        ATTEMPT, CONSUMER, DELIVERIES, ERROR, ERROR_KIND, FAILED_AT, FIRST_FAILURE_AT, GROUP, HOST,
+        LAST_FAILURE_AT, ORIG_ID, ORIG_STREAM, ORIGINAL_EXCHANGE, ORIGINAL_QUEUE,
+        ORIGINAL_ROUTING_KEY, REPLAY_COUNT,
     };
-    /// Redis Streams failure fields, and the producer's timestamp (a field of its own).
-    pub use crate::redis_streams::fields::{
-        DELIVERIES, FAILED_AT, GROUP, ORIG_ID, ORIG_STREAM, TIMESTAMP as TIMESTAMP_MS,
-    };
+    /// The producer's timestamp (a Redis Streams field of its own).
+    pub use crate::redis_streams::fields::TIMESTAMP as TIMESTAMP_MS;
 
     /// Failure bookkeeping that a replayed copy must not carry: the replay starts a fresh
     /// round of attempts, and the next failure writes its own.

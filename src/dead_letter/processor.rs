@@ -33,8 +33,8 @@ use crate::config::{
 };
 use crate::handler::{Handler, Message, Outcome, UNDECODABLE};
 use crate::health::HealthHandle;
+use crate::resources::{Resources, consumer_component_name, dead_letter_component_name};
 use crate::retry::RetryPolicy;
-use crate::runtime::{Resources, dead_letter_component_name};
 use crate::supervisor::{Component, ComponentContext};
 
 /// First wait after a failed effect; doubles up to [`BACKOFF_MAX`].
@@ -493,7 +493,7 @@ fn declaring_consumers(config: &config::Config, broker: &str, queue: &str) -> Ve
             matches!(&c.kind, ConsumerKind::Amqp(amqp)
                 if amqp.declare && matches!(&amqp.dead_letter, config::AmqpDeadLetter::Queue(q) if q == queue))
         })
-        .map(|(name, _)| crate::runtime::consumer_component_name(name))
+        .map(|(name, _)| consumer_component_name(name))
         .collect()
 }
 

@@ -109,7 +109,7 @@ impl InheritEnv {
             InheritEnv::All => true,
             InheritEnv::Allowlist => ALLOWED_ENV.contains(&name) || name.starts_with("LC_"),
         };
-        allowed && !crate::config::env_read_by_config(name)
+        allowed && !crate::secret::env_read_by_config(name)
     }
 }
 
@@ -697,7 +697,7 @@ mod tests {
 
     #[test]
     fn only_allowed_variables_pass_by_default_and_config_reads_never() {
-        crate::config::note_env_read("EXEC_TEST_READ_BY_CONFIG");
+        crate::secret::note_env_read("EXEC_TEST_READ_BY_CONFIG");
         for name in ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"] {
             assert!(InheritEnv::Allowlist.passes(name), "{name}");
         }

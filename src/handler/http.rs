@@ -22,7 +22,7 @@ use super::{
     BuildContext, FailureKind, Handler, HandlerFactory, HandlerKind, Message, OptionError, Outcome,
     max_concurrency_option, parse_options, timeout_option,
 };
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Prefix of the request headers that carry the message's own headers.
 pub const MESSAGE_HEADER_PREFIX: &str = "bosun-header-";
@@ -300,7 +300,7 @@ fn token(o: &HttpOptions) -> Result<Option<Secret>, OptionError> {
 /// The token variable's value; the variable is noted as one the configuration reads, so
 /// that child processes never inherit it.
 fn read_token_env(var: &str) -> Result<String, std::env::VarError> {
-    crate::config::note_env_read(var);
+    crate::secret::note_env_read(var);
     std::env::var(var)
 }
 

@@ -216,7 +216,7 @@ pub(crate) fn timeout_option(
     let Some(text) = value else {
         return Ok(default);
     };
-    match crate::config::parse_duration(text) {
+    match crate::units::parse_duration(text) {
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err(OptionError::new(&["timeout"], "must be longer than zero")),
         Err(e) => Err(OptionError::new(
@@ -351,9 +351,32 @@ impl Default for HandlerKinds {
     }
 }
 
+/// A handler entry: its kind, its options as written (for diffing) and the factory the kind
+/// parsed them into.
+#[derive(Clone)]
+pub struct HandlerConfig {
+    pub kind: String,
+    pub options: toml::Table,
+    pub factory: Arc<dyn HandlerFactory>,
+}
+
+impl PartialEq for HandlerConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.options == other.options
+    }
+}
+
+impl fmt::Debug for HandlerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerConfig")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds every configured handler, dependencies first.
 pub fn build_all(
-    handlers: &BTreeMap<String, crate::config::HandlerConfig>,
+    handlers: &BTreeMap<String, HandlerConfig>,
 ) -> anyhow::Result<BTreeMap<String, Arc<dyn Handler>>> {
     let mut built: BTreeMap<String, Arc<dyn Handler>> = BTreeMap::new();
     // Validation rejected cycles and dangling references, so repeated passes terminate.

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 
 use crate::config::OutboxConfig;
 use crate::publish::Publisher;
-use crate::runtime::Resources;
+use crate::resources::Resources;
 use crate::supervisor::{Component, ComponentContext};
 
 pub use publishers::publisher_source;
@@ -77,11 +77,6 @@ impl OutboxError {
 #[async_trait]
 pub trait PublisherSource: Send + Sync {
     async fn connect(&self) -> anyhow::Result<Arc<dyn Publisher>>;
-}
-
-/// Name under which an outbox relay runs (and appears on `/readyz`).
-pub fn component_name(name: &str) -> String {
-    format!("outbox:{name}")
 }
 
 /// The `application_name` of a relay's batch connection.

@@ -10,10 +10,11 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use super::{PublisherSource, component_name};
+use super::PublisherSource;
 use crate::config::{BrokerConfig, Config, OutboxConfig, RedisBrokerConfig};
 use crate::publish::Publisher;
 use crate::redis_streams::RedisPublisher;
+use crate::resources::outbox_component_name;
 
 /// The publisher source for `[outboxes.NAME]`, by the kind of its `target` broker.
 pub fn publisher_source(
@@ -25,7 +26,7 @@ pub fn publisher_source(
         .brokers
         .get(&outbox.target)
         .with_context(|| format!("broker `{}` is not defined", outbox.target))?;
-    let component = component_name(name);
+    let component = outbox_component_name(name);
     Ok(match broker {
         BrokerConfig::Redis(redis) => Arc::new(RedisSource {
             broker: redis.clone(),

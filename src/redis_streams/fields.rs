@@ -33,14 +33,11 @@ pub const CORRELATION_ID: &str = "correlation_id";
 pub const CONTENT_TYPE: &str = "content_type";
 /// Producer's timestamp (milliseconds since the Unix epoch); a header to the consumer.
 pub const TIMESTAMP: &str = "timestamp_ms";
-/// The failure names both brokers write, defined once with the AMQP headers.
-pub use crate::amqp::headers::{ATTEMPT, CONSUMER, ERROR, ERROR_KIND};
+/// The failure names this broker writes, defined once for both brokers.
+pub use crate::failure_headers::{
+    ATTEMPT, CONSUMER, DELIVERIES, ERROR, ERROR_KIND, FAILED_AT, GROUP, ORIG_ID, ORIG_STREAM,
+};
 
-pub const ORIG_STREAM: &str = "bosun-orig-stream";
-pub const ORIG_ID: &str = "bosun-orig-id";
-pub const GROUP: &str = "bosun-group";
-pub const DELIVERIES: &str = "bosun-deliveries";
-pub const FAILED_AT: &str = "bosun-failed-at";
 /// The original fields of an oversized entry, packed as netstrings (`<len>:<bytes>,`),
 /// name then value, in their order.
 pub const ORIG_FIELDS: &str = "bosun-orig-fields";

@@ -17,6 +17,7 @@
 
 pub mod claim;
 pub mod consumer;
+pub mod dispatch;
 pub mod fields;
 pub mod producer;
 pub mod retry;

@@ -7,13 +7,15 @@
 //! never blocks the members behind it. Every consumer of the stream runs a mover; the
 //! script makes concurrent movers safe.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use metrics::Counter;
 use tokio_util::sync::CancellationToken;
 
 use super::Ops;
-use super::consumer::{Inner, sleep_or_cancel};
+use super::dispatch::sleep_or_cancel;
+use super::scripts::Scripts;
+use crate::config::RedisConsumerConfig;
 
 /// How often due retries are looked for: the precision of retry delays.
 pub const MOVE_INTERVAL: Duration = Duration::from_millis(200);
@@ -25,8 +27,20 @@ const COPY_EXTRA_FIELDS: usize = 3;
 /// ...and the bytes of those fields and the packing around them.
 const COPY_EXTRA_BYTES: u64 = 64 << 10;
 
-pub(crate) async fn run(inner: Arc<Inner>, ops: Ops, stop: CancellationToken) {
-    let config = &inner.config;
+/// What the mover needs of its consumer.
+pub(crate) struct Mover {
+    /// The `[consumers.NAME]` name, for logs.
+    pub(crate) name: String,
+    pub(crate) config: RedisConsumerConfig,
+    /// `<stream>:retry`: the sorted set of scheduled retries.
+    pub(crate) retry_key: String,
+    pub(crate) scripts: Scripts,
+    /// `bosun_redis_invalid_retries_total` of the consumer.
+    pub(crate) invalid_retries: Counter,
+}
+
+pub(crate) async fn run(mover: Mover, ops: Ops, stop: CancellationToken) {
+    let config = &mover.config;
     let max_fields = config.limits.max_fields + COPY_EXTRA_FIELDS;
     let max_bytes = config.limits.max_bytes.saturating_add(COPY_EXTRA_BYTES);
     loop {
@@ -35,10 +49,10 @@ pub(crate) async fn run(inner: Arc<Inner>, ops: Ops, stop: CancellationToken) {
         }
         loop {
             let failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let cmd = inner
+            let cmd = mover
                 .scripts
                 .move_due
-                .call(&[&inner.retry_key, &config.stream, &config.dead_letter_stream])
+                .call(&[&mover.retry_key, &config.stream, &config.dead_letter_stream])
                 .arg(MOVE_BATCH)
                 .arg(max_fields)
                 .arg(max_bytes)
@@ -49,24 +63,24 @@ pub(crate) async fn run(inner: Arc<Inner>, ops: Ops, stop: CancellationToken) {
             match ops.query::<(i64, i64)>(&cmd).await {
                 Ok((handled, invalid)) => {
                     if invalid > 0 {
-                        inner.metrics.invalid_retries.increment(invalid as u64);
-                        tracing::warn!(consumer = %inner.name, invalid, dead_letter_stream = %config.dead_letter_stream, "scheduled retries that cannot be re-added were dead-lettered as invalid");
+                        mover.invalid_retries.increment(invalid as u64);
+                        tracing::warn!(consumer = %mover.name, invalid, dead_letter_stream = %config.dead_letter_stream, "scheduled retries that cannot be re-added were dead-lettered as invalid");
                     }
                     if handled > invalid {
-                        tracing::debug!(consumer = %inner.name, moved = handled - invalid, "due retries re-added to the stream");
+                        tracing::debug!(consumer = %mover.name, moved = handled - invalid, "due retries re-added to the stream");
                     }
                     if handled < MOVE_BATCH || stop.is_cancelled() {
                         break;
                     }
                 }
                 Err(e) if e.code() == Some("NOSCRIPT") => {
-                    if let Err(e) = inner.scripts.load(&ops).await {
-                        tracing::warn!(consumer = %inner.name, error = %e, "cannot load scripts");
+                    if let Err(e) = mover.scripts.load(&ops).await {
+                        tracing::warn!(consumer = %mover.name, error = %e, "cannot load scripts");
                     }
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(consumer = %inner.name, error = %e, "cannot move due retries");
+                    tracing::warn!(consumer = %mover.name, error = %e, "cannot move due retries");
                     break;
                 }
             }

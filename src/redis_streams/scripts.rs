@@ -167,6 +167,7 @@ return removed
 "#;
 
 /// A script and its SHA1, for EVALSHA inside pipelines.
+#[derive(Clone)]
 pub struct Lua {
     pub code: &'static str,
     pub hash: String,
@@ -192,6 +193,7 @@ impl Lua {
 }
 
 /// The scripts, hashed once.
+#[derive(Clone)]
 pub struct Scripts {
     pub retry: Lua,
     pub dead_letter: Lua,

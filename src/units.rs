@@ -1,0 +1,35 @@
+//! Durations and sizes as the configuration and handler options write them ("30s",
+//! "16MiB"). A leaf: both the configuration and the handlers parse with these.
+
+use std::time::Duration;
+
+/// Parses "500ms", "30s", "1m 30s", "2h"; a bare "0" is zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// A size: bytes, optionally with a `B`, `KiB`, `MiB` or `GiB` unit ("16MiB", "4096").
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (use B, KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
