@@ -2,7 +2,7 @@
 //! copies (AMQP headers, Redis Streams fields) and its dead-letter processors read back.
 //!
 //! A compatibility boundary (dead-letter processors and people read them): keep them stable
-//! and documented in README.md. Both brokers and the dead-letter code take them from here,
+//! and documented in docs/delivery-guarantees.md. Both brokers and the dead-letter code take them from here,
 //! so no broker module imports another.
 
 /// The attempt the delivery is on (1 for the first). Counted by bosun, never from `x-death`.

@@ -2,7 +2,7 @@
 //!
 //! Logs go through `tracing` as JSON lines or pretty text, filtered by `RUST_LOG` when set,
 //! else by `[service].log_level`. Metrics go to one process-wide Prometheus recorder that the
-//! HTTP server renders on `/metrics`. Metric names are listed in README.md.
+//! HTTP server renders on `/metrics`. Metric names are listed in docs/metrics.md.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, OnceLock};
@@ -85,7 +85,7 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Dead-letter processor metric names, listed in README.md.
+/// Dead-letter processor metric names, listed in docs/metrics.md.
 pub mod dead_letter_metric {
     /// Counter `{processor, action}`: dead letters settled, by the action that settled them.
     pub const TOTAL: &str = "bosun_dead_letters_total";

@@ -18,7 +18,7 @@ use chrono::{DateTime, TimeZone as _, Utc};
 use crate::handler::{HeaderValue, Message};
 
 /// Header and field names bosun's consumers write; a compatibility boundary, listed in
-/// README.md, defined in [`crate::failure_headers`].
+/// docs/delivery-guarantees.md, defined in [`crate::failure_headers`].
 pub mod names {
     pub use crate::failure_headers::{
         ATTEMPT, CONSUMER, DELIVERIES, ERROR, ERROR_KIND, FAILED_AT, FIRST_FAILURE_AT, GROUP, HOST,

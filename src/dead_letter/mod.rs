@@ -79,5 +79,5 @@ pub fn is_data_error(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Metric names, listed in README.md; described with the process-wide ones.
+/// Metric names, listed in docs/metrics.md; described with the process-wide ones.
 pub use crate::telemetry::dead_letter_metric as metric;
