@@ -114,6 +114,31 @@ queue = "{queue}"
     (text, port)
 }
 
+/// The attempts at which the handler saw message `id`, in order.
+fn attempts(running: &Running, id: &str) -> Vec<u32> {
+    running
+        .seen()
+        .iter()
+        .filter(|m| m.message_id.as_deref() == Some(id))
+        .map(|m| m.attempt)
+        .collect()
+}
+
+/// Whether `consumer` counts at least `minimum` refused copies within `WAIT`.
+async fn refusals_counted(running: &Running, consumer: &str, minimum: f64) -> bool {
+    let label = format!("consumer=\"{consumer}\"");
+    wait_for_async(WAIT, || async {
+        running
+            .metric(
+                "bosun_amqp_copy_problems_total",
+                &[&label, "problem=\"refused\""],
+            )
+            .filter(|v| *v >= minimum)
+    })
+    .await
+    .is_some()
+}
+
 async fn start(text: &str, port: u16, delay: Duration, answer: fn(&Message) -> Outcome) -> Running {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -1099,30 +1124,13 @@ async fn a_refused_copy_affects_only_its_own_message() {
         .await;
         ids.push(id);
     }
-    let attempts_of = |id: &str| -> Vec<u32> {
-        running
-            .seen()
-            .iter()
-            .filter(|m| m.message_id.as_deref() == Some(id))
-            .map(|m| m.attempt)
-            .collect()
-    };
+    let attempts_of = |id: &str| attempts(&running, id);
     assert!(
         wait_until(|| ids.iter().all(|id| attempts_of(id).len() >= 2)).await,
         "not every good message finished"
     );
-    let label = format!("consumer=\"{consumer}\"");
     assert!(
-        wait_for_async(WAIT, || async {
-            running
-                .metric(
-                    "bosun_amqp_copy_problems_total",
-                    &[&label, "problem=\"refused\""],
-                )
-                .filter(|v| *v >= 2.0)
-        })
-        .await
-        .is_some(),
+        refusals_counted(&running, &consumer, 2.0).await,
         "the refusals were never counted"
     );
     // The session was never torn down: no good message was handled twice on one attempt.
@@ -1209,14 +1217,7 @@ async fn retry_copy_over_frame_max_is_trimmed_or_dead_lettered_as_invalid_withou
     )
     .await;
     let dlq = format!("{queue}.dlq");
-    let attempts_of = |id: &str| -> Vec<u32> {
-        running
-            .seen()
-            .iter()
-            .filter(|m| m.message_id.as_deref() == Some(id))
-            .map(|m| m.attempt)
-            .collect()
-    };
+    let attempts_of = |id: &str| attempts(&running, id);
     assert!(
         wait_until(|| attempts_of("trim-1").len() >= 2 && attempts_of("plain-1").len() >= 2).await,
         "trim {:?} plain {:?}",
@@ -1369,30 +1370,13 @@ async fn a_copy_that_closes_the_channel_affects_only_its_own_message() {
         .await;
         ids.push(id);
     }
-    let attempts_of = |id: &str| -> Vec<u32> {
-        running
-            .seen()
-            .iter()
-            .filter(|m| m.message_id.as_deref() == Some(id))
-            .map(|m| m.attempt)
-            .collect()
-    };
+    let attempts_of = |id: &str| attempts(&running, id);
     assert!(
         wait_until(|| ids.iter().all(|id| attempts_of(id).len() >= 2)).await,
         "not every good message finished"
     );
-    let label = format!("consumer=\"{consumer}\"");
     assert!(
-        wait_for_async(WAIT, || async {
-            running
-                .metric(
-                    "bosun_amqp_copy_problems_total",
-                    &[&label, "problem=\"refused\""],
-                )
-                .filter(|v| *v >= 1.0)
-        })
-        .await
-        .is_some(),
+        refusals_counted(&running, &consumer, 1.0).await,
         "the refusal was never counted"
     );
     for id in &ids {
