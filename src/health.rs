@@ -95,11 +95,6 @@ impl Health {
         self.lock().clone()
     }
 
-    /// True when every registered component is ready.
-    pub fn all_ready(&self) -> bool {
-        self.lock().values().all(|c| c.ready)
-    }
-
     /// Called by the supervisor loop on every turn.
     pub fn beat(&self) {
         self.heartbeat_ms

@@ -3,45 +3,61 @@
 //! bosun reads one TOML file and runs, under one supervisor:
 //! - **consumers** of RabbitMQ queues and Redis Streams consumer groups, which hand each
 //!   message to a [`handler`] and settle it at its source only once its outcome is durable;
-//! - a **retry topology** ([`retry`]): delayed retries with backoff and a dead-letter
+//! - a **retry topology** (`retry`): delayed retries with backoff and a dead-letter
 //!   destination when attempts run out or a failure is permanent;
 //! - **outbox relays** that move rows committed to PostgreSQL onto a broker;
 //! - **dead-letter processors** that replay, archive or drop dead letters by rule.
 //!
 //! How the pieces fit:
 //! - [`config`] loads and validates the file into a [`config::Config`];
-//! - [`runtime`] builds components from it ([`components`], out of the shared [`resources`])
+//! - `runtime` builds components from it (`components`, out of the shared `resources`)
 //!   and runs them under the [`supervisor`], which restarts failed components, drains on
-//!   SIGTERM and reloads on SIGHUP ([`reload`]);
-//! - [`health`] and [`telemetry`] feed the HTTP listener in [`http`] (`/metrics`,
+//!   SIGTERM and reloads on SIGHUP (`reload`);
+//! - `health` and `telemetry` feed the HTTP listener in `http` (`/metrics`,
 //!   `/healthz`, `/readyz`);
 //! - [`cli`] is the `bosun` binary.
 //!
-//! The library can be embedded: build a [`Runtime`] with your own handler kinds.
+//! The library can be embedded: build a [`Runtime`] with your own handler kinds and
+//! components (docs/embedding.md). The public API is [`Runtime`] and [`RuntimeBuilder`], the
+//! [`handler`] API, [`supervisor::Component`], [`config`] loading, [`cli::main_with`],
+//! [`metrics_handle`] and [`OutboxSchema`]; every other module is crate-private.
 
-pub mod amqp;
+// The public API (see "API boundary" in ARCHITECTURE.md): what a program embedding bosun
+// uses. Everything else is crate-private, free to change without breaking embedders.
 pub mod cli;
-pub mod components;
 pub mod config;
-pub mod database;
-pub mod dead_letter;
-pub mod failure_headers;
 pub mod handler;
-pub mod health;
-pub mod http;
-pub mod outbox;
-pub mod publish;
-pub mod redact;
-pub mod redis_streams;
-pub mod reload;
-pub mod resources;
-pub mod retry;
-pub mod runtime;
-pub mod secret;
 pub mod supervisor;
-pub mod systemd;
-pub mod telemetry;
-pub mod units;
 
 pub use handler::{Handler, Message, Outcome};
+pub use outbox::Schema as OutboxSchema;
 pub use runtime::{Runtime, RuntimeBuilder};
+pub use telemetry::metrics_handle;
+
+mod amqp;
+mod components;
+mod database;
+mod dead_letter;
+mod failure_headers;
+mod health;
+mod http;
+mod outbox;
+mod publish;
+mod redact;
+mod redis_streams;
+mod reload;
+mod resources;
+mod retry;
+mod runtime;
+mod secret;
+mod systemd;
+mod telemetry;
+mod units;
+
+// Unit tests that drive a module against the real services share the integration tests'
+// helpers, and name the crate `bosun` as those tests do.
+#[cfg(test)]
+extern crate self as bosun;
+#[cfg(test)]
+#[path = "../tests/integration/support/mod.rs"]
+mod support;

@@ -43,7 +43,7 @@ pub struct ComponentContext {
 }
 
 /// A named component, as the supervisor is given it.
-pub type NamedComponent = (String, Arc<dyn Component>);
+pub(crate) type NamedComponent = (String, Arc<dyn Component>);
 
 /// Signals the supervisor acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub enum SignalKind {
 
 /// Components to stop and start, computed by a [`ReloadHook`].
 #[derive(Default)]
-pub struct Changes {
+pub(crate) struct Changes {
     /// Components to stop gracefully (removed or changed).
     pub stop: Vec<String>,
     /// Components to start once the stopped ones are gone (added or changed).
@@ -68,21 +68,10 @@ pub struct Changes {
 /// Called on SIGHUP (and on config-file change when watching). Returns what to change;
 /// `None` (an invalid file, or nothing changed) leaves every component running.
 #[async_trait]
-pub trait ReloadHook: Send {
+pub(crate) trait ReloadHook: Send {
     async fn reload(&mut self, running: &[String]) -> Option<Changes>;
     /// Called once the changes from the last `reload` are applied.
     async fn applied(&mut self) {}
-}
-
-/// A hook that only logs: for embedders that do not reload.
-pub struct NoReload;
-
-#[async_trait]
-impl ReloadHook for NoReload {
-    async fn reload(&mut self, _running: &[String]) -> Option<Changes> {
-        tracing::info!("reload requested, but this runtime has no reload hook");
-        None
-    }
 }
 
 /// Observes supervisor milestones (systemd notification uses this).
@@ -97,7 +86,7 @@ pub trait Lifecycle: Send {
 }
 
 /// A lifecycle that observes nothing.
-pub struct NoLifecycle;
+pub(crate) struct NoLifecycle;
 impl Lifecycle for NoLifecycle {}
 
 /// Tunables of the supervisor.
@@ -206,7 +195,7 @@ enum Phase {
     Draining,
 }
 
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     config: SupervisorConfig,
     health: Health,
     root: CancellationToken,
@@ -236,12 +225,6 @@ impl Supervisor {
             reload_in_progress: false,
             generations: 0,
         }
-    }
-
-    /// The root token: cancelled when shutdown begins. Infrastructure tasks (the HTTP
-    /// server) may watch it.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.root.clone()
     }
 
     fn spawn(&mut self, name: &str, component: Arc<dyn Component>) {
@@ -616,7 +599,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// The process's signals as a stream of [`SignalKind`] (SIGTERM, SIGINT, SIGQUIT, SIGHUP).
-pub fn os_signals() -> std::io::Result<impl Stream<Item = SignalKind> + Unpin + Send> {
+pub(crate) fn os_signals() -> std::io::Result<impl Stream<Item = SignalKind> + Unpin + Send> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
     let signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])?;
     Ok(signals
@@ -630,3 +613,6 @@ pub fn os_signals() -> std::io::Result<impl Stream<Item = SignalKind> + Unpin + 
         })
         .boxed())
 }
+
+#[cfg(test)]
+mod live_tests;

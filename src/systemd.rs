@@ -68,6 +68,7 @@ impl SystemdNotify {
     }
 
     /// True when a service manager listens.
+    #[cfg(test)]
     pub fn enabled(&self) -> bool {
         self.socket.is_some()
     }

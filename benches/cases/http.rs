@@ -16,7 +16,7 @@ const CONCURRENCY: usize = 64;
 const BODY_BYTES: usize = 200;
 
 pub async fn run() -> anyhow::Result<String> {
-    bosun::telemetry::metrics_handle();
+    bosun::metrics_handle();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let sink = axum::Router::new().route(

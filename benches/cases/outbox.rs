@@ -47,7 +47,7 @@ struct Table {
 impl Table {
     async fn new(pool: &PgPool, prefix: &str) -> anyhow::Result<Self> {
         let name = unique(prefix).to_lowercase();
-        bosun::outbox::Schema::new(&name, &name)?
+        bosun::OutboxSchema::new(&name, &name)?
             .migrate(pool)
             .await?;
         Ok(Self {

@@ -13,7 +13,7 @@ use crate::handler::{FailureKind, HeaderValue};
 pub use crate::failure_headers::{
     ATTEMPT, BODY_SIZE, CONSUMER, ERROR, ERROR_KIND, FIRST_FAILURE_AT, HEADERS_TRUNCATED, HOST,
     LAST_FAILURE_AT, MAX_ERROR_BYTES, ORIG_EXPIRATION, ORIGINAL_EXCHANGE, ORIGINAL_QUEUE,
-    ORIGINAL_ROUTING_KEY, REPLAY_COUNT, TRUNCATED,
+    ORIGINAL_ROUTING_KEY, TRUNCATED,
 };
 
 /// Header tables and arrays nested deeper than this (the header table itself is level 1) make

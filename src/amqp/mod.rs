@@ -15,8 +15,10 @@ pub mod limits;
 pub mod publisher;
 pub mod topology;
 
+#[cfg(test)]
+mod live_tests;
+
 pub use connection::connection_name;
-pub use consumer::{AmqpConsumer, AmqpConsumerSpec};
 pub use publisher::AmqpPublisher;
 pub use topology::Topology;
 

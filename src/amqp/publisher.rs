@@ -89,13 +89,10 @@ impl AmqpPublisher {
     }
 
     /// Sets the number of confirms outstanding at once (at least 1).
+    #[cfg(test)]
     pub fn with_window(mut self, window: usize) -> Self {
         self.window = window.max(1);
         self
-    }
-
-    pub fn window(&self) -> usize {
-        self.window
     }
 
     /// Opens the connection now rather than at the first publish, to report a bad URL early.

@@ -20,10 +20,10 @@ use clap::{Parser, Subcommand};
 use crate::Runtime;
 use crate::config::ConfigError;
 
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_FAILURE: u8 = 1;
-pub const EXIT_USAGE: u8 = 64;
-pub const EXIT_CONFIG: u8 = 78;
+pub(crate) const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_FAILURE: u8 = 1;
+pub(crate) const EXIT_USAGE: u8 = 64;
+pub(crate) const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
 #[command(
@@ -38,7 +38,7 @@ struct Cli {
 
 /// `--config`, shared by every command that reads the file.
 #[derive(clap::Args, Clone)]
-pub struct ConfigArg {
+pub(crate) struct ConfigArg {
     /// Path of the TOML configuration file.
     #[arg(
         long,
@@ -104,7 +104,7 @@ enum Command {
 
 /// A command's failure, mapped to an exit code.
 #[derive(Debug)]
-pub enum CliError {
+pub(crate) enum CliError {
     Config(ConfigError),
     Usage(String),
     Other(anyhow::Error),
@@ -171,7 +171,7 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
 }
 
 /// Runs an async command on a fresh multi-threaded runtime.
-pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, CliError> {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, CliError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -18,7 +18,6 @@ pub mod status {
     pub const SCHEDULED: &str = "scheduled";
     pub const REPLAYED: &str = "replayed";
     pub const FAILED: &str = "failed";
-    pub const PURGED: &str = "purged";
 }
 
 /// Scheduled replay attempts before a row that keeps failing ends `failed`.

@@ -24,6 +24,9 @@ pub mod processor;
 pub mod publishers;
 pub mod rules;
 
+#[cfg(test)]
+mod live_tests;
+
 use crate::publish::PublishError;
 
 /// What can go wrong while handling or operating on dead letters.

@@ -27,6 +27,7 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// The headers in `text` (the column's JSON text): strings, integers, floats and booleans
 /// keep their type; anything nested travels as JSON. `null` means no headers. The error
 /// says which bound was broken, for the row's `last_error`.
+#[cfg(test)]
 pub fn parse(text: &str) -> Result<BTreeMap<String, HeaderValue>, String> {
     parse_sized(text, text.len())
 }

@@ -19,6 +19,9 @@ pub mod relay;
 pub mod schema;
 pub mod store;
 
+#[cfg(test)]
+mod live_tests;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +35,7 @@ use crate::resources::Resources;
 use crate::supervisor::{Component, ComponentContext};
 
 pub use publishers::publisher_source;
-pub use relay::{BatchReport, Relay};
+pub use relay::Relay;
 pub use schema::Schema;
 
 /// What goes wrong in a relay; every variant is retried with backoff by the relay loop.

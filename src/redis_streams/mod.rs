@@ -24,6 +24,9 @@ pub mod retry;
 pub mod scripts;
 pub mod trim;
 
+#[cfg(test)]
+mod live_tests;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -34,7 +37,7 @@ use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError};
 use crate::config::RedisBrokerConfig;
 
 pub use consumer::RedisConsumer;
-pub use producer::{RedisPublisher, publish_fields};
+pub use producer::RedisPublisher;
 
 /// Errors of the Redis module.
 #[derive(Debug, thiserror::Error)]
@@ -79,14 +82,6 @@ pub enum Error {
 impl Error {
     pub(crate) fn command(command: &'static str) -> impl FnOnce(RedisError) -> Error {
         move |source| Error::Command { command, source }
-    }
-
-    /// The server error code (`NOGROUP`, `BUSYGROUP`, `NOSCRIPT`...), if any.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            Error::Command { source, .. } => source.code(),
-            _ => None,
-        }
     }
 }
 

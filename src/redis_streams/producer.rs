@@ -25,11 +25,6 @@ impl RedisPublisher {
         let ops = Ops::connect(broker, &client_name(name, "publish")).await?;
         Ok(Self { ops, maxlen })
     }
-
-    /// A publisher sharing an existing managed connection.
-    pub fn with_ops(ops: Ops, maxlen: Option<usize>) -> Self {
-        Self { ops, maxlen }
-    }
 }
 
 /// Starts an XADD to `stream`, trimming approximately when `maxlen` is set.

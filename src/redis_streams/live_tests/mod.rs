@@ -1,0 +1,4 @@
+//! The producer and stream trimming against a real Redis.
+
+mod producer;
+mod trim;

@@ -1,0 +1,33 @@
+//! The integration tests, in one test binary: each module drives bosun (the library through
+//! its public API, or the `bosun` binary) against the real services. One binary links bosun
+//! once; the tests run as threads of one process, so none of them may change process-wide
+//! state (environment variables, signal dispositions, the working directory) and every
+//! broker, database and metric name is unique to its test (`support::unique`).
+//!
+//! `cargo test --test integration MODULE::` runs one module, e.g. `outbox::` or `handlers::exec::`.
+
+mod checker;
+mod support;
+
+mod amqp;
+mod amqp_cli;
+mod artifacts;
+mod config;
+mod config_fuzz;
+mod daemon;
+mod dead_letters;
+mod docs;
+mod first_hour;
+mod handler_kinds;
+mod handlers;
+mod hostile_amqp;
+mod hostile_secrets;
+mod metrics;
+mod ops_cli;
+mod outbox;
+mod redis_producer;
+mod redis_streams;
+mod redis_tls;
+mod reliability;
+mod reload;
+mod systemd;
