@@ -18,20 +18,22 @@ mod issue;
 mod lint;
 mod locate;
 pub mod model;
-pub mod raw;
+pub(crate) mod raw;
 mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-pub use crate::secret::{ENV_PREFIX, env_read_by_config, note_env_read};
-pub use crate::units::parse_duration;
-pub use interpolate::interpolate;
+pub(crate) use crate::secret::{ENV_PREFIX, note_env_read};
+pub(crate) use crate::units::parse_duration;
+pub(crate) use interpolate::interpolate;
 pub use issue::{Issue, WarningKind};
-pub use locate::{Position, position};
+pub use locate::Position;
+pub(crate) use locate::position;
 pub use model::*;
-pub use validate::{Secrets, default_consumer_name, is_missing_secret, valid_sql_identifier};
+pub use validate::Secrets;
+pub(crate) use validate::{default_consumer_name, is_missing_secret, valid_sql_identifier};
 
 use crate::handler::HandlerKinds;
 
@@ -204,12 +206,12 @@ static ENFORCE_PERMISSIONS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
 /// Makes every later [`check_permissions_on_reload`] check the file (or not).
-pub fn enforce_permissions(on: bool) {
+pub(crate) fn enforce_permissions(on: bool) {
     ENFORCE_PERMISSIONS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// [`check_permissions`], when the process enforces it.
-pub fn check_permissions_on_reload(path: &Path) -> Result<(), ConfigError> {
+pub(crate) fn check_permissions_on_reload(path: &Path) -> Result<(), ConfigError> {
     if ENFORCE_PERMISSIONS.load(std::sync::atomic::Ordering::Relaxed) {
         check_permissions(path)
     } else {
@@ -219,7 +221,7 @@ pub fn check_permissions_on_reload(path: &Path) -> Result<(), ConfigError> {
 
 /// Refuses a configuration file that users other than its owner may change: whoever can
 /// write it chooses the commands `exec` handlers run and where messages go.
-pub fn check_permissions(path: &Path) -> Result<(), ConfigError> {
+pub(crate) fn check_permissions(path: &Path) -> Result<(), ConfigError> {
     use std::os::unix::fs::PermissionsExt as _;
     let origin = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| {
@@ -281,7 +283,7 @@ pub struct Warning {
 
 /// Reads and validates the file at `path` for `bosun check`: missing secrets are warnings
 /// unless `secrets` is `Required`.
-pub fn load_file_for_check(
+pub(crate) fn load_file_for_check(
     path: &Path,
     kinds: &HandlerKinds,
     env: &Env,
