@@ -30,7 +30,7 @@ pub mod handler;
 pub mod supervisor;
 
 pub use handler::{Handler, Message, Outcome};
-pub use outbox::Schema as OutboxSchema;
+pub use outbox::{OutboxError, Schema as OutboxSchema};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use telemetry::metrics_handle;
 

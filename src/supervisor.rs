@@ -20,7 +20,9 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::health::{Health, HealthHandle};
+use crate::health::Health;
+/// A component's readiness entry on `/readyz`, in its [`ComponentContext`].
+pub use crate::health::HealthHandle;
 
 /// A long-running part of the daemon: a consumer, a relay, a dead-letter processor.
 ///

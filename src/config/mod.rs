@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
+pub use crate::retry::{Backoff, RetryPolicy};
 pub(crate) use crate::secret::{ENV_PREFIX, note_env_read};
 pub(crate) use crate::units::parse_duration;
 pub(crate) use interpolate::interpolate;
