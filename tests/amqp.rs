@@ -1547,3 +1547,408 @@ bindings = [{{ exchange = "{exchange}", exchange_type = "topic", routing_key = "
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await;
 }
+
+/// A header of every AMQP field type, as another client may publish it, and what the handler
+/// is shown for each.
+fn every_field_type() -> Vec<(&'static str, AMQPValue, HeaderValue)> {
+    use lapin::types::{ByteArray, DecimalValue, FieldArray};
+    let mut inner = FieldTable::default();
+    inner.insert("deep".into(), AMQPValue::Boolean(true));
+    inner.insert("at".into(), AMQPValue::Timestamp(1_700_000_000));
+    let mut outer = FieldTable::default();
+    outer.insert("inner".into(), AMQPValue::FieldTable(inner));
+    outer.insert("n".into(), AMQPValue::ShortUInt(7));
+    vec![
+        ("t-bool", AMQPValue::Boolean(true), HeaderValue::Bool(true)),
+        ("t-i8", AMQPValue::ShortShortInt(-5), HeaderValue::Int(-5)),
+        (
+            "t-u8",
+            AMQPValue::ShortShortUInt(200),
+            HeaderValue::Int(200),
+        ),
+        ("t-i16", AMQPValue::ShortInt(-300), HeaderValue::Int(-300)),
+        (
+            "t-u16",
+            AMQPValue::ShortUInt(60_000),
+            HeaderValue::Int(60_000),
+        ),
+        (
+            "t-i32",
+            AMQPValue::LongInt(-70_000),
+            HeaderValue::Int(-70_000),
+        ),
+        (
+            "t-u32",
+            AMQPValue::LongUInt(4_000_000_000),
+            HeaderValue::Int(4_000_000_000),
+        ),
+        (
+            "t-i64",
+            AMQPValue::LongLongInt(-9_000_000_000),
+            HeaderValue::Int(-9_000_000_000),
+        ),
+        ("t-f32", AMQPValue::Float(1.5), HeaderValue::Float(1.5)),
+        ("t-f64", AMQPValue::Double(-2.25), HeaderValue::Float(-2.25)),
+        (
+            "t-decimal",
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 12_345,
+            }),
+            HeaderValue::Float(123.45),
+        ),
+        (
+            "t-text",
+            text_value("acme"),
+            HeaderValue::String("acme".into()),
+        ),
+        (
+            "t-text-not-utf8",
+            AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])),
+            HeaderValue::Bytes(vec![0xff, 0xfe]),
+        ),
+        (
+            "t-timestamp",
+            AMQPValue::Timestamp(1_700_000_000),
+            HeaderValue::Int(1_700_000_000),
+        ),
+        (
+            "t-bytes",
+            AMQPValue::ByteArray(ByteArray::from(vec![0u8, 1, 255])),
+            HeaderValue::Bytes(vec![0, 1, 255]),
+        ),
+        (
+            "t-void",
+            AMQPValue::Void,
+            HeaderValue::Json(serde_json::Value::Null),
+        ),
+        (
+            "t-array",
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::LongInt(1),
+                text_value("a"),
+                AMQPValue::Void,
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(false)])),
+            ])),
+            HeaderValue::Json(serde_json::json!([1, "a", null, [false]])),
+        ),
+        (
+            "t-table",
+            AMQPValue::FieldTable(outer),
+            HeaderValue::Json(serde_json::json!({
+                "inner": { "deep": true, "at": 1_700_000_000 },
+                "n": 7
+            })),
+        ),
+    ]
+}
+
+/// Publishes `body` through `ch` (another client than bosun's publisher) to `queue` with
+/// exactly `props`: no message id or persistence added.
+async fn publish_foreign(ch: &lapin::Channel, queue: &str, body: &[u8], props: BasicProperties) {
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "test message not routed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_message_without_id_keeps_a_derived_id_and_every_header_type_through_retry_and_dead_letter()
+ {
+    let (queue, consumer) = (unique("foreign"), unique("c_foreign"));
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "retry = { max_attempts = 2, tiers = [\"200ms\"] }",
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::retry("not yet")).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    let types = every_field_type();
+    let mut table = FieldTable::default();
+    for (name, value, _) in &types {
+        table.insert((*name).into(), value.clone());
+    }
+    // As a client that sets neither message_id nor persistence publishes it.
+    let props = BasicProperties::default()
+        .with_delivery_mode(1)
+        .with_timestamp(1_700_000_123)
+        .with_headers(table.clone());
+    publish_foreign(&ch, &queue, b"{\"from\":\"elsewhere\"}", props).await;
+    let dlq = format!("{queue}.dlq");
+    assert!(
+        wait_for_async(WAIT, || async {
+            depth(&ch, &dlq).await.filter(|d| *d == 1)
+        })
+        .await
+        .is_some(),
+        "never dead-lettered; the handler saw {:?}",
+        running.seen()
+    );
+    let seen = running.seen();
+    assert_eq!(seen.iter().map(|m| m.attempt).collect::<Vec<_>>(), [1, 2]);
+    let id = seen[0].message_id.clone().expect("a derived message id");
+    assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+    assert_eq!(seen[1].message_id.as_deref(), Some(id.as_str()));
+    for message in &seen {
+        for (name, _, shown) in &types {
+            assert_eq!(
+                message.headers.get(*name),
+                Some(shown),
+                "header {name} on attempt {}",
+                message.attempt
+            );
+        }
+    }
+    let dead = get_all(&ch, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    let p = &dead[0].properties;
+    assert_eq!(
+        p.message_id().as_ref().map(|m| m.as_str()),
+        Some(id.as_str())
+    );
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(*p.timestamp(), Some(1_700_000_123));
+    let copied = p.headers().clone().unwrap_or_default();
+    for (name, value, _) in &types {
+        assert_eq!(
+            copied.inner().get(*name),
+            Some(value),
+            "header {name} changed on its way through a retry into the dead letter"
+        );
+    }
+    assert_eq!(header(&dead[0], "bosun-attempt"), Some(HeaderValue::Int(2)));
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&ch, &[queue.clone(), dlq, format!("{queue}.retry.200ms")]).await;
+}
+
+/// The `x-death` entries of a delivery seen by the handler, as (queue, reason, count).
+fn deaths(message: &Message) -> Vec<(String, String, i64)> {
+    let Some(HeaderValue::Json(serde_json::Value::Array(entries))) = message.headers.get("x-death")
+    else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e["queue"].as_str().unwrap_or_default().to_owned(),
+                e["reason"].as_str().unwrap_or_default().to_owned(),
+                e["count"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_dead_lettered_elsewhere_starts_at_attempt_one_and_keeps_its_x_death() {
+    let (queue, consumer) = (unique("xdeath"), unique("c_xdeath"));
+    let foreign = unique("xdeath_foreign");
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "retry = { max_attempts = 3, tiers = [\"200ms\"] }",
+    );
+    let running = start(&text, port, Duration::ZERO, |m| {
+        if m.attempt < 2 {
+            Outcome::retry("again")
+        } else {
+            Outcome::dead_letter("enough")
+        }
+    })
+    .await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    // Another application's queue whose dead letters go to bosun's queue: every message
+    // expires there at once, and the broker dead-letters it with a real `x-death`.
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(0));
+    args.insert("x-dead-letter-exchange".into(), text_value(""));
+    args.insert("x-dead-letter-routing-key".into(), text_value(&queue));
+    ch.queue_declare(
+        foreign.as_str().into(),
+        QueueDeclareOptions::default(),
+        args,
+    )
+    .await
+    .expect("declare the foreign queue");
+    publish_foreign(
+        &ch,
+        &foreign,
+        b"expired elsewhere",
+        BasicProperties::default().with_timestamp(1_700_000_456),
+    )
+    .await;
+    // And a message whose publisher wrote an `x-death` of its own, with a large count.
+    let mut entry = FieldTable::default();
+    entry.insert("count".into(), AMQPValue::LongLongInt(7));
+    entry.insert("reason".into(), text_value("rejected"));
+    entry.insert("queue".into(), text_value("legacy.q"));
+    entry.insert("exchange".into(), text_value(""));
+    entry.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(vec![text_value("legacy.q")].into()),
+    );
+    entry.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+    let mut table = FieldTable::default();
+    table.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(entry)].into()),
+    );
+    publish_foreign(
+        &ch,
+        &queue,
+        b"died seven times",
+        BasicProperties::default().with_headers(table),
+    )
+    .await;
+    let dlq = format!("{queue}.dlq");
+    assert!(
+        wait_for_async(WAIT, || async {
+            depth(&ch, &dlq).await.filter(|d| *d == 2)
+        })
+        .await
+        .is_some(),
+        "never dead-lettered; the handler saw {:?}",
+        running.seen()
+    );
+    let seen = running.seen();
+    for body in [&b"expired elsewhere"[..], b"died seven times"] {
+        let mine: Vec<&Message> = seen.iter().filter(|m| m.body.as_ref() == body).collect();
+        assert_eq!(
+            mine.iter().map(|m| m.attempt).collect::<Vec<_>>(),
+            [1, 2],
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        let id = mine[0].message_id.clone().expect("a derived id");
+        assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+        assert_eq!(mine[1].message_id.as_deref(), Some(id.as_str()));
+    }
+    let first = |body: &[u8], attempt: u32| {
+        seen.iter()
+            .find(|m| m.body.as_ref() == body && m.attempt == attempt)
+            .map(deaths)
+            .unwrap_or_default()
+    };
+    // The other application's history reaches the handler on every attempt; the hop through
+    // bosun's retry tier is added by the broker beside it.
+    let elsewhere = (foreign.clone(), "expired".to_owned(), 1);
+    assert_eq!(
+        first(b"expired elsewhere", 1),
+        std::slice::from_ref(&elsewhere)
+    );
+    assert!(first(b"expired elsewhere", 2).contains(&elsewhere));
+    let legacy = ("legacy.q".to_owned(), "rejected".to_owned(), 7);
+    assert_eq!(first(b"died seven times", 1), std::slice::from_ref(&legacy));
+    assert!(first(b"died seven times", 2).contains(&legacy));
+    for dead in get_all(&ch, &dlq).await {
+        let kept = dead
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|t| t.inner().get("x-death").cloned());
+        let Some(AMQPValue::FieldArray(entries)) = kept else {
+            panic!("the dead letter lost x-death: {:?}", dead.properties);
+        };
+        let queues: Vec<String> = entries
+            .as_slice()
+            .iter()
+            .filter_map(|e| match e {
+                AMQPValue::FieldTable(t) => match t.inner().get("queue") {
+                    Some(AMQPValue::LongString(q)) => {
+                        Some(String::from_utf8_lossy(q.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert!(
+            queues.contains(&foreign) || queues.iter().any(|q| q == "legacy.q"),
+            "{queues:?}"
+        );
+        assert_eq!(header(&dead, "bosun-attempt"), Some(HeaderValue::Int(2)));
+        assert_eq!(
+            header(&dead, "bosun-error-kind").and_then(|v| v.as_text()),
+            Some("permanent".into())
+        );
+    }
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(
+        &ch,
+        &[queue.clone(), dlq, foreign, format!("{queue}.retry.200ms")],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_retry_count_header_sets_the_attempt_when_configured() {
+    let (queue, consumer) = (unique("legacy"), unique("c_legacy"));
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "attempt_header = \"x-retry-count\"\nretry = { max_attempts = 4, tiers = [\"200ms\"] }",
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::retry("down")).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    // As the earlier consumer republished its retries: the count of retries made so far.
+    for (id, count) in [("legacy-2", 2), ("legacy-0", 0)] {
+        let mut table = FieldTable::default();
+        table.insert("x-retry-count".into(), AMQPValue::LongLongInt(count));
+        table.insert("x-original-routing-key".into(), text_value("order.created"));
+        let props = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(table);
+        publish_foreign(&ch, &queue, b"retry me", props).await;
+    }
+    let dlq = format!("{queue}.dlq");
+    assert!(
+        wait_for_async(WAIT, || async {
+            depth(&ch, &dlq).await.filter(|d| *d == 2)
+        })
+        .await
+        .is_some(),
+        "never dead-lettered; the handler saw {:?}",
+        running.seen()
+    );
+    assert_eq!(attempts(&running, "legacy-2"), [3, 4]);
+    assert_eq!(attempts(&running, "legacy-0"), [1, 2, 3, 4]);
+    for dead in get_all(&ch, &dlq).await {
+        assert_eq!(header(&dead, "bosun-attempt"), Some(HeaderValue::Int(4)));
+        assert_eq!(
+            header(&dead, "bosun-error-kind").and_then(|v| v.as_text()),
+            Some("exhausted".into())
+        );
+        // bosun never rewrites the legacy header: it keeps what the earlier consumer wrote.
+        let expected = match dead.properties.message_id().as_ref().map(|m| m.as_str()) {
+            Some("legacy-2") => 2,
+            _ => 0,
+        };
+        assert_eq!(
+            dead.properties
+                .headers()
+                .as_ref()
+                .and_then(|t| t.inner().get("x-retry-count").cloned()),
+            Some(AMQPValue::LongLongInt(expected))
+        );
+    }
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&ch, &[queue.clone(), dlq, format!("{queue}.retry.200ms")]).await;
+}
