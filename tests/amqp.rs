@@ -1689,7 +1689,8 @@ async fn foreign_message_without_id_keeps_a_derived_id_and_every_header_type_thr
         .with_delivery_mode(1)
         .with_timestamp(1_700_000_123)
         .with_headers(table.clone());
-    publish_foreign(&ch, &queue, b"{\"from\":\"elsewhere\"}", props).await;
+    const BODY: &[u8] = b"{\"from\":\"elsewhere\"}";
+    publish_foreign(&ch, &queue, BODY, props.clone()).await;
     let dlq = format!("{queue}.dlq");
     assert!(
         wait_for_async(WAIT, || async {
@@ -1703,6 +1704,7 @@ async fn foreign_message_without_id_keeps_a_derived_id_and_every_header_type_thr
     let seen = running.seen();
     assert_eq!(seen.iter().map(|m| m.attempt).collect::<Vec<_>>(), [1, 2]);
     let id = seen[0].message_id.clone().expect("a derived message id");
+    assert_eq!(id, headers::message_id(&props, "", &queue, BODY));
     assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
     assert_eq!(seen[1].message_id.as_deref(), Some(id.as_str()));
     for message in &seen {
@@ -1951,4 +1953,99 @@ async fn a_legacy_retry_count_header_sets_the_attempt_when_configured() {
     }
     assert_eq!(running.stop().await, ExitStatus::Clean);
     cleanup(&ch, &[queue.clone(), dlq, format!("{queue}.retry.200ms")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_handler_sees_every_header_type_and_one_derived_id_on_each_attempt() {
+    let (queue, consumer) = (unique("fexec"), unique("c_fexec"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("seen.txt");
+    let port = free_port();
+    let script = format!(
+        "{{ echo \"id=$BOSUN_MESSAGE_ID attempt=$BOSUN_ATTEMPT\"; env | grep '^BOSUN_HEADER_T_' | LC_ALL=C sort; }} >> '{}'; [ \"$BOSUN_ATTEMPT\" -ge 2 ] || exit 75",
+        record.display()
+    );
+    let text = format!(
+        r#"
+[service]
+name = "{consumer}"
+shutdown_timeout = "10s"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[handlers.script]
+kind = "exec"
+command = ["/bin/sh", "-c", {script:?}]
+timeout = "10s"
+
+[consumers.{consumer}]
+source = "rabbit"
+handler = "script"
+queue = "{queue}"
+retry = {{ max_attempts = 3, tiers = ["200ms"] }}
+"#
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::Ack).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    let mut table = FieldTable::default();
+    for (name, value, _) in every_field_type() {
+        table.insert(name.into(), value);
+    }
+    let props = BasicProperties::default().with_headers(table);
+    publish_foreign(&ch, &queue, b"typed", props.clone()).await;
+    let lines = || {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(|| lines().iter().filter(|l| l.starts_with("id=")).count() >= 2).await,
+        "the script ran only {:?}",
+        lines()
+    );
+    let id = headers::message_id(&props, "", &queue, b"typed");
+    let shown = [
+        "BOSUN_HEADER_T_ARRAY=[1,\"a\",null,[false]]",
+        "BOSUN_HEADER_T_BOOL=true",
+        "BOSUN_HEADER_T_DECIMAL=123.45",
+        "BOSUN_HEADER_T_F32=1.5",
+        "BOSUN_HEADER_T_F64=-2.25",
+        "BOSUN_HEADER_T_I16=-300",
+        "BOSUN_HEADER_T_I32=-70000",
+        "BOSUN_HEADER_T_I64=-9000000000",
+        "BOSUN_HEADER_T_I8=-5",
+        "BOSUN_HEADER_T_TABLE={\"inner\":{\"at\":1700000000,\"deep\":true},\"n\":7}",
+        "BOSUN_HEADER_T_TEXT=acme",
+        "BOSUN_HEADER_T_TIMESTAMP=1700000000",
+        "BOSUN_HEADER_T_U16=60000",
+        "BOSUN_HEADER_T_U32=4000000000",
+        "BOSUN_HEADER_T_U8=200",
+        "BOSUN_HEADER_T_VOID=null",
+    ];
+    // Bytes that are not UTF-8 (`t-bytes`, `t-text-not-utf8`) are left out of the environment.
+    let mut expected = Vec::new();
+    for attempt in 1..=2 {
+        expected.push(format!("id={id} attempt={attempt}"));
+        expected.extend(shown.iter().map(|s| (*s).to_owned()));
+    }
+    assert_eq!(lines(), expected);
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    assert_eq!(depth(&ch, &queue).await, Some(0));
+    cleanup(
+        &ch,
+        &[
+            queue.clone(),
+            format!("{queue}.dlq"),
+            format!("{queue}.retry.200ms"),
+        ],
+    )
+    .await;
 }
