@@ -901,25 +901,13 @@ async fn publish_props(
     body: &[u8],
     props: BasicProperties,
 ) {
-    let confirm = ch
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            },
-            body,
-            props.with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(
-        confirm.is_ack() && confirm.take_message().is_none(),
-        "test message not routed"
-    );
+    publish_foreign(
+        ch,
+        (exchange, routing_key),
+        body,
+        props.with_delivery_mode(2),
+    )
+    .await;
 }
 
 fn text_value(s: &str) -> AMQPValue {
@@ -966,18 +954,14 @@ async fn dead_letter_copy_does_not_inherit_expiration() {
     cleanup(&ch, &default_queues(&queue)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retried_message_keeps_its_routing_key_through_a_route_and_an_exec_handler() {
-    let (queue, consumer) = (unique("rk"), unique("c_rk"));
-    let exchange = unique("jobs");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let record = dir.path().join("seen.txt");
-    let port = free_port();
+/// The service, http, broker and an exec handler `script` that appends what the shell
+/// commands `print` write to `record`, and fails every first attempt (exit 75: retry).
+fn exec_config(consumer: &str, port: u16, record: &std::path::Path, print: &str) -> String {
     let script = format!(
-        "echo \"$BOSUN_ATTEMPT $BOSUN_EXCHANGE $BOSUN_ROUTING_KEY\" >> '{}'; [ \"$BOSUN_ATTEMPT\" -ge 2 ] || exit 75",
+        "{{ {print}; }} >> '{}'; [ \"$BOSUN_ATTEMPT\" -ge 2 ] || exit 75",
         record.display()
     );
-    let text = format!(
+    format!(
         r#"
 [service]
 name = "{consumer}"
@@ -994,7 +978,34 @@ url = "{RABBIT_URL}"
 kind = "exec"
 command = ["/bin/sh", "-c", {script:?}]
 timeout = "10s"
+"#
+    )
+}
 
+/// The lines an [`exec_config`] handler recorded so far.
+fn recorded(record: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_message_keeps_its_routing_key_through_a_route_and_an_exec_handler() {
+    let (queue, consumer) = (unique("rk"), unique("c_rk"));
+    let exchange = unique("jobs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("seen.txt");
+    let port = free_port();
+    let head = exec_config(
+        &consumer,
+        port,
+        &record,
+        "echo \"$BOSUN_ATTEMPT $BOSUN_EXCHANGE $BOSUN_ROUTING_KEY\"",
+    );
+    let text = format!(
+        r#"{head}
 [handlers.drain]
 kind = "noop"
 
@@ -1022,13 +1033,7 @@ bindings = [{{ exchange = "{exchange}", exchange_type = "topic", routing_key = "
         BasicProperties::default().with_message_id("rk-1".into()),
     )
     .await;
-    let lines = || {
-        std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let lines = || recorded(&record);
     assert!(
         wait_until(|| lines().len() >= 2).await,
         "the script ran only {:?}: the retry was routed elsewhere",
@@ -1643,13 +1648,32 @@ fn every_field_type() -> Vec<(&'static str, AMQPValue, HeaderValue)> {
     ]
 }
 
-/// Publishes `body` through `ch` (another client than bosun's publisher) to `queue` with
-/// exactly `props`: no message id or persistence added.
-async fn publish_foreign(ch: &lapin::Channel, queue: &str, body: &[u8], props: BasicProperties) {
+/// Waits until `dlq` holds `count` messages; fails with what the handler saw.
+async fn dead_letters(running: &Running, ch: &lapin::Channel, dlq: &str, count: u32) {
+    assert!(
+        wait_for_async(WAIT, || async {
+            depth(ch, dlq).await.filter(|d| *d == count)
+        })
+        .await
+        .is_some(),
+        "never dead-lettered; the handler saw {:?}",
+        running.seen()
+    );
+}
+
+/// Publishes `body` through `ch` (another client than bosun's publisher) to `exchange` with
+/// `routing_key` and exactly `props` (no message id or persistence added), confirmed and
+/// routed.
+async fn publish_foreign(
+    ch: &lapin::Channel,
+    (exchange, routing_key): (&str, &str),
+    body: &[u8],
+    props: BasicProperties,
+) {
     let confirm = ch
         .basic_publish(
-            "".into(),
-            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             BasicPublishOptions {
                 mandatory: true,
                 immediate: false,
@@ -1690,17 +1714,9 @@ async fn foreign_message_without_id_keeps_a_derived_id_and_every_header_type_thr
         .with_timestamp(1_700_000_123)
         .with_headers(table.clone());
     const BODY: &[u8] = b"{\"from\":\"elsewhere\"}";
-    publish_foreign(&ch, &queue, BODY, props.clone()).await;
+    publish_foreign(&ch, ("", &queue), BODY, props.clone()).await;
     let dlq = format!("{queue}.dlq");
-    assert!(
-        wait_for_async(WAIT, || async {
-            depth(&ch, &dlq).await.filter(|d| *d == 1)
-        })
-        .await
-        .is_some(),
-        "never dead-lettered; the handler saw {:?}",
-        running.seen()
-    );
+    dead_letters(&running, &ch, &dlq, 1).await;
     let seen = running.seen();
     assert_eq!(seen.iter().map(|m| m.attempt).collect::<Vec<_>>(), [1, 2]);
     let id = seen[0].message_id.clone().expect("a derived message id");
@@ -1791,7 +1807,7 @@ async fn a_message_dead_lettered_elsewhere_starts_at_attempt_one_and_keeps_its_x
     .expect("declare the foreign queue");
     publish_foreign(
         &ch,
-        &foreign,
+        ("", &foreign),
         b"expired elsewhere",
         BasicProperties::default().with_timestamp(1_700_000_456),
     )
@@ -1814,21 +1830,13 @@ async fn a_message_dead_lettered_elsewhere_starts_at_attempt_one_and_keeps_its_x
     );
     publish_foreign(
         &ch,
-        &queue,
+        ("", &queue),
         b"died seven times",
         BasicProperties::default().with_headers(table),
     )
     .await;
     let dlq = format!("{queue}.dlq");
-    assert!(
-        wait_for_async(WAIT, || async {
-            depth(&ch, &dlq).await.filter(|d| *d == 2)
-        })
-        .await
-        .is_some(),
-        "never dead-lettered; the handler saw {:?}",
-        running.seen()
-    );
+    dead_letters(&running, &ch, &dlq, 2).await;
     let seen = running.seen();
     for body in [&b"expired elsewhere"[..], b"died seven times"] {
         let mine: Vec<&Message> = seen.iter().filter(|m| m.body.as_ref() == body).collect();
@@ -1918,18 +1926,10 @@ async fn a_legacy_retry_count_header_sets_the_attempt_when_configured() {
         let props = BasicProperties::default()
             .with_message_id(id.into())
             .with_headers(table);
-        publish_foreign(&ch, &queue, b"retry me", props).await;
+        publish_foreign(&ch, ("", &queue), b"retry me", props).await;
     }
     let dlq = format!("{queue}.dlq");
-    assert!(
-        wait_for_async(WAIT, || async {
-            depth(&ch, &dlq).await.filter(|d| *d == 2)
-        })
-        .await
-        .is_some(),
-        "never dead-lettered; the handler saw {:?}",
-        running.seen()
-    );
+    dead_letters(&running, &ch, &dlq, 2).await;
     assert_eq!(attempts(&running, "legacy-2"), [3, 4]);
     assert_eq!(attempts(&running, "legacy-0"), [1, 2, 3, 4]);
     for dead in get_all(&ch, &dlq).await {
@@ -1961,28 +1961,14 @@ async fn an_exec_handler_sees_every_header_type_and_one_derived_id_on_each_attem
     let dir = tempfile::tempdir().expect("tempdir");
     let record = dir.path().join("seen.txt");
     let port = free_port();
-    let script = format!(
-        "{{ echo \"id=$BOSUN_MESSAGE_ID attempt=$BOSUN_ATTEMPT\"; env | grep '^BOSUN_HEADER_T_' | LC_ALL=C sort; }} >> '{}'; [ \"$BOSUN_ATTEMPT\" -ge 2 ] || exit 75",
-        record.display()
+    let head = exec_config(
+        &consumer,
+        port,
+        &record,
+        "echo \"id=$BOSUN_MESSAGE_ID attempt=$BOSUN_ATTEMPT\"; env | grep '^BOSUN_HEADER_T_' | LC_ALL=C sort",
     );
     let text = format!(
-        r#"
-[service]
-name = "{consumer}"
-shutdown_timeout = "10s"
-
-[http]
-listen = "127.0.0.1:{port}"
-
-[brokers.rabbit]
-kind = "amqp"
-url = "{RABBIT_URL}"
-
-[handlers.script]
-kind = "exec"
-command = ["/bin/sh", "-c", {script:?}]
-timeout = "10s"
-
+        r#"{head}
 [consumers.{consumer}]
 source = "rabbit"
 handler = "script"
@@ -1998,14 +1984,8 @@ retry = {{ max_attempts = 3, tiers = ["200ms"] }}
         table.insert(name.into(), value);
     }
     let props = BasicProperties::default().with_headers(table);
-    publish_foreign(&ch, &queue, b"typed", props.clone()).await;
-    let lines = || {
-        std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    publish_foreign(&ch, ("", &queue), b"typed", props.clone()).await;
+    let lines = || recorded(&record);
     assert!(
         wait_until(|| lines().iter().filter(|l| l.starts_with("id=")).count() >= 2).await,
         "the script ran only {:?}",
@@ -2038,14 +2018,8 @@ retry = {{ max_attempts = 3, tiers = ["200ms"] }}
     }
     assert_eq!(lines(), expected);
     assert_eq!(running.stop().await, ExitStatus::Clean);
-    assert_eq!(depth(&ch, &queue).await, Some(0));
-    cleanup(
-        &ch,
-        &[
-            queue.clone(),
-            format!("{queue}.dlq"),
-            format!("{queue}.retry.200ms"),
-        ],
-    )
-    .await;
+    let settled = depth(&ch, &queue).await;
+    let tier = format!("{queue}.retry.200ms");
+    cleanup(&ch, &[queue.clone(), format!("{queue}.dlq"), tier]).await;
+    assert_eq!(settled, Some(0));
 }
