@@ -1805,13 +1805,8 @@ async fn a_message_dead_lettered_elsewhere_starts_at_attempt_one_and_keeps_its_x
     )
     .await
     .expect("declare the foreign queue");
-    publish_foreign(
-        &ch,
-        ("", &foreign),
-        b"expired elsewhere",
-        BasicProperties::default().with_timestamp(1_700_000_456),
-    )
-    .await;
+    let expired = BasicProperties::default().with_timestamp(1_700_000_456);
+    publish_foreign(&ch, ("", &foreign), b"expired elsewhere", expired.clone()).await;
     // And a message whose publisher wrote an `x-death` of its own, with a large count.
     let mut entry = FieldTable::default();
     entry.insert("count".into(), AMQPValue::LongLongInt(7));
@@ -1850,6 +1845,21 @@ async fn a_message_dead_lettered_elsewhere_starts_at_attempt_one_and_keeps_its_x
         assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
         assert_eq!(mine[1].message_id.as_deref(), Some(id.as_str()));
     }
+    // Derived from where it was first published, not from the dead-letter hop that brought
+    // it here.
+    let expired_id = seen
+        .iter()
+        .find(|m| m.body.as_ref() == b"expired elsewhere")
+        .and_then(|m| m.message_id.clone());
+    assert_eq!(
+        expired_id,
+        Some(headers::message_id(
+            &expired,
+            "",
+            &foreign,
+            b"expired elsewhere"
+        ))
+    );
     let first = |body: &[u8], attempt: u32| {
         seen.iter()
             .find(|m| m.body.as_ref() == body && m.attempt == attempt)

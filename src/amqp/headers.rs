@@ -182,12 +182,13 @@ fn integer(value: &AMQPValue) -> Option<i64> {
 pub const DERIVED_ID_PREFIX: &str = "derived-";
 
 /// The id of a delivery: its `message_id` property when it has a non-empty one, else one
-/// derived from what the publisher sent and the broker keeps on a redelivery, so the same
-/// message gets the same id every time it is delivered: `derived-` and the first 32 hex
-/// digits (128 bits) of the SHA-256 of the exchange and routing key it was delivered with,
-/// its `timestamp` property, its `correlation_id` property and its body (each length-prefixed,
-/// absent properties marked as such). Copies bosun makes carry it as their `message_id`, so
-/// every later attempt and the dead letter keep it.
+/// derived from what the publisher sent and the broker keeps on a redelivery and on its own
+/// dead-lettering, so the same message gets the same id every time it is delivered:
+/// `derived-` and the first 32 hex digits (128 bits) of the SHA-256 of the exchange and
+/// routing key it was published with ([`published_with`]), its `timestamp` property, its
+/// `correlation_id` property and its body (each length-prefixed, absent properties marked as
+/// such). Copies bosun makes carry it as their `message_id`, so every later attempt and the
+/// dead letter keep it.
 pub fn message_id(
     properties: &lapin::BasicProperties,
     exchange: &str,
@@ -211,6 +212,8 @@ pub fn message_id(
         }
         None => hasher.update([0]),
     };
+    let (exchange, routing_key) =
+        published_with(properties.headers().as_ref(), exchange, routing_key);
     field(Some(b"bosun-message-id-v1"));
     field(Some(exchange.as_bytes()));
     field(Some(routing_key.as_bytes()));
@@ -225,6 +228,49 @@ pub fn message_id(
     field(Some(body));
     let digest = hasher.finalize();
     format!("{DERIVED_ID_PREFIX}{}", hex::encode(&digest[..16]))
+}
+
+/// The exchange and routing key a message was first published with. A message the broker
+/// dead-lettered arrives with the dead-letter exchange and routing key; its `x-death` record
+/// keeps the original ones: `x-first-death-exchange`, and the first routing key of the
+/// `x-death` entry of `x-first-death-queue`. Without a complete record, as delivered.
+fn published_with<'a>(
+    table: Option<&'a FieldTable>,
+    exchange: &'a str,
+    routing_key: &'a str,
+) -> (&'a str, &'a str) {
+    let as_text = |value: Option<&'a AMQPValue>| match value {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    let Some(table) = table else {
+        return (exchange, routing_key);
+    };
+    let get = |key: &str| table.inner().get(key);
+    let (Some(first_exchange), Some(first_queue), Some(AMQPValue::FieldArray(deaths))) = (
+        as_text(get("x-first-death-exchange")),
+        as_text(get("x-first-death-queue")),
+        get("x-death"),
+    ) else {
+        return (exchange, routing_key);
+    };
+    let first_key = deaths.as_slice().iter().rev().find_map(|death| {
+        let AMQPValue::FieldTable(death) = death else {
+            return None;
+        };
+        if as_text(death.inner().get("queue")) != Some(first_queue) {
+            return None;
+        }
+        match death.inner().get("routing-keys") {
+            Some(AMQPValue::FieldArray(keys)) => as_text(keys.as_slice().first()),
+            _ => None,
+        }
+    });
+    match first_key {
+        Some(key) => (first_exchange, key),
+        None => (exchange, routing_key),
+    }
 }
 
 /// What a retry or dead-letter copy records about the failure.
@@ -401,6 +447,34 @@ mod tests {
         ] {
             assert_ne!(other, id);
         }
+        // Dead-lettered by the broker on its way: the record names where it was published.
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), text("elsewhere"));
+        death.insert("reason".into(), text("expired"));
+        death.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(vec![text("order.created"), text("cc.key")].into()),
+        );
+        let mut other = FieldTable::default();
+        other.insert("queue".into(), text("orders.retry.1s"));
+        let mut record = FieldTable::default();
+        record.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![AMQPValue::FieldTable(other), AMQPValue::FieldTable(death)].into(),
+            ),
+        );
+        record.insert("x-first-death-exchange".into(), text("orders"));
+        record.insert("x-first-death-queue".into(), text("elsewhere"));
+        let dead = plain.clone().with_headers(record.clone());
+        assert_eq!(message_id(&dead, "dlx", "q", b"{}"), id);
+        // An incomplete record: as delivered.
+        record.insert("x-first-death-queue".into(), text("unknown"));
+        let dead = plain.clone().with_headers(record);
+        assert_eq!(
+            message_id(&dead, "dlx", "q", b"{}"),
+            message_id(&plain, "dlx", "q", b"{}")
+        );
         // A message id of its own, when not empty, is used as it is.
         let named = plain.clone().with_message_id("m-1".into());
         assert_eq!(message_id(&named, "orders", "order.created", b"{}"), "m-1");
