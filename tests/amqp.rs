@@ -2033,3 +2033,53 @@ retry = {{ max_attempts = 3, tiers = ["200ms"] }}
     cleanup(&ch, &[queue.clone(), format!("{queue}.dlq"), tier]).await;
     assert_eq!(settled, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_id_keeps_its_derived_id_on_every_redelivery_and_after_the_broker_dead_letters_it()
+ {
+    let (queue, consumer) = (unique("redeliver"), unique("c_redeliver"));
+    // One attempt: the quorum queue's delivery limit (max_attempts + 10) is reached by
+    // releases alone, and the broker itself moves the message into the dead-letter queue.
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "queue_type = \"quorum\"\nretry = { max_attempts = 1 }",
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::Release {
+        reason: "not mine yet".into(),
+    })
+    .await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    let published = BasicProperties::default()
+        .with_timestamp(1_700_000_789)
+        .with_correlation_id("corr-r".into());
+    publish_foreign(&ch, ("", &queue), b"again and again", published.clone()).await;
+    let dlq = format!("{queue}.dlq");
+    dead_letters(&running, &ch, &dlq, 1).await;
+    let seen = running.seen();
+    assert!(seen.len() >= 11, "delivered {} times", seen.len());
+    let id = headers::message_id(&published, "", &queue, b"again and again");
+    assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+    for message in &seen {
+        assert_eq!(message.message_id.as_deref(), Some(id.as_str()));
+        assert_eq!(message.attempt, 1);
+    }
+    assert!(seen[1..].iter().all(|m| m.redelivered));
+    // A dead-letter processor reading the broker's dead letter derives the same id.
+    let dead = get_all(&ch, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.properties.message_id(), &None);
+    assert_eq!(
+        headers::message_id(
+            &d.properties,
+            d.exchange.as_str(),
+            d.routing_key.as_str(),
+            &d.data
+        ),
+        id
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&ch, &[queue.clone(), dlq]).await;
+}
