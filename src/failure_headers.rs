@@ -5,7 +5,8 @@
 //! and documented in docs/delivery-guarantees.md. Both brokers and the dead-letter code take them from here,
 //! so no broker module imports another.
 
-/// The attempt the delivery is on (1 for the first). Counted by bosun, never from `x-death`.
+/// The attempt the delivery is on (1 for the first). Counted by bosun, never from `x-death`;
+/// an amqp consumer's `attempt_header` is read only when this is absent.
 pub const ATTEMPT: &str = "bosun-attempt";
 /// RFC 3339 time of the first failure, kept across retries.
 pub const FIRST_FAILURE_AT: &str = "bosun-first-failure-at";

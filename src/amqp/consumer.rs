@@ -113,6 +113,9 @@ struct Inner {
     /// With `false`, topology is only checked passively.
     declare: bool,
     retry: RetryPolicy,
+    /// A header an earlier consumer counted retries in (`attempt_header`), read when
+    /// `bosun-attempt` is absent.
+    attempt_header: Option<String>,
     topology: Topology,
     /// `bosun-host` on copies.
     host: String,
@@ -213,6 +216,7 @@ impl AmqpConsumer {
             limits,
             declare: spec.amqp.declare,
             retry: spec.consumer.retry.clone(),
+            attempt_header: spec.amqp.attempt_header.clone(),
             topology: Topology::for_consumer(spec.consumer, spec.amqp),
             host,
             metrics: Metrics::new(spec.name, spec.broker_name, &spec.consumer.handler),
@@ -641,22 +645,23 @@ async fn process(
         data,
         ..
     } = delivery;
+    let message_id =
+        headers::message_id(&properties, exchange.as_str(), routing_key.as_str(), &data);
     if let Some(invalid) = limits::check(&properties, data.len(), &inner.limits) {
         let original = (exchange.as_str(), routing_key.as_str(), &properties);
-        let result = inner.refuse(copies, original, data, &invalid).await;
+        let result = inner
+            .refuse(copies, original, &message_id, data, &invalid)
+            .await;
         return (delivery_tag, result);
     }
-    let attempt = headers::attempt(properties.headers().as_ref());
+    let attempt = inner.attempt(&properties);
     let (exchange, routing_key) = headers::presented(
         properties.headers().as_ref(),
         exchange.as_str(),
         routing_key.as_str(),
     );
     let message = Message {
-        message_id: properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str().to_owned()),
+        message_id: Some(message_id.clone()),
         correlation_id: properties
             .correlation_id()
             .as_ref()
@@ -691,7 +696,7 @@ async fn process(
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::error!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), panic = %text, "handler panicked; retrying the message");
+            tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
             Outcome::Retry {
                 after: None,
                 reason: format!("handler panicked: {text}"),
@@ -708,13 +713,14 @@ async fn process(
         exchange,
         routing_key,
         properties: &properties,
+        message_id: &message_id,
         body: &message.body,
         attempt,
     };
     let result = match outcome {
         Outcome::Ack => Ok(Settled::Ack),
         Outcome::Drop { reason } => {
-            tracing::debug!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), reason = %reason, "message dropped by the handler");
+            tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "message dropped by the handler");
             Ok(Settled::Drop)
         }
         Outcome::Retry { after, reason } if inner.retry.should_retry(attempt) => {
@@ -727,7 +733,7 @@ async fn process(
             let copy = Copy {
                 exchange: "",
                 routing_key: target,
-                attempt: attempt + 1,
+                attempt: attempt.saturating_add(1),
                 kind: FailureKind::Transient,
                 reason: &reason,
             };
@@ -737,7 +743,7 @@ async fn process(
                 Err(CopyFailure::Lost(e)) => Err(e),
                 Err(CopyFailure::Refused(e)) => {
                     // Its own path: a dead letter keeps it, with why.
-                    tracing::warn!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
+                    tracing::warn!(consumer = %inner.name, message_id = %message_id, queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
                     let reason = format!("{reason}; the retry copy to {target:?} was refused: {e}");
                     inner
                         .dead_letter(copies, &original, FailureKind::Transient, &reason)
@@ -754,7 +760,7 @@ async fn process(
             inner.dead_letter(copies, &original, kind, &reason).await
         }
         Outcome::Release { reason } => {
-            tracing::info!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), reason = %reason, "released unsettled; it goes back to the queue");
+            tracing::info!(consumer = %inner.name, message_id = %message_id, reason = %reason, "released unsettled; it goes back to the queue");
             Ok(Settled::Release)
         }
     };
@@ -767,6 +773,8 @@ struct Original<'a> {
     exchange: &'a str,
     routing_key: &'a str,
     properties: &'a BasicProperties,
+    /// The delivery's id ([`headers::message_id`]): every copy carries it.
+    message_id: &'a str,
     body: &'a Bytes,
     attempt: u32,
 }
@@ -789,11 +797,20 @@ enum Built {
 }
 
 impl Inner {
+    /// The attempt a delivery is on ([`headers::attempt`]).
+    fn attempt(&self, properties: &BasicProperties) -> u32 {
+        headers::attempt(
+            properties.headers().as_ref(),
+            self.attempt_header.as_deref(),
+        )
+    }
+
     /// Dead-letters a delivery that breaks a limit as `invalid`, without running the handler.
     async fn refuse(
         &self,
         copies: &Copies<'_>,
         (exchange, routing_key, properties): (&str, &str, &BasicProperties),
+        message_id: &str,
         data: Vec<u8>,
         invalid: &limits::Invalid,
     ) -> Result<Settled, String> {
@@ -803,8 +820,9 @@ impl Inner {
             exchange,
             routing_key,
             properties: &properties,
+            message_id,
             body: &body,
-            attempt: headers::attempt(properties.headers().as_ref()),
+            attempt: self.attempt(&properties),
         };
         self.dead_letter(copies, &original, FailureKind::Invalid, &invalid.reason)
             .await
@@ -825,7 +843,7 @@ impl Inner {
             .routing_key
             .as_deref()
             .unwrap_or(original.routing_key);
-        tracing::warn!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), attempt = original.attempt, kind = %kind, reason = %headers::truncate(reason, 512), "dead-lettering message");
+        tracing::warn!(consumer = %self.name, message_id = original.message_id, attempt = original.attempt, kind = %kind, reason = %headers::truncate(reason, 512), "dead-lettering message");
         let copy = Copy {
             exchange: &target.exchange,
             routing_key: key,
@@ -837,7 +855,7 @@ impl Inner {
             Ok(_) => Ok(Settled::DeadLetter),
             Err(CopyFailure::Lost(e)) => Err(e),
             Err(CopyFailure::Refused(e)) => {
-                tracing::error!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), exchange = %target.exchange, routing_key = key, error = %e, "the broker refused the dead-letter copy on every try; handing the message back to the queue");
+                tracing::error!(consumer = %self.name, message_id = original.message_id, exchange = %target.exchange, routing_key = key, error = %e, "the broker refused the dead-letter copy on every try; handing the message back to the queue");
                 Ok(Settled::Release)
             }
         }
@@ -899,7 +917,7 @@ impl Inner {
                     .routing_key
                     .as_deref()
                     .unwrap_or(original.routing_key);
-                tracing::error!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), reason = %why, "a copy's headers do not fit one frame; dead-lettering it as invalid with the headers that fit");
+                tracing::error!(consumer = %self.name, message_id = original.message_id, reason = %why, "a copy's headers do not fit one frame; dead-lettering it as invalid with the headers that fit");
                 self.publish_copy(
                     copies,
                     &target.exchange,
@@ -1004,8 +1022,8 @@ impl Inner {
 /// The properties of a copy of `original` carrying `failure`, fitted to `frame_max`.
 ///
 /// Properties are taken over one by one: never `expiration` (kept as `bosun-orig-expiration`)
-/// nor `user_id`; always persistent; a message id is given when there was none, so every
-/// attempt and the dead letter share one. When the header frame would not fit, `bosun-error`
+/// nor `user_id`; always persistent; the message id is the delivery's own or the one derived
+/// for it ([`headers::message_id`]), so every attempt and the dead letter share one. When the header frame would not fit, `bosun-error`
 /// is cut first (`trimmed` is called); when it still does not fit, the result is `Invalid`:
 /// bosun's headers and as many of the original's as fit, with `bosun-headers-truncated`.
 fn build_copy(
@@ -1028,13 +1046,13 @@ fn build_copy(
     }
     headers::add_failure(&mut table, failure);
     let budget = frame_max.saturating_sub(HEADER_FRAME_OVERHEAD);
-    let properties = copy_properties(original.properties, table.clone());
+    let properties = copy_properties(original, table.clone());
     if properties_size(&properties) <= budget {
         return Built::Fits(properties);
     }
     let error = headers::truncate(failure.error, TRIMMED_ERROR_BYTES);
     table.insert(headers::ERROR.into(), text(error));
-    let properties = copy_properties(original.properties, table);
+    let properties = copy_properties(original, table);
     let size = properties_size(&properties);
     if size <= budget {
         trimmed();
@@ -1051,10 +1069,7 @@ fn build_copy(
     }
     headers::add_failure(&mut kept, &headers::Failure { error, ..*failure });
     kept.insert(headers::HEADERS_TRUNCATED.into(), AMQPValue::LongLongInt(0));
-    let mut room = budget.saturating_sub(properties_size(&copy_properties(
-        original.properties,
-        kept.clone(),
-    )));
+    let mut room = budget.saturating_sub(properties_size(&copy_properties(original, kept.clone())));
     let mut entries: Vec<(usize, &ShortString, &AMQPValue)> = source
         .inner()
         .iter()
@@ -1075,14 +1090,16 @@ fn build_copy(
         headers::HEADERS_TRUNCATED.into(),
         AMQPValue::LongLongInt(left_out),
     );
-    Built::Invalid(copy_properties(original.properties, kept), why)
+    Built::Invalid(copy_properties(original, kept), why)
 }
 
 /// The original's properties for a copy with `headers`: see [`build_copy`].
-fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+fn copy_properties(copied: &Original<'_>, headers: FieldTable) -> BasicProperties {
+    let original = copied.properties;
     let mut p = BasicProperties::default()
         .with_headers(headers)
-        .with_delivery_mode(PERSISTENT);
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(copied.message_id.into());
     if let Some(v) = original.content_type() {
         p = p.with_content_type(v.clone());
     }
@@ -1098,10 +1115,6 @@ fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProp
     if let Some(v) = original.reply_to() {
         p = p.with_reply_to(v.clone());
     }
-    p = p.with_message_id(match original.message_id() {
-        Some(id) => id.clone(),
-        None => uuid::Uuid::now_v7().to_string().into(),
-    });
     if let Some(v) = original.timestamp() {
         p = p.with_timestamp(*v);
     }
@@ -1347,6 +1360,7 @@ mod tests {
             exchange: "jobs",
             routing_key: "job.created",
             properties,
+            message_id: "m-1",
             body,
             attempt: 1,
         }

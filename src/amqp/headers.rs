@@ -143,24 +143,134 @@ pub fn to_table(headers: &BTreeMap<String, HeaderValue>) -> Result<FieldTable, A
     Ok(table)
 }
 
-/// The attempt a delivery is on, from `bosun-attempt`; 1 when absent or unreadable.
-pub fn attempt(table: Option<&FieldTable>) -> u32 {
-    let Some(value) = table.and_then(|t| t.inner().get(ATTEMPT)) else {
-        return 1;
-    };
-    let n: Option<i64> = match value {
+/// The attempt a delivery is on: `bosun-attempt` when it holds a whole number of at least 1;
+/// else, when a consumer names a `legacy` header (`attempt_header`, e.g. `x-retry-count`
+/// written by an earlier consumer) holding a whole number `n >= 0` of retries already made,
+/// `n + 1`; else 1. Never `x-death`, which the broker writes on every dead-lettering hop, bosun's
+/// own retry tiers included.
+pub fn attempt(table: Option<&FieldTable>, legacy: Option<&str>) -> u32 {
+    let read = |key: &str| table.and_then(|t| t.inner().get(key)).and_then(integer);
+    if let Some(n) = read(ATTEMPT)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+    {
+        return n;
+    }
+    legacy
+        .and_then(read)
+        .filter(|n| *n >= 0)
+        .map(|n| u32::try_from(n.saturating_add(1)).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+}
+
+/// A header value as a whole number: an integer of any width, or text holding one.
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
             .ok()
             .and_then(|t| t.trim().parse().ok()),
         AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        AMQPValue::Timestamp(_) => None,
         other => match from_amqp(other) {
             HeaderValue::Int(i) => Some(i),
             _ => None,
         },
+    }
+}
+
+/// Prefix of a message id bosun derives for a delivery that has none ([`message_id`]).
+pub const DERIVED_ID_PREFIX: &str = "derived-";
+
+/// The id of a delivery: its `message_id` property when it has a non-empty one, else one
+/// derived from what the publisher sent and the broker keeps on a redelivery and on its own
+/// dead-lettering, so the same message gets the same id every time it is delivered:
+/// `derived-` and the first 32 hex digits (128 bits) of the SHA-256 of the exchange and
+/// routing key it was published with ([`published_with`]), its `timestamp` property, its
+/// `correlation_id` property and its body (each length-prefixed, absent properties marked as
+/// such). Copies bosun makes carry it as their `message_id`, so every later attempt and the
+/// dead letter keep it.
+pub fn message_id(
+    properties: &lapin::BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> String {
+    use sha2::{Digest, Sha256};
+    if let Some(id) = properties
+        .message_id()
+        .as_ref()
+        .filter(|id| !id.as_str().is_empty())
+    {
+        return id.as_str().to_owned();
+    }
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: Option<&[u8]>| match bytes {
+        Some(bytes) => {
+            hasher.update([1]);
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+        }
+        None => hasher.update([0]),
     };
-    n.and_then(|n| u32::try_from(n).ok())
-        .filter(|n| *n >= 1)
-        .unwrap_or(1)
+    let (exchange, routing_key) =
+        published_with(properties.headers().as_ref(), exchange, routing_key);
+    field(Some(b"bosun-message-id-v1"));
+    field(Some(exchange.as_bytes()));
+    field(Some(routing_key.as_bytes()));
+    let timestamp = properties.timestamp().map(u64::to_be_bytes);
+    field(timestamp.as_ref().map(|t| t.as_slice()));
+    field(
+        properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str().as_bytes()),
+    );
+    field(Some(body));
+    let digest = hasher.finalize();
+    format!("{DERIVED_ID_PREFIX}{}", hex::encode(&digest[..16]))
+}
+
+/// The exchange and routing key a message was first published with. A message the broker
+/// dead-lettered arrives with the dead-letter exchange and routing key; its `x-death` record
+/// keeps the original ones: `x-first-death-exchange`, and the first routing key of the
+/// `x-death` entry of `x-first-death-queue`. Without a complete record, as delivered.
+fn published_with<'a>(
+    table: Option<&'a FieldTable>,
+    exchange: &'a str,
+    routing_key: &'a str,
+) -> (&'a str, &'a str) {
+    let as_text = |value: Option<&'a AMQPValue>| match value {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    let Some(table) = table else {
+        return (exchange, routing_key);
+    };
+    let get = |key: &str| table.inner().get(key);
+    let (Some(first_exchange), Some(first_queue), Some(AMQPValue::FieldArray(deaths))) = (
+        as_text(get("x-first-death-exchange")),
+        as_text(get("x-first-death-queue")),
+        get("x-death"),
+    ) else {
+        return (exchange, routing_key);
+    };
+    let first_key = deaths.as_slice().iter().rev().find_map(|death| {
+        let AMQPValue::FieldTable(death) = death else {
+            return None;
+        };
+        if as_text(death.inner().get("queue")) != Some(first_queue) {
+            return None;
+        }
+        match death.inner().get("routing-keys") {
+            Some(AMQPValue::FieldArray(keys)) => as_text(keys.as_slice().first()),
+            _ => None,
+        }
+    });
+    match first_key {
+        Some(key) => (first_exchange, key),
+        None => (exchange, routing_key),
+    }
 }
 
 /// What a retry or dead-letter copy records about the failure.
@@ -266,14 +376,110 @@ mod tests {
 
     #[test]
     fn attempt_defaults_to_one_and_reads_our_header() {
-        assert_eq!(attempt(None), 1);
+        assert_eq!(attempt(None, None), 1);
         let mut table = FieldTable::default();
         table.insert(ATTEMPT.into(), AMQPValue::LongLongInt(3));
-        assert_eq!(attempt(Some(&table)), 3);
+        assert_eq!(attempt(Some(&table), None), 3);
         table.insert(ATTEMPT.into(), text("4"));
-        assert_eq!(attempt(Some(&table)), 4);
+        assert_eq!(attempt(Some(&table), None), 4);
         table.insert(ATTEMPT.into(), AMQPValue::LongLongInt(-1));
-        assert_eq!(attempt(Some(&table)), 1);
+        assert_eq!(attempt(Some(&table), None), 1);
+    }
+
+    #[test]
+    fn a_legacy_retry_count_is_read_after_bosun_attempt() {
+        let legacy = Some("x-retry-count");
+        let mut table = FieldTable::default();
+        // Not named by the consumer: ignored.
+        table.insert("x-retry-count".into(), AMQPValue::ShortShortUInt(2));
+        assert_eq!(attempt(Some(&table), None), 1);
+        // Retries already made, so the attempt is one more.
+        assert_eq!(attempt(Some(&table), legacy), 3);
+        table.insert("x-retry-count".into(), AMQPValue::LongInt(0));
+        assert_eq!(attempt(Some(&table), legacy), 1);
+        table.insert("x-retry-count".into(), text(" 4 "));
+        assert_eq!(attempt(Some(&table), legacy), 5);
+        table.insert("x-retry-count".into(), AMQPValue::LongLongInt(i64::MAX));
+        assert_eq!(attempt(Some(&table), legacy), u32::MAX);
+        for unreadable in [
+            AMQPValue::LongLongInt(-1),
+            text("three"),
+            AMQPValue::Double(2.0),
+            AMQPValue::Timestamp(2),
+        ] {
+            table.insert("x-retry-count".into(), unreadable);
+            assert_eq!(attempt(Some(&table), legacy), 1);
+        }
+        // bosun's own count wins once bosun has written it.
+        table.insert("x-retry-count".into(), AMQPValue::LongInt(7));
+        table.insert(ATTEMPT.into(), AMQPValue::LongLongInt(2));
+        assert_eq!(attempt(Some(&table), legacy), 2);
+        table.insert(ATTEMPT.into(), text("nonsense"));
+        assert_eq!(attempt(Some(&table), legacy), 8);
+    }
+
+    #[test]
+    fn a_delivery_without_an_id_gets_one_derived_from_what_a_redelivery_repeats() {
+        let plain = lapin::BasicProperties::default().with_timestamp(1_700_000_000);
+        let id = message_id(&plain, "orders", "order.created", b"{}");
+        assert!(id.starts_with(DERIVED_ID_PREFIX) && id.len() == DERIVED_ID_PREFIX.len() + 32);
+        // Headers and delivery mode are not part of it; everything else is.
+        let mut table = FieldTable::default();
+        table.insert("x-death".into(), AMQPValue::Void);
+        let same = plain.clone().with_headers(table).with_delivery_mode(1);
+        assert_eq!(message_id(&same, "orders", "order.created", b"{}"), id);
+        for other in [
+            message_id(&plain, "orders", "order.created", b"{ }"),
+            message_id(&plain, "order", "sorder.created", b"{}"),
+            message_id(&plain, "", "order.created", b"{}"),
+            message_id(
+                &plain.clone().with_timestamp(1),
+                "orders",
+                "order.created",
+                b"{}",
+            ),
+            message_id(
+                &plain.clone().with_correlation_id("c".into()),
+                "orders",
+                "order.created",
+                b"{}",
+            ),
+        ] {
+            assert_ne!(other, id);
+        }
+        // Dead-lettered by the broker on its way: the record names where it was published.
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), text("elsewhere"));
+        death.insert("reason".into(), text("expired"));
+        death.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(vec![text("order.created"), text("cc.key")].into()),
+        );
+        let mut other = FieldTable::default();
+        other.insert("queue".into(), text("orders.retry.1s"));
+        let mut record = FieldTable::default();
+        record.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![AMQPValue::FieldTable(other), AMQPValue::FieldTable(death)].into(),
+            ),
+        );
+        record.insert("x-first-death-exchange".into(), text("orders"));
+        record.insert("x-first-death-queue".into(), text("elsewhere"));
+        let dead = plain.clone().with_headers(record.clone());
+        assert_eq!(message_id(&dead, "dlx", "q", b"{}"), id);
+        // An incomplete record: as delivered.
+        record.insert("x-first-death-queue".into(), text("unknown"));
+        let dead = plain.clone().with_headers(record);
+        assert_eq!(
+            message_id(&dead, "dlx", "q", b"{}"),
+            message_id(&plain, "dlx", "q", b"{}")
+        );
+        // A message id of its own, when not empty, is used as it is.
+        let named = plain.clone().with_message_id("m-1".into());
+        assert_eq!(message_id(&named, "orders", "order.created", b"{}"), "m-1");
+        let empty = plain.with_message_id("".into());
+        assert_eq!(message_id(&empty, "orders", "order.created", b"{}"), id);
     }
 
     #[test]

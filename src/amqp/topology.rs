@@ -410,6 +410,7 @@ mod tests {
             prefetch: 10,
             dead_letter,
             limits: Default::default(),
+            attempt_header: None,
         };
         let retry = RetryPolicy {
             max_attempts: 4,

@@ -139,6 +139,9 @@ pub struct AmqpConsumerConfig {
     pub prefetch: u16,
     pub dead_letter: AmqpDeadLetter,
     pub limits: DeliveryLimits,
+    /// A header an earlier consumer counted retries in (e.g. `x-retry-count`): read as the
+    /// retries already made when `bosun-attempt` is absent.
+    pub attempt_header: Option<String>,
 }
 
 /// What a delivery may hold before a handler sees it, and how much a consumer holds at once.

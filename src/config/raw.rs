@@ -166,6 +166,9 @@ pub struct RawConsumer {
     /// Bytes of bodies held in memory at once (default "64MiB"); the prefetch is cut to
     /// `max_in_flight_bytes / max_message_size`.
     pub max_in_flight_bytes: Option<RawSize>,
+    /// A header holding the retries an earlier consumer already made (e.g. `x-retry-count`),
+    /// read as the attempt count when `bosun-attempt` is absent.
+    pub attempt_header: Option<String>,
 
     // redis
     pub stream: Option<String>,

@@ -898,6 +898,9 @@ fn consumer_config(
                     .size(&at("max_in_flight_bytes"), size)
                     .unwrap_or(limits.max_in_flight_bytes);
             }
+            if let Some(header) = &raw.attempt_header {
+                attempt_header_ok(c, &at("attempt_header"), header);
+            }
             let dead_letter = match dl {
                 Some(RawConsumerDeadLetter {
                     queue: Some(_),
@@ -936,6 +939,7 @@ fn consumer_config(
                     prefetch: prefetch.max(1),
                     dead_letter,
                     limits,
+                    attempt_header: raw.attempt_header.clone(),
                 }),
             })
         }
@@ -948,6 +952,7 @@ fn consumer_config(
                 ("prefetch", raw.prefetch.is_some()),
                 ("max_message_size", raw.max_message_size.is_some()),
                 ("max_in_flight_bytes", raw.max_in_flight_bytes.is_some()),
+                ("attempt_header", raw.attempt_header.is_some()),
             ] {
                 if given {
                     c.issue(
@@ -1071,6 +1076,40 @@ fn consumer_config(
 }
 
 /// A table name is used in SQL identifiers: keep it to a safe, optionally schema-qualified form.
+/// `attempt_header` must name a header an earlier consumer counted retries in: not one of
+/// bosun's own (`bosun-attempt` is read first anyway) nor the broker's dead-letter history.
+fn attempt_header_ok(c: &mut Checker<'_>, at: &[&str], header: &str) {
+    let lower = header.to_ascii_lowercase();
+    if header.trim().is_empty() {
+        c.issue(at, "must name a header, e.g. \"x-retry-count\"");
+    } else if header.len() > 255 {
+        c.issue(at, "is longer than 255 bytes, the longest AMQP header name");
+    } else if header
+        .chars()
+        .any(|ch| ch.is_whitespace() || ch.is_control())
+    {
+        c.issue(
+            at,
+            format!(
+                "{header:?} holds whitespace or control characters; give the header's exact name"
+            ),
+        );
+    } else if lower.starts_with("bosun-") {
+        c.issue(
+            at,
+            format!("`{header}` is one of bosun's own headers; `bosun-attempt` is always read first, so name the header an earlier consumer wrote (e.g. \"x-retry-count\")"),
+        );
+    } else if lower == "x-death"
+        || lower.starts_with("x-first-death-")
+        || lower.starts_with("x-last-death-")
+    {
+        c.issue(
+            at,
+            format!("`{header}` is the broker's dead-letter history, written on every hop through a retry tier too, not a count of retries; bosun never counts attempts from it"),
+        );
+    }
+}
+
 pub fn valid_sql_identifier(name: &str) -> bool {
     let parts: Vec<&str> = name.split('.').collect();
     parts.len() <= 2

@@ -682,5 +682,6 @@ fn amqp_kind(queue: &str) -> ConsumerKind {
         prefetch: (CONCURRENCY * 2) as u16,
         dead_letter: config::AmqpDeadLetter::Queue(queue.to_owned()),
         limits: config::DeliveryLimits::unchecked(),
+        attempt_header: None,
     })
 }

@@ -30,8 +30,9 @@ pub use route::RouteHandler;
 /// A message as a handler sees it, whatever broker it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
-    /// Stable id across retries and replays (AMQP `message_id`, a stream's `message_id` field,
-    /// or the outbox row's id). Handlers that must not repeat work deduplicate on it.
+    /// Stable id across retries and replays (AMQP `message_id`, else one derived from the
+    /// delivery; a stream's `message_id` field, else the first entry id; or the outbox row's
+    /// id). Handlers that must not repeat work deduplicate on it.
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     /// The message's own headers (AMQP headers, or a stream entry's non-body fields).

@@ -901,25 +901,13 @@ async fn publish_props(
     body: &[u8],
     props: BasicProperties,
 ) {
-    let confirm = ch
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            },
-            body,
-            props.with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(
-        confirm.is_ack() && confirm.take_message().is_none(),
-        "test message not routed"
-    );
+    publish_foreign(
+        ch,
+        (exchange, routing_key),
+        body,
+        props.with_delivery_mode(2),
+    )
+    .await;
 }
 
 fn text_value(s: &str) -> AMQPValue {
@@ -966,18 +954,14 @@ async fn dead_letter_copy_does_not_inherit_expiration() {
     cleanup(&ch, &default_queues(&queue)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retried_message_keeps_its_routing_key_through_a_route_and_an_exec_handler() {
-    let (queue, consumer) = (unique("rk"), unique("c_rk"));
-    let exchange = unique("jobs");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let record = dir.path().join("seen.txt");
-    let port = free_port();
+/// The service, http, broker and an exec handler `script` that appends what the shell
+/// commands `print` write to `record`, and fails every first attempt (exit 75: retry).
+fn exec_config(consumer: &str, port: u16, record: &std::path::Path, print: &str) -> String {
     let script = format!(
-        "echo \"$BOSUN_ATTEMPT $BOSUN_EXCHANGE $BOSUN_ROUTING_KEY\" >> '{}'; [ \"$BOSUN_ATTEMPT\" -ge 2 ] || exit 75",
+        "{{ {print}; }} >> '{}'; [ \"$BOSUN_ATTEMPT\" -ge 2 ] || exit 75",
         record.display()
     );
-    let text = format!(
+    format!(
         r#"
 [service]
 name = "{consumer}"
@@ -994,7 +978,34 @@ url = "{RABBIT_URL}"
 kind = "exec"
 command = ["/bin/sh", "-c", {script:?}]
 timeout = "10s"
+"#
+    )
+}
 
+/// The lines an [`exec_config`] handler recorded so far.
+fn recorded(record: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_message_keeps_its_routing_key_through_a_route_and_an_exec_handler() {
+    let (queue, consumer) = (unique("rk"), unique("c_rk"));
+    let exchange = unique("jobs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("seen.txt");
+    let port = free_port();
+    let head = exec_config(
+        &consumer,
+        port,
+        &record,
+        "echo \"$BOSUN_ATTEMPT $BOSUN_EXCHANGE $BOSUN_ROUTING_KEY\"",
+    );
+    let text = format!(
+        r#"{head}
 [handlers.drain]
 kind = "noop"
 
@@ -1022,13 +1033,7 @@ bindings = [{{ exchange = "{exchange}", exchange_type = "topic", routing_key = "
         BasicProperties::default().with_message_id("rk-1".into()),
     )
     .await;
-    let lines = || {
-        std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let lines = || recorded(&record);
     assert!(
         wait_until(|| lines().len() >= 2).await,
         "the script ran only {:?}: the retry was routed elsewhere",
@@ -1546,4 +1551,535 @@ bindings = [{{ exchange = "{exchange}", exchange_type = "topic", routing_key = "
     let _ = ch
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await;
+}
+
+/// A header of every AMQP field type, as another client may publish it, and what the handler
+/// is shown for each.
+fn every_field_type() -> Vec<(&'static str, AMQPValue, HeaderValue)> {
+    use lapin::types::{ByteArray, DecimalValue, FieldArray};
+    let mut inner = FieldTable::default();
+    inner.insert("deep".into(), AMQPValue::Boolean(true));
+    inner.insert("at".into(), AMQPValue::Timestamp(1_700_000_000));
+    let mut outer = FieldTable::default();
+    outer.insert("inner".into(), AMQPValue::FieldTable(inner));
+    outer.insert("n".into(), AMQPValue::ShortUInt(7));
+    vec![
+        ("t-bool", AMQPValue::Boolean(true), HeaderValue::Bool(true)),
+        ("t-i8", AMQPValue::ShortShortInt(-5), HeaderValue::Int(-5)),
+        (
+            "t-u8",
+            AMQPValue::ShortShortUInt(200),
+            HeaderValue::Int(200),
+        ),
+        ("t-i16", AMQPValue::ShortInt(-300), HeaderValue::Int(-300)),
+        (
+            "t-u16",
+            AMQPValue::ShortUInt(60_000),
+            HeaderValue::Int(60_000),
+        ),
+        (
+            "t-i32",
+            AMQPValue::LongInt(-70_000),
+            HeaderValue::Int(-70_000),
+        ),
+        (
+            "t-u32",
+            AMQPValue::LongUInt(4_000_000_000),
+            HeaderValue::Int(4_000_000_000),
+        ),
+        (
+            "t-i64",
+            AMQPValue::LongLongInt(-9_000_000_000),
+            HeaderValue::Int(-9_000_000_000),
+        ),
+        ("t-f32", AMQPValue::Float(1.5), HeaderValue::Float(1.5)),
+        ("t-f64", AMQPValue::Double(-2.25), HeaderValue::Float(-2.25)),
+        (
+            "t-decimal",
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 12_345,
+            }),
+            HeaderValue::Float(123.45),
+        ),
+        (
+            "t-text",
+            text_value("acme"),
+            HeaderValue::String("acme".into()),
+        ),
+        (
+            "t-text-not-utf8",
+            AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])),
+            HeaderValue::Bytes(vec![0xff, 0xfe]),
+        ),
+        (
+            "t-timestamp",
+            AMQPValue::Timestamp(1_700_000_000),
+            HeaderValue::Int(1_700_000_000),
+        ),
+        (
+            "t-bytes",
+            AMQPValue::ByteArray(ByteArray::from(vec![0u8, 1, 255])),
+            HeaderValue::Bytes(vec![0, 1, 255]),
+        ),
+        (
+            "t-void",
+            AMQPValue::Void,
+            HeaderValue::Json(serde_json::Value::Null),
+        ),
+        (
+            "t-array",
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::LongInt(1),
+                text_value("a"),
+                AMQPValue::Void,
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(false)])),
+            ])),
+            HeaderValue::Json(serde_json::json!([1, "a", null, [false]])),
+        ),
+        (
+            "t-table",
+            AMQPValue::FieldTable(outer),
+            HeaderValue::Json(serde_json::json!({
+                "inner": { "deep": true, "at": 1_700_000_000 },
+                "n": 7
+            })),
+        ),
+    ]
+}
+
+/// Waits until `dlq` holds `count` messages; fails with what the handler saw.
+async fn dead_letters(running: &Running, ch: &lapin::Channel, dlq: &str, count: u32) {
+    assert!(
+        wait_for_async(WAIT, || async {
+            depth(ch, dlq).await.filter(|d| *d == count)
+        })
+        .await
+        .is_some(),
+        "never dead-lettered; the handler saw {:?}",
+        running.seen()
+    );
+}
+
+/// Publishes `body` through `ch` (another client than bosun's publisher) to `exchange` with
+/// `routing_key` and exactly `props` (no message id or persistence added), confirmed and
+/// routed.
+async fn publish_foreign(
+    ch: &lapin::Channel,
+    (exchange, routing_key): (&str, &str),
+    body: &[u8],
+    props: BasicProperties,
+) {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "test message not routed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_message_without_id_keeps_a_derived_id_and_every_header_type_through_retry_and_dead_letter()
+ {
+    let (queue, consumer) = (unique("foreign"), unique("c_foreign"));
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "retry = { max_attempts = 2, tiers = [\"200ms\"] }",
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::retry("not yet")).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    let types = every_field_type();
+    let mut table = FieldTable::default();
+    for (name, value, _) in &types {
+        table.insert((*name).into(), value.clone());
+    }
+    // As a client that sets neither message_id nor persistence publishes it.
+    let props = BasicProperties::default()
+        .with_delivery_mode(1)
+        .with_timestamp(1_700_000_123)
+        .with_headers(table.clone());
+    const BODY: &[u8] = b"{\"from\":\"elsewhere\"}";
+    publish_foreign(&ch, ("", &queue), BODY, props.clone()).await;
+    let dlq = format!("{queue}.dlq");
+    dead_letters(&running, &ch, &dlq, 1).await;
+    let seen = running.seen();
+    assert_eq!(seen.iter().map(|m| m.attempt).collect::<Vec<_>>(), [1, 2]);
+    let id = seen[0].message_id.clone().expect("a derived message id");
+    assert_eq!(id, headers::message_id(&props, "", &queue, BODY));
+    assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+    assert_eq!(seen[1].message_id.as_deref(), Some(id.as_str()));
+    for message in &seen {
+        for (name, _, shown) in &types {
+            assert_eq!(
+                message.headers.get(*name),
+                Some(shown),
+                "header {name} on attempt {}",
+                message.attempt
+            );
+        }
+    }
+    let dead = get_all(&ch, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    let p = &dead[0].properties;
+    assert_eq!(
+        p.message_id().as_ref().map(|m| m.as_str()),
+        Some(id.as_str())
+    );
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(*p.timestamp(), Some(1_700_000_123));
+    let copied = p.headers().clone().unwrap_or_default();
+    for (name, value, _) in &types {
+        assert_eq!(
+            copied.inner().get(*name),
+            Some(value),
+            "header {name} changed on its way through a retry into the dead letter"
+        );
+    }
+    assert_eq!(header(&dead[0], "bosun-attempt"), Some(HeaderValue::Int(2)));
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&ch, &[queue.clone(), dlq, format!("{queue}.retry.200ms")]).await;
+}
+
+/// The `x-death` entries of a delivery seen by the handler, as (queue, reason, count).
+fn deaths(message: &Message) -> Vec<(String, String, i64)> {
+    let Some(HeaderValue::Json(serde_json::Value::Array(entries))) = message.headers.get("x-death")
+    else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e["queue"].as_str().unwrap_or_default().to_owned(),
+                e["reason"].as_str().unwrap_or_default().to_owned(),
+                e["count"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_dead_lettered_elsewhere_starts_at_attempt_one_and_keeps_its_x_death() {
+    let (queue, consumer) = (unique("xdeath"), unique("c_xdeath"));
+    let foreign = unique("xdeath_foreign");
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "retry = { max_attempts = 3, tiers = [\"200ms\"] }",
+    );
+    let running = start(&text, port, Duration::ZERO, |m| {
+        if m.attempt < 2 {
+            Outcome::retry("again")
+        } else {
+            Outcome::dead_letter("enough")
+        }
+    })
+    .await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    // Another application's queue whose dead letters go to bosun's queue: every message
+    // expires there at once, and the broker dead-letters it with a real `x-death`.
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(0));
+    args.insert("x-dead-letter-exchange".into(), text_value(""));
+    args.insert("x-dead-letter-routing-key".into(), text_value(&queue));
+    ch.queue_declare(
+        foreign.as_str().into(),
+        QueueDeclareOptions::default(),
+        args,
+    )
+    .await
+    .expect("declare the foreign queue");
+    let expired = BasicProperties::default().with_timestamp(1_700_000_456);
+    publish_foreign(&ch, ("", &foreign), b"expired elsewhere", expired.clone()).await;
+    // And a message whose publisher wrote an `x-death` of its own, with a large count.
+    let mut entry = FieldTable::default();
+    entry.insert("count".into(), AMQPValue::LongLongInt(7));
+    entry.insert("reason".into(), text_value("rejected"));
+    entry.insert("queue".into(), text_value("legacy.q"));
+    entry.insert("exchange".into(), text_value(""));
+    entry.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(vec![text_value("legacy.q")].into()),
+    );
+    entry.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+    let mut table = FieldTable::default();
+    table.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(entry)].into()),
+    );
+    publish_foreign(
+        &ch,
+        ("", &queue),
+        b"died seven times",
+        BasicProperties::default().with_headers(table),
+    )
+    .await;
+    let dlq = format!("{queue}.dlq");
+    dead_letters(&running, &ch, &dlq, 2).await;
+    let seen = running.seen();
+    for body in [&b"expired elsewhere"[..], b"died seven times"] {
+        let mine: Vec<&Message> = seen.iter().filter(|m| m.body.as_ref() == body).collect();
+        assert_eq!(
+            mine.iter().map(|m| m.attempt).collect::<Vec<_>>(),
+            [1, 2],
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        let id = mine[0].message_id.clone().expect("a derived id");
+        assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+        assert_eq!(mine[1].message_id.as_deref(), Some(id.as_str()));
+    }
+    // Derived from where it was first published, not from the dead-letter hop that brought
+    // it here.
+    let expired_id = seen
+        .iter()
+        .find(|m| m.body.as_ref() == b"expired elsewhere")
+        .and_then(|m| m.message_id.clone());
+    assert_eq!(
+        expired_id,
+        Some(headers::message_id(
+            &expired,
+            "",
+            &foreign,
+            b"expired elsewhere"
+        ))
+    );
+    let first = |body: &[u8], attempt: u32| {
+        seen.iter()
+            .find(|m| m.body.as_ref() == body && m.attempt == attempt)
+            .map(deaths)
+            .unwrap_or_default()
+    };
+    // The other application's history reaches the handler on every attempt; the hop through
+    // bosun's retry tier is added by the broker beside it.
+    let elsewhere = (foreign.clone(), "expired".to_owned(), 1);
+    assert_eq!(
+        first(b"expired elsewhere", 1),
+        std::slice::from_ref(&elsewhere)
+    );
+    assert!(first(b"expired elsewhere", 2).contains(&elsewhere));
+    let legacy = ("legacy.q".to_owned(), "rejected".to_owned(), 7);
+    assert_eq!(first(b"died seven times", 1), std::slice::from_ref(&legacy));
+    assert!(first(b"died seven times", 2).contains(&legacy));
+    for dead in get_all(&ch, &dlq).await {
+        let kept = dead
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|t| t.inner().get("x-death").cloned());
+        let Some(AMQPValue::FieldArray(entries)) = kept else {
+            panic!("the dead letter lost x-death: {:?}", dead.properties);
+        };
+        let queues: Vec<String> = entries
+            .as_slice()
+            .iter()
+            .filter_map(|e| match e {
+                AMQPValue::FieldTable(t) => match t.inner().get("queue") {
+                    Some(AMQPValue::LongString(q)) => {
+                        Some(String::from_utf8_lossy(q.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert!(
+            queues.contains(&foreign) || queues.iter().any(|q| q == "legacy.q"),
+            "{queues:?}"
+        );
+        assert_eq!(header(&dead, "bosun-attempt"), Some(HeaderValue::Int(2)));
+        assert_eq!(
+            header(&dead, "bosun-error-kind").and_then(|v| v.as_text()),
+            Some("permanent".into())
+        );
+    }
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(
+        &ch,
+        &[queue.clone(), dlq, foreign, format!("{queue}.retry.200ms")],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_retry_count_header_sets_the_attempt_when_configured() {
+    let (queue, consumer) = (unique("legacy"), unique("c_legacy"));
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "attempt_header = \"x-retry-count\"\nretry = { max_attempts = 4, tiers = [\"200ms\"] }",
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::retry("down")).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    // As the earlier consumer republished its retries: the count of retries made so far.
+    for (id, count) in [("legacy-2", 2), ("legacy-0", 0)] {
+        let mut table = FieldTable::default();
+        table.insert("x-retry-count".into(), AMQPValue::LongLongInt(count));
+        table.insert("x-original-routing-key".into(), text_value("order.created"));
+        let props = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(table);
+        publish_foreign(&ch, ("", &queue), b"retry me", props).await;
+    }
+    let dlq = format!("{queue}.dlq");
+    dead_letters(&running, &ch, &dlq, 2).await;
+    assert_eq!(attempts(&running, "legacy-2"), [3, 4]);
+    assert_eq!(attempts(&running, "legacy-0"), [1, 2, 3, 4]);
+    for dead in get_all(&ch, &dlq).await {
+        assert_eq!(header(&dead, "bosun-attempt"), Some(HeaderValue::Int(4)));
+        assert_eq!(
+            header(&dead, "bosun-error-kind").and_then(|v| v.as_text()),
+            Some("exhausted".into())
+        );
+        // bosun never rewrites the legacy header: it keeps what the earlier consumer wrote.
+        let expected = match dead.properties.message_id().as_ref().map(|m| m.as_str()) {
+            Some("legacy-2") => 2,
+            _ => 0,
+        };
+        assert_eq!(
+            dead.properties
+                .headers()
+                .as_ref()
+                .and_then(|t| t.inner().get("x-retry-count").cloned()),
+            Some(AMQPValue::LongLongInt(expected))
+        );
+    }
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&ch, &[queue.clone(), dlq, format!("{queue}.retry.200ms")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_handler_sees_every_header_type_and_one_derived_id_on_each_attempt() {
+    let (queue, consumer) = (unique("fexec"), unique("c_fexec"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("seen.txt");
+    let port = free_port();
+    let head = exec_config(
+        &consumer,
+        port,
+        &record,
+        "echo \"id=$BOSUN_MESSAGE_ID attempt=$BOSUN_ATTEMPT\"; env | grep '^BOSUN_HEADER_T_' | LC_ALL=C sort",
+    );
+    let text = format!(
+        r#"{head}
+[consumers.{consumer}]
+source = "rabbit"
+handler = "script"
+queue = "{queue}"
+retry = {{ max_attempts = 3, tiers = ["200ms"] }}
+"#
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::Ack).await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    let mut table = FieldTable::default();
+    for (name, value, _) in every_field_type() {
+        table.insert(name.into(), value);
+    }
+    let props = BasicProperties::default().with_headers(table);
+    publish_foreign(&ch, ("", &queue), b"typed", props.clone()).await;
+    let lines = || recorded(&record);
+    assert!(
+        wait_until(|| lines().iter().filter(|l| l.starts_with("id=")).count() >= 2).await,
+        "the script ran only {:?}",
+        lines()
+    );
+    let id = headers::message_id(&props, "", &queue, b"typed");
+    let shown = [
+        "BOSUN_HEADER_T_ARRAY=[1,\"a\",null,[false]]",
+        "BOSUN_HEADER_T_BOOL=true",
+        "BOSUN_HEADER_T_DECIMAL=123.45",
+        "BOSUN_HEADER_T_F32=1.5",
+        "BOSUN_HEADER_T_F64=-2.25",
+        "BOSUN_HEADER_T_I16=-300",
+        "BOSUN_HEADER_T_I32=-70000",
+        "BOSUN_HEADER_T_I64=-9000000000",
+        "BOSUN_HEADER_T_I8=-5",
+        "BOSUN_HEADER_T_TABLE={\"inner\":{\"at\":1700000000,\"deep\":true},\"n\":7}",
+        "BOSUN_HEADER_T_TEXT=acme",
+        "BOSUN_HEADER_T_TIMESTAMP=1700000000",
+        "BOSUN_HEADER_T_U16=60000",
+        "BOSUN_HEADER_T_U32=4000000000",
+        "BOSUN_HEADER_T_U8=200",
+        "BOSUN_HEADER_T_VOID=null",
+    ];
+    // Bytes that are not UTF-8 (`t-bytes`, `t-text-not-utf8`) are left out of the environment.
+    let mut expected = Vec::new();
+    for attempt in 1..=2 {
+        expected.push(format!("id={id} attempt={attempt}"));
+        expected.extend(shown.iter().map(|s| (*s).to_owned()));
+    }
+    assert_eq!(lines(), expected);
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    let settled = depth(&ch, &queue).await;
+    let tier = format!("{queue}.retry.200ms");
+    cleanup(&ch, &[queue.clone(), format!("{queue}.dlq"), tier]).await;
+    assert_eq!(settled, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_id_keeps_its_derived_id_on_every_redelivery_and_after_the_broker_dead_letters_it()
+ {
+    let (queue, consumer) = (unique("redeliver"), unique("c_redeliver"));
+    // One attempt: the quorum queue's delivery limit (max_attempts + 10) is reached by
+    // releases alone, and the broker itself moves the message into the dead-letter queue.
+    let (text, port) = config(
+        &queue,
+        &consumer,
+        "queue_type = \"quorum\"\nretry = { max_attempts = 1 }",
+    );
+    let running = start(&text, port, Duration::ZERO, |_| Outcome::Release {
+        reason: "not mine yet".into(),
+    })
+    .await;
+    ready(&running).await;
+    let (_c, ch) = rabbit().await;
+    let published = BasicProperties::default()
+        .with_timestamp(1_700_000_789)
+        .with_correlation_id("corr-r".into());
+    publish_foreign(&ch, ("", &queue), b"again and again", published.clone()).await;
+    let dlq = format!("{queue}.dlq");
+    dead_letters(&running, &ch, &dlq, 1).await;
+    let seen = running.seen();
+    assert!(seen.len() >= 11, "delivered {} times", seen.len());
+    let id = headers::message_id(&published, "", &queue, b"again and again");
+    assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+    for message in &seen {
+        assert_eq!(message.message_id.as_deref(), Some(id.as_str()));
+        assert_eq!(message.attempt, 1);
+    }
+    assert!(seen[1..].iter().all(|m| m.redelivered));
+    // A dead-letter processor reading the broker's dead letter derives the same id.
+    let dead = get_all(&ch, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.properties.message_id(), &None);
+    assert_eq!(
+        headers::message_id(
+            &d.properties,
+            d.exchange.as_str(),
+            d.routing_key.as_str(),
+            &d.data
+        ),
+        id
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&ch, &[queue.clone(), dlq]).await;
 }

@@ -774,3 +774,51 @@ fn consumer_delivery_limits_default_and_parse_and_are_amqp_only() {
         &["is for amqp consumers"],
     );
 }
+
+#[test]
+fn attempt_header_names_a_legacy_retry_count_header_and_is_checked() {
+    let consumer = |value: &str| {
+        format!(
+            "{BASE}\n[consumers.orders]\nsource = \"rabbit\"\nhandler = \"orders\"\nqueue = \"q\"\nattempt_header = {value}\n"
+        )
+    };
+    let config = load(&consumer("\"x-retry-count\"")).expect("a legacy header is accepted");
+    match &config.consumers["orders"].kind {
+        bosun::config::ConsumerKind::Amqp(amqp) => {
+            assert_eq!(amqp.attempt_header.as_deref(), Some("x-retry-count"))
+        }
+        other => panic!("not an amqp consumer: {other:?}"),
+    }
+    let long = format!("\"{}\"", "x".repeat(256));
+    for (value, needle) in [
+        ("\"\"", "must name a header"),
+        ("\"  \"", "must name a header"),
+        (long.as_str(), "longer than 255 bytes"),
+        ("\"x retry count\"", "whitespace or control characters"),
+        ("\"bosun-attempt\"", "one of bosun's own headers"),
+        ("\"Bosun-Error\"", "one of bosun's own headers"),
+        ("\"x-death\"", "the broker's dead-letter history"),
+        (
+            "\"x-first-death-queue\"",
+            "the broker's dead-letter history",
+        ),
+        ("3", "invalid type"),
+    ] {
+        let text = consumer(value);
+        check_error(
+            &text,
+            line_of(&text, "attempt_header"),
+            1,
+            &[needle, "consumers.orders.attempt_header"],
+        );
+    }
+    let text = format!(
+        "{BASE}\n[consumers.events]\nsource = \"cache\"\nhandler = \"orders\"\nstream = \"s\"\nattempt_header = \"x-retry-count\"\n"
+    );
+    check_error(
+        &text,
+        line_of(&text, "attempt_header"),
+        1,
+        &["`attempt_header` is for amqp consumers"],
+    );
+}
