@@ -1720,8 +1720,8 @@ async fn foreign_message_without_id_keeps_a_derived_id_and_every_header_type_thr
     let seen = running.seen();
     assert_eq!(seen.iter().map(|m| m.attempt).collect::<Vec<_>>(), [1, 2]);
     let id = seen[0].message_id.clone().expect("a derived message id");
-    assert_eq!(id, headers::message_id(&props, "", &queue, BODY));
-    assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+    assert_eq!(id, support::amqp::derived_id(&props, "", &queue, BODY));
+    assert!(id.starts_with(support::amqp::DERIVED_ID_PREFIX), "{id}");
     assert_eq!(seen[1].message_id.as_deref(), Some(id.as_str()));
     for message in &seen {
         for (name, _, shown) in &types {
@@ -1842,7 +1842,7 @@ async fn a_message_dead_lettered_elsewhere_starts_at_attempt_one_and_keeps_its_x
             String::from_utf8_lossy(body)
         );
         let id = mine[0].message_id.clone().expect("a derived id");
-        assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+        assert!(id.starts_with(support::amqp::DERIVED_ID_PREFIX), "{id}");
         assert_eq!(mine[1].message_id.as_deref(), Some(id.as_str()));
     }
     // Derived from where it was first published, not from the dead-letter hop that brought
@@ -1853,7 +1853,7 @@ async fn a_message_dead_lettered_elsewhere_starts_at_attempt_one_and_keeps_its_x
         .and_then(|m| m.message_id.clone());
     assert_eq!(
         expired_id,
-        Some(headers::message_id(
+        Some(support::amqp::derived_id(
             &expired,
             "",
             &foreign,
@@ -2001,7 +2001,7 @@ retry = {{ max_attempts = 3, tiers = ["200ms"] }}
         "the script ran only {:?}",
         lines()
     );
-    let id = headers::message_id(&props, "", &queue, b"typed");
+    let id = support::amqp::derived_id(&props, "", &queue, b"typed");
     let shown = [
         "BOSUN_HEADER_T_ARRAY=[1,\"a\",null,[false]]",
         "BOSUN_HEADER_T_BOOL=true",
@@ -2059,8 +2059,8 @@ async fn a_message_without_id_keeps_its_derived_id_on_every_redelivery_and_after
     dead_letters(&running, &ch, &dlq, 1).await;
     let seen = running.seen();
     assert!(seen.len() >= 11, "delivered {} times", seen.len());
-    let id = headers::message_id(&published, "", &queue, b"again and again");
-    assert!(id.starts_with(headers::DERIVED_ID_PREFIX), "{id}");
+    let id = support::amqp::derived_id(&published, "", &queue, b"again and again");
+    assert!(id.starts_with(support::amqp::DERIVED_ID_PREFIX), "{id}");
     for message in &seen {
         assert_eq!(message.message_id.as_deref(), Some(id.as_str()));
         assert_eq!(message.attempt, 1);
@@ -2072,7 +2072,7 @@ async fn a_message_without_id_keeps_its_derived_id_on_every_redelivery_and_after
     let d = &dead[0];
     assert_eq!(d.properties.message_id(), &None);
     assert_eq!(
-        headers::message_id(
+        support::amqp::derived_id(
             &d.properties,
             d.exchange.as_str(),
             d.routing_key.as_str(),

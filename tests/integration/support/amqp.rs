@@ -208,3 +208,79 @@ async fn publish_one(
         other => Err(format!("not confirmed: {other:?}")),
     }
 }
+
+/// Prefix of the id bosun derives for a message published without one.
+pub const DERIVED_ID_PREFIX: &str = "derived-";
+
+/// The id bosun derives for a delivery without a `message_id`, computed here from the recipe
+/// in docs/configuration/consumers.md ("Messages from other clients"), independently of
+/// bosun's own code.
+pub fn derived_id(
+    properties: &lapin::BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> String {
+    use sha2::{Digest, Sha256};
+    let text = |value: Option<&AMQPValue>| -> Option<String> {
+        match value {
+            Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into()),
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+            _ => None,
+        }
+    };
+    // Where it was really published: the broker's dead-letter record, when complete.
+    let mut published = (exchange.to_owned(), routing_key.to_owned());
+    if let Some(table) = properties.headers().as_ref() {
+        let get = |key: &str| table.inner().get(key);
+        if let (Some(first_exchange), Some(first_queue), Some(AMQPValue::FieldArray(deaths))) = (
+            text(get("x-first-death-exchange")),
+            text(get("x-first-death-queue")),
+            get("x-death"),
+        ) {
+            let key = deaths
+                .as_slice()
+                .iter()
+                .rev()
+                .find_map(|death| match death {
+                    AMQPValue::FieldTable(death)
+                        if text(death.inner().get("queue")).as_deref() == Some(&first_queue) =>
+                    {
+                        match death.inner().get("routing-keys") {
+                            Some(AMQPValue::FieldArray(keys)) => text(keys.as_slice().first()),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                });
+            if let Some(key) = key {
+                published = (first_exchange, key);
+            }
+        }
+    }
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: Option<&[u8]>| match bytes {
+        Some(bytes) => {
+            hasher.update([1]);
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+        }
+        None => hasher.update([0]),
+    };
+    field(Some(b"bosun-message-id-v1"));
+    field(Some(published.0.as_bytes()));
+    field(Some(published.1.as_bytes()));
+    let timestamp = properties.timestamp().map(u64::to_be_bytes);
+    field(timestamp.as_ref().map(|t| t.as_slice()));
+    field(
+        properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str().as_bytes()),
+    );
+    field(Some(body));
+    format!(
+        "{DERIVED_ID_PREFIX}{}",
+        hex::encode(&hasher.finalize()[..16])
+    )
+}
