@@ -25,6 +25,7 @@ pub mod components;
 pub mod config;
 pub mod database;
 pub mod dead_letter;
+pub mod disposition;
 pub mod failure_headers;
 pub mod handler;
 pub mod health;

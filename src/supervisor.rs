@@ -271,7 +271,10 @@ impl Supervisor {
             {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(panic) => Err(format!("panicked: {}", panic_message(&panic))),
+                Err(panic) => Err(format!(
+                    "panicked: {}",
+                    crate::disposition::panic_text(panic.as_ref())
+                )),
             };
             let _ = events.send(Event::Exited {
                 name: task_name,
@@ -602,16 +605,6 @@ impl Supervisor {
                 metrics::gauge!("bosun_component_up", "component" => name.clone()).set(0.0);
             }
         }
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic payload".into()
     }
 }
 

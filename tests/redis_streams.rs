@@ -353,6 +353,53 @@ async fn failing_entry_is_retried_after_its_backoff_then_dead_lettered() {
     cleanup(&mut conn, &stream).await;
 }
 
+/// Panics on every message, with the message id in the panic text.
+struct Panicking;
+
+#[async_trait]
+impl Handler for Panicking {
+    async fn handle(&self, message: &Message) -> Outcome {
+        panic!(
+            "cannot parse order {}",
+            message.message_id.as_deref().unwrap_or("?")
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_retried_and_dead_lettered_with_the_panic_text() {
+    let stream = unique("rs_panic");
+    let name = unique("c_panic");
+    let mut conn = redis().await;
+    let retry =
+        "retry = { max_attempts = 2, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }";
+    let running = start(
+        &config(&unique("b"), &[(&name, consumer(&stream, &name, retry))]),
+        Arc::new(Panicking),
+    )
+    .await;
+    xadd(
+        &mut conn,
+        &stream,
+        &[("payload", b"p"), ("message_id", b"order-7")],
+    )
+    .await;
+    let dlq = format!("{stream}:dlq");
+    wait_until("the entry reaches the dead-letter stream", async || {
+        range(&mut conn, &dlq).await.len() == 1
+    })
+    .await;
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    let dead = range(&mut conn, &dlq).await.remove(0).1;
+    assert_eq!(text(&dead, "bosun-attempt"), "2");
+    assert_eq!(text(&dead, "bosun-error-kind"), "exhausted");
+    assert_eq!(
+        text(&dead, "bosun-error"),
+        "handler panicked: cannot parse order order-7"
+    );
+    cleanup(&mut conn, &stream).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entry_delivered_more_than_max_deliveries_is_dead_lettered_unhandled() {
     let stream = unique("rs_maxdel");

@@ -37,14 +37,13 @@
 //! supervisor restarts this consumer alone with its own backoff.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -61,7 +60,8 @@ use super::{AmqpError, connection, headers, limits, short, soft_error};
 use crate::config::{
     AmqpBrokerConfig, AmqpConsumerConfig, BrokerConfig, ConsumerConfig, DeliveryLimits,
 };
-use crate::handler::{FailureKind, Handler, Message, Outcome, Source};
+use crate::disposition::{self, Decision, Panicked};
+use crate::handler::{FailureKind, Handler, Message, Source};
 use crate::publish::PublishError;
 use crate::resources::{Resources, consumer_component_name};
 use crate::retry::RetryPolicy;
@@ -680,24 +680,11 @@ async fn process(
     };
     inner.metrics.in_flight.increment(1.0);
     let started = Instant::now();
-    let outcome = match AssertUnwindSafe(inner.handler.handle(&message))
-        .catch_unwind()
-        .await
-    {
-        Ok(outcome) => outcome,
-        Err(panic) => {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), panic = %text, "handler panicked; retrying the message");
-            Outcome::Retry {
-                after: None,
-                reason: format!("handler panicked: {text}"),
-            }
-        }
-    };
+    let handled = disposition::handle(inner.handler.as_ref(), &message).await;
+    if let Err(Panicked(text)) = &handled {
+        tracing::error!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), panic = %text, "handler panicked; retrying the message");
+    }
+    let outcome = disposition::outcome(handled);
     inner
         .metrics
         .duration(&outcome)
@@ -711,14 +698,17 @@ async fn process(
         body: &message.body,
         attempt,
     };
-    let result = match outcome {
-        Outcome::Ack => Ok(Settled::Ack),
-        Outcome::Drop { reason } => {
+    let result = match disposition::decide(outcome, attempt, &inner.retry) {
+        Decision::Ack => Ok(Settled::Ack),
+        Decision::Drop { reason } => {
             tracing::debug!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), reason = %reason, "message dropped by the handler");
             Ok(Settled::Drop)
         }
-        Outcome::Retry { after, reason } if inner.retry.should_retry(attempt) => {
-            let delay = after.unwrap_or_else(|| inner.retry.delay(attempt));
+        Decision::Retry {
+            delay,
+            attempt: next,
+            reason,
+        } => {
             // No delay tier (every delay is zero): straight back to the queue.
             let target = inner
                 .topology
@@ -727,7 +717,7 @@ async fn process(
             let copy = Copy {
                 exchange: "",
                 routing_key: target,
-                attempt: attempt + 1,
+                attempt: next,
                 kind: FailureKind::Transient,
                 reason: &reason,
             };
@@ -745,15 +735,10 @@ async fn process(
                 }
             }
         }
-        Outcome::Retry { reason, .. } => {
-            inner
-                .dead_letter(copies, &original, FailureKind::Exhausted, &reason)
-                .await
-        }
-        Outcome::DeadLetter { reason, kind } => {
+        Decision::DeadLetter { kind, reason } => {
             inner.dead_letter(copies, &original, kind, &reason).await
         }
-        Outcome::Release { reason } => {
+        Decision::Release { reason } => {
             tracing::info!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), reason = %reason, "released unsettled; it goes back to the queue");
             Ok(Settled::Release)
         }

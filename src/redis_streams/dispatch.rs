@@ -3,13 +3,11 @@
 //! [`Action`], and the reply parsing and claims the reader and the claimer both use.
 
 use std::collections::HashSet;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::FutureExt as _;
 use metrics::{Counter, Gauge};
 use redis::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -20,7 +18,8 @@ use super::fields::{self, Entry, Failure};
 use super::scripts::Scripts;
 use super::{Error, Ops};
 use crate::config::{RedisBrokerConfig, RedisConsumerConfig};
-use crate::handler::{FailureKind, Handler, Outcome, Source};
+use crate::disposition::{self, Decision, Panicked};
+use crate::handler::{FailureKind, Handler, Source};
 use crate::retry::{RetryPolicy, saturating_millis};
 
 /// Handler capacity is taken this many permits at a time.
@@ -277,43 +276,38 @@ impl Inner {
             }
         };
         let started = Instant::now();
-        let outcome = match AssertUnwindSafe(self.handler.handle(&message))
-            .catch_unwind()
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                tracing::error!(consumer = %self.name, entry_id = %entry.id, "handler panicked; treating it as a transient failure");
-                Outcome::retry("handler panicked")
-            }
-        };
+        let handled = disposition::handle(self.handler.as_ref(), &message).await;
+        if let Err(Panicked(text)) = &handled {
+            tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
+        }
+        let outcome = disposition::outcome(handled);
         self.metrics
             .duration(&outcome)
             .record(started.elapsed().as_secs_f64());
         let attempt = message.attempt;
-        match outcome {
-            Outcome::Ack => Action::Ack,
-            Outcome::Drop { reason } => {
+        match disposition::decide(outcome, attempt, &self.retry) {
+            Decision::Ack => Action::Ack,
+            Decision::Drop { reason } => {
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "handler dropped the message");
                 Action::Drop
             }
-            Outcome::Retry { after, reason } if self.retry.should_retry(attempt) => {
-                let delay_ms = saturating_millis(self.retry.next_delay(attempt, after));
+            Decision::Retry {
+                delay,
+                attempt: next,
+                reason,
+            } => {
+                let delay_ms = saturating_millis(delay);
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms, %reason, "retry scheduled");
                 Action::Retry {
-                    fields: fields::retry_fields(entry, attempt.saturating_add(1), &reason),
+                    fields: fields::retry_fields(entry, next, &reason),
                     delay_ms,
                 }
             }
-            Outcome::Retry { reason, .. } => {
-                tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, "attempts exhausted; dead-lettering");
-                self.dead_letter(entry, deliveries, attempt, &reason, FailureKind::Exhausted)
-            }
-            Outcome::DeadLetter { reason, kind } => {
+            Decision::DeadLetter { kind, reason } => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, kind = %kind, "dead-lettering");
                 self.dead_letter(entry, deliveries, attempt, &reason, kind)
             }
-            Outcome::Release { reason } => {
+            Decision::Release { reason } => {
                 tracing::info!(consumer = %self.name, entry_id = %entry.id, %reason, "released unsettled; it stays pending");
                 Action::Release
             }
