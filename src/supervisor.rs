@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::health::{Health, HealthHandle};
+use crate::retry::ExponentialBackoff;
 
 /// A long-running part of the daemon: a consumer, a relay, a dead-letter processor.
 ///
@@ -301,11 +302,8 @@ impl Supervisor {
     }
 
     fn backoff(&self, failures: u32) -> Duration {
-        let factor = 2f64.powi(failures.saturating_sub(1).min(30) as i32);
-        self.config
-            .backoff_initial
-            .mul_f64(factor)
-            .min(self.config.backoff_max)
+        ExponentialBackoff::new(self.config.backoff_initial, self.config.backoff_max)
+            .delay(failures)
     }
 
     /// Runs `components` until a terminate signal (from `signals`) and the drain that follows.

@@ -64,13 +64,12 @@ use crate::disposition::{self, Decision, Panicked};
 use crate::handler::{FailureKind, Handler, Message, Source};
 use crate::publish::PublishError;
 use crate::resources::{Resources, consumer_component_name};
-use crate::retry::RetryPolicy;
+use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
 
-/// First reconnect delay.
-const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
-/// Longest reconnect delay.
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Waits between reconnects: 0.2 s doubling to 30 s.
+const RECONNECT: ExponentialBackoff =
+    ExponentialBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
 /// A session that lasted this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// How often settled tags are acked when fewer than a batch are waiting.
@@ -81,8 +80,10 @@ const MAX_ACK_BATCH: usize = 100;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tries a copy the broker refuses gets before that path is given up for this delivery.
 const COPY_TRIES: u32 = 5;
-/// First pause between tries of a refused copy; doubled after each.
-const COPY_RETRY_INITIAL: Duration = Duration::from_millis(250);
+/// Pauses between tries of a refused copy: 250 ms doubling, without jitter (their sum is
+/// budgeted in [`COPY_RETRY_BUDGET`]).
+const COPY_RETRY: ExponentialBackoff =
+    ExponentialBackoff::new(Duration::from_millis(250), Duration::from_secs(2)).without_jitter();
 /// All pauses of one copy path: 250 ms + 500 ms + 1 s + 2 s.
 const COPY_RETRY_BUDGET: Duration = Duration::from_millis(3750);
 /// Handler time assumed when the handler's configuration names no `timeout`.
@@ -318,14 +319,19 @@ impl Drop for ConnectedGuard<'_> {
 impl Component for AmqpConsumer {
     async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
         let inner = &self.inner;
-        let mut delay = RECONNECT_INITIAL;
+        let mut backoff = RECONNECT;
         let mut connected_before = false;
         loop {
             if ctx.shutdown.is_cancelled() {
                 return Ok(());
             }
             let started = Instant::now();
-            let reason = match inner.session(&ctx, &mut connected_before).await {
+            let ended = inner.session(&ctx, &mut connected_before).await;
+            if started.elapsed() >= HEALTHY_SESSION {
+                backoff.reset();
+            }
+            let delay = backoff.failed();
+            let reason = match ended {
                 Ok(SessionEnd::Drained) => return Ok(()),
                 Ok(SessionEnd::Lost(reason)) => {
                     tracing::warn!(consumer = %inner.name, broker = %inner.broker_name, reason = %reason, "connection lost; reconnecting");
@@ -345,14 +351,10 @@ impl Component for AmqpConsumer {
                 }
             };
             ctx.health.set_not_ready(reason);
-            if started.elapsed() >= HEALTHY_SESSION {
-                delay = RECONNECT_INITIAL;
-            }
             tokio::select! {
-                _ = tokio::time::sleep(crate::retry::apply_jitter(delay, 0.2)) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = ctx.shutdown.cancelled() => return Ok(()),
             }
-            delay = (delay * 2).min(RECONNECT_MAX);
         }
     }
 }
@@ -923,7 +925,7 @@ impl Inner {
             mandatory: true,
             immediate: false,
         };
-        let mut pause = COPY_RETRY_INITIAL;
+        let mut pause = COPY_RETRY;
         let mut last = String::new();
         for attempt in 1..=COPY_TRIES {
             let channel = copies.channel().await.map_err(|e| {
@@ -963,8 +965,7 @@ impl Inner {
             tracing::warn!(consumer = %self.name, exchange, routing_key, kind = %kind, try_ = attempt, error = %error, "a retry or dead-letter copy was not accepted; the original is kept and the copy tried again");
             last = error.to_string();
             if attempt < COPY_TRIES {
-                tokio::time::sleep(pause).await;
-                pause *= 2;
+                tokio::time::sleep(pause.failed()).await;
             }
         }
         self.copy_metrics.refused.increment(1);

@@ -34,12 +34,12 @@ use crate::config::{
 use crate::handler::{Handler, Message, Outcome, UNDECODABLE};
 use crate::health::HealthHandle;
 use crate::resources::{Resources, consumer_component_name, dead_letter_component_name};
-use crate::retry::RetryPolicy;
+use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
 
-/// First wait after a failed effect; doubles up to [`BACKOFF_MAX`].
-const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Waits after a failed effect: 0.2 s doubling to 30 s.
+const BACKOFF: ExponentialBackoff =
+    ExponentialBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
 /// How often scheduled replays are looked for.
 const SCHEDULER_TICK: Duration = Duration::from_secs(1);
 /// How often `bosun_dead_letters_archived` is sampled.
@@ -257,7 +257,7 @@ impl DeadLetterHandler {
 
     /// A dead letter with nowhere to go stays unsettled at its source, counted and logged:
     /// a redis entry is released (it stays pending and is read again after `claim_idle`); an
-    /// amqp delivery is held and tried again every [`BACKOFF_MAX`], since handing it back
+    /// amqp delivery is held and tried again every `BACKOFF.max`, since handing it back
     /// would redeliver it at once.
     fn held(&self, cause: &'static str, error: &str) -> Option<Outcome> {
         metrics::counter!(metric::HELD, "processor" => self.name.clone(), "cause" => cause)
@@ -291,8 +291,7 @@ impl Handler for DeadLetterHandler {
                 match self.held("panic", error) {
                     Some(outcome) => outcome,
                     None => {
-                        let mut backoff = BACKOFF_MAX;
-                        self.wait(&mut backoff, BACKOFF_MAX).await;
+                        self.wait(BACKOFF.max).await;
                         Outcome::Release {
                             reason: error.into(),
                         }
@@ -320,7 +319,7 @@ impl DeadLetterHandler {
         {
             return outcome;
         }
-        let mut backoff = BACKOFF_INITIAL;
+        let mut backoff = BACKOFF;
         loop {
             match self.apply(&letter, &decision).await {
                 Ok(()) => {
@@ -354,7 +353,7 @@ impl DeadLetterHandler {
                     if let Some(outcome) = self.held("refused", &e.to_string()) {
                         return outcome;
                     }
-                    if self.wait(&mut backoff, BACKOFF_MAX).await {
+                    if self.wait(BACKOFF.max).await {
                         return Outcome::Release {
                             reason: format!("cannot {} dead letters: {e}", decision.label()),
                         };
@@ -362,12 +361,12 @@ impl DeadLetterHandler {
                 }
                 Err(e) => {
                     let reason = format!("cannot {} dead letters: {e}", decision.label());
-                    tracing::warn!(processor = %self.name, action = decision.label(), error = %e, retry_in_ms = backoff.as_millis() as u64, "dead letter kept unsettled; retrying");
+                    let delay = backoff.failed();
+                    tracing::warn!(processor = %self.name, action = decision.label(), error = %e, retry_in_ms = delay.as_millis() as u64, "dead letter kept unsettled; retrying");
                     if let Some(health) = self.health() {
                         health.set_not_ready(reason.clone());
                     }
-                    let wait = backoff;
-                    if self.wait(&mut backoff, wait).await {
+                    if self.wait(delay).await {
                         return Outcome::Release { reason };
                     }
                 }
@@ -375,16 +374,15 @@ impl DeadLetterHandler {
         }
     }
 
-    /// Sleeps `wait` and doubles `backoff`; `true` when the processor is stopping instead:
-    /// the dead letter is then handed back rather than holding up the drain (it stays at its
-    /// source and is processed after the restart).
-    async fn wait(&self, backoff: &mut Duration, wait: Duration) -> bool {
+    /// Sleeps `wait`; `true` when the processor is stopping instead: the dead letter is then
+    /// handed back rather than holding up the drain (it stays at its source and is processed
+    /// after the restart).
+    async fn wait(&self, wait: Duration) -> bool {
         let shutdown = self.shutdown();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return true,
         }
-        *backoff = (*backoff * 2).min(BACKOFF_MAX);
         false
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 
 use super::listener::sleep_or_cancel;
 use super::store::{Failure, OutboxRow, Queries};
-use super::{OutboxError, PublisherSource, reconnect_delay};
+use super::{OutboxError, PublisherSource, RECONNECT};
 use crate::config::{Ordering, OutboxConfig};
 use crate::publish::{OutgoingMessage, PublishError, Publisher};
 use crate::supervisor::ComponentContext;
@@ -117,7 +117,7 @@ impl Relay {
                         publisher = None;
                     }
                     failures = failures.saturating_add(1);
-                    let delay = reconnect_delay(failures);
+                    let delay = RECONNECT.delay(failures);
                     ctx.health.set_not_ready(e.to_string());
                     tracing::warn!(outbox = %self.name, error = %e, failures, retry_in_ms = delay.as_millis() as u64,
                         "outbox batch failed; rows stay pending and are claimed again");
