@@ -42,6 +42,7 @@ pub mod secret;
 pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
+pub mod text;
 pub mod units;
 
 pub use handler::{Handler, Message, Outcome};

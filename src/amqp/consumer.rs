@@ -812,7 +812,7 @@ impl Inner {
             .routing_key
             .as_deref()
             .unwrap_or(original.routing_key);
-        tracing::warn!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), attempt = original.attempt, kind = %kind, reason = %headers::truncate(reason, 512), "dead-lettering message");
+        tracing::warn!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), attempt = original.attempt, kind = %kind, reason = %crate::text::truncate(reason, 512), "dead-lettering message");
         let copy = Copy {
             exchange: &target.exchange,
             routing_key: key,
@@ -1018,7 +1018,7 @@ fn build_copy(
     if properties_size(&properties) <= budget {
         return Built::Fits(properties);
     }
-    let error = headers::truncate(failure.error, TRIMMED_ERROR_BYTES);
+    let error = crate::text::truncate(failure.error, TRIMMED_ERROR_BYTES);
     table.insert(headers::ERROR.into(), text(error));
     let properties = copy_properties(original.properties, table);
     let size = properties_size(&properties);

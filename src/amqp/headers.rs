@@ -9,6 +9,7 @@ use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString};
 use super::{AmqpError, short};
 use crate::handler::{FailureKind, HeaderValue};
 
+use crate::failure_headers::error_text;
 /// The `bosun-*` failure headers, defined in [`crate::failure_headers`].
 pub use crate::failure_headers::{
     ATTEMPT, BODY_SIZE, CONSUMER, ERROR, ERROR_KIND, FIRST_FAILURE_AT, HEADERS_TRUNCATED, HOST,
@@ -183,18 +184,6 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// The exchange and routing key a delivery presents to handlers and routes.
 ///
 /// A retry comes back to the queue through the default exchange with the queue's name as its
@@ -239,7 +228,7 @@ pub fn add_failure(table: &mut FieldTable, failure: &Failure<'_>) {
         AMQPValue::LongLongInt(i64::from(failure.attempt)),
     );
     table.insert(LAST_FAILURE_AT.into(), text(failure.now));
-    table.insert(ERROR.into(), text(truncate(failure.error, MAX_ERROR_BYTES)));
+    table.insert(ERROR.into(), text(error_text(failure.error)));
     table.insert(ERROR_KIND.into(), text(failure.kind.as_str()));
     table.insert(ORIGINAL_QUEUE.into(), text(failure.queue));
     table.insert(CONSUMER.into(), text(failure.consumer));

@@ -349,7 +349,7 @@ impl Relay {
         let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
         Failure {
             id: row.id,
-            error: truncate(error, MAX_ERROR_LEN),
+            error: crate::text::truncate(&error, MAX_ERROR_LEN).to_owned(),
             retry_after: self.config.retry.delay(attempt),
             give_up: invalid || attempt >= self.config.max_attempts,
         }
@@ -455,27 +455,5 @@ async fn publish_runs<'r>(
         if outcome.connection_lost.is_some() {
             return outcome;
         }
-    }
-}
-
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_errors_are_cut_on_a_char_boundary() {
-        let text = "é".repeat(10);
-        assert_eq!(truncate(text, 5), "éé");
     }
 }

@@ -604,8 +604,8 @@ pub(crate) fn parse_read_any(reply: Value) -> Result<(Vec<Entry>, Vec<String>), 
 }
 
 fn bad(command: &'static str, value: &Value) -> Error {
-    let mut detail = format!("{value:?}");
-    detail.truncate(200);
+    let detail = format!("{value:?}");
+    let detail = crate::text::truncate(&detail, 200).to_owned();
     Error::Reply { command, detail }
 }
 

@@ -33,6 +33,7 @@ pub const CORRELATION_ID: &str = "correlation_id";
 pub const CONTENT_TYPE: &str = "content_type";
 /// Producer's timestamp (milliseconds since the Unix epoch); a header to the consumer.
 pub const TIMESTAMP: &str = "timestamp_ms";
+use crate::failure_headers::error_text;
 /// The failure names this broker writes, defined once for both brokers.
 pub use crate::failure_headers::{
     ATTEMPT, CONSUMER, DELIVERIES, ERROR, ERROR_KIND, FAILED_AT, GROUP, ORIG_ID, ORIG_STREAM,
@@ -44,9 +45,6 @@ pub const ORIG_FIELDS: &str = "bosun-orig-fields";
 
 /// Fields a header may not be named after: they carry the message itself.
 const RESERVED: &[&str] = &[BODY, MESSAGE_ID, CORRELATION_ID, CONTENT_TYPE, TIMESTAMP];
-
-/// `bosun-error` is cut to this many bytes so one bad handler cannot bloat the streams.
-const MAX_ERROR_BYTES: usize = 2048;
 
 /// One entry as read from a stream, fields in their order.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,18 +232,6 @@ fn is_failure_field(name: &[u8]) -> bool {
     .any(|f| f.as_bytes() == name)
 }
 
-/// Cuts `error` to [`MAX_ERROR_BYTES`] on a character boundary.
-pub fn truncate_error(error: &str) -> &str {
-    if error.len() <= MAX_ERROR_BYTES {
-        return error;
-    }
-    let mut end = MAX_ERROR_BYTES;
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    &error[..end]
-}
-
 /// The fields of the copy that a retry re-adds: the original's, with the stable id, the next
 /// attempt number and the last error.
 pub fn retry_fields(entry: &Entry, next_attempt: u32, error: &str) -> Vec<(Bytes, Bytes)> {
@@ -262,7 +248,7 @@ pub fn retry_fields(entry: &Entry, next_attempt: u32, error: &str) -> Vec<(Bytes
     ));
     fields.push((
         Bytes::from_static(ERROR.as_bytes()),
-        Bytes::copy_from_slice(truncate_error(error).as_bytes()),
+        Bytes::copy_from_slice(error_text(error).as_bytes()),
     ));
     fields
 }
@@ -383,7 +369,7 @@ fn with_failure(
     push(DELIVERIES, Bytes::from(failure.deliveries.to_string()));
     push(
         ERROR,
-        Bytes::copy_from_slice(truncate_error(failure.error).as_bytes()),
+        Bytes::copy_from_slice(error_text(failure.error).as_bytes()),
     );
     push(
         ERROR_KIND,
@@ -532,12 +518,5 @@ mod tests {
         };
         assert!(over_limits(&big, &small).is_some_and(|w| w.contains("107 bytes")));
         assert!(over_limits(&big, &limits).is_none());
-    }
-
-    #[test]
-    fn errors_are_truncated_on_char_boundaries() {
-        let long = "é".repeat(MAX_ERROR_BYTES);
-        let cut = truncate_error(&long);
-        assert!(cut.len() <= MAX_ERROR_BYTES && cut.len() >= MAX_ERROR_BYTES - 1);
     }
 }
