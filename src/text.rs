@@ -27,19 +27,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn truncate_keeps_whole_characters() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 10), "abc");
-        assert_eq!(truncate("ééé", 5), "éé");
-        assert_eq!(truncate("é", 0), "");
-    }
-
-    #[test]
-    fn tail_keeps_whole_characters() {
-        assert_eq!(tail("héllo", 4), "llo");
-        assert_eq!(tail("héllo", 5), "éllo");
-        assert_eq!(tail("abc", 10), "abc");
-        assert_eq!(tail("é", 0), "");
+    fn cuts_keep_whole_characters() {
+        let cases: [(&str, usize, &str, &str); 6] = [
+            ("héllo", 2, "h", "lo"),
+            ("héllo", 3, "hé", "llo"),
+            ("héllo", 5, "héll", "éllo"),
+            ("abc", 10, "abc", "abc"),
+            ("ééé", 5, "éé", "éé"),
+            ("é", 0, "", ""),
+        ];
+        for (text, max, start, end) in cases {
+            assert_eq!(truncate(text, max), start, "{text:?} {max}");
+            assert_eq!(tail(text, max), end, "{text:?} {max}");
+        }
     }
 }
