@@ -32,6 +32,7 @@ pub mod health;
 pub mod http;
 pub mod outbox;
 pub mod publish;
+pub mod publishers;
 pub mod redact;
 pub mod redis_streams;
 pub mod reload;
