@@ -23,6 +23,7 @@ pub mod amqp;
 pub mod cli;
 pub mod components;
 pub mod config;
+pub mod consumers;
 pub mod database;
 pub mod dead_letter;
 pub mod disposition;

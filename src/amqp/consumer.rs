@@ -57,13 +57,10 @@ use metrics::{Counter, Gauge};
 use super::publisher::{PERSISTENT, confirm_channel, confirmation, publish_error};
 use super::topology::Topology;
 use super::{AmqpError, connection, headers, limits, short, soft_error};
-use crate::config::{
-    AmqpBrokerConfig, AmqpConsumerConfig, BrokerConfig, ConsumerConfig, DeliveryLimits,
-};
+use crate::config::{AmqpBrokerConfig, AmqpConsumerConfig, ConsumerConfig, DeliveryLimits};
 use crate::disposition::{self, Decision, Panicked};
 use crate::handler::{FailureKind, Handler, Message, Source};
 use crate::publish::PublishError;
-use crate::resources::{Resources, consumer_component_name};
 use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
 
@@ -246,7 +243,7 @@ fn stuck_after(timeout: Duration) -> Duration {
 
 /// The longest `timeout` option among the handlers `name` may call: its own, or for a
 /// `route` handler the longest of every configured handler (routes reach any of them).
-fn handler_timeout(config: &crate::config::Config, name: &str) -> Duration {
+pub fn handler_timeout(config: &crate::config::Config, name: &str) -> Duration {
     let timeout = |options: &toml::Table| {
         options
             .get("timeout")
@@ -264,38 +261,6 @@ fn handler_timeout(config: &crate::config::Config, name: &str) -> Duration {
         Some(h) => timeout(&h.options).unwrap_or(DEFAULT_HANDLER_TIMEOUT),
         None => DEFAULT_HANDLER_TIMEOUT,
     }
-}
-
-/// Builds the component for `[consumers.NAME]` from the runtime's resources.
-pub fn build(
-    name: &str,
-    consumer: &ConsumerConfig,
-    amqp: &AmqpConsumerConfig,
-    resources: &Resources,
-) -> anyhow::Result<Arc<dyn Component>> {
-    let broker = match resources.config.brokers.get(&consumer.source) {
-        Some(BrokerConfig::Amqp(broker)) => broker,
-        Some(other) => anyhow::bail!("broker `{}` is {}, not amqp", consumer.source, other.kind()),
-        None => anyhow::bail!("broker `{}` is not defined", consumer.source),
-    };
-    let component = consumer_component_name(name);
-    let timeout = handler_timeout(&resources.config, &consumer.handler);
-    Ok(Arc::new(
-        AmqpConsumer::new(AmqpConsumerSpec {
-            name,
-            consumer,
-            amqp,
-            broker_name: &consumer.source,
-            broker,
-            connection_name: connection::connection_name(
-                broker,
-                &resources.config.service.name,
-                &component,
-            ),
-            handler: resources.handler(&consumer.handler)?,
-        })
-        .with_handler_timeout(timeout),
-    ))
 }
 
 /// Why a session ended without an error worth restarting the component for.

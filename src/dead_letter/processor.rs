@@ -28,9 +28,9 @@ use super::publishers::PublisherSource;
 use super::rules::{Decision, decide};
 use super::{DeadLetterError, metric};
 use crate::config::{
-    self, BrokerConfig, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource,
-    RedisConsumerConfig,
+    self, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource, RedisConsumerConfig,
 };
+use crate::consumers::ConsumerSpec;
 use crate::handler::{Handler, Message, Outcome, UNDECODABLE};
 use crate::health::HealthHandle;
 use crate::resources::{Resources, consumer_component_name, dead_letter_component_name};
@@ -527,37 +527,14 @@ pub fn build(
         publishers.clone(),
     ));
     let consumer = consumer_config(dl, &component);
-    let consumer: Arc<dyn Component> = match (&consumer.kind, broker) {
-        (ConsumerKind::Redis(redis), BrokerConfig::Redis(broker)) => {
-            Arc::new(crate::redis_streams::RedisConsumer::new(
-                &component,
-                &consumer,
-                redis,
-                &dl.source,
-                broker,
-                handler.clone(),
-            ))
-        }
-        (ConsumerKind::Amqp(amqp), BrokerConfig::Amqp(broker)) => Arc::new(
-            crate::amqp::consumer::AmqpConsumer::new(crate::amqp::consumer::AmqpConsumerSpec {
-                name: &component,
-                consumer: &consumer,
-                amqp,
-                broker_name: &dl.source,
-                broker,
-                connection_name: crate::amqp::connection_name(
-                    broker,
-                    &config.service.name,
-                    &component,
-                ),
-                handler: handler.clone(),
-            }),
-        ),
-        _ => anyhow::bail!(
-            "broker `{}` is not the kind the processor's source needs",
-            dl.source
-        ),
-    };
+    let consumer = crate::consumers::build(ConsumerSpec {
+        name: &component,
+        component: &component,
+        consumer: &consumer,
+        config,
+        handler: handler.clone(),
+        bounded_handler: false,
+    })?;
     Ok(Arc::new(DeadLetterProcessor {
         name: name.to_owned(),
         handler,
