@@ -268,7 +268,7 @@ enum SessionEnd {
     /// Shutdown was requested and every in-flight delivery was settled.
     Drained,
     /// The connection or a channel broke; reconnect.
-    Lost(String),
+    Lost(SessionLost),
 }
 
 /// Decrements the connected gauge however the session ends (including an abort).
@@ -411,7 +411,7 @@ impl Inner {
                     if acks.batch_ready()
                         && let Err(e) = acks.flush(&channel, false).await
                     {
-                        break Some(format!("cannot ack: {e}"));
+                        break Some(SessionLost(format!("cannot ack: {e}")));
                     }
                 }
                 delivery = deliveries.next(), if tasks.len() < self.concurrency => match delivery {
@@ -420,19 +420,19 @@ impl Inner {
                         self.metrics.received.increment(1);
                         tasks.push(process(self.clone(), &copies, delivery));
                     }
-                    Some(Err(e)) => break Some(e.to_string()),
-                    None => break Some(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue)),
+                    Some(Err(e)) => break Some(SessionLost(e.to_string())),
+                    None => break Some(SessionLost(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue))),
                 },
                 _ = flush.tick() => {
                     if let Err(e) = acks.flush(&channel, true).await {
-                        break Some(format!("cannot ack: {e}"));
+                        break Some(SessionLost(format!("cannot ack: {e}")));
                     }
                     if let Some(limit) = self.stuck_after
                         && let Some((tag, age)) = acks.stuck_head(limit)
                     {
                         self.copy_metrics.stuck.increment(1);
                         tracing::error!(consumer = %self.name, queue = %self.topology.queue, delivery_tag = tag, unsettled_for_s = age.as_secs(), limit_s = limit.as_secs(), window = acks.len(), "a delivery has been in hand far longer than its handler may take while later ones settle; restarting the session (it comes back redelivered)");
-                        break Some(format!("delivery {tag} unsettled for {} s; restarting the session", age.as_secs()));
+                        break Some(SessionLost(format!("delivery {tag} unsettled for {} s; restarting the session", age.as_secs())));
                     }
                 }
             }
@@ -458,7 +458,7 @@ impl Inner {
             }
         }
         if let Err(e) = acks.flush(&channel, true).await {
-            return Ok(SessionEnd::Lost(format!("cannot ack: {e}")));
+            return Ok(SessionEnd::Lost(SessionLost(format!("cannot ack: {e}"))));
         }
         let _ = tokio::time::timeout(
             CLOSE_TIMEOUT,
@@ -479,10 +479,10 @@ impl Inner {
     /// release could not be sent), so the session must end without acking it.
     async fn finish(
         &self,
-        done: (u64, Result<Settled, String>),
+        done: (u64, Result<Settled, SessionLost>),
         acks: &mut Acks,
         channel: &Channel,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionLost> {
         match done {
             (tag, Ok(Settled::Release)) => {
                 let requeue = BasicNackOptions {
@@ -492,7 +492,7 @@ impl Inner {
                 channel
                     .basic_nack(tag, requeue)
                     .await
-                    .map_err(|e| format!("cannot release a delivery: {e}"))?;
+                    .map_err(|e| SessionLost(format!("cannot release a delivery: {e}")))?;
                 acks.released(tag);
                 self.metrics.released.increment(1);
                 Ok(())
@@ -528,15 +528,15 @@ struct Copies<'a> {
 impl Copies<'_> {
     /// The copy channel, opened again if the broker closed it; an error when the connection
     /// itself is gone.
-    async fn channel(&self) -> Result<Channel, String> {
+    async fn channel(&self) -> Result<Channel, SessionLost> {
         let mut channel = self.channel.lock().await;
         if !channel.status().connected() {
             if !self.connection.status().connected() {
-                return Err("the connection is closed".into());
+                return Err(SessionLost("the connection is closed".into()));
             }
             *channel = confirm_channel(self.connection)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| SessionLost(e.to_string()))?;
         }
         Ok(channel.clone())
     }
@@ -574,6 +574,12 @@ impl Copies<'_> {
     }
 }
 
+/// Why a session cannot go on: its connection, or a channel it cannot do without, is gone.
+/// The deliveries it holds come back from the broker.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SessionLost(String);
+
 /// Why a copy could not be made durable.
 enum CopyFailure {
     /// The connection is gone: the session ends and the original comes back.
@@ -598,7 +604,7 @@ async fn process(
     inner: Arc<Inner>,
     copies: &Copies<'_>,
     delivery: Delivery,
-) -> (u64, Result<Settled, String>) {
+) -> (u64, Result<Settled, SessionLost>) {
     let Delivery {
         delivery_tag,
         exchange,
@@ -691,7 +697,7 @@ async fn process(
             match inner.copy(copies, &original, &copy).await {
                 Ok(Sent::AsAsked) => Ok(Settled::Retry),
                 Ok(Sent::Invalid) => Ok(Settled::DeadLetter),
-                Err(CopyFailure::Lost(e)) => Err(e),
+                Err(CopyFailure::Lost(e)) => Err(SessionLost(e)),
                 Err(CopyFailure::Refused(e)) => {
                     // Its own path: a dead letter keeps it, with why.
                     tracing::warn!(consumer = %inner.name, message_id = message.message_id.as_deref().unwrap_or(""), queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
@@ -748,7 +754,7 @@ impl Inner {
         (exchange, routing_key, properties): (&str, &str, &BasicProperties),
         data: Vec<u8>,
         invalid: &limits::Invalid,
-    ) -> Result<Settled, String> {
+    ) -> Result<Settled, SessionLost> {
         let (properties, body) =
             limits::kept(properties, Bytes::from(data), self.broker.max_message_size);
         let original = Original {
@@ -771,7 +777,7 @@ impl Inner {
         original: &Original<'_>,
         kind: FailureKind,
         reason: &str,
-    ) -> Result<Settled, String> {
+    ) -> Result<Settled, SessionLost> {
         let target = &self.topology.dead_letter;
         let key = target
             .routing_key
@@ -787,7 +793,7 @@ impl Inner {
         };
         match self.copy(copies, original, &copy).await {
             Ok(_) => Ok(Settled::DeadLetter),
-            Err(CopyFailure::Lost(e)) => Err(e),
+            Err(CopyFailure::Lost(e)) => Err(SessionLost(e)),
             Err(CopyFailure::Refused(e)) => {
                 tracing::error!(consumer = %self.name, message_id = original.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""), exchange = %target.exchange, routing_key = key, error = %e, "the broker refused the dead-letter copy on every try; handing the message back to the queue");
                 Ok(Settled::Release)

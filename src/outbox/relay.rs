@@ -371,7 +371,7 @@ impl Relay {
                 &row.headers,
                 usize::try_from(row.headers_bytes).unwrap_or(usize::MAX),
             )
-            .map_err(RowProblem::Invalid)?,
+            .map_err(|e| RowProblem::Invalid(e.0))?,
             body: row.payload.clone().into(),
             timestamp_ms: u64::try_from(row.created_at.timestamp_millis()).ok(),
         })

@@ -46,7 +46,7 @@ use super::dispatch::{
     lock_prefix, parse_read_any, sleep_or_cancel,
 };
 use super::scripts::Scripts;
-use super::{Error, Ops, client_name, connect_reader};
+use super::{Ops, RedisStreamsError, client_name, connect_reader};
 use crate::config::{ConsumerConfig, RedisBrokerConfig, RedisConsumerConfig};
 use crate::handler::Handler;
 use crate::health::HealthHandle;
@@ -212,7 +212,7 @@ async fn read_loop(
         inner.name_held.store(false, AtomicOrdering::Relaxed);
         match result {
             Ok(()) => return,
-            Err(e @ Error::NameInUse { .. }) => {
+            Err(e @ RedisStreamsError::NameInUse { .. }) => {
                 let delay = backoff.failed();
                 tracing::error!(consumer = %inner.name, error = %e, retry_in_ms = delay.as_millis() as u64, "not reading: the consumer name is taken");
                 health.set_not_ready(e.to_string());
@@ -253,7 +253,7 @@ async fn session(
     health: &HealthHandle,
     was_connected: &mut bool,
     backoff: &mut ExponentialBackoff,
-) -> Result<(), Error> {
+) -> Result<(), RedisStreamsError> {
     let config = &inner.config;
     let mut reader = connect_reader(
         &inner.broker,
@@ -265,13 +265,13 @@ async fn session(
         .arg("ID")
         .query_async(&mut reader)
         .await
-        .map_err(Error::command("CLIENT ID"))?;
+        .map_err(RedisStreamsError::command("CLIENT ID"))?;
     inner.ensure_group(ops).await?;
     inner
         .scripts
         .load(ops)
         .await
-        .map_err(Error::command("SCRIPT LOAD"))?;
+        .map_err(RedisStreamsError::command("SCRIPT LOAD"))?;
     if !inner.lock_name(ops).await? {
         return Err(name_in_use(config));
     }
@@ -377,7 +377,7 @@ async fn session(
                 return Ok(());
             }
             Err(source) => {
-                return Err(Error::Command {
+                return Err(RedisStreamsError::Command {
                     command: "XREADGROUP",
                     source,
                 });
@@ -409,8 +409,8 @@ async fn session(
     }
 }
 
-fn name_in_use(config: &RedisConsumerConfig) -> Error {
-    Error::NameInUse {
+fn name_in_use(config: &RedisConsumerConfig) -> RedisStreamsError {
+    RedisStreamsError::NameInUse {
         consumer: config.consumer.clone(),
         group: config.group.clone(),
         stream: config.stream.clone(),

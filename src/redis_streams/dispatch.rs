@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::fields::{self, Entry, Failure};
 use super::scripts::Scripts;
-use super::{Error, Ops};
+use super::{Ops, RedisStreamsError};
 use crate::config::{RedisBrokerConfig, RedisConsumerConfig};
 use crate::disposition::{self, Decision, Panicked};
 use crate::handler::{FailureKind, Handler, Source};
@@ -262,7 +262,8 @@ impl Inner {
         // such an entry into yet another stream would be read by nobody.
         let decoded = match over_limits {
             Some(reason) => Err(reason),
-            None => fields::decode(entry, source.clone(), redelivered || deliveries > 1),
+            None => fields::decode(entry, source.clone(), redelivered || deliveries > 1)
+                .map_err(|e| e.0),
         };
         let message = match decoded {
             Ok(message) => message,
@@ -347,7 +348,7 @@ impl Inner {
     }
 
     /// Takes or renews the consumer-name lock; false when another live process holds it.
-    pub(crate) async fn lock_name(&self, ops: &Ops) -> Result<bool, Error> {
+    pub(crate) async fn lock_name(&self, ops: &Ops) -> Result<bool, RedisStreamsError> {
         let cmd = self
             .scripts
             .lock
@@ -359,7 +360,7 @@ impl Inner {
             .scripts
             .run(ops, &cmd)
             .await
-            .map_err(Error::command("name lock"))?;
+            .map_err(RedisStreamsError::command("name lock"))?;
         Ok(held == 1)
     }
 
@@ -384,7 +385,7 @@ impl Inner {
         ops: &Ops,
         dispatcher: &Dispatcher,
         ids: &[(String, u64)],
-    ) -> Result<Vec<Entry>, Error> {
+    ) -> Result<Vec<Entry>, RedisStreamsError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -401,7 +402,7 @@ impl Inner {
             Ok(replies) => replies,
             Err(e) => {
                 dispatcher.unreserve(ids.iter().map(|(id, _)| id.as_str()));
-                return Err(Error::command("XCLAIM")(e));
+                return Err(RedisStreamsError::command("XCLAIM")(e));
             }
         };
         let mut entries = Vec::with_capacity(ids.len());
@@ -433,7 +434,7 @@ impl Inner {
         ops: &Ops,
         dispatcher: &Dispatcher,
         after: Option<&str>,
-    ) -> Result<(Vec<Delivery>, Option<String>), Error> {
+    ) -> Result<(Vec<Delivery>, Option<String>), RedisStreamsError> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let cmd = redis::cmd("XPENDING")
             .arg(&self.config.stream)
@@ -443,8 +444,10 @@ impl Inner {
             .arg(self.config.batch)
             .arg(&self.config.consumer)
             .to_owned();
-        let rows: Vec<(String, String, u64, u64)> =
-            ops.query(&cmd).await.map_err(Error::command("XPENDING"))?;
+        let rows: Vec<(String, String, u64, u64)> = ops
+            .query(&cmd)
+            .await
+            .map_err(RedisStreamsError::command("XPENDING"))?;
         let Some(last) = rows.last().map(|r| r.0.clone()) else {
             return Ok((Vec::new(), None));
         };
@@ -476,7 +479,7 @@ impl Inner {
     }
 
     /// `XGROUP CREATE ... MKSTREAM`; an existing group is fine.
-    pub(crate) async fn ensure_group(&self, ops: &Ops) -> Result<(), Error> {
+    pub(crate) async fn ensure_group(&self, ops: &Ops) -> Result<(), RedisStreamsError> {
         let cmd = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.config.stream)
@@ -488,7 +491,7 @@ impl Inner {
             Ok(()) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
             Err(source) => {
-                return Err(Error::Command {
+                return Err(RedisStreamsError::Command {
                     command: "XGROUP CREATE",
                     source,
                 });
@@ -504,7 +507,7 @@ impl Inner {
             .to_owned();
         ops.query::<i64>(&join)
             .await
-            .map_err(Error::command("XGROUP CREATECONSUMER"))?;
+            .map_err(RedisStreamsError::command("XGROUP CREATECONSUMER"))?;
         Ok(())
     }
 
@@ -513,7 +516,7 @@ impl Inner {
         &self,
         ops: &Ops,
         entries: &[Entry],
-    ) -> Result<std::collections::HashMap<String, u64>, Error> {
+    ) -> Result<std::collections::HashMap<String, u64>, RedisStreamsError> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(Default::default());
         };
@@ -527,8 +530,10 @@ impl Inner {
             .arg(entries.len() + 2 * self.concurrency + SETTLE_BATCH)
             .arg(&self.config.consumer)
             .to_owned();
-        let rows: Vec<(String, String, u64, u64)> =
-            ops.query(&cmd).await.map_err(Error::command("XPENDING"))?;
+        let rows: Vec<(String, String, u64, u64)> = ops
+            .query(&cmd)
+            .await
+            .map_err(RedisStreamsError::command("XPENDING"))?;
         Ok(rows
             .into_iter()
             .map(|(id, _, _, count)| (id, count))
@@ -541,7 +546,7 @@ impl Inner {
         &self,
         ops: &Ops,
         entries: Vec<Entry>,
-    ) -> Result<Vec<Delivery>, Error> {
+    ) -> Result<Vec<Delivery>, RedisStreamsError> {
         let counts = self.delivery_counts(ops, &entries).await?;
         Ok(entries
             .into_iter()
@@ -553,7 +558,11 @@ impl Inner {
     }
 
     /// XACKs entries whose stream entry is gone (they are pending with nothing to handle).
-    pub(crate) async fn ack_deleted(&self, ops: &Ops, ids: &[String]) -> Result<(), Error> {
+    pub(crate) async fn ack_deleted(
+        &self,
+        ops: &Ops,
+        ids: &[String],
+    ) -> Result<(), RedisStreamsError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -562,7 +571,10 @@ impl Inner {
             .arg(&self.config.group)
             .arg(ids)
             .to_owned();
-        let _: u64 = ops.query(&cmd).await.map_err(Error::command("XACK"))?;
+        let _: u64 = ops
+            .query(&cmd)
+            .await
+            .map_err(RedisStreamsError::command("XACK"))?;
         self.metrics.deleted.increment(ids.len() as u64);
         tracing::info!(consumer = %self.name, count = ids.len(), "acknowledged pending entries that were deleted from the stream");
         Ok(())
@@ -571,7 +583,7 @@ impl Inner {
 
 /// Parses an XREADGROUP reply for one stream into entries; entries whose fields are nil
 /// (deleted from the stream while pending) come back in the second list.
-pub(crate) fn parse_read(reply: Value) -> Result<(Vec<Entry>, Vec<String>), Error> {
+pub(crate) fn parse_read(reply: Value) -> Result<(Vec<Entry>, Vec<String>), RedisStreamsError> {
     let streams = match reply {
         Value::Nil => return Ok((Vec::new(), Vec::new())),
         Value::Array(streams) => streams.into_iter().filter_map(|s| match s {
@@ -589,7 +601,7 @@ pub(crate) fn parse_read(reply: Value) -> Result<(Vec<Entry>, Vec<String>), Erro
 }
 
 /// Same reply layout under RESP3 (a map keyed by stream).
-pub(crate) fn parse_read_any(reply: Value) -> Result<(Vec<Entry>, Vec<String>), Error> {
+pub(crate) fn parse_read_any(reply: Value) -> Result<(Vec<Entry>, Vec<String>), RedisStreamsError> {
     match reply {
         Value::Map(pairs) => {
             let mut entries = Vec::new();
@@ -603,13 +615,13 @@ pub(crate) fn parse_read_any(reply: Value) -> Result<(Vec<Entry>, Vec<String>), 
     }
 }
 
-fn bad(command: &'static str, value: &Value) -> Error {
+fn bad(command: &'static str, value: &Value) -> RedisStreamsError {
     let detail = format!("{value:?}");
     let detail = crate::text::truncate(&detail, 200).to_owned();
-    Error::Reply { command, detail }
+    RedisStreamsError::Reply { command, detail }
 }
 
-fn bytes_of(value: Value, command: &'static str) -> Result<Vec<u8>, Error> {
+fn bytes_of(value: Value, command: &'static str) -> Result<Vec<u8>, RedisStreamsError> {
     match value {
         Value::BulkString(b) => Ok(b),
         Value::SimpleString(s) => Ok(s.into_bytes()),
@@ -623,7 +635,7 @@ pub(crate) fn parse_entries(
     entries: &mut Vec<Entry>,
     deleted: &mut Vec<String>,
     command: &'static str,
-) -> Result<(), Error> {
+) -> Result<(), RedisStreamsError> {
     let Value::Array(items) = list else {
         return Err(bad(command, &list));
     };
@@ -634,15 +646,16 @@ pub(crate) fn parse_entries(
         };
         let mut pair = pair.into_iter();
         let (Some(id), Some(body)) = (pair.next(), pair.next()) else {
-            return Err(Error::Reply {
+            return Err(RedisStreamsError::Reply {
                 command,
                 detail: "entry without id and fields".into(),
             });
         };
-        let id = String::from_utf8(bytes_of(id, command)?).map_err(|_| Error::Reply {
-            command,
-            detail: "entry id is not UTF-8".into(),
-        })?;
+        let id =
+            String::from_utf8(bytes_of(id, command)?).map_err(|_| RedisStreamsError::Reply {
+                command,
+                detail: "entry id is not UTF-8".into(),
+            })?;
         let values = match body {
             Value::Nil => {
                 deleted.push(id);

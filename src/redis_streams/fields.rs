@@ -101,9 +101,15 @@ pub fn write_fields(cmd: &mut redis::Cmd, message: &OutgoingMessage) -> Result<(
     Ok(())
 }
 
-fn text(name: &str, value: &Bytes) -> Result<String, String> {
-    String::from_utf8(value.to_vec()).map_err(|_| format!("field `{name}` is not UTF-8"))
+fn text(name: &str, value: &Bytes) -> Result<String, InvalidEntry> {
+    String::from_utf8(value.to_vec())
+        .map_err(|_| InvalidEntry(format!("field `{name}` is not UTF-8")))
 }
+
+/// Why an entry cannot become a message: it is dead-lettered as `invalid` with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidEntry(pub String);
 
 /// `entry` as it is, for a handler that takes undecodable input: the first `payload` field
 /// (if any) as the body, every other field as a header (a repeated or lossily decoded name
@@ -153,7 +159,7 @@ pub fn undecodable(entry: &Entry, source: Source, reason: &str) -> Message {
 
 /// The message a handler sees for `entry`, or why the entry cannot be one (dead-lettered
 /// as `invalid`).
-pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Message, String> {
+pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Message, InvalidEntry> {
     let mut body = None;
     let mut message_id = None;
     let mut correlation_id = None;
@@ -162,12 +168,14 @@ pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Messag
     let mut headers = BTreeMap::new();
     for (name, value) in &entry.fields {
         let Ok(name) = std::str::from_utf8(name) else {
-            return Err("a field name is not UTF-8".into());
+            return Err(InvalidEntry("a field name is not UTF-8".into()));
         };
         match name {
             BODY => {
                 if body.replace(value.clone()).is_some() {
-                    return Err(format!("entry has more than one `{BODY}` field"));
+                    return Err(InvalidEntry(format!(
+                        "entry has more than one `{BODY}` field"
+                    )));
                 }
             }
             MESSAGE_ID => message_id = Some(text(name, value)?),
@@ -178,7 +186,9 @@ pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Messag
                     .ok()
                     .and_then(|s| s.parse::<u32>().ok())
                     .filter(|n| *n >= 1)
-                    .ok_or_else(|| format!("field `{ATTEMPT}` is not a positive integer"))?;
+                    .ok_or_else(|| {
+                        InvalidEntry(format!("field `{ATTEMPT}` is not a positive integer"))
+                    })?;
             }
             _ => {
                 let value = match std::str::from_utf8(value) {
@@ -190,7 +200,9 @@ pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Messag
         }
     }
     let Some(body) = body else {
-        return Err(format!("entry has no `{BODY}` field (the body)"));
+        return Err(InvalidEntry(format!(
+            "entry has no `{BODY}` field (the body)"
+        )));
     };
     Ok(Message {
         message_id: Some(message_id.unwrap_or_else(|| entry.id.clone())),
@@ -427,7 +439,7 @@ mod tests {
     fn decode_rejects_missing_body_and_bad_attempt() {
         assert!(
             decode(&entry(&[("k", b"v")]), Source::default(), false)
-                .is_err_and(|e| e.contains("payload"))
+                .is_err_and(|e| e.0.contains("payload"))
         );
         assert!(
             decode(
