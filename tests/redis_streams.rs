@@ -353,6 +353,30 @@ async fn failing_entry_is_retried_after_its_backoff_then_dead_lettered() {
     cleanup(&mut conn, &stream).await;
 }
 
+/// A consumer `name` of `stream` that tries each entry twice, 100 ms apart.
+async fn start_trying_twice(stream: &str, name: &str, handler: Arc<dyn Handler>) -> InProcess {
+    let retry =
+        "retry = { max_attempts = 2, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }";
+    start(
+        &config(&unique("b"), &[(name, consumer(stream, name, retry))]),
+        handler,
+    )
+    .await
+}
+
+/// The fields of the first entry of `stream`'s dead-letter stream, once there is one.
+async fn first_dead_letter(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Fields {
+    let dlq = format!("{stream}:dlq");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some((_, fields)) = range(conn, &dlq).await.into_iter().next() {
+            return fields;
+        }
+        assert!(Instant::now() < deadline, "nothing reached {dlq}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Panics on every message, with the message id in the panic text.
 struct Panicking;
 
@@ -371,26 +395,15 @@ async fn a_panicking_handler_is_retried_and_dead_lettered_with_the_panic_text() 
     let stream = unique("rs_panic");
     let name = unique("c_panic");
     let mut conn = redis().await;
-    let retry =
-        "retry = { max_attempts = 2, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }";
-    let running = start(
-        &config(&unique("b"), &[(&name, consumer(&stream, &name, retry))]),
-        Arc::new(Panicking),
-    )
-    .await;
+    let running = start_trying_twice(&stream, &name, Arc::new(Panicking)).await;
     xadd(
         &mut conn,
         &stream,
-        &[("payload", b"p"), ("message_id", b"order-7")],
+        &[("message_id", b"order-7"), ("payload", b"p")],
     )
     .await;
-    let dlq = format!("{stream}:dlq");
-    wait_until("the entry reaches the dead-letter stream", async || {
-        range(&mut conn, &dlq).await.len() == 1
-    })
-    .await;
+    let dead = first_dead_letter(&mut conn, &stream).await;
     assert_eq!(running.stop().await, ExitStatus::Clean);
-    let dead = range(&mut conn, &dlq).await.remove(0).1;
     assert_eq!(text(&dead, "bosun-attempt"), "2");
     assert_eq!(text(&dead, "bosun-error-kind"), "exhausted");
     assert_eq!(
@@ -898,13 +911,7 @@ async fn four_thousand_field_entry_that_fails_is_dead_lettered_whole_as_invalid(
     let name = unique("c_wide");
     let mut conn = redis().await;
     let handler = Recorder::new(Duration::ZERO, |_| Outcome::retry("boom"));
-    let retry =
-        "retry = { max_attempts = 2, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }";
-    let running = start(
-        &config(&unique("b"), &[(&name, consumer(&stream, &name, retry))]),
-        handler.clone(),
-    )
-    .await;
+    let running = start_trying_twice(&stream, &name, handler.clone()).await;
     xadd_wide(&mut conn, &stream, "wide-1", 4000).await;
     xadd(
         &mut conn,
