@@ -189,6 +189,15 @@ impl ExponentialBackoff {
     }
 }
 
+/// Sleeps `delay` unless `token` is cancelled first; true when cancelled: the wait of every
+/// loop that must stop at shutdown.
+pub async fn sleep_or_cancel(delay: Duration, token: &tokio_util::sync::CancellationToken) -> bool {
+    tokio::select! {
+        _ = token.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
 /// `delay` in whole milliseconds, saturating at `u64::MAX` instead of wrapping.
 pub fn saturating_millis(delay: Duration) -> u64 {
     u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)

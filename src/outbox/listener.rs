@@ -4,7 +4,6 @@
 //! so the relay still polls, and every (re)connection wakes the relay once to cover the gap.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -12,6 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::RECONNECT;
+use crate::retry::sleep_or_cancel;
 
 /// Listens on `channel` until `shutdown`, waking `wake` on every notification.
 pub async fn run(
@@ -74,13 +74,5 @@ pub async fn run(
                 }
             }
         }
-    }
-}
-
-/// Sleeps for `delay`; true when shutdown came first.
-pub(super) async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(delay) => false,
     }
 }

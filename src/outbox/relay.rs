@@ -21,11 +21,11 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::Notify;
 
-use super::listener::sleep_or_cancel;
 use super::store::{Failure, OutboxRow, Queries};
 use super::{OutboxError, PublisherSource, RECONNECT};
 use crate::config::{Ordering, OutboxConfig};
 use crate::publish::{OutgoingMessage, PublishError, Publisher};
+use crate::retry::sleep_or_cancel;
 use crate::supervisor::ComponentContext;
 
 /// Extra time a batch may take beyond `publish_timeout` for its SQL; past it the connection

@@ -19,7 +19,8 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::Ops;
-use super::dispatch::{Dispatcher, Inner, lock_prefix, sleep_or_cancel};
+use super::dispatch::{Dispatcher, Inner, lock_prefix};
+use crate::retry::sleep_or_cancel;
 
 pub(crate) async fn run(
     inner: Arc<Inner>,

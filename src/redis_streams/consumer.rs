@@ -43,14 +43,14 @@ use tokio_util::task::TaskTracker;
 
 use super::dispatch::{
     Action, Delivery, Dispatcher, Inflight, Inner, Metrics, SETTLE_BATCH, Settlement, id_key,
-    lock_prefix, parse_read_any, sleep_or_cancel,
+    lock_prefix, parse_read_any,
 };
 use super::scripts::Scripts;
 use super::{Ops, RedisStreamsError, client_name, connect_reader};
 use crate::config::{ConsumerConfig, RedisBrokerConfig, RedisConsumerConfig};
 use crate::handler::Handler;
 use crate::health::HealthHandle;
-use crate::retry::ExponentialBackoff;
+use crate::retry::{ExponentialBackoff, sleep_or_cancel};
 use crate::supervisor::{Component, ComponentContext};
 
 /// Waits between reconnects and between tries of a settlement: 0.1 s doubling to 5 s.

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use metrics::{Counter, Gauge};
 use redis::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fields::{self, Entry, Failure};
@@ -676,14 +675,6 @@ pub(crate) fn parse_entries(
         entries.push(Entry { id, fields });
     }
     Ok(())
-}
-
-/// Sleeps `delay` unless `token` is cancelled first; true when cancelled.
-pub(crate) async fn sleep_or_cancel(delay: Duration, token: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = token.cancelled() => true,
-        _ = tokio::time::sleep(delay) => false,
-    }
 }
 
 #[cfg(test)]
