@@ -15,6 +15,9 @@
 //!   SIGTERM and reloads on SIGHUP ([`reload`]);
 //! - [`health`] and [`telemetry`] feed the HTTP listener in [`http`] (`/metrics`,
 //!   `/healthz`, `/readyz`);
+//! - [`consumers`] builds every consumer, and [`disposition`] decides, the same way for both
+//!   brokers, what becomes of a message once its handler has answered;
+//! - [`publishers`] turns a `[brokers.*]` table into a [`publish::Publisher`];
 //! - [`cli`] is the `bosun` binary.
 //!
 //! The library can be embedded: build a [`Runtime`] with your own handler kinds.
