@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::config;
+use crate::consumers::ConsumerSpec;
 use crate::resources::{
     Resources, consumer_component_name, dead_letter_component_name, outbox_component_name,
 };
@@ -60,25 +61,12 @@ fn build_consumer(
     consumer: &config::ConsumerConfig,
     resources: &Resources,
 ) -> anyhow::Result<Arc<dyn Component>> {
-    match &consumer.kind {
-        config::ConsumerKind::Amqp(amqp) => {
-            crate::amqp::consumer::build(name, consumer, amqp, resources)
-        }
-        config::ConsumerKind::Redis(redis) => {
-            let Some(config::BrokerConfig::Redis(broker)) =
-                resources.config.brokers.get(&consumer.source)
-            else {
-                anyhow::bail!("broker `{}` is not a redis broker", consumer.source);
-            };
-            let handler = resources.handler(&consumer.handler)?;
-            Ok(Arc::new(crate::redis_streams::RedisConsumer::new(
-                name,
-                consumer,
-                redis,
-                &consumer.source,
-                broker,
-                handler,
-            )))
-        }
-    }
+    crate::consumers::build(ConsumerSpec {
+        name,
+        component: &consumer_component_name(name),
+        consumer,
+        config: &resources.config,
+        handler: resources.handler(&consumer.handler)?,
+        bounded_handler: true,
+    })
 }

@@ -39,8 +39,14 @@ pub const ORIG_EXPIRATION: &str = "bosun-orig-expiration";
 /// were left out.
 pub const HEADERS_TRUNCATED: &str = "bosun-headers-truncated";
 
-/// `bosun-error` is cut to this many bytes: all headers must fit one AMQP frame.
+/// `bosun-error` is cut to this many bytes, by both brokers: all headers must fit one AMQP
+/// frame, and a dead letter's fields stay small.
 pub const MAX_ERROR_BYTES: usize = 2048;
+
+/// `error` as `bosun-error` carries it: cut to [`MAX_ERROR_BYTES`] on a character boundary.
+pub fn error_text(error: &str) -> &str {
+    crate::text::truncate(error, MAX_ERROR_BYTES)
+}
 
 /// Redis Streams only: the stream a dead-lettered entry was read from.
 pub const ORIG_STREAM: &str = "bosun-orig-stream";
@@ -52,3 +58,15 @@ pub const GROUP: &str = "bosun-group";
 pub const DELIVERIES: &str = "bosun-deliveries";
 /// Redis Streams only: when it failed for the last time.
 pub const FAILED_AT: &str = "bosun-failed-at";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_truncated_on_char_boundaries() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cut = error_text(&long);
+        assert!(cut.len() <= MAX_ERROR_BYTES && cut.len() >= MAX_ERROR_BYTES - 1);
+    }
+}

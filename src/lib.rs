@@ -15,6 +15,9 @@
 //!   SIGTERM and reloads on SIGHUP (`reload`);
 //! - `health` and `telemetry` feed the HTTP listener in `http` (`/metrics`,
 //!   `/healthz`, `/readyz`);
+//! - `consumers` builds every consumer, and `disposition` decides, the same way for both
+//!   brokers, what becomes of a message once its handler has answered;
+//! - `publishers` turns a `[brokers.*]` table into a `publish::Publisher`;
 //! - [`cli`] is the `bosun` binary.
 //!
 //! The library can be embedded: build a [`Runtime`] with your own handler kinds and
@@ -36,13 +39,16 @@ pub use telemetry::metrics_handle;
 
 mod amqp;
 mod components;
+mod consumers;
 mod database;
 mod dead_letter;
+mod disposition;
 mod failure_headers;
 mod health;
 mod http;
 mod outbox;
 mod publish;
+mod publishers;
 mod redact;
 mod redis_streams;
 mod reload;
@@ -52,6 +58,7 @@ mod runtime;
 mod secret;
 mod systemd;
 mod telemetry;
+mod text;
 mod units;
 
 // Unit tests that drive a module against the real services share the integration tests'

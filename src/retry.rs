@@ -124,6 +124,80 @@ impl RetryPolicy {
     }
 }
 
+/// The waits between tries of something that keeps failing (a reconnect, a component's
+/// restart, an effect tried again): `initial`, doubled after each failure up to `max`, each
+/// lengthened at random by up to [`RECONNECT_JITTER`] of itself so that many clients that
+/// lost the same server do not come back in step. Jitter only lengthens a wait: the
+/// documented delays are the shortest ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExponentialBackoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// Fraction of a wait added at random, in 0.0..=1.0.
+    pub jitter: f64,
+    /// Failures since the last [`reset`](Self::reset): what [`failed`](Self::failed) doubles by.
+    failures: u32,
+}
+
+/// The fraction of a reconnect or restart wait added at random.
+pub const RECONNECT_JITTER: f64 = 0.2;
+
+impl ExponentialBackoff {
+    pub const fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            jitter: RECONNECT_JITTER,
+            failures: 0,
+        }
+    }
+
+    /// The same waits without jitter: for a path whose total wait is budgeted.
+    pub const fn without_jitter(self) -> Self {
+        Self {
+            jitter: 0.0,
+            ..self
+        }
+    }
+
+    /// The wait after `failures` failures in a row (1-based), before jitter.
+    pub fn base(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(30);
+        self.initial
+            .saturating_mul(1u32 << doublings)
+            .min(self.max.max(self.initial))
+    }
+
+    /// The wait after `failures` failures in a row (1-based), with jitter.
+    pub fn delay(&self, failures: u32) -> Duration {
+        let base = self.base(failures);
+        if self.jitter <= 0.0 {
+            return base;
+        }
+        base.mul_f64(1.0 + self.jitter.min(1.0) * rand::random::<f64>())
+    }
+
+    /// Counts one more failure and returns the wait before the next try.
+    pub fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.delay(self.failures)
+    }
+
+    /// Starts again from `initial`: the thing came back.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Sleeps `delay` unless `token` is cancelled first; true when cancelled: the wait of every
+/// loop that must stop at shutdown.
+pub async fn sleep_or_cancel(delay: Duration, token: &tokio_util::sync::CancellationToken) -> bool {
+    tokio::select! {
+        _ = token.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
 /// `delay` in whole milliseconds, saturating at `u64::MAX` instead of wrapping.
 pub fn saturating_millis(delay: Duration) -> u64 {
     u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)
@@ -281,6 +355,23 @@ mod tests {
             u64::MAX,
             "saturates instead of wrapping to a few milliseconds"
         );
+    }
+
+    #[test]
+    fn backoff_jitter_only_lengthens_and_reset_starts_again() {
+        let mut backoff = ExponentialBackoff::new(Duration::from_secs(1), Duration::from_secs(4));
+        for expected in [1, 2, 4, 4] {
+            let wait = backoff.failed();
+            let base = Duration::from_secs(expected);
+            assert!(wait >= base && wait <= base.mul_f64(1.2), "{wait:?}");
+        }
+        assert_eq!(backoff.base(u32::MAX), Duration::from_secs(4));
+        backoff.reset();
+        assert!(backoff.failed() <= Duration::from_millis(1200));
+        let mut exact = backoff.without_jitter();
+        exact.reset();
+        assert_eq!(exact.failed(), Duration::from_secs(1));
+        assert_eq!(exact.failed(), Duration::from_secs(2));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::health::Health;
 /// A component's readiness entry on `/readyz`, in its [`ComponentContext`].
 pub use crate::health::HealthHandle;
+use crate::retry::ExponentialBackoff;
 
 /// A long-running part of the daemon: a consumer, a relay, a dead-letter processor.
 ///
@@ -256,7 +257,10 @@ impl Supervisor {
             {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(panic) => Err(format!("panicked: {}", panic_message(&panic))),
+                Err(panic) => Err(format!(
+                    "panicked: {}",
+                    crate::disposition::panic_text(panic.as_ref())
+                )),
             };
             let _ = events.send(Event::Exited {
                 name: task_name,
@@ -283,11 +287,8 @@ impl Supervisor {
     }
 
     fn backoff(&self, failures: u32) -> Duration {
-        let factor = 2f64.powi(failures.saturating_sub(1).min(30) as i32);
-        self.config
-            .backoff_initial
-            .mul_f64(factor)
-            .min(self.config.backoff_max)
+        ExponentialBackoff::new(self.config.backoff_initial, self.config.backoff_max)
+            .delay(failures)
     }
 
     /// Runs `components` until a terminate signal (from `signals`) and the drain that follows.
@@ -587,16 +588,6 @@ impl Supervisor {
                 metrics::gauge!("bosun_component_up", "component" => name.clone()).set(0.0);
             }
         }
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic payload".into()
     }
 }
 

@@ -37,14 +37,13 @@
 //! supervisor restarts this consumer alone with its own backoff.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -58,19 +57,16 @@ use metrics::{Counter, Gauge};
 use super::publisher::{PERSISTENT, confirm_channel, confirmation, publish_error};
 use super::topology::Topology;
 use super::{AmqpError, connection, headers, limits, short, soft_error};
-use crate::config::{
-    AmqpBrokerConfig, AmqpConsumerConfig, BrokerConfig, ConsumerConfig, DeliveryLimits,
-};
-use crate::handler::{FailureKind, Handler, Message, Outcome, Source};
+use crate::config::{AmqpBrokerConfig, AmqpConsumerConfig, ConsumerConfig, DeliveryLimits};
+use crate::disposition::{self, Decision, Panicked};
+use crate::handler::{FailureKind, Handler, Message, Source};
 use crate::publish::PublishError;
-use crate::resources::{Resources, consumer_component_name};
-use crate::retry::RetryPolicy;
+use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
 
-/// First reconnect delay.
-const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
-/// Longest reconnect delay.
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Waits between reconnects: 0.2 s doubling to 30 s.
+const RECONNECT: ExponentialBackoff =
+    ExponentialBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
 /// A session that lasted this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// How often settled tags are acked when fewer than a batch are waiting.
@@ -81,8 +77,10 @@ const MAX_ACK_BATCH: usize = 100;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tries a copy the broker refuses gets before that path is given up for this delivery.
 const COPY_TRIES: u32 = 5;
-/// First pause between tries of a refused copy; doubled after each.
-const COPY_RETRY_INITIAL: Duration = Duration::from_millis(250);
+/// Pauses between tries of a refused copy: 250 ms doubling, without jitter (their sum is
+/// budgeted in [`COPY_RETRY_BUDGET`]).
+const COPY_RETRY: ExponentialBackoff =
+    ExponentialBackoff::new(Duration::from_millis(250), Duration::from_secs(2)).without_jitter();
 /// All pauses of one copy path: 250 ms + 500 ms + 1 s + 2 s.
 const COPY_RETRY_BUDGET: Duration = Duration::from_millis(3750);
 /// Handler time assumed when the handler's configuration names no `timeout`.
@@ -249,7 +247,7 @@ fn stuck_after(timeout: Duration) -> Duration {
 
 /// The longest `timeout` option among the handlers `name` may call: its own, or for a
 /// `route` handler the longest of every configured handler (routes reach any of them).
-fn handler_timeout(config: &crate::config::Config, name: &str) -> Duration {
+pub fn handler_timeout(config: &crate::config::Config, name: &str) -> Duration {
     let timeout = |options: &toml::Table| {
         options
             .get("timeout")
@@ -269,44 +267,12 @@ fn handler_timeout(config: &crate::config::Config, name: &str) -> Duration {
     }
 }
 
-/// Builds the component for `[consumers.NAME]` from the runtime's resources.
-pub fn build(
-    name: &str,
-    consumer: &ConsumerConfig,
-    amqp: &AmqpConsumerConfig,
-    resources: &Resources,
-) -> anyhow::Result<Arc<dyn Component>> {
-    let broker = match resources.config.brokers.get(&consumer.source) {
-        Some(BrokerConfig::Amqp(broker)) => broker,
-        Some(other) => anyhow::bail!("broker `{}` is {}, not amqp", consumer.source, other.kind()),
-        None => anyhow::bail!("broker `{}` is not defined", consumer.source),
-    };
-    let component = consumer_component_name(name);
-    let timeout = handler_timeout(&resources.config, &consumer.handler);
-    Ok(Arc::new(
-        AmqpConsumer::new(AmqpConsumerSpec {
-            name,
-            consumer,
-            amqp,
-            broker_name: &consumer.source,
-            broker,
-            connection_name: connection::connection_name(
-                broker,
-                &resources.config.service.name,
-                &component,
-            ),
-            handler: resources.handler(&consumer.handler)?,
-        })
-        .with_handler_timeout(timeout),
-    ))
-}
-
 /// Why a session ended without an error worth restarting the component for.
 enum SessionEnd {
     /// Shutdown was requested and every in-flight delivery was settled.
     Drained,
     /// The connection or a channel broke; reconnect.
-    Lost(String),
+    Lost(SessionLost),
 }
 
 /// Decrements the connected gauge however the session ends (including an abort).
@@ -322,14 +288,19 @@ impl Drop for ConnectedGuard<'_> {
 impl Component for AmqpConsumer {
     async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
         let inner = &self.inner;
-        let mut delay = RECONNECT_INITIAL;
+        let mut backoff = RECONNECT;
         let mut connected_before = false;
         loop {
             if ctx.shutdown.is_cancelled() {
                 return Ok(());
             }
             let started = Instant::now();
-            let reason = match inner.session(&ctx, &mut connected_before).await {
+            let ended = inner.session(&ctx, &mut connected_before).await;
+            if started.elapsed() >= HEALTHY_SESSION {
+                backoff.reset();
+            }
+            let delay = backoff.failed();
+            let reason = match ended {
                 Ok(SessionEnd::Drained) => return Ok(()),
                 Ok(SessionEnd::Lost(reason)) => {
                     tracing::warn!(consumer = %inner.name, broker = %inner.broker_name, reason = %reason, "connection lost; reconnecting");
@@ -349,14 +320,10 @@ impl Component for AmqpConsumer {
                 }
             };
             ctx.health.set_not_ready(reason);
-            if started.elapsed() >= HEALTHY_SESSION {
-                delay = RECONNECT_INITIAL;
-            }
             tokio::select! {
-                _ = tokio::time::sleep(crate::retry::apply_jitter(delay, 0.2)) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = ctx.shutdown.cancelled() => return Ok(()),
             }
-            delay = (delay * 2).min(RECONNECT_MAX);
         }
     }
 }
@@ -448,7 +415,7 @@ impl Inner {
                     if acks.batch_ready()
                         && let Err(e) = acks.flush(&channel, false).await
                     {
-                        break Some(format!("cannot ack: {e}"));
+                        break Some(SessionLost(format!("cannot ack: {e}")));
                     }
                 }
                 delivery = deliveries.next(), if tasks.len() < self.concurrency => match delivery {
@@ -457,19 +424,19 @@ impl Inner {
                         self.metrics.received.increment(1);
                         tasks.push(process(self.clone(), &copies, delivery));
                     }
-                    Some(Err(e)) => break Some(e.to_string()),
-                    None => break Some(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue)),
+                    Some(Err(e)) => break Some(SessionLost(e.to_string())),
+                    None => break Some(SessionLost(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue))),
                 },
                 _ = flush.tick() => {
                     if let Err(e) = acks.flush(&channel, true).await {
-                        break Some(format!("cannot ack: {e}"));
+                        break Some(SessionLost(format!("cannot ack: {e}")));
                     }
                     if let Some(limit) = self.stuck_after
                         && let Some((tag, age)) = acks.stuck_head(limit)
                     {
                         self.copy_metrics.stuck.increment(1);
                         tracing::error!(consumer = %self.name, queue = %self.topology.queue, delivery_tag = tag, unsettled_for_s = age.as_secs(), limit_s = limit.as_secs(), window = acks.len(), "a delivery has been in hand far longer than its handler may take while later ones settle; restarting the session (it comes back redelivered)");
-                        break Some(format!("delivery {tag} unsettled for {} s; restarting the session", age.as_secs()));
+                        break Some(SessionLost(format!("delivery {tag} unsettled for {} s; restarting the session", age.as_secs())));
                     }
                 }
             }
@@ -495,7 +462,7 @@ impl Inner {
             }
         }
         if let Err(e) = acks.flush(&channel, true).await {
-            return Ok(SessionEnd::Lost(format!("cannot ack: {e}")));
+            return Ok(SessionEnd::Lost(SessionLost(format!("cannot ack: {e}"))));
         }
         let _ = tokio::time::timeout(
             CLOSE_TIMEOUT,
@@ -516,10 +483,10 @@ impl Inner {
     /// release could not be sent), so the session must end without acking it.
     async fn finish(
         &self,
-        done: (u64, Result<Settled, String>),
+        done: (u64, Result<Settled, SessionLost>),
         acks: &mut Acks,
         channel: &Channel,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionLost> {
         match done {
             (tag, Ok(Settled::Release)) => {
                 let requeue = BasicNackOptions {
@@ -529,7 +496,7 @@ impl Inner {
                 channel
                     .basic_nack(tag, requeue)
                     .await
-                    .map_err(|e| format!("cannot release a delivery: {e}"))?;
+                    .map_err(|e| SessionLost(format!("cannot release a delivery: {e}")))?;
                 acks.released(tag);
                 self.metrics.released.increment(1);
                 Ok(())
@@ -565,15 +532,15 @@ struct Copies<'a> {
 impl Copies<'_> {
     /// The copy channel, opened again if the broker closed it; an error when the connection
     /// itself is gone.
-    async fn channel(&self) -> Result<Channel, String> {
+    async fn channel(&self) -> Result<Channel, SessionLost> {
         let mut channel = self.channel.lock().await;
         if !channel.status().connected() {
             if !self.connection.status().connected() {
-                return Err("the connection is closed".into());
+                return Err(SessionLost("the connection is closed".into()));
             }
             *channel = confirm_channel(self.connection)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| SessionLost(e.to_string()))?;
         }
         Ok(channel.clone())
     }
@@ -611,6 +578,12 @@ impl Copies<'_> {
     }
 }
 
+/// Why a session cannot go on: its connection, or a channel it cannot do without, is gone.
+/// The deliveries it holds come back from the broker.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SessionLost(String);
+
 /// Why a copy could not be made durable.
 enum CopyFailure {
     /// The connection is gone: the session ends and the original comes back.
@@ -635,7 +608,7 @@ async fn process(
     inner: Arc<Inner>,
     copies: &Copies<'_>,
     delivery: Delivery,
-) -> (u64, Result<Settled, String>) {
+) -> (u64, Result<Settled, SessionLost>) {
     let Delivery {
         delivery_tag,
         exchange,
@@ -685,24 +658,11 @@ async fn process(
     };
     inner.metrics.in_flight.increment(1.0);
     let started = Instant::now();
-    let outcome = match AssertUnwindSafe(inner.handler.handle(&message))
-        .catch_unwind()
-        .await
-    {
-        Ok(outcome) => outcome,
-        Err(panic) => {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
-            Outcome::Retry {
-                after: None,
-                reason: format!("handler panicked: {text}"),
-            }
-        }
-    };
+    let handled = disposition::handle(inner.handler.as_ref(), &message).await;
+    if let Err(Panicked(text)) = &handled {
+        tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
+    }
+    let outcome = disposition::outcome(handled);
     inner
         .metrics
         .duration(&outcome)
@@ -717,14 +677,17 @@ async fn process(
         body: &message.body,
         attempt,
     };
-    let result = match outcome {
-        Outcome::Ack => Ok(Settled::Ack),
-        Outcome::Drop { reason } => {
+    let result = match disposition::decide(outcome, attempt, &inner.retry) {
+        Decision::Ack => Ok(Settled::Ack),
+        Decision::Drop { reason } => {
             tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "message dropped by the handler");
             Ok(Settled::Drop)
         }
-        Outcome::Retry { after, reason } if inner.retry.should_retry(attempt) => {
-            let delay = after.unwrap_or_else(|| inner.retry.delay(attempt));
+        Decision::Retry {
+            delay,
+            attempt: next,
+            reason,
+        } => {
             // No delay tier (every delay is zero): straight back to the queue.
             let target = inner
                 .topology
@@ -733,14 +696,14 @@ async fn process(
             let copy = Copy {
                 exchange: "",
                 routing_key: target,
-                attempt: attempt.saturating_add(1),
+                attempt: next,
                 kind: FailureKind::Transient,
                 reason: &reason,
             };
             match inner.copy(copies, &original, &copy).await {
                 Ok(Sent::AsAsked) => Ok(Settled::Retry),
                 Ok(Sent::Invalid) => Ok(Settled::DeadLetter),
-                Err(CopyFailure::Lost(e)) => Err(e),
+                Err(CopyFailure::Lost(e)) => Err(SessionLost(e)),
                 Err(CopyFailure::Refused(e)) => {
                     // Its own path: a dead letter keeps it, with why.
                     tracing::warn!(consumer = %inner.name, message_id = %message_id, queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
@@ -751,15 +714,10 @@ async fn process(
                 }
             }
         }
-        Outcome::Retry { reason, .. } => {
-            inner
-                .dead_letter(copies, &original, FailureKind::Exhausted, &reason)
-                .await
-        }
-        Outcome::DeadLetter { reason, kind } => {
+        Decision::DeadLetter { kind, reason } => {
             inner.dead_letter(copies, &original, kind, &reason).await
         }
-        Outcome::Release { reason } => {
+        Decision::Release { reason } => {
             tracing::info!(consumer = %inner.name, message_id = %message_id, reason = %reason, "released unsettled; it goes back to the queue");
             Ok(Settled::Release)
         }
@@ -813,7 +771,7 @@ impl Inner {
         message_id: &str,
         data: Vec<u8>,
         invalid: &limits::Invalid,
-    ) -> Result<Settled, String> {
+    ) -> Result<Settled, SessionLost> {
         let (properties, body) =
             limits::kept(properties, Bytes::from(data), self.broker.max_message_size);
         let original = Original {
@@ -837,13 +795,13 @@ impl Inner {
         original: &Original<'_>,
         kind: FailureKind,
         reason: &str,
-    ) -> Result<Settled, String> {
+    ) -> Result<Settled, SessionLost> {
         let target = &self.topology.dead_letter;
         let key = target
             .routing_key
             .as_deref()
             .unwrap_or(original.routing_key);
-        tracing::warn!(consumer = %self.name, message_id = original.message_id, attempt = original.attempt, kind = %kind, reason = %headers::truncate(reason, 512), "dead-lettering message");
+        tracing::warn!(consumer = %self.name, message_id = original.message_id, attempt = original.attempt, kind = %kind, reason = %crate::text::truncate(reason, 512), "dead-lettering message");
         let copy = Copy {
             exchange: &target.exchange,
             routing_key: key,
@@ -853,7 +811,7 @@ impl Inner {
         };
         match self.copy(copies, original, &copy).await {
             Ok(_) => Ok(Settled::DeadLetter),
-            Err(CopyFailure::Lost(e)) => Err(e),
+            Err(CopyFailure::Lost(e)) => Err(SessionLost(e)),
             Err(CopyFailure::Refused(e)) => {
                 tracing::error!(consumer = %self.name, message_id = original.message_id, exchange = %target.exchange, routing_key = key, error = %e, "the broker refused the dead-letter copy on every try; handing the message back to the queue");
                 Ok(Settled::Release)
@@ -956,7 +914,7 @@ impl Inner {
             mandatory: true,
             immediate: false,
         };
-        let mut pause = COPY_RETRY_INITIAL;
+        let mut pause = COPY_RETRY;
         let mut last = String::new();
         for attempt in 1..=COPY_TRIES {
             let channel = copies.channel().await.map_err(|e| {
@@ -996,8 +954,7 @@ impl Inner {
             tracing::warn!(consumer = %self.name, exchange, routing_key, kind = %kind, try_ = attempt, error = %error, "a retry or dead-letter copy was not accepted; the original is kept and the copy tried again");
             last = error.to_string();
             if attempt < COPY_TRIES {
-                tokio::time::sleep(pause).await;
-                pause *= 2;
+                tokio::time::sleep(pause.failed()).await;
             }
         }
         self.copy_metrics.refused.increment(1);
@@ -1050,7 +1007,7 @@ fn build_copy(
     if properties_size(&properties) <= budget {
         return Built::Fits(properties);
     }
-    let error = headers::truncate(failure.error, TRIMMED_ERROR_BYTES);
+    let error = crate::text::truncate(failure.error, TRIMMED_ERROR_BYTES);
     table.insert(headers::ERROR.into(), text(error));
     let properties = copy_properties(original, table);
     let size = properties_size(&properties);
@@ -1402,7 +1359,7 @@ mod tests {
     fn a_copy_over_frame_max_loses_bosun_error_bulk_first() {
         let props = props_with_header(125_000);
         let body = Bytes::new();
-        let long_error = "e".repeat(headers::MAX_ERROR_BYTES * 4);
+        let long_error = "e".repeat(crate::failure_headers::MAX_ERROR_BYTES * 4);
         let mut trimmed = false;
         let Built::Fits(copy) = build_copy(
             &original(&props, &body),

@@ -9,11 +9,12 @@ use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString};
 use super::{AmqpError, short};
 use crate::handler::{FailureKind, HeaderValue};
 
+use crate::failure_headers::error_text;
 /// The `bosun-*` failure headers, defined in [`crate::failure_headers`].
 pub use crate::failure_headers::{
     ATTEMPT, BODY_SIZE, CONSUMER, ERROR, ERROR_KIND, FIRST_FAILURE_AT, HEADERS_TRUNCATED, HOST,
-    LAST_FAILURE_AT, MAX_ERROR_BYTES, ORIG_EXPIRATION, ORIGINAL_EXCHANGE, ORIGINAL_QUEUE,
-    ORIGINAL_ROUTING_KEY, TRUNCATED,
+    LAST_FAILURE_AT, ORIG_EXPIRATION, ORIGINAL_EXCHANGE, ORIGINAL_QUEUE, ORIGINAL_ROUTING_KEY,
+    TRUNCATED,
 };
 
 /// Header tables and arrays nested deeper than this (the header table itself is level 1) make
@@ -293,18 +294,6 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// The exchange and routing key a delivery presents to handlers and routes.
 ///
 /// A retry comes back to the queue through the default exchange with the queue's name as its
@@ -349,7 +338,7 @@ pub fn add_failure(table: &mut FieldTable, failure: &Failure<'_>) {
         AMQPValue::LongLongInt(i64::from(failure.attempt)),
     );
     table.insert(LAST_FAILURE_AT.into(), text(failure.now));
-    table.insert(ERROR.into(), text(truncate(failure.error, MAX_ERROR_BYTES)));
+    table.insert(ERROR.into(), text(error_text(failure.error)));
     table.insert(ERROR_KIND.into(), text(failure.kind.as_str()));
     table.insert(ORIGINAL_QUEUE.into(), text(failure.queue));
     table.insert(CONSUMER.into(), text(failure.consumer));
@@ -527,13 +516,16 @@ mod tests {
 
     #[test]
     fn long_errors_are_cut_on_a_char_boundary() {
-        let long = "é".repeat(MAX_ERROR_BYTES);
+        let long = "é".repeat(crate::failure_headers::MAX_ERROR_BYTES);
         let mut table = FieldTable::default();
         add_failure(&mut table, &failure(&long));
         let Some(HeaderValue::String(error)) = from_table(Some(&table)).remove(ERROR) else {
             panic!("no error header")
         };
-        assert!(error.len() <= MAX_ERROR_BYTES && error.len() >= MAX_ERROR_BYTES - 1);
+        assert!(
+            error.len() <= crate::failure_headers::MAX_ERROR_BYTES
+                && error.len() >= crate::failure_headers::MAX_ERROR_BYTES - 1
+        );
     }
 
     #[test]

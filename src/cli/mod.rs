@@ -103,23 +103,14 @@ enum Command {
 }
 
 /// A command's failure, mapped to an exit code.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum CliError {
-    Config(ConfigError),
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
     Usage(String),
-    Other(anyhow::Error),
-}
-
-impl From<anyhow::Error> for CliError {
-    fn from(e: anyhow::Error) -> Self {
-        CliError::Other(e)
-    }
-}
-
-impl From<ConfigError> for CliError {
-    fn from(e: ConfigError) -> Self {
-        CliError::Config(e)
-    }
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
 }
 
 /// The binary's entry point, with the default runtime.

@@ -149,7 +149,9 @@ pub fn forward_copy(
 /// this row alone).
 pub fn letter_from_row(row: &Row) -> Result<DeadLetter, DeadLetterError> {
     let headers = match &row.headers {
-        StoredJson::Value(value) => headers_from_json(value).map_err(DeadLetterError::Invalid)?,
+        StoredJson::Value(value) => {
+            headers_from_json(value).map_err(|e| DeadLetterError::Invalid(e.0))?
+        }
         StoredJson::Undecodable(e) => return Err(DeadLetterError::Invalid(e.clone())),
     };
     let death = x_death(&headers);

@@ -342,7 +342,7 @@ fn storable(value: &serde_json::Value, depth: usize) -> bool {
 /// value cannot be read back, e.g. one nested deeper than the JSON reader allows.
 pub fn headers_from_json(
     value: &serde_json::Value,
-) -> Result<BTreeMap<String, HeaderValue>, String> {
+) -> Result<BTreeMap<String, HeaderValue>, UnreadableHeaders> {
     use serde_json::Value;
     let Some(map) = value.as_object() else {
         return Ok(BTreeMap::new());
@@ -351,7 +351,7 @@ pub fn headers_from_json(
         && let Some(Value::String(text)) = map.get("$headers")
     {
         let inner: Value = serde_json::from_str(text)
-            .map_err(|e| format!("archived headers cannot be read: {e}"))?;
+            .map_err(|e| UnreadableHeaders(format!("archived headers cannot be read: {e}")))?;
         return headers_from_json(&inner);
     }
     map.iter()
@@ -359,7 +359,12 @@ pub fn headers_from_json(
         .collect()
 }
 
-fn header_from_json(name: &str, v: &serde_json::Value) -> Result<HeaderValue, String> {
+/// Why an archived dead letter's headers cannot be read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UnreadableHeaders(pub String);
+
+fn header_from_json(name: &str, v: &serde_json::Value) -> Result<HeaderValue, UnreadableHeaders> {
     use serde_json::Value;
     Ok(match v {
         Value::String(s) => HeaderValue::String(s.clone()),
@@ -375,8 +380,9 @@ fn header_from_json(name: &str, v: &serde_json::Value) -> Result<HeaderValue, St
                     Err(_) => HeaderValue::Json(v.clone()),
                 }
             } else if let Some(text) = o.get("$json").and_then(Value::as_str) {
-                let inner: Value = serde_json::from_str(text)
-                    .map_err(|e| format!("archived header `{name}` cannot be read: {e}"))?;
+                let inner: Value = serde_json::from_str(text).map_err(|e| {
+                    UnreadableHeaders(format!("archived header `{name}` cannot be read: {e}"))
+                })?;
                 header_from_json(name, &inner)?
             } else {
                 HeaderValue::Json(v.clone())
@@ -596,6 +602,6 @@ mod tests {
             text.push(']');
         }
         let stored = serde_json::json!({ "deep": { "$json": text } });
-        assert!(headers_from_json(&stored).is_err_and(|e| e.contains("deep")));
+        assert!(headers_from_json(&stored).is_err_and(|e| e.0.contains("deep")));
     }
 }

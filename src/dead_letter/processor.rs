@@ -10,7 +10,7 @@
 //! back unsettled) at once, so an outage does not hold up the drain.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,15 +31,16 @@ use crate::config::{
     self, BrokerConfig, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource,
     RedisConsumerConfig,
 };
+use crate::consumers::ConsumerSpec;
 use crate::handler::{Handler, Message, Outcome, UNDECODABLE};
 use crate::health::HealthHandle;
 use crate::resources::{Resources, consumer_component_name, dead_letter_component_name};
-use crate::retry::RetryPolicy;
+use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
 
-/// First wait after a failed effect; doubles up to [`BACKOFF_MAX`].
-const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Waits after a failed effect: 0.2 s doubling to 30 s.
+const BACKOFF: ExponentialBackoff =
+    ExponentialBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
 /// How often scheduled replays are looked for.
 const SCHEDULER_TICK: Duration = Duration::from_secs(1);
 /// How often `bosun_dead_letters_archived` is sampled.
@@ -62,21 +63,24 @@ pub struct DeadLetterHandler {
     kind: BrokerKind,
     archive: Option<ArchiveTarget>,
     publishers: Arc<dyn PublisherSource>,
-    /// The running component's readiness entry, set when it starts; effects that fail
-    /// make it not ready until one succeeds.
-    health: Mutex<Option<HealthHandle>>,
+    /// The running component's readiness entry: effects that fail make it not ready until
+    /// one succeeds.
+    health: HealthHandle,
     /// The running component's shutdown: a dead letter whose effect keeps failing is
     /// released (handed back unsettled) once it fires, instead of holding up the drain.
-    shutdown: Mutex<Option<CancellationToken>>,
+    shutdown: CancellationToken,
 }
 
 impl DeadLetterHandler {
+    /// The handler of one run of the processor `name`, reporting into that run's `health` and
+    /// stopping its retries when `shutdown` fires.
     pub fn new(
         name: impl Into<String>,
         config: DeadLetterConfig,
         kind: BrokerKind,
         archive: Option<ArchiveTarget>,
         publishers: Arc<dyn PublisherSource>,
+        ctx: &ComponentContext,
     ) -> Self {
         Self {
             name: name.into(),
@@ -84,30 +88,9 @@ impl DeadLetterHandler {
             kind,
             archive,
             publishers,
-            health: Mutex::new(None),
-            shutdown: Mutex::new(None),
+            health: ctx.health.clone(),
+            shutdown: ctx.shutdown.clone(),
         }
-    }
-
-    /// Reports into `health` from now on.
-    pub fn attach(&self, health: HealthHandle, shutdown: CancellationToken) {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
-        *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = Some(shutdown);
-    }
-
-    fn shutdown(&self) -> CancellationToken {
-        self.shutdown
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_default()
-    }
-
-    fn health(&self) -> Option<HealthHandle> {
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     /// The archive row for `letter`.
@@ -257,15 +240,14 @@ impl DeadLetterHandler {
 
     /// A dead letter with nowhere to go stays unsettled at its source, counted and logged:
     /// a redis entry is released (it stays pending and is read again after `claim_idle`); an
-    /// amqp delivery is held and tried again every [`BACKOFF_MAX`], since handing it back
+    /// amqp delivery is held and tried again every `BACKOFF.max`, since handing it back
     /// would redeliver it at once.
     fn held(&self, cause: &'static str, error: &str) -> Option<Outcome> {
         metrics::counter!(metric::HELD, "processor" => self.name.clone(), "cause" => cause)
             .increment(1);
         tracing::error!(processor = %self.name, cause, error = %error, "dead letter has nowhere to go; it stays unsettled at its source");
-        if let Some(health) = self.health() {
-            health.set_not_ready(format!("a dead letter has nowhere to go: {error}"));
-        }
+        self.health
+            .set_not_ready(format!("a dead letter has nowhere to go: {error}"));
         match self.kind {
             BrokerKind::Redis => Some(Outcome::Release {
                 reason: format!("nowhere to go: {error}"),
@@ -291,8 +273,7 @@ impl Handler for DeadLetterHandler {
                 match self.held("panic", error) {
                     Some(outcome) => outcome,
                     None => {
-                        let mut backoff = BACKOFF_MAX;
-                        self.wait(&mut backoff, BACKOFF_MAX).await;
+                        self.wait(BACKOFF.max).await;
                         Outcome::Release {
                             reason: error.into(),
                         }
@@ -320,13 +301,11 @@ impl DeadLetterHandler {
         {
             return outcome;
         }
-        let mut backoff = BACKOFF_INITIAL;
+        let mut backoff = BACKOFF;
         loop {
             match self.apply(&letter, &decision).await {
                 Ok(()) => {
-                    if let Some(health) = self.health() {
-                        health.set_ready();
-                    }
+                    self.health.set_ready();
                     metrics::counter!(metric::TOTAL, "processor" => self.name.clone(), "action" => decision.label()).increment(1);
                     tracing::info!(
                         processor = %self.name,
@@ -354,7 +333,7 @@ impl DeadLetterHandler {
                     if let Some(outcome) = self.held("refused", &e.to_string()) {
                         return outcome;
                     }
-                    if self.wait(&mut backoff, BACKOFF_MAX).await {
+                    if self.wait(BACKOFF.max).await {
                         return Outcome::Release {
                             reason: format!("cannot {} dead letters: {e}", decision.label()),
                         };
@@ -362,12 +341,10 @@ impl DeadLetterHandler {
                 }
                 Err(e) => {
                     let reason = format!("cannot {} dead letters: {e}", decision.label());
-                    tracing::warn!(processor = %self.name, action = decision.label(), error = %e, retry_in_ms = backoff.as_millis() as u64, "dead letter kept unsettled; retrying");
-                    if let Some(health) = self.health() {
-                        health.set_not_ready(reason.clone());
-                    }
-                    let wait = backoff;
-                    if self.wait(&mut backoff, wait).await {
+                    let delay = backoff.failed();
+                    tracing::warn!(processor = %self.name, action = decision.label(), error = %e, retry_in_ms = delay.as_millis() as u64, "dead letter kept unsettled; retrying");
+                    self.health.set_not_ready(reason.clone());
+                    if self.wait(delay).await {
                         return Outcome::Release { reason };
                     }
                 }
@@ -375,16 +352,14 @@ impl DeadLetterHandler {
         }
     }
 
-    /// Sleeps `wait` and doubles `backoff`; `true` when the processor is stopping instead:
-    /// the dead letter is then handed back rather than holding up the drain (it stays at its
-    /// source and is processed after the restart).
-    async fn wait(&self, backoff: &mut Duration, wait: Duration) -> bool {
-        let shutdown = self.shutdown();
+    /// Sleeps `wait`; `true` when the processor is stopping instead: the dead letter is then
+    /// handed back rather than holding up the drain (it stays at its source and is processed
+    /// after the restart).
+    async fn wait(&self, wait: Duration) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => return true,
+            _ = self.shutdown.cancelled() => return true,
         }
-        *backoff = (*backoff * 2).min(BACKOFF_MAX);
         false
     }
 }
@@ -431,9 +406,17 @@ const CONCURRENCY: usize = 16;
 /// A running `[dead_letters.NAME]`: the consumer that reads its queue or stream with the
 /// rules handler, and the scheduler beside it.
 pub struct DeadLetterProcessor {
+    /// The `[dead_letters.NAME]` name.
     name: String,
-    handler: Arc<DeadLetterHandler>,
-    consumer: Arc<dyn Component>,
+    /// `dead_letter:NAME`: the consumer's name, metrics label and connection name.
+    component: String,
+    /// The configuration the processor was built from: its source broker and service name.
+    config: Arc<config::Config>,
+    dl: DeadLetterConfig,
+    kind: BrokerKind,
+    /// The consumer settings its source is read with ([`consumer_config`]).
+    consumer: ConsumerConfig,
+    publishers: Arc<dyn PublisherSource>,
     ops: Ops,
     archive: Option<ArchiveTarget>,
     /// amqp: the dead-letter queue and the consumers of this process that declare it; the
@@ -521,49 +504,27 @@ pub fn build(
         config.clone(),
         component.clone(),
     ));
-    let handler = Arc::new(DeadLetterHandler::new(
-        name,
-        dl.clone(),
-        BrokerKind::of(broker),
-        archive.clone(),
-        publishers.clone(),
-    ));
     let consumer = consumer_config(dl, &component);
-    let consumer: Arc<dyn Component> = match (&consumer.kind, broker) {
-        (ConsumerKind::Redis(redis), BrokerConfig::Redis(broker)) => {
-            Arc::new(crate::redis_streams::RedisConsumer::new(
-                &component,
-                &consumer,
-                redis,
-                &dl.source,
-                broker,
-                handler.clone(),
-            ))
-        }
-        (ConsumerKind::Amqp(amqp), BrokerConfig::Amqp(broker)) => Arc::new(
-            crate::amqp::consumer::AmqpConsumer::new(crate::amqp::consumer::AmqpConsumerSpec {
-                name: &component,
-                consumer: &consumer,
-                amqp,
-                broker_name: &dl.source,
-                broker,
-                connection_name: crate::amqp::connection_name(
-                    broker,
-                    &config.service.name,
-                    &component,
-                ),
-                handler: handler.clone(),
-            }),
-        ),
-        _ => anyhow::bail!(
-            "broker `{}` is not the kind the processor's source needs",
-            dl.source
-        ),
-    };
+    let kind = BrokerKind::of(broker);
+    if !matches!(
+        (&consumer.kind, broker),
+        (ConsumerKind::Amqp(_), BrokerConfig::Amqp(_))
+            | (ConsumerKind::Redis(_), BrokerConfig::Redis(_))
+    ) {
+        anyhow::bail!(
+            "broker `{}` is {}, not the kind the processor's source needs",
+            dl.source,
+            broker.kind()
+        );
+    }
     Ok(Arc::new(DeadLetterProcessor {
         name: name.to_owned(),
-        handler,
+        component,
+        config: config.clone(),
+        dl: dl.clone(),
+        kind,
         consumer,
+        publishers: publishers.clone(),
         ops: Ops::new(config.clone(), resources.databases.clone(), publishers),
         archive,
         declared_by: match &dl.from {
@@ -619,8 +580,24 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
 #[async_trait]
 impl Component for DeadLetterProcessor {
     async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
-        self.handler
-            .attach(ctx.health.clone(), ctx.shutdown.clone());
+        // The handler and its consumer are made for each run, with the run's readiness entry
+        // and shutdown.
+        let handler = Arc::new(DeadLetterHandler::new(
+            &self.name,
+            self.dl.clone(),
+            self.kind,
+            self.archive.clone(),
+            self.publishers.clone(),
+            &ctx,
+        ));
+        let consumer = crate::consumers::build(ConsumerSpec {
+            name: &self.component,
+            component: &self.component,
+            consumer: &self.consumer,
+            config: &self.config,
+            handler,
+            bounded_handler: false,
+        })?;
         if let Some(target) = &self.archive {
             if target.migrate
                 && let Err(e) = archive::migrate(&target.pool, &target.table).await
@@ -661,7 +638,7 @@ impl Component for DeadLetterProcessor {
             self.archive.clone(),
             stop.clone(),
         ));
-        let result = self.consumer.run(ctx).await;
+        let result = consumer.run(ctx).await;
         stop.cancel();
         let _ = background.await;
         result

@@ -1,4 +1,5 @@
-//! Publishers for replays and forwards, one per broker, connected on first use and kept.
+//! Publishers for replays and forwards, one per broker, made by
+//! [`BrokerPublisher`] on first use and kept.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,10 +9,9 @@ use tokio::sync::Mutex;
 
 use super::DeadLetterError;
 use super::copy::BrokerKind;
-use crate::amqp::AmqpPublisher;
-use crate::config::{BrokerConfig, Config};
+use crate::config::Config;
 use crate::publish::Publisher;
-use crate::redis_streams::RedisPublisher;
+use crate::publishers::BrokerPublisher;
 
 /// Where replays and forwards get their publisher for a broker name.
 #[async_trait]
@@ -25,9 +25,9 @@ pub trait PublisherSource: Send + Sync {
 /// Publishers built from `[brokers.*]`, cached by broker name.
 pub struct Publishers {
     config: Arc<Config>,
-    /// Names the connections (RabbitMQ management UI, Redis CLIENT LIST).
+    /// Names the connections (see [`crate::publishers`]).
     owner: String,
-    cache: Mutex<BTreeMap<String, Arc<dyn Publisher>>>,
+    cache: Mutex<BTreeMap<String, Arc<BrokerPublisher>>>,
 }
 
 impl Publishers {
@@ -52,38 +52,28 @@ impl PublisherSource for Publishers {
             )));
         };
         let kind = BrokerKind::of(config);
-        let mut cache = self.cache.lock().await;
-        if let Some(publisher) = cache.get(broker) {
-            return Ok((kind, publisher.clone()));
-        }
-        let publisher = build(broker, config, &self.config.service.name, &self.owner).await?;
-        cache.insert(broker.to_owned(), publisher.clone());
+        let publisher = self
+            .cache
+            .lock()
+            .await
+            .entry(broker.to_owned())
+            .or_insert_with(|| {
+                Arc::new(BrokerPublisher::new(
+                    broker,
+                    config,
+                    &self.config.service.name,
+                    &self.owner,
+                    None,
+                ))
+            })
+            .clone();
+        let publisher = publisher
+            .connect()
+            .await
+            .map_err(|e| DeadLetterError::Broker {
+                broker: e.broker,
+                message: e.message,
+            })?;
         Ok((kind, publisher))
     }
-}
-
-async fn build(
-    broker: &str,
-    config: &BrokerConfig,
-    service: &str,
-    owner: &str,
-) -> Result<Arc<dyn Publisher>, DeadLetterError> {
-    Ok(match config {
-        // Connects lazily on the first publish and again after a failure.
-        BrokerConfig::Amqp(amqp) => Arc::new(AmqpPublisher::new(
-            broker,
-            amqp.clone(),
-            crate::amqp::connection_name(amqp, service, owner),
-        )),
-        BrokerConfig::Redis(redis) => {
-            let name = crate::redis_streams::client_name(&format!("{service}/{owner}"), "publish");
-            let publisher = RedisPublisher::connect(redis, &name, None)
-                .await
-                .map_err(|e| DeadLetterError::Broker {
-                    broker: broker.to_owned(),
-                    message: e.to_string(),
-                })?;
-            Arc::new(publisher)
-        }
-    })
 }

@@ -382,7 +382,7 @@ impl ExecHandler {
         let with_stderr = |head: String| {
             // The end of stderr says most: cut from its start to fit the reason's limit.
             let room = MAX_REASON_BYTES.saturating_sub(head.len() + 2);
-            match last_chars(&tail, room) {
+            match crate::text::tail(&tail, room) {
                 "" => head,
                 kept => format!("{head}: {kept}"),
             }
@@ -530,15 +530,6 @@ fn bosun_env(message: &Message, handler: &str) -> Vec<(String, String)> {
         env.push((header_env_name(name), value));
     }
     env
-}
-
-/// The end of `text`, at most `max` bytes, starting on a character boundary.
-fn last_chars(text: &str, max: usize) -> &str {
-    let mut start = text.len().saturating_sub(max);
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    &text[start..]
 }
 
 /// `x-tenant.id` -> `BOSUN_HEADER_X_TENANT_ID`.

@@ -17,12 +17,13 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use super::outcome_map::{MAX_REASON_BYTES, OutcomeName, numeric_keys, truncate_start};
+use super::outcome_map::{MAX_REASON_BYTES, OutcomeName, numeric_keys};
 use super::{
     BuildContext, FailureKind, Handler, HandlerFactory, HandlerKind, Message, OptionError, Outcome,
     max_concurrency_option, parse_options, timeout_option,
 };
 use crate::secret::Secret;
+use crate::text::truncate as truncate_start;
 
 /// Prefix of the request headers that carry the message's own headers.
 pub const MESSAGE_HEADER_PREFIX: &str = "bosun-header-";

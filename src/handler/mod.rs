@@ -194,7 +194,8 @@ pub trait Handler: Send + Sync + 'static {
 pub const UNDECODABLE: &str = "bosun-undecodable";
 
 /// An error in a handler's options, at a path relative to its `[handlers.NAME]` table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {message}", path.join("."))]
 pub struct OptionError {
     pub path: Vec<String>,
     pub message: String,

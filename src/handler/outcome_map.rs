@@ -66,18 +66,6 @@ pub fn numeric_keys(
     Ok(map)
 }
 
-/// Cuts `text` to at most `max` bytes on a character boundary, keeping the start.
-pub fn truncate_start(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 /// Decodes the bytes as UTF-8 (invalid sequences replaced), dropping a character cut in half
 /// at the start: `bytes` is the tail of a longer stream.
 pub fn tail_text(bytes: &[u8]) -> String {
@@ -92,13 +80,6 @@ pub fn tail_text(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn truncate_start_keeps_whole_characters() {
-        assert_eq!(truncate_start("héllo", 2), "h");
-        assert_eq!(truncate_start("héllo", 3), "hé");
-        assert_eq!(truncate_start("abc", 10), "abc");
-    }
 
     #[test]
     fn tail_text_drops_a_split_leading_character() {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::listener::sleep_or_cancel;
 use super::store::Queries;
+use crate::retry::sleep_or_cancel;
 
 /// How often the backlog gauges are refreshed.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);

@@ -24,38 +24,47 @@ pub const MAX_VALUES: usize = 4096;
 /// Longest header or nested field name: AMQP field names are short strings.
 pub const MAX_NAME_BYTES: usize = 255;
 
+/// Why a row's `headers` cannot become a message's headers: which bound was broken, for the
+/// row's `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidHeaders(pub String);
+
 /// The headers in `text` (the column's JSON text): strings, integers, floats and booleans
 /// keep their type; anything nested travels as JSON. `null` means no headers. The error
 /// says which bound was broken, for the row's `last_error`.
 #[cfg(test)]
-pub fn parse(text: &str) -> Result<BTreeMap<String, HeaderValue>, String> {
+pub fn parse(text: &str) -> Result<BTreeMap<String, HeaderValue>, InvalidHeaders> {
     parse_sized(text, text.len())
 }
 
 /// [`parse`] for a text that may have been cut: `full_len` is the length of the whole of it.
-pub fn parse_sized(text: &str, full_len: usize) -> Result<BTreeMap<String, HeaderValue>, String> {
+pub fn parse_sized(
+    text: &str,
+    full_len: usize,
+) -> Result<BTreeMap<String, HeaderValue>, InvalidHeaders> {
     let len = full_len.max(text.len());
     if len > MAX_BYTES {
-        return Err(format!(
+        return Err(InvalidHeaders(format!(
             "invalid row: headers take {len} bytes, over the limit of {MAX_BYTES}"
-        ));
+        )));
     }
     let depth = nesting_depth(text);
     if depth > MAX_DEPTH {
-        return Err(format!(
+        return Err(InvalidHeaders(format!(
             "invalid row: headers nest {depth} levels deep, over the limit of {MAX_DEPTH}"
-        ));
+        )));
     }
     let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| format!("invalid row: headers are not usable JSON: {e}"))?;
+        .map_err(|e| InvalidHeaders(format!("invalid row: headers are not usable JSON: {e}")))?;
     let object = match value {
         serde_json::Value::Object(object) => object,
         serde_json::Value::Null => return Ok(BTreeMap::new()),
         other => {
-            return Err(format!(
+            return Err(InvalidHeaders(format!(
                 "invalid row: headers must be a JSON object, found {}",
                 json_kind(&other)
-            ));
+            )));
         }
     };
     let mut values = 0usize;
@@ -110,15 +119,15 @@ fn nesting_depth(text: &str) -> usize {
 fn check(
     object: &serde_json::Map<String, serde_json::Value>,
     values: &mut usize,
-) -> Result<(), String> {
+) -> Result<(), InvalidHeaders> {
     let mut stack: Vec<&serde_json::Value> = Vec::new();
     visit_object(object, &mut stack)?;
     while let Some(value) = stack.pop() {
         *values += 1;
         if *values > MAX_VALUES {
-            return Err(format!(
+            return Err(InvalidHeaders(format!(
                 "invalid row: headers hold more than {MAX_VALUES} values"
-            ));
+            )));
         }
         match value {
             serde_json::Value::Object(inner) => visit_object(inner, &mut stack)?,
@@ -133,12 +142,12 @@ fn check(
 fn visit_object<'a>(
     object: &'a serde_json::Map<String, serde_json::Value>,
     stack: &mut Vec<&'a serde_json::Value>,
-) -> Result<(), String> {
+) -> Result<(), InvalidHeaders> {
     if let Some(name) = object.keys().find(|name| name.len() > MAX_NAME_BYTES) {
-        return Err(format!(
+        return Err(InvalidHeaders(format!(
             "invalid row: a header name takes {} bytes, over the limit of {MAX_NAME_BYTES}",
             name.len()
-        ));
+        )));
     }
     stack.extend(object.values());
     Ok(())
@@ -178,7 +187,7 @@ mod tests {
     fn headers_that_are_not_an_object_are_invalid() {
         let error = parse("[1, 2]").unwrap_err();
         assert!(
-            error.contains("must be a JSON object, found an array"),
+            error.0.contains("must be a JSON object, found an array"),
             "{error}"
         );
         assert!(parse("null").unwrap().is_empty());
@@ -188,7 +197,7 @@ mod tests {
     fn deep_nesting_is_refused_with_its_depth() {
         let text = format!("{{\"a\": {}1{}}}", "[".repeat(199), "]".repeat(199));
         let error = parse(&text).unwrap_err();
-        assert!(error.contains("200 levels deep"), "{error}");
+        assert!(error.0.contains("200 levels deep"), "{error}");
         let ok = format!("{{\"a\": {}1{}}}", "[".repeat(31), "]".repeat(31));
         assert!(parse(&ok).is_ok());
         // Brackets inside strings are not nesting.
@@ -200,20 +209,30 @@ mod tests {
         // What PostgreSQL prints for a jsonb 1e400.
         let text = format!("{{\"n\": 1{}}}", "0".repeat(400));
         let error = parse(&text).unwrap_err();
-        assert!(error.contains("number out of range"), "{error}");
+        assert!(error.0.contains("number out of range"), "{error}");
         assert!(parse(r#"{"n": 1e400}"#).is_err());
     }
 
     #[test]
     fn size_count_and_name_bounds_hold() {
         let big = format!("{{\"a\": \"{}\"}}", "x".repeat(200 * 1024));
-        assert!(parse(&big).unwrap_err().contains("over the limit of 65536"));
+        assert!(
+            parse(&big)
+                .unwrap_err()
+                .0
+                .contains("over the limit of 65536")
+        );
         let wide = format!("{{\"a\": [{}0]}}", "0,".repeat(MAX_VALUES));
-        assert!(parse(&wide).unwrap_err().contains("more than 4096 values"));
+        assert!(
+            parse(&wide)
+                .unwrap_err()
+                .0
+                .contains("more than 4096 values")
+        );
         let long_name = format!("{{\"{}\": 1}}", "k".repeat(256));
-        assert!(parse(&long_name).unwrap_err().contains("header name"));
+        assert!(parse(&long_name).unwrap_err().0.contains("header name"));
         let nested_name = format!("{{\"a\": {{\"{}\": 1}}}}", "k".repeat(256));
-        assert!(parse(&nested_name).unwrap_err().contains("header name"));
+        assert!(parse(&nested_name).unwrap_err().0.contains("header name"));
     }
 
     /// Random JSON-ish text: nested containers, huge numbers, NUL and lone-surrogate
@@ -257,12 +276,7 @@ mod tests {
         fn any_headers_text_is_handled_within_bounds(inner in hostile_text(), truncate in any::<bool>()) {
             let mut text = format!("{{\"h\":{inner}}}");
             if truncate {
-                let cut = text.len() / 2;
-                let mut end = cut;
-                while !text.is_char_boundary(end) {
-                    end -= 1;
-                }
-                text.truncate(end);
+                text = crate::text::truncate(&text, text.len() / 2).to_owned();
             }
             match parse(&text) {
                 Ok(headers) => {
@@ -270,8 +284,8 @@ mod tests {
                     prop_assert!(nesting_depth(&text) <= MAX_DEPTH);
                     prop_assert!(headers.len() <= MAX_VALUES);
                 }
-                Err(reason) => prop_assert!(reason.starts_with("invalid row: headers")
-                    || reason.starts_with("invalid row: a header name")),
+                Err(reason) => prop_assert!(reason.0.starts_with("invalid row: headers")
+                    || reason.0.starts_with("invalid row: a header name")),
             }
         }
     }

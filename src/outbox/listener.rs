@@ -4,14 +4,14 @@
 //! so the relay still polls, and every (re)connection wakes the relay once to cover the gap.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::reconnect_delay;
+use super::RECONNECT;
+use crate::retry::sleep_or_cancel;
 
 /// Listens on `channel` until `shutdown`, waking `wake` on every notification.
 pub async fn run(
@@ -34,7 +34,7 @@ pub async fn run(
                 Ok(listener) => listener,
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let delay = reconnect_delay(failures);
+                    let delay = RECONNECT.delay(failures);
                     tracing::warn!(outbox = %outbox, channel = %channel, error = %e, retry_in_ms = delay.as_millis() as u64,
                         "cannot LISTEN for outbox notifications; polling meanwhile");
                     if sleep_or_cancel(delay, &shutdown).await {
@@ -67,20 +67,12 @@ pub async fn run(
                     tracing::warn!(outbox = %outbox, channel = %channel, error = %e, "LISTEN connection failed; reconnecting");
                     wake.notify_one();
                     failures = 1;
-                    if sleep_or_cancel(reconnect_delay(failures), &shutdown).await {
+                    if sleep_or_cancel(RECONNECT.delay(failures), &shutdown).await {
                         return;
                     }
                     break;
                 }
             }
         }
-    }
-}
-
-/// Sleeps for `delay`; true when shutdown came first.
-pub(super) async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(delay) => false,
     }
 }

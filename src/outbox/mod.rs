@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use crate::config::OutboxConfig;
 use crate::publish::Publisher;
 use crate::resources::Resources;
+use crate::retry::ExponentialBackoff;
 use crate::supervisor::{Component, ComponentContext};
 
 pub use publishers::publisher_source;
@@ -87,11 +88,9 @@ pub fn application_name(name: &str) -> String {
     format!("bosun outbox:{name}")
 }
 
-/// Delay before reconnect attempt `failures` (1-based): 200 ms doubling to 30 s.
-pub(crate) fn reconnect_delay(failures: u32) -> Duration {
-    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
-    (Duration::from_millis(200) * factor).min(Duration::from_secs(30))
-}
+/// Waits between reconnects of a relay or its listener: 200 ms doubling to 30 s.
+pub(crate) const RECONNECT: ExponentialBackoff =
+    ExponentialBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
 
 /// Builds the component for `[outboxes.NAME]` from the shared resources.
 pub fn component(name: &str, resources: &Resources) -> anyhow::Result<OutboxComponent> {
@@ -224,8 +223,8 @@ mod tests {
 
     #[test]
     fn reconnect_delay_doubles_and_caps() {
-        assert_eq!(reconnect_delay(1), Duration::from_millis(200));
-        assert_eq!(reconnect_delay(2), Duration::from_millis(400));
-        assert_eq!(reconnect_delay(40), Duration::from_secs(30));
+        assert_eq!(RECONNECT.base(1), Duration::from_millis(200));
+        assert_eq!(RECONNECT.base(2), Duration::from_millis(400));
+        assert_eq!(RECONNECT.base(40), Duration::from_secs(30));
     }
 }

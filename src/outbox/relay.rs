@@ -21,11 +21,11 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::Notify;
 
-use super::listener::sleep_or_cancel;
 use super::store::{Failure, OutboxRow, Queries};
-use super::{OutboxError, PublisherSource, reconnect_delay};
+use super::{OutboxError, PublisherSource, RECONNECT};
 use crate::config::{Ordering, OutboxConfig};
 use crate::publish::{OutgoingMessage, PublishError, Publisher};
+use crate::retry::sleep_or_cancel;
 use crate::supervisor::ComponentContext;
 
 /// Extra time a batch may take beyond `publish_timeout` for its SQL; past it the connection
@@ -117,7 +117,7 @@ impl Relay {
                         publisher = None;
                     }
                     failures = failures.saturating_add(1);
-                    let delay = reconnect_delay(failures);
+                    let delay = RECONNECT.delay(failures);
                     ctx.health.set_not_ready(e.to_string());
                     tracing::warn!(outbox = %self.name, error = %e, failures, retry_in_ms = delay.as_millis() as u64,
                         "outbox batch failed; rows stay pending and are claimed again");
@@ -349,7 +349,7 @@ impl Relay {
         let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
         Failure {
             id: row.id,
-            error: truncate(error, MAX_ERROR_LEN),
+            error: crate::text::truncate(&error, MAX_ERROR_LEN).to_owned(),
             retry_after: self.config.retry.delay(attempt),
             give_up: invalid || attempt >= self.config.max_attempts,
         }
@@ -371,7 +371,7 @@ impl Relay {
                 &row.headers,
                 usize::try_from(row.headers_bytes).unwrap_or(usize::MAX),
             )
-            .map_err(RowProblem::Invalid)?,
+            .map_err(|e| RowProblem::Invalid(e.0))?,
             body: row.payload.clone().into(),
             timestamp_ms: u64::try_from(row.created_at.timestamp_millis()).ok(),
         })
@@ -455,27 +455,5 @@ async fn publish_runs<'r>(
         if outcome.connection_lost.is_some() {
             return outcome;
         }
-    }
-}
-
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_errors_are_cut_on_a_char_boundary() {
-        let text = "é".repeat(10);
-        assert_eq!(truncate(text, 5), "éé");
     }
 }

@@ -19,7 +19,8 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::Ops;
-use super::dispatch::{Dispatcher, Inner, lock_prefix, sleep_or_cancel};
+use super::dispatch::{Dispatcher, Inner, lock_prefix};
+use crate::retry::sleep_or_cancel;
 
 pub(crate) async fn run(
     inner: Arc<Inner>,
@@ -49,7 +50,7 @@ async fn round(
     ops: &Ops,
     dispatcher: &Dispatcher,
     stop: &CancellationToken,
-) -> Result<(), super::Error> {
+) -> Result<(), super::RedisStreamsError> {
     let config = &inner.config;
     let mut cursor = String::from("0-0");
     loop {
@@ -66,16 +67,16 @@ async fn round(
         let reply: Value = ops
             .query(&cmd)
             .await
-            .map_err(super::Error::command("XAUTOCLAIM"))?;
+            .map_err(super::RedisStreamsError::command("XAUTOCLAIM"))?;
         let Value::Array(parts) = reply else {
-            return Err(super::Error::Reply {
+            return Err(super::RedisStreamsError::Reply {
                 command: "XAUTOCLAIM",
                 detail: format!("{reply:?}"),
             });
         };
         let mut parts = parts.into_iter();
         let (Some(next), Some(claimed)) = (parts.next(), parts.next()) else {
-            return Err(super::Error::Reply {
+            return Err(super::RedisStreamsError::Reply {
                 command: "XAUTOCLAIM",
                 detail: "short reply".into(),
             });
@@ -90,7 +91,7 @@ async fn round(
                 })
                 .collect(),
             other => {
-                return Err(super::Error::Reply {
+                return Err(super::RedisStreamsError::Reply {
                     command: "XAUTOCLAIM",
                     detail: format!("{other:?}"),
                 });
@@ -145,7 +146,7 @@ async fn round(
                 .arg(&config.group),
         )
         .await
-        .map_err(super::Error::command("XPENDING"))?;
+        .map_err(super::RedisStreamsError::command("XPENDING"))?;
     if let Value::Array(parts) = summary
         && let Some(Value::Int(count)) = parts.first()
     {

@@ -43,17 +43,19 @@ use tokio_util::task::TaskTracker;
 
 use super::dispatch::{
     Action, Delivery, Dispatcher, Inflight, Inner, Metrics, SETTLE_BATCH, Settlement, id_key,
-    lock_prefix, parse_read_any, sleep_or_cancel,
+    lock_prefix, parse_read_any,
 };
 use super::scripts::Scripts;
-use super::{Error, Ops, client_name, connect_reader};
+use super::{Ops, RedisStreamsError, client_name, connect_reader};
 use crate::config::{ConsumerConfig, RedisBrokerConfig, RedisConsumerConfig};
 use crate::handler::Handler;
 use crate::health::HealthHandle;
+use crate::retry::{ExponentialBackoff, sleep_or_cancel};
 use crate::supervisor::{Component, ComponentContext};
 
-const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Waits between reconnects and between tries of a settlement: 0.1 s doubling to 5 s.
+const BACKOFF: ExponentialBackoff =
+    ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// How often the running consumer renews its name lock.
 const LOCK_RENEW: Duration = Duration::from_millis(2500);
 
@@ -102,10 +104,6 @@ impl RedisConsumer {
     }
 }
 
-fn next_backoff(current: Duration) -> Duration {
-    (current * 2).min(BACKOFF_MAX)
-}
-
 #[async_trait]
 impl Component for RedisConsumer {
     async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
@@ -114,18 +112,18 @@ impl Component for RedisConsumer {
         let broker = inner.broker_name.clone();
 
         let ops_name = client_name(&inner.config.consumer, "ops");
-        let mut backoff = BACKOFF_INITIAL;
+        let mut backoff = BACKOFF;
         let ops = loop {
             health.set_not_ready(format!("connecting to redis broker `{broker}`"));
             match Ops::connect(&inner.broker, &ops_name).await {
                 Ok(ops) => break ops,
                 Err(e) => {
-                    tracing::warn!(consumer = %inner.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to redis; retrying");
+                    let delay = backoff.failed();
+                    tracing::warn!(consumer = %inner.name, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot connect to redis; retrying");
                     health.set_not_ready(format!("connecting to redis broker `{broker}`: {e}"));
-                    if sleep_or_cancel(backoff, &ctx.shutdown).await {
+                    if sleep_or_cancel(delay, &ctx.shutdown).await {
                         return Ok(());
                     }
-                    backoff = next_backoff(backoff);
                 }
             }
         };
@@ -195,7 +193,7 @@ async fn read_loop(
     shutdown: &CancellationToken,
     health: &HealthHandle,
 ) {
-    let mut backoff = BACKOFF_INITIAL;
+    let mut backoff = BACKOFF;
     let mut was_connected = false;
     loop {
         if shutdown.is_cancelled() {
@@ -214,24 +212,24 @@ async fn read_loop(
         inner.name_held.store(false, AtomicOrdering::Relaxed);
         match result {
             Ok(()) => return,
-            Err(e @ Error::NameInUse { .. }) => {
-                tracing::error!(consumer = %inner.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "not reading: the consumer name is taken");
+            Err(e @ RedisStreamsError::NameInUse { .. }) => {
+                let delay = backoff.failed();
+                tracing::error!(consumer = %inner.name, error = %e, retry_in_ms = delay.as_millis() as u64, "not reading: the consumer name is taken");
                 health.set_not_ready(e.to_string());
-                if sleep_or_cancel(backoff, shutdown).await {
+                if sleep_or_cancel(delay, shutdown).await {
                     return;
                 }
-                backoff = next_backoff(backoff);
             }
             Err(e) => {
-                tracing::warn!(consumer = %inner.name, broker = %inner.broker_name, error = %e, retry_in_ms = backoff.as_millis() as u64, "redis consumer lost its connection; reconnecting");
+                let delay = backoff.failed();
+                tracing::warn!(consumer = %inner.name, broker = %inner.broker_name, error = %e, retry_in_ms = delay.as_millis() as u64, "redis consumer lost its connection; reconnecting");
                 health.set_not_ready(format!(
                     "reconnecting to redis broker `{}`: {e}",
                     inner.broker_name
                 ));
-                if sleep_or_cancel(backoff, shutdown).await {
+                if sleep_or_cancel(delay, shutdown).await {
                     return;
                 }
-                backoff = next_backoff(backoff);
             }
         }
     }
@@ -254,8 +252,8 @@ async fn session(
     shutdown: &CancellationToken,
     health: &HealthHandle,
     was_connected: &mut bool,
-    backoff: &mut Duration,
-) -> Result<(), Error> {
+    backoff: &mut ExponentialBackoff,
+) -> Result<(), RedisStreamsError> {
     let config = &inner.config;
     let mut reader = connect_reader(
         &inner.broker,
@@ -267,13 +265,13 @@ async fn session(
         .arg("ID")
         .query_async(&mut reader)
         .await
-        .map_err(Error::command("CLIENT ID"))?;
+        .map_err(RedisStreamsError::command("CLIENT ID"))?;
     inner.ensure_group(ops).await?;
     inner
         .scripts
         .load(ops)
         .await
-        .map_err(Error::command("SCRIPT LOAD"))?;
+        .map_err(RedisStreamsError::command("SCRIPT LOAD"))?;
     if !inner.lock_name(ops).await? {
         return Err(name_in_use(config));
     }
@@ -294,7 +292,7 @@ async fn session(
         tracing::info!(consumer = %inner.name, broker = %inner.broker_name, "reconnected to redis");
     }
     *was_connected = true;
-    *backoff = BACKOFF_INITIAL;
+    backoff.reset();
     // One per connected consumer, as for amqp: several consumers share a broker's gauge.
     inner.metrics.connected.increment(1.0);
     let _connected = ConnectedGuard(&inner.metrics.connected);
@@ -379,7 +377,7 @@ async fn session(
                 return Ok(());
             }
             Err(source) => {
-                return Err(Error::Command {
+                return Err(RedisStreamsError::Command {
                     command: "XREADGROUP",
                     source,
                 });
@@ -411,8 +409,8 @@ async fn session(
     }
 }
 
-fn name_in_use(config: &RedisConsumerConfig) -> Error {
-    Error::NameInUse {
+fn name_in_use(config: &RedisConsumerConfig) -> RedisStreamsError {
+    RedisStreamsError::NameInUse {
         consumer: config.consumer.clone(),
         group: config.group.clone(),
         stream: config.stream.clone(),
@@ -517,7 +515,7 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
     }
 
     let metrics = &inner.metrics;
-    let mut backoff = BACKOFF_INITIAL;
+    let mut backoff = BACKOFF;
     while !commands.is_empty() {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -530,9 +528,9 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
         {
             Ok(replies) => replies,
             Err(e) => {
-                tracing::warn!(consumer = %inner.name, error = %e, pending = batch.len(), retry_in_ms = backoff.as_millis() as u64, "cannot settle entries; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = next_backoff(backoff);
+                let delay = backoff.failed();
+                tracing::warn!(consumer = %inner.name, error = %e, pending = batch.len(), retry_in_ms = delay.as_millis() as u64, "cannot settle entries; retrying");
+                tokio::time::sleep(delay).await;
                 continue;
             }
         };
@@ -565,7 +563,7 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
                 }
                 (owner, Err(e)) if e.code() == Some("NOSCRIPT") || super::is_transient(&e) => {
                     reload |= e.code() == Some("NOSCRIPT");
-                    tracing::warn!(consumer = %inner.name, error = %e, entry_id = owner.map(|i| batch[i].id.as_str()), retry_in_ms = backoff.as_millis() as u64, "redis cannot take a settlement now; retrying");
+                    tracing::warn!(consumer = %inner.name, error = %e, entry_id = owner.map(|i| batch[i].id.as_str()), "redis cannot take a settlement now; retrying");
                     again.push((owner, cmd));
                 }
                 (owner, Err(e)) => {
@@ -590,8 +588,7 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
                 continue;
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = next_backoff(backoff);
+        tokio::time::sleep(backoff.failed()).await;
     }
 }
 

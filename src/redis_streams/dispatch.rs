@@ -3,24 +3,22 @@
 //! [`Action`], and the reply parsing and claims the reader and the claimer both use.
 
 use std::collections::HashSet;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::FutureExt as _;
 use metrics::{Counter, Gauge};
 use redis::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fields::{self, Entry, Failure};
 use super::scripts::Scripts;
-use super::{Error, Ops};
+use super::{Ops, RedisStreamsError};
 use crate::config::{RedisBrokerConfig, RedisConsumerConfig};
-use crate::handler::{FailureKind, Handler, Outcome, Source};
+use crate::disposition::{self, Decision, Panicked};
+use crate::handler::{FailureKind, Handler, Source};
 use crate::retry::{RetryPolicy, saturating_millis};
 
 /// Handler capacity is taken this many permits at a time.
@@ -263,7 +261,8 @@ impl Inner {
         // such an entry into yet another stream would be read by nobody.
         let decoded = match over_limits {
             Some(reason) => Err(reason),
-            None => fields::decode(entry, source.clone(), redelivered || deliveries > 1),
+            None => fields::decode(entry, source.clone(), redelivered || deliveries > 1)
+                .map_err(|e| e.0),
         };
         let message = match decoded {
             Ok(message) => message,
@@ -277,43 +276,38 @@ impl Inner {
             }
         };
         let started = Instant::now();
-        let outcome = match AssertUnwindSafe(self.handler.handle(&message))
-            .catch_unwind()
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                tracing::error!(consumer = %self.name, entry_id = %entry.id, "handler panicked; treating it as a transient failure");
-                Outcome::retry("handler panicked")
-            }
-        };
+        let handled = disposition::handle(self.handler.as_ref(), &message).await;
+        if let Err(Panicked(text)) = &handled {
+            tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
+        }
+        let outcome = disposition::outcome(handled);
         self.metrics
             .duration(&outcome)
             .record(started.elapsed().as_secs_f64());
         let attempt = message.attempt;
-        match outcome {
-            Outcome::Ack => Action::Ack,
-            Outcome::Drop { reason } => {
+        match disposition::decide(outcome, attempt, &self.retry) {
+            Decision::Ack => Action::Ack,
+            Decision::Drop { reason } => {
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "handler dropped the message");
                 Action::Drop
             }
-            Outcome::Retry { after, reason } if self.retry.should_retry(attempt) => {
-                let delay_ms = saturating_millis(self.retry.next_delay(attempt, after));
+            Decision::Retry {
+                delay,
+                attempt: next,
+                reason,
+            } => {
+                let delay_ms = saturating_millis(delay);
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms, %reason, "retry scheduled");
                 Action::Retry {
-                    fields: fields::retry_fields(entry, attempt.saturating_add(1), &reason),
+                    fields: fields::retry_fields(entry, next, &reason),
                     delay_ms,
                 }
             }
-            Outcome::Retry { reason, .. } => {
-                tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, "attempts exhausted; dead-lettering");
-                self.dead_letter(entry, deliveries, attempt, &reason, FailureKind::Exhausted)
-            }
-            Outcome::DeadLetter { reason, kind } => {
+            Decision::DeadLetter { kind, reason } => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, kind = %kind, "dead-lettering");
                 self.dead_letter(entry, deliveries, attempt, &reason, kind)
             }
-            Outcome::Release { reason } => {
+            Decision::Release { reason } => {
                 tracing::info!(consumer = %self.name, entry_id = %entry.id, %reason, "released unsettled; it stays pending");
                 Action::Release
             }
@@ -353,7 +347,7 @@ impl Inner {
     }
 
     /// Takes or renews the consumer-name lock; false when another live process holds it.
-    pub(crate) async fn lock_name(&self, ops: &Ops) -> Result<bool, Error> {
+    pub(crate) async fn lock_name(&self, ops: &Ops) -> Result<bool, RedisStreamsError> {
         let cmd = self
             .scripts
             .lock
@@ -365,7 +359,7 @@ impl Inner {
             .scripts
             .run(ops, &cmd)
             .await
-            .map_err(Error::command("name lock"))?;
+            .map_err(RedisStreamsError::command("name lock"))?;
         Ok(held == 1)
     }
 
@@ -390,7 +384,7 @@ impl Inner {
         ops: &Ops,
         dispatcher: &Dispatcher,
         ids: &[(String, u64)],
-    ) -> Result<Vec<Entry>, Error> {
+    ) -> Result<Vec<Entry>, RedisStreamsError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -407,7 +401,7 @@ impl Inner {
             Ok(replies) => replies,
             Err(e) => {
                 dispatcher.unreserve(ids.iter().map(|(id, _)| id.as_str()));
-                return Err(Error::command("XCLAIM")(e));
+                return Err(RedisStreamsError::command("XCLAIM")(e));
             }
         };
         let mut entries = Vec::with_capacity(ids.len());
@@ -439,7 +433,7 @@ impl Inner {
         ops: &Ops,
         dispatcher: &Dispatcher,
         after: Option<&str>,
-    ) -> Result<(Vec<Delivery>, Option<String>), Error> {
+    ) -> Result<(Vec<Delivery>, Option<String>), RedisStreamsError> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let cmd = redis::cmd("XPENDING")
             .arg(&self.config.stream)
@@ -449,8 +443,10 @@ impl Inner {
             .arg(self.config.batch)
             .arg(&self.config.consumer)
             .to_owned();
-        let rows: Vec<(String, String, u64, u64)> =
-            ops.query(&cmd).await.map_err(Error::command("XPENDING"))?;
+        let rows: Vec<(String, String, u64, u64)> = ops
+            .query(&cmd)
+            .await
+            .map_err(RedisStreamsError::command("XPENDING"))?;
         let Some(last) = rows.last().map(|r| r.0.clone()) else {
             return Ok((Vec::new(), None));
         };
@@ -482,7 +478,7 @@ impl Inner {
     }
 
     /// `XGROUP CREATE ... MKSTREAM`; an existing group is fine.
-    pub(crate) async fn ensure_group(&self, ops: &Ops) -> Result<(), Error> {
+    pub(crate) async fn ensure_group(&self, ops: &Ops) -> Result<(), RedisStreamsError> {
         let cmd = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.config.stream)
@@ -494,7 +490,7 @@ impl Inner {
             Ok(()) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
             Err(source) => {
-                return Err(Error::Command {
+                return Err(RedisStreamsError::Command {
                     command: "XGROUP CREATE",
                     source,
                 });
@@ -510,7 +506,7 @@ impl Inner {
             .to_owned();
         ops.query::<i64>(&join)
             .await
-            .map_err(Error::command("XGROUP CREATECONSUMER"))?;
+            .map_err(RedisStreamsError::command("XGROUP CREATECONSUMER"))?;
         Ok(())
     }
 
@@ -519,7 +515,7 @@ impl Inner {
         &self,
         ops: &Ops,
         entries: &[Entry],
-    ) -> Result<std::collections::HashMap<String, u64>, Error> {
+    ) -> Result<std::collections::HashMap<String, u64>, RedisStreamsError> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(Default::default());
         };
@@ -533,8 +529,10 @@ impl Inner {
             .arg(entries.len() + 2 * self.concurrency + SETTLE_BATCH)
             .arg(&self.config.consumer)
             .to_owned();
-        let rows: Vec<(String, String, u64, u64)> =
-            ops.query(&cmd).await.map_err(Error::command("XPENDING"))?;
+        let rows: Vec<(String, String, u64, u64)> = ops
+            .query(&cmd)
+            .await
+            .map_err(RedisStreamsError::command("XPENDING"))?;
         Ok(rows
             .into_iter()
             .map(|(id, _, _, count)| (id, count))
@@ -547,7 +545,7 @@ impl Inner {
         &self,
         ops: &Ops,
         entries: Vec<Entry>,
-    ) -> Result<Vec<Delivery>, Error> {
+    ) -> Result<Vec<Delivery>, RedisStreamsError> {
         let counts = self.delivery_counts(ops, &entries).await?;
         Ok(entries
             .into_iter()
@@ -559,7 +557,11 @@ impl Inner {
     }
 
     /// XACKs entries whose stream entry is gone (they are pending with nothing to handle).
-    pub(crate) async fn ack_deleted(&self, ops: &Ops, ids: &[String]) -> Result<(), Error> {
+    pub(crate) async fn ack_deleted(
+        &self,
+        ops: &Ops,
+        ids: &[String],
+    ) -> Result<(), RedisStreamsError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -568,7 +570,10 @@ impl Inner {
             .arg(&self.config.group)
             .arg(ids)
             .to_owned();
-        let _: u64 = ops.query(&cmd).await.map_err(Error::command("XACK"))?;
+        let _: u64 = ops
+            .query(&cmd)
+            .await
+            .map_err(RedisStreamsError::command("XACK"))?;
         self.metrics.deleted.increment(ids.len() as u64);
         tracing::info!(consumer = %self.name, count = ids.len(), "acknowledged pending entries that were deleted from the stream");
         Ok(())
@@ -577,7 +582,7 @@ impl Inner {
 
 /// Parses an XREADGROUP reply for one stream into entries; entries whose fields are nil
 /// (deleted from the stream while pending) come back in the second list.
-pub(crate) fn parse_read(reply: Value) -> Result<(Vec<Entry>, Vec<String>), Error> {
+pub(crate) fn parse_read(reply: Value) -> Result<(Vec<Entry>, Vec<String>), RedisStreamsError> {
     let streams = match reply {
         Value::Nil => return Ok((Vec::new(), Vec::new())),
         Value::Array(streams) => streams.into_iter().filter_map(|s| match s {
@@ -595,7 +600,7 @@ pub(crate) fn parse_read(reply: Value) -> Result<(Vec<Entry>, Vec<String>), Erro
 }
 
 /// Same reply layout under RESP3 (a map keyed by stream).
-pub(crate) fn parse_read_any(reply: Value) -> Result<(Vec<Entry>, Vec<String>), Error> {
+pub(crate) fn parse_read_any(reply: Value) -> Result<(Vec<Entry>, Vec<String>), RedisStreamsError> {
     match reply {
         Value::Map(pairs) => {
             let mut entries = Vec::new();
@@ -609,13 +614,13 @@ pub(crate) fn parse_read_any(reply: Value) -> Result<(Vec<Entry>, Vec<String>), 
     }
 }
 
-fn bad(command: &'static str, value: &Value) -> Error {
-    let mut detail = format!("{value:?}");
-    detail.truncate(200);
-    Error::Reply { command, detail }
+fn bad(command: &'static str, value: &Value) -> RedisStreamsError {
+    let detail = format!("{value:?}");
+    let detail = crate::text::truncate(&detail, 200).to_owned();
+    RedisStreamsError::Reply { command, detail }
 }
 
-fn bytes_of(value: Value, command: &'static str) -> Result<Vec<u8>, Error> {
+fn bytes_of(value: Value, command: &'static str) -> Result<Vec<u8>, RedisStreamsError> {
     match value {
         Value::BulkString(b) => Ok(b),
         Value::SimpleString(s) => Ok(s.into_bytes()),
@@ -629,7 +634,7 @@ pub(crate) fn parse_entries(
     entries: &mut Vec<Entry>,
     deleted: &mut Vec<String>,
     command: &'static str,
-) -> Result<(), Error> {
+) -> Result<(), RedisStreamsError> {
     let Value::Array(items) = list else {
         return Err(bad(command, &list));
     };
@@ -640,15 +645,16 @@ pub(crate) fn parse_entries(
         };
         let mut pair = pair.into_iter();
         let (Some(id), Some(body)) = (pair.next(), pair.next()) else {
-            return Err(Error::Reply {
+            return Err(RedisStreamsError::Reply {
                 command,
                 detail: "entry without id and fields".into(),
             });
         };
-        let id = String::from_utf8(bytes_of(id, command)?).map_err(|_| Error::Reply {
-            command,
-            detail: "entry id is not UTF-8".into(),
-        })?;
+        let id =
+            String::from_utf8(bytes_of(id, command)?).map_err(|_| RedisStreamsError::Reply {
+                command,
+                detail: "entry id is not UTF-8".into(),
+            })?;
         let values = match body {
             Value::Nil => {
                 deleted.push(id);
@@ -669,14 +675,6 @@ pub(crate) fn parse_entries(
         entries.push(Entry { id, fields });
     }
     Ok(())
-}
-
-/// Sleeps `delay` unless `token` is cancelled first; true when cancelled.
-pub(crate) async fn sleep_or_cancel(delay: Duration, token: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = token.cancelled() => true,
-        _ = tokio::time::sleep(delay) => false,
-    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ pub const CORRELATION_ID: &str = "correlation_id";
 pub const CONTENT_TYPE: &str = "content_type";
 /// Producer's timestamp (milliseconds since the Unix epoch); a header to the consumer.
 pub const TIMESTAMP: &str = "timestamp_ms";
+use crate::failure_headers::error_text;
 /// The failure names this broker writes, defined once for both brokers.
 pub use crate::failure_headers::{
     ATTEMPT, CONSUMER, DELIVERIES, ERROR, ERROR_KIND, FAILED_AT, GROUP, ORIG_ID, ORIG_STREAM,
@@ -44,9 +45,6 @@ pub const ORIG_FIELDS: &str = "bosun-orig-fields";
 
 /// Fields a header may not be named after: they carry the message itself.
 const RESERVED: &[&str] = &[BODY, MESSAGE_ID, CORRELATION_ID, CONTENT_TYPE, TIMESTAMP];
-
-/// `bosun-error` is cut to this many bytes so one bad handler cannot bloat the streams.
-const MAX_ERROR_BYTES: usize = 2048;
 
 /// One entry as read from a stream, fields in their order.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,9 +101,15 @@ pub fn write_fields(cmd: &mut redis::Cmd, message: &OutgoingMessage) -> Result<(
     Ok(())
 }
 
-fn text(name: &str, value: &Bytes) -> Result<String, String> {
-    String::from_utf8(value.to_vec()).map_err(|_| format!("field `{name}` is not UTF-8"))
+fn text(name: &str, value: &Bytes) -> Result<String, InvalidEntry> {
+    String::from_utf8(value.to_vec())
+        .map_err(|_| InvalidEntry(format!("field `{name}` is not UTF-8")))
 }
+
+/// Why an entry cannot become a message: it is dead-lettered as `invalid` with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidEntry(pub String);
 
 /// `entry` as it is, for a handler that takes undecodable input: the first `payload` field
 /// (if any) as the body, every other field as a header (a repeated or lossily decoded name
@@ -155,7 +159,7 @@ pub fn undecodable(entry: &Entry, source: Source, reason: &str) -> Message {
 
 /// The message a handler sees for `entry`, or why the entry cannot be one (dead-lettered
 /// as `invalid`).
-pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Message, String> {
+pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Message, InvalidEntry> {
     let mut body = None;
     let mut message_id = None;
     let mut correlation_id = None;
@@ -164,12 +168,14 @@ pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Messag
     let mut headers = BTreeMap::new();
     for (name, value) in &entry.fields {
         let Ok(name) = std::str::from_utf8(name) else {
-            return Err("a field name is not UTF-8".into());
+            return Err(InvalidEntry("a field name is not UTF-8".into()));
         };
         match name {
             BODY => {
                 if body.replace(value.clone()).is_some() {
-                    return Err(format!("entry has more than one `{BODY}` field"));
+                    return Err(InvalidEntry(format!(
+                        "entry has more than one `{BODY}` field"
+                    )));
                 }
             }
             MESSAGE_ID => message_id = Some(text(name, value)?),
@@ -180,7 +186,9 @@ pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Messag
                     .ok()
                     .and_then(|s| s.parse::<u32>().ok())
                     .filter(|n| *n >= 1)
-                    .ok_or_else(|| format!("field `{ATTEMPT}` is not a positive integer"))?;
+                    .ok_or_else(|| {
+                        InvalidEntry(format!("field `{ATTEMPT}` is not a positive integer"))
+                    })?;
             }
             _ => {
                 let value = match std::str::from_utf8(value) {
@@ -192,7 +200,9 @@ pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Messag
         }
     }
     let Some(body) = body else {
-        return Err(format!("entry has no `{BODY}` field (the body)"));
+        return Err(InvalidEntry(format!(
+            "entry has no `{BODY}` field (the body)"
+        )));
     };
     Ok(Message {
         message_id: Some(message_id.unwrap_or_else(|| entry.id.clone())),
@@ -234,18 +244,6 @@ fn is_failure_field(name: &[u8]) -> bool {
     .any(|f| f.as_bytes() == name)
 }
 
-/// Cuts `error` to [`MAX_ERROR_BYTES`] on a character boundary.
-pub fn truncate_error(error: &str) -> &str {
-    if error.len() <= MAX_ERROR_BYTES {
-        return error;
-    }
-    let mut end = MAX_ERROR_BYTES;
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    &error[..end]
-}
-
 /// The fields of the copy that a retry re-adds: the original's, with the stable id, the next
 /// attempt number and the last error.
 pub fn retry_fields(entry: &Entry, next_attempt: u32, error: &str) -> Vec<(Bytes, Bytes)> {
@@ -262,7 +260,7 @@ pub fn retry_fields(entry: &Entry, next_attempt: u32, error: &str) -> Vec<(Bytes
     ));
     fields.push((
         Bytes::from_static(ERROR.as_bytes()),
-        Bytes::copy_from_slice(truncate_error(error).as_bytes()),
+        Bytes::copy_from_slice(error_text(error).as_bytes()),
     ));
     fields
 }
@@ -383,7 +381,7 @@ fn with_failure(
     push(DELIVERIES, Bytes::from(failure.deliveries.to_string()));
     push(
         ERROR,
-        Bytes::copy_from_slice(truncate_error(failure.error).as_bytes()),
+        Bytes::copy_from_slice(error_text(failure.error).as_bytes()),
     );
     push(
         ERROR_KIND,
@@ -441,7 +439,7 @@ mod tests {
     fn decode_rejects_missing_body_and_bad_attempt() {
         assert!(
             decode(&entry(&[("k", b"v")]), Source::default(), false)
-                .is_err_and(|e| e.contains("payload"))
+                .is_err_and(|e| e.0.contains("payload"))
         );
         assert!(
             decode(
@@ -532,12 +530,5 @@ mod tests {
         };
         assert!(over_limits(&big, &small).is_some_and(|w| w.contains("107 bytes")));
         assert!(over_limits(&big, &limits).is_none());
-    }
-
-    #[test]
-    fn errors_are_truncated_on_char_boundaries() {
-        let long = "é".repeat(MAX_ERROR_BYTES);
-        let cut = truncate_error(&long);
-        assert!(cut.len() <= MAX_ERROR_BYTES && cut.len() >= MAX_ERROR_BYTES - 1);
     }
 }

@@ -41,7 +41,7 @@ pub use producer::RedisPublisher;
 
 /// Errors of the Redis module.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum RedisStreamsError {
     /// The URL cannot be used (bad scheme, unusable TLS material); the URL is shown redacted.
     #[error("invalid redis broker URL {url}: {source}")]
     Url { url: String, source: RedisError },
@@ -79,9 +79,9 @@ pub enum Error {
     },
 }
 
-impl Error {
-    pub(crate) fn command(command: &'static str) -> impl FnOnce(RedisError) -> Error {
-        move |source| Error::Command { command, source }
+impl RedisStreamsError {
+    pub(crate) fn command(command: &'static str) -> impl FnOnce(RedisError) -> RedisStreamsError {
+        move |source| RedisStreamsError::Command { command, source }
     }
 }
 
@@ -102,8 +102,8 @@ pub fn client_name(consumer: &str, role: &str) -> String {
 /// A client for `broker`. `rediss://` connects with TLS: the server is verified against
 /// `tls.ca_file` when given (else the system's roots), and `tls.cert_file`/`tls.key_file` are
 /// presented as the client certificate when the server asks for one.
-fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, Error> {
-    let url_error = |source| Error::Url {
+fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, RedisStreamsError> {
+    let url_error = |source| RedisStreamsError::Url {
         url: broker.url.redacted(),
         source,
     };
@@ -111,7 +111,7 @@ fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, Error> {
         return redis::Client::open(broker.url.expose()).map_err(url_error);
     };
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| Error::TlsFile {
+        std::fs::read(path).map_err(|source| RedisStreamsError::TlsFile {
             path: path.display().to_string(),
             source,
         })
@@ -146,7 +146,10 @@ pub struct Ops {
 }
 
 impl Ops {
-    pub async fn connect(broker: &RedisBrokerConfig, name: &str) -> Result<Self, Error> {
+    pub async fn connect(
+        broker: &RedisBrokerConfig,
+        name: &str,
+    ) -> Result<Self, RedisStreamsError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(OPS_RESPONSE_TIMEOUT))
@@ -155,7 +158,7 @@ impl Ops {
         let conn = client(broker)?
             .get_connection_manager_with_config(config)
             .await
-            .map_err(|source| Error::Connect {
+            .map_err(|source| RedisStreamsError::Connect {
                 url: broker.url.redacted(),
                 source,
             })?;
@@ -164,10 +167,12 @@ impl Ops {
             name: name.into(),
             rename: Arc::new(AtomicBool::new(true)),
         };
-        ops.ensure_name().await.map_err(|source| Error::Connect {
-            url: broker.url.redacted(),
-            source,
-        })?;
+        ops.ensure_name()
+            .await
+            .map_err(|source| RedisStreamsError::Connect {
+                url: broker.url.redacted(),
+                source,
+            })?;
         Ok(ops)
     }
 
@@ -218,14 +223,14 @@ pub async fn connect_reader(
     broker: &RedisBrokerConfig,
     name: &str,
     block: Duration,
-) -> Result<MultiplexedConnection, Error> {
+) -> Result<MultiplexedConnection, RedisStreamsError> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(block + Duration::from_secs(5)));
     let mut conn = client(broker)?
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(|source| Error::Connect {
+        .map_err(|source| RedisStreamsError::Connect {
             url: broker.url.redacted(),
             source,
         })?;
@@ -234,7 +239,7 @@ pub async fn connect_reader(
         .arg(name)
         .exec_async(&mut conn)
         .await
-        .map_err(|source| Error::Connect {
+        .map_err(|source| RedisStreamsError::Connect {
             url: broker.url.redacted(),
             source,
         })?;

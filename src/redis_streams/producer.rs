@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use redis::Value;
 
-use super::{Error, Ops, client_name, fields};
+use super::{Ops, RedisStreamsError, client_name, fields};
 use crate::config::RedisBrokerConfig;
 use crate::publish::{OutgoingMessage, PublishError, Publisher};
 
@@ -21,7 +21,7 @@ impl RedisPublisher {
         broker: &RedisBrokerConfig,
         name: &str,
         maxlen: Option<usize>,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, RedisStreamsError> {
         let ops = Ops::connect(broker, &client_name(name, "publish")).await?;
         Ok(Self { ops, maxlen })
     }
@@ -111,9 +111,9 @@ pub async fn publish_fields(
     stream: &str,
     entry_fields: &[(String, Vec<u8>)],
     maxlen: Option<usize>,
-) -> Result<String, Error> {
+) -> Result<String, RedisStreamsError> {
     if entry_fields.is_empty() {
-        return Err(Error::Reply {
+        return Err(RedisStreamsError::Reply {
             command: "XADD",
             detail: "an entry needs at least one field".into(),
         });
@@ -132,5 +132,5 @@ pub async fn publish_fields(
     }
     ops.query::<String>(&cmd)
         .await
-        .map_err(Error::command("XADD"))
+        .map_err(RedisStreamsError::command("XADD"))
 }

@@ -13,9 +13,9 @@ use metrics::Counter;
 use tokio_util::sync::CancellationToken;
 
 use super::Ops;
-use super::dispatch::sleep_or_cancel;
 use super::scripts::Scripts;
 use crate::config::RedisConsumerConfig;
+use crate::retry::sleep_or_cancel;
 
 /// How often due retries are looked for: the precision of retry delays.
 pub const MOVE_INTERVAL: Duration = Duration::from_millis(200);

@@ -290,6 +290,66 @@ async fn failing_entry_is_retried_after_its_backoff_then_dead_lettered() {
     cleanup(&mut conn, &stream).await;
 }
 
+/// A consumer `name` of `stream` that tries each entry twice, 100 ms apart.
+async fn start_trying_twice(stream: &str, name: &str, handler: Arc<dyn Handler>) -> InProcess {
+    let retry =
+        "retry = { max_attempts = 2, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }";
+    start(
+        &config(&unique("b"), &[(name, consumer(stream, name, retry))]),
+        handler,
+    )
+    .await
+}
+
+/// The fields of the first entry of `stream`'s dead-letter stream, once there is one.
+async fn first_dead_letter(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Fields {
+    let dlq = format!("{stream}:dlq");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some((_, fields)) = range(conn, &dlq).await.into_iter().next() {
+            return fields;
+        }
+        assert!(Instant::now() < deadline, "nothing reached {dlq}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Panics on every message, with the message id in the panic text.
+struct Panicking;
+
+#[async_trait]
+impl Handler for Panicking {
+    async fn handle(&self, message: &Message) -> Outcome {
+        panic!(
+            "cannot parse order {}",
+            message.message_id.as_deref().unwrap_or("?")
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_retried_and_dead_lettered_with_the_panic_text() {
+    let stream = unique("rs_panic");
+    let name = unique("c_panic");
+    let mut conn = redis().await;
+    let running = start_trying_twice(&stream, &name, Arc::new(Panicking)).await;
+    xadd(
+        &mut conn,
+        &stream,
+        &[("message_id", b"order-7"), ("payload", b"p")],
+    )
+    .await;
+    let dead = first_dead_letter(&mut conn, &stream).await;
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    assert_eq!(text(&dead, "bosun-attempt"), "2");
+    assert_eq!(text(&dead, "bosun-error-kind"), "exhausted");
+    assert_eq!(
+        text(&dead, "bosun-error"),
+        "handler panicked: cannot parse order order-7"
+    );
+    cleanup(&mut conn, &stream).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entry_delivered_more_than_max_deliveries_is_dead_lettered_unhandled() {
     let stream = unique("rs_maxdel");
@@ -788,13 +848,7 @@ async fn four_thousand_field_entry_that_fails_is_dead_lettered_whole_as_invalid(
     let name = unique("c_wide");
     let mut conn = redis().await;
     let handler = Recorder::new(Duration::ZERO, |_| Outcome::retry("boom"));
-    let retry =
-        "retry = { max_attempts = 2, backoff = \"fixed\", initial = \"100ms\", jitter = 0.0 }";
-    let running = start(
-        &config(&unique("b"), &[(&name, consumer(&stream, &name, retry))]),
-        handler.clone(),
-    )
-    .await;
+    let running = start_trying_twice(&stream, &name, handler.clone()).await;
     xadd_wide(&mut conn, &stream, "wide-1", 4000).await;
     xadd(
         &mut conn,
