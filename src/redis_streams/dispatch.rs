@@ -263,7 +263,12 @@ impl Inner {
         // such an entry into yet another stream would be read by nobody.
         let decoded = match over_limits {
             Some(reason) => Err(reason),
-            None => fields::decode(entry, source.clone(), redelivered || deliveries > 1),
+            None => super::formats::decode(
+                entry,
+                &self.config.format,
+                source.clone(),
+                redelivered || deliveries > 1,
+            ),
         };
         let message = match decoded {
             Ok(message) => message,
@@ -301,7 +306,12 @@ impl Inner {
                 let delay_ms = saturating_millis(self.retry.next_delay(attempt, after));
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms, %reason, "retry scheduled");
                 Action::Retry {
-                    fields: fields::retry_fields(entry, attempt.saturating_add(1), &reason),
+                    fields: fields::retry_fields(
+                        entry,
+                        &self.config.format.id_field,
+                        attempt.saturating_add(1),
+                        &reason,
+                    ),
                     delay_ms,
                 }
             }
@@ -335,6 +345,7 @@ impl Inner {
             attempt,
             error,
             kind,
+            format: &self.config.format,
         }
     }
 
