@@ -341,6 +341,55 @@ async fn publish_command_adds_fields_body_and_message_id_to_a_stream() {
     assert_eq!(code, 64, "{stderr}");
 }
 
+#[tokio::test]
+async fn publish_command_writes_a_flat_entry_from_a_json_object() {
+    let stream = unique("cli_flat");
+    let config = support::ConfigFile::new(&format!(
+        "[brokers.legacy]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\nentry_format = \"fields\"\n"
+    ));
+    let object = config.dir.path().join("event.json");
+    std::fs::write(&object, br#"{"event_type":"user.created","user_id":"123"}"#)
+        .expect("write body");
+    let list = config.dir.path().join("list.json");
+    std::fs::write(&list, b"[1, 2]").expect("write body");
+    let path = config.path.to_string_lossy().into_owned();
+    let publish = |file: &std::path::Path| {
+        support::bosun_output(
+            &[
+                "publish",
+                "--config",
+                &path,
+                "--broker",
+                "legacy",
+                "--stream",
+                &stream,
+                "--file",
+                &file.to_string_lossy(),
+            ],
+            &[],
+        )
+    };
+    let (code, stdout, stderr) = publish(&object);
+    assert_eq!(code, 0, "{stderr}");
+    let message_id = stdout.trim().to_owned();
+    let (code, _, stderr) = publish(&list);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("needs a JSON object body"), "{stderr}");
+
+    let mut conn = redis().await;
+    let got = entries(&mut conn, &stream).await;
+    assert_eq!(got.len(), 1, "only the object is written");
+    assert_eq!(
+        got[0].1,
+        pairs(&[
+            ("event_type", b"user.created"),
+            ("user_id", b"123"),
+            ("message_id", message_id.as_bytes()),
+        ])
+    );
+    let _: () = conn.del(&stream).await.expect("cleanup");
+}
+
 /// A private `redis-server` on a free port, for server states the shared one must never be
 /// put in (out of memory, read-only); stopped when dropped.
 struct PrivateRedis {

@@ -1507,6 +1507,71 @@ fn entry_bounds_and_forget_idle_are_validated() {
     }
 }
 
+#[test]
+fn entry_formats_are_validated_and_taken_from_the_broker_unless_set() {
+    use bosun::config::{BrokerConfig, ConsumerKind, EntryFormat, EntryLayout};
+    let load = |broker: &str, consumer: &str| {
+        let text = format!(
+            "[brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n{broker}\n[handlers.n]\nkind = \"noop\"\n[consumers.c]\nsource = \"cache\"\nhandler = \"n\"\nstream = \"s\"\n{consumer}"
+        );
+        bosun::config::load_str(
+            &text,
+            "test.toml",
+            &bosun::handler::HandlerKinds::builtin(),
+            &bosun::config::Env::from_pairs(std::iter::empty::<(&str, &str)>()),
+        )
+    };
+    let formats = |broker: &str, consumer: &str| {
+        let config = load(broker, consumer).expect("valid");
+        let written = match config.brokers.get("cache") {
+            Some(BrokerConfig::Redis(b)) => b.format.clone(),
+            other => panic!("not a redis broker: {other:?}"),
+        };
+        let read = match config.consumers.get("c").map(|c| &c.kind) {
+            Some(ConsumerKind::Redis(r)) => (*r.format).clone(),
+            other => panic!("not a redis consumer: {other:?}"),
+        };
+        (written, read)
+    };
+    assert_eq!(
+        formats("", ""),
+        (EntryFormat::default(), EntryFormat::default())
+    );
+    let flat = EntryFormat::of(EntryLayout::Fields);
+    assert_eq!(
+        formats("entry_format = \"fields\"", ""),
+        (flat.clone(), flat.clone()),
+        "a consumer reads its broker's format"
+    );
+    let (_, read) = formats("entry_format = \"fields\"", "entry_format = \"dapr\"");
+    assert_eq!(read.payload_field, "data");
+    let (_, read) = formats(
+        "",
+        "entry_format = \"redpanda\"\npayload_field = \"content\"",
+    );
+    assert_eq!(read.payload_field, "content");
+    let (_, read) = formats("", "entry_format = \"watermill\"");
+    assert_eq!(read.id_field, "_watermill_message_uuid");
+    let (_, read) = formats("", "id_field = \"event_id\"");
+    assert_eq!(
+        (read.layout, read.id_field.as_str()),
+        (EntryLayout::Payload, "event_id")
+    );
+    for (broker, consumer) in [
+        ("entry_format = \"flat\"", ""),
+        ("", "entry_format = \"json\""),
+        ("", "entry_format = \"fields\"\npayload_field = \"body\""),
+        ("", "payload_field = \"bosun-body\""),
+        ("", "id_field = \"\""),
+        ("", "payload_field = \"x\"\nid_field = \"x\""),
+    ] {
+        assert!(
+            load(broker, consumer).is_err(),
+            "{broker:?} / {consumer:?} must be refused"
+        );
+    }
+}
+
 async fn xlen(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> u64 {
     redis::cmd("XLEN")
         .arg(stream)
