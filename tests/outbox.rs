@@ -790,6 +790,75 @@ fn pause_wrapper(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_go_to_a_flat_entry_stream_one_field_per_key_and_other_payloads_fail_alone() {
+    let table = Table::new("ob_flat").await;
+    let stream = unique("ob_flat_stream");
+    let legacy = format!(
+        "\n[brokers.legacy]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\nentry_format = \"fields\"\n"
+    );
+    let (_file, config) = config_full(
+        &["to_legacy"],
+        &table.name,
+        &format!("target = \"legacy\"\ndestination = \"{stream}\""),
+        PG_URL,
+        &legacy,
+    );
+    let rows = [
+        r#"{"event_type":"user.created","user_id":"123"}"#,
+        "not an object",
+        r#"{"event_type":"user.deleted","user_id":"124"}"#,
+    ];
+    let rows: Vec<(Option<&str>, String)> = rows.iter().map(|p| (None, (*p).to_owned())).collect();
+    table.insert(None, "", &rows).await;
+    let relays = start_all(config);
+    assert!(table.wait_count("published_at IS NOT NULL", 2).await);
+    assert!(
+        table
+            .wait_count("failed_at IS NOT NULL AND attempts = 1", 1)
+            .await,
+        "a payload that is not a JSON object fails at its first attempt"
+    );
+    let error: String = sqlx::query_scalar(&format!(
+        "SELECT last_error FROM {} WHERE failed_at IS NOT NULL",
+        table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .expect("last_error");
+    assert!(error.contains("needs a JSON object body"), "{error}");
+
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    assert_eq!(entries.len(), 2);
+    let names: Vec<&str> = entries[0].1.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        ["event_type", "user_id", "message_id", "n", "source"],
+        "the object's keys, the id, then the row's headers; no payload field"
+    );
+    assert_eq!(entries[0].1[1].1, b"123");
+    assert_eq!(entries[1].1[0].1, b"user.deleted");
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_confirmed_but_not_committed_are_sent_again_after_a_crash() {
     let table = Table::new("ob_crash").await;
     let queue = Queue::new("ob_crash").await;
