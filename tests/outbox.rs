@@ -82,6 +82,17 @@ impl Table {
         .expect("insert outbox rows");
     }
 
+    /// The `last_error` of the one failed row.
+    async fn failed_error(&self) -> String {
+        sqlx::query_scalar(&format!(
+            "SELECT last_error FROM {} WHERE failed_at IS NOT NULL",
+            self.name
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .expect("last_error")
+    }
+
     async fn count(&self, condition: &str) -> i64 {
         sqlx::query_scalar(&format!(
             "SELECT count(*) FROM {} WHERE {condition}",
@@ -671,6 +682,23 @@ async fn rows_fail_after_max_attempts_and_are_kept() {
     }
 }
 
+/// Every entry of `stream`, and the connection they were read on.
+async fn stream_entries(stream: &str) -> (redis::aio::MultiplexedConnection, Vec<StreamEntry>) {
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    (conn, entries)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_go_to_a_redis_stream_with_payload_and_headers_as_fields() {
     let table = Table::new("ob_redis").await;
@@ -684,18 +712,7 @@ async fn rows_go_to_a_redis_stream_with_payload_and_headers_as_fields() {
     let relays = start_all(config);
     assert!(table.wait_count("published_at IS NOT NULL", 20).await);
 
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis");
-    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .expect("xrange");
+    let (mut conn, entries) = stream_entries(&stream).await;
     assert_eq!(entries.len(), 20);
     let fields: BTreeMap<String, Vec<u8>> = entries[0].1.iter().cloned().collect();
     assert_eq!(
@@ -818,27 +835,10 @@ async fn rows_go_to_a_flat_entry_stream_one_field_per_key_and_other_payloads_fai
             .await,
         "a payload that is not a JSON object fails at its first attempt"
     );
-    let error: String = sqlx::query_scalar(&format!(
-        "SELECT last_error FROM {} WHERE failed_at IS NOT NULL",
-        table.name
-    ))
-    .fetch_one(&table.pool)
-    .await
-    .expect("last_error");
+    let error = table.failed_error().await;
     assert!(error.contains("needs a JSON object body"), "{error}");
 
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis");
-    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .expect("xrange");
+    let (mut conn, entries) = stream_entries(&stream).await;
     assert_eq!(entries.len(), 2);
     let names: Vec<&str> = entries[0].1.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(

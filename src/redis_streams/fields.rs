@@ -436,10 +436,10 @@ fn with_failure(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn entry(fields: &[(&str, &[u8])]) -> Entry {
+    pub(in crate::redis_streams) fn entry(fields: &[(&str, &[u8])]) -> Entry {
         Entry {
             id: "1-0".into(),
             fields: fields

@@ -352,22 +352,8 @@ impl MsgpackReader<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fields::tests::entry;
     use super::*;
-
-    fn entry(fields: &[(&str, &[u8])]) -> Entry {
-        Entry {
-            id: "1-0".into(),
-            fields: fields
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        Bytes::copy_from_slice(k.as_bytes()),
-                        Bytes::copy_from_slice(v),
-                    )
-                })
-                .collect(),
-        }
-    }
 
     #[test]
     fn flat_entries_become_an_ordered_object_and_back() {
