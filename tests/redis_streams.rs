@@ -1772,7 +1772,7 @@ fn owned(fields: &[(&str, &[u8])]) -> Fields {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flat_entries_of_the_python_producer_reach_the_handler_as_their_dict() {
+async fn flat_entries_of_a_plain_xadd_reach_the_handler_as_their_dict() {
     let stream = unique("rs_flat");
     let name = unique("c_flat");
     let mut conn = redis().await;
@@ -1785,7 +1785,8 @@ async fn flat_entries_of_the_python_producer_reach_the_handler_as_their_dict() {
         handler.clone(),
     )
     .await;
-    // What `RedisStreamProducer.publish({...})` sends: flat fields, no `payload`, no id.
+    // What redis-py's `xadd(stream, dict, maxlen=10000, approximate=True)` sends: flat
+    // fields, no `payload`, no id.
     let mut sent = BTreeMap::new();
     for i in 0..20 {
         let user_id = (123 + i).to_string();
