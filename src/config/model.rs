@@ -133,6 +133,16 @@ impl EntryLayout {
     pub const NAMES: &'static [&'static str] =
         &["payload", "fields", "dapr", "redpanda", "watermill"];
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Payload => "payload",
+            Self::Fields => "fields",
+            Self::Dapr => "dapr",
+            Self::Redpanda => "redpanda",
+            Self::Watermill => "watermill",
+        }
+    }
+
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "payload" => Self::Payload,
@@ -170,6 +180,16 @@ impl EntryFormat {
             payload_field: layout.default_payload_field().to_owned(),
             id_field: layout.default_id_field().to_owned(),
         }
+    }
+}
+
+impl fmt::Display for EntryFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "entry format {}", self.layout.as_str())?;
+        if self.layout != EntryLayout::Fields {
+            write!(f, ", body in {}", self.payload_field)?;
+        }
+        write!(f, ", id in {}", self.id_field)
     }
 }
 
