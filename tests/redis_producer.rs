@@ -390,6 +390,34 @@ async fn publish_command_writes_a_flat_entry_from_a_json_object() {
     let _: () = conn.del(&stream).await.expect("cleanup");
 }
 
+#[test]
+fn check_shows_the_entry_format_a_consumer_takes_from_its_broker() {
+    let config = support::ConfigFile::new(&format!(
+        "[brokers.legacy]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\nentry_format = \"fields\"\n\
+         [handlers.n]\nkind = \"noop\"\n\
+         [consumers.flat]\nsource = \"legacy\"\nhandler = \"n\"\nstream = \"events\"\n\
+         [consumers.dapr]\nsource = \"legacy\"\nhandler = \"n\"\nstream = \"orders\"\nentry_format = \"dapr\"\n"
+    ));
+    let path = config.path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = support::bosun_output(&["check", "--config", &path], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let line = |consumer: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("consumer {consumer}:")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        line("flat").ends_with("entry format fields, id in message_id)"),
+        "{stdout}"
+    );
+    assert!(
+        line("dapr").ends_with("entry format dapr, body in data, id in message_id)"),
+        "{stdout}"
+    );
+}
+
 /// A private `redis-server` on a free port, for server states the shared one must never be
 /// put in (out of memory, read-only); stopped when dropped.
 struct PrivateRedis {
