@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use super::{CliError, ConfigArg, EXIT_OK};
 use crate::Runtime;
 use crate::config::{
-    AmqpDeadLetter, BrokerConfig, Config, ConfigError, ConsumerKind, DeadLetterSource, Env,
-    Secrets, Warning, WarningKind,
+    AmqpDeadLetter, BrokerConfig, Config, ConfigError, ConsumerKind, DeadLetterSource, EntryFormat,
+    Env, Secrets, Warning, WarningKind,
 };
 use crate::retry::format_compact;
 
@@ -151,9 +151,15 @@ pub fn describe(config: &Config) -> String {
                 );
             }
             ConsumerKind::Redis(r) => {
+                // The entry format is shown when it is not the default.
+                let format = if *r.format == EntryFormat::default() {
+                    String::new()
+                } else {
+                    format!(", {}", r.format)
+                };
                 let _ = writeln!(
                     out,
-                    "consumer {name}: redis stream {} group {} as {} on {} -> handler {} (batch {}, concurrency {}, {} attempts, dead letters to {})",
+                    "consumer {name}: redis stream {} group {} as {} on {} -> handler {} (batch {}, concurrency {}, {} attempts, dead letters to {}{format})",
                     r.stream,
                     r.group,
                     r.consumer,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::{CliError, ConfigArg, EXIT_OK};
 use crate::Runtime;
 use crate::amqp::AmqpPublisher;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, EntryLayout};
 use crate::handler::HeaderValue;
 use crate::publish::{OutgoingMessage, Publisher};
 
@@ -108,29 +108,35 @@ pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
                 .iter()
                 .map(|f| pair(f, "--field").map(|(k, v)| (k, v.into_bytes())))
                 .collect::<Result<_, _>>()?;
-            // The body is the `payload` field: from --file, or empty (an entry without it is
-            // invalid to a consumer) unless a --field gives it.
-            let given = fields
-                .iter()
-                .any(|(k, _)| k == crate::redis_streams::fields::BODY);
-            if args.file.is_some() || !given {
-                fields.push((
-                    crate::redis_streams::fields::BODY.to_owned(),
-                    body(args.file.as_ref())?,
-                ));
+            let format = &redis.format;
+            if format.layout == EntryLayout::Fields {
+                // A flat entry: the body, when given, is a JSON object, one field per key.
+                if args.content_type.is_some() {
+                    return Err(CliError::Usage(format!(
+                        "broker `{}` writes flat entries (entry_format = \"fields\"): they have no content type",
+                        args.broker
+                    )));
+                }
+                if args.file.is_some() {
+                    let members =
+                        crate::redis_streams::formats::object_fields(&body(args.file.as_ref())?)
+                            .map_err(CliError::Usage)?;
+                    fields.extend(members);
+                }
+            } else {
+                // The body is the payload field: from --file, or empty (an entry without it
+                // is invalid to a consumer) unless a --field gives it.
+                let given = fields.iter().any(|(k, _)| *k == format.payload_field);
+                if args.file.is_some() || !given {
+                    fields.push((format.payload_field.clone(), body(args.file.as_ref())?));
+                }
             }
             let message_id = args
                 .message_id
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-            if !fields
-                .iter()
-                .any(|(k, _)| k == crate::redis_streams::fields::MESSAGE_ID)
-            {
-                fields.push((
-                    crate::redis_streams::fields::MESSAGE_ID.to_owned(),
-                    message_id.clone().into_bytes(),
-                ));
+            if !fields.iter().any(|(k, _)| *k == format.id_field) {
+                fields.push((format.id_field.clone(), message_id.clone().into_bytes()));
             }
             for (field, value) in [
                 (

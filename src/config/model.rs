@@ -96,6 +96,107 @@ pub struct AmqpBrokerConfig {
 pub struct RedisBrokerConfig {
     pub url: SecretUrl,
     pub tls: Option<TlsConfig>,
+    /// How bosun writes entries to this broker's streams (outbox relays, `bosun publish`,
+    /// forwards), and how its consumers and dead-letter processors read them unless they
+    /// set a format of their own.
+    pub format: EntryFormat,
+}
+
+/// How a stream entry maps to a message and back (`entry_format`, `payload_field`,
+/// `id_field`; docs/configuration/brokers.md, "Entry formats").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryFormat {
+    pub layout: EntryLayout,
+    /// The field holding the body (every layout but `fields`).
+    pub payload_field: String,
+    /// The field holding the stable message id; the entry id stands in when it is absent.
+    pub id_field: String,
+}
+
+/// The entry layouts bosun reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryLayout {
+    /// The body is one field (`payload`); every other field is a header.
+    Payload,
+    /// The body is a JSON object of the entry's fields (flat entries, as written by
+    /// `XADD stream * key value ...`).
+    Fields,
+    /// Dapr's pub/sub: the body is the `data` field and must be JSON.
+    Dapr,
+    /// Redpanda Connect (Benthos): the body is the `body` field (its default `body_key`).
+    Redpanda,
+    /// Watermill: the body is `payload`; the `metadata` field's keys become headers.
+    Watermill,
+}
+
+impl EntryLayout {
+    pub const NAMES: &'static [&'static str] =
+        &["payload", "fields", "dapr", "redpanda", "watermill"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Payload => "payload",
+            Self::Fields => "fields",
+            Self::Dapr => "dapr",
+            Self::Redpanda => "redpanda",
+            Self::Watermill => "watermill",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "payload" => Self::Payload,
+            "fields" => Self::Fields,
+            "dapr" => Self::Dapr,
+            "redpanda" => Self::Redpanda,
+            "watermill" => Self::Watermill,
+            _ => return None,
+        })
+    }
+
+    /// The body field when `payload_field` is not given.
+    pub fn default_payload_field(self) -> &'static str {
+        match self {
+            Self::Payload | Self::Fields | Self::Watermill => "payload",
+            Self::Dapr => "data",
+            Self::Redpanda => "body",
+        }
+    }
+
+    /// The id field when `id_field` is not given.
+    pub fn default_id_field(self) -> &'static str {
+        match self {
+            Self::Watermill => "_watermill_message_uuid",
+            _ => "message_id",
+        }
+    }
+}
+
+impl EntryFormat {
+    /// `layout` with its default field names.
+    pub fn of(layout: EntryLayout) -> Self {
+        Self {
+            layout,
+            payload_field: layout.default_payload_field().to_owned(),
+            id_field: layout.default_id_field().to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for EntryFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "entry format {}", self.layout.as_str())?;
+        if self.layout != EntryLayout::Fields {
+            write!(f, ", body in {}", self.payload_field)?;
+        }
+        write!(f, ", id in {}", self.id_field)
+    }
+}
+
+impl Default for EntryFormat {
+    fn default() -> Self {
+        Self::of(EntryLayout::Payload)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +335,9 @@ pub struct RedisConsumerConfig {
     pub forget_idle: Duration,
     /// Trimming of the stream and of the dead-letter stream; none by default.
     pub trim: StreamTrims,
+    /// How entries are read (and copied for retries and dead letters); boxed to keep
+    /// [`ConsumerKind`]'s variants of a similar size.
+    pub format: Box<EntryFormat>,
 }
 
 /// Bounds on one stream entry. An entry over them never reaches a handler: it is
@@ -321,7 +425,12 @@ pub struct OutboxConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeadLetterSource {
     Queue(String),
-    Stream { stream: String, group: String },
+    Stream {
+        stream: String,
+        group: String,
+        /// How the dead letters are read, and replays written.
+        format: EntryFormat,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

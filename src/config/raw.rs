@@ -106,6 +106,12 @@ pub struct RawRedisBroker {
     /// `redis://` or `rediss://` URL.
     pub url: String,
     pub tls: Option<RawTls>,
+    /// "payload" (default), "fields", "dapr", "redpanda" or "watermill".
+    pub entry_format: Option<String>,
+    /// the field holding the body (default: the format's).
+    pub payload_field: Option<String>,
+    /// the field holding the stable message id (default "message_id").
+    pub id_field: Option<String>,
 }
 
 /// TLS material for `amqps://`, `rediss://` and HTTPS handlers.
@@ -188,6 +194,12 @@ pub struct RawConsumer {
     pub forget_idle: Option<String>,
     /// redis: trim the stream (`{ maxlen = N }` or `{ max_age = "7d" }`); off by default.
     pub trim: Option<RawTrim>,
+    /// redis: "payload" (default), "fields", "dapr", "redpanda" or "watermill".
+    pub entry_format: Option<String>,
+    /// redis: the field holding the body (default: the format's).
+    pub payload_field: Option<String>,
+    /// redis: the field holding the stable message id (default "message_id").
+    pub id_field: Option<String>,
 }
 
 /// `trim = { ... }`: how far a Redis stream is trimmed. Entries some group has not read and
@@ -295,6 +307,12 @@ pub struct RawDeadLetter {
     pub stream: Option<String>,
     /// redis: consumer group (default "bosun-dlq").
     pub group: Option<String>,
+    /// redis: "payload" (default), "fields", "dapr", "redpanda" or "watermill".
+    pub entry_format: Option<String>,
+    /// redis: the field holding the body (default: the format's).
+    pub payload_field: Option<String>,
+    /// redis: the field holding the stable message id (default "message_id").
+    pub id_field: Option<String>,
     /// Name of a `[databases.*]` entry to archive into.
     pub archive: Option<String>,
     /// Archive table (default "dead_letters").

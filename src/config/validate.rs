@@ -60,7 +60,77 @@ fn path(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// The entry format `entry_format`, `payload_field` and `id_field` give, `None` when none of
+/// them is given, or the key that is wrong and why.
+fn entry_format(
+    layout: Option<&str>,
+    payload_field: Option<&str>,
+    id_field: Option<&str>,
+) -> Result<Option<EntryFormat>, (&'static str, String)> {
+    if layout.is_none() && payload_field.is_none() && id_field.is_none() {
+        return Ok(None);
+    }
+    let layout = match layout {
+        None => EntryLayout::Payload,
+        Some(name) => EntryLayout::parse(name).ok_or_else(|| {
+            (
+                "entry_format",
+                format!(
+                    "unknown entry format `{name}`, expected one of {}",
+                    EntryLayout::NAMES.join(", ")
+                ),
+            )
+        })?,
+    };
+    let mut format = EntryFormat::of(layout);
+    if let Some(field) = payload_field {
+        if layout == EntryLayout::Fields {
+            return Err((
+                "payload_field",
+                "entry_format \"fields\" has no payload field: the body is every field".into(),
+            ));
+        }
+        format.payload_field = field.to_owned();
+    }
+    if let Some(field) = id_field {
+        format.id_field = field.to_owned();
+    }
+    for (key, name) in [
+        ("payload_field", &format.payload_field),
+        ("id_field", &format.id_field),
+    ] {
+        if name.is_empty() || name.starts_with("bosun-") {
+            return Err((
+                key,
+                format!(
+                    "`{name}` cannot name a field: it is empty or one of bosun's own (`bosun-*`)"
+                ),
+            ));
+        }
+    }
+    if layout != EntryLayout::Fields && format.payload_field == format.id_field {
+        return Err(("id_field", "must differ from `payload_field`".into()));
+    }
+    Ok(Some(format))
+}
+
 impl Checker<'_> {
+    /// The entry format given by the keys of the table at `at`, `None` when none is given.
+    fn entry_format(
+        &mut self,
+        at: &[&str],
+        layout: Option<&str>,
+        payload_field: Option<&str>,
+        id_field: Option<&str>,
+    ) -> Option<EntryFormat> {
+        entry_format(layout, payload_field, id_field).unwrap_or_else(|(key, message)| {
+            let mut at = at.to_vec();
+            at.push(key);
+            self.issue(&at, message);
+            None
+        })
+    }
+
     /// An issue that is only a warning when secrets are optional.
     fn secret_issue(&mut self, at: &[&str], message: impl Into<String>) {
         let issue = Issue {
@@ -483,7 +553,15 @@ pub fn validate_with(
             }),
             RawBroker::Redis(b) => c.url(&at, &b.url, &["redis", "rediss"]).map(|url| {
                 let tls = c.broker_tls(name, &url, "rediss", b.tls.as_ref());
-                BrokerConfig::Redis(RedisBrokerConfig { url, tls })
+                let format = c
+                    .entry_format(
+                        &["brokers", name.as_str()],
+                        b.entry_format.as_deref(),
+                        b.payload_field.as_deref(),
+                        b.id_field.as_deref(),
+                    )
+                    .unwrap_or_default();
+                BrokerConfig::Redis(RedisBrokerConfig { url, tls, format })
             }),
         };
         if let Some(config) = config {
@@ -807,6 +885,9 @@ fn consumer_config(
                 ("max_entry_size", raw.max_entry_size.is_some()),
                 ("forget_idle", raw.forget_idle.is_some()),
                 ("trim", raw.trim.is_some()),
+                ("entry_format", raw.entry_format.is_some()),
+                ("payload_field", raw.payload_field.is_some()),
+                ("id_field", raw.id_field.is_some()),
             ] {
                 if given {
                     c.issue(
@@ -943,7 +1024,7 @@ fn consumer_config(
                 }),
             })
         }
-        RawBroker::Redis(_) => {
+        RawBroker::Redis(b) => {
             for (field, given) in [
                 ("queue", raw.queue.is_some()),
                 ("queue_type", raw.queue_type.is_some()),
@@ -1043,6 +1124,16 @@ fn consumer_config(
             if forget_idle < claim_idle {
                 c.issue(&at("forget_idle"), "must not be shorter than `claim_idle`");
             }
+            // The consumer's own format, else its broker's (whose problems the broker reports).
+            let format = c
+                .entry_format(
+                    &["consumers", name],
+                    raw.entry_format.as_deref(),
+                    raw.payload_field.as_deref(),
+                    raw.id_field.as_deref(),
+                )
+                .or_else(|| broker_format(b))
+                .unwrap_or_default();
             Some(ConsumerConfig {
                 source: raw.source.clone(),
                 handler: raw.handler.clone(),
@@ -1063,6 +1154,7 @@ fn consumer_config(
                     max_deliveries: max_deliveries.max(1),
                     limits,
                     forget_idle,
+                    format: Box::new(format),
                     trim: StreamTrims {
                         stream: raw.trim.as_ref().and_then(|t| c.trim(&at("trim"), t)),
                         dead_letter: dl
@@ -1185,6 +1277,17 @@ fn outbox_config(c: &mut Checker<'_>, name: &str, raw: &RawOutbox) -> OutboxConf
     }
 }
 
+/// The entry format a redis broker gives its consumers and dead-letter processors.
+fn broker_format(b: &RawRedisBroker) -> Option<EntryFormat> {
+    entry_format(
+        b.entry_format.as_deref(),
+        b.payload_field.as_deref(),
+        b.id_field.as_deref(),
+    )
+    .ok()
+    .flatten()
+}
+
 fn dead_letter_config(
     c: &mut Checker<'_>,
     name: &str,
@@ -1194,10 +1297,36 @@ fn dead_letter_config(
 ) -> Option<DeadLetterConfig> {
     let at = |k: &'static str| -> [&str; 3] { ["dead_letters", name, k] };
     let from = match (broker, &raw.queue, &raw.stream) {
-        (RawBroker::Amqp(_), Some(queue), None) => DeadLetterSource::Queue(queue.clone()),
-        (RawBroker::Redis(_), None, Some(stream)) => DeadLetterSource::Stream {
+        (RawBroker::Amqp(_), Some(queue), None) => {
+            for (key, given) in [
+                ("entry_format", raw.entry_format.is_some()),
+                ("payload_field", raw.payload_field.is_some()),
+                ("id_field", raw.id_field.is_some()),
+            ] {
+                if given {
+                    c.issue(
+                        &at(key),
+                        format!(
+                            "`{key}` is for redis dead-letter processors, but broker `{}` is amqp",
+                            raw.source
+                        ),
+                    );
+                }
+            }
+            DeadLetterSource::Queue(queue.clone())
+        }
+        (RawBroker::Redis(b), None, Some(stream)) => DeadLetterSource::Stream {
             stream: stream.clone(),
             group: raw.group.clone().unwrap_or_else(|| "bosun-dlq".into()),
+            format: c
+                .entry_format(
+                    &["dead_letters", name],
+                    raw.entry_format.as_deref(),
+                    raw.payload_field.as_deref(),
+                    raw.id_field.as_deref(),
+                )
+                .or_else(|| broker_format(b))
+                .unwrap_or_default(),
         },
         (RawBroker::Amqp(_), _, _) => {
             c.issue(&["dead_letters", name], format!("dead-letter processor `{name}` reads amqp broker `{}`: give `queue` (and no `stream`)", raw.source));

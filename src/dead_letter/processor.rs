@@ -28,7 +28,7 @@ use super::publishers::PublisherSource;
 use super::rules::{Decision, decide};
 use super::{DeadLetterError, metric};
 use crate::config::{
-    self, BrokerConfig, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource,
+    self, BrokerConfig, Config, ConsumerConfig, ConsumerKind, DeadLetterConfig, DeadLetterSource,
     RedisConsumerConfig,
 };
 use crate::consumers::ConsumerSpec;
@@ -501,7 +501,7 @@ pub fn build(
         None => None,
     };
     let publishers: Arc<dyn PublisherSource> = Arc::new(super::publishers::Publishers::new(
-        config.clone(),
+        writing_config(config, dl),
         component.clone(),
     ));
     let consumer = consumer_config(dl, &component);
@@ -537,13 +537,36 @@ pub fn build(
     }))
 }
 
+/// The configuration a processor's publishers are built from: on a redis source, replays
+/// and forwards are written in the entry format the processor reads, so a replay of a
+/// dead-letter copy is the entry its producer wrote.
+fn writing_config(config: &Arc<Config>, dl: &DeadLetterConfig) -> Arc<Config> {
+    let DeadLetterSource::Stream { format, .. } = &dl.from else {
+        return config.clone();
+    };
+    match config.brokers.get(&dl.source) {
+        Some(BrokerConfig::Redis(broker)) if &broker.format != format => {
+            let mut config = Config::clone(config);
+            if let Some(BrokerConfig::Redis(broker)) = config.brokers.get_mut(&dl.source) {
+                broker.format = format.clone();
+            }
+            Arc::new(config)
+        }
+        _ => config.clone(),
+    }
+}
+
 /// The consumer settings a processor reads its source with. The handler never asks for a
 /// retry or a dead-letter copy (it holds a dead letter until its effect is durable), so the
 /// retry policy is a single attempt and the delivery limit is off: a dead letter is never
 /// moved on because it was delivered often.
 fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
     let kind = match &dl.from {
-        DeadLetterSource::Stream { stream, group } => ConsumerKind::Redis(RedisConsumerConfig {
+        DeadLetterSource::Stream {
+            stream,
+            group,
+            format,
+        } => ConsumerKind::Redis(RedisConsumerConfig {
             stream: stream.clone(),
             group: group.clone(),
             consumer: config::default_consumer_name(),
@@ -562,6 +585,7 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             limits: Default::default(),
             forget_idle: Duration::from_secs(86_400),
             trim: Default::default(),
+            format: Box::new(format.clone()),
         }),
         DeadLetterSource::Queue(queue) => amqp_kind(queue),
     };

@@ -429,6 +429,23 @@ async fn rows_fail_after_max_attempts_and_are_kept() {
     }
 }
 
+/// Every entry of `stream`, and the connection they were read on.
+async fn stream_entries(stream: &str) -> (redis::aio::MultiplexedConnection, Vec<StreamEntry>) {
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    (conn, entries)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_go_to_a_redis_stream_with_payload_and_headers_as_fields() {
     let table = Table::new("ob_redis").await;
@@ -442,18 +459,7 @@ async fn rows_go_to_a_redis_stream_with_payload_and_headers_as_fields() {
     let relays = start_all(config);
     assert!(table.wait_count("published_at IS NOT NULL", 20).await);
 
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis");
-    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .expect("xrange");
+    let (mut conn, entries) = stream_entries(&stream).await;
     assert_eq!(entries.len(), 20);
     let fields: BTreeMap<String, Vec<u8>> = entries[0].1.iter().cloned().collect();
     assert_eq!(
@@ -545,6 +551,58 @@ fn pause_wrapper(
     let state = state.clone();
     state.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     move |inner| Arc::new(PauseSource { inner, state })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_go_to_a_flat_entry_stream_one_field_per_key_and_other_payloads_fail_alone() {
+    let table = Table::new("ob_flat").await;
+    let stream = unique("ob_flat_stream");
+    let legacy = format!(
+        "\n[brokers.legacy]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\nentry_format = \"fields\"\n"
+    );
+    let (_file, config) = config_full(
+        &["to_legacy"],
+        &table.name,
+        &format!("target = \"legacy\"\ndestination = \"{stream}\""),
+        PG_URL,
+        &legacy,
+    );
+    let rows = [
+        r#"{"event_type":"user.created","user_id":"123"}"#,
+        "not an object",
+        r#"{"event_type":"user.deleted","user_id":"124"}"#,
+    ];
+    let rows: Vec<(Option<&str>, String)> = rows.iter().map(|p| (None, (*p).to_owned())).collect();
+    table.insert(None, "", &rows).await;
+    let relays = start_all(config);
+    assert!(table.wait_count("published_at IS NOT NULL", 2).await);
+    assert!(
+        table
+            .wait_count("failed_at IS NOT NULL AND attempts = 1", 1)
+            .await,
+        "a payload that is not a JSON object fails at its first attempt"
+    );
+    let error = table.failed_error().await;
+    assert!(error.contains("needs a JSON object body"), "{error}");
+
+    let (mut conn, entries) = stream_entries(&stream).await;
+    assert_eq!(entries.len(), 2);
+    let names: Vec<&str> = entries[0].1.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        ["event_type", "user_id", "message_id", "n", "source"],
+        "the object's keys, the id, then the row's headers; no payload field"
+    );
+    assert_eq!(entries[0].1[1].1, b"123");
+    assert_eq!(entries[1].1[0].1, b"user.deleted");
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    for relay in relays {
+        relay.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,8 +261,13 @@ impl Inner {
         // such an entry into yet another stream would be read by nobody.
         let decoded = match over_limits {
             Some(reason) => Err(reason),
-            None => fields::decode(entry, source.clone(), redelivered || deliveries > 1)
-                .map_err(|e| e.0),
+            None => super::formats::decode(
+                entry,
+                &self.config.format,
+                source.clone(),
+                redelivered || deliveries > 1,
+            )
+            .map_err(|e| e.0),
         };
         let message = match decoded {
             Ok(message) => message,
@@ -299,7 +304,12 @@ impl Inner {
                 let delay_ms = saturating_millis(delay);
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms, %reason, "retry scheduled");
                 Action::Retry {
-                    fields: fields::retry_fields(entry, next, &reason),
+                    fields: fields::retry_fields(
+                        entry,
+                        &self.config.format.id_field,
+                        next,
+                        &reason,
+                    ),
                     delay_ms,
                 }
             }
@@ -329,6 +339,7 @@ impl Inner {
             attempt,
             error,
             kind,
+            format: &self.config.format,
         }
     }
 

@@ -1,6 +1,8 @@
 //! Stream entry field conventions, shared by the producer and the consumer.
 //!
-//! An entry is a list of field/value pairs; bosun reads and writes them as:
+//! An entry is a list of field/value pairs; in the default entry format (`payload`) bosun
+//! reads and writes them as (the body and id fields can be renamed, `payload_field` and
+//! `id_field`; the other formats are in [`formats`](super::formats)):
 //! - `payload`: the message body, bytes untouched. Required: an entry without it is
 //!   dead-lettered as `invalid`.
 //! - `message_id`: the stable id across retries (the entry id of the first delivery when
@@ -23,7 +25,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use crate::config::RedisEntryLimits;
+use crate::config::{EntryFormat, EntryLayout, RedisEntryLimits};
 use crate::handler::{HeaderValue, Message, Source, UNDECODABLE};
 use crate::publish::{OutgoingMessage, PublishError};
 
@@ -43,8 +45,9 @@ pub use crate::failure_headers::{
 /// name then value, in their order.
 pub const ORIG_FIELDS: &str = "bosun-orig-fields";
 
-/// Fields a header may not be named after: they carry the message itself.
-const RESERVED: &[&str] = &[BODY, MESSAGE_ID, CORRELATION_ID, CONTENT_TYPE, TIMESTAMP];
+/// Fields a header may not be named after, besides the body and id fields: they carry the
+/// message itself.
+const RESERVED: &[&str] = &[CORRELATION_ID, CONTENT_TYPE, TIMESTAMP];
 
 /// One entry as read from a stream, fields in their order.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +66,7 @@ impl Entry {
 }
 
 /// A header value as stream field bytes.
-fn header_bytes(value: &HeaderValue) -> Vec<u8> {
+pub(super) fn header_bytes(value: &HeaderValue) -> Vec<u8> {
     match value {
         HeaderValue::String(s) => s.as_bytes().to_vec(),
         HeaderValue::Bytes(b) => b.clone(),
@@ -74,19 +77,26 @@ fn header_bytes(value: &HeaderValue) -> Vec<u8> {
     }
 }
 
-/// Appends `message` as field/value arguments of an XADD.
-pub fn write_fields(cmd: &mut redis::Cmd, message: &OutgoingMessage) -> Result<(), PublishError> {
-    if let Some(name) = message
-        .headers
-        .keys()
-        .find(|k| RESERVED.contains(&k.as_str()))
-    {
+/// Appends `message` as field/value arguments of an XADD, in `format`.
+pub fn write_fields(
+    cmd: &mut redis::Cmd,
+    message: &OutgoingMessage,
+    format: &EntryFormat,
+) -> Result<(), PublishError> {
+    match format.layout {
+        EntryLayout::Fields => return super::formats::write_flat(cmd, message, &format.id_field),
+        EntryLayout::Watermill => return super::formats::write_watermill(cmd, message, format),
+        EntryLayout::Payload | EntryLayout::Dapr | EntryLayout::Redpanda => {}
+    }
+    if let Some(name) = message.headers.keys().find(|k| {
+        RESERVED.contains(&k.as_str()) || **k == format.payload_field || **k == format.id_field
+    }) {
         return Err(PublishError::Rejected(format!(
             "header `{name}` would overwrite the stream field of the same name"
         )));
     }
-    cmd.arg(BODY).arg(message.body.as_ref());
-    cmd.arg(MESSAGE_ID).arg(&message.message_id);
+    cmd.arg(&format.payload_field).arg(message.body.as_ref());
+    cmd.arg(&format.id_field).arg(&message.message_id);
     if let Some(id) = &message.correlation_id {
         cmd.arg(CORRELATION_ID).arg(id);
     }
@@ -101,7 +111,7 @@ pub fn write_fields(cmd: &mut redis::Cmd, message: &OutgoingMessage) -> Result<(
     Ok(())
 }
 
-fn text(name: &str, value: &Bytes) -> Result<String, InvalidEntry> {
+pub(super) fn text(name: &str, value: &Bytes) -> Result<String, InvalidEntry> {
     String::from_utf8(value.to_vec())
         .map_err(|_| InvalidEntry(format!("field `{name}` is not UTF-8")))
 }
@@ -110,6 +120,23 @@ fn text(name: &str, value: &Bytes) -> Result<String, InvalidEntry> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct InvalidEntry(pub String);
+
+/// A field value as a header: a `String` when it is UTF-8, else `Bytes`.
+pub(super) fn header_value(value: &Bytes) -> HeaderValue {
+    match std::str::from_utf8(value) {
+        Ok(s) => HeaderValue::String(s.to_owned()),
+        Err(_) => HeaderValue::Bytes(value.to_vec()),
+    }
+}
+
+/// The attempt number in a `bosun-attempt` field.
+pub(super) fn attempt(value: &Bytes) -> Result<u32, InvalidEntry> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| InvalidEntry(format!("field `{ATTEMPT}` is not a positive integer")))
+}
 
 /// `entry` as it is, for a handler that takes undecodable input: the first `payload` field
 /// (if any) as the body, every other field as a header (a repeated or lossily decoded name
@@ -129,11 +156,7 @@ pub fn undecodable(entry: &Entry, source: Source, reason: &str) -> Message {
             key = format!("{base}#{n}");
             n += 1;
         }
-        let value = match std::str::from_utf8(value) {
-            Ok(s) => HeaderValue::String(s.to_owned()),
-            Err(_) => HeaderValue::Bytes(value.to_vec()),
-        };
-        headers.insert(key, value);
+        headers.insert(key, header_value(value));
     }
     headers.insert(
         UNDECODABLE.to_owned(),
@@ -159,8 +182,22 @@ pub fn undecodable(entry: &Entry, source: Source, reason: &str) -> Message {
 
 /// The message a handler sees for `entry`, or why the entry cannot be one (dead-lettered
 /// as `invalid`).
+#[cfg(test)]
 pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Message, InvalidEntry> {
+    decode_as(entry, BODY, MESSAGE_ID, source, redelivered)
+}
+
+/// [`decode`] with the body in `body_field` and the stable id in `id_field` (else in
+/// `message_id`, else the entry id).
+pub fn decode_as(
+    entry: &Entry,
+    body_field: &str,
+    id_field: &str,
+    source: Source,
+    redelivered: bool,
+) -> Result<Message, InvalidEntry> {
     let mut body = None;
+    let mut id = None;
     let mut message_id = None;
     let mut correlation_id = None;
     let mut content_type = None;
@@ -171,41 +208,30 @@ pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Messag
             return Err(InvalidEntry("a field name is not UTF-8".into()));
         };
         match name {
-            BODY => {
+            _ if name == body_field => {
                 if body.replace(value.clone()).is_some() {
                     return Err(InvalidEntry(format!(
-                        "entry has more than one `{BODY}` field"
+                        "entry has more than one `{body_field}` field"
                     )));
                 }
             }
+            _ if name == id_field => id = Some(text(name, value)?),
             MESSAGE_ID => message_id = Some(text(name, value)?),
             CORRELATION_ID => correlation_id = Some(text(name, value)?),
             CONTENT_TYPE => content_type = Some(text(name, value)?),
-            ATTEMPT => {
-                attempt = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .filter(|n| *n >= 1)
-                    .ok_or_else(|| {
-                        InvalidEntry(format!("field `{ATTEMPT}` is not a positive integer"))
-                    })?;
-            }
+            ATTEMPT => attempt = self::attempt(value)?,
             _ => {
-                let value = match std::str::from_utf8(value) {
-                    Ok(s) => HeaderValue::String(s.to_owned()),
-                    Err(_) => HeaderValue::Bytes(value.to_vec()),
-                };
-                headers.insert(name.to_owned(), value);
+                headers.insert(name.to_owned(), header_value(value));
             }
         }
     }
     let Some(body) = body else {
         return Err(InvalidEntry(format!(
-            "entry has no `{BODY}` field (the body)"
+            "entry has no `{body_field}` field (the body)"
         )));
     };
     Ok(Message {
-        message_id: Some(message_id.unwrap_or_else(|| entry.id.clone())),
+        message_id: Some(id.or(message_id).unwrap_or_else(|| entry.id.clone())),
         correlation_id,
         headers,
         content_type,
@@ -216,10 +242,12 @@ pub fn decode(entry: &Entry, source: Source, redelivered: bool) -> Result<Messag
     })
 }
 
-/// The stable id of an entry: its `message_id` field, else its entry id.
-pub fn stable_id(entry: &Entry) -> Bytes {
+/// The stable id of an entry: its `id_field` field, else its `message_id` field (which
+/// retry copies carry), else its entry id.
+pub fn stable_id(entry: &Entry, id_field: &str) -> Bytes {
     entry
-        .field(MESSAGE_ID)
+        .field(id_field)
+        .or_else(|| entry.field(MESSAGE_ID))
         .cloned()
         .unwrap_or_else(|| Bytes::copy_from_slice(entry.id.as_bytes()))
 }
@@ -246,14 +274,22 @@ fn is_failure_field(name: &[u8]) -> bool {
 
 /// The fields of the copy that a retry re-adds: the original's, with the stable id, the next
 /// attempt number and the last error.
-pub fn retry_fields(entry: &Entry, next_attempt: u32, error: &str) -> Vec<(Bytes, Bytes)> {
+pub fn retry_fields(
+    entry: &Entry,
+    id_field: &str,
+    next_attempt: u32,
+    error: &str,
+) -> Vec<(Bytes, Bytes)> {
     let mut fields: Vec<(Bytes, Bytes)> = entry
         .fields
         .iter()
         .filter(|(k, _)| !is_failure_field(k))
         .cloned()
         .collect();
-    fields.push((Bytes::from_static(MESSAGE_ID.as_bytes()), stable_id(entry)));
+    fields.push((
+        Bytes::from_static(MESSAGE_ID.as_bytes()),
+        stable_id(entry, id_field),
+    ));
     fields.push((
         Bytes::from_static(ATTEMPT.as_bytes()),
         Bytes::from(next_attempt.to_string()),
@@ -274,6 +310,8 @@ pub struct Failure<'a> {
     pub attempt: u32,
     pub error: &'a str,
     pub kind: crate::handler::FailureKind,
+    /// How the entry is read: where its body and stable id are.
+    pub format: &'a EntryFormat,
 }
 
 /// Why `entry` is over `limits` (too many fields, too many bytes), if it is. The failure
@@ -317,14 +355,14 @@ pub fn dead_letter_fields(entry: &Entry, failure: &Failure<'_>) -> Vec<(Bytes, B
 }
 
 /// The dead-letter copy of an entry over its bounds: a fixed number of fields whatever the
-/// entry holds (the first `payload`, the stable `message_id` when it is short, every other
+/// entry holds (the first body field, the stable `message_id` when it is short, every other
 /// original field packed into [`ORIG_FIELDS`], and the failure fields), so the copy always
 /// fits one script call and nothing of the original is lost.
 pub fn oversized_fields(entry: &Entry, failure: &Failure<'_>) -> Vec<(Bytes, Bytes)> {
     let body_at = entry
         .fields
         .iter()
-        .position(|(k, _)| k.as_ref() == BODY.as_bytes());
+        .position(|(k, _)| k.as_ref() == failure.format.payload_field.as_bytes());
     let mut packed = Vec::new();
     for (i, (k, v)) in entry.fields.iter().enumerate() {
         if Some(i) == body_at {
@@ -366,7 +404,7 @@ fn with_failure(
     let mut push = |name: &'static str, value: Bytes| {
         fields.push((Bytes::from_static(name.as_bytes()), value))
     };
-    push(MESSAGE_ID, stable_id(entry));
+    push(MESSAGE_ID, stable_id(entry, &failure.format.id_field));
     push(ATTEMPT, Bytes::from(failure.attempt.to_string()));
     push(
         ORIG_STREAM,
@@ -395,10 +433,10 @@ fn with_failure(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn entry(fields: &[(&str, &[u8])]) -> Entry {
+    pub(in crate::redis_streams) fn entry(fields: &[(&str, &[u8])]) -> Entry {
         Entry {
             id: "1-0".into(),
             fields: fields
@@ -466,7 +504,7 @@ mod tests {
         ]);
         let copy = Entry {
             id: "2-0".into(),
-            fields: retry_fields(&e, 3, "new"),
+            fields: retry_fields(&e, MESSAGE_ID, 3, "new"),
         };
         assert_eq!(
             copy.field("message_id").map(|b| b.as_ref()),
@@ -503,6 +541,7 @@ mod tests {
             attempt: 1,
             error: &why,
             kind: crate::handler::FailureKind::Invalid,
+            format: &EntryFormat::default(),
         };
         let copy = Entry {
             id: "9-0".into(),

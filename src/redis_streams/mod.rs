@@ -2,6 +2,8 @@
 //!
 //! - [`fields`]: how a stream entry maps to a [`Message`](crate::Message) and back (the body
 //!   is the `payload` field, other fields are headers).
+//! - [`formats`]: the other entry formats (`entry_format`): flat entries and the shapes
+//!   Dapr, Redpanda Connect and Watermill write.
 //! - [`producer`]: XADD with approximate MAXLEN, pipelined per batch; the
 //!   [`Publisher`](crate::publish::Publisher) for outbox relays and `bosun publish`.
 //! - [`consumer`]: the consumer-group component: reads its own pending entries, then new
@@ -19,6 +21,7 @@ pub mod claim;
 pub mod consumer;
 pub mod dispatch;
 pub mod fields;
+pub mod formats;
 pub mod producer;
 pub mod retry;
 pub mod scripts;

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use redis::Value;
 
 use super::{Ops, RedisStreamsError, client_name, fields};
-use crate::config::RedisBrokerConfig;
+use crate::config::{EntryFormat, RedisBrokerConfig};
 use crate::publish::{OutgoingMessage, PublishError, Publisher};
 
 /// Publishes [`OutgoingMessage`]s as stream entries (see [`fields`] for the layout).
@@ -13,6 +13,8 @@ pub struct RedisPublisher {
     ops: Ops,
     /// Approximate cap on each target stream's length; `None` lets streams grow.
     maxlen: Option<usize>,
+    /// How messages are laid out as entries: the broker's `entry_format`.
+    format: EntryFormat,
 }
 
 impl RedisPublisher {
@@ -23,7 +25,11 @@ impl RedisPublisher {
         maxlen: Option<usize>,
     ) -> Result<Self, RedisStreamsError> {
         let ops = Ops::connect(broker, &client_name(name, "publish")).await?;
-        Ok(Self { ops, maxlen })
+        Ok(Self {
+            ops,
+            maxlen,
+            format: broker.format.clone(),
+        })
     }
 }
 
@@ -63,7 +69,7 @@ impl Publisher for RedisPublisher {
                 continue;
             }
             let mut cmd = xadd(&message.destination, self.maxlen);
-            match fields::write_fields(&mut cmd, message) {
+            match fields::write_fields(&mut cmd, message, &self.format) {
                 Ok(()) => {
                     pipe.add_command(cmd);
                     sent.push(results.len());
@@ -104,8 +110,8 @@ impl Publisher for RedisPublisher {
 }
 
 /// Adds one entry with the given fields to `stream` and returns its id: `bosun publish` for
-/// redis brokers. A `message_id` field (UUID v7) is added when `fields` has none, so the
-/// entry has a stable id like every other message bosun sends.
+/// redis brokers. The broker's id field (`message_id` by default) is added with a UUID v7
+/// when `fields` has none, so the entry has a stable id like every other message bosun sends.
 pub async fn publish_fields(
     broker: &RedisBrokerConfig,
     stream: &str,
@@ -123,12 +129,9 @@ pub async fn publish_fields(
     for (name, value) in entry_fields {
         cmd.arg(name).arg(value.as_slice());
     }
-    if !entry_fields
-        .iter()
-        .any(|(name, _)| name == fields::MESSAGE_ID)
-    {
-        cmd.arg(fields::MESSAGE_ID)
-            .arg(uuid::Uuid::now_v7().to_string());
+    let id_field = &broker.format.id_field;
+    if !entry_fields.iter().any(|(name, _)| name == id_field) {
+        cmd.arg(id_field).arg(uuid::Uuid::now_v7().to_string());
     }
     ops.query::<String>(&cmd)
         .await

@@ -14,7 +14,7 @@ use bosun::supervisor::ExitStatus;
 use bosun::{Handler, Message, Outcome};
 use redis::AsyncCommands;
 use support::streams::{Fields, create_group, range, redis, xadd, xadd_many, xlen};
-use support::{InProcess, REDIS_URL, unique};
+use support::{InProcess, PG_URL, REDIS_URL, unique};
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn pending_count(
@@ -1498,6 +1498,71 @@ fn entry_bounds_and_forget_idle_are_validated() {
     }
 }
 
+#[test]
+fn entry_formats_are_validated_and_taken_from_the_broker_unless_set() {
+    use bosun::config::{BrokerConfig, ConsumerKind, EntryFormat, EntryLayout};
+    let load = |broker: &str, consumer: &str| {
+        let text = format!(
+            "[brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n{broker}\n[handlers.n]\nkind = \"noop\"\n[consumers.c]\nsource = \"cache\"\nhandler = \"n\"\nstream = \"s\"\n{consumer}"
+        );
+        bosun::config::load_str(
+            &text,
+            "test.toml",
+            &bosun::handler::HandlerKinds::builtin(),
+            &bosun::config::Env::from_pairs(std::iter::empty::<(&str, &str)>()),
+        )
+    };
+    let formats = |broker: &str, consumer: &str| {
+        let config = load(broker, consumer).expect("valid");
+        let written = match config.brokers.get("cache") {
+            Some(BrokerConfig::Redis(b)) => b.format.clone(),
+            other => panic!("not a redis broker: {other:?}"),
+        };
+        let read = match config.consumers.get("c").map(|c| &c.kind) {
+            Some(ConsumerKind::Redis(r)) => (*r.format).clone(),
+            other => panic!("not a redis consumer: {other:?}"),
+        };
+        (written, read)
+    };
+    assert_eq!(
+        formats("", ""),
+        (EntryFormat::default(), EntryFormat::default())
+    );
+    let flat = EntryFormat::of(EntryLayout::Fields);
+    assert_eq!(
+        formats("entry_format = \"fields\"", ""),
+        (flat.clone(), flat.clone()),
+        "a consumer reads its broker's format"
+    );
+    let (_, read) = formats("entry_format = \"fields\"", "entry_format = \"dapr\"");
+    assert_eq!(read.payload_field, "data");
+    let (_, read) = formats(
+        "",
+        "entry_format = \"redpanda\"\npayload_field = \"content\"",
+    );
+    assert_eq!(read.payload_field, "content");
+    let (_, read) = formats("", "entry_format = \"watermill\"");
+    assert_eq!(read.id_field, "_watermill_message_uuid");
+    let (_, read) = formats("", "id_field = \"event_id\"");
+    assert_eq!(
+        (read.layout, read.id_field.as_str()),
+        (EntryLayout::Payload, "event_id")
+    );
+    for (broker, consumer) in [
+        ("entry_format = \"flat\"", ""),
+        ("", "entry_format = \"json\""),
+        ("", "entry_format = \"fields\"\npayload_field = \"body\""),
+        ("", "payload_field = \"bosun-body\""),
+        ("", "id_field = \"\""),
+        ("", "payload_field = \"x\"\nid_field = \"x\""),
+    ] {
+        assert!(
+            load(broker, consumer).is_err(),
+            "{broker:?} / {consumer:?} must be refused"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn consumer_trims_its_stream_and_dead_letter_stream_when_asked() {
     let mut conn = redis().await;
@@ -1551,4 +1616,292 @@ async fn consumer_trims_its_stream_and_dead_letter_stream_when_asked() {
         .del(&[&stream, &dlq, &format!("{stream}:retry")])
         .await
         .expect("DEL");
+}
+
+/// `fields` as a list of owned pairs, to compare with what XRANGE returns.
+fn owned(fields: &[(&str, &[u8])]) -> Fields {
+    fields
+        .iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flat_entries_of_a_plain_xadd_reach_the_handler_as_their_dict() {
+    let stream = unique("rs_flat");
+    let name = unique("c_flat");
+    let mut conn = redis().await;
+    let handler = Recorder::new(Duration::ZERO, |_| Outcome::Ack);
+    let running = start(
+        &config(
+            &unique("b"),
+            &[(&name, consumer(&stream, &name, "entry_format = \"fields\""))],
+        ),
+        handler.clone(),
+    )
+    .await;
+    // What redis-py's `xadd(stream, dict, maxlen=10000, approximate=True)` sends: flat
+    // fields, no `payload`, no id.
+    let mut sent = BTreeMap::new();
+    for i in 0..20 {
+        let user_id = (123 + i).to_string();
+        let timestamp = format!("2026-11-29T13:{i:02}:00.123456+00:00");
+        let id: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(10_000)
+            .arg("*")
+            .arg("event_type")
+            .arg("user.created")
+            .arg("user_id")
+            .arg(&user_id)
+            .arg("timestamp")
+            .arg(&timestamp)
+            .query_async(&mut conn)
+            .await
+            .expect("XADD");
+        sent.insert(id, (user_id, timestamp));
+    }
+    wait_until("all 20 entries are handled and acknowledged", async || {
+        handler.seen().len() >= 20 && pending_count(&mut conn, &stream, "g").await == 0
+    })
+    .await;
+    let seen = handler.seen();
+    assert_eq!(seen.len(), 20, "each entry handled once");
+    for Seen { message, .. } in &seen {
+        let id = message.message_id.clone().expect("an id");
+        let (user_id, timestamp) = sent.get(&id).expect("the entry id stands in for the id");
+        assert_eq!(
+            std::str::from_utf8(&message.body).expect("UTF-8"),
+            format!(
+                r#"{{"event_type":"user.created","user_id":"{user_id}","timestamp":"{timestamp}"}}"#
+            ),
+            "the body is the entry's dict, keys in their order"
+        );
+        assert_eq!(message.content_type.as_deref(), Some("application/json"));
+    }
+    assert!(range(&mut conn, &format!("{stream}:dlq")).await.is_empty());
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flat_entry_copies_and_replays_keep_the_producers_fields_byte_for_byte() {
+    let stream = unique("rs_flatcopy");
+    let name = unique("c_flatcopy");
+    let dlq = format!("{stream}:dlq");
+    let mut conn = redis().await;
+    // Fails until a replay comes back, then succeeds.
+    let handler = Recorder::new(Duration::ZERO, |m| {
+        if m.headers.contains_key("bosun-replay-count") {
+            Outcome::Ack
+        } else {
+            Outcome::retry("boom")
+        }
+    });
+    let retry = "entry_format = \"fields\"\nretry = { max_attempts = 2, backoff = \"fixed\", initial = \"200ms\", jitter = 0.0 }";
+    let broker = unique("b");
+    let mut file = config(&broker, &[(&name, consumer(&stream, &name, retry))]);
+    // Replays need an archive (for replays past `max_replays`); this one stays empty.
+    file.push_str(&format!(
+        r#"
+[databases.main]
+url = "{PG_URL}"
+max_connections = 2
+
+[dead_letters.dl]
+source = "{broker}"
+stream = "{dlq}"
+entry_format = "fields"
+archive = "main"
+table = "{table}"
+migrate = true
+
+[[dead_letters.dl.rules]]
+when = {{ error = "^boom" }}
+action = "replay"
+"#,
+        table = unique("rs_flat_archive"),
+    ));
+    let running = start(&file, handler.clone()).await;
+    let original: &[(&str, &[u8])] = &[
+        ("event_type", b"user.created"),
+        ("user_id", b"123"),
+        ("avatar", &[0xff, 0xd8, 0xff, 0xe0]),
+        ("timestamp", b"2026-11-29T13:00:00+00:00"),
+    ];
+    let id = xadd(&mut conn, &stream, original).await;
+    wait_until("the replay is handled", async || {
+        handler
+            .seen()
+            .iter()
+            .any(|s| s.message.headers.contains_key("bosun-replay-count"))
+    })
+    .await;
+
+    // The handler saw the same dict, the non-UTF-8 value under the base64 marker, and the
+    // same id on every attempt and on the replay.
+    let seen = handler.seen();
+    assert_eq!(seen.len(), 3, "attempt 1, attempt 2, the replay");
+    for s in &seen {
+        assert_eq!(
+            std::str::from_utf8(&s.message.body).expect("UTF-8"),
+            r#"{"event_type":"user.created","user_id":"123","avatar":{"$base64":"/9j/4A=="},"timestamp":"2026-11-29T13:00:00+00:00"}"#
+        );
+        assert_eq!(s.message.message_id.as_deref(), Some(id.as_str()));
+    }
+    assert_eq!(
+        seen.iter().map(|s| s.message.attempt).collect::<Vec<_>>(),
+        vec![1, 2, 1]
+    );
+
+    // The stream holds the original, the retry copy and the replay; the dead-letter stream
+    // the dead-letter copy. Each starts with the producer's fields, byte for byte, and adds
+    // only bosun's own.
+    let expected = owned(original);
+    let entries = range(&mut conn, &stream).await;
+    assert_eq!(entries.len(), 3);
+    let dead = range(&mut conn, &dlq).await;
+    assert_eq!(dead.len(), 1);
+    for (_, fields) in entries.iter().chain(&dead) {
+        assert_eq!(fields[..expected.len()], expected[..]);
+        assert!(
+            fields[expected.len()..]
+                .iter()
+                .all(|(k, _)| k == b"message_id" || k.starts_with(b"bosun-")),
+            "{fields:?}"
+        );
+    }
+    assert_eq!(text(&dead[0].1, "bosun-error-kind"), "exhausted");
+    let replay = &entries[2].1;
+    assert_eq!(
+        replay[expected.len()..],
+        owned(&[("message_id", id.as_bytes()), ("bosun-replay-count", b"1")])[..],
+        "a replay is the producer's entry plus its id and the replay count"
+    );
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dapr_redpanda_and_watermill_entries_are_read_in_their_shape() {
+    let streams = [
+        unique("rs_dapr"),
+        unique("rs_redpanda"),
+        unique("rs_watermill"),
+    ];
+    let [dapr, redpanda, watermill] = &streams;
+    let mut conn = redis().await;
+    let handler = Recorder::new(Duration::ZERO, |_| Outcome::Ack);
+    let consumers: Vec<(String, String)> = [
+        (dapr, "dapr"),
+        (redpanda, "redpanda"),
+        (watermill, "watermill"),
+    ]
+    .into_iter()
+    .map(|(stream, format)| {
+        let name = unique(&format!("c_{format}"));
+        let body = consumer(stream, &name, &format!("entry_format = \"{format}\""));
+        (name, body)
+    })
+    .collect();
+    let consumers: Vec<(&str, String)> = consumers
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
+    let running = start(&config(&unique("b"), &consumers), handler.clone()).await;
+
+    // Dapr: the body is `data`, JSON (a CloudEvent); one that is not JSON is invalid.
+    let cloud_event = br#"{"specversion":"1.0","id":"e1","type":"order.created","data":{"id":7}}"#;
+    let dapr_id = xadd(&mut conn, dapr, &[("data", cloud_event)]).await;
+    xadd(&mut conn, dapr, &[("data", b"not json")]).await;
+    // Redpanda Connect: the body is `body`, metadata fields are headers.
+    xadd(
+        &mut conn,
+        redpanda,
+        &[("body", b"hello"), ("kafka_key", b"k1")],
+    )
+    .await;
+    // Watermill: id, payload and metadata as its marshaller writes them (MessagePack), and
+    // metadata as a JSON object.
+    let mut metadata = vec![0x82];
+    for s in ["name", "order", "trace", "t1"] {
+        metadata.push(0xa0 | s.len() as u8);
+        metadata.extend_from_slice(s.as_bytes());
+    }
+    xadd(
+        &mut conn,
+        watermill,
+        &[
+            ("_watermill_message_uuid", b"uuid-1"),
+            ("metadata", &metadata),
+            ("payload", b"{\"n\":1}"),
+        ],
+    )
+    .await;
+    xadd(
+        &mut conn,
+        watermill,
+        &[
+            ("_watermill_message_uuid", b"uuid-2"),
+            ("metadata", br#"{"name":"refund"}"#),
+            ("payload", b"{\"n\":2}"),
+        ],
+    )
+    .await;
+    let dapr_dlq = format!("{dapr}:dlq");
+    wait_until(
+        "four entries are handled and one dead-lettered",
+        async || handler.seen().len() >= 4 && range(&mut conn, &dapr_dlq).await.len() == 1,
+    )
+    .await;
+    let seen: Vec<Message> = handler.seen().into_iter().map(|s| s.message).collect();
+    assert_eq!(seen.len(), 4);
+    let on = |stream: &str| -> Vec<&Message> {
+        seen.iter().filter(|m| m.source.queue == stream).collect()
+    };
+    let d = on(dapr);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].body.as_ref(), &cloud_event[..]);
+    assert_eq!(d[0].message_id.as_deref(), Some(dapr_id.as_str()));
+    assert_eq!(d[0].content_type.as_deref(), Some("application/json"));
+    let r = on(redpanda);
+    assert_eq!(r[0].body.as_ref(), b"hello");
+    assert_eq!(
+        r[0].headers.get("kafka_key"),
+        Some(&HeaderValue::String("k1".into()))
+    );
+    let mut w = on(watermill);
+    w.sort_by_key(|m| m.message_id.clone());
+    assert_eq!(w.len(), 2);
+    assert_eq!(w[0].message_id.as_deref(), Some("uuid-1"));
+    assert_eq!(w[0].body.as_ref(), b"{\"n\":1}");
+    assert_eq!(
+        w[0].headers.get("name"),
+        Some(&HeaderValue::String("order".into()))
+    );
+    assert_eq!(
+        w[0].headers.get("trace"),
+        Some(&HeaderValue::String("t1".into()))
+    );
+    assert!(!w[0].headers.contains_key("metadata"));
+    assert_eq!(w[1].message_id.as_deref(), Some("uuid-2"));
+    assert_eq!(
+        w[1].headers.get("name"),
+        Some(&HeaderValue::String("refund".into()))
+    );
+
+    let dead = range(&mut conn, &dapr_dlq).await.remove(0).1;
+    assert_eq!(text(&dead, "bosun-error-kind"), "invalid");
+    assert!(
+        text(&dead, "bosun-error").contains("field `data` is not JSON"),
+        "{}",
+        text(&dead, "bosun-error")
+    );
+    assert_eq!(field(&dead, "data"), Some(&b"not json"[..]));
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    for stream in &streams {
+        cleanup(&mut conn, stream).await;
+    }
 }

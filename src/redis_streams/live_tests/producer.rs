@@ -4,7 +4,7 @@ use crate::support;
 
 use std::collections::BTreeMap;
 
-use bosun::config::{RedisBrokerConfig, SecretUrl};
+use bosun::config::{EntryFormat, EntryLayout, RedisBrokerConfig, SecretUrl};
 use bosun::handler::HeaderValue;
 use bosun::publish::{OutgoingMessage, PublishError, Publisher};
 use bosun::redis_streams::RedisPublisher;
@@ -16,6 +16,7 @@ fn broker() -> RedisBrokerConfig {
     RedisBrokerConfig {
         url: SecretUrl::new(url::Url::parse(REDIS_URL).expect("url")),
         tls: None,
+        format: EntryFormat::default(),
     }
 }
 
@@ -88,6 +89,121 @@ async fn batch_lands_as_entries_with_body_id_and_headers() {
         Some(second.message_id.as_bytes())
     );
     let _: () = conn.del(&stream).await.expect("cleanup");
+}
+
+fn broker_writing(layout: EntryLayout) -> RedisBrokerConfig {
+    RedisBrokerConfig {
+        format: EntryFormat::of(layout),
+        ..broker()
+    }
+}
+
+fn pairs(fields: &[(&str, &[u8])]) -> Fields {
+    fields
+        .iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+        .collect()
+}
+
+#[tokio::test]
+async fn fields_format_writes_one_field_per_key_and_refuses_other_bodies_alone() {
+    let stream = unique("prod_flat");
+    let publisher = RedisPublisher::connect(&broker_writing(EntryLayout::Fields), "test", None)
+        .await
+        .expect("connect");
+    let object = OutgoingMessage::new(
+        &stream,
+        "",
+        &br#"{"event_type":"user.created","user_id":"123","n":5,"tags":["a"],"avatar":{"$base64":"/9j/4A=="}}"#[..],
+    );
+    let mut with_header = OutgoingMessage::new(&stream, "", &br#"{"k":"v"}"#[..]);
+    with_header.correlation_id = Some("corr-1".into());
+    with_header
+        .headers
+        .insert("tenant".into(), HeaderValue::String("acme".into()));
+    let batch = [
+        object.clone(),
+        OutgoingMessage::new(&stream, "", &b"[1,2]"[..]),
+        OutgoingMessage::new(&stream, "", &b"not json"[..]),
+        with_header.clone(),
+    ];
+    let results = publisher.publish_batch(&batch).await;
+    assert_eq!(results[0], Ok(()));
+    for refused in &results[1..3] {
+        assert!(
+            matches!(refused, Err(PublishError::Invalid(e)) if e.contains("needs a JSON object body")),
+            "{results:?}"
+        );
+    }
+    assert_eq!(results[3], Ok(()));
+
+    let mut conn = redis().await;
+    let got = entries(&mut conn, &stream).await;
+    assert_eq!(got.len(), 2, "only the object bodies are written");
+    assert_eq!(
+        got[0].1,
+        pairs(&[
+            ("event_type", b"user.created"),
+            ("user_id", b"123"),
+            ("n", b"5"),
+            ("tags", br#"["a"]"#),
+            ("avatar", &[0xff, 0xd8, 0xff, 0xe0]),
+            ("message_id", object.message_id.as_bytes()),
+        ])
+    );
+    assert_eq!(
+        got[1].1,
+        pairs(&[
+            ("k", b"v"),
+            ("message_id", with_header.message_id.as_bytes()),
+            ("correlation_id", b"corr-1"),
+            ("tenant", b"acme"),
+        ])
+    );
+    let _: () = conn.del(&stream).await.expect("cleanup");
+}
+
+#[tokio::test]
+async fn other_tool_formats_are_written_in_their_shape() {
+    let mut conn = redis().await;
+    let mut message = OutgoingMessage::new("", "", &br#"{"id":7}"#[..]);
+    message
+        .headers
+        .insert("trace".into(), HeaderValue::String("t1".into()));
+    for (layout, body_field, id_field) in [
+        (EntryLayout::Dapr, "data", "message_id"),
+        (EntryLayout::Redpanda, "body", "message_id"),
+        (EntryLayout::Watermill, "payload", "_watermill_message_uuid"),
+    ] {
+        let stream = unique("prod_shape");
+        let publisher = RedisPublisher::connect(&broker_writing(layout), "test", None)
+            .await
+            .expect("connect");
+        message.destination = stream.clone();
+        assert_eq!(
+            publisher.publish_batch(&[message.clone()]).await,
+            vec![Ok(())]
+        );
+        let got = entries(&mut conn, &stream).await.remove(0).1;
+        assert_eq!(
+            field(&got, body_field),
+            Some(&br#"{"id":7}"#[..]),
+            "{layout:?}"
+        );
+        assert_eq!(
+            field(&got, id_field),
+            Some(message.message_id.as_bytes()),
+            "{layout:?}"
+        );
+        if layout == EntryLayout::Watermill {
+            // A MessagePack map of one string to one string, as Watermill's marshaller writes.
+            assert_eq!(field(&got, "metadata"), Some(&b"\x81\xa5trace\xa2t1"[..]));
+            assert_eq!(field(&got, "trace"), None);
+        } else {
+            assert_eq!(field(&got, "trace"), Some(&b"t1"[..]), "{layout:?}");
+        }
+        let _: () = conn.del(&stream).await.expect("cleanup");
+    }
 }
 
 #[tokio::test]
@@ -202,6 +318,7 @@ impl PrivateRedis {
         RedisBrokerConfig {
             url: SecretUrl::new(url::Url::parse(&self.url).expect("url")),
             tls: None,
+            format: EntryFormat::default(),
         }
     }
 }

@@ -60,6 +60,17 @@ impl Table {
         .expect("insert outbox rows");
     }
 
+    /// The `last_error` of the one failed row.
+    pub async fn failed_error(&self) -> String {
+        sqlx::query_scalar(&format!(
+            "SELECT last_error FROM {} WHERE failed_at IS NOT NULL",
+            self.name
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .expect("last_error")
+    }
+
     pub async fn count(&self, condition: &str) -> i64 {
         sqlx::query_scalar(&format!(
             "SELECT count(*) FROM {} WHERE {condition}",

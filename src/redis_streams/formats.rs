@@ -1,0 +1,421 @@
+//! Entry formats besides bosun's own: flat entries (`fields`) and the shapes Dapr, Redpanda
+//! Connect and Watermill write. See docs/configuration/brokers.md, "Entry formats".
+//!
+//! - `fields`: the body is a JSON object of every field but bosun's own (`message_id`,
+//!   `bosun-*`, the id field), in entry order; a UTF-8 value is a JSON string, any other value
+//!   is `{"$base64": "..."}`. Writing does the reverse: one field per key of a JSON object
+//!   body.
+//! - `dapr`: the body is the `data` field and must be JSON.
+//! - `redpanda`: the body is the `body` field.
+//! - `watermill`: the body is `payload`, the id `_watermill_message_uuid`, and the keys of the
+//!   `metadata` field (a MessagePack map, as Watermill writes it, or a JSON object) are
+//!   headers.
+//!
+//! Retry and dead-letter copies are made from the entry's fields, never from the decoded
+//! message, so they keep what the producer wrote whatever the format.
+
+use std::collections::{BTreeMap, HashSet};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+
+use super::fields::{self, ATTEMPT, CORRELATION_ID, Entry, InvalidEntry, MESSAGE_ID};
+use crate::config::{EntryFormat, EntryLayout};
+use crate::handler::{HeaderValue, Message, Source};
+use crate::publish::{OutgoingMessage, PublishError};
+
+/// The key of the JSON object that stands for a value that is not UTF-8 (`fields`).
+pub const BASE64_MARKER: &str = "$base64";
+/// The content type of a `fields` body (and of a `dapr` one without its own).
+pub const JSON: &str = "application/json";
+/// Watermill's field of headers.
+pub const WATERMILL_METADATA: &str = "metadata";
+
+/// The message a handler sees for `entry` read as `format`, or why the entry cannot be one
+/// (dead-lettered as `invalid`).
+pub fn decode(
+    entry: &Entry,
+    format: &EntryFormat,
+    source: Source,
+    redelivered: bool,
+) -> Result<Message, InvalidEntry> {
+    let body_field = format.payload_field.as_str();
+    let id_field = format.id_field.as_str();
+    match format.layout {
+        EntryLayout::Payload | EntryLayout::Redpanda => {
+            fields::decode_as(entry, body_field, id_field, source, redelivered)
+        }
+        EntryLayout::Fields => decode_flat(entry, id_field, source, redelivered),
+        EntryLayout::Dapr => {
+            let mut message = fields::decode_as(entry, body_field, id_field, source, redelivered)?;
+            serde_json::from_slice::<serde::de::IgnoredAny>(&message.body)
+                .map_err(|e| InvalidEntry(format!("field `{body_field}` is not JSON: {e}")))?;
+            message.content_type.get_or_insert_with(|| JSON.to_owned());
+            Ok(message)
+        }
+        EntryLayout::Watermill => {
+            let mut message = fields::decode_as(entry, body_field, id_field, source, redelivered)?;
+            let metadata = match message.headers.remove(WATERMILL_METADATA) {
+                Some(HeaderValue::String(s)) => s.into_bytes(),
+                Some(HeaderValue::Bytes(b)) => b,
+                _ => Vec::new(),
+            };
+            for (name, value) in watermill_metadata(&metadata).map_err(InvalidEntry)? {
+                message
+                    .headers
+                    .entry(name)
+                    .or_insert(HeaderValue::String(value));
+            }
+            Ok(message)
+        }
+    }
+}
+
+/// A flat entry as a message: the body is a JSON object of its fields.
+fn decode_flat(
+    entry: &Entry,
+    id_field: &str,
+    source: Source,
+    redelivered: bool,
+) -> Result<Message, InvalidEntry> {
+    let mut body = String::from("{");
+    let mut keys = HashSet::new();
+    let mut id = None;
+    let mut fallback_id = None;
+    let mut attempt = 1;
+    let mut headers = BTreeMap::new();
+    for (name, value) in &entry.fields {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Err(InvalidEntry("a field name is not UTF-8".into()));
+        };
+        if name == id_field {
+            id = Some(fields::text(name, value)?);
+        } else if name == MESSAGE_ID {
+            fallback_id = Some(fields::text(name, value)?);
+        } else if name == ATTEMPT {
+            attempt = fields::attempt(value)?;
+        } else if name.starts_with("bosun-") {
+            headers.insert(name.to_owned(), fields::header_value(value));
+        } else {
+            if !keys.insert(name) {
+                return Err(InvalidEntry(format!(
+                    "field `{name}` appears more than once"
+                )));
+            }
+            if body.len() > 1 {
+                body.push(',');
+            }
+            body.push_str(&serde_json::Value::from(name).to_string());
+            body.push(':');
+            match std::str::from_utf8(value) {
+                Ok(text) => body.push_str(&serde_json::Value::from(text).to_string()),
+                Err(_) => {
+                    let mut marker = serde_json::Map::new();
+                    marker.insert(BASE64_MARKER.into(), STANDARD.encode(value).into());
+                    body.push_str(&serde_json::Value::Object(marker).to_string());
+                }
+            }
+        }
+    }
+    body.push('}');
+    Ok(Message {
+        message_id: Some(id.or(fallback_id).unwrap_or_else(|| entry.id.clone())),
+        correlation_id: None,
+        headers,
+        content_type: Some(JSON.to_owned()),
+        body: Bytes::from(body),
+        attempt,
+        redelivered,
+        source,
+    })
+}
+
+/// A JSON object's members in their order (serde_json's own map sorts them).
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+/// The fields a JSON object body stands for, in its order: a string as its text,
+/// `{"$base64": "..."}` as the bytes it encodes, anything else as its JSON text. Why not,
+/// when the body is not a JSON object.
+pub fn object_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let Members(members) = serde_json::from_slice(body)
+        .map_err(|e| format!("entry_format \"fields\" needs a JSON object body: {e}"))?;
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(members.len());
+    for (name, value) in members {
+        if !seen.insert(name.clone()) {
+            return Err(format!("key `{name}` appears more than once in the body"));
+        }
+        let bytes = match value {
+            serde_json::Value::String(s) => s.into_bytes(),
+            serde_json::Value::Object(marker) if marker.len() == 1 => {
+                match marker.get(BASE64_MARKER) {
+                    Some(serde_json::Value::String(encoded)) => {
+                        STANDARD.decode(encoded).map_err(|e| {
+                            format!("key `{name}`: `{BASE64_MARKER}` is not base64: {e}")
+                        })?
+                    }
+                    _ => serde_json::Value::Object(marker).to_string().into_bytes(),
+                }
+            }
+            other => other.to_string().into_bytes(),
+        };
+        out.push((name, bytes));
+    }
+    Ok(out)
+}
+
+/// Appends `message` as flat fields: one per key of its JSON object body, then the id field
+/// (unless the body has it), `correlation_id` when set, and the headers.
+pub fn write_flat(
+    cmd: &mut redis::Cmd,
+    message: &OutgoingMessage,
+    id_field: &str,
+) -> Result<(), PublishError> {
+    let members = object_fields(&message.body).map_err(PublishError::Invalid)?;
+    let has = |name: &str| members.iter().any(|(k, _)| k == name);
+    if let Some(name) = message
+        .headers
+        .keys()
+        .find(|k| has(k) || k.as_str() == id_field)
+    {
+        return Err(PublishError::Invalid(format!(
+            "header `{name}` would overwrite the field of the same name"
+        )));
+    }
+    for (name, value) in &members {
+        cmd.arg(name).arg(value.as_slice());
+    }
+    if !has(id_field) {
+        cmd.arg(id_field).arg(&message.message_id);
+    }
+    if let Some(id) = &message.correlation_id
+        && !has(CORRELATION_ID)
+        && !message.headers.contains_key(CORRELATION_ID)
+    {
+        cmd.arg(CORRELATION_ID).arg(id);
+    }
+    for (name, value) in &message.headers {
+        cmd.arg(name).arg(fields::header_bytes(value));
+    }
+    Ok(())
+}
+
+/// Appends `message` the way Watermill writes one: id, `payload`, and the headers as a
+/// MessagePack map of strings in `metadata`.
+pub fn write_watermill(
+    cmd: &mut redis::Cmd,
+    message: &OutgoingMessage,
+    format: &EntryFormat,
+) -> Result<(), PublishError> {
+    let mut metadata = Vec::new();
+    if !message.headers.is_empty() {
+        msgpack_len(&mut metadata, message.headers.len(), [0x80, 0xde, 0xdf]);
+        for (name, value) in &message.headers {
+            let value = String::from_utf8(fields::header_bytes(value)).map_err(|_| {
+                PublishError::Invalid(format!(
+                    "header `{name}` is not UTF-8: Watermill metadata holds strings"
+                ))
+            })?;
+            msgpack_str(&mut metadata, name);
+            msgpack_str(&mut metadata, &value);
+        }
+    }
+    cmd.arg(&format.id_field).arg(&message.message_id);
+    cmd.arg(&format.payload_field).arg(message.body.as_ref());
+    cmd.arg(WATERMILL_METADATA).arg(metadata);
+    Ok(())
+}
+
+/// A MessagePack length prefix: `heads` are the fix, 16-bit and 32-bit markers.
+fn msgpack_len(out: &mut Vec<u8>, n: usize, heads: [u8; 3]) {
+    let fix_max = if heads[0] == 0xa0 { 31 } else { 15 };
+    if n <= fix_max {
+        out.push(heads[0] | n as u8);
+    } else if let Ok(n) = u16::try_from(n) {
+        out.push(heads[1]);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else {
+        out.push(heads[2]);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+}
+
+fn msgpack_str(out: &mut Vec<u8>, s: &str) {
+    msgpack_len(out, s.len(), [0xa0, 0xda, 0xdb]);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Watermill's `metadata` field as headers: empty, a MessagePack map of strings (what its
+/// default marshaller writes) or a JSON object (string values as they are, others as JSON).
+pub fn watermill_metadata(raw: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let invalid = || {
+        format!(
+            "field `{WATERMILL_METADATA}` is neither a MessagePack map of strings nor a JSON object"
+        )
+    };
+    if raw.is_empty() {
+        return Ok(Vec::new());
+    }
+    if raw[0] == b'{' {
+        let Members(members) = serde_json::from_slice(raw).map_err(|_| invalid())?;
+        return Ok(members
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect());
+    }
+    let mut reader = MsgpackReader { raw, at: 0 };
+    let n = reader.map_len().ok_or_else(invalid)?;
+    // Each pair takes at least two bytes: a count beyond that is a lie.
+    if n > raw.len() / 2 {
+        return Err(invalid());
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = reader.string().ok_or_else(invalid)?;
+        let value = reader.string().ok_or_else(invalid)?;
+        out.push((name, value));
+    }
+    if reader.at != raw.len() {
+        return Err(invalid());
+    }
+    Ok(out)
+}
+
+/// Just enough MessagePack to read a map of strings.
+struct MsgpackReader<'a> {
+    raw: &'a [u8],
+    at: usize,
+}
+
+impl MsgpackReader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let end = self.at.checked_add(n)?;
+        let bytes = self.raw.get(self.at..end)?;
+        self.at = end;
+        Some(bytes)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn be(&mut self, width: usize) -> Option<usize> {
+        let bytes = self.take(width)?;
+        Some(bytes.iter().fold(0usize, |n, b| (n << 8) | usize::from(*b)))
+    }
+
+    fn map_len(&mut self) -> Option<usize> {
+        match self.byte()? {
+            b @ 0x80..=0x8f => Some(usize::from(b & 0x0f)),
+            0xde => self.be(2),
+            0xdf => self.be(4),
+            _ => None,
+        }
+    }
+
+    /// A str, bin (when UTF-8) or nil (as "").
+    fn string(&mut self) -> Option<String> {
+        let len = match self.byte()? {
+            b @ 0xa0..=0xbf => usize::from(b & 0x1f),
+            0xd9 | 0xc4 => self.be(1)?,
+            0xda | 0xc5 => self.be(2)?,
+            0xdb | 0xc6 => self.be(4)?,
+            0xc0 => 0,
+            _ => return None,
+        };
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fields::tests::entry;
+    use super::*;
+
+    #[test]
+    fn flat_entries_become_an_ordered_object_and_back() {
+        let e = entry(&[
+            ("z", b"1"),
+            ("a", b"\xff\x00"),
+            ("message_id", b"m1"),
+            ("bosun-attempt", b"2"),
+            ("bosun-error", b"boom"),
+        ]);
+        let m = decode(
+            &e,
+            &EntryFormat::of(EntryLayout::Fields),
+            Source::default(),
+            false,
+        )
+        .expect("valid");
+        assert_eq!(m.body.as_ref(), br#"{"z":"1","a":{"$base64":"/wA="}}"#);
+        assert_eq!(m.message_id.as_deref(), Some("m1"));
+        assert_eq!(m.attempt, 2);
+        assert_eq!(m.content_type.as_deref(), Some(JSON));
+        assert!(m.headers.contains_key("bosun-error"));
+        let back = object_fields(&m.body).expect("object");
+        assert_eq!(
+            back,
+            vec![("z".into(), b"1".to_vec()), ("a".into(), vec![0xff, 0x00])]
+        );
+        assert!(object_fields(b"[1]").is_err());
+        assert!(object_fields(br#"{"a":{"$base64":"!!"}}"#).is_err());
+    }
+
+    #[test]
+    fn watermill_metadata_reads_what_it_writes() {
+        let message = OutgoingMessage {
+            headers: [
+                ("k".to_owned(), HeaderValue::String("v".into())),
+                ("long".to_owned(), HeaderValue::String("x".repeat(40))),
+            ]
+            .into(),
+            ..OutgoingMessage::new("s", "", "body")
+        };
+        let mut cmd = redis::cmd("XADD");
+        write_watermill(&mut cmd, &message, &EntryFormat::of(EntryLayout::Watermill))
+            .expect("writes");
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect();
+        let metadata = args.last().expect("metadata");
+        assert_eq!(
+            watermill_metadata(metadata).expect("reads"),
+            vec![("k".into(), "v".into()), ("long".into(), "x".repeat(40))]
+        );
+        assert_eq!(
+            watermill_metadata(br#"{"a":"b","n":1}"#).expect("json"),
+            vec![("a".into(), "b".into()), ("n".into(), "1".into())]
+        );
+        assert!(watermill_metadata(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+}
