@@ -66,5 +66,4 @@ mod units;
 #[cfg(test)]
 extern crate self as bosun;
 #[cfg(test)]
-#[path = "../tests/integration/support/mod.rs"]
-mod support;
+mod testing;

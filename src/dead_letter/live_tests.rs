@@ -1,6 +1,6 @@
 //! The archive table against a real PostgreSQL: replay back-off and migrations.
 
-use crate::support;
+use crate::testing::support;
 
 use support::pg;
 use support::unique;

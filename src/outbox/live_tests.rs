@@ -4,7 +4,7 @@
 //! Every test works on its own table (dropped at the end) and its own queue or stream, so
 //! they run concurrently with each other and with the other tests.
 
-use crate::support;
+use crate::testing::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

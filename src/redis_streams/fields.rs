@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use crate::config::{EntryFormat, EntryLayout, RedisEntryLimits};
+use crate::config::{EntryFormat, RedisEntryLimits};
 use crate::handler::{HeaderValue, Message, Source, UNDECODABLE};
 use crate::publish::{OutgoingMessage, PublishError};
 
@@ -77,17 +77,14 @@ pub(super) fn header_bytes(value: &HeaderValue) -> Vec<u8> {
     }
 }
 
-/// Appends `message` as field/value arguments of an XADD, in `format`.
-pub fn write_fields(
+/// Appends `message` as field/value arguments of an XADD with its body in one field
+/// (`format.payload_field`): bosun's own layout, which `dapr` and `redpanda` share
+/// ([`super::formats::write`] picks the writer for each layout).
+pub fn write_payload(
     cmd: &mut redis::Cmd,
     message: &OutgoingMessage,
     format: &EntryFormat,
 ) -> Result<(), PublishError> {
-    match format.layout {
-        EntryLayout::Fields => return super::formats::write_flat(cmd, message, &format.id_field),
-        EntryLayout::Watermill => return super::formats::write_watermill(cmd, message, format),
-        EntryLayout::Payload | EntryLayout::Dapr | EntryLayout::Redpanda => {}
-    }
     if let Some(name) = message.headers.keys().find(|k| {
         RESERVED.contains(&k.as_str()) || **k == format.payload_field || **k == format.id_field
     }) {

@@ -186,6 +186,21 @@ pub fn object_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
     Ok(out)
 }
 
+/// Appends `message` as field/value arguments of an XADD, laid out as `format` says.
+pub fn write(
+    cmd: &mut redis::Cmd,
+    message: &OutgoingMessage,
+    format: &EntryFormat,
+) -> Result<(), PublishError> {
+    match format.layout {
+        EntryLayout::Fields => write_flat(cmd, message, &format.id_field),
+        EntryLayout::Watermill => write_watermill(cmd, message, format),
+        EntryLayout::Payload | EntryLayout::Dapr | EntryLayout::Redpanda => {
+            fields::write_payload(cmd, message, format)
+        }
+    }
+}
+
 /// Appends `message` as flat fields: one per key of its JSON object body, then the id field
 /// (unless the body has it), `correlation_id` when set, and the headers.
 pub fn write_flat(

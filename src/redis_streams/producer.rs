@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use redis::Value;
 
-use super::{Ops, RedisStreamsError, client_name, fields};
+use super::{Ops, RedisStreamsError, client_name};
 use crate::config::{EntryFormat, RedisBrokerConfig};
 use crate::publish::{OutgoingMessage, PublishError, Publisher};
 
@@ -69,7 +69,7 @@ impl Publisher for RedisPublisher {
                 continue;
             }
             let mut cmd = xadd(&message.destination, self.maxlen);
-            match fields::write_fields(&mut cmd, message, &self.format) {
+            match super::formats::write(&mut cmd, message, &self.format) {
                 Ok(()) => {
                     pipe.add_command(cmd);
                     sent.push(results.len());

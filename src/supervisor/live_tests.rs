@@ -2,7 +2,7 @@
 //! graceful drain, the shutdown timeout, readiness over real HTTP; and reloads, driven
 //! directly with a scripted reload hook.
 
-use crate::support;
+use crate::testing::support;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};

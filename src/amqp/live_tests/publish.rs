@@ -1,6 +1,6 @@
 //! The confirming amqp publisher against a real RabbitMQ.
 
-use crate::support;
+use crate::testing::support;
 
 use std::collections::BTreeMap;
 

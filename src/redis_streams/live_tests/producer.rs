@@ -1,6 +1,6 @@
 //! The Redis producer against a real Redis: XADD layout, MAXLEN trimming, per-message results.
 
-use crate::support;
+use crate::testing::support;
 
 use std::collections::BTreeMap;
 

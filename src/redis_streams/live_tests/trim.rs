@@ -1,6 +1,6 @@
 //! Stream trimming against a real Redis: only entries every group has acknowledged go.
 
-use crate::support;
+use crate::testing::support;
 
 use std::time::Duration;
 
