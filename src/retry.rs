@@ -174,7 +174,11 @@ impl ExponentialBackoff {
         if self.jitter <= 0.0 {
             return base;
         }
-        base.mul_f64(1.0 + self.jitter.min(1.0) * rand::random::<f64>())
+        // Checked: a huge `initial` (an embedder's setting) saturates instead of panicking.
+        Duration::try_from_secs_f64(
+            base.as_secs_f64() * (1.0 + self.jitter.min(1.0) * rand::random::<f64>()),
+        )
+        .unwrap_or(Duration::MAX)
     }
 
     /// Counts one more failure and returns the wait before the next try.
@@ -364,6 +368,10 @@ mod tests {
             let wait = backoff.failed();
             let base = Duration::from_secs(expected);
             assert!(wait >= base && wait <= base.mul_f64(1.2), "{wait:?}");
+        }
+        let huge = ExponentialBackoff::new(Duration::MAX, Duration::MAX);
+        for failures in [1, 2, 40] {
+            assert!(huge.delay(failures) >= Duration::from_secs(u64::MAX / 2));
         }
         assert_eq!(backoff.base(u32::MAX), Duration::from_secs(4));
         backoff.reset();
