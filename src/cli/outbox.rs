@@ -40,6 +40,14 @@ pub enum OutboxCommand {
     },
 }
 
+/// A pool on the outbox's database, connecting on first use.
+fn pool_for(config: &Config, name: &str, o: &OutboxConfig) -> anyhow::Result<sqlx::PgPool> {
+    let db = config.databases.get(&o.database).ok_or_else(|| {
+        anyhow::anyhow!("outbox `{name}`: database `{}` is not defined", o.database)
+    })?;
+    crate::database::lazy_pool(db)
+}
+
 /// The outboxes a command applies to: `only`, or all of them.
 fn select<'c>(
     config: &'c Config,
@@ -95,10 +103,7 @@ pub fn run(runtime: &Runtime, command: OutboxCommand) -> Result<u8, CliError> {
                     )) {
                         continue;
                     }
-                    let db = config.databases.get(&o.database).ok_or_else(|| {
-                        anyhow::anyhow!("outbox `{name}`: database `{}` is not defined", o.database)
-                    })?;
-                    let pool = crate::database::lazy_pool(db)?;
+                    let pool = pool_for(&config, name, o)?;
                     let schema =
                         Schema::new(&o.table, &o.notify_channel).map_err(anyhow::Error::from)?;
                     schema.migrate(&pool).await.map_err(|e| {
@@ -127,10 +132,7 @@ pub fn run(runtime: &Runtime, command: OutboxCommand) -> Result<u8, CliError> {
             block_on(async {
                 let mut code = EXIT_OK;
                 for (name, o) in selected {
-                    let db = config.databases.get(&o.database).ok_or_else(|| {
-                        anyhow::anyhow!("outbox `{name}`: database `{}` is not defined", o.database)
-                    })?;
-                    let pool = crate::database::lazy_pool(db)?;
+                    let pool = pool_for(&config, name, o)?;
                     let found = table::inspect(&pool, &o.table, &o.notify_channel)
                         .await
                         .map_err(|e| {
