@@ -1951,6 +1951,27 @@ async fn outbox_check_prints_the_missing_ddl_and_passes_once_it_is_applied() {
     assert_eq!(notification.channel(), table.name);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_check_passes_a_migrated_table_and_fails_a_missing_one() {
+    let table = Table::new("ob_checkown").await;
+    let (file, _config) = config(&["own"], &table.name, "target = \"rabbit\"");
+    let path = file.path.to_str().expect("utf-8 path").to_owned();
+    let (code, out, err) = support::bosun_output(&["outbox", "check", "--config", &path], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok      index on the pending rows"), "{out}");
+
+    let missing = unique("ob_checknone").to_lowercase();
+    let (file, _config) = config(&["none"], &missing, "target = \"rabbit\"");
+    let path = file.path.to_str().expect("utf-8 path").to_owned();
+    let (code, out, err) = support::bosun_output(&["outbox", "check", "--config", &path], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains(&format!("MISSING table {missing}")), "{out}");
+    assert!(
+        out.contains(&format!("CREATE TABLE IF NOT EXISTS {missing} (")),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_column_mapping_is_validated_when_the_config_loads() {
     let table = unique("ob_badmap").to_lowercase();
