@@ -1972,6 +1972,39 @@ async fn outbox_check_passes_a_migrated_table_and_fails_a_missing_one() {
     );
 }
 
+/// `bosun run` on a table without a NOTIFY trigger says at start that the relay polls, and
+/// relays all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_notify_trigger_the_daemon_says_it_polls() {
+    let table = existing_table("ob_polls", PYTHON_OUTBOX_DDL).await;
+    let queue = Queue::new("ob_polls").await;
+    let port = support::free_port();
+    let text = format!(
+        "[service]\nname = \"outbox-polls\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+         [brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\
+         [databases.main]\nurl = \"{PG_URL}\"\n\
+         [outboxes.polls]\ndatabase = \"main\"\ntable = \"{}\"\npoll_interval = \"200ms\"\n{PYTHON_OUTBOX_MAPPING}\n",
+        table.name
+    );
+    let file = ConfigFile::new(&text);
+    let daemon = support::Daemon::start(&file.path, port);
+    insert_as_python(&table, "", &queue.name, &["{\"n\": 1}".to_owned()]).await;
+    assert!(
+        table.wait_count("status = 'published'", 1).await,
+        "{}",
+        daemon.logs()
+    );
+    let logged = support::wait_for(WAIT, || {
+        let logs = daemon.logs();
+        logs.contains("no NOTIFY trigger on the outbox table: the relay polls")
+            .then_some(logs)
+    });
+    assert!(logged.is_some(), "{}", daemon.logs());
+    assert_eq!(queue.wait_len(1).await[0].1, "{\"n\": 1}");
+    drop(daemon);
+    queue.delete().await;
+}
+
 #[test]
 fn a_column_mapping_is_validated_when_the_config_loads() {
     let table = unique("ob_badmap").to_lowercase();
