@@ -176,8 +176,12 @@ pub fn describe(config: &Config) -> String {
     for (name, o) in &config.outboxes {
         let _ = writeln!(
             out,
-            "outbox {name}: table {} in {} -> broker {}{} (batch {}, ordering {})",
+            "outbox {name}: table {}{} in {} -> broker {}{} (batch {}, ordering {})",
             o.table,
+            match &o.existing {
+                Some(e) => format!(" (existing, status column {})", e.state),
+                None => String::new(),
+            },
             o.database,
             o.target,
             match (o.destination.as_deref(), config.brokers.get(&o.target)) {

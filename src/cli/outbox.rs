@@ -1,12 +1,14 @@
-//! `bosun outbox schema|migrate`: the outbox table's DDL, printed or applied.
+//! `bosun outbox schema|migrate|check`: the outbox table's DDL, printed or applied, and what
+//! a live table lacks.
 
 use std::collections::BTreeSet;
 
 use clap::Subcommand;
 
-use super::{CliError, ConfigArg, EXIT_OK, block_on};
+use super::{CliError, ConfigArg, EXIT_FAILURE, EXIT_OK, block_on};
 use crate::Runtime;
-use crate::outbox::Schema;
+use crate::config::{Config, OutboxConfig};
+use crate::outbox::{Schema, table};
 
 #[derive(Subcommand)]
 pub enum OutboxCommand {
@@ -27,6 +29,44 @@ pub enum OutboxCommand {
         #[arg(long)]
         outbox: Option<String>,
     },
+    /// Inspect the live tables of the configured outboxes: columns and their types, the
+    /// index on pending rows, the NOTIFY trigger. Prints the DDL that adds what is missing;
+    /// exits 1 when something required is missing.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this `[outboxes.NAME]` (default: every outbox).
+        name: Option<String>,
+    },
+}
+
+/// A pool on the outbox's database, connecting on first use.
+fn pool_for(config: &Config, name: &str, o: &OutboxConfig) -> anyhow::Result<sqlx::PgPool> {
+    let db = config.databases.get(&o.database).ok_or_else(|| {
+        anyhow::anyhow!("outbox `{name}`: database `{}` is not defined", o.database)
+    })?;
+    crate::database::lazy_pool(db)
+}
+
+/// The outboxes a command applies to: `only`, or all of them.
+fn select<'c>(
+    config: &'c Config,
+    only: Option<&String>,
+) -> Result<Vec<(&'c String, &'c OutboxConfig)>, CliError> {
+    if let Some(name) = only
+        && !config.outboxes.contains_key(name)
+    {
+        let known: Vec<&str> = config.outboxes.keys().map(String::as_str).collect();
+        return Err(CliError::Usage(format!(
+            "no outbox `{name}` in the configuration (outboxes: {})",
+            known.join(", ")
+        )));
+    }
+    Ok(config
+        .outboxes
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|o| o == *name))
+        .collect())
 }
 
 pub fn run(runtime: &Runtime, command: OutboxCommand) -> Result<u8, CliError> {
@@ -40,20 +80,7 @@ pub fn run(runtime: &Runtime, command: OutboxCommand) -> Result<u8, CliError> {
         }
         OutboxCommand::Migrate { config, outbox } => {
             let config = config.load(runtime)?;
-            if let Some(name) = &outbox
-                && !config.outboxes.contains_key(name)
-            {
-                let known: Vec<&str> = config.outboxes.keys().map(String::as_str).collect();
-                return Err(CliError::Usage(format!(
-                    "no outbox `{name}` in the configuration (outboxes: {})",
-                    known.join(", ")
-                )));
-            }
-            let selected: Vec<_> = config
-                .outboxes
-                .iter()
-                .filter(|(name, _)| outbox.as_ref().is_none_or(|o| o == *name))
-                .collect();
+            let selected = select(&config, outbox.as_ref())?;
             if selected.is_empty() {
                 println!("no outboxes configured; nothing to migrate");
                 return Ok(EXIT_OK);
@@ -62,6 +89,13 @@ pub fn run(runtime: &Runtime, command: OutboxCommand) -> Result<u8, CliError> {
                 // Two outboxes on one table (several relays) need one migration.
                 let mut done = BTreeSet::new();
                 for (name, o) in selected {
+                    if o.existing.is_some() {
+                        println!(
+                            "outbox {name}: table {} is the application's own (`columns`); not migrated, see `bosun outbox check`",
+                            o.table
+                        );
+                        continue;
+                    }
                     if !done.insert((
                         o.database.clone(),
                         o.table.clone(),
@@ -69,10 +103,7 @@ pub fn run(runtime: &Runtime, command: OutboxCommand) -> Result<u8, CliError> {
                     )) {
                         continue;
                     }
-                    let db = config.databases.get(&o.database).ok_or_else(|| {
-                        anyhow::anyhow!("outbox `{name}`: database `{}` is not defined", o.database)
-                    })?;
-                    let pool = crate::database::lazy_pool(db)?;
+                    let pool = pool_for(&config, name, o)?;
                     let schema =
                         Schema::new(&o.table, &o.notify_channel).map_err(anyhow::Error::from)?;
                     schema.migrate(&pool).await.map_err(|e| {
@@ -89,6 +120,36 @@ pub fn run(runtime: &Runtime, command: OutboxCommand) -> Result<u8, CliError> {
                     );
                 }
                 Ok::<u8, CliError>(EXIT_OK)
+            })?
+        }
+        OutboxCommand::Check { config, name } => {
+            let config = config.load(runtime)?;
+            let selected = select(&config, name.as_ref())?;
+            if selected.is_empty() {
+                println!("no outboxes configured; nothing to check");
+                return Ok(EXIT_OK);
+            }
+            block_on(async {
+                let mut code = EXIT_OK;
+                for (name, o) in selected {
+                    let pool = pool_for(&config, name, o)?;
+                    let found = table::inspect(&pool, &o.table, &o.notify_channel)
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "outbox `{name}`: inspecting table {} in database `{}`: {e}",
+                                o.table,
+                                o.database
+                            )
+                        })?;
+                    pool.close().await;
+                    let findings = table::findings(o, &found);
+                    print!("{}", table::report(name, o, &findings));
+                    if table::any_missing(&findings) {
+                        code = EXIT_FAILURE;
+                    }
+                }
+                Ok::<u8, CliError>(code)
             })?
         }
     }

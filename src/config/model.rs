@@ -420,6 +420,58 @@ pub struct OutboxConfig {
     pub maxlen: Option<usize>,
     /// Apply the table's DDL when the relay starts.
     pub migrate: bool,
+    /// The layout of an existing table the relay reads instead of bosun's own.
+    pub existing: Option<Box<ExistingOutbox>>,
+}
+
+/// An application's own outbox table: its columns by role and its status column. Every
+/// name is a validated plain identifier, quoted wherever it is formatted into SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExistingOutbox {
+    pub id: String,
+    pub destination: Option<String>,
+    pub routing_key: String,
+    pub payload: String,
+    pub headers: Option<String>,
+    pub content_type: Option<String>,
+    pub message_id: Option<String>,
+    pub created_at: Option<String>,
+    pub last_error: Option<String>,
+    pub attempts: Option<String>,
+    /// The status column.
+    pub state: String,
+    /// Its values; checked to hold no quote-escaping surprises (no backslash, no control
+    /// characters).
+    pub pending: String,
+    pub published: String,
+    pub failed: String,
+}
+
+impl ExistingOutbox {
+    /// Every mapped column, by role name, in a stable order.
+    pub fn columns(&self) -> Vec<(&'static str, &str)> {
+        let mut out = vec![
+            ("id", self.id.as_str()),
+            ("routing_key", self.routing_key.as_str()),
+            ("payload", self.payload.as_str()),
+        ];
+        let optional = [
+            ("destination", &self.destination),
+            ("headers", &self.headers),
+            ("content_type", &self.content_type),
+            ("message_id", &self.message_id),
+            ("created_at", &self.created_at),
+            ("last_error", &self.last_error),
+            ("attempts", &self.attempts),
+        ];
+        out.extend(
+            optional
+                .into_iter()
+                .filter_map(|(role, column)| column.as_deref().map(|c| (role, c))),
+        );
+        out.push(("state", self.state.as_str()));
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1273,6 +1273,7 @@ fn outbox_config(c: &mut Checker<'_>, name: &str, raw: &RawOutbox) -> OutboxConf
         ),
         maxlen: raw.maxlen,
         migrate: raw.migrate.unwrap_or(false),
+        existing: existing_outbox(c, name, raw),
         table,
     }
 }
@@ -1286,6 +1287,91 @@ fn broker_format(b: &RawRedisBroker) -> Option<EntryFormat> {
     )
     .ok()
     .flatten()
+}
+
+/// `columns` and `state` of an outbox relaying from an existing table: both or neither,
+/// every column a plain identifier, the status values distinct and safe to quote.
+fn existing_outbox(
+    c: &mut Checker<'_>,
+    name: &str,
+    raw: &RawOutbox,
+) -> Option<Box<ExistingOutbox>> {
+    let at = |k: &'static str| -> [&str; 3] { ["outboxes", name, k] };
+    let (columns, state) = match (&raw.columns, &raw.state) {
+        (None, None) => return None,
+        (Some(columns), Some(state)) => (columns, state),
+        (Some(_), None) => {
+            c.issue(&at("columns"), "`columns` needs `state` (the status column and its values, e.g. state = { column = \"status\" })");
+            return None;
+        }
+        (None, Some(_)) => {
+            c.issue(
+                &at("state"),
+                "`state` needs `columns` (which column is the id, routing key, payload, ...)",
+            );
+            return None;
+        }
+    };
+    if raw.migrate == Some(true) {
+        c.issue(&at("migrate"), "an existing table (`columns`) is never migrated; `bosun outbox check` prints what it lacks");
+    }
+    if raw.ordering.as_deref() == Some("per_key") {
+        c.issue(
+            &at("ordering"),
+            "`per_key` needs bosun's own table; it is not available with `columns`",
+        );
+    }
+    let existing = ExistingOutbox {
+        id: columns.id.clone(),
+        destination: columns.destination.clone(),
+        routing_key: columns.routing_key.clone(),
+        payload: columns.payload.clone(),
+        headers: columns.headers.clone(),
+        content_type: columns.content_type.clone(),
+        message_id: columns.message_id.clone(),
+        created_at: columns.created_at.clone(),
+        last_error: columns.last_error.clone(),
+        attempts: columns.attempts.clone(),
+        state: state.column.clone(),
+        pending: state.pending.clone().unwrap_or_else(|| "pending".into()),
+        published: state
+            .published
+            .clone()
+            .unwrap_or_else(|| "published".into()),
+        failed: state.failed.clone().unwrap_or_else(|| "failed".into()),
+    };
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (role, column) in existing.columns() {
+        let key = if role == "state" { "state" } else { "columns" };
+        if !valid_sql_identifier(column) || column.contains('.') {
+            c.issue(&["outboxes", name, key], format!("{role} column `{column}` is not a plain lowercase SQL identifier (letters, digits, `_`)"));
+        } else if let Some(other) = seen.insert(column, role) {
+            c.issue(
+                &["outboxes", name, key],
+                format!("column `{column}` is mapped twice ({other} and {role})"),
+            );
+        }
+    }
+    let values = [
+        ("pending", &existing.pending),
+        ("published", &existing.published),
+        ("failed", &existing.failed),
+    ];
+    for (i, (key, value)) in values.iter().enumerate() {
+        if value.is_empty()
+            || value.len() > 200
+            || value.chars().any(|ch| ch.is_control() || ch == '\\')
+        {
+            c.issue(&["outboxes", name, "state"], format!("state value {key} = {value:?} must be 1 to 200 characters, without control characters or `\\`"));
+        }
+        if let Some((other, _)) = values[..i].iter().find(|(_, v)| v == value) {
+            c.issue(
+                &["outboxes", name, "state"],
+                format!("state values {other} and {key} are both {value:?}"),
+            );
+        }
+    }
+    Some(Box::new(existing))
 }
 
 fn dead_letter_config(

@@ -6,7 +6,8 @@
 //! - [`headers`]: a row's `headers` text, parsed within bounds;
 //! - [`relay`]: the claim → publish → mark → commit loop;
 //! - [`listener`]: LISTEN for the insert trigger, so new rows go out without waiting for a poll;
-//! - [`cleanup`]: backlog gauges and retention of published rows.
+//! - [`cleanup`]: backlog gauges and retention of published rows;
+//! - [`table`]: an application's existing table, inspected (`bosun outbox check`).
 //!
 //! Each `[outboxes.NAME]` runs as one component, `outbox:NAME`, holding one connection of its
 //! own for batches plus one pooled connection for LISTEN.
@@ -18,6 +19,7 @@ pub mod publishers;
 pub mod relay;
 pub mod schema;
 pub mod store;
+pub mod table;
 
 #[cfg(test)]
 mod live_tests;
@@ -153,15 +155,32 @@ impl OutboxComponent {
         // The configuration checked these already; checking again keeps this module safe
         // for embedders that build an OutboxConfig by hand.
         Schema::new(&config.table, &config.notify_channel)?;
+        if let Some(layout) = &config.existing {
+            for (_, column) in layout.columns() {
+                if !crate::config::valid_sql_identifier(column) || column.contains('.') {
+                    return Err(OutboxError::InvalidIdentifier(column.to_owned()));
+                }
+            }
+            for value in [&layout.pending, &layout.published, &layout.failed] {
+                if value.chars().any(|ch| ch.is_control() || ch == '\\') {
+                    return Err(OutboxError::InvalidIdentifier(value.clone()));
+                }
+            }
+        }
         describe_metrics();
         let connect = (*pool.connect_options())
             .clone()
             .application_name(&application_name(name));
-        let queries = store::Queries::new(
-            &config.table,
-            config.ordering,
-            config.retain_published.is_zero(),
-        );
+        let queries = match &config.existing {
+            Some(layout) => {
+                store::Queries::existing(&config.table, layout, config.retain_published.is_zero())
+            }
+            None => store::Queries::new(
+                &config.table,
+                config.ordering,
+                config.retain_published.is_zero(),
+            ),
+        };
         Ok(Self {
             relay: Arc::new(Relay {
                 name: name.to_owned(),
@@ -199,6 +218,12 @@ impl Component for OutboxComponent {
             wake.clone(),
             helpers.clone(),
         ));
+        // Only logs; never delays the relay.
+        let inspection = tokio::spawn(table::warn_at_start(
+            relay.name.clone(),
+            self.pool.clone(),
+            relay.config.clone(),
+        ));
         let housekeeping = tokio::spawn(cleanup::run(
             relay.name.clone(),
             self.pool.clone(),
@@ -212,6 +237,7 @@ impl Component for OutboxComponent {
         helpers.cancel();
         let _ = listen.await;
         let _ = housekeeping.await;
+        inspection.abort();
         tracing::info!(outbox = %relay.name, "outbox relay stopped");
         Ok(())
     }

@@ -351,7 +351,9 @@ impl Relay {
             id: row.id,
             error: crate::text::truncate(&error, MAX_ERROR_LEN).to_owned(),
             retry_after: self.config.retry.delay(attempt),
-            give_up: invalid || attempt >= self.config.max_attempts,
+            give_up: invalid
+                || attempt >= self.config.max_attempts
+                || !self.queries.tracks_attempts(),
         }
     }
 
@@ -361,10 +363,21 @@ impl Relay {
             .clone()
             .or_else(|| self.config.destination.clone())
             .ok_or(RowProblem::NoDestination)?;
+        let (Some(routing_key), Some(payload)) = (&row.routing_key, &row.payload) else {
+            let (role, column) = match (&row.routing_key, &self.config.existing) {
+                (None, Some(layout)) => ("routing key", layout.routing_key.as_str()),
+                (None, None) => ("routing key", "routing_key"),
+                (Some(_), Some(layout)) => ("payload", layout.payload.as_str()),
+                (Some(_), None) => ("payload", "payload"),
+            };
+            return Err(RowProblem::Invalid(format!(
+                "the row's {role} (column `{column}`) is NULL"
+            )));
+        };
         Ok(OutgoingMessage {
             destination,
-            routing_key: row.routing_key.clone(),
-            message_id: row.message_id.to_string(),
+            routing_key: routing_key.clone(),
+            message_id: row.message_id.clone(),
             correlation_id: None,
             content_type: row.content_type.clone(),
             headers: super::headers::parse_sized(
@@ -372,8 +385,10 @@ impl Relay {
                 usize::try_from(row.headers_bytes).unwrap_or(usize::MAX),
             )
             .map_err(|e| RowProblem::Invalid(e.0))?,
-            body: row.payload.clone().into(),
-            timestamp_ms: u64::try_from(row.created_at.timestamp_millis()).ok(),
+            body: payload.0.clone().into(),
+            timestamp_ms: row
+                .created_at
+                .and_then(|at| u64::try_from(at.timestamp_millis()).ok()),
         })
     }
 }

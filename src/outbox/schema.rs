@@ -187,7 +187,7 @@ $$"
     }
 }
 
-fn derived_name(base: &str, suffix: &str) -> String {
+pub(super) fn derived_name(base: &str, suffix: &str) -> String {
     use sha2::Digest as _;
     let name = format!("{base}_{suffix}");
     if name.len() <= MAX_IDENTIFIER {

@@ -7,29 +7,35 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgTypeInfo, PgValueFormat, PgValueRef};
+use sqlx::{Decode, PgConnection, PgExecutor, Postgres, Type, TypeInfo as _, ValueRef as _};
 
-use crate::config::Ordering;
+use super::table::{quote_ident, quote_literal, quote_table};
+use crate::config::{ExistingOutbox, Ordering};
 
 /// Columns the relay reads from a claimed row.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
     pub id: i64,
     /// Becomes the published message's id, so a re-sent row is recognisable downstream.
-    pub message_id: uuid::Uuid,
+    pub message_id: String,
     /// NULL means the outbox's configured default destination.
     pub destination: Option<String>,
-    pub routing_key: String,
+    /// NULL only in an existing table's nullable column: the row fails, invalid.
+    pub routing_key: Option<String>,
     /// The `headers` column as JSON text, parsed per row with bounds by the relay, so one
     /// row's headers can never fail the claim of a whole batch. Cut to just past the
     /// relay's limit ([`super::headers::MAX_BYTES`]), so huge headers are never read whole.
     pub headers: String,
     /// Bytes of the whole `headers` text, to report an oversized one.
     pub headers_bytes: i32,
-    pub payload: Vec<u8>,
+    /// NULL only in an existing table's nullable column: the row fails, invalid.
+    pub payload: Option<Payload>,
     pub content_type: Option<String>,
-    /// Stamped on the message as its timestamp: when the application wrote it.
-    pub created_at: DateTime<Utc>,
+    /// Stamped on the message as its timestamp: when the application wrote it. None for an
+    /// existing table without a mapped `created_at`.
+    pub created_at: Option<DateTime<Utc>>,
     /// Publish attempts before this one, to decide whether a failure is the last.
     pub attempts: i32,
     /// With per_key, the rows of one key are sent one after another.
@@ -37,6 +43,37 @@ pub struct OutboxRow {
     /// With per_key, the row's place in its key's claimed run (0: the key's head); the rows
     /// of a key are sent only while these follow on without a gap. 0 otherwise.
     pub key_rank: i64,
+}
+
+/// A payload column's bytes: `bytea` as stored; `text`, `varchar`, `json` and `jsonb` as
+/// their UTF-8 text, so an existing table's payload goes out unchanged whatever its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload(pub Vec<u8>);
+
+impl Type<Postgres> for Payload {
+    fn type_info() -> PgTypeInfo {
+        <Vec<u8> as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <Vec<u8> as Type<Postgres>>::compatible(ty)
+            || <String as Type<Postgres>>::compatible(ty)
+            || <serde_json::Value as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for Payload {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        let jsonb = value.format() == PgValueFormat::Binary && value.type_info().name() == "JSONB";
+        let bytes = value.as_bytes()?;
+        // jsonb's binary form is a version byte (1) before the JSON text.
+        let bytes = match bytes {
+            [1, rest @ ..] if jsonb => rest,
+            _ if jsonb => return Err("unknown jsonb version".into()),
+            _ => bytes,
+        };
+        Ok(Payload(bytes.to_vec()))
+    }
 }
 
 /// What to record for a row whose publish failed.
@@ -68,7 +105,10 @@ pub struct Queries {
     mark_published: String,
     record_failures: String,
     backlog: String,
-    delete_published: String,
+    /// None: published rows are never deleted (an existing table without `published_at`).
+    delete_published: Option<String>,
+    /// Failures count up an attempts column; without one a refused row is given up at once.
+    tracks_attempts: bool,
 }
 
 /// With per_key, keys are looked for among the oldest `batch ×` this many due rows.
@@ -80,7 +120,7 @@ const HEADERS_READ: usize = super::headers::MAX_BYTES + 1;
 /// The columns of a claimed row, as [`OutboxRow`] reads them.
 fn row_columns() -> String {
     format!(
-        "o.id, o.message_id, o.destination, o.routing_key, \
+        "o.id, o.message_id::text AS message_id, o.destination, o.routing_key, \
          left(o.headers::text, {HEADERS_READ}) AS headers, \
          octet_length(o.headers::text) AS headers_bytes, \
          o.payload, o.content_type, o.created_at, o.attempts, o.partition_key"
@@ -203,13 +243,13 @@ impl Queries {
                     COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
              FROM {table} WHERE published_at IS NULL AND failed_at IS NULL"
         );
-        let delete_published = format!(
+        let delete_published = Some(format!(
             "DELETE FROM {table} WHERE id IN (
                  SELECT id FROM {table}
                  WHERE published_at < now() - make_interval(secs => $1)
                  ORDER BY published_at LIMIT $2
                  FOR UPDATE SKIP LOCKED)"
-        );
+        ));
         let held = format!(
             "SELECT EXISTS (
                  SELECT 1 FROM (
@@ -227,7 +267,112 @@ impl Queries {
             record_failures,
             backlog,
             delete_published,
+            tracks_attempts: true,
         }
+    }
+
+    /// The statements for an application's existing table: pending, published and failed
+    /// are values of its status column, and every column is read through its mapping, cast
+    /// to what [`OutboxRow`] reads. `table` must be a validated identifier.
+    pub fn existing(table: &str, layout: &ExistingOutbox, delete_on_publish: bool) -> Self {
+        let col = |c: &str| format!("o.{}", quote_ident(c));
+        let table_literal = quote_literal(table);
+        let t = quote_table(table);
+        let id = col(&layout.id);
+        let state = col(&layout.state);
+        let pending = format!("{state} = {}", quote_literal(&layout.pending));
+        let text_or_null = |c: &Option<String>| match c {
+            Some(c) => format!("{}::text", col(c)),
+            None => "NULL::text".to_owned(),
+        };
+        let message_id = match &layout.message_id {
+            Some(c) => format!("{}::text", col(c)),
+            // Stable across re-sends: the same row always gets the same id.
+            None => format!("md5({table_literal} || ':' || {id}::text)::uuid::text"),
+        };
+        let (headers, headers_bytes) = match &layout.headers {
+            Some(c) => (
+                format!("coalesce(left({}::text, {HEADERS_READ}), '{{}}')", col(c)),
+                format!("coalesce(octet_length({}::text), 2)", col(c)),
+            ),
+            None => ("'{}'::text".to_owned(), "2".to_owned()),
+        };
+        let created_at = match &layout.created_at {
+            Some(c) => format!("{}::timestamptz", col(c)),
+            None => "NULL::timestamptz".to_owned(),
+        };
+        let attempts = match &layout.attempts {
+            Some(c) => format!("coalesce({}, 0)::integer", col(c)),
+            None => "0".to_owned(),
+        };
+        let claim = format!(
+            "SELECT {id}::bigint AS id, {message_id} AS message_id,
+                    {destination} AS destination, {routing_key}::text AS routing_key,
+                    {headers} AS headers, {headers_bytes}::integer AS headers_bytes,
+                    {payload} AS payload, {content_type} AS content_type,
+                    {created_at} AS created_at, {attempts} AS attempts,
+                    NULL::text AS partition_key, 0::bigint AS key_rank
+             FROM {t} o
+             WHERE {pending}
+             ORDER BY {id} LIMIT $1
+             FOR UPDATE SKIP LOCKED",
+            destination = text_or_null(&layout.destination),
+            routing_key = col(&layout.routing_key),
+            payload = col(&layout.payload),
+            content_type = text_or_null(&layout.content_type),
+        );
+        let id_column = quote_ident(&layout.id);
+        let state_column = quote_ident(&layout.state);
+        let mark_published = if delete_on_publish {
+            format!("DELETE FROM {t} WHERE {id_column} = ANY($1)")
+        } else {
+            format!(
+                "UPDATE {t} SET {state_column} = {} WHERE {id_column} = ANY($1)",
+                quote_literal(&layout.published)
+            )
+        };
+        let mut sets = vec![format!(
+            "{state_column} = CASE WHEN f.give_up THEN {} ELSE {state} END",
+            quote_literal(&layout.failed)
+        )];
+        if let Some(c) = &layout.last_error {
+            sets.push(format!("{} = f.error", quote_ident(c)));
+        }
+        if let Some(c) = &layout.attempts {
+            sets.push(format!("{} = coalesce({}, 0) + 1", quote_ident(c), col(c)));
+        }
+        let record_failures = format!(
+            "UPDATE {t} AS o SET {}
+             FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[])
+                  AS f(id, error, retry_after, give_up)
+             WHERE {id} = f.id",
+            sets.join(", ")
+        );
+        let oldest = match &layout.created_at {
+            Some(c) => format!("min({}::timestamptz)", col(c)),
+            None => "now()".to_owned(),
+        };
+        let backlog = format!(
+            "SELECT count(*)::bigint,
+                    COALESCE(EXTRACT(EPOCH FROM now() - {oldest}), 0)::float8
+             FROM {t} o WHERE {pending}"
+        );
+        Self {
+            claim,
+            per_key: false,
+            held: "SELECT false".to_owned(),
+            mark_published,
+            record_failures,
+            backlog,
+            delete_published: None,
+            tracks_attempts: layout.attempts.is_some(),
+        }
+    }
+
+    /// Whether a failed row's attempts are counted; if not, a refused row is given up at
+    /// once rather than retried without end.
+    pub fn tracks_attempts(&self) -> bool {
+        self.tracks_attempts
     }
 
     /// Locks and returns up to `limit` claimable rows, lowest id first. Must run inside the
@@ -329,7 +474,10 @@ impl Queries {
         retain: Duration,
         limit: i64,
     ) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(&self.delete_published)
+        let Some(delete_published) = &self.delete_published else {
+            return Ok(0);
+        };
+        let done = sqlx::query(delete_published)
             .bind(retain.as_secs_f64())
             .bind(limit)
             .execute(db)

@@ -14,6 +14,8 @@
 //! handler from the process's environment, not from the loader's: a snippet may leave it
 //! unset, and nothing else.
 
+use crate::support;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -339,4 +341,25 @@ fn link_check_reports_missing_files_and_anchors() {
         anchors("## `[http.admin]` and the admin API\n").contains("httpadmin-and-the-admin-api")
     );
     assert!(anchors("## `per_key` ordering\n").contains("per_key-ordering"));
+}
+
+/// The migration guide's complete files pass `bosun check` as they are, and the guide is
+/// linked from README.md.
+#[test]
+fn the_migration_guides_complete_files_pass_bosun_check() {
+    let guide = repo().join("docs/migrating-from-python-workers.md");
+    let mut checked = 0;
+    for fence in fences(&read(&guide)) {
+        if fence.info != "toml complete" {
+            continue;
+        }
+        checked += 1;
+        let file = support::ConfigFile::new(&fence.text);
+        let path = file.path.to_str().expect("utf-8 path");
+        let (code, out, err) = support::bosun_output(&["check", "--config", path], &[]);
+        assert_eq!(code, 0, "line {}:\n{out}{err}", fence.line);
+        assert!(out.contains("configuration is valid"), "{out}");
+    }
+    assert!(checked >= 1, "the guide has no complete file");
+    assert!(read(&repo().join("README.md")).contains("(docs/migrating-from-python-workers.md)"));
 }
