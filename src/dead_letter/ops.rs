@@ -35,6 +35,25 @@ pub struct Target {
     pub processors: Vec<String>,
 }
 
+impl Target {
+    /// The rows in `statuses` that `selector` picks: what a dry run of a replay or purge
+    /// reports, read without locking.
+    async fn preview(
+        &self,
+        selector: &Selector,
+        statuses: &[&str],
+    ) -> Result<Vec<Summary>, DeadLetterError> {
+        archive::preview(
+            &self.pool,
+            &self.table,
+            &self.processors,
+            selector,
+            statuses,
+        )
+        .await
+    }
+}
+
 /// The shared implementation behind the CLI and the admin API.
 #[derive(Clone)]
 pub struct Ops {
@@ -179,14 +198,12 @@ impl Ops {
         check_selector(processor, selector)?;
         let t = self.target(processor)?;
         if dry_run {
-            let rows = archive::preview(
-                &t.pool,
-                &t.table,
-                &t.processors,
-                selector,
-                &[status::ARCHIVED, status::SCHEDULED, status::FAILED],
-            )
-            .await?;
+            let rows = t
+                .preview(
+                    selector,
+                    &[status::ARCHIVED, status::SCHEDULED, status::FAILED],
+                )
+                .await?;
             return Ok(ReplayReport {
                 dry_run: true,
                 would_replay: rows,
@@ -381,14 +398,12 @@ impl Ops {
         check_selector(processor, selector)?;
         let t = self.target(processor)?;
         if dry_run {
-            let rows = archive::preview(
-                &t.pool,
-                &t.table,
-                &t.processors,
-                selector,
-                &[status::ARCHIVED, status::SCHEDULED, status::REPLAYED],
-            )
-            .await?;
+            let rows = t
+                .preview(
+                    selector,
+                    &[status::ARCHIVED, status::SCHEDULED, status::REPLAYED],
+                )
+                .await?;
             return Ok(PurgeReport {
                 dry_run: true,
                 would_purge: rows,
