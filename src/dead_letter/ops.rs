@@ -24,6 +24,10 @@ use crate::publish::{OutgoingMessage, PublishError};
 const REPLAY_BATCH: i64 = 100;
 /// Most ids one replay or purge may name: the work and the report stay bounded.
 pub const MAX_IDS: usize = 10_000;
+/// The statuses a replay takes rows from (those `archive::claim_for_replay` locks).
+const REPLAYABLE: &[&str] = &[status::ARCHIVED, status::SCHEDULED, status::FAILED];
+/// The statuses a purge's dry run lists.
+const PURGE_PREVIEW: &[&str] = &[status::ARCHIVED, status::SCHEDULED, status::REPLAYED];
 /// Upper bound on one batch's publish while its rows are locked.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -195,15 +199,9 @@ impl Ops {
                 "replay selects by ids, group or all".into(),
             ));
         }
-        check_selector(processor, selector)?;
-        let t = self.target(processor)?;
+        let t = self.selected_target(processor, selector)?;
         if dry_run {
-            let rows = t
-                .preview(
-                    selector,
-                    &[status::ARCHIVED, status::SCHEDULED, status::FAILED],
-                )
-                .await?;
+            let rows = t.preview(selector, REPLAYABLE).await?;
             return Ok(ReplayReport {
                 dry_run: true,
                 would_replay: rows,
@@ -395,15 +393,9 @@ impl Ops {
         selector: &Selector,
         dry_run: bool,
     ) -> Result<PurgeReport, DeadLetterError> {
-        check_selector(processor, selector)?;
-        let t = self.target(processor)?;
+        let t = self.selected_target(processor, selector)?;
         if dry_run {
-            let rows = t
-                .preview(
-                    selector,
-                    &[status::ARCHIVED, status::SCHEDULED, status::REPLAYED],
-                )
-                .await?;
+            let rows = t.preview(selector, PURGE_PREVIEW).await?;
             return Ok(PurgeReport {
                 dry_run: true,
                 would_purge: rows,
@@ -416,6 +408,18 @@ impl Ops {
             purged,
             ..PurgeReport::default()
         })
+    }
+}
+
+impl Ops {
+    /// The target of a replay or purge, once its selector is within bounds.
+    fn selected_target(
+        &self,
+        processor: Option<&str>,
+        selector: &Selector,
+    ) -> Result<Target, DeadLetterError> {
+        check_selector(processor, selector)?;
+        self.target(processor)
     }
 }
 
