@@ -105,18 +105,41 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
         .flatten()
 }
 
-/// Runs `runtime` on `port` with `shutdown_timeout`; returns the signal sender and the task.
-fn start(
-    runtime: Runtime,
+/// A runtime started by [`start`].
+struct Running {
+    /// Where its HTTP listener answers.
     port: u16,
-    shutdown_timeout: &str,
-) -> (
-    mpsc::UnboundedSender<SignalKind>,
-    tokio::task::JoinHandle<anyhow::Result<ExitStatus>>,
-) {
+    signals: mpsc::UnboundedSender<SignalKind>,
+    task: tokio::task::JoinHandle<anyhow::Result<ExitStatus>>,
+}
+
+/// Runs `runtime` on a free port with `shutdown_timeout`.
+fn start(runtime: Runtime, shutdown_timeout: &str) -> Running {
+    let port = free_port();
     let (signals, rx) = mpsc::unbounded();
     let task = tokio::spawn(runtime.run(config(port, shutdown_timeout), None, rx));
-    (signals, task)
+    Running {
+        port,
+        signals,
+        task,
+    }
+}
+
+impl Running {
+    fn terminate(&self) {
+        self.signals
+            .unbounded_send(SignalKind::Terminate)
+            .expect("send signal");
+    }
+
+    /// How the runtime ended; it must end within 10 s (`stops` says how, if it does not).
+    async fn exit_status(self, stops: &str) -> ExitStatus {
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect(stops)
+            .expect("joins")
+            .expect("runs")
+    }
 }
 
 /// A runtime with a [`Flaky`] component `flaky_name` (panicking if `panic`) beside a steady
@@ -167,31 +190,12 @@ async fn ran_once(runs: &AtomicU32) -> Option<()> {
     .await
 }
 
-fn terminate(signals: &mpsc::UnboundedSender<SignalKind>) {
-    signals
-        .unbounded_send(SignalKind::Terminate)
-        .expect("send signal");
-}
-
-/// How the runtime task ended; it must end within 10 s (`stops` says how, if it does not).
-async fn exit_status(
-    task: tokio::task::JoinHandle<anyhow::Result<ExitStatus>>,
-    stops: &str,
-) -> ExitStatus {
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect(stops)
-        .expect("joins")
-        .expect("runs")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_component_restarts_with_backoff_while_others_keep_running() {
-    let port = free_port();
     let flaky_name = unique("flaky");
     let steady_name = unique("steady");
     let (runtime, starts, steady_runs) = flaky_beside_steady(&flaky_name, &steady_name, false);
-    let (signals, task) = start(runtime, port, "5s");
+    let run = start(runtime, "5s");
 
     let enough = started_times(&starts, 5).await;
     assert!(
@@ -210,7 +214,7 @@ async fn failing_component_restarts_with_backoff_while_others_keep_running() {
         "the healthy component must not be restarted"
     );
 
-    let (status, body) = get(port, "/metrics").await.expect("metrics answer");
+    let (status, body) = get(run.port, "/metrics").await.expect("metrics answer");
     assert_eq!(status, 200);
     let restarts =
         metric_value(&body, "bosun_task_restarts_total", &[&flaky_name]).expect("restart counter");
@@ -226,7 +230,7 @@ async fn failing_component_restarts_with_backoff_while_others_keep_running() {
     );
     assert!(body.contains("bosun_build_info{version=\""), "{body}");
 
-    let (status, body) = get(port, "/readyz").await.expect("readyz answers");
+    let (status, body) = get(run.port, "/readyz").await.expect("readyz answers");
     assert_eq!(status, 503, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
     let reason = json["not_ready"][&flaky_name]["reason"]
@@ -235,51 +239,49 @@ async fn failing_component_restarts_with_backoff_while_others_keep_running() {
     assert!(reason.contains("broker said no"), "{body}");
     assert!(json["not_ready"].get(&steady_name).is_none(), "{body}");
 
-    terminate(&signals);
-    let status = exit_status(task, "stops").await;
+    run.terminate();
+    let status = run.exit_status("stops").await;
     assert_eq!(status, ExitStatus::Clean);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_is_contained_and_restarted() {
-    let port = free_port();
     let name = unique("panicky");
     let other = unique("bystander");
     let (runtime, starts, steady_runs) = flaky_beside_steady(&name, &other, true);
-    let (signals, task) = start(runtime, port, "5s");
+    let run = start(runtime, "5s");
 
     let restarted = started_times(&starts, 3).await;
     assert!(
         restarted.is_some(),
         "the panicking component was not restarted"
     );
-    let (_, body) = get(port, "/readyz").await.expect("readyz answers");
+    let (_, body) = get(run.port, "/readyz").await.expect("readyz answers");
     assert!(body.contains("panicked: boom from a component"), "{body}");
     assert_eq!(steady_runs.load(Ordering::SeqCst), 1);
-    let (_, health) = get(port, "/healthz").await.expect("healthz answers");
+    let (_, health) = get(run.port, "/healthz").await.expect("healthz answers");
     assert!(health.contains("\"ok\""), "{health}");
 
-    terminate(&signals);
-    let status = exit_status(task, "stops").await;
+    run.terminate();
+    let status = run.exit_status("stops").await;
     assert_eq!(status, ExitStatus::Clean);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_lets_in_flight_work_finish() {
-    let port = free_port();
     let (slow, _, finished) = worker(Duration::from_millis(500), false);
     let runtime = Runtime::builder()
         .supervisor(fast_restarts())
         .component(&unique("draining"), slow)
         .build();
-    let (signals, task) = start(runtime, port, "10s");
-    assert!(ready(port).await.is_some(), "never ready");
+    let run = start(runtime, "10s");
+    assert!(ready(run.port).await.is_some(), "never ready");
 
-    terminate(&signals);
+    run.terminate();
     // During the drain the listener still answers.
-    let during = get(port, "/healthz").await;
+    let during = get(run.port, "/healthz").await;
     assert!(matches!(during, Some((200, _))), "{during:?}");
-    let status = exit_status(task, "stops").await;
+    let status = run.exit_status("stops").await;
     assert_eq!(status, ExitStatus::Clean);
     assert!(
         finished.load(Ordering::SeqCst),
@@ -289,7 +291,6 @@ async fn terminate_lets_in_flight_work_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_timeout_cuts_off_a_stuck_component() {
-    let port = free_port();
     let (stuck, _, finished) = worker(Duration::ZERO, true);
     let (fine, _, fine_finished) = worker(Duration::from_millis(50), false);
     let runtime = Runtime::builder()
@@ -297,11 +298,11 @@ async fn shutdown_timeout_cuts_off_a_stuck_component() {
         .component(&unique("stuck"), stuck)
         .component(&unique("fine"), fine)
         .build();
-    let (signals, task) = start(runtime, port, "300ms");
-    assert!(ready(port).await.is_some(), "never ready");
+    let run = start(runtime, "300ms");
+    assert!(ready(run.port).await.is_some(), "never ready");
 
-    terminate(&signals);
-    let status = exit_status(task, "stops").await;
+    run.terminate();
+    let status = run.exit_status("stops").await;
     assert_eq!(status, ExitStatus::TimedOut);
     assert_eq!(status.code(), 1);
     assert!(!finished.load(Ordering::SeqCst));
@@ -313,18 +314,17 @@ async fn shutdown_timeout_cuts_off_a_stuck_component() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_terminate_stops_at_once() {
-    let port = free_port();
     let (slow, _, finished) = worker(Duration::from_secs(30), false);
     let runtime = Runtime::builder()
         .supervisor(fast_restarts())
         .component(&unique("slow"), slow)
         .build();
-    let (signals, task) = start(runtime, port, "60s");
-    assert!(ready(port).await.is_some(), "never ready");
+    let run = start(runtime, "60s");
+    assert!(ready(run.port).await.is_some(), "never ready");
 
-    terminate(&signals);
-    terminate(&signals);
-    let status = exit_status(task, "stops at once").await;
+    run.terminate();
+    run.terminate();
+    let status = run.exit_status("stops at once").await;
     assert_eq!(status, ExitStatus::Forced);
     assert_ne!(status.code(), 0);
     assert!(!finished.load(Ordering::SeqCst));
