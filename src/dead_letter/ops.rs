@@ -109,6 +109,16 @@ impl Ops {
         }
     }
 
+    /// The target of a replay or purge, once its selector is within bounds.
+    fn selected_target(
+        &self,
+        processor: Option<&str>,
+        selector: &Selector,
+    ) -> Result<Target, DeadLetterError> {
+        check_selector(processor, selector)?;
+        self.target(processor)
+    }
+
     /// The archive `processor` writes to, or, without one, the single archive table every
     /// archiving processor shares. Several tables need an explicit processor.
     pub fn target(&self, processor: Option<&str>) -> Result<Target, DeadLetterError> {
@@ -408,18 +418,6 @@ impl Ops {
             purged,
             ..PurgeReport::default()
         })
-    }
-}
-
-impl Ops {
-    /// The target of a replay or purge, once its selector is within bounds.
-    fn selected_target(
-        &self,
-        processor: Option<&str>,
-        selector: &Selector,
-    ) -> Result<Target, DeadLetterError> {
-        check_selector(processor, selector)?;
-        self.target(processor)
     }
 }
 
