@@ -389,28 +389,38 @@ fn checked_body(text: &str) -> Result<SelectBody, Refused> {
 }
 
 async fn replay(State(state): State<AdminState>, text: String) -> Result<Response, ApiError> {
-    let body = match checked_body(&text) {
-        Ok(body) => body,
-        Err(refused) => return Ok(refused.into_response()),
-    };
-    let report = state
-        .ops
-        .current()
-        .replay(body.processor.as_deref(), &body.selector()?, body.dry_run)
-        .await?;
-    Ok(Json(report).into_response())
+    select_and_run(&state, &text, async |ops, processor, selector, dry_run| {
+        ops.replay(processor, selector, dry_run).await
+    })
+    .await
 }
 
 async fn purge(State(state): State<AdminState>, text: String) -> Result<Response, ApiError> {
-    let body = match checked_body(&text) {
+    select_and_run(&state, &text, async |ops, processor, selector, dry_run| {
+        ops.purge(processor, selector, dry_run).await
+    })
+    .await
+}
+
+/// Replay and purge take the same body: it is checked (a refusal is answered as is), its
+/// selector built, and `run` given the current operations; its report is the answer.
+async fn select_and_run<R: serde::Serialize>(
+    state: &AdminState,
+    text: &str,
+    run: impl AsyncFnOnce(&Ops, Option<&str>, &Selector, bool) -> Result<R, DeadLetterError>,
+) -> Result<Response, ApiError> {
+    let body = match checked_body(text) {
         Ok(body) => body,
         Err(refused) => return Ok(refused.into_response()),
     };
-    let report = state
-        .ops
-        .current()
-        .purge(body.processor.as_deref(), &body.selector()?, body.dry_run)
-        .await?;
+    let ops = state.ops.current();
+    let report = run(
+        &ops,
+        body.processor.as_deref(),
+        &body.selector()?,
+        body.dry_run,
+    )
+    .await?;
     Ok(Json(report).into_response())
 }
 

@@ -351,6 +351,10 @@ impl Row {
     }
 }
 
+/// The columns of [`Summary`]: what a list and a dry run both show.
+const SUMMARY_COLUMNS: &str = "id, processor, message_id, original, error_kind, error, reason,
+    attempts, replay_count, group_key, archived_at, status";
+
 /// A list line: no headers, no body.
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct Summary {
@@ -398,9 +402,7 @@ pub async fn list(
     filter: &ListFilter,
 ) -> Result<Vec<Summary>, DeadLetterError> {
     let sql = format!(
-        "SELECT id, processor, message_id, original, error_kind, error, reason, attempts,
-                replay_count, group_key, archived_at, status
-         FROM {table}
+        "SELECT {SUMMARY_COLUMNS} FROM {table}
          WHERE processor = ANY($1)
            AND ($2::text IS NULL OR group_key = $2)
            AND ($3::timestamptz IS NULL OR archived_at >= $3)
@@ -521,9 +523,7 @@ pub async fn preview(
     statuses: &[&str],
 ) -> Result<Vec<Summary>, DeadLetterError> {
     let sql = format!(
-        "SELECT id, processor, message_id, original, error_kind, error, reason, attempts,
-                replay_count, group_key, archived_at, status
-         FROM {table}
+        "SELECT {SUMMARY_COLUMNS} FROM {table}
          WHERE processor = ANY($1) AND {} AND status = ANY($3)
          ORDER BY id",
         selector_sql(selector)
@@ -615,14 +615,10 @@ pub async fn purge(
          RETURNING id",
         selector_sql(selector)
     );
-    let query = sqlx::query_scalar::<_, i64>(&sql).bind(processors);
-    let query = match selector {
-        Selector::Ids(ids) => query.bind(ids),
-        Selector::Group(g) => query.bind(g),
-        Selector::All => query.bind(None::<i32>),
-        Selector::Before(t) => query.bind(t),
-    };
-    let mut ids = query.fetch_all(pool).await?;
+    // Read as one-column rows so the selector binds the same way as for the other queries.
+    let query = sqlx::query_as::<_, (i64,)>(&sql).bind(processors);
+    let rows = bind_selector(query, selector).fetch_all(pool).await?;
+    let mut ids: Vec<i64> = rows.into_iter().map(|(id,)| id).collect();
     ids.sort_unstable();
     Ok(ids)
 }

@@ -24,6 +24,10 @@ use crate::publish::{OutgoingMessage, PublishError};
 const REPLAY_BATCH: i64 = 100;
 /// Most ids one replay or purge may name: the work and the report stay bounded.
 pub const MAX_IDS: usize = 10_000;
+/// The statuses a replay takes rows from (those `archive::claim_for_replay` locks).
+const REPLAYABLE: &[&str] = &[status::ARCHIVED, status::SCHEDULED, status::FAILED];
+/// The statuses a purge's dry run lists.
+const PURGE_PREVIEW: &[&str] = &[status::ARCHIVED, status::SCHEDULED, status::REPLAYED];
 /// Upper bound on one batch's publish while its rows are locked.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -33,6 +37,25 @@ pub struct Target {
     pub pool: PgPool,
     pub table: String,
     pub processors: Vec<String>,
+}
+
+impl Target {
+    /// The rows in `statuses` that `selector` picks: what a dry run of a replay or purge
+    /// reports, read without locking.
+    async fn preview(
+        &self,
+        selector: &Selector,
+        statuses: &[&str],
+    ) -> Result<Vec<Summary>, DeadLetterError> {
+        archive::preview(
+            &self.pool,
+            &self.table,
+            &self.processors,
+            selector,
+            statuses,
+        )
+        .await
+    }
 }
 
 /// The shared implementation behind the CLI and the admin API.
@@ -84,6 +107,16 @@ impl Ops {
             pools,
             publishers,
         }
+    }
+
+    /// The target of a replay or purge, once its selector is within bounds.
+    fn selected_target(
+        &self,
+        processor: Option<&str>,
+        selector: &Selector,
+    ) -> Result<Target, DeadLetterError> {
+        check_selector(processor, selector)?;
+        self.target(processor)
     }
 
     /// The archive `processor` writes to, or, without one, the single archive table every
@@ -176,17 +209,9 @@ impl Ops {
                 "replay selects by ids, group or all".into(),
             ));
         }
-        check_selector(processor, selector)?;
-        let t = self.target(processor)?;
+        let t = self.selected_target(processor, selector)?;
         if dry_run {
-            let rows = archive::preview(
-                &t.pool,
-                &t.table,
-                &t.processors,
-                selector,
-                &[status::ARCHIVED, status::SCHEDULED, status::FAILED],
-            )
-            .await?;
+            let rows = t.preview(selector, REPLAYABLE).await?;
             return Ok(ReplayReport {
                 dry_run: true,
                 would_replay: rows,
@@ -378,17 +403,9 @@ impl Ops {
         selector: &Selector,
         dry_run: bool,
     ) -> Result<PurgeReport, DeadLetterError> {
-        check_selector(processor, selector)?;
-        let t = self.target(processor)?;
+        let t = self.selected_target(processor, selector)?;
         if dry_run {
-            let rows = archive::preview(
-                &t.pool,
-                &t.table,
-                &t.processors,
-                selector,
-                &[status::ARCHIVED, status::SCHEDULED, status::REPLAYED],
-            )
-            .await?;
+            let rows = t.preview(selector, PURGE_PREVIEW).await?;
             return Ok(PurgeReport {
                 dry_run: true,
                 would_purge: rows,

@@ -488,41 +488,27 @@ pub fn inherited_env(mode: InheritEnv) -> Vec<(std::ffi::OsString, std::ffi::OsS
 fn bosun_env(message: &Message, handler: &str) -> Vec<(String, String)> {
     let text = |v: Option<&str>| v.unwrap_or("").replace('\0', "");
     let source = &message.source;
-    let mut env = vec![
-        ("BOSUN_HANDLER".to_owned(), text(Some(handler))),
+    // Owned once here, so that each name stays a literal on one line.
+    let mut env: Vec<(String, String)> = [
+        ("BOSUN_HANDLER", text(Some(handler))),
+        ("BOSUN_MESSAGE_ID", text(message.message_id.as_deref())),
         (
-            "BOSUN_MESSAGE_ID".to_owned(),
-            text(message.message_id.as_deref()),
-        ),
-        (
-            "BOSUN_CORRELATION_ID".to_owned(),
+            "BOSUN_CORRELATION_ID",
             text(message.correlation_id.as_deref()),
         ),
-        (
-            "BOSUN_CONTENT_TYPE".to_owned(),
-            text(message.content_type.as_deref()),
-        ),
-        ("BOSUN_ATTEMPT".to_owned(), message.attempt.to_string()),
-        (
-            "BOSUN_REDELIVERED".to_owned(),
-            message.redelivered.to_string(),
-        ),
-        ("BOSUN_BROKER".to_owned(), text(Some(&source.broker))),
-        ("BOSUN_CONSUMER".to_owned(), text(Some(&source.consumer))),
-        ("BOSUN_SOURCE_QUEUE".to_owned(), text(Some(&source.queue))),
-        (
-            "BOSUN_EXCHANGE".to_owned(),
-            text(source.exchange.as_deref()),
-        ),
-        (
-            "BOSUN_ROUTING_KEY".to_owned(),
-            text(source.routing_key.as_deref()),
-        ),
-        (
-            "BOSUN_ENTRY_ID".to_owned(),
-            text(source.entry_id.as_deref()),
-        ),
-    ];
+        ("BOSUN_CONTENT_TYPE", text(message.content_type.as_deref())),
+        ("BOSUN_ATTEMPT", message.attempt.to_string()),
+        ("BOSUN_REDELIVERED", message.redelivered.to_string()),
+        ("BOSUN_BROKER", text(Some(&source.broker))),
+        ("BOSUN_CONSUMER", text(Some(&source.consumer))),
+        ("BOSUN_SOURCE_QUEUE", text(Some(&source.queue))),
+        ("BOSUN_EXCHANGE", text(source.exchange.as_deref())),
+        ("BOSUN_ROUTING_KEY", text(source.routing_key.as_deref())),
+        ("BOSUN_ENTRY_ID", text(source.entry_id.as_deref())),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect();
     for (name, value) in &message.headers {
         let Some(value) = value.as_text().filter(|v| !v.contains('\0')) else {
             continue;

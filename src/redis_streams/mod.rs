@@ -161,21 +161,13 @@ impl Ops {
         let conn = client(broker)?
             .get_connection_manager_with_config(config)
             .await
-            .map_err(|source| RedisStreamsError::Connect {
-                url: broker.url.redacted(),
-                source,
-            })?;
+            .map_err(connect_error(broker))?;
         let ops = Self {
             conn,
             name: name.into(),
             rename: Arc::new(AtomicBool::new(true)),
         };
-        ops.ensure_name()
-            .await
-            .map_err(|source| RedisStreamsError::Connect {
-                url: broker.url.redacted(),
-                source,
-            })?;
+        ops.ensure_name().await.map_err(connect_error(broker))?;
         Ok(ops)
     }
 
@@ -220,6 +212,13 @@ impl Ops {
     }
 }
 
+/// Turns a failure to connect, or to name the connection, into an error that names the
+/// server without its credentials.
+fn connect_error(broker: &RedisBrokerConfig) -> impl FnOnce(RedisError) -> RedisStreamsError {
+    let url = broker.url.redacted();
+    move |source| RedisStreamsError::Connect { url, source }
+}
+
 /// A connection of its own for blocking reads: its response timeout exceeds `block`, and
 /// nothing else queues behind a read that waits.
 pub async fn connect_reader(
@@ -233,19 +232,13 @@ pub async fn connect_reader(
     let mut conn = client(broker)?
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(|source| RedisStreamsError::Connect {
-            url: broker.url.redacted(),
-            source,
-        })?;
+        .map_err(connect_error(broker))?;
     redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(name)
         .exec_async(&mut conn)
         .await
-        .map_err(|source| RedisStreamsError::Connect {
-            url: broker.url.redacted(),
-            source,
-        })?;
+        .map_err(connect_error(broker))?;
     Ok(conn)
 }
 

@@ -105,32 +105,99 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
         .flatten()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_component_restarts_with_backoff_while_others_keep_running() {
+/// A runtime started by [`start`].
+struct Running {
+    /// Where its HTTP listener answers.
+    port: u16,
+    signals: mpsc::UnboundedSender<SignalKind>,
+    task: tokio::task::JoinHandle<anyhow::Result<ExitStatus>>,
+}
+
+/// Runs `runtime` on a free port with `shutdown_timeout`.
+fn start(runtime: Runtime, shutdown_timeout: &str) -> Running {
     let port = free_port();
-    let flaky_name = unique("flaky");
-    let steady_name = unique("steady");
+    let (signals, rx) = mpsc::unbounded();
+    let task = tokio::spawn(runtime.run(config(port, shutdown_timeout), None, rx));
+    Running {
+        port,
+        signals,
+        task,
+    }
+}
+
+impl Running {
+    fn terminate(&self) {
+        self.signals
+            .unbounded_send(SignalKind::Terminate)
+            .expect("send signal");
+    }
+
+    /// How the runtime ended; it must end within 10 s (`stops` says how, if it does not).
+    async fn exit_status(self, stops: &str) -> ExitStatus {
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect(stops)
+            .expect("joins")
+            .expect("runs")
+    }
+}
+
+/// A runtime with a [`Flaky`] component `flaky_name` (panicking if `panic`) beside a steady
+/// worker `steady_name`; returns it with the flaky one's start times and the worker's runs.
+fn flaky_beside_steady(
+    flaky_name: &str,
+    steady_name: &str,
+    panic: bool,
+) -> (Runtime, Arc<Mutex<Vec<Instant>>>, Arc<AtomicU32>) {
     let starts = Arc::new(Mutex::new(Vec::new()));
     let (steady, steady_runs, _) = worker(Duration::ZERO, false);
     let runtime = Runtime::builder()
         .supervisor(fast_restarts())
         .component(
-            &flaky_name,
+            flaky_name,
             Flaky {
                 starts: starts.clone(),
-                panic: false,
+                panic,
             },
         )
-        .component(&steady_name, steady)
+        .component(steady_name, steady)
         .build();
-    let (signals, rx) = mpsc::unbounded();
-    let task = tokio::spawn(runtime.run(config(port, "5s"), None, rx));
+    (runtime, starts, steady_runs)
+}
 
-    let enough = wait_for_async(Duration::from_secs(10), || {
-        let n = starts.lock().map(|s| s.len()).unwrap_or(0);
-        async move { (n >= 5).then_some(()) }
+/// Waits up to 10 s for `starts` to hold `n` starts.
+async fn started_times(starts: &Mutex<Vec<Instant>>, n: usize) -> Option<()> {
+    wait_for_async(Duration::from_secs(10), || {
+        let count = starts.lock().map(|s| s.len()).unwrap_or(0);
+        async move { (count >= n).then_some(()) }
     })
-    .await;
+    .await
+}
+
+/// Waits up to 10 s for `/readyz` on `port` to answer 200.
+async fn ready(port: u16) -> Option<(u16, String)> {
+    wait_for_async(Duration::from_secs(10), || async move {
+        get(port, "/readyz").await.filter(|(s, _)| *s == 200)
+    })
+    .await
+}
+
+/// Waits up to 10 s for a worker to have run exactly once.
+async fn ran_once(runs: &AtomicU32) -> Option<()> {
+    wait_for_async(Duration::from_secs(10), || async move {
+        (runs.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_component_restarts_with_backoff_while_others_keep_running() {
+    let flaky_name = unique("flaky");
+    let steady_name = unique("steady");
+    let (runtime, starts, steady_runs) = flaky_beside_steady(&flaky_name, &steady_name, false);
+    let run = start(runtime, "5s");
+
+    let enough = started_times(&starts, 5).await;
     assert!(
         enough.is_some(),
         "the failing component was not restarted repeatedly"
@@ -147,7 +214,7 @@ async fn failing_component_restarts_with_backoff_while_others_keep_running() {
         "the healthy component must not be restarted"
     );
 
-    let (status, body) = get(port, "/metrics").await.expect("metrics answer");
+    let (status, body) = get(run.port, "/metrics").await.expect("metrics answer");
     assert_eq!(status, 200);
     let restarts =
         metric_value(&body, "bosun_task_restarts_total", &[&flaky_name]).expect("restart counter");
@@ -163,7 +230,7 @@ async fn failing_component_restarts_with_backoff_while_others_keep_running() {
     );
     assert!(body.contains("bosun_build_info{version=\""), "{body}");
 
-    let (status, body) = get(port, "/readyz").await.expect("readyz answers");
+    let (status, body) = get(run.port, "/readyz").await.expect("readyz answers");
     assert_eq!(status, 503, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
     let reason = json["not_ready"][&flaky_name]["reason"]
@@ -172,91 +239,49 @@ async fn failing_component_restarts_with_backoff_while_others_keep_running() {
     assert!(reason.contains("broker said no"), "{body}");
     assert!(json["not_ready"].get(&steady_name).is_none(), "{body}");
 
-    signals
-        .unbounded_send(SignalKind::Terminate)
-        .expect("send signal");
-    let status = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops")
-        .expect("joins")
-        .expect("runs");
+    run.terminate();
+    let status = run.exit_status("stops").await;
     assert_eq!(status, ExitStatus::Clean);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_is_contained_and_restarted() {
-    let port = free_port();
     let name = unique("panicky");
     let other = unique("bystander");
-    let starts = Arc::new(Mutex::new(Vec::new()));
-    let (steady, steady_runs, _) = worker(Duration::ZERO, false);
-    let runtime = Runtime::builder()
-        .supervisor(fast_restarts())
-        .component(
-            &name,
-            Flaky {
-                starts: starts.clone(),
-                panic: true,
-            },
-        )
-        .component(&other, steady)
-        .build();
-    let (signals, rx) = mpsc::unbounded();
-    let task = tokio::spawn(runtime.run(config(port, "5s"), None, rx));
+    let (runtime, starts, steady_runs) = flaky_beside_steady(&name, &other, true);
+    let run = start(runtime, "5s");
 
-    let restarted = wait_for_async(Duration::from_secs(10), || {
-        let n = starts.lock().map(|s| s.len()).unwrap_or(0);
-        async move { (n >= 3).then_some(()) }
-    })
-    .await;
+    let restarted = started_times(&starts, 3).await;
     assert!(
         restarted.is_some(),
         "the panicking component was not restarted"
     );
-    let (_, body) = get(port, "/readyz").await.expect("readyz answers");
+    let (_, body) = get(run.port, "/readyz").await.expect("readyz answers");
     assert!(body.contains("panicked: boom from a component"), "{body}");
     assert_eq!(steady_runs.load(Ordering::SeqCst), 1);
-    let (_, health) = get(port, "/healthz").await.expect("healthz answers");
+    let (_, health) = get(run.port, "/healthz").await.expect("healthz answers");
     assert!(health.contains("\"ok\""), "{health}");
 
-    signals
-        .unbounded_send(SignalKind::Terminate)
-        .expect("send signal");
-    let status = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops")
-        .expect("joins")
-        .expect("runs");
+    run.terminate();
+    let status = run.exit_status("stops").await;
     assert_eq!(status, ExitStatus::Clean);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_lets_in_flight_work_finish() {
-    let port = free_port();
     let (slow, _, finished) = worker(Duration::from_millis(500), false);
     let runtime = Runtime::builder()
         .supervisor(fast_restarts())
         .component(&unique("draining"), slow)
         .build();
-    let (signals, rx) = mpsc::unbounded();
-    let task = tokio::spawn(runtime.run(config(port, "10s"), None, rx));
-    let ready = wait_for_async(Duration::from_secs(10), || async move {
-        get(port, "/readyz").await.filter(|(s, _)| *s == 200)
-    })
-    .await;
-    assert!(ready.is_some(), "never ready");
+    let run = start(runtime, "10s");
+    assert!(ready(run.port).await.is_some(), "never ready");
 
-    signals
-        .unbounded_send(SignalKind::Terminate)
-        .expect("send signal");
+    run.terminate();
     // During the drain the listener still answers.
-    let during = get(port, "/healthz").await;
+    let during = get(run.port, "/healthz").await;
     assert!(matches!(during, Some((200, _))), "{during:?}");
-    let status = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops")
-        .expect("joins")
-        .expect("runs");
+    let status = run.exit_status("stops").await;
     assert_eq!(status, ExitStatus::Clean);
     assert!(
         finished.load(Ordering::SeqCst),
@@ -266,7 +291,6 @@ async fn terminate_lets_in_flight_work_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_timeout_cuts_off_a_stuck_component() {
-    let port = free_port();
     let (stuck, _, finished) = worker(Duration::ZERO, true);
     let (fine, _, fine_finished) = worker(Duration::from_millis(50), false);
     let runtime = Runtime::builder()
@@ -274,22 +298,11 @@ async fn shutdown_timeout_cuts_off_a_stuck_component() {
         .component(&unique("stuck"), stuck)
         .component(&unique("fine"), fine)
         .build();
-    let (signals, rx) = mpsc::unbounded();
-    let task = tokio::spawn(runtime.run(config(port, "300ms"), None, rx));
-    let ready = wait_for_async(Duration::from_secs(10), || async move {
-        get(port, "/readyz").await.filter(|(s, _)| *s == 200)
-    })
-    .await;
-    assert!(ready.is_some(), "never ready");
+    let run = start(runtime, "300ms");
+    assert!(ready(run.port).await.is_some(), "never ready");
 
-    signals
-        .unbounded_send(SignalKind::Terminate)
-        .expect("send signal");
-    let status = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops")
-        .expect("joins")
-        .expect("runs");
+    run.terminate();
+    let status = run.exit_status("stops").await;
     assert_eq!(status, ExitStatus::TimedOut);
     assert_eq!(status.code(), 1);
     assert!(!finished.load(Ordering::SeqCst));
@@ -301,31 +314,17 @@ async fn shutdown_timeout_cuts_off_a_stuck_component() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_terminate_stops_at_once() {
-    let port = free_port();
     let (slow, _, finished) = worker(Duration::from_secs(30), false);
     let runtime = Runtime::builder()
         .supervisor(fast_restarts())
         .component(&unique("slow"), slow)
         .build();
-    let (signals, rx) = mpsc::unbounded();
-    let task = tokio::spawn(runtime.run(config(port, "60s"), None, rx));
-    let ready = wait_for_async(Duration::from_secs(10), || async move {
-        get(port, "/readyz").await.filter(|(s, _)| *s == 200)
-    })
-    .await;
-    assert!(ready.is_some(), "never ready");
+    let run = start(runtime, "60s");
+    assert!(ready(run.port).await.is_some(), "never ready");
 
-    signals
-        .unbounded_send(SignalKind::Terminate)
-        .expect("send signal");
-    signals
-        .unbounded_send(SignalKind::Terminate)
-        .expect("send signal");
-    let status = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops at once")
-        .expect("joins")
-        .expect("runs");
+    run.terminate();
+    run.terminate();
+    let status = run.exit_status("stops at once").await;
     assert_eq!(status, ExitStatus::Forced);
     assert_ne!(status.code(), 0);
     assert!(!finished.load(Ordering::SeqCst));
@@ -403,11 +402,7 @@ async fn reload_aborts_a_component_that_does_not_stop_within_shutdown_timeout() 
         "the reload never finished: a stopping component that does not drain held it"
     );
     assert!(!stuck_finished.load(Ordering::SeqCst));
-    let replaced = wait_for_async(Duration::from_secs(10), || {
-        let runs = replacement_runs.clone();
-        async move { (runs.load(Ordering::SeqCst) == 1).then_some(()) }
-    })
-    .await;
+    let replaced = ran_once(&replacement_runs).await;
     assert!(replaced.is_some(), "the replacement never started");
     let aborted = metric_value(
         &metrics.render(),
@@ -423,11 +418,7 @@ async fn reload_aborts_a_component_that_does_not_stop_within_shutdown_timeout() 
         Some(true),
         "a later reload is applied"
     );
-    let started = wait_for_async(Duration::from_secs(10), || {
-        let runs = later_runs.clone();
-        async move { (runs.load(Ordering::SeqCst) == 1).then_some(()) }
-    })
-    .await;
+    let started = ran_once(&later_runs).await;
     assert!(
         started.is_some(),
         "the later reload's component never started"

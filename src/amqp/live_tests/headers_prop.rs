@@ -39,67 +39,46 @@ fn encode_value(value: &Raw, out: &mut Vec<u8>) {
         Raw::Bool(b) => out.extend([b't', u8::from(*b)]),
         Raw::I8(i) => out.extend([b'b', *i as u8]),
         Raw::U8(i) => out.extend([b'B', *i]),
-        Raw::I16(i) => {
-            out.push(b's');
-            out.extend(i.to_be_bytes());
-        }
-        Raw::U16(i) => {
-            out.push(b'u');
-            out.extend(i.to_be_bytes());
-        }
-        Raw::I32(i) => {
-            out.push(b'I');
-            out.extend(i.to_be_bytes());
-        }
-        Raw::U32(i) => {
-            out.push(b'i');
-            out.extend(i.to_be_bytes());
-        }
-        Raw::I64(i) => {
-            out.push(b'l');
-            out.extend(i.to_be_bytes());
-        }
-        Raw::F32(f) => {
-            out.push(b'f');
-            out.extend(f.to_be_bytes());
-        }
-        Raw::F64(f) => {
-            out.push(b'd');
-            out.extend(f.to_be_bytes());
-        }
+        Raw::I16(i) => tagged(out, b's', i.to_be_bytes()),
+        Raw::U16(i) => tagged(out, b'u', i.to_be_bytes()),
+        Raw::I32(i) => tagged(out, b'I', i.to_be_bytes()),
+        Raw::U32(i) => tagged(out, b'i', i.to_be_bytes()),
+        Raw::I64(i) => tagged(out, b'l', i.to_be_bytes()),
+        Raw::F32(f) => tagged(out, b'f', f.to_be_bytes()),
+        Raw::F64(f) => tagged(out, b'd', f.to_be_bytes()),
         Raw::Decimal(scale, value) => {
             out.extend([b'D', *scale]);
             out.extend(value.to_be_bytes());
         }
-        Raw::LongString(s) => {
-            out.push(b'S');
-            out.extend((s.len() as u32).to_be_bytes());
-            out.extend(s);
-        }
-        Raw::Timestamp(t) => {
-            out.push(b'T');
-            out.extend(t.to_be_bytes());
-        }
-        Raw::Bytes(b) => {
-            out.push(b'x');
-            out.extend((b.len() as u32).to_be_bytes());
-            out.extend(b);
-        }
+        Raw::LongString(s) => tagged_long(out, b'S', s),
+        Raw::Timestamp(t) => tagged(out, b'T', t.to_be_bytes()),
+        Raw::Bytes(b) => tagged_long(out, b'x', b),
         Raw::Void => out.push(b'V'),
         Raw::Array(items) => {
-            out.push(b'A');
             let mut inner = Vec::new();
             for item in items {
                 encode_value(item, &mut inner);
             }
-            out.extend((inner.len() as u32).to_be_bytes());
-            out.extend(inner);
+            tagged_long(out, b'A', &inner);
         }
         Raw::Table(entries) => {
             out.push(b'F');
             out.extend(encode_table(entries));
         }
     }
+}
+
+/// Most values are a type tag, then the value in big-endian bytes of a fixed width.
+fn tagged<const N: usize>(out: &mut Vec<u8>, tag: u8, bytes: [u8; N]) {
+    out.push(tag);
+    out.extend(bytes);
+}
+
+/// Long strings, byte arrays and arrays are a type tag, a 32-bit length, then the bytes.
+fn tagged_long(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
+    out.push(tag);
+    out.extend((bytes.len() as u32).to_be_bytes());
+    out.extend(bytes);
 }
 
 /// A field table as it appears in a frame: its byte length, then name/value pairs.
