@@ -19,7 +19,10 @@ use bosun::resources::Resources;
 use bosun::supervisor::{Component, ComponentContext};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions};
 use lapin::types::FieldTable;
-use support::outbox::{Queue, Table, WAIT, config, config_full, config_with_db, numbered};
+use support::outbox::{
+    PYTHON_OUTBOX_DDL, PYTHON_OUTBOX_MAPPING, Queue, Table, WAIT, config, config_full,
+    config_with_db, existing_table, insert_as_python, numbered,
+};
 use support::pg;
 use support::{ConfigFile, RABBIT_URL};
 use support::{PG_URL, REDIS_URL, unique};
@@ -1420,59 +1423,6 @@ async fn a_key_stops_at_a_row_locked_elsewhere() {
     queue.delete().await;
 }
 
-/// The outbox table of the Python design (`OutboxPublisher` writes it, `OutboxProcessor`
-/// reads it): a status column instead of bosun's timestamps, the exchange in its own
-/// column, the payload as `json.dumps` text.
-const PYTHON_OUTBOX_DDL: &str = "CREATE TABLE {table} (
-    id SERIAL PRIMARY KEY,
-    exchange VARCHAR(255) NOT NULL,
-    routing_key VARCHAR(255) NOT NULL,
-    payload TEXT NOT NULL,
-    status VARCHAR(20) NOT NULL DEFAULT 'pending',
-    error TEXT,
-    created_at TIMESTAMP NOT NULL DEFAULT NOW()
-)";
-
-/// The mapping of the Python design's table, as docs/configuration/outboxes.md shows it.
-const PYTHON_OUTBOX_MAPPING: &str = "target = \"rabbit\"
-columns = { id = \"id\", destination = \"exchange\", routing_key = \"routing_key\", payload = \"payload\", created_at = \"created_at\", last_error = \"error\" }
-state = { column = \"status\", pending = \"pending\", published = \"published\", failed = \"failed\" }";
-
-/// Creates `ddl` (with `{table}` replaced) under a unique name, dropped when the test ends.
-async fn existing_table(prefix: &str, ddl: &str) -> Table {
-    let name = unique(prefix).to_lowercase();
-    let pool = pg().await;
-    sqlx::query(&ddl.replace("{table}", &name))
-        .execute(&pool)
-        .await
-        .expect("create the existing outbox table");
-    Table { name, pool }
-}
-
-/// Rows written as the Python `OutboxPublisher.publish_with_outbox` does: a business
-/// statement and the outbox insert in one transaction, payload as `json.dumps` text.
-async fn insert_as_python(table: &Table, exchange: &str, routing_key: &str, payloads: &[String]) {
-    let mut tx = table.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1")
-        .execute(&mut *tx)
-        .await
-        .expect("business operation");
-    for payload in payloads {
-        sqlx::query(&format!(
-            "INSERT INTO {} (exchange, routing_key, payload, status)
-             VALUES ($1, $2, $3, 'pending')",
-            table.name
-        ))
-        .bind(exchange)
-        .bind(routing_key)
-        .bind(payload)
-        .execute(&mut *tx)
-        .await
-        .expect("insert as OutboxPublisher");
-    }
-    tx.commit().await.expect("commit");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_designs_outbox_table_is_relayed_unchanged() {
     let table = existing_table("ob_python", PYTHON_OUTBOX_DDL).await;
@@ -1594,106 +1544,6 @@ async fn null_mapped_columns_mark_the_row_failed_with_the_reason() {
     for relay in relays {
         relay.stop().await;
     }
-    queue.delete().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbox_check_prints_the_missing_ddl_and_passes_once_it_is_applied() {
-    let table = existing_table("ob_check", PYTHON_OUTBOX_DDL).await;
-    let (file, _config) = config(&["legacy"], &table.name, PYTHON_OUTBOX_MAPPING);
-    let path = file.path.to_str().expect("utf-8 path").to_owned();
-
-    let (code, out, err) =
-        support::bosun_output(&["outbox", "check", "--config", &path, "legacy"], &[]);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(
-        out.contains("ok      payload column payload (text)"),
-        "{out}"
-    );
-    assert!(out.contains("MISSING index on the pending rows"), "{out}");
-    assert!(out.contains("MISSING NOTIFY trigger"), "{out}");
-    let marker = "-- DDL for outbox legacy:\n";
-    let ddl = &out[out.find(marker).expect("the DDL is printed") + marker.len()..];
-    assert!(ddl.contains("CREATE INDEX"), "{ddl}");
-    assert!(ddl.contains("CREATE OR REPLACE TRIGGER"), "{ddl}");
-    sqlx::raw_sql(ddl)
-        .execute(&table.pool)
-        .await
-        .expect("the printed DDL applies");
-
-    let (code, out, err) =
-        support::bosun_output(&["outbox", "check", "--config", &path, "legacy"], &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(!out.contains("MISSING"), "{out}");
-    assert!(
-        out.contains(&format!("ok      NOTIFY trigger on channel {}", table.name)),
-        "{out}"
-    );
-
-    // The trigger it printed does notify the relay's channel.
-    let mut listener = sqlx::postgres::PgListener::connect(PG_URL)
-        .await
-        .expect("listen");
-    listener.listen(&table.name).await.expect("listen");
-    insert_as_python(&table, "events", "order.created", &["{}".to_owned()]).await;
-    let notification = tokio::time::timeout(WAIT, listener.recv())
-        .await
-        .expect("a notification")
-        .expect("recv");
-    assert_eq!(notification.channel(), table.name);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbox_check_passes_a_migrated_table_and_fails_a_missing_one() {
-    let table = Table::new("ob_checkown").await;
-    let (file, _config) = config(&["own"], &table.name, "target = \"rabbit\"");
-    let path = file.path.to_str().expect("utf-8 path").to_owned();
-    let (code, out, err) = support::bosun_output(&["outbox", "check", "--config", &path], &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("ok      index on the pending rows"), "{out}");
-
-    let missing = unique("ob_checknone").to_lowercase();
-    let (file, _config) = config(&["none"], &missing, "target = \"rabbit\"");
-    let path = file.path.to_str().expect("utf-8 path").to_owned();
-    let (code, out, err) = support::bosun_output(&["outbox", "check", "--config", &path], &[]);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains(&format!("MISSING table {missing}")), "{out}");
-    assert!(
-        out.contains(&format!("CREATE TABLE IF NOT EXISTS {missing} (")),
-        "{out}"
-    );
-}
-
-/// `bosun run` on a table without a NOTIFY trigger says at start that the relay polls, and
-/// relays all the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_notify_trigger_the_daemon_says_it_polls() {
-    let table = existing_table("ob_polls", PYTHON_OUTBOX_DDL).await;
-    let queue = Queue::new("ob_polls").await;
-    let port = support::free_port();
-    let text = format!(
-        "[service]\nname = \"outbox-polls\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-         [brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\
-         [databases.main]\nurl = \"{PG_URL}\"\n\
-         [outboxes.polls]\ndatabase = \"main\"\ntable = \"{}\"\npoll_interval = \"200ms\"\n{PYTHON_OUTBOX_MAPPING}\n",
-        table.name
-    );
-    let file = ConfigFile::new(&text);
-    let daemon = support::Daemon::start(&file.path, port);
-    insert_as_python(&table, "", &queue.name, &["{\"n\": 1}".to_owned()]).await;
-    assert!(
-        table.wait_count("status = 'published'", 1).await,
-        "{}",
-        daemon.logs()
-    );
-    let logged = support::wait_for(WAIT, || {
-        let logs = daemon.logs();
-        logs.contains("no NOTIFY trigger on the outbox table: the relay polls")
-            .then_some(logs)
-    });
-    assert!(logged.is_some(), "{}", daemon.logs());
-    assert_eq!(queue.wait_len(1).await[0].1, "{\"n\": 1}");
-    drop(daemon);
     queue.delete().await;
 }
 

@@ -257,3 +257,61 @@ impl Queue {
 pub fn numbered(n: usize, key: Option<&'static str>) -> Vec<(Option<&'static str>, String)> {
     (0..n).map(|i| (key, format!("row {i}"))).collect()
 }
+
+/// The outbox table of the Python design (`OutboxPublisher` writes it, `OutboxProcessor`
+/// reads it): a status column instead of bosun's timestamps, the exchange in its own
+/// column, the payload as `json.dumps` text.
+pub const PYTHON_OUTBOX_DDL: &str = "CREATE TABLE {table} (
+    id SERIAL PRIMARY KEY,
+    exchange VARCHAR(255) NOT NULL,
+    routing_key VARCHAR(255) NOT NULL,
+    payload TEXT NOT NULL,
+    status VARCHAR(20) NOT NULL DEFAULT 'pending',
+    error TEXT,
+    created_at TIMESTAMP NOT NULL DEFAULT NOW()
+)";
+
+/// The mapping of the Python design's table, as docs/configuration/outboxes.md shows it.
+pub const PYTHON_OUTBOX_MAPPING: &str = "target = \"rabbit\"
+columns = { id = \"id\", destination = \"exchange\", routing_key = \"routing_key\", payload = \"payload\", created_at = \"created_at\", last_error = \"error\" }
+state = { column = \"status\", pending = \"pending\", published = \"published\", failed = \"failed\" }";
+
+/// Creates `ddl` (with `{table}` replaced) under a unique name, dropped when the test ends.
+pub async fn existing_table(prefix: &str, ddl: &str) -> Table {
+    let name = unique(prefix).to_lowercase();
+    let pool = pg().await;
+    sqlx::query(&ddl.replace("{table}", &name))
+        .execute(&pool)
+        .await
+        .expect("create the existing outbox table");
+    Table { name, pool }
+}
+
+/// Rows written as the Python `OutboxPublisher.publish_with_outbox` does: a business
+/// statement and the outbox insert in one transaction, payload as `json.dumps` text.
+pub async fn insert_as_python(
+    table: &Table,
+    exchange: &str,
+    routing_key: &str,
+    payloads: &[String],
+) {
+    let mut tx = table.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1")
+        .execute(&mut *tx)
+        .await
+        .expect("business operation");
+    for payload in payloads {
+        sqlx::query(&format!(
+            "INSERT INTO {} (exchange, routing_key, payload, status)
+             VALUES ($1, $2, $3, 'pending')",
+            table.name
+        ))
+        .bind(exchange)
+        .bind(routing_key)
+        .bind(payload)
+        .execute(&mut *tx)
+        .await
+        .expect("insert as OutboxPublisher");
+    }
+    tx.commit().await.expect("commit");
+}
