@@ -14,12 +14,13 @@
 //! Retry and dead-letter copies are made from the entry's fields, never from the decoded
 //! message, so they keep what the producer wrote whatever the format.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
 
 use super::fields::{self, ATTEMPT, CORRELATION_ID, Entry, InvalidEntry, MESSAGE_ID};
 use crate::config::{EntryFormat, EntryLayout};
@@ -34,10 +35,12 @@ pub const JSON: &str = "application/json";
 pub const WATERMILL_METADATA: &str = "metadata";
 
 /// The message a handler sees for `entry` read as `format`, or why the entry cannot be one
-/// (dead-lettered as `invalid`).
+/// (dead-lettered as `invalid`). `max_fields` bounds the headers a Watermill `metadata` field
+/// may hold, as it bounds the entry's own fields.
 pub fn decode(
     entry: &Entry,
     format: &EntryFormat,
+    max_fields: usize,
     source: Source,
     redelivered: bool,
 ) -> Result<Message, InvalidEntry> {
@@ -62,7 +65,7 @@ pub fn decode(
                 Some(HeaderValue::Bytes(b)) => b,
                 _ => Vec::new(),
             };
-            for (name, value) in watermill_metadata(&metadata).map_err(InvalidEntry)? {
+            for (name, value) in watermill_metadata(&metadata, max_fields).map_err(InvalidEntry)? {
                 message
                     .headers
                     .entry(name)
@@ -132,34 +135,49 @@ fn decode_flat(
     })
 }
 
-/// A JSON object's members in their order (serde_json's own map sorts them).
-struct Members(Vec<(String, serde_json::Value)>);
+/// Reads a JSON object's members in their order (serde_json's own map sorts them), failing
+/// past `max` of them before holding more; `over` records that this was the reason.
+struct MembersVisitor<'a> {
+    max: usize,
+    over: &'a Cell<bool>,
+}
 
-impl<'de> Deserialize<'de> for Members {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MembersVisitor;
-        impl<'de> Visitor<'de> for MembersVisitor {
-            type Value = Members;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
-                let mut members = Vec::new();
-                while let Some(member) = map.next_entry()? {
-                    members.push(member);
-                }
-                Ok(Members(members))
-            }
-        }
-        deserializer.deserialize_map(MembersVisitor)
+impl<'de> Visitor<'de> for MembersVisitor<'_> {
+    type Value = Vec<(String, serde_json::Value)>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
     }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Vec::new();
+        while let Some(member) = map.next_entry()? {
+            if members.len() == self.max {
+                self.over.set(true);
+                return Err(A::Error::custom(format!("more than {} members", self.max)));
+            }
+            members.push(member);
+        }
+        Ok(members)
+    }
+}
+
+/// The members of the JSON object `raw`, in their order; `over` is set when there are more
+/// than `max` of them (and the result is an error).
+fn members(
+    raw: &[u8],
+    max: usize,
+    over: &Cell<bool>,
+) -> serde_json::Result<Vec<(String, serde_json::Value)>> {
+    let mut deserializer = serde_json::Deserializer::from_slice(raw);
+    let members = deserializer.deserialize_map(MembersVisitor { max, over })?;
+    deserializer.end()?;
+    Ok(members)
 }
 
 /// The fields a JSON object body stands for, in its order: a string as its text,
 /// `{"$base64": "..."}` as the bytes it encodes, anything else as its JSON text. Why not,
 /// when the body is not a JSON object.
 pub fn object_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let Members(members) = serde_json::from_slice(body)
+    let members = members(body, usize::MAX, &Cell::new(false))
         .map_err(|e| format!("entry_format \"fields\" needs a JSON object body: {e}"))?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(members.len());
@@ -284,17 +302,30 @@ fn msgpack_str(out: &mut Vec<u8>, s: &str) {
 
 /// Watermill's `metadata` field as headers: empty, a MessagePack map of strings (what its
 /// default marshaller writes) or a JSON object (string values as they are, others as JSON).
-pub fn watermill_metadata(raw: &[u8]) -> Result<Vec<(String, String)>, String> {
+/// More than `max` headers make it invalid, found before any is held.
+pub fn watermill_metadata(raw: &[u8], max: usize) -> Result<Vec<(String, String)>, String> {
     let invalid = || {
         format!(
             "field `{WATERMILL_METADATA}` is neither a MessagePack map of strings nor a JSON object"
+        )
+    };
+    let too_many = |n: &dyn std::fmt::Display| {
+        format!(
+            "field `{WATERMILL_METADATA}` holds {n} headers, over the limit of {max} (max_fields)"
         )
     };
     if raw.is_empty() {
         return Ok(Vec::new());
     }
     if raw[0] == b'{' {
-        let Members(members) = serde_json::from_slice(raw).map_err(|_| invalid())?;
+        let over = Cell::new(false);
+        let members = members(raw, max, &over).map_err(|_| {
+            if over.get() {
+                too_many(&format_args!("more than {max}"))
+            } else {
+                invalid()
+            }
+        })?;
         return Ok(members
             .into_iter()
             .map(|(k, v)| match v {
@@ -305,6 +336,9 @@ pub fn watermill_metadata(raw: &[u8]) -> Result<Vec<(String, String)>, String> {
     }
     let mut reader = MsgpackReader { raw, at: 0 };
     let n = reader.map_len().ok_or_else(invalid)?;
+    if n > max {
+        return Err(too_many(&n));
+    }
     // Each pair takes at least two bytes: a count beyond that is a lie.
     if n > raw.len() / 2 {
         return Err(invalid());
@@ -384,6 +418,7 @@ mod tests {
         let m = decode(
             &e,
             &EntryFormat::of(EntryLayout::Fields),
+            100,
             Source::default(),
             false,
         )
@@ -424,13 +459,44 @@ mod tests {
             .collect();
         let metadata = args.last().expect("metadata");
         assert_eq!(
-            watermill_metadata(metadata).expect("reads"),
+            watermill_metadata(metadata, 2).expect("reads"),
             vec![("k".into(), "v".into()), ("long".into(), "x".repeat(40))]
         );
         assert_eq!(
-            watermill_metadata(br#"{"a":"b","n":1}"#).expect("json"),
+            watermill_metadata(br#"{"a":"b","n":1}"#, 2).expect("json"),
             vec![("a".into(), "b".into()), ("n".into(), "1".into())]
         );
-        assert!(watermill_metadata(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(watermill_metadata(&[0xdf, 0xff, 0xff, 0xff, 0xff], usize::MAX).is_err());
+    }
+
+    #[test]
+    fn watermill_metadata_over_max_fields_is_invalid_before_it_is_held() {
+        // A count of 2^31 - 1 empty pairs in five bytes: refused for its count, not its size.
+        let why = watermill_metadata(&[0xdf, 0x7f, 0xff, 0xff, 0xff], 1_000).expect_err("huge");
+        assert!(
+            why.contains("2147483647 headers, over the limit of 1000 (max_fields)"),
+            "{why}"
+        );
+        // Real maps of empty strings, at and just over the limit.
+        let map = |n: usize| {
+            let mut raw = Vec::new();
+            msgpack_len(&mut raw, n, [0x80, 0xde, 0xdf]);
+            raw.extend(std::iter::repeat_n([0xa0, 0xa0], n).flatten());
+            raw
+        };
+        assert_eq!(watermill_metadata(&map(20), 20).map(|h| h.len()), Ok(20));
+        let why = watermill_metadata(&map(21), 20).expect_err("over");
+        assert!(why.contains("21 headers, over the limit of 20"), "{why}");
+        // The JSON form has the same bound.
+        let object = |n: usize| {
+            let members: Vec<String> = (0..n).map(|i| format!("\"h{i}\":\"\"")).collect();
+            format!("{{{}}}", members.join(","))
+        };
+        assert_eq!(
+            watermill_metadata(object(20).as_bytes(), 20).map(|h| h.len()),
+            Ok(20)
+        );
+        let why = watermill_metadata(object(21).as_bytes(), 20).expect_err("over");
+        assert!(why.contains("over the limit of 20 (max_fields)"), "{why}");
     }
 }
