@@ -4,8 +4,9 @@
 //! - `fields`: the body is a JSON object of every field but bosun's own (`message_id`,
 //!   `bosun-*`, the id field), in entry order; a UTF-8 value is a JSON string, any other value
 //!   is `{"$base64": "..."}`. Writing does the reverse: one field per key of a JSON object
-//!   body.
-//! - `dapr`: the body is the `data` field and must be JSON.
+//!   body, refusing keys that would override the message's own id, attempt count or
+//!   correlation id.
+//! - `dapr`: the body is the `data` field and must be JSON, read or written.
 //! - `redpanda`: the body is the `body` field.
 //! - `watermill`: the body is `payload`, the id `_watermill_message_uuid`, and the keys of the
 //!   `metadata` field (a MessagePack map, as Watermill writes it, or a JSON object) are
@@ -53,8 +54,11 @@ pub fn decode(
         EntryLayout::Fields => decode_flat(entry, id_field, source, redelivered),
         EntryLayout::Dapr => {
             let mut message = fields::decode_as(entry, body_field, id_field, source, redelivered)?;
-            serde_json::from_slice::<serde::de::IgnoredAny>(&message.body)
-                .map_err(|e| InvalidEntry(format!("field `{body_field}` is not JSON: {e}")))?;
+            if let Some(e) = not_json(&message.body) {
+                return Err(InvalidEntry(format!(
+                    "field `{body_field}` is not JSON: {e}"
+                )));
+            }
             message.content_type.get_or_insert_with(|| JSON.to_owned());
             Ok(message)
         }
@@ -74,6 +78,11 @@ pub fn decode(
             Ok(message)
         }
     }
+}
+
+/// Why `body` is not JSON (a Dapr body must be), if it is not.
+fn not_json(body: &[u8]) -> Option<serde_json::Error> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).err()
 }
 
 /// A flat entry as a message: the body is a JSON object of its fields.
@@ -213,9 +222,15 @@ pub fn write(
     match format.layout {
         EntryLayout::Fields => write_flat(cmd, message, &format.id_field),
         EntryLayout::Watermill => write_watermill(cmd, message, format),
-        EntryLayout::Payload | EntryLayout::Dapr | EntryLayout::Redpanda => {
+        EntryLayout::Dapr => {
+            not_json(&message.body).map_or(Ok(()), |e| {
+                Err(PublishError::Invalid(format!(
+                    "entry_format \"dapr\" needs a JSON body: {e}"
+                )))
+            })?;
             fields::write_payload(cmd, message, format)
         }
+        EntryLayout::Payload | EntryLayout::Redpanda => fields::write_payload(cmd, message, format),
     }
 }
 
@@ -227,6 +242,11 @@ pub fn write_flat(
     id_field: &str,
 ) -> Result<(), PublishError> {
     let members = object_fields(&message.body).map_err(PublishError::Invalid)?;
+    for (name, value) in &members {
+        own_field_kept(message, id_field, name, value).map_err(|why| {
+            PublishError::Invalid(format!("body key `{name}` would override {why}"))
+        })?;
+    }
     let has = |name: &str| members.iter().any(|(k, _)| k == name);
     if let Some(name) = message
         .headers
@@ -253,6 +273,32 @@ pub fn write_flat(
         cmd.arg(name).arg(fields::header_bytes(value));
     }
     Ok(())
+}
+
+/// Why a body key `name` of `value` cannot be a field of `message`'s flat entry: a reader
+/// would take it for bosun's own field (the message's id, attempt count or correlation id)
+/// and so see another message than the one written. A key that says the same as the message
+/// is allowed.
+fn own_field_kept(
+    message: &OutgoingMessage,
+    id_field: &str,
+    name: &str,
+    value: &[u8],
+) -> Result<(), &'static str> {
+    if name.starts_with("bosun-") {
+        Err("one of bosun's own fields (`bosun-*`)")
+    } else if (name == id_field || name == MESSAGE_ID) && value != message.message_id.as_bytes() {
+        Err("the message's id with another")
+    } else if name == CORRELATION_ID
+        && message
+            .correlation_id
+            .as_ref()
+            .is_some_and(|id| id.as_bytes() != value)
+    {
+        Err("the message's correlation id with another")
+    } else {
+        Ok(())
+    }
 }
 
 /// Appends `message` the way Watermill writes one: id, `payload`, and the headers as a
