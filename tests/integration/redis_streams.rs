@@ -1561,6 +1561,43 @@ fn entry_formats_are_validated_and_taken_from_the_broker_unless_set() {
             "{broker:?} / {consumer:?} must be refused"
         );
     }
+    // Names of the fields that carry the message itself, refused with the key named.
+    for (consumer, key) in [
+        ("payload_field = \"message_id\"", "payload_field"),
+        ("payload_field = \"correlation_id\"", "payload_field"),
+        ("id_field = \"correlation_id\"", "id_field"),
+        ("payload_field = \"content_type\"", "payload_field"),
+        ("id_field = \"content_type\"", "id_field"),
+        ("payload_field = \"timestamp_ms\"", "payload_field"),
+        ("id_field = \"timestamp_ms\"", "id_field"),
+        (
+            "entry_format = \"fields\"\nid_field = \"correlation_id\"",
+            "id_field",
+        ),
+        (
+            "entry_format = \"watermill\"\npayload_field = \"metadata\"",
+            "payload_field",
+        ),
+        (
+            "entry_format = \"watermill\"\nid_field = \"metadata\"",
+            "id_field",
+        ),
+        ("entry_format = \"dapr\"\nid_field = \"data\"", "id_field"),
+    ] {
+        let error = format!("{:#}", load("", consumer).expect_err(consumer));
+        assert!(
+            error.contains(&format!("consumers.c.{key}")),
+            "{consumer:?}: {error}"
+        );
+    }
+    let (_, read) = formats(
+        "",
+        "entry_format = \"redpanda\"\npayload_field = \"metadata\"",
+    );
+    assert_eq!(
+        read.payload_field, "metadata",
+        "only Watermill reads `metadata`"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
