@@ -3,7 +3,7 @@
 //!
 //! - `fields`: the body is a JSON object of every field but bosun's own (`message_id`,
 //!   `bosun-*`, the id field), in entry order; a UTF-8 value is a JSON string, any other value
-//!   is `{"$base64": "..."}`. Writing does the reverse: one field per key of a JSON object
+//!   is `{"$base64": "..."}`; a UTF-8 `correlation_id` field is the correlation id. Writing does the reverse: one field per key of a JSON object
 //!   body, refusing keys that would override the message's own id, attempt count or
 //!   correlation id.
 //! - `dapr`: the body is the `data` field and must be JSON, read or written.
@@ -96,6 +96,7 @@ fn decode_flat(
     let mut keys = HashSet::new();
     let mut id = None;
     let mut fallback_id = None;
+    let mut correlation_id = None;
     let mut attempt = 1;
     let mut headers = BTreeMap::new();
     for (name, value) in &entry.fields {
@@ -108,6 +109,11 @@ fn decode_flat(
             fallback_id = Some(fields::text(name, value)?);
         } else if name == ATTEMPT {
             attempt = fields::attempt(value)?;
+        } else if name == CORRELATION_ID
+            && correlation_id.is_none()
+            && let Ok(text) = std::str::from_utf8(value)
+        {
+            correlation_id = Some(text.to_owned());
         } else if name.starts_with("bosun-") {
             headers.insert(name.to_owned(), fields::header_value(value));
         } else {
@@ -134,7 +140,7 @@ fn decode_flat(
     body.push('}');
     Ok(Message {
         message_id: Some(id.or(fallback_id).unwrap_or_else(|| entry.id.clone())),
-        correlation_id: None,
+        correlation_id,
         headers,
         content_type: Some(JSON.to_owned()),
         body: Bytes::from(body),
@@ -481,6 +487,30 @@ mod tests {
         );
         assert!(object_fields(b"[1]").is_err());
         assert!(object_fields(br#"{"a":{"$base64":"!!"}}"#).is_err());
+    }
+
+    #[test]
+    fn flat_entries_read_back_the_correlation_id_they_are_written_with() {
+        let mut message = OutgoingMessage::new("s", "", &br#"{"k":"v"}"#[..]);
+        message.correlation_id = Some("corr-1".into());
+        let format = EntryFormat::of(EntryLayout::Fields);
+        let mut cmd = redis::Cmd::new();
+        write(&mut cmd, &message, &format).expect("writes");
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect();
+        let pairs: Vec<(&str, &[u8])> = args
+            .chunks(2)
+            .map(|p| (std::str::from_utf8(&p[0]).expect("name"), p[1].as_slice()))
+            .collect();
+        let m = decode(&entry(&pairs), &format, 100, Source::default(), false).expect("valid");
+        assert_eq!(m.body.as_ref(), br#"{"k":"v"}"#);
+        assert_eq!(m.correlation_id.as_deref(), Some("corr-1"));
+        assert_eq!(m.message_id.as_deref(), Some(message.message_id.as_str()));
     }
 
     #[test]
