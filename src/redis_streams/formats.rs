@@ -489,6 +489,16 @@ mod tests {
         assert!(object_fields(br#"{"a":{"$base64":"!!"}}"#).is_err());
     }
 
+    /// The arguments `cmd` was given.
+    fn args(cmd: &redis::Cmd) -> Vec<Vec<u8>> {
+        cmd.args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn flat_entries_read_back_the_correlation_id_they_are_written_with() {
         let mut message = OutgoingMessage::new("s", "", &br#"{"k":"v"}"#[..]);
@@ -496,13 +506,7 @@ mod tests {
         let format = EntryFormat::of(EntryLayout::Fields);
         let mut cmd = redis::Cmd::new();
         write(&mut cmd, &message, &format).expect("writes");
-        let args: Vec<Vec<u8>> = cmd
-            .args_iter()
-            .filter_map(|a| match a {
-                redis::Arg::Simple(b) => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
+        let args = args(&cmd);
         let pairs: Vec<(&str, &[u8])> = args
             .chunks(2)
             .map(|p| (std::str::from_utf8(&p[0]).expect("name"), p[1].as_slice()))
@@ -526,13 +530,7 @@ mod tests {
         let mut cmd = redis::cmd("XADD");
         write_watermill(&mut cmd, &message, &EntryFormat::of(EntryLayout::Watermill))
             .expect("writes");
-        let args: Vec<Vec<u8>> = cmd
-            .args_iter()
-            .filter_map(|a| match a {
-                redis::Arg::Simple(b) => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
+        let args = args(&cmd);
         let metadata = args.last().expect("metadata");
         assert_eq!(
             watermill_metadata(metadata, 2).expect("reads"),
