@@ -108,6 +108,31 @@ fn entry_format(
             ));
         }
     }
+    for (key, name) in [
+        ("payload_field", &format.payload_field),
+        ("id_field", &format.id_field),
+    ] {
+        if key == "payload_field" && layout == EntryLayout::Fields {
+            continue;
+        }
+        // The fields that carry the message itself: a body or id kept in one would be read
+        // back as something else.
+        let own = match name.as_str() {
+            "message_id" => key == "payload_field",
+            "correlation_id" | "content_type" | "timestamp_ms" => true,
+            "metadata" => layout == EntryLayout::Watermill,
+            _ => false,
+        };
+        if own {
+            return Err((
+                key,
+                format!(
+                    "`{name}` is a field bosun reads as part of every message in entry format {}; choose another name",
+                    layout.as_str()
+                ),
+            ));
+        }
+    }
     if layout != EntryLayout::Fields && format.payload_field == format.id_field {
         return Err(("id_field", "must differ from `payload_field`".into()));
     }

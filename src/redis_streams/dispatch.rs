@@ -264,6 +264,7 @@ impl Inner {
             None => super::formats::decode(
                 entry,
                 &self.config.format,
+                self.config.limits.max_fields,
                 source.clone(),
                 redelivered || deliveries > 1,
             )

@@ -3,9 +3,10 @@
 //!
 //! - `fields`: the body is a JSON object of every field but bosun's own (`message_id`,
 //!   `bosun-*`, the id field), in entry order; a UTF-8 value is a JSON string, any other value
-//!   is `{"$base64": "..."}`. Writing does the reverse: one field per key of a JSON object
-//!   body.
-//! - `dapr`: the body is the `data` field and must be JSON.
+//!   is `{"$base64": "..."}`; a UTF-8 `correlation_id` field is the correlation id. Writing does the reverse: one field per key of a JSON object
+//!   body, refusing keys that would override the message's own id, attempt count or
+//!   correlation id.
+//! - `dapr`: the body is the `data` field and must be JSON, read or written.
 //! - `redpanda`: the body is the `body` field.
 //! - `watermill`: the body is `payload`, the id `_watermill_message_uuid`, and the keys of the
 //!   `metadata` field (a MessagePack map, as Watermill writes it, or a JSON object) are
@@ -14,12 +15,13 @@
 //! Retry and dead-letter copies are made from the entry's fields, never from the decoded
 //! message, so they keep what the producer wrote whatever the format.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
 
 use super::fields::{self, ATTEMPT, CORRELATION_ID, Entry, InvalidEntry, MESSAGE_ID};
 use crate::config::{EntryFormat, EntryLayout};
@@ -34,10 +36,12 @@ pub const JSON: &str = "application/json";
 pub const WATERMILL_METADATA: &str = "metadata";
 
 /// The message a handler sees for `entry` read as `format`, or why the entry cannot be one
-/// (dead-lettered as `invalid`).
+/// (dead-lettered as `invalid`). `max_fields` bounds the headers a Watermill `metadata` field
+/// may hold, as it bounds the entry's own fields.
 pub fn decode(
     entry: &Entry,
     format: &EntryFormat,
+    max_fields: usize,
     source: Source,
     redelivered: bool,
 ) -> Result<Message, InvalidEntry> {
@@ -50,8 +54,11 @@ pub fn decode(
         EntryLayout::Fields => decode_flat(entry, id_field, source, redelivered),
         EntryLayout::Dapr => {
             let mut message = fields::decode_as(entry, body_field, id_field, source, redelivered)?;
-            serde_json::from_slice::<serde::de::IgnoredAny>(&message.body)
-                .map_err(|e| InvalidEntry(format!("field `{body_field}` is not JSON: {e}")))?;
+            if let Some(e) = not_json(&message.body) {
+                return Err(InvalidEntry(format!(
+                    "field `{body_field}` is not JSON: {e}"
+                )));
+            }
             message.content_type.get_or_insert_with(|| JSON.to_owned());
             Ok(message)
         }
@@ -62,7 +69,7 @@ pub fn decode(
                 Some(HeaderValue::Bytes(b)) => b,
                 _ => Vec::new(),
             };
-            for (name, value) in watermill_metadata(&metadata).map_err(InvalidEntry)? {
+            for (name, value) in watermill_metadata(&metadata, max_fields).map_err(InvalidEntry)? {
                 message
                     .headers
                     .entry(name)
@@ -71,6 +78,11 @@ pub fn decode(
             Ok(message)
         }
     }
+}
+
+/// Why `body` is not JSON (a Dapr body must be), if it is not.
+fn not_json(body: &[u8]) -> Option<serde_json::Error> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).err()
 }
 
 /// A flat entry as a message: the body is a JSON object of its fields.
@@ -84,6 +96,7 @@ fn decode_flat(
     let mut keys = HashSet::new();
     let mut id = None;
     let mut fallback_id = None;
+    let mut correlation_id = None;
     let mut attempt = 1;
     let mut headers = BTreeMap::new();
     for (name, value) in &entry.fields {
@@ -96,6 +109,11 @@ fn decode_flat(
             fallback_id = Some(fields::text(name, value)?);
         } else if name == ATTEMPT {
             attempt = fields::attempt(value)?;
+        } else if name == CORRELATION_ID
+            && correlation_id.is_none()
+            && let Ok(text) = std::str::from_utf8(value)
+        {
+            correlation_id = Some(text.to_owned());
         } else if name.starts_with("bosun-") {
             headers.insert(name.to_owned(), fields::header_value(value));
         } else {
@@ -122,7 +140,7 @@ fn decode_flat(
     body.push('}');
     Ok(Message {
         message_id: Some(id.or(fallback_id).unwrap_or_else(|| entry.id.clone())),
-        correlation_id: None,
+        correlation_id,
         headers,
         content_type: Some(JSON.to_owned()),
         body: Bytes::from(body),
@@ -132,34 +150,49 @@ fn decode_flat(
     })
 }
 
-/// A JSON object's members in their order (serde_json's own map sorts them).
-struct Members(Vec<(String, serde_json::Value)>);
+/// Reads a JSON object's members in their order (serde_json's own map sorts them), failing
+/// past `max` of them before holding more; `over` records that this was the reason.
+struct MembersVisitor<'a> {
+    max: usize,
+    over: &'a Cell<bool>,
+}
 
-impl<'de> Deserialize<'de> for Members {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MembersVisitor;
-        impl<'de> Visitor<'de> for MembersVisitor {
-            type Value = Members;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
-                let mut members = Vec::new();
-                while let Some(member) = map.next_entry()? {
-                    members.push(member);
-                }
-                Ok(Members(members))
-            }
-        }
-        deserializer.deserialize_map(MembersVisitor)
+impl<'de> Visitor<'de> for MembersVisitor<'_> {
+    type Value = Vec<(String, serde_json::Value)>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
     }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Vec::new();
+        while let Some(member) = map.next_entry()? {
+            if members.len() == self.max {
+                self.over.set(true);
+                return Err(A::Error::custom(format!("more than {} members", self.max)));
+            }
+            members.push(member);
+        }
+        Ok(members)
+    }
+}
+
+/// The members of the JSON object `raw`, in their order; `over` is set when there are more
+/// than `max` of them (and the result is an error).
+fn members(
+    raw: &[u8],
+    max: usize,
+    over: &Cell<bool>,
+) -> serde_json::Result<Vec<(String, serde_json::Value)>> {
+    let mut deserializer = serde_json::Deserializer::from_slice(raw);
+    let members = deserializer.deserialize_map(MembersVisitor { max, over })?;
+    deserializer.end()?;
+    Ok(members)
 }
 
 /// The fields a JSON object body stands for, in its order: a string as its text,
 /// `{"$base64": "..."}` as the bytes it encodes, anything else as its JSON text. Why not,
 /// when the body is not a JSON object.
 pub fn object_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let Members(members) = serde_json::from_slice(body)
+    let members = members(body, usize::MAX, &Cell::new(false))
         .map_err(|e| format!("entry_format \"fields\" needs a JSON object body: {e}"))?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(members.len());
@@ -195,9 +228,15 @@ pub fn write(
     match format.layout {
         EntryLayout::Fields => write_flat(cmd, message, &format.id_field),
         EntryLayout::Watermill => write_watermill(cmd, message, format),
-        EntryLayout::Payload | EntryLayout::Dapr | EntryLayout::Redpanda => {
+        EntryLayout::Dapr => {
+            not_json(&message.body).map_or(Ok(()), |e| {
+                Err(PublishError::Invalid(format!(
+                    "entry_format \"dapr\" needs a JSON body: {e}"
+                )))
+            })?;
             fields::write_payload(cmd, message, format)
         }
+        EntryLayout::Payload | EntryLayout::Redpanda => fields::write_payload(cmd, message, format),
     }
 }
 
@@ -209,6 +248,11 @@ pub fn write_flat(
     id_field: &str,
 ) -> Result<(), PublishError> {
     let members = object_fields(&message.body).map_err(PublishError::Invalid)?;
+    for (name, value) in &members {
+        own_field_kept(message, id_field, name, value).map_err(|why| {
+            PublishError::Invalid(format!("body key `{name}` would override {why}"))
+        })?;
+    }
     let has = |name: &str| members.iter().any(|(k, _)| k == name);
     if let Some(name) = message
         .headers
@@ -235,6 +279,32 @@ pub fn write_flat(
         cmd.arg(name).arg(fields::header_bytes(value));
     }
     Ok(())
+}
+
+/// Why a body key `name` of `value` cannot be a field of `message`'s flat entry: a reader
+/// would take it for bosun's own field (the message's id, attempt count or correlation id)
+/// and so see another message than the one written. A key that says the same as the message
+/// is allowed.
+fn own_field_kept(
+    message: &OutgoingMessage,
+    id_field: &str,
+    name: &str,
+    value: &[u8],
+) -> Result<(), &'static str> {
+    if name.starts_with("bosun-") {
+        Err("one of bosun's own fields (`bosun-*`)")
+    } else if (name == id_field || name == MESSAGE_ID) && value != message.message_id.as_bytes() {
+        Err("the message's id with another")
+    } else if name == CORRELATION_ID
+        && message
+            .correlation_id
+            .as_ref()
+            .is_some_and(|id| id.as_bytes() != value)
+    {
+        Err("the message's correlation id with another")
+    } else {
+        Ok(())
+    }
 }
 
 /// Appends `message` the way Watermill writes one: id, `payload`, and the headers as a
@@ -284,17 +354,30 @@ fn msgpack_str(out: &mut Vec<u8>, s: &str) {
 
 /// Watermill's `metadata` field as headers: empty, a MessagePack map of strings (what its
 /// default marshaller writes) or a JSON object (string values as they are, others as JSON).
-pub fn watermill_metadata(raw: &[u8]) -> Result<Vec<(String, String)>, String> {
+/// More than `max` headers make it invalid, found before any is held.
+pub fn watermill_metadata(raw: &[u8], max: usize) -> Result<Vec<(String, String)>, String> {
     let invalid = || {
         format!(
             "field `{WATERMILL_METADATA}` is neither a MessagePack map of strings nor a JSON object"
+        )
+    };
+    let too_many = |n: &dyn std::fmt::Display| {
+        format!(
+            "field `{WATERMILL_METADATA}` holds {n} headers, over the limit of {max} (max_fields)"
         )
     };
     if raw.is_empty() {
         return Ok(Vec::new());
     }
     if raw[0] == b'{' {
-        let Members(members) = serde_json::from_slice(raw).map_err(|_| invalid())?;
+        let over = Cell::new(false);
+        let members = members(raw, max, &over).map_err(|_| {
+            if over.get() {
+                too_many(&format_args!("more than {max}"))
+            } else {
+                invalid()
+            }
+        })?;
         return Ok(members
             .into_iter()
             .map(|(k, v)| match v {
@@ -305,6 +388,9 @@ pub fn watermill_metadata(raw: &[u8]) -> Result<Vec<(String, String)>, String> {
     }
     let mut reader = MsgpackReader { raw, at: 0 };
     let n = reader.map_len().ok_or_else(invalid)?;
+    if n > max {
+        return Err(too_many(&n));
+    }
     // Each pair takes at least two bytes: a count beyond that is a lie.
     if n > raw.len() / 2 {
         return Err(invalid());
@@ -384,6 +470,7 @@ mod tests {
         let m = decode(
             &e,
             &EntryFormat::of(EntryLayout::Fields),
+            100,
             Source::default(),
             false,
         )
@@ -402,6 +489,34 @@ mod tests {
         assert!(object_fields(br#"{"a":{"$base64":"!!"}}"#).is_err());
     }
 
+    /// The arguments `cmd` was given.
+    fn args(cmd: &redis::Cmd) -> Vec<Vec<u8>> {
+        cmd.args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flat_entries_read_back_the_correlation_id_they_are_written_with() {
+        let mut message = OutgoingMessage::new("s", "", &br#"{"k":"v"}"#[..]);
+        message.correlation_id = Some("corr-1".into());
+        let format = EntryFormat::of(EntryLayout::Fields);
+        let mut cmd = redis::Cmd::new();
+        write(&mut cmd, &message, &format).expect("writes");
+        let args = args(&cmd);
+        let pairs: Vec<(&str, &[u8])> = args
+            .chunks(2)
+            .map(|p| (std::str::from_utf8(&p[0]).expect("name"), p[1].as_slice()))
+            .collect();
+        let m = decode(&entry(&pairs), &format, 100, Source::default(), false).expect("valid");
+        assert_eq!(m.body.as_ref(), br#"{"k":"v"}"#);
+        assert_eq!(m.correlation_id.as_deref(), Some("corr-1"));
+        assert_eq!(m.message_id.as_deref(), Some(message.message_id.as_str()));
+    }
+
     #[test]
     fn watermill_metadata_reads_what_it_writes() {
         let message = OutgoingMessage {
@@ -415,22 +530,47 @@ mod tests {
         let mut cmd = redis::cmd("XADD");
         write_watermill(&mut cmd, &message, &EntryFormat::of(EntryLayout::Watermill))
             .expect("writes");
-        let args: Vec<Vec<u8>> = cmd
-            .args_iter()
-            .filter_map(|a| match a {
-                redis::Arg::Simple(b) => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
+        let args = args(&cmd);
         let metadata = args.last().expect("metadata");
         assert_eq!(
-            watermill_metadata(metadata).expect("reads"),
+            watermill_metadata(metadata, 2).expect("reads"),
             vec![("k".into(), "v".into()), ("long".into(), "x".repeat(40))]
         );
         assert_eq!(
-            watermill_metadata(br#"{"a":"b","n":1}"#).expect("json"),
+            watermill_metadata(br#"{"a":"b","n":1}"#, 2).expect("json"),
             vec![("a".into(), "b".into()), ("n".into(), "1".into())]
         );
-        assert!(watermill_metadata(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(watermill_metadata(&[0xdf, 0xff, 0xff, 0xff, 0xff], usize::MAX).is_err());
+    }
+
+    #[test]
+    fn watermill_metadata_over_max_fields_is_invalid_before_it_is_held() {
+        // A count of 2^31 - 1 empty pairs in five bytes: refused for its count, not its size.
+        let why = watermill_metadata(&[0xdf, 0x7f, 0xff, 0xff, 0xff], 1_000).expect_err("huge");
+        assert!(
+            why.contains("2147483647 headers, over the limit of 1000 (max_fields)"),
+            "{why}"
+        );
+        // Real maps of empty strings, at and just over the limit.
+        let map = |n: usize| {
+            let mut raw = Vec::new();
+            msgpack_len(&mut raw, n, [0x80, 0xde, 0xdf]);
+            raw.extend(std::iter::repeat_n([0xa0, 0xa0], n).flatten());
+            raw
+        };
+        assert_eq!(watermill_metadata(&map(20), 20).map(|h| h.len()), Ok(20));
+        let why = watermill_metadata(&map(21), 20).expect_err("over");
+        assert!(why.contains("21 headers, over the limit of 20"), "{why}");
+        // The JSON form has the same bound.
+        let object = |n: usize| {
+            let members: Vec<String> = (0..n).map(|i| format!("\"h{i}\":\"\"")).collect();
+            format!("{{{}}}", members.join(","))
+        };
+        assert_eq!(
+            watermill_metadata(object(20).as_bytes(), 20).map(|h| h.len()),
+            Ok(20)
+        );
+        let why = watermill_metadata(object(21).as_bytes(), 20).expect_err("over");
+        assert!(why.contains("over the limit of 20 (max_fields)"), "{why}");
     }
 }

@@ -1561,6 +1561,43 @@ fn entry_formats_are_validated_and_taken_from_the_broker_unless_set() {
             "{broker:?} / {consumer:?} must be refused"
         );
     }
+    // Names of the fields that carry the message itself, refused with the key named.
+    for (consumer, key) in [
+        ("payload_field = \"message_id\"", "payload_field"),
+        ("payload_field = \"correlation_id\"", "payload_field"),
+        ("id_field = \"correlation_id\"", "id_field"),
+        ("payload_field = \"content_type\"", "payload_field"),
+        ("id_field = \"content_type\"", "id_field"),
+        ("payload_field = \"timestamp_ms\"", "payload_field"),
+        ("id_field = \"timestamp_ms\"", "id_field"),
+        (
+            "entry_format = \"fields\"\nid_field = \"correlation_id\"",
+            "id_field",
+        ),
+        (
+            "entry_format = \"watermill\"\npayload_field = \"metadata\"",
+            "payload_field",
+        ),
+        (
+            "entry_format = \"watermill\"\nid_field = \"metadata\"",
+            "id_field",
+        ),
+        ("entry_format = \"dapr\"\nid_field = \"data\"", "id_field"),
+    ] {
+        let error = format!("{:#}", load("", consumer).expect_err(consumer));
+        assert!(
+            error.contains(&format!("consumers.c.{key}")),
+            "{consumer:?}: {error}"
+        );
+    }
+    let (_, read) = formats(
+        "",
+        "entry_format = \"redpanda\"\npayload_field = \"metadata\"",
+    );
+    assert_eq!(
+        read.payload_field, "metadata",
+        "only Watermill reads `metadata`"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1904,4 +1941,86 @@ async fn dapr_redpanda_and_watermill_entries_are_read_in_their_shape() {
     for stream in &streams {
         cleanup(&mut conn, stream).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watermill_metadata_over_max_fields_is_dead_lettered_alone_as_invalid() {
+    let stream = unique("rs_wm_bound");
+    let name = unique("c_wm_bound");
+    let dlq = format!("{stream}:dlq");
+    let mut conn = redis().await;
+    let handler = Recorder::new(Duration::ZERO, |_| Outcome::Ack);
+    let running = start(
+        &config(
+            &unique("b"),
+            &[(
+                &name,
+                consumer(
+                    &stream,
+                    &name,
+                    "entry_format = \"watermill\"\nmax_fields = 4",
+                ),
+            )],
+        ),
+        handler.clone(),
+    )
+    .await;
+    // Real maps of empty strings: one over the limit of 4, one at it.
+    let map = |n: u8| {
+        let mut raw = vec![0x80 | n];
+        raw.extend(std::iter::repeat_n([0xa0, 0xa0], usize::from(n)).flatten());
+        raw
+    };
+    let mut four = vec![0x84];
+    for key in [b'a', b'b', b'c', b'd'] {
+        four.extend_from_slice(&[0xa1, key, 0xa0]);
+    }
+    let entries: [(&str, Vec<u8>); 4] = [
+        // A MessagePack map that declares 2^31 - 1 pairs in a small entry.
+        ("declared", vec![0xdf, 0x7f, 0xff, 0xff, 0xff]),
+        ("five", map(5)),
+        (
+            "json-five",
+            br#"{"a":"","b":"","c":"","d":"","e":""}"#.to_vec(),
+        ),
+        ("four", four),
+    ];
+    for (id, metadata) in &entries {
+        xadd(
+            &mut conn,
+            &stream,
+            &[
+                ("_watermill_message_uuid", id.as_bytes()),
+                ("metadata", metadata),
+                ("payload", b"{}"),
+            ],
+        )
+        .await;
+    }
+    wait_until("one entry handled and three dead-lettered", async || {
+        !handler.seen().is_empty() && range(&mut conn, &dlq).await.len() == 3
+    })
+    .await;
+    let seen = handler.seen();
+    assert_eq!(seen.len(), 1, "only the entry within the bound is handled");
+    assert_eq!(seen[0].message.message_id.as_deref(), Some("four"));
+    assert_eq!(seen[0].message.headers.len(), 4);
+    let dead = range(&mut conn, &dlq).await;
+    let mut ids: Vec<String> = dead
+        .iter()
+        .map(|(_, f)| text(f, "_watermill_message_uuid"))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["declared", "five", "json-five"]);
+    for (_, fields) in &dead {
+        assert_eq!(text(fields, "bosun-error-kind"), "invalid");
+        let error = text(fields, "bosun-error");
+        assert!(
+            error.contains("field `metadata` holds")
+                && error.contains("over the limit of 4 (max_fields)"),
+            "{error}"
+        );
+    }
+    assert_eq!(running.stop().await, ExitStatus::Clean);
+    cleanup(&mut conn, &stream).await;
 }

@@ -164,6 +164,98 @@ async fn fields_format_writes_one_field_per_key_and_refuses_other_bodies_alone()
 }
 
 #[tokio::test]
+async fn fields_format_refuses_body_keys_that_would_override_the_messages_own() {
+    let stream = unique("prod_flat_own");
+    let format = EntryFormat {
+        id_field: "event_id".into(),
+        ..EntryFormat::of(EntryLayout::Fields)
+    };
+    let broker = RedisBrokerConfig { format, ..broker() };
+    let publisher = RedisPublisher::connect(&broker, "test", None)
+        .await
+        .expect("connect");
+    let message = |body: String, correlation_id: Option<&str>| {
+        let mut m = OutgoingMessage::new(&stream, "", body);
+        m.message_id = "outbox-row-1".into();
+        m.correlation_id = correlation_id.map(str::to_owned);
+        m
+    };
+    let refused = [
+        (
+            message(
+                r#"{"message_id":"chat-7","bosun-attempt":"1000","correlation_id":"x"}"#.into(),
+                None,
+            ),
+            "`message_id` would override the message's id",
+        ),
+        (
+            message(r#"{"k":"v","bosun-attempt":"1000"}"#.into(), None),
+            "`bosun-attempt` would override one of bosun's own fields",
+        ),
+        (
+            message(r#"{"event_id":"chat-7"}"#.into(), None),
+            "`event_id` would override the message's id",
+        ),
+        (
+            message(r#"{"correlation_id":"x"}"#.into(), Some("y")),
+            "`correlation_id` would override the message's correlation id",
+        ),
+    ];
+    // Keys that say what the message says are written once.
+    let agreeing = message(
+        r#"{"event_id":"outbox-row-1","message_id":"outbox-row-1","correlation_id":"c"}"#.into(),
+        Some("c"),
+    );
+    let mut batch: Vec<OutgoingMessage> = refused.iter().map(|(m, _)| m.clone()).collect();
+    batch.push(agreeing);
+    let results = publisher.publish_batch(&batch).await;
+    for (result, (_, why)) in results.iter().zip(&refused) {
+        assert!(
+            matches!(result, Err(PublishError::Invalid(e)) if e.contains(why)),
+            "{why}: {result:?}"
+        );
+    }
+    assert_eq!(results[refused.len()], Ok(()));
+
+    let mut conn = redis().await;
+    let got = entries(&mut conn, &stream).await;
+    assert_eq!(got.len(), 1, "only the agreeing message is written");
+    assert_eq!(
+        got[0].1,
+        pairs(&[
+            ("event_id", b"outbox-row-1"),
+            ("message_id", b"outbox-row-1"),
+            ("correlation_id", b"c"),
+        ])
+    );
+    let _: () = conn.del(&stream).await.expect("cleanup");
+}
+
+#[tokio::test]
+async fn dapr_format_refuses_a_body_that_is_not_json_alone() {
+    let stream = unique("prod_dapr_json");
+    let publisher = RedisPublisher::connect(&broker_writing(EntryLayout::Dapr), "test", None)
+        .await
+        .expect("connect");
+    let results = publisher
+        .publish_batch(&[
+            OutgoingMessage::new(&stream, "", &b"not json"[..]),
+            OutgoingMessage::new(&stream, "", &br#"{"id":7}"#[..]),
+        ])
+        .await;
+    assert!(
+        matches!(&results[0], Err(PublishError::Invalid(e)) if e.contains("entry_format \"dapr\" needs a JSON body")),
+        "{results:?}"
+    );
+    assert_eq!(results[1], Ok(()));
+    let mut conn = redis().await;
+    let got = entries(&mut conn, &stream).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(field(&got[0].1, "data"), Some(&br#"{"id":7}"#[..]));
+    let _: () = conn.del(&stream).await.expect("cleanup");
+}
+
+#[tokio::test]
 async fn other_tool_formats_are_written_in_their_shape() {
     let mut conn = redis().await;
     let mut message = OutgoingMessage::new("", "", &br#"{"id":7}"#[..]);
