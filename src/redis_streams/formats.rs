@@ -238,23 +238,39 @@ pub fn write_flat(
 }
 
 /// Appends `message` the way Watermill writes one: id, `payload`, and the headers as a
-/// MessagePack map of strings in `metadata`.
+/// MessagePack map of strings in `metadata`, with the correlation id and content type under
+/// their field names (`correlation_id` is also Watermill's own key for it) unless a header
+/// has the name already.
 pub fn write_watermill(
     cmd: &mut redis::Cmd,
     message: &OutgoingMessage,
     format: &EntryFormat,
 ) -> Result<(), PublishError> {
+    let mut entries: Vec<(&str, String)> = Vec::with_capacity(message.headers.len() + 2);
+    for (name, value) in [
+        (CORRELATION_ID, &message.correlation_id),
+        (fields::CONTENT_TYPE, &message.content_type),
+    ] {
+        if let Some(value) = value
+            && !message.headers.contains_key(name)
+        {
+            entries.push((name, value.clone()));
+        }
+    }
+    for (name, value) in &message.headers {
+        let value = String::from_utf8(fields::header_bytes(value)).map_err(|_| {
+            PublishError::Invalid(format!(
+                "header `{name}` is not UTF-8: Watermill metadata holds strings"
+            ))
+        })?;
+        entries.push((name, value));
+    }
     let mut metadata = Vec::new();
-    if !message.headers.is_empty() {
-        msgpack_len(&mut metadata, message.headers.len(), [0x80, 0xde, 0xdf]);
-        for (name, value) in &message.headers {
-            let value = String::from_utf8(fields::header_bytes(value)).map_err(|_| {
-                PublishError::Invalid(format!(
-                    "header `{name}` is not UTF-8: Watermill metadata holds strings"
-                ))
-            })?;
+    if !entries.is_empty() {
+        msgpack_len(&mut metadata, entries.len(), [0x80, 0xde, 0xdf]);
+        for (name, value) in &entries {
             msgpack_str(&mut metadata, name);
-            msgpack_str(&mut metadata, &value);
+            msgpack_str(&mut metadata, value);
         }
     }
     cmd.arg(&format.id_field).arg(&message.message_id);
@@ -432,5 +448,34 @@ mod tests {
             vec![("a".into(), "b".into()), ("n".into(), "1".into())]
         );
         assert!(watermill_metadata(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn watermill_writes_the_correlation_id_and_content_type_into_metadata() {
+        let message = OutgoingMessage {
+            correlation_id: Some("c-77".into()),
+            content_type: Some("x".into()),
+            headers: [("tenant".to_owned(), HeaderValue::String("t1".into()))].into(),
+            ..OutgoingMessage::new("s", "", "body")
+        };
+        let mut cmd = redis::cmd("XADD");
+        write_watermill(&mut cmd, &message, &EntryFormat::of(EntryLayout::Watermill))
+            .expect("writes");
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect();
+        let metadata = watermill_metadata(args.last().expect("metadata")).expect("reads");
+        assert_eq!(
+            metadata,
+            vec![
+                ("correlation_id".into(), "c-77".into()),
+                ("content_type".into(), "x".into()),
+                ("tenant".into(), "t1".into()),
+            ]
+        );
     }
 }
