@@ -2065,3 +2065,77 @@ action = "archive"
         "a list of sources is fine: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_writes_in_the_format_of_the_processor_that_archived_the_row() {
+    let stream = unique("dl_flat");
+    let dlq = format!("{stream}:dlq");
+    let table = unique("dl_flat_archive");
+    let port = free_port();
+    // The broker writes bosun's own layout; the processor reads flat entries.
+    let config = ConfigFile::new(&format!(
+        r#"
+[service]
+name = "dlq-flat-test"
+shutdown_timeout = "5s"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.cache]
+kind = "redis"
+url = "{REDIS_URL}"
+
+[databases.main]
+url = "{PG_URL}"
+max_connections = 2
+
+[dead_letters.flat]
+source = "cache"
+stream = "{dlq}"
+entry_format = "fields"
+archive = "main"
+table = "{table}"
+replay_to = ["{stream}"]
+"#
+    ));
+    let (code, _, err) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let mut conn = redis().await;
+    // A dead-letter copy as a `fields` consumer writes it: the producer's fields, then
+    // bosun's own.
+    xadd(
+        &mut conn,
+        &dlq,
+        &[
+            ("event_type", "user.created"),
+            ("user_id", "123"),
+            ("message_id", "flat-1"),
+            ("bosun-attempt", "3"),
+            ("bosun-orig-stream", &stream),
+            ("bosun-orig-id", "1-0"),
+            ("bosun-error", "boom"),
+            ("bosun-error-kind", "exhausted"),
+        ],
+    )
+    .await;
+    let mut daemon = Daemon::start(&config.path, port);
+    let pool = pg().await;
+    wait_rows(&pool, &table, 1).await;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(WAIT), Some(0));
+    let id = row_id(&pool, &table, "flat-1").await.to_string();
+    let (code, out, err) = cli(&config, &["replay", &id]);
+    assert_eq!(code, 0, "replay: {err}{out}");
+    let replayed = entries(&mut conn, &stream).await;
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    let names: Vec<&str> = replayed[0].iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        ["event_type", "user_id", "message_id", "bosun-replay-count"],
+        "the producer's flat fields, not a `payload`: {replayed:?}"
+    );
+    assert_eq!(field(&replayed[0], "user_id").as_deref(), Some("123"));
+    let _ = conn.del::<_, ()>(&[&stream, &dlq]).await;
+}
