@@ -6,7 +6,8 @@
 //! - `payload`: the message body, bytes untouched. Required: an entry without it is
 //!   dead-lettered as `invalid`.
 //! - `message_id`: the stable id across retries (the entry id of the first delivery when
-//!   absent; retry copies always carry it).
+//!   absent; retry copies carry it unless the entry has its id field, and never overwrite a
+//!   producer's own `message_id` when the id field is another).
 //! - `correlation_id`, `content_type`: as on the [`Message`].
 //! - `bosun-attempt`: the attempt number a retry copy is for (1 when absent).
 //! - every other field is a header; its value is a `String` header when it is UTF-8, else a
