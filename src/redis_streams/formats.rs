@@ -418,6 +418,21 @@ mod tests {
         assert!(object_fields(br#"{"a":{"$base64":"!!"}}"#).is_err());
     }
 
+    /// The `metadata` Watermill entry `message` is written as, read back.
+    fn written_metadata(message: &OutgoingMessage) -> Vec<(String, String)> {
+        let mut cmd = redis::cmd("XADD");
+        write_watermill(&mut cmd, message, &EntryFormat::of(EntryLayout::Watermill))
+            .expect("writes");
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect();
+        watermill_metadata(args.last().expect("metadata")).expect("reads")
+    }
+
     #[test]
     fn watermill_metadata_reads_what_it_writes() {
         let message = OutgoingMessage {
@@ -428,19 +443,8 @@ mod tests {
             .into(),
             ..OutgoingMessage::new("s", "", "body")
         };
-        let mut cmd = redis::cmd("XADD");
-        write_watermill(&mut cmd, &message, &EntryFormat::of(EntryLayout::Watermill))
-            .expect("writes");
-        let args: Vec<Vec<u8>> = cmd
-            .args_iter()
-            .filter_map(|a| match a {
-                redis::Arg::Simple(b) => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
-        let metadata = args.last().expect("metadata");
         assert_eq!(
-            watermill_metadata(metadata).expect("reads"),
+            written_metadata(&message),
             vec![("k".into(), "v".into()), ("long".into(), "x".repeat(40))]
         );
         assert_eq!(
@@ -458,19 +462,8 @@ mod tests {
             headers: [("tenant".to_owned(), HeaderValue::String("t1".into()))].into(),
             ..OutgoingMessage::new("s", "", "body")
         };
-        let mut cmd = redis::cmd("XADD");
-        write_watermill(&mut cmd, &message, &EntryFormat::of(EntryLayout::Watermill))
-            .expect("writes");
-        let args: Vec<Vec<u8>> = cmd
-            .args_iter()
-            .filter_map(|a| match a {
-                redis::Arg::Simple(b) => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
-        let metadata = watermill_metadata(args.last().expect("metadata")).expect("reads");
         assert_eq!(
-            metadata,
+            written_metadata(&message),
             vec![
                 ("correlation_id".into(), "c-77".into()),
                 ("content_type".into(), "x".into()),
