@@ -57,7 +57,7 @@ pub fn written_by(
 /// A broker name, and the processor whose entry format a publisher writes in, if any.
 type CacheKey = (String, Option<String>);
 
-/// Publishers built from `[brokers.*]`, cached by broker name.
+/// Publishers built from `[brokers.*]`, cached.
 pub struct Publishers {
     config: Arc<Config>,
     /// Names the connections (see [`crate::publishers`]).
@@ -75,9 +75,7 @@ impl Publishers {
             cache: Mutex::new(BTreeMap::new()),
         }
     }
-}
 
-impl Publishers {
     /// The cached publisher under `key`, made from `config` (broker `name`) on first use.
     async fn connect(
         &self,
