@@ -1399,6 +1399,27 @@ fn existing_outbox(
     Some(Box::new(existing))
 }
 
+/// The entry format of the redis consumers of `broker` whose dead-letter stream is `stream`,
+/// when there are some and they agree: the format their dead-letter copies are in.
+fn dead_letter_writers_format(
+    consumers: &BTreeMap<String, ConsumerConfig>,
+    broker: &str,
+    stream: &str,
+) -> Option<EntryFormat> {
+    let mut formats = consumers
+        .values()
+        .filter_map(|consumer| match &consumer.kind {
+            ConsumerKind::Redis(r)
+                if consumer.source == broker && r.dead_letter_stream == stream =>
+            {
+                Some(r.format.as_ref())
+            }
+            _ => None,
+        });
+    let first = formats.next()?;
+    formats.all(|f| f == first).then(|| first.clone())
+}
+
 fn dead_letter_config(
     c: &mut Checker<'_>,
     name: &str,
@@ -1436,6 +1457,7 @@ fn dead_letter_config(
                     raw.payload_field.as_deref(),
                     raw.id_field.as_deref(),
                 )
+                .or_else(|| dead_letter_writers_format(consumers, &raw.source, stream))
                 .or_else(|| broker_format(b))
                 .unwrap_or_default(),
         },

@@ -75,6 +75,21 @@ pub fn check_destination(letter: &DeadLetter, allowed: &[String]) -> Result<(), 
     }
 }
 
+/// A property of `letter` (`correlation_id`, `content_type`), else, on a stream, the header
+/// of that name: a format that keeps properties among its headers (Watermill's metadata)
+/// brings them there, and a stream copy cannot carry them as headers.
+fn property(
+    kind: BrokerKind,
+    letter: &DeadLetter,
+    own: &Option<String>,
+    name: &str,
+) -> Option<String> {
+    own.clone().or_else(|| match kind {
+        BrokerKind::Redis => letter.headers.get(name).and_then(|v| v.as_text()),
+        BrokerKind::Amqp => None,
+    })
+}
+
 fn message_id(letter: &DeadLetter) -> String {
     letter
         .message_id
@@ -110,8 +125,8 @@ pub fn replay_copy(
         destination,
         routing_key,
         message_id: message_id(letter),
-        correlation_id: letter.correlation_id.clone(),
-        content_type: letter.content_type.clone(),
+        correlation_id: property(kind, letter, &letter.correlation_id, "correlation_id"),
+        content_type: property(kind, letter, &letter.content_type, "content_type"),
         headers,
         body: letter.body.clone(),
         timestamp_ms: letter.timestamp_ms,
@@ -137,8 +152,8 @@ pub fn forward_copy(
         destination: target.to_owned(),
         routing_key,
         message_id: message_id(letter),
-        correlation_id: letter.correlation_id.clone(),
-        content_type: letter.content_type.clone(),
+        correlation_id: property(kind, letter, &letter.correlation_id, "correlation_id"),
+        content_type: property(kind, letter, &letter.content_type, "content_type"),
         headers: publishable(kind, &letter.headers),
         body: letter.body.clone(),
         timestamp_ms: letter.timestamp_ms,
@@ -296,6 +311,27 @@ mod tests {
         assert_eq!(copy.destination, "orders");
         assert!(!copy.headers.contains_key("timestamp_ms"));
         assert_eq!(copy.timestamp_ms, Some(17));
+    }
+
+    #[test]
+    fn redis_replay_keeps_a_correlation_id_and_content_type_held_in_headers() {
+        let mut l = DeadLetter {
+            correlation_id: None,
+            content_type: None,
+            ..letter()
+        };
+        for (name, value) in [("correlation_id", "c-77"), ("content_type", "x")] {
+            l.headers
+                .insert(name.to_owned(), HeaderValue::String(value.into()));
+        }
+        let copy = replay_copy(BrokerKind::Redis, &l, &allowed()).expect("allowed");
+        assert_eq!(copy.correlation_id.as_deref(), Some("c-77"));
+        assert_eq!(copy.content_type.as_deref(), Some("x"));
+        assert!(!copy.headers.contains_key("correlation_id"));
+        assert_eq!(
+            copy.headers.get("tenant"),
+            Some(&HeaderValue::String("acme".into()))
+        );
     }
 
     #[test]

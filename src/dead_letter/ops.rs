@@ -96,6 +96,9 @@ pub struct PurgeReport {
     pub would_purge: Vec<Summary>,
 }
 
+/// A row's replay copy: (row id, processor, the copy).
+type ReplayCopy = (i64, String, OutgoingMessage);
+
 impl Ops {
     pub fn new(
         config: Arc<Config>,
@@ -303,8 +306,8 @@ impl Ops {
         rows: Vec<Row>,
     ) -> Result<PublishOutcome, DeadLetterError> {
         let mut outcome = PublishOutcome::default();
-        // Rows grouped by the broker their copies go to.
-        let mut by_broker: BTreeMap<String, Vec<(i64, String, OutgoingMessage)>> = BTreeMap::new();
+        // Rows grouped by broker and processor: each processor replays in its own format.
+        let mut by_broker: BTreeMap<(String, String), Vec<ReplayCopy>> = BTreeMap::new();
         for row in rows {
             let broker = self
                 .config
@@ -312,7 +315,11 @@ impl Ops {
                 .get(&row.processor)
                 .map(|dl| dl.source.clone())
                 .unwrap_or_else(|| row.broker.clone());
-            let (kind, _) = match self.publishers.publisher(&broker).await {
+            let (kind, _) = match self
+                .publishers
+                .replay_publisher(&broker, &row.processor)
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     outcome.failed.push(Failed {
@@ -331,12 +338,10 @@ impl Ops {
                 .map(|dl| dl.replay_to.as_slice())
                 .unwrap_or_default();
             match letter_from_row(&row).and_then(|letter| replay_copy(kind, &letter, allowed)) {
-                Ok(copy) => {
-                    by_broker
-                        .entry(broker)
-                        .or_default()
-                        .push((row.id, row.processor.clone(), copy))
-                }
+                Ok(copy) => by_broker
+                    .entry((broker, row.processor.clone()))
+                    .or_default()
+                    .push((row.id, row.processor.clone(), copy)),
                 Err(e) => outcome.failed.push(Failed {
                     id: row.id,
                     permanent: !e.is_transient(),
@@ -344,10 +349,10 @@ impl Ops {
                 }),
             }
         }
-        for (broker, items) in by_broker {
+        for ((broker, processor), items) in by_broker {
             // Copies to other brokers may be published already: an error from here on fails
             // these rows alone, never the transaction.
-            let publisher = match self.publishers.publisher(&broker).await {
+            let publisher = match self.publishers.replay_publisher(&broker, &processor).await {
                 Ok((_, publisher)) => publisher,
                 Err(e) => {
                     for (id, _, _) in items {

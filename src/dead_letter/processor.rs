@@ -541,18 +541,17 @@ pub fn build(
 /// and forwards are written in the entry format the processor reads, so a replay of a
 /// dead-letter copy is the entry its producer wrote.
 fn writing_config(config: &Arc<Config>, dl: &DeadLetterConfig) -> Arc<Config> {
-    let DeadLetterSource::Stream { format, .. } = &dl.from else {
-        return config.clone();
-    };
-    match config.brokers.get(&dl.source) {
-        Some(BrokerConfig::Redis(broker)) if &broker.format != format => {
+    let written = config
+        .brokers
+        .get(&dl.source)
+        .and_then(|broker| super::publishers::written_by(&dl.source, broker, dl));
+    match written {
+        Some(broker) => {
             let mut config = Config::clone(config);
-            if let Some(BrokerConfig::Redis(broker)) = config.brokers.get_mut(&dl.source) {
-                broker.format = format.clone();
-            }
+            config.brokers.insert(dl.source.clone(), broker);
             Arc::new(config)
         }
-        _ => config.clone(),
+        None => config.clone(),
     }
 }
 

@@ -274,7 +274,7 @@ impl Inner {
             Ok(message) => message,
             Err(reason) if self.handler.takes_undecodable() => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "handing an undecodable entry to the handler as it is");
-                fields::undecodable(entry, source, &reason)
+                fields::undecodable(entry, &self.config.format, source, &reason)
             }
             Err(reason) => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "dead-lettering an invalid entry");

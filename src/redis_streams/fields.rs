@@ -6,7 +6,8 @@
 //! - `payload`: the message body, bytes untouched. Required: an entry without it is
 //!   dead-lettered as `invalid`.
 //! - `message_id`: the stable id across retries (the entry id of the first delivery when
-//!   absent; retry copies always carry it).
+//!   absent; retry copies carry it unless the entry has its id field, and never overwrite a
+//!   producer's own `message_id` when the id field is another).
 //! - `correlation_id`, `content_type`: as on the [`Message`].
 //! - `bosun-attempt`: the attempt number a retry copy is for (1 when absent).
 //! - every other field is a header; its value is a `String` header when it is UTF-8, else a
@@ -29,6 +30,7 @@ use crate::config::{EntryFormat, RedisEntryLimits};
 use crate::handler::{HeaderValue, Message, Source, UNDECODABLE};
 use crate::publish::{OutgoingMessage, PublishError};
 
+#[cfg(test)]
 pub const BODY: &str = "payload";
 pub const MESSAGE_ID: &str = "message_id";
 pub const CORRELATION_ID: &str = "correlation_id";
@@ -135,15 +137,31 @@ pub(super) fn attempt(value: &Bytes) -> Result<u32, InvalidEntry> {
         .ok_or_else(|| InvalidEntry(format!("field `{ATTEMPT}` is not a positive integer")))
 }
 
-/// `entry` as it is, for a handler that takes undecodable input: the first `payload` field
-/// (if any) as the body, every other field as a header (a repeated or lossily decoded name
-/// gets a `#N` suffix, so no field is lost), and `reason` in [`UNDECODABLE`].
-pub fn undecodable(entry: &Entry, source: Source, reason: &str) -> Message {
+/// `entry` as it is, for a handler that takes undecodable input: the first body field
+/// (`format.payload_field`, if any) as the body, the first UTF-8 id field (`format.id_field`,
+/// else `message_id`) as the id, every other field as a header (a repeated or lossily
+/// decoded name gets a `#N` suffix, so no field is lost), and `reason` in [`UNDECODABLE`].
+pub fn undecodable(entry: &Entry, format: &EntryFormat, source: Source, reason: &str) -> Message {
+    let utf8 = |name: &str| {
+        entry
+            .field(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    };
+    let (id_name, message_id) = match utf8(&format.id_field) {
+        Some(id) => (format.id_field.as_str(), Some(id)),
+        None => (MESSAGE_ID, utf8(MESSAGE_ID)),
+    };
     let mut body = None;
+    let mut id_taken = message_id.is_none();
     let mut headers = BTreeMap::new();
     for (name, value) in &entry.fields {
-        if body.is_none() && name.as_ref() == BODY.as_bytes() {
+        if body.is_none() && name.as_ref() == format.payload_field.as_bytes() {
             body = Some(value.clone());
+            continue;
+        }
+        if !id_taken && name.as_ref() == id_name.as_bytes() {
+            id_taken = true;
             continue;
         }
         let base = String::from_utf8_lossy(name).into_owned();
@@ -159,17 +177,11 @@ pub fn undecodable(entry: &Entry, source: Source, reason: &str) -> Message {
         UNDECODABLE.to_owned(),
         HeaderValue::String(reason.to_owned()),
     );
-    let text = |name: &str| {
-        entry
-            .field(name)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::to_owned)
-    };
     Message {
-        message_id: text(MESSAGE_ID),
-        correlation_id: text(CORRELATION_ID),
+        message_id,
+        correlation_id: utf8(CORRELATION_ID),
         headers,
-        content_type: text(CONTENT_TYPE),
+        content_type: utf8(CONTENT_TYPE),
         body: body.unwrap_or_default(),
         attempt: 1,
         redelivered: false,
@@ -269,6 +281,30 @@ fn is_failure_field(name: &[u8]) -> bool {
     .any(|f| f.as_bytes() == name)
 }
 
+/// The fields of `entry` a copy keeps as they are, in their order: every field but the
+/// failure fields bosun replaces. `message_id` is bosun's own only when it is the id field;
+/// with the id elsewhere, a `message_id` is the producer's and stays where it was.
+fn own_fields(entry: &Entry, id_field: &str) -> Vec<(Bytes, Bytes)> {
+    entry
+        .fields
+        .iter()
+        .filter(|(k, _)| {
+            !is_failure_field(k) || (k.as_ref() == MESSAGE_ID.as_bytes() && id_field != MESSAGE_ID)
+        })
+        .cloned()
+        .collect()
+}
+
+/// The stable id a copy of `entry` must add as `message_id`, or `None` when `kept` (the
+/// fields the copy keeps) already carries it: in the id field, or in a producer's own
+/// `message_id`, which is never overwritten.
+fn missing_id(kept: &[(Bytes, Bytes)], entry: &Entry, id_field: &str) -> Option<Bytes> {
+    let carried = kept
+        .iter()
+        .any(|(k, _)| k.as_ref() == id_field.as_bytes() || k.as_ref() == MESSAGE_ID.as_bytes());
+    (!carried).then(|| stable_id(entry, id_field))
+}
+
 /// The fields of the copy that a retry re-adds: the original's, with the stable id, the next
 /// attempt number and the last error.
 pub fn retry_fields(
@@ -277,16 +313,10 @@ pub fn retry_fields(
     next_attempt: u32,
     error: &str,
 ) -> Vec<(Bytes, Bytes)> {
-    let mut fields: Vec<(Bytes, Bytes)> = entry
-        .fields
-        .iter()
-        .filter(|(k, _)| !is_failure_field(k))
-        .cloned()
-        .collect();
-    fields.push((
-        Bytes::from_static(MESSAGE_ID.as_bytes()),
-        stable_id(entry, id_field),
-    ));
+    let mut fields = own_fields(entry, id_field);
+    if let Some(id) = missing_id(&fields, entry, id_field) {
+        fields.push((Bytes::from_static(MESSAGE_ID.as_bytes()), id));
+    }
     fields.push((
         Bytes::from_static(ATTEMPT.as_bytes()),
         Bytes::from(next_attempt.to_string()),
@@ -342,13 +372,7 @@ pub fn over_limits(entry: &Entry, limits: &RedisEntryLimits) -> Option<String> {
 
 /// The fields of a dead-letter copy: the original's plus the failure fields.
 pub fn dead_letter_fields(entry: &Entry, failure: &Failure<'_>) -> Vec<(Bytes, Bytes)> {
-    let fields: Vec<(Bytes, Bytes)> = entry
-        .fields
-        .iter()
-        .filter(|(k, _)| !is_failure_field(k))
-        .cloned()
-        .collect();
-    with_failure(fields, entry, failure)
+    with_failure(own_fields(entry, &failure.format.id_field), entry, failure)
 }
 
 /// The dead-letter copy of an entry over its bounds: a fixed number of fields whatever the
@@ -398,10 +422,13 @@ fn with_failure(
     entry: &Entry,
     failure: &Failure<'_>,
 ) -> Vec<(Bytes, Bytes)> {
+    let id = missing_id(&fields, entry, &failure.format.id_field);
     let mut push = |name: &'static str, value: Bytes| {
         fields.push((Bytes::from_static(name.as_bytes()), value))
     };
-    push(MESSAGE_ID, stable_id(entry, &failure.format.id_field));
+    if let Some(id) = id {
+        push(MESSAGE_ID, id);
+    }
     push(ATTEMPT, Bytes::from(failure.attempt.to_string()));
     push(
         ORIG_STREAM,
@@ -518,6 +545,78 @@ pub(super) mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn copies_keep_a_producers_message_id_when_the_id_field_is_another() {
+        let e = entry(&[
+            ("order_id", b"O-1"),
+            ("message_id", b"M-producer"),
+            ("amount", b"5"),
+        ]);
+        let format = EntryFormat {
+            id_field: "order_id".into(),
+            ..EntryFormat::default()
+        };
+        let failure = Failure {
+            stream: "s",
+            group: "g",
+            consumer: "c",
+            deliveries: 2,
+            attempt: 2,
+            error: "boom",
+            kind: crate::handler::FailureKind::Exhausted,
+            format: &format,
+        };
+        let retry = retry_fields(&e, "order_id", 2, "boom");
+        let again = retry_fields(
+            &Entry {
+                id: "2-0".into(),
+                fields: retry.clone(),
+            },
+            "order_id",
+            3,
+            "boom",
+        );
+        for copy in [retry, again, dead_letter_fields(&e, &failure)] {
+            assert_eq!(copy[..3], e.fields[..], "{copy:?}");
+            assert!(
+                copy[3..].iter().all(|(k, _)| k.starts_with(b"bosun-")),
+                "{copy:?}"
+            );
+        }
+        // Without the id field or a `message_id`, the copy records the entry id.
+        let bare = retry_fields(&entry(&[("amount", b"5")]), "order_id", 2, "boom");
+        assert_eq!(
+            bare[1],
+            (
+                Bytes::from_static(b"message_id"),
+                Bytes::from_static(b"1-0")
+            )
+        );
+    }
+
+    #[test]
+    fn undecodable_entries_keep_the_body_and_id_of_their_format() {
+        let e = entry(&[
+            ("order_id", b"O-1"),
+            ("data", b"not json"),
+            ("tenant", b"t1"),
+        ]);
+        let format = EntryFormat {
+            id_field: "order_id".into(),
+            ..EntryFormat::of(crate::config::EntryLayout::Dapr)
+        };
+        let m = undecodable(&e, &format, Source::default(), "field `data` is not JSON");
+        assert_eq!(m.body.as_ref(), b"not json");
+        assert_eq!(m.message_id.as_deref(), Some("O-1"));
+        assert!(!m.headers.contains_key("data"), "{:?}", m.headers);
+        assert!(!m.headers.contains_key("order_id"), "{:?}", m.headers);
+        assert_eq!(
+            m.headers.get("tenant"),
+            Some(&HeaderValue::String("t1".into()))
+        );
+        assert!(m.headers.contains_key(UNDECODABLE));
     }
 
     #[test]

@@ -308,23 +308,39 @@ fn own_field_kept(
 }
 
 /// Appends `message` the way Watermill writes one: id, `payload`, and the headers as a
-/// MessagePack map of strings in `metadata`.
+/// MessagePack map of strings in `metadata`, with the correlation id and content type under
+/// their field names (`correlation_id` is also Watermill's own key for it) unless a header
+/// has the name already.
 pub fn write_watermill(
     cmd: &mut redis::Cmd,
     message: &OutgoingMessage,
     format: &EntryFormat,
 ) -> Result<(), PublishError> {
+    let mut entries: Vec<(&str, String)> = Vec::with_capacity(message.headers.len() + 2);
+    for (name, value) in [
+        (CORRELATION_ID, &message.correlation_id),
+        (fields::CONTENT_TYPE, &message.content_type),
+    ] {
+        if let Some(value) = value
+            && !message.headers.contains_key(name)
+        {
+            entries.push((name, value.clone()));
+        }
+    }
+    for (name, value) in &message.headers {
+        let value = String::from_utf8(fields::header_bytes(value)).map_err(|_| {
+            PublishError::Invalid(format!(
+                "header `{name}` is not UTF-8: Watermill metadata holds strings"
+            ))
+        })?;
+        entries.push((name, value));
+    }
     let mut metadata = Vec::new();
-    if !message.headers.is_empty() {
-        msgpack_len(&mut metadata, message.headers.len(), [0x80, 0xde, 0xdf]);
-        for (name, value) in &message.headers {
-            let value = String::from_utf8(fields::header_bytes(value)).map_err(|_| {
-                PublishError::Invalid(format!(
-                    "header `{name}` is not UTF-8: Watermill metadata holds strings"
-                ))
-            })?;
+    if !entries.is_empty() {
+        msgpack_len(&mut metadata, entries.len(), [0x80, 0xde, 0xdf]);
+        for (name, value) in &entries {
             msgpack_str(&mut metadata, name);
-            msgpack_str(&mut metadata, &value);
+            msgpack_str(&mut metadata, value);
         }
     }
     cmd.arg(&format.id_field).arg(&message.message_id);
@@ -499,6 +515,14 @@ mod tests {
             .collect()
     }
 
+    /// The `metadata` Watermill entry `message` is written as, read back.
+    fn written_metadata(message: &OutgoingMessage) -> Vec<(String, String)> {
+        let mut cmd = redis::cmd("XADD");
+        write_watermill(&mut cmd, message, &EntryFormat::of(EntryLayout::Watermill))
+            .expect("writes");
+        watermill_metadata(args(&cmd).last().expect("metadata"), usize::MAX).expect("reads")
+    }
+
     #[test]
     fn flat_entries_read_back_the_correlation_id_they_are_written_with() {
         let mut message = OutgoingMessage::new("s", "", &br#"{"k":"v"}"#[..]);
@@ -527,13 +551,8 @@ mod tests {
             .into(),
             ..OutgoingMessage::new("s", "", "body")
         };
-        let mut cmd = redis::cmd("XADD");
-        write_watermill(&mut cmd, &message, &EntryFormat::of(EntryLayout::Watermill))
-            .expect("writes");
-        let args = args(&cmd);
-        let metadata = args.last().expect("metadata");
         assert_eq!(
-            watermill_metadata(metadata, 2).expect("reads"),
+            written_metadata(&message),
             vec![("k".into(), "v".into()), ("long".into(), "x".repeat(40))]
         );
         assert_eq!(
@@ -572,5 +591,23 @@ mod tests {
         );
         let why = watermill_metadata(object(21).as_bytes(), 20).expect_err("over");
         assert!(why.contains("over the limit of 20 (max_fields)"), "{why}");
+    }
+
+    #[test]
+    fn watermill_writes_the_correlation_id_and_content_type_into_metadata() {
+        let message = OutgoingMessage {
+            correlation_id: Some("c-77".into()),
+            content_type: Some("x".into()),
+            headers: [("tenant".to_owned(), HeaderValue::String("t1".into()))].into(),
+            ..OutgoingMessage::new("s", "", "body")
+        };
+        assert_eq!(
+            written_metadata(&message),
+            vec![
+                ("correlation_id".into(), "c-77".into()),
+                ("content_type".into(), "x".into()),
+                ("tenant".into(), "t1".into()),
+            ]
+        );
     }
 }

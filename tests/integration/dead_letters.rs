@@ -2065,3 +2065,129 @@ action = "archive"
         "a list of sources is fine: {text}"
     );
 }
+
+/// Archives `dead_letter` (added to `<stream>:dlq`) through a processor that reads `format`
+/// on a broker that writes bosun's own layout, replays it with `bosun dlq replay`, and
+/// returns what the replay wrote to `stream`.
+async fn replayed_through_cli(format: &str, stream: &str, dead_letter: &[(&str, &[u8])]) -> Fields {
+    let s = redis_setup(false);
+    let dlq = format!("{stream}:dlq");
+    let table = unique("dl_format_archive");
+    let text = std::fs::read_to_string(&s.config.path).expect("config");
+    s.config.rewrite(&format!(
+        "{text}\n[dead_letters.formatted]\nsource = \"cache\"\nstream = \"{dlq}\"\n{format}\narchive = \"main\"\ntable = \"{table}\"\nreplay_to = [\"{stream}\"]\n"
+    ));
+    let (code, _, err) = cli(&s.config, &["migrate"]);
+    assert_eq!(code, 0, "migrate: {err}");
+    let mut conn = redis().await;
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&dlq).arg("*");
+    for (name, value) in dead_letter {
+        cmd.arg(*name).arg(*value);
+    }
+    let _: String = cmd.query_async(&mut conn).await.expect("XADD");
+    let mut daemon = Daemon::start(&s.config.path, s.port);
+    let pool = pg().await;
+    wait_rows(&pool, &table, 1).await;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(WAIT), Some(0));
+    let id: i64 = sqlx::query_scalar(&format!("SELECT id FROM {table}"))
+        .fetch_one(&pool)
+        .await
+        .expect("archived row");
+    let (code, out, err) = cli(
+        &s.config,
+        &["replay", &id.to_string(), "--processor", "formatted"],
+    );
+    assert_eq!(code, 0, "replay: {err}{out}");
+    let mut replayed = entries(&mut conn, stream).await;
+    let _ = conn.del::<_, ()>(&[stream, dlq.as_str()]).await;
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    replayed.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_writes_in_the_format_of_the_processor_that_archived_the_row() {
+    let stream = unique("dl_flat");
+    // A dead-letter copy as a `fields` consumer writes it: the producer's fields, then
+    // bosun's own.
+    let replayed = replayed_through_cli(
+        "entry_format = \"fields\"",
+        &stream,
+        &[
+            ("event_type", b"user.created"),
+            ("user_id", b"123"),
+            ("message_id", b"flat-1"),
+            ("bosun-attempt", b"3"),
+            ("bosun-orig-stream", stream.as_bytes()),
+            ("bosun-orig-id", b"1-0"),
+            ("bosun-error", b"boom"),
+            ("bosun-error-kind", b"exhausted"),
+        ],
+    )
+    .await;
+    let names: Vec<&str> = replayed.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        ["event_type", "user_id", "message_id", "bosun-replay-count"],
+        "the producer's flat fields, not a `payload`: {replayed:?}"
+    );
+    assert_eq!(field(&replayed, "user_id").as_deref(), Some("123"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermill_replay_keeps_the_correlation_id_and_content_type_in_metadata() {
+    let stream = unique("dl_watermill");
+    let metadata = br#"{"correlation_id":"c-77","content_type":"x","tenant":"t1"}"#;
+    let replayed = replayed_through_cli(
+        "entry_format = \"watermill\"",
+        &stream,
+        &[
+            ("_watermill_message_uuid", b"uuid-7"),
+            ("payload", b"{\"n\":7}"),
+            ("metadata", metadata),
+            ("bosun-orig-stream", stream.as_bytes()),
+            ("bosun-error", b"boom"),
+            ("bosun-error-kind", b"exhausted"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        field(&replayed, "_watermill_message_uuid").as_deref(),
+        Some("uuid-7")
+    );
+    assert_eq!(field(&replayed, "payload").as_deref(), Some("{\"n\":7}"));
+    let written = replayed
+        .iter()
+        .find(|(k, _)| k == "metadata")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&written);
+    for kept in ["correlation_id", "c-77", "content_type", "tenant", "t1"] {
+        assert!(
+            text.contains(kept),
+            "`{kept}` lost from the metadata: {written:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_dapr_dead_letter_is_archived_with_its_body_and_replayed_in_dapr() {
+    let stream = unique("dl_dapr");
+    // Not a dead letter bosun can read (the attempt is not a number): archived as it is.
+    let replayed = replayed_through_cli(
+        "entry_format = \"dapr\"",
+        &stream,
+        &[
+            ("data", br#"{"n":1}"#),
+            ("message_id", b"dapr-1"),
+            ("bosun-attempt", b"zero"),
+            ("bosun-orig-stream", stream.as_bytes()),
+            ("tenant", b"t1"),
+        ],
+    )
+    .await;
+    assert_eq!(field(&replayed, "data").as_deref(), Some(r#"{"n":1}"#));
+    assert_eq!(field(&replayed, "message_id").as_deref(), Some("dapr-1"));
+    assert_eq!(field(&replayed, "tenant").as_deref(), Some("t1"));
+}

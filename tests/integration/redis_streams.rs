@@ -1600,6 +1600,38 @@ fn entry_formats_are_validated_and_taken_from_the_broker_unless_set() {
     );
 }
 
+#[test]
+fn a_dead_letter_processor_reads_the_format_of_the_consumers_writing_its_stream() {
+    use bosun::config::{DeadLetterSource, EntryFormat, EntryLayout};
+    let read = |consumer: &str, processor: &str| {
+        let text = format!(
+            "[brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n[handlers.n]\nkind = \"noop\"\n[consumers.c]\nsource = \"cache\"\nhandler = \"n\"\nstream = \"s\"\n{consumer}\n[dead_letters.dl]\nsource = \"cache\"\nstream = \"s:dlq\"\ndefault_action = \"drop\"\n{processor}"
+        );
+        let config = bosun::config::load_str(
+            &text,
+            "test.toml",
+            &bosun::handler::HandlerKinds::builtin(),
+            &bosun::config::Env::from_pairs(std::iter::empty::<(&str, &str)>()),
+        )
+        .expect("valid");
+        match config.dead_letters.get("dl").map(|dl| &dl.from) {
+            Some(DeadLetterSource::Stream { format, .. }) => format.clone(),
+            other => panic!("not a redis processor: {other:?}"),
+        }
+    };
+    assert_eq!(
+        read("entry_format = \"fields\"", ""),
+        EntryFormat::of(EntryLayout::Fields),
+        "the processor reads dead-letter copies in the format they were written in"
+    );
+    assert_eq!(
+        read("entry_format = \"fields\"", "entry_format = \"dapr\""),
+        EntryFormat::of(EntryLayout::Dapr),
+        "a format of its own wins"
+    );
+    assert_eq!(read("", ""), EntryFormat::default());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn consumer_trims_its_stream_and_dead_letter_stream_when_asked() {
     let mut conn = redis().await;
