@@ -18,6 +18,9 @@ pub mod status {
     pub const SCHEDULED: &str = "scheduled";
     pub const REPLAYED: &str = "replayed";
     pub const FAILED: &str = "failed";
+    /// Every status a purge takes a row from (all but `purged`): [`super::purge`] and a
+    /// purge's dry run read this one list, so the dry run lists what the purge removes.
+    pub const PURGEABLE: &[&str] = &[ARCHIVED, SCHEDULED, REPLAYED, FAILED];
 }
 
 /// Scheduled replay attempts before a row that keeps failing ends `failed`.
@@ -611,13 +614,17 @@ pub async fn purge(
 ) -> Result<Vec<i64>, DeadLetterError> {
     let sql = format!(
         "UPDATE {table} SET status = 'purged', purged_at = now(), body = NULL, headers = '{{}}'::jsonb
-         WHERE processor = ANY($1) AND {} AND status <> 'purged'
+         WHERE processor = ANY($1) AND {} AND status = ANY($3)
          RETURNING id",
         selector_sql(selector)
     );
+    let statuses: Vec<String> = status::PURGEABLE.iter().map(|s| (*s).to_owned()).collect();
     // Read as one-column rows so the selector binds the same way as for the other queries.
     let query = sqlx::query_as::<_, (i64,)>(&sql).bind(processors);
-    let rows = bind_selector(query, selector).fetch_all(pool).await?;
+    let rows = bind_selector(query, selector)
+        .bind(statuses)
+        .fetch_all(pool)
+        .await?;
     let mut ids: Vec<i64> = rows.into_iter().map(|(id,)| id).collect();
     ids.sort_unstable();
     Ok(ids)

@@ -71,6 +71,23 @@ async fn transient_scheduled_replay_failures_back_off_then_end_failed() {
         waits[0] > 3.0 && waits[1] > waits[0] && waits[9] <= 3600.5,
         "{waits:?}"
     );
+    // A purge's dry run lists the failed row, and the purge removes it.
+    use bosun::dead_letter::archive::{self, Selector, status};
+    let processors = ["dl".to_owned()];
+    let listed = archive::preview(
+        &pool,
+        &table,
+        &processors,
+        &Selector::All,
+        status::PURGEABLE,
+    )
+    .await
+    .expect("preview");
+    assert_eq!(listed.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+    let purged = archive::purge(&pool, &table, &processors, &Selector::All)
+        .await
+        .expect("purge");
+    assert_eq!(purged, [id]);
     let _ = sqlx::raw_sql(&format!("DROP TABLE {table}"))
         .execute(&pool)
         .await;

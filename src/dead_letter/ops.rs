@@ -26,8 +26,6 @@ const REPLAY_BATCH: i64 = 100;
 pub const MAX_IDS: usize = 10_000;
 /// The statuses a replay takes rows from (those `archive::claim_for_replay` locks).
 const REPLAYABLE: &[&str] = &[status::ARCHIVED, status::SCHEDULED, status::FAILED];
-/// The statuses a purge's dry run lists.
-const PURGE_PREVIEW: &[&str] = &[status::ARCHIVED, status::SCHEDULED, status::REPLAYED];
 /// Upper bound on one batch's publish while its rows are locked.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -410,7 +408,7 @@ impl Ops {
     ) -> Result<PurgeReport, DeadLetterError> {
         let t = self.selected_target(processor, selector)?;
         if dry_run {
-            let rows = t.preview(selector, PURGE_PREVIEW).await?;
+            let rows = t.preview(selector, status::PURGEABLE).await?;
             return Ok(PurgeReport {
                 dry_run: true,
                 would_purge: rows,
