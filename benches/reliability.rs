@@ -2,6 +2,10 @@
 //! fault scenario (broker restarts included) through the release `bosun` binary and writes
 //! the table to RELIABILITY.md. It stops RabbitMQ and Redis on this machine for a moment:
 //! run it on a machine of your own.
+//!
+//! `-- --only TEXT` (repeatable) runs just the scenarios whose name contains TEXT and
+//! replaces only their rows in RELIABILITY.md's table (new scenarios are appended), so one
+//! scenario can be measured again without stopping the brokers for the others.
 
 #[path = "../tests/integration/checker/mod.rs"]
 mod checker;
@@ -26,9 +30,22 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let only: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--only")
+        .map(|w| w[1].as_str())
+        .collect();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_bosun"));
     let mut rows = Vec::new();
-    for plan in checker::plans(scale, true) {
+    let plans: Vec<_> = checker::plans(scale, true)
+        .into_iter()
+        .filter(|p| only.is_empty() || only.iter().any(|o| p.name.contains(o)))
+        .collect();
+    if plans.is_empty() {
+        eprintln!("no scenario matches {only:?}");
+        std::process::exit(2);
+    }
+    for plan in plans {
         println!("running: {}", plan.name);
         let row = rt.block_on(checker::scenarios::run(bin, &plan));
         println!("  {row:?}");
@@ -37,6 +54,16 @@ fn main() {
     let table = checker::table(&rows);
     println!("{table}");
     let holds = rows.iter().all(checker::Row::holds);
+    if !only.is_empty() {
+        if let Err(e) = update_rows(&table) {
+            eprintln!("cannot update RELIABILITY.md: {e}");
+            std::process::exit(1);
+        }
+        if !holds {
+            std::process::exit(1);
+        }
+        return;
+    }
     let doc = format!(
         "# Reliability\n\nbosun promises at-least-once delivery with nothing dropped silently. This table is the proof: every\nscenario drives the real `bosun` binary under load, injects one fault, and classifies every message\n(see `tests/integration/checker/mod.rs` for the checker).\n\n- **lost**: confirmed by the broker (or committed to the outbox), never handled and not dead-lettered. Must be 0.\n- **misplaced**: bad input that did not end in its documented place (bad-input rows only, described below). Must be 0.\n- **unexpected**: handled or dead-lettered but never sent. Must be 0.\n- **duplicated**: extra deliveries of one id, which at-least-once allows after a crash or a lost ack.\n\nRegenerate with `cargo bench --bench reliability -- --scale {scale}` (scale {scale}: message counts are {scale}x the CI set).\nCI runs the same scenarios at scale 1 without the broker restarts (`cargo test --test integration reliability::`).\n\n{table}\nContract held in every scenario: {}.\n",
         if holds { "yes" } else { "NO" }
@@ -49,6 +76,33 @@ fn main() {
     if !holds {
         std::process::exit(1);
     }
+}
+
+/// Replaces the rows of RELIABILITY.md's table that `table` has (same scenario name) and
+/// appends the others at the table's end; everything else in the file stays as it is.
+fn update_rows(table: &str) -> std::io::Result<()> {
+    let doc = std::fs::read_to_string("RELIABILITY.md")?;
+    let scenario = |line: &str| line.split('|').nth(1).map(|c| c.trim().to_string());
+    let mut fresh: Vec<&str> = table.lines().skip(2).collect();
+    let mut out: Vec<String> = Vec::new();
+    let mut in_table = false;
+    for line in doc.lines() {
+        if line.starts_with("| scenario |") {
+            in_table = true;
+        } else if in_table && !line.starts_with('|') {
+            out.extend(fresh.drain(..).map(str::to_string));
+            in_table = false;
+        }
+        if in_table {
+            if let Some(pos) = fresh.iter().position(|f| scenario(f) == scenario(line)) {
+                out.push(fresh.remove(pos).to_string());
+                continue;
+            }
+        }
+        out.push(line.to_string());
+    }
+    out.extend(fresh.drain(..).map(str::to_string));
+    std::fs::write("RELIABILITY.md", out.join("\n") + "\n")
 }
 
 /// The bad-input coverage, kept with the table when it is regenerated.
