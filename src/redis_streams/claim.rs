@@ -34,7 +34,7 @@ pub(crate) async fn run(
         }
         // While another process holds the name, claiming under it would hand entries to
         // that process's pending list.
-        if !inner.name_held.load(std::sync::atomic::Ordering::Relaxed) {
+        if !inner.name_lock.is_held() {
             continue;
         }
         if let Err(e) = round(&inner, &ops, &dispatcher, &stop).await {

@@ -29,7 +29,6 @@
 //! [`RELEASE`]: super::scripts::RELEASE
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,8 +41,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::dispatch::{
-    Action, Delivery, Dispatcher, Inflight, Inner, Metrics, SETTLE_BATCH, Settlement, id_key,
-    lock_prefix, parse_read_any,
+    Action, Delivery, Dispatcher, Inflight, Inner, Metrics, NameLock, SETTLE_BATCH, Settlement,
+    id_key, parse_read_any,
 };
 use super::scripts::Scripts;
 use super::{Ops, RedisStreamsError, client_name, connect_reader};
@@ -87,18 +86,7 @@ impl RedisConsumer {
                 retry_key: format!("{}:retry", config.stream),
                 scripts: Scripts::default(),
                 metrics: Metrics::new(name, broker_name, &consumer.handler),
-                lock_key: format!(
-                    "{}{}",
-                    lock_prefix(&config.stream, &config.group),
-                    config.consumer
-                ),
-                lock_token: format!(
-                    "{}/{}/{}",
-                    crate::config::default_consumer_name(),
-                    std::process::id(),
-                    uuid::Uuid::now_v7().simple()
-                ),
-                name_held: AtomicBool::new(false),
+                name_lock: NameLock::new(config),
             }),
         }
     }
@@ -209,7 +197,7 @@ async fn read_loop(
             &mut backoff,
         )
         .await;
-        inner.name_held.store(false, AtomicOrdering::Relaxed);
+        inner.name_lock.set_held(false);
         match result {
             Ok(()) => return,
             Err(e @ RedisStreamsError::NameInUse { .. }) => {
@@ -275,7 +263,7 @@ async fn session(
     if !inner.lock_name(ops).await? {
         return Err(name_in_use(config));
     }
-    inner.name_held.store(true, AtomicOrdering::Relaxed);
+    inner.name_lock.set_held(true);
     // The keeper renews the name lock while this session reads, and says when it was lost.
     let lost = CancellationToken::new();
     let keeper_stop = CancellationToken::new();
@@ -428,7 +416,7 @@ async fn keep_name(inner: Arc<Inner>, ops: Ops, lost: CancellationToken, stop: C
         match inner.lock_name(&ops).await {
             Ok(true) => {}
             Ok(false) => {
-                inner.name_held.store(false, AtomicOrdering::Relaxed);
+                inner.name_lock.set_held(false);
                 lost.cancel();
                 return;
             }

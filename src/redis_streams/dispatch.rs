@@ -3,7 +3,7 @@
 //! [`Action`], and the reply parsing and claims the reader and the claimer both use.
 
 use std::collections::HashSet;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -45,17 +45,51 @@ pub(crate) struct Inner {
     pub(crate) retry_key: String,
     pub(crate) scripts: Scripts,
     pub(crate) metrics: Metrics,
-    /// `<stream>:lock:<group>:<consumer>`: held while this process reads under the name.
-    pub(crate) lock_key: String,
-    /// This process's value in the lock: host, pid and a random part.
-    pub(crate) lock_token: String,
-    /// Whether the name lock is held: claims wait while it is not.
-    pub(crate) name_held: AtomicBool,
+    /// The consumer name's lock, held while this process reads under the name.
+    pub(crate) name_lock: NameLock,
 }
 
 /// The prefix of the name-lock keys of `group` on `stream`.
 pub(crate) fn lock_prefix(stream: &str, group: &str) -> String {
     format!("{stream}:lock:{group}:")
+}
+
+/// The lock on a consumer name, so two processes never read under one name.
+pub(crate) struct NameLock {
+    /// `<stream>:lock:<group>:<consumer>`.
+    key: String,
+    /// This process's value in the lock: host, pid and a random part.
+    token: String,
+    /// Whether the lock is held: claims wait while it is not.
+    held: AtomicBool,
+}
+
+impl NameLock {
+    /// The lock on the name `config` reads under, not held yet.
+    pub(crate) fn new(config: &RedisConsumerConfig) -> Self {
+        Self {
+            key: format!(
+                "{}{}",
+                lock_prefix(&config.stream, &config.group),
+                config.consumer
+            ),
+            token: format!(
+                "{}/{}/{}",
+                crate::config::default_consumer_name(),
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
+            held: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_held(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
+    }
 }
 
 /// Metric handles, registered once so the per-message path does no label lookups: the ones
@@ -363,8 +397,8 @@ impl Inner {
         let cmd = self
             .scripts
             .lock
-            .call(&[&self.lock_key])
-            .arg(&self.lock_token)
+            .call(&[&self.name_lock.key])
+            .arg(&self.name_lock.token)
             .arg(LOCK_TTL.as_millis() as u64)
             .to_owned();
         let held: i64 = self
@@ -380,8 +414,8 @@ impl Inner {
         let cmd = self
             .scripts
             .unlock
-            .call(&[&self.lock_key])
-            .arg(&self.lock_token)
+            .call(&[&self.name_lock.key])
+            .arg(&self.name_lock.token)
             .to_owned();
         if let Err(e) = self.scripts.run::<i64>(ops, &cmd).await {
             tracing::debug!(consumer = %self.name, error = %e, "cannot drop the consumer-name lock; it expires by itself");
@@ -447,18 +481,9 @@ impl Inner {
         after: Option<&str>,
     ) -> Result<(Vec<Delivery>, Option<String>), RedisStreamsError> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-        let cmd = redis::cmd("XPENDING")
-            .arg(&self.config.stream)
-            .arg(&self.config.group)
-            .arg(&start)
-            .arg("+")
-            .arg(self.config.batch)
-            .arg(&self.config.consumer)
-            .to_owned();
-        let rows: Vec<(String, String, u64, u64)> = ops
-            .query(&cmd)
-            .await
-            .map_err(RedisStreamsError::command("XPENDING"))?;
+        let rows = self
+            .own_pending(ops, &start, "+", self.config.batch)
+            .await?;
         let Some(last) = rows.last().map(|r| r.0.clone()) else {
             return Ok((Vec::new(), None));
         };
@@ -522,6 +547,28 @@ impl Inner {
         Ok(())
     }
 
+    /// Up to `most` of this consumer's pending entries from `start` to `end`, from the
+    /// extended XPENDING: (id, consumer, idle ms, delivery count).
+    async fn own_pending(
+        &self,
+        ops: &Ops,
+        start: &str,
+        end: &str,
+        most: usize,
+    ) -> Result<Vec<(String, String, u64, u64)>, RedisStreamsError> {
+        let cmd = redis::cmd("XPENDING")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(start)
+            .arg(end)
+            .arg(most)
+            .arg(&self.config.consumer)
+            .to_owned();
+        ops.query(&cmd)
+            .await
+            .map_err(RedisStreamsError::command("XPENDING"))
+    }
+
     /// Delivery counts of `entries` (pending for this consumer), from the extended XPENDING.
     pub(crate) async fn delivery_counts(
         &self,
@@ -531,20 +578,10 @@ impl Inner {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(Default::default());
         };
-        let cmd = redis::cmd("XPENDING")
-            .arg(&self.config.stream)
-            .arg(&self.config.group)
-            .arg(&first.id)
-            .arg(&last.id)
-            // The range may also hold this consumer's entries that are in flight or awaiting
-            // settlement: leave room for all of them.
-            .arg(entries.len() + 2 * self.concurrency + SETTLE_BATCH)
-            .arg(&self.config.consumer)
-            .to_owned();
-        let rows: Vec<(String, String, u64, u64)> = ops
-            .query(&cmd)
-            .await
-            .map_err(RedisStreamsError::command("XPENDING"))?;
+        // The range may also hold this consumer's entries that are in flight or awaiting
+        // settlement: leave room for all of them.
+        let most = entries.len() + 2 * self.concurrency + SETTLE_BATCH;
+        let rows = self.own_pending(ops, &first.id, &last.id, most).await?;
         Ok(rows
             .into_iter()
             .map(|(id, _, _, count)| (id, count))
