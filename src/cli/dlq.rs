@@ -356,17 +356,17 @@ fn summaries_table(rows: &[Summary]) -> String {
             r.id,
             r.archived_at.format("%Y-%m-%d %H:%M:%S"),
             r.status,
-            r.group_key,
+            r.failure.group_key,
             cell(r.original.as_deref().unwrap_or("-"), 16),
-            r.attempts,
+            r.failure.attempts,
             cell(
-                &match &r.reason {
-                    Some(reason) => format!("{} ({reason})", r.error_kind),
-                    None => r.error_kind.clone(),
+                &match &r.failure.reason {
+                    Some(reason) => format!("{} ({reason})", r.failure.error_kind),
+                    None => r.failure.error_kind.clone(),
                 },
                 20
             ),
-            cell(r.error.as_deref().unwrap_or("-"), 80)
+            cell(r.failure.error.as_deref().unwrap_or("-"), 80)
         );
     }
     out

@@ -150,9 +150,10 @@ pub fn unescape(value: &str) -> String {
     out
 }
 
-/// A row to insert.
-#[derive(Debug, Clone)]
-pub struct NewRow {
+/// What a row records of its dead letter, column for column: where it came from and how it
+/// failed. Written by [`insert`] in a [`NewRow`] and read back in a [`Row`].
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Details {
     pub processor: String,
     pub broker: String,
     pub source: String,
@@ -162,17 +163,32 @@ pub struct NewRow {
     pub original: Option<String>,
     pub original_exchange: Option<String>,
     pub routing_key: Option<String>,
-    pub headers: serde_json::Value,
-    pub body: Vec<u8>,
     pub content_type: Option<String>,
     pub timestamp_ms: Option<i64>,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub failure: Failure,
+    pub first_failed_at: Option<DateTime<Utc>>,
+}
+
+/// How a dead letter failed, as a list shows it too: the kind, error text and reason, the
+/// attempts and replays so far, and the failure group they make.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Failure {
     pub error_kind: String,
     pub error: Option<String>,
     pub reason: Option<String>,
     pub attempts: i32,
     pub replay_count: i32,
     pub group_key: String,
-    pub first_failed_at: Option<DateTime<Utc>>,
+}
+
+/// A row to insert.
+#[derive(Debug, Clone)]
+pub struct NewRow {
+    pub details: Details,
+    pub headers: serde_json::Value,
+    pub body: Vec<u8>,
     /// `archived`, or `scheduled` with `replay_due_at`.
     pub status: &'static str,
     pub note: Option<String>,
@@ -185,6 +201,7 @@ impl NewRow {
     fn storable(&self) -> (NewRow, Vec<String>) {
         let mut row = self.clone();
         let mut escaped = Vec::new();
+        let details = &mut row.details;
         let mut fix = |name: &str, value: &mut String| {
             if value.contains('\0') {
                 *value = escape(value);
@@ -192,24 +209,24 @@ impl NewRow {
             }
         };
         for (name, value) in [
-            ("processor", &mut row.processor),
-            ("broker", &mut row.broker),
-            ("source", &mut row.source),
-            ("error_kind", &mut row.error_kind),
-            ("group_key", &mut row.group_key),
+            ("processor", &mut details.processor),
+            ("broker", &mut details.broker),
+            ("source", &mut details.source),
+            ("error_kind", &mut details.failure.error_kind),
+            ("group_key", &mut details.failure.group_key),
         ] {
             fix(name, value);
         }
         for (name, value) in [
-            ("source_entry_id", &mut row.source_entry_id),
-            ("message_id", &mut row.message_id),
-            ("correlation_id", &mut row.correlation_id),
-            ("original", &mut row.original),
-            ("original_exchange", &mut row.original_exchange),
-            ("routing_key", &mut row.routing_key),
-            ("content_type", &mut row.content_type),
-            ("error", &mut row.error),
-            ("reason", &mut row.reason),
+            ("source_entry_id", &mut details.source_entry_id),
+            ("message_id", &mut details.message_id),
+            ("correlation_id", &mut details.correlation_id),
+            ("original", &mut details.original),
+            ("original_exchange", &mut details.original_exchange),
+            ("routing_key", &mut details.routing_key),
+            ("content_type", &mut details.content_type),
+            ("error", &mut details.failure.error),
+            ("reason", &mut details.failure.reason),
             ("note", &mut row.note),
         ] {
             if let Some(value) = value {
@@ -234,27 +251,28 @@ pub async fn insert(pool: &PgPool, table: &str, row: &NewRow) -> Result<i64, Dea
             $18, $19, $20, $21, $22, $23, $24)
          RETURNING id"
     );
+    let d = &row.details;
     let id: i64 = sqlx::query_scalar(&sql)
-        .bind(&row.processor)
-        .bind(&row.broker)
-        .bind(&row.source)
-        .bind(&row.source_entry_id)
-        .bind(&row.message_id)
-        .bind(&row.correlation_id)
-        .bind(&row.original)
-        .bind(&row.original_exchange)
-        .bind(&row.routing_key)
+        .bind(&d.processor)
+        .bind(&d.broker)
+        .bind(&d.source)
+        .bind(&d.source_entry_id)
+        .bind(&d.message_id)
+        .bind(&d.correlation_id)
+        .bind(&d.original)
+        .bind(&d.original_exchange)
+        .bind(&d.routing_key)
         .bind(&row.headers)
         .bind(&row.body)
-        .bind(&row.content_type)
-        .bind(row.timestamp_ms)
-        .bind(&row.error_kind)
-        .bind(&row.error)
-        .bind(&row.reason)
-        .bind(row.attempts)
-        .bind(row.replay_count)
-        .bind(&row.group_key)
-        .bind(row.first_failed_at)
+        .bind(&d.content_type)
+        .bind(d.timestamp_ms)
+        .bind(&d.failure.error_kind)
+        .bind(&d.failure.error)
+        .bind(&d.failure.reason)
+        .bind(d.failure.attempts)
+        .bind(d.failure.replay_count)
+        .bind(&d.failure.group_key)
+        .bind(d.first_failed_at)
         .bind(row.status)
         .bind(&row.note)
         .bind(row.replay_due_at)
@@ -305,28 +323,13 @@ const ROW_COLUMNS: &str = "id, processor, broker, source, source_entry_id, messa
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct Row {
     pub id: i64,
-    pub processor: String,
-    pub broker: String,
-    pub source: String,
-    pub source_entry_id: Option<String>,
-    pub message_id: Option<String>,
-    pub correlation_id: Option<String>,
-    pub original: Option<String>,
-    pub original_exchange: Option<String>,
-    pub routing_key: Option<String>,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub details: Details,
     #[sqlx(try_from = "String")]
     pub headers: StoredJson,
     #[serde(skip)]
     pub body: Option<Vec<u8>>,
-    pub content_type: Option<String>,
-    pub timestamp_ms: Option<i64>,
-    pub error_kind: String,
-    pub error: Option<String>,
-    pub reason: Option<String>,
-    pub attempts: i32,
-    pub replay_count: i32,
-    pub group_key: String,
-    pub first_failed_at: Option<DateTime<Utc>>,
     pub archived_at: DateTime<Utc>,
     pub status: String,
     pub note: Option<String>,
@@ -365,12 +368,9 @@ pub struct Summary {
     pub processor: String,
     pub message_id: Option<String>,
     pub original: Option<String>,
-    pub error_kind: String,
-    pub error: Option<String>,
-    pub reason: Option<String>,
-    pub attempts: i32,
-    pub replay_count: i32,
-    pub group_key: String,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub failure: Failure,
     pub archived_at: DateTime<Utc>,
     pub status: String,
 }

@@ -171,26 +171,26 @@ pub fn letter_from_row(row: &Row) -> Result<DeadLetter, DeadLetterError> {
     };
     let death = x_death(&headers);
     Ok(DeadLetter {
-        message_id: row.text("message_id", &row.message_id),
-        correlation_id: row.text("correlation_id", &row.correlation_id),
-        content_type: row.text("content_type", &row.content_type),
+        message_id: row.text("message_id", &row.details.message_id),
+        correlation_id: row.text("correlation_id", &row.details.correlation_id),
+        content_type: row.text("content_type", &row.details.content_type),
         body: row.body.clone().unwrap_or_default().into(),
         error_kind: row
-            .text("error_kind", &Some(row.error_kind.clone()))
+            .text("error_kind", &Some(row.details.failure.error_kind.clone()))
             .unwrap_or_default(),
-        error: row.text("error", &row.error),
-        reason: row.text("reason", &row.reason),
-        original: row.text("original", &row.original),
-        original_exchange: row.text("original_exchange", &row.original_exchange),
-        routing_key: row.text("routing_key", &row.routing_key),
-        attempts: u32::try_from(row.attempts).unwrap_or(1),
-        replay_count: u32::try_from(row.replay_count).unwrap_or(0),
-        first_failed_at: row.first_failed_at,
+        error: row.text("error", &row.details.failure.error),
+        reason: row.text("reason", &row.details.failure.reason),
+        original: row.text("original", &row.details.original),
+        original_exchange: row.text("original_exchange", &row.details.original_exchange),
+        routing_key: row.text("routing_key", &row.details.routing_key),
+        attempts: u32::try_from(row.details.failure.attempts).unwrap_or(1),
+        replay_count: u32::try_from(row.details.failure.replay_count).unwrap_or(0),
+        first_failed_at: row.details.first_failed_at,
         source: row
-            .text("source", &Some(row.source.clone()))
+            .text("source", &Some(row.details.source.clone()))
             .unwrap_or_default(),
-        entry_id: row.text("source_entry_id", &row.source_entry_id),
-        timestamp_ms: row.timestamp_ms.and_then(|t| u64::try_from(t).ok()),
+        entry_id: row.text("source_entry_id", &row.details.source_entry_id),
+        timestamp_ms: row.details.timestamp_ms.and_then(|t| u64::try_from(t).ok()),
         writer: Writer::of(&headers, death.as_ref()),
         headers,
     })

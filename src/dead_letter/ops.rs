@@ -310,12 +310,12 @@ impl Ops {
             let broker = self
                 .config
                 .dead_letters
-                .get(&row.processor)
+                .get(&row.details.processor)
                 .map(|dl| dl.source.clone())
-                .unwrap_or_else(|| row.broker.clone());
+                .unwrap_or_else(|| row.details.broker.clone());
             let (kind, _) = match self
                 .publishers
-                .replay_publisher(&broker, &row.processor)
+                .replay_publisher(&broker, &row.details.processor)
                 .await
             {
                 Ok(p) => p,
@@ -332,14 +332,14 @@ impl Ops {
             let allowed = self
                 .config
                 .dead_letters
-                .get(&row.processor)
+                .get(&row.details.processor)
                 .map(|dl| dl.replay_to.as_slice())
                 .unwrap_or_default();
             match letter_from_row(&row).and_then(|letter| replay_copy(kind, &letter, allowed)) {
                 Ok(copy) => by_broker
-                    .entry((broker, row.processor.clone()))
+                    .entry((broker, row.details.processor.clone()))
                     .or_default()
-                    .push((row.id, row.processor.clone(), copy)),
+                    .push((row.id, row.details.processor.clone(), copy)),
                 Err(e) => outcome.failed.push(Failed {
                     id: row.id,
                     permanent: !e.is_transient(),

@@ -19,7 +19,7 @@ use futures::FutureExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::archive::{self, NewRow, status};
+use super::archive::{self, Details, Failure, NewRow, status};
 use super::copy::{BrokerKind, forward_copy, replay_copy};
 use super::group::group_key;
 use super::letter::{DeadLetter, headers_to_json};
@@ -103,26 +103,30 @@ impl DeadLetterHandler {
     ) -> NewRow {
         let error = letter.error.clone();
         NewRow {
-            processor: self.name.clone(),
-            broker: self.config.source.clone(),
-            source: letter.source.clone(),
-            source_entry_id: letter.entry_id.clone(),
-            message_id: letter.message_id.clone(),
-            correlation_id: letter.correlation_id.clone(),
-            original: letter.original.clone(),
-            original_exchange: letter.original_exchange.clone(),
-            routing_key: letter.routing_key.clone(),
+            details: Details {
+                processor: self.name.clone(),
+                broker: self.config.source.clone(),
+                source: letter.source.clone(),
+                source_entry_id: letter.entry_id.clone(),
+                message_id: letter.message_id.clone(),
+                correlation_id: letter.correlation_id.clone(),
+                original: letter.original.clone(),
+                original_exchange: letter.original_exchange.clone(),
+                routing_key: letter.routing_key.clone(),
+                content_type: letter.content_type.clone(),
+                timestamp_ms: letter.timestamp_ms.and_then(|t| i64::try_from(t).ok()),
+                failure: Failure {
+                    group_key: group_key(&letter.error_kind, error.as_deref().unwrap_or("")),
+                    error_kind: letter.error_kind.clone(),
+                    error,
+                    reason: letter.reason.clone(),
+                    attempts: i32::try_from(letter.attempts).unwrap_or(i32::MAX),
+                    replay_count: i32::try_from(letter.replay_count).unwrap_or(i32::MAX),
+                },
+                first_failed_at: letter.first_failed_at,
+            },
             headers: headers_to_json(&letter.headers),
             body: letter.body.to_vec(),
-            content_type: letter.content_type.clone(),
-            timestamp_ms: letter.timestamp_ms.and_then(|t| i64::try_from(t).ok()),
-            group_key: group_key(&letter.error_kind, error.as_deref().unwrap_or("")),
-            error_kind: letter.error_kind.clone(),
-            error,
-            reason: letter.reason.clone(),
-            attempts: i32::try_from(letter.attempts).unwrap_or(i32::MAX),
-            replay_count: i32::try_from(letter.replay_count).unwrap_or(i32::MAX),
-            first_failed_at: letter.first_failed_at,
             status,
             note,
             replay_due_at: delay
