@@ -428,16 +428,8 @@ pub struct OutboxConfig {
 /// name is a validated plain identifier, quoted wherever it is formatted into SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExistingOutbox {
-    pub id: String,
-    pub destination: Option<String>,
-    pub routing_key: String,
-    pub payload: String,
-    pub headers: Option<String>,
-    pub content_type: Option<String>,
-    pub message_id: Option<String>,
-    pub created_at: Option<String>,
-    pub last_error: Option<String>,
-    pub attempts: Option<String>,
+    /// Which column plays which role; also reached through `Deref`.
+    pub mapping: OutboxColumns,
     /// The status column.
     pub state: String,
     /// Its values; checked to hold no quote-escaping surprises (no backslash, no control
@@ -445,6 +437,38 @@ pub struct ExistingOutbox {
     pub pending: String,
     pub published: String,
     pub failed: String,
+}
+
+/// `columns = { ... }` of an existing outbox table: which column plays which role. Read
+/// from the file as it is, then checked (plain identifiers, none mapped twice).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxColumns {
+    /// Integer primary key; rows go out in its order.
+    pub id: String,
+    /// Exchange (amqp) or stream (redis); unmapped: the outbox's `destination`.
+    pub destination: Option<String>,
+    pub routing_key: String,
+    pub payload: String,
+    /// JSON object of message headers; unmapped: none.
+    pub headers: Option<String>,
+    /// Unmapped: no content type.
+    pub content_type: Option<String>,
+    /// Unmapped: a UUID derived from the table and the row's id.
+    pub message_id: Option<String>,
+    /// The message timestamp and the backlog age; unmapped: neither.
+    pub created_at: Option<String>,
+    /// Text column that receives a failed row's reason; unmapped: the reason is only logged.
+    pub last_error: Option<String>,
+    /// Integer column counting publish attempts; unmapped: a refused row fails at once.
+    pub attempts: Option<String>,
+}
+
+impl std::ops::Deref for ExistingOutbox {
+    type Target = OutboxColumns;
+    fn deref(&self) -> &OutboxColumns {
+        &self.mapping
+    }
 }
 
 impl ExistingOutbox {

@@ -295,33 +295,9 @@ pub struct RawOutbox {
     pub migrate: Option<bool>,
     /// An existing table's columns, by role (with `state`): relay from a table the
     /// application already has, unchanged.
-    pub columns: Option<RawOutboxColumns>,
+    pub columns: Option<super::model::OutboxColumns>,
     /// An existing table's status column and its values (with `columns`).
     pub state: Option<RawOutboxState>,
-}
-
-/// `columns = { ... }` of an existing outbox table: which column plays which role.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawOutboxColumns {
-    /// Integer primary key; rows go out in its order.
-    pub id: String,
-    /// Exchange (amqp) or stream (redis); unmapped: the outbox's `destination`.
-    pub destination: Option<String>,
-    pub routing_key: String,
-    pub payload: String,
-    /// JSON object of message headers; unmapped: none.
-    pub headers: Option<String>,
-    /// Unmapped: no content type.
-    pub content_type: Option<String>,
-    /// Unmapped: a UUID derived from the table and the row's id.
-    pub message_id: Option<String>,
-    /// The message timestamp and the backlog age; unmapped: neither.
-    pub created_at: Option<String>,
-    /// Text column that receives a failed row's reason; unmapped: the reason is only logged.
-    pub last_error: Option<String>,
-    /// Integer column counting publish attempts; unmapped: a refused row fails at once.
-    pub attempts: Option<String>,
 }
 
 /// `state = { ... }`: the status column of an existing outbox table and its values.

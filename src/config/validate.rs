@@ -1347,16 +1347,7 @@ fn existing_outbox(
         );
     }
     let existing = ExistingOutbox {
-        id: columns.id.clone(),
-        destination: columns.destination.clone(),
-        routing_key: columns.routing_key.clone(),
-        payload: columns.payload.clone(),
-        headers: columns.headers.clone(),
-        content_type: columns.content_type.clone(),
-        message_id: columns.message_id.clone(),
-        created_at: columns.created_at.clone(),
-        last_error: columns.last_error.clone(),
-        attempts: columns.attempts.clone(),
+        mapping: columns.clone(),
         state: state.column.clone(),
         pending: state.pending.clone().unwrap_or_else(|| "pending".into()),
         published: state
