@@ -28,24 +28,54 @@ pub struct ProbeArgs {
     pub timeout: Duration,
 }
 
-fn parse_timeout(text: &str) -> Result<Duration, String> {
+/// Why a probe got no usable answer, or could not ask; the text is what it prints.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Timeout(#[from] crate::units::UnitError),
+    #[error("the timeout must be above zero")]
+    ZeroTimeout,
+    #[error("invalid --url {url:?}: {source}")]
+    Url {
+        url: String,
+        source: url::ParseError,
+    },
+    #[error("invalid --url {0:?}: only http:// is supported (the listener has no TLS)")]
+    NotHttp(String),
+    #[error("invalid --url {0:?}: no host")]
+    NoHost(String),
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    NoAnswer(Duration),
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("cannot send the request: {0}")]
+    Send(std::io::Error),
+    #[error("cannot read the answer: {0}")]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Answer(#[from] NotAnAnswer),
+}
+
+/// A reply that is not HTTP: its first line, cut to 80 characters.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("not an HTTP answer: {0:?}")]
+struct NotAnAnswer(String);
+
+fn parse_timeout(text: &str) -> Result<Duration, ProbeError> {
     match crate::config::parse_duration(text)? {
-        d if d.is_zero() => Err("the timeout must be above zero".into()),
+        d if d.is_zero() => Err(ProbeError::ZeroTimeout),
         d => Ok(d),
     }
 }
 
 pub fn probe(args: &ProbeArgs) -> Result<u8, CliError> {
-    let target = Target::parse(&args.url).map_err(CliError::Usage)?;
+    let target = Target::parse(&args.url).map_err(|e| CliError::Usage(e.to_string()))?;
     let url = args.url.clone();
     let timeout = args.timeout;
     let outcome = super::block_on(async move {
         match tokio::time::timeout(timeout, get(&target)).await {
             Ok(result) => result,
-            Err(_) => Err(format!(
-                "no answer within {}",
-                humantime::format_duration(timeout)
-            )),
+            Err(_) => Err(ProbeError::NoAnswer(timeout)),
         }
     })?;
     match outcome {
@@ -75,17 +105,18 @@ struct Target {
 }
 
 impl Target {
-    fn parse(text: &str) -> Result<Self, String> {
-        let url = url::Url::parse(text).map_err(|e| format!("invalid --url {text:?}: {e}"))?;
+    fn parse(text: &str) -> Result<Self, ProbeError> {
+        let url = url::Url::parse(text).map_err(|source| ProbeError::Url {
+            url: text.to_owned(),
+            source,
+        })?;
         if url.scheme() != "http" {
-            return Err(format!(
-                "invalid --url {text:?}: only http:// is supported (the listener has no TLS)"
-            ));
+            return Err(ProbeError::NotHttp(text.to_owned()));
         }
         let host = url
             .host()
             .map(|h| h.to_owned())
-            .ok_or_else(|| format!("invalid --url {text:?}: no host"))?;
+            .ok_or_else(|| ProbeError::NoHost(text.to_owned()))?;
         let port = url.port_or_known_default().unwrap_or(80);
         let authority = match url.port() {
             Some(port) => format!("{host}:{port}"),
@@ -120,11 +151,8 @@ impl Target {
 }
 
 /// One GET: (status, body) or why there was no answer.
-async fn get(target: &Target) -> Result<(u16, String), String> {
-    let mut stream = target
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+async fn get(target: &Target) -> Result<(u16, String), ProbeError> {
+    let mut stream = target.connect().await.map_err(ProbeError::Connect)?;
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: bosun-probe\r\nConnection: close\r\n\r\n",
         target.request_target, target.authority
@@ -132,17 +160,17 @@ async fn get(target: &Target) -> Result<(u16, String), String> {
     stream
         .write_all(request.as_bytes())
         .await
-        .map_err(|e| format!("cannot send the request: {e}"))?;
+        .map_err(ProbeError::Send)?;
     let mut response = Vec::new();
     (&mut stream)
         .take(MAX_RESPONSE)
         .read_to_end(&mut response)
         .await
-        .map_err(|e| format!("cannot read the answer: {e}"))?;
-    parse_response(&response)
+        .map_err(ProbeError::Read)?;
+    Ok(parse_response(&response)?)
 }
 
-fn parse_response(response: &[u8]) -> Result<(u16, String), String> {
+fn parse_response(response: &[u8]) -> Result<(u16, String), NotAnAnswer> {
     let text = String::from_utf8_lossy(response);
     let status_line = text.lines().next().unwrap_or_default();
     let mut parts = status_line.split_whitespace();
@@ -150,12 +178,7 @@ fn parse_response(response: &[u8]) -> Result<(u16, String), String> {
         (Some(version), Some(code)) if version.starts_with("HTTP/") => code.parse::<u16>().ok(),
         _ => None,
     }
-    .ok_or_else(|| {
-        format!(
-            "not an HTTP answer: {:?}",
-            status_line.chars().take(80).collect::<String>()
-        )
-    })?;
+    .ok_or_else(|| NotAnAnswer(status_line.chars().take(80).collect()))?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.chars().take(512).collect())

@@ -3,9 +3,25 @@
 //! Interpolation runs on parsed string values, never on the raw text, so a variable's value
 //! can hold quotes or newlines without breaking the TOML around it.
 
+/// Why a string's `${...}` cannot be replaced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterpolateError {
+    #[error("unterminated `${{` in {0:?}")]
+    Unterminated(String),
+    #[error("invalid variable name `{name}` in `${{{body}}}`")]
+    InvalidName { name: String, body: String },
+    #[error(
+        "environment variable `{0}` is not set and `${{{0}}}` has no default (write `${{{0}:-default}}`)"
+    )]
+    Unset(String),
+}
+
 /// Replaces every `${NAME}` / `${NAME:-default}` in `input`. `$$` is a literal `$`.
 /// A variable that is unset and has no default is an error naming it.
-pub fn interpolate(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+pub fn interpolate(
+    input: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, InterpolateError> {
     if !input.contains('$') {
         return Ok(input.to_owned());
     }
@@ -20,14 +36,17 @@ pub fn interpolate(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resu
         } else if let Some(body_start) = after.strip_prefix('{') {
             let end = body_start
                 .find('}')
-                .ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
+                .ok_or_else(|| InterpolateError::Unterminated(input.to_owned()))?;
             let body = &body_start[..end];
             let (name, default) = match body.split_once(":-") {
                 Some((name, default)) => (name, Some(default)),
                 None => (body, None),
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("invalid variable name `{name}` in `${{{body}}}`"));
+                return Err(InterpolateError::InvalidName {
+                    name: name.to_owned(),
+                    body: body.to_owned(),
+                });
             }
             match (
                 lookup(name).filter(|v| !v.is_empty() || default.is_none()),
@@ -36,9 +55,7 @@ pub fn interpolate(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resu
                 (Some(value), _) => out.push_str(&value),
                 (None, Some(default)) => out.push_str(default),
                 (None, None) => {
-                    return Err(format!(
-                        "environment variable `{name}` is not set and `${{{name}}}` has no default (write `${{{name}:-default}}`)"
-                    ));
+                    return Err(InterpolateError::Unset(name.to_owned()));
                 }
             }
             rest = &body_start[end + 1..];
@@ -80,16 +97,18 @@ mod tests {
 
     #[test]
     fn unset_without_default_names_the_variable() {
-        let err = interpolate("${NOPE}", &env).unwrap_err();
+        let err = interpolate("${NOPE}", &env).unwrap_err().to_string();
         assert!(err.contains("`NOPE`"), "{err}");
         assert!(
             interpolate("${OPEN", &env)
                 .unwrap_err()
+                .to_string()
                 .contains("unterminated")
         );
         assert!(
             interpolate("${a-b}", &env)
                 .unwrap_err()
+                .to_string()
                 .contains("invalid variable name")
         );
     }

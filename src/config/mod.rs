@@ -166,8 +166,8 @@ pub fn load_file_with_env(
 
 /// The file's text: size-capped, UTF-8.
 fn read_text(path: &Path, origin: &str) -> Result<String, ConfigError> {
-    let bytes =
-        read_capped(path).map_err(|e| ConfigError::single(origin, Location::Unknown, "", e))?;
+    let bytes = read_capped(path)
+        .map_err(|e| ConfigError::single(origin, Location::Unknown, "", e.to_string()))?;
     match String::from_utf8(bytes) {
         Ok(text) => Ok(text),
         Err(e) => {
@@ -184,19 +184,26 @@ fn read_text(path: &Path, origin: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+/// Why the file's bytes could not be had.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("cannot read the config file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "the file is larger than {} MiB; a bosun config is a few kilobytes",
+        MAX_CONFIG_BYTES / (1024 * 1024)
+    )]
+    TooLarge,
+}
+
+fn read_capped(path: &Path) -> Result<Vec<u8>, ReadError> {
     use std::io::Read;
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot read the config file: {e}"))?;
+    let file = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read the config file: {e}"))?;
+        .read_to_end(&mut bytes)?;
     if bytes.len() > MAX_CONFIG_BYTES {
-        return Err(format!(
-            "the file is larger than {} MiB; a bosun config is a few kilobytes",
-            MAX_CONFIG_BYTES / (1024 * 1024)
-        ));
+        return Err(ReadError::TooLarge);
     }
     Ok(bytes)
 }
@@ -352,8 +359,9 @@ fn load_str_recording(
         )
     })?;
 
-    let (mut table, overridden) = apply_env_overrides(text, table, env)
-        .map_err(|(var, message)| ConfigError::single(origin, Location::Env(var), "", message))?;
+    let (mut table, overridden) = apply_env_overrides(text, table, env).map_err(|e| {
+        ConfigError::single(origin, Location::Env(e.var.clone()), "", e.to_string())
+    })?;
 
     let locate = |path: &[String]| -> Location {
         let dotted = path.join(".");
@@ -622,13 +630,21 @@ fn unknown_field_name(message: &str) -> Option<String> {
     Some(rest[..rest.find('`')?].to_owned())
 }
 
+/// Environment overrides that cannot be layered over the file; `var` is the first of them.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot apply environment overrides: {source}")]
+struct OverrideError {
+    var: String,
+    source: config::ConfigError,
+}
+
 /// Layers `BOSUN__...` variables over the file with the `config` crate. Returns the merged
 /// table and, for each overridden key path, the variable that set it.
 fn apply_env_overrides(
     text: &str,
     table: toml::Table,
     env: &Env,
-) -> Result<(toml::Table, BTreeMap<String, String>), (String, String)> {
+) -> Result<(toml::Table, BTreeMap<String, String>), OverrideError> {
     let vars: BTreeMap<String, String> = env
         .0
         .iter()
@@ -649,17 +665,13 @@ fn apply_env_overrides(
                 .source(Some(vars.clone().into_iter().collect())),
         )
         .build()
-        .map_err(|e| {
-            (
-                first_var.clone(),
-                format!("cannot apply environment overrides: {e}"),
-            )
+        .map_err(|source| OverrideError {
+            var: first_var.clone(),
+            source,
         })?;
-    let mut merged: toml::Table = merged.try_deserialize().map_err(|e| {
-        (
-            first_var,
-            format!("cannot apply environment overrides: {e}"),
-        )
+    let mut merged: toml::Table = merged.try_deserialize().map_err(|source| OverrideError {
+        var: first_var,
+        source,
     })?;
 
     let mut overridden = BTreeMap::new();
@@ -740,9 +752,9 @@ fn interpolate_value(
     match value {
         toml::Value::String(s) => match interpolate(s, &|name| env.get(name)) {
             Ok(replaced) => *s = replaced,
-            Err(message) => problems.push(Issue {
+            Err(e) => problems.push(Issue {
                 path: path.clone(),
-                message,
+                message: e.to_string(),
             }),
         },
         toml::Value::Array(items) => {

@@ -14,7 +14,7 @@ use super::model::*;
 use super::raw::*;
 use crate::handler::HandlerKinds;
 use crate::retry::{Backoff, RetryPolicy};
-use crate::units::{parse_duration, parse_size};
+use crate::units::{UnitError, parse_duration, parse_size};
 
 /// Collects issues while walking the raw config.
 struct Checker<'a> {
@@ -199,7 +199,7 @@ impl Checker<'_> {
     /// A positive size in bytes.
     fn size(&mut self, at: &[&str], raw: &RawSize) -> Option<u64> {
         let parsed = match raw {
-            RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_owned()),
+            RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| UnitError::Negative),
             RawSize::Text(text) => parse_size(text),
         };
         match parsed {
