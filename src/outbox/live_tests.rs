@@ -122,20 +122,109 @@ fn start_wrapped(
     Running::start(name, Arc::new(component))
 }
 
+/// Per-key ordering, polling often: rows held back by their key go out soon after.
+const PER_KEY: &str = "ordering = \"per_key\"\npoll_interval = \"50ms\"";
+/// Per-key ordering that never polls in a test's time: only looping at once moves rows.
+const PER_KEY_NO_POLL: &str = "ordering = \"per_key\"\npoll_interval = \"1h\"";
+
+/// A test's own outbox table and queue, both named after `prefix`, and a configuration of
+/// `outboxes` on the table that relay to RabbitMQ's default exchange, each with `settings`.
+async fn to_rabbit(
+    prefix: &str,
+    outboxes: &[&str],
+    settings: &str,
+) -> (Table, Queue, ConfigFile, Config) {
+    let table = Table::new(prefix).await;
+    let queue = Queue::new(prefix).await;
+    let settings = format!("target = \"rabbit\"\ndestination = \"\"\n{settings}");
+    let (file, config) = config(outboxes, &table.name, &settings);
+    (table, queue, file, config)
+}
+
+async fn stop_all(relays: Vec<Running>) {
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+/// Stops the relays, then deletes the test's queue.
+async fn finish(relays: Vec<Running>, queue: Queue) {
+    stop_all(relays).await;
+    queue.delete().await;
+}
+
 fn metrics_text() -> String {
     bosun::telemetry::metrics_handle().render()
+}
+
+/// The value of the counter `metric` of outbox `outbox`.
+fn outbox_metric(metric: &str, outbox: &str) -> Option<f64> {
+    support::metric_value(&metrics_text(), metric, &[&format!("outbox=\"{outbox}\"")])
+}
+
+/// The bodies of `received` messages, in order.
+fn bodies_of(received: &[(String, String)]) -> Vec<&str> {
+    received.iter().map(|(_, body)| body.as_str()).collect()
+}
+
+/// The bodies of `received` messages read as numbers, in order.
+fn numbers(received: &[(String, String)]) -> Vec<usize> {
+    received
+        .iter()
+        .map(|(_, b)| b.parse().expect("n"))
+        .collect()
+}
+
+/// `n` rows of key `K` whose payloads are their numbers.
+fn keyed(n: usize) -> Vec<(Option<&'static str>, String)> {
+    (0..n).map(|i| (Some("K"), format!("{i}"))).collect()
+}
+
+/// The rows `before` and `after` a refused one arrive, and the relay stays ready.
+async fn before_and_after_arrive(queue: &Queue, relays: &[Running]) {
+    let got = queue.wait_len(2).await;
+    let bodies: BTreeSet<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, BTreeSet::from(["before", "after"]));
+    relays[0].wait_ready().await;
+}
+
+/// The `last_error` of the first row matching `condition`.
+async fn last_error(table: &Table, condition: &str) -> String {
+    sqlx::query_scalar(&format!(
+        "SELECT last_error FROM {} WHERE {condition} LIMIT 1",
+        table.name
+    ))
+    .fetch_one(&table.pool)
+    .await
+    .expect("last_error")
+}
+
+/// Inserts rows given as (destination, partition key, payload, headers as JSON text), each
+/// routed to `routing_key`, in one transaction.
+async fn insert_rows(table: &Table, routing_key: &str, rows: &[(&str, Option<&str>, &str, &str)]) {
+    let mut tx = table.pool.begin().await.expect("begin");
+    for (destination, key, payload, headers) in rows {
+        sqlx::query(&format!(
+            "INSERT INTO {} (destination, routing_key, partition_key, payload, headers)
+             VALUES ($1, $2, $3, $4, $5::jsonb)",
+            table.name
+        ))
+        .bind(destination)
+        .bind(routing_key)
+        .bind(key)
+        .bind(payload.as_bytes())
+        .bind(headers)
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    }
+    tx.commit().await.expect("commit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_rows_are_published_once_with_their_message_ids() {
     let _metrics = bosun::telemetry::metrics_handle();
-    let table = Table::new("ob_once").await;
-    let queue = Queue::new("ob_once").await;
-    let (_file, config) = config(
-        &["once"],
-        &table.name,
-        "target = \"rabbit\"\nbatch = 100\ndestination = \"\"",
-    );
+    let (table, queue, _file, config) = to_rabbit("ob_once", &["once"], "batch = 100").await;
     table.insert(None, &queue.name, &numbered(1000, None)).await;
     let relays = start_all(config);
 
@@ -151,33 +240,21 @@ async fn committed_rows_are_published_once_with_their_message_ids() {
         table.message_ids().await,
         "each message carries its row's message_id"
     );
-    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    let bodies = bodies_of(&got);
     assert_eq!(bodies.first().copied(), Some("row 0"));
     assert_eq!(
         table.count("attempts = 1 AND last_error IS NULL").await,
         1000
     );
-    let published = support::metric_value(
-        &metrics_text(),
-        "bosun_outbox_published_total",
-        &["outbox=\"once\""],
-    );
+    let published = outbox_metric("bosun_outbox_published_total", "once");
     assert_eq!(published, Some(1000.0));
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_of_a_rolled_back_transaction_never_appear() {
-    let table = Table::new("ob_rollback").await;
-    let queue = Queue::new("ob_rollback").await;
-    let (_file, config) = config(
-        &["rollback"],
-        &table.name,
-        "target = \"rabbit\"\ndestination = \"\"\npoll_interval = \"100ms\"",
-    );
+    let (table, queue, _file, config) =
+        to_rabbit("ob_rollback", &["rollback"], "poll_interval = \"100ms\"").await;
     let relays = start_all(config);
     relays[0].wait_ready().await;
 
@@ -203,21 +280,13 @@ async fn rows_of_a_rolled_back_transaction_never_appear() {
     let bodies: Vec<String> = queue.received().into_iter().map(|(_, b)| b).collect();
     assert_eq!(bodies, vec!["committed".to_owned()], "first seen: {got:?}");
     assert_eq!(table.count("true").await, 1);
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_share_a_table_without_duplicates() {
-    let table = Table::new("ob_two").await;
-    let queue = Queue::new("ob_two").await;
-    let (_file, config) = config(
-        &["two_a", "two_b"],
-        &table.name,
-        "target = \"rabbit\"\nbatch = 50\ndestination = \"\"",
-    );
+    let (table, queue, _file, config) =
+        to_rabbit("ob_two", &["two_a", "two_b"], "batch = 50").await;
     table.insert(None, &queue.name, &numbered(3000, None)).await;
     let relays = start_all(config);
     assert_eq!(relays.len(), 2);
@@ -229,27 +298,20 @@ async fn two_relays_share_a_table_without_duplicates() {
     let ids: BTreeSet<String> = got.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(got.len(), 3000, "no duplicates");
     assert_eq!(ids.len(), 3000);
-    let text = metrics_text();
-    let a = support::metric_value(&text, "bosun_outbox_published_total", &["outbox=\"two_a\""])
-        .unwrap_or(0.0);
-    let b = support::metric_value(&text, "bosun_outbox_published_total", &["outbox=\"two_b\""])
-        .unwrap_or(0.0);
+    let a = outbox_metric("bosun_outbox_published_total", "two_a").unwrap_or(0.0);
+    let b = outbox_metric("bosun_outbox_published_total", "two_b").unwrap_or(0.0);
     assert_eq!(a + b, 3000.0);
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_order_holds_under_two_relays() {
-    let table = Table::new("ob_perkey").await;
-    let queue = Queue::new("ob_perkey").await;
-    let (_file, config) = config(
+    let (table, queue, _file, config) = to_rabbit(
+        "ob_perkey",
         &["key_a", "key_b"],
-        &table.name,
-        "target = \"rabbit\"\nbatch = 7\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
-    );
+        &format!("batch = 7\n{PER_KEY}"),
+    )
+    .await;
     const KEYS: [&str; 5] = ["k0", "k1", "k2", "k3", "k4"];
     let relays = start_all(config);
     // Rows arrive interleaved across keys, in several transactions, while both relays run.
@@ -280,21 +342,17 @@ async fn per_key_order_holds_under_two_relays() {
     }
     assert_eq!(last.len(), KEYS.len());
     assert!(last.values().all(|&seq| seq == 79));
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_relay_long_before_the_poll_interval() {
-    let table = Table::new("ob_notify").await;
-    let queue = Queue::new("ob_notify").await;
-    let (_file, config) = config(
+    let (table, queue, _file, config) = to_rabbit(
+        "ob_notify",
         &["notify"],
-        &table.name,
-        "target = \"rabbit\"\ndestination = \"\"\npoll_interval = \"60s\"\nretain_published = \"0\"",
-    );
+        "poll_interval = \"60s\"\nretain_published = \"0\"",
+    )
+    .await;
     let relays = start_all(config);
     relays[0].wait_ready().await;
     // Let the relay settle into its wait (the listener's first wake-up has passed).
@@ -316,10 +374,7 @@ async fn notify_wakes_the_relay_long_before_the_poll_interval() {
     assert!(started.elapsed() < Duration::from_secs(60));
     // retain_published = "0": published rows are deleted at once.
     assert!(table.wait_count("true", 0).await);
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,24 +392,14 @@ async fn unroutable_rows_fail_with_a_clear_last_error() {
 
     assert!(table.wait_count("failed_at IS NOT NULL", 3).await);
     assert_eq!(table.count("published_at IS NOT NULL").await, 0);
-    let error: String =
-        sqlx::query_scalar(&format!("SELECT last_error FROM {} LIMIT 1", table.name))
-            .fetch_one(&table.pool)
-            .await
-            .expect("last_error");
+    let error = last_error(&table, "true").await;
     assert!(
         error.contains("unroutable") && error.contains(&nowhere),
         "{error}"
     );
-    let failed = support::metric_value(
-        &metrics_text(),
-        "bosun_outbox_failed_total",
-        &["outbox=\"unroutable\""],
-    );
+    let failed = outbox_metric("bosun_outbox_failed_total", "unroutable");
     assert_eq!(failed, Some(3.0));
-    for relay in relays {
-        relay.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 /// A payload over the broker's `max_message_size` can never be published: its row fails at
@@ -384,22 +429,14 @@ async fn an_oversized_payload_fails_at_once_and_spares_its_batch() {
         1,
         "given up at the first attempt"
     );
-    let error: String = sqlx::query_scalar(&format!(
-        "SELECT last_error FROM {} WHERE failed_at IS NOT NULL",
-        table.name
-    ))
-    .fetch_one(&table.pool)
-    .await
-    .expect("last_error");
+    let error = table.failed_error().await;
     assert!(
         error.contains("1025 bytes") && error.contains("max message size of 1024"),
         "{error}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(queue.received().len(), 9, "each other row exactly once");
-    for relay in relays {
-        relay.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,35 +457,42 @@ async fn rows_fail_after_max_attempts_and_are_kept() {
         2,
         "failed after exactly max_attempts"
     );
-    let error: String =
-        sqlx::query_scalar(&format!("SELECT last_error FROM {} LIMIT 1", table.name))
-            .fetch_one(&table.pool)
-            .await
-            .expect("last_error");
+    let error = last_error(&table, "true").await;
     assert!(error.contains("no destination"), "{error}");
     // Failed rows are kept (retain_published = "0" deletes only published rows).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(table.count("true").await, 2);
-    for relay in relays {
-        relay.stop().await;
-    }
+    stop_all(relays).await;
 }
 
-/// Every entry of `stream`, and the connection they were read on.
-async fn stream_entries(stream: &str) -> (redis::aio::MultiplexedConnection, Vec<StreamEntry>) {
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis");
-    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+/// Every entry of `stream`.
+async fn stream_entries(stream: &str) -> Vec<StreamEntry> {
+    let mut conn = redis_connection().await;
+    redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
         .arg("+")
         .query_async(&mut conn)
         .await
-        .expect("xrange");
-    (conn, entries)
+        .expect("xrange")
+}
+
+async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis")
+}
+
+/// Stops the relays, then deletes the test's stream.
+async fn finish_stream(relays: Vec<Running>, stream: &str) {
+    stop_all(relays).await;
+    let _: () = redis::cmd("DEL")
+        .arg(stream)
+        .query_async(&mut redis_connection().await)
+        .await
+        .expect("del");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,7 +508,7 @@ async fn rows_go_to_a_redis_stream_with_payload_and_headers_as_fields() {
     let relays = start_all(config);
     assert!(table.wait_count("published_at IS NOT NULL", 20).await);
 
-    let (mut conn, entries) = stream_entries(&stream).await;
+    let entries = stream_entries(&stream).await;
     assert_eq!(entries.len(), 20);
     let fields: BTreeMap<String, Vec<u8>> = entries[0].1.iter().cloned().collect();
     assert_eq!(
@@ -477,14 +521,7 @@ async fn rows_go_to_a_redis_stream_with_payload_and_headers_as_fields() {
     let first_id =
         String::from_utf8(fields.get("message_id").cloned().unwrap_or_default()).expect("utf-8");
     assert!(ids.contains(&first_id));
-    let _: () = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut conn)
-        .await
-        .expect("del");
-    for relay in relays {
-        relay.stop().await;
-    }
+    finish_stream(relays, &stream).await;
 }
 
 /// Passes batches to the real publisher, then, once, holds the batch after its confirms
@@ -590,7 +627,7 @@ async fn rows_go_to_a_flat_entry_stream_one_field_per_key_and_other_payloads_fai
     let error = table.failed_error().await;
     assert!(error.contains("needs a JSON object body"), "{error}");
 
-    let (mut conn, entries) = stream_entries(&stream).await;
+    let entries = stream_entries(&stream).await;
     assert_eq!(entries.len(), 2);
     let names: Vec<&str> = entries[0].1.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
@@ -600,25 +637,12 @@ async fn rows_go_to_a_flat_entry_stream_one_field_per_key_and_other_payloads_fai
     );
     assert_eq!(entries[0].1[1].1, b"123");
     assert_eq!(entries[1].1[0].1, b"user.deleted");
-    let _: () = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut conn)
-        .await
-        .expect("del");
-    for relay in relays {
-        relay.stop().await;
-    }
+    finish_stream(relays, &stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_confirmed_but_not_committed_are_sent_again_after_a_crash() {
-    let table = Table::new("ob_crash").await;
-    let queue = Queue::new("ob_crash").await;
-    let (_file, config) = config(
-        &["crash"],
-        &table.name,
-        "target = \"rabbit\"\nbatch = 40\ndestination = \"\"",
-    );
+    let (table, queue, _file, config) = to_rabbit("ob_crash", &["crash"], "batch = 40").await;
     table.insert(None, &queue.name, &numbered(100, None)).await;
     let pause = Arc::new(Pause::default());
     let relay = start_wrapped(config.clone(), "crash", pause_wrapper(&pause));
@@ -646,21 +670,17 @@ async fn rows_confirmed_but_not_committed_are_sent_again_after_a_crash() {
         40,
         "the uncommitted batch arrived twice, with the same message ids"
     );
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_timeout_rolls_back_and_the_rows_are_claimed_again() {
-    let table = Table::new("ob_timeout").await;
-    let queue = Queue::new("ob_timeout").await;
-    let (_file, config) = config(
+    let (table, queue, _file, config) = to_rabbit(
+        "ob_timeout",
         &["slow"],
-        &table.name,
-        "target = \"rabbit\"\nbatch = 30\ndestination = \"\"\npublish_timeout = \"1s\"",
-    );
+        "batch = 30\npublish_timeout = \"1s\"",
+    )
+    .await;
     table.insert(None, &queue.name, &numbered(30, None)).await;
     let pause = Arc::new(Pause::default());
     let relay = start_wrapped(config, "slow", pause_wrapper(&pause));
@@ -741,9 +761,7 @@ async fn an_unreachable_database_makes_the_relay_not_ready() {
     })
     .await;
     assert!(reason.is_some(), "{:?}", relays[0].ready());
-    for relay in relays {
-        relay.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 /// Inserts one keyed row on `conn` (inside whatever transaction it is in) and returns its id.
@@ -768,13 +786,7 @@ async fn insert_keyed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_rows_committed_out_of_id_order_go_out_in_id_order() {
-    let table = Table::new("ob_late").await;
-    let queue = Queue::new("ob_late").await;
-    let (_file, config) = config(
-        &["late"],
-        &table.name,
-        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
-    );
+    let (table, queue, _file, config) = to_rabbit("ob_late", &["late"], PER_KEY).await;
     let relays = start_all(config);
     relays[0].wait_ready().await;
 
@@ -797,24 +809,15 @@ async fn per_key_rows_committed_out_of_id_order_go_out_in_id_order() {
 
     t1.commit().await.expect("commit T1");
     let got = queue.wait_len(2).await;
-    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    let bodies = bodies_of(&got);
     assert_eq!(bodies, ["first", "second"]);
     assert!(table.wait_count("published_at IS NOT NULL", 2).await);
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_lower_id_does_not_hold_its_key_back() {
-    let table = Table::new("ob_lateroll").await;
-    let queue = Queue::new("ob_lateroll").await;
-    let (_file, config) = config(
-        &["lateroll"],
-        &table.name,
-        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
-    );
+    let (table, queue, _file, config) = to_rabbit("ob_lateroll", &["lateroll"], PER_KEY).await;
     let relays = start_all(config);
     relays[0].wait_ready().await;
     let mut t1 = table.pool.begin().await.expect("begin T1");
@@ -824,10 +827,7 @@ async fn a_rolled_back_lower_id_does_not_hold_its_key_back() {
     t1.rollback().await.expect("roll back T1");
     let got = queue.wait_len(1).await;
     assert_eq!(got[0].1, "kept");
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -908,12 +908,9 @@ async fn migrate_upgrades_a_table_from_the_previous_ddl() {
     );
     let relays = start_all(config);
     let got = queue.wait_len(2).await;
-    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    let bodies = bodies_of(&got);
     assert_eq!(bodies, ["old", "new"]);
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -930,18 +927,11 @@ async fn rows_with_unusable_headers_fail_alone_at_their_first_attempt() {
         (huge_value, "large"),
         ("{\"ok\": 2}".to_owned(), "after"),
     ];
-    for (headers, payload) in &rows {
-        sqlx::query(&format!(
-            "INSERT INTO {} (destination, routing_key, payload, headers) VALUES ('', $1, $2, $3::jsonb)",
-            table.name
-        ))
-        .bind(&queue.name)
-        .bind(payload.as_bytes())
-        .bind(headers)
-        .execute(&table.pool)
-        .await
-        .expect("insert");
-    }
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(h, p)| ("", None, *p, h.as_str()))
+        .collect();
+    insert_rows(&table, &queue.name, &rows).await;
     let (_file, config) = config(
         &["badheaders"],
         &table.name,
@@ -967,14 +957,8 @@ async fn rows_with_unusable_headers_fail_alone_at_their_first_attempt() {
         errors[2].1.contains("over the limit of 65536"),
         "{errors:?}"
     );
-    let got = queue.wait_len(2).await;
-    let bodies: BTreeSet<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
-    assert_eq!(bodies, BTreeSet::from(["before", "after"]));
-    relays[0].wait_ready().await;
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    before_and_after_arrive(&queue, &relays).await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -987,18 +971,11 @@ async fn a_row_whose_headers_exceed_the_frame_fails_at_its_first_attempt() {
         (format!("{{\"v\": \"{}\"}}", "x".repeat(10_000)), "large"),
         ("{}".to_owned(), "after"),
     ];
-    for (headers, payload) in &rows {
-        sqlx::query(&format!(
-            "INSERT INTO {} (destination, routing_key, payload, headers) VALUES ('', $1, $2, $3::jsonb)",
-            table.name
-        ))
-        .bind(&queue.name)
-        .bind(payload.as_bytes())
-        .bind(headers)
-        .execute(&table.pool)
-        .await
-        .expect("insert");
-    }
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(h, p)| ("", None, *p, h.as_str()))
+        .collect();
+    insert_rows(&table, &queue.name, &rows).await;
     let text = format!(
         "[service]\nname = \"outbox-frame\"\nshutdown_timeout = \"10s\"\n\
          [http]\nlisten = \"127.0.0.1:{}\"\n\
@@ -1021,44 +998,23 @@ async fn a_row_whose_headers_exceed_the_frame_fails_at_its_first_attempt() {
             .wait_count("failed_at IS NOT NULL AND attempts = 1", 1)
             .await
     );
-    let error: String = sqlx::query_scalar(&format!(
-        "SELECT last_error FROM {} WHERE failed_at IS NOT NULL",
-        table.name
-    ))
-    .fetch_one(&table.pool)
-    .await
-    .expect("last_error");
+    let error = table.failed_error().await;
     assert!(error.contains("frame_max of 8192"), "{error}");
-    let got = queue.wait_len(2).await;
-    let bodies: BTreeSet<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
-    assert_eq!(bodies, BTreeSet::from(["before", "after"]));
-    relays[0].wait_ready().await;
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    before_and_after_arrive(&queue, &relays).await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_key_backlog_drains_without_waiting_for_polls() {
-    let table = Table::new("ob_onekey").await;
-    let queue = Queue::new("ob_onekey").await;
     // A poll interval far longer than the test: only looping at once can drain the key.
-    let (_file, config) = config(
-        &["onekey"],
-        &table.name,
-        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"",
-    );
-    let rows: Vec<(Option<&str>, String)> = (0..200).map(|i| (Some("K"), format!("{i}"))).collect();
+    let (table, queue, _file, config) = to_rabbit("ob_onekey", &["onekey"], PER_KEY_NO_POLL).await;
+    let rows = keyed(200);
     table.insert(None, &queue.name, &rows).await;
     let relays = start_all(config);
     let got = queue.wait_len(200).await;
-    let order: Vec<usize> = got.iter().map(|(_, b)| b.parse().expect("n")).collect();
+    let order = numbers(&got);
     assert_eq!(order, (0..200).collect::<Vec<_>>());
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1103,10 +1059,7 @@ async fn keyed_rows_held_by_an_unrelated_transaction_go_out_soon_after_it_ends()
         "waited {:?}",
         ended.elapsed()
     );
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 /// Records the bodies of every `publish_batch` call, in call order.
@@ -1156,14 +1109,13 @@ async fn commits(table: &Table, condition: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_sends_several_rows_of_a_key_one_after_another() {
-    let table = Table::new("ob_keyrun").await;
-    let queue = Queue::new("ob_keyrun").await;
-    let (_file, config) = config(
+    let (table, queue, _file, config) = to_rabbit(
+        "ob_keyrun",
         &["keyrun"],
-        &table.name,
-        "target = \"rabbit\"\nbatch = 100\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"",
-    );
-    let rows: Vec<(Option<&str>, String)> = (0..30).map(|i| (Some("K"), format!("{i}"))).collect();
+        &format!("batch = 100\n{PER_KEY_NO_POLL}"),
+    )
+    .await;
+    let rows = keyed(30);
     table.insert(None, &queue.name, &rows).await;
     let calls = Arc::new(Mutex::new(Vec::new()));
     let recorded = calls.clone();
@@ -1175,7 +1127,7 @@ async fn one_batch_sends_several_rows_of_a_key_one_after_another() {
     });
 
     let got = queue.wait_len(30).await;
-    let order: Vec<usize> = got.iter().map(|(_, b)| b.parse().expect("n")).collect();
+    let order = numbers(&got);
     assert_eq!(order, (0..30).collect::<Vec<_>>());
     assert!(table.wait_count("published_at IS NOT NULL", 30).await);
     assert_eq!(
@@ -1197,40 +1149,25 @@ async fn one_batch_sends_several_rows_of_a_key_one_after_another() {
 /// sent, use no attempt, and wait behind it while it waits for its retry. Other keys go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn later_rows_of_a_key_wait_while_an_earlier_row_fails() {
-    let table = Table::new("ob_keystop").await;
-    let queue = Queue::new("ob_keystop").await;
-    let (_file, config) = config(
-        &["keystop"],
-        &table.name,
-        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"\nmax_attempts = 5\nretry = { backoff = \"fixed\", initial = \"1h\", jitter = 0.0 }",
-    );
+    let retry = "retry = { backoff = \"fixed\", initial = \"1h\", jitter = 0.0 }";
+    let settings = format!("{PER_KEY}\nmax_attempts = 5\n{retry}");
+    let (table, queue, _file, config) = to_rabbit("ob_keystop", &["keystop"], &settings).await;
     // One transaction: K's first row goes to an exchange that does not exist; its last row
     // could never be sent (headers not an object), but is not reached either.
     let missing = unique("ob_no_such_exchange");
-    let mut tx = table.pool.begin().await.expect("begin");
-    for (destination, key, payload, headers) in [
-        (missing.as_str(), Some("K"), "K0", "{}"),
-        ("", Some("K"), "K1", "{}"),
-        ("", Some("K"), "K2", "[1]"),
-        ("", Some("L"), "L0", "{}"),
-        ("", Some("L"), "L1", "{}"),
-        ("", None, "free", "{}"),
-    ] {
-        sqlx::query(&format!(
-            "INSERT INTO {} (destination, routing_key, partition_key, payload, headers)
-             VALUES ($1, $2, $3, $4, $5::jsonb)",
-            table.name
-        ))
-        .bind(destination)
-        .bind(&queue.name)
-        .bind(key)
-        .bind(payload.as_bytes())
-        .bind(headers)
-        .execute(&mut *tx)
-        .await
-        .expect("insert");
-    }
-    tx.commit().await.expect("commit");
+    insert_rows(
+        &table,
+        &queue.name,
+        &[
+            (missing.as_str(), Some("K"), "K0", "{}"),
+            ("", Some("K"), "K1", "{}"),
+            ("", Some("K"), "K2", "[1]"),
+            ("", Some("L"), "L0", "{}"),
+            ("", Some("L"), "L1", "{}"),
+            ("", None, "free", "{}"),
+        ],
+    )
+    .await;
     let relays = start_all(config);
 
     let got = queue.wait_len(3).await;
@@ -1242,13 +1179,7 @@ async fn later_rows_of_a_key_wait_while_an_earlier_row_fails() {
             )
             .await
     );
-    let error: String = sqlx::query_scalar(&format!(
-        "SELECT last_error FROM {} WHERE payload = 'K0'",
-        table.name
-    ))
-    .fetch_one(&table.pool)
-    .await
-    .expect("last_error");
+    let error = last_error(&table, "payload = 'K0'").await;
     assert!(error.contains(&missing), "{error}");
     // Time for many more batches: K's later rows must stay behind K0 until its retry.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1264,7 +1195,7 @@ async fn later_rows_of_a_key_wait_while_an_earlier_row_fails() {
     );
     let got_now = queue.received();
     assert_eq!(got_now.len(), 3, "{got_now:?}");
-    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    let bodies = bodies_of(&got);
     let l_rows: Vec<&str> = bodies
         .iter()
         .copied()
@@ -1272,43 +1203,23 @@ async fn later_rows_of_a_key_wait_while_an_earlier_row_fails() {
         .collect();
     assert_eq!(l_rows, ["L0", "L1"]);
     assert!(bodies.contains(&"free"), "{bodies:?}");
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 /// A row that can never be sent is given up at its first attempt; its key's later rows are
 /// not sent in that batch but in the next one, after the failure is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_moves_on_once_its_earlier_row_is_given_up() {
-    let table = Table::new("ob_keygiveup").await;
-    let queue = Queue::new("ob_keygiveup").await;
-    let (_file, config) = config(
-        &["keygiveup"],
-        &table.name,
-        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"",
-    );
-    let mut tx = table.pool.begin().await.expect("begin");
+    let (table, queue, _file, config) =
+        to_rabbit("ob_keygiveup", &["keygiveup"], PER_KEY_NO_POLL).await;
     // Headers that are not a JSON object: the row cannot become a message.
-    for (headers, payload) in [("[1, 2]", "K0"), ("{}", "K1"), ("{}", "K2")] {
-        sqlx::query(&format!(
-            "INSERT INTO {} (destination, routing_key, partition_key, payload, headers)
-             VALUES ('', $1, 'K', $2, $3::jsonb)",
-            table.name
-        ))
-        .bind(&queue.name)
-        .bind(payload.as_bytes())
-        .bind(headers)
-        .execute(&mut *tx)
-        .await
-        .expect("insert");
-    }
-    tx.commit().await.expect("commit");
+    let rows = [("[1, 2]", "K0"), ("{}", "K1"), ("{}", "K2")];
+    let rows: Vec<_> = rows.iter().map(|(h, p)| ("", Some("K"), *p, *h)).collect();
+    insert_rows(&table, &queue.name, &rows).await;
     let relays = start_all(config);
 
     let got = queue.wait_len(2).await;
-    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    let bodies = bodies_of(&got);
     assert_eq!(bodies, ["K1", "K2"]);
     assert!(
         table
@@ -1335,10 +1246,7 @@ async fn a_key_moves_on_once_its_earlier_row_is_given_up() {
         later, 2,
         "K1 and K2 went out in a later batch than K0's failure"
     );
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 /// A key longer than one `publish_timeout` of confirms still drains: a batch stops starting
@@ -1346,17 +1254,15 @@ async fn a_key_moves_on_once_its_earlier_row_is_given_up() {
 /// and rolling back every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_longer_than_the_publish_timeout_still_drains() {
-    let table = Table::new("ob_keylong").await;
-    let queue = Queue::new("ob_keylong").await;
-    let (_file, config) = config(
+    let (table, queue, _file, config) = to_rabbit(
+        "ob_keylong",
         &["keylong"],
-        &table.name,
-        "target = \"rabbit\"\nbatch = 1000\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"1h\"\npublish_timeout = \"1s\"",
-    );
+        &format!("batch = 1000\n{PER_KEY_NO_POLL}\npublish_timeout = \"1s\""),
+    )
+    .await;
     // Each row waits for the confirm of the one before (a few ms for a persistent message):
     // 1,000 of them take longer than 1 s.
-    let rows: Vec<(Option<&str>, String)> =
-        (0..1000).map(|i| (Some("K"), format!("{i}"))).collect();
+    let rows = keyed(1000);
     table.insert(None, &queue.name, &rows).await;
     let relays = start_all(config);
     assert!(table.wait_count("published_at IS NOT NULL", 1000).await);
@@ -1371,24 +1277,15 @@ async fn a_key_longer_than_the_publish_timeout_still_drains() {
         .collect();
     assert_eq!(firsts, (0..1000).collect::<Vec<_>>());
     assert!(commits(&table, "true").await > 1);
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 /// Rows behind a key's head are taken only as an unbroken run: a row of the key that some
 /// other session holds locked stops the key there, and the rows behind it wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_stops_at_a_row_locked_elsewhere() {
-    let table = Table::new("ob_keygap").await;
-    let queue = Queue::new("ob_keygap").await;
-    let (_file, config) = config(
-        &["keygap"],
-        &table.name,
-        "target = \"rabbit\"\ndestination = \"\"\nordering = \"per_key\"\npoll_interval = \"50ms\"",
-    );
-    let rows: Vec<(Option<&str>, String)> = (0..3).map(|i| (Some("K"), format!("{i}"))).collect();
+    let (table, queue, _file, config) = to_rabbit("ob_keygap", &["keygap"], PER_KEY).await;
+    let rows = keyed(3);
     table.insert(None, &queue.name, &rows).await;
     let mut holder = table.pool.begin().await.expect("begin");
     sqlx::query(&format!(
@@ -1415,12 +1312,9 @@ async fn a_key_stops_at_a_row_locked_elsewhere() {
 
     holder.commit().await.expect("release");
     let got = queue.wait_len(3).await;
-    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    let bodies = bodies_of(&got);
     assert_eq!(bodies, ["0", "1", "2"]);
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1461,7 +1355,7 @@ async fn the_python_designs_outbox_table_is_relayed_unchanged() {
     let relays = start_all(config);
     assert!(table.wait_count("status = 'published'", 30).await);
     let received = queue.wait_len(30).await;
-    let bodies: Vec<&str> = received.iter().map(|(_, body)| body.as_str()).collect();
+    let bodies = bodies_of(&received);
     let expected: Vec<&str> = payloads.iter().map(String::as_str).collect();
     assert_eq!(bodies, expected, "bodies unchanged, in id order");
     let ids: BTreeSet<&str> = received.iter().map(|(id, _)| id.as_str()).collect();
@@ -1469,9 +1363,7 @@ async fn the_python_designs_outbox_table_is_relayed_unchanged() {
     assert!(ids.iter().all(|id| uuid::Uuid::parse_str(id).is_ok()));
     assert_eq!(table.count("status <> 'published'").await, 0);
     assert_eq!(table.count("error IS NOT NULL").await, 0);
-    for relay in relays {
-        relay.stop().await;
-    }
+    stop_all(relays).await;
     let _ = queue
         .channel
         .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
@@ -1513,7 +1405,7 @@ async fn null_mapped_columns_mark_the_row_failed_with_the_reason() {
     assert!(table.wait_count("state = 'sent'", 2).await);
     assert!(table.wait_count("state = 'dead'", 2).await);
     let received = queue.wait_len(2).await;
-    let bodies: Vec<&str> = received.iter().map(|(_, body)| body.as_str()).collect();
+    let bodies = bodies_of(&received);
     assert_eq!(bodies, ["{\"n\": 1}", "{\"n\": 4}"]);
     let failures: Vec<(Option<String>, i32)> = sqlx::query_as(&format!(
         "SELECT failure, tries FROM {} WHERE state = 'dead' ORDER BY id",
@@ -1535,16 +1427,9 @@ async fn null_mapped_columns_mark_the_row_failed_with_the_reason() {
             ),
         ]
     );
-    let failed = support::metric_value(
-        &metrics_text(),
-        "bosun_outbox_failed_total",
-        &["outbox=\"nulls\""],
-    );
+    let failed = outbox_metric("bosun_outbox_failed_total", "nulls");
     assert_eq!(failed, Some(2.0));
-    for relay in relays {
-        relay.stop().await;
-    }
-    queue.delete().await;
+    finish(relays, queue).await;
 }
 
 #[test]
