@@ -149,13 +149,22 @@ impl ExitStatus {
     }
 }
 
+/// Why a component's task ended other than by returning `Ok`.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+    #[error("panicked: {0}")]
+    Panicked(String),
+}
+
 /// Everything the loop reacts to.
 enum Event {
     /// A component's task ended: returned Ok/Err, or panicked.
     Exited {
         name: String,
         generation: u64,
-        result: Result<(), String>,
+        result: Result<(), Ended>,
         ran_for: Duration,
     },
     /// A failed component's backoff elapsed.
@@ -256,11 +265,10 @@ impl Supervisor {
                 .await
             {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(panic) => Err(format!(
-                    "panicked: {}",
-                    crate::disposition::panic_text(panic.as_ref())
-                )),
+                Ok(Err(e)) => Err(Ended::Failed(e)),
+                Err(panic) => Err(Ended::Panicked(crate::disposition::panic_text(
+                    panic.as_ref(),
+                ))),
             };
             let _ = events.send(Event::Exited {
                 name: task_name,
@@ -377,7 +385,7 @@ impl Supervisor {
                                     continue;
                                 }
                                 Ok(()) => "returned while it was meant to keep running".to_owned(),
-                                Err(e) => e,
+                                Err(e) => e.to_string(),
                             };
                             if ran_for >= self.config.healthy_after {
                                 slot.failures = 0;

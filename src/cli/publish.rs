@@ -120,7 +120,7 @@ pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
                 if args.file.is_some() {
                     let members =
                         crate::redis_streams::formats::object_fields(&body(args.file.as_ref())?)
-                            .map_err(CliError::Usage)?;
+                            .map_err(|e| CliError::Usage(e.0))?;
                     fields.extend(members);
                 }
             } else {

@@ -69,7 +69,7 @@ pub fn decode(
                 Some(HeaderValue::Bytes(b)) => b,
                 _ => Vec::new(),
             };
-            for (name, value) in watermill_metadata(&metadata, max_fields).map_err(InvalidEntry)? {
+            for (name, value) in watermill_metadata(&metadata, max_fields)? {
                 message
                     .headers
                     .entry(name)
@@ -191,14 +191,19 @@ fn members(
 /// The fields a JSON object body stands for, in its order: a string as its text,
 /// `{"$base64": "..."}` as the bytes it encodes, anything else as its JSON text. Why not,
 /// when the body is not a JSON object.
-pub fn object_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let members = members(body, usize::MAX, &Cell::new(false))
-        .map_err(|e| format!("entry_format \"fields\" needs a JSON object body: {e}"))?;
+pub fn object_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, InvalidEntry> {
+    let members = members(body, usize::MAX, &Cell::new(false)).map_err(|e| {
+        InvalidEntry(format!(
+            "entry_format \"fields\" needs a JSON object body: {e}"
+        ))
+    })?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(members.len());
     for (name, value) in members {
         if !seen.insert(name.clone()) {
-            return Err(format!("key `{name}` appears more than once in the body"));
+            return Err(InvalidEntry(format!(
+                "key `{name}` appears more than once in the body"
+            )));
         }
         let bytes = match value {
             serde_json::Value::String(s) => s.into_bytes(),
@@ -206,7 +211,9 @@ pub fn object_fields(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
                 match marker.get(BASE64_MARKER) {
                     Some(serde_json::Value::String(encoded)) => {
                         STANDARD.decode(encoded).map_err(|e| {
-                            format!("key `{name}`: `{BASE64_MARKER}` is not base64: {e}")
+                            InvalidEntry(format!(
+                                "key `{name}`: `{BASE64_MARKER}` is not base64: {e}"
+                            ))
                         })?
                     }
                     _ => serde_json::Value::Object(marker).to_string().into_bytes(),
@@ -247,7 +254,7 @@ pub fn write_flat(
     message: &OutgoingMessage,
     id_field: &str,
 ) -> Result<(), PublishError> {
-    let members = object_fields(&message.body).map_err(PublishError::Invalid)?;
+    let members = object_fields(&message.body).map_err(|e| PublishError::Invalid(e.0))?;
     for (name, value) in &members {
         own_field_kept(message, id_field, name, value).map_err(|why| {
             PublishError::Invalid(format!("body key `{name}` would override {why}"))
@@ -371,16 +378,16 @@ fn msgpack_str(out: &mut Vec<u8>, s: &str) {
 /// Watermill's `metadata` field as headers: empty, a MessagePack map of strings (what its
 /// default marshaller writes) or a JSON object (string values as they are, others as JSON).
 /// More than `max` headers make it invalid, found before any is held.
-pub fn watermill_metadata(raw: &[u8], max: usize) -> Result<Vec<(String, String)>, String> {
+pub fn watermill_metadata(raw: &[u8], max: usize) -> Result<Vec<(String, String)>, InvalidEntry> {
     let invalid = || {
-        format!(
+        InvalidEntry(format!(
             "field `{WATERMILL_METADATA}` is neither a MessagePack map of strings nor a JSON object"
-        )
+        ))
     };
     let too_many = |n: &dyn std::fmt::Display| {
-        format!(
+        InvalidEntry(format!(
             "field `{WATERMILL_METADATA}` holds {n} headers, over the limit of {max} (max_fields)"
-        )
+        ))
     };
     if raw.is_empty() {
         return Ok(Vec::new());
@@ -565,7 +572,9 @@ mod tests {
     #[test]
     fn watermill_metadata_over_max_fields_is_invalid_before_it_is_held() {
         // A count of 2^31 - 1 empty pairs in five bytes: refused for its count, not its size.
-        let why = watermill_metadata(&[0xdf, 0x7f, 0xff, 0xff, 0xff], 1_000).expect_err("huge");
+        let why = watermill_metadata(&[0xdf, 0x7f, 0xff, 0xff, 0xff], 1_000)
+            .expect_err("huge")
+            .0;
         assert!(
             why.contains("2147483647 headers, over the limit of 1000 (max_fields)"),
             "{why}"
@@ -578,7 +587,7 @@ mod tests {
             raw
         };
         assert_eq!(watermill_metadata(&map(20), 20).map(|h| h.len()), Ok(20));
-        let why = watermill_metadata(&map(21), 20).expect_err("over");
+        let why = watermill_metadata(&map(21), 20).expect_err("over").0;
         assert!(why.contains("21 headers, over the limit of 20"), "{why}");
         // The JSON form has the same bound.
         let object = |n: usize| {
@@ -589,7 +598,9 @@ mod tests {
             watermill_metadata(object(20).as_bytes(), 20).map(|h| h.len()),
             Ok(20)
         );
-        let why = watermill_metadata(object(21).as_bytes(), 20).expect_err("over");
+        let why = watermill_metadata(object(21).as_bytes(), 20)
+            .expect_err("over")
+            .0;
         assert!(why.contains("over the limit of 20 (max_fields)"), "{why}");
     }
 
