@@ -635,7 +635,8 @@ fn unknown_field_name(message: &str) -> Option<String> {
 #[error("cannot apply environment overrides: {source}")]
 struct OverrideError {
     var: String,
-    source: config::ConfigError,
+    /// Boxed: the `config` crate's error is large, and this one travels in a `Result`.
+    source: Box<config::ConfigError>,
 }
 
 /// Layers `BOSUN__...` variables over the file with the `config` crate. Returns the merged
@@ -667,11 +668,11 @@ fn apply_env_overrides(
         .build()
         .map_err(|source| OverrideError {
             var: first_var.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let mut merged: toml::Table = merged.try_deserialize().map_err(|source| OverrideError {
         var: first_var,
-        source,
+        source: Box::new(source),
     })?;
 
     let mut overridden = BTreeMap::new();
