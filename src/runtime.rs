@@ -10,10 +10,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use futures::Stream;
 
+use crate::access::Access;
 use crate::components::components_for;
 use crate::config::{self, Config, ConfigError};
+use crate::dead_letter::admin::AdminOps;
 use crate::handler::{FnKind, Handler, HandlerKind, HandlerKinds, OptionError};
 use crate::health::Health;
+use crate::publish_api::PublishApi;
 use crate::resources::Resources;
 use crate::supervisor::{
     Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, SignalKind, Supervisor,
@@ -138,7 +141,7 @@ impl Runtime {
             health.clone(),
         );
         let http_stop = tokio_util::sync::CancellationToken::new();
-        let admin_ops = match crate::dead_letter::admin::router(&config, &resources) {
+        let admin_ops = match admin_router(&config, &resources).await? {
             Some((router, ops)) => {
                 let admin_listener = crate::http::bind(config.http.admin_listen)
                     .await
@@ -182,4 +185,29 @@ impl Runtime {
         tracing::info!(status = %status, "bosun stopped");
         Ok(status)
     }
+}
+
+/// The admin API (dead letters, the publish API, its description) behind the configured
+/// tokens, and the handle a reload replaces the dead-letter operations through; `None` when
+/// no token is configured (the API stays off).
+pub(crate) async fn admin_router(
+    config: &Arc<Config>,
+    resources: &Resources,
+) -> anyhow::Result<Option<(axum::Router, AdminOps)>> {
+    if !config.http.admin_enabled() {
+        return Ok(None);
+    }
+    let access = Access::new(&config.http.access_tokens());
+    let ops = AdminOps::new(AdminOps::build(config, resources));
+    let api = PublishApi::build(config, resources)?;
+    if let Some(api) = &api
+        && let Err(e) = api.migrate().await
+    {
+        // Not fatal: the database may come back; until the table exists, publishing is
+        // answered 503.
+        tracing::error!(error = %e, "cannot create the publish API's idempotency table");
+    }
+    let router = crate::dead_letter::admin::routes(ops.clone(), &access)
+        .merge(crate::publish_api::routes(api, &access));
+    Ok(Some((router, ops)))
 }
