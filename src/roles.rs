@@ -15,6 +15,8 @@ pub enum Role {
     Admin,
     /// Sending messages: `POST /v1/publish` and `GET/DELETE /v1/scheduled/ID`.
     Publisher,
+    /// Looking without changing anything: listing, grouping and showing dead letters.
+    Viewer,
 }
 
 /// What a route needs.
@@ -32,13 +34,14 @@ pub enum Permission {
 
 impl Role {
     /// Every role, in the order the documentation lists them.
-    pub const ALL: [Role; 2] = [Role::Admin, Role::Publisher];
+    pub const ALL: [Role; 3] = [Role::Admin, Role::Publisher, Role::Viewer];
 
     /// The role's name in the configuration.
     pub fn name(self) -> &'static str {
         match self {
             Role::Admin => "admin",
             Role::Publisher => "publisher",
+            Role::Viewer => "viewer",
         }
     }
 
@@ -52,6 +55,10 @@ impl Role {
         match self {
             Role::Admin => true,
             Role::Publisher => matches!(permission, Permission::Publish | Permission::Describe),
+            Role::Viewer => matches!(
+                permission,
+                Permission::ReadDeadLetters | Permission::Describe
+            ),
         }
     }
 }
@@ -79,6 +86,9 @@ mod tests {
         assert!(Role::Publisher.grants(Permission::Publish));
         assert!(!Role::Publisher.grants(Permission::ReadDeadLetters));
         assert!(!Role::Publisher.grants(Permission::ChangeDeadLetters));
+        assert!(Role::Viewer.grants(Permission::ReadDeadLetters));
+        assert!(!Role::Viewer.grants(Permission::Publish));
+        assert!(!Role::Viewer.grants(Permission::ChangeDeadLetters));
     }
 
     #[test]
