@@ -832,3 +832,75 @@ async fn outbox_enqueue_writes_immediate_and_scheduled_rows_in_the_callers_trans
         Err(bosun::OutboxError::InvalidIdentifier(_))
     ));
 }
+
+/// Each statement of docs/outbox-from-applications.md (the SQL block and every language's
+/// copy), with its driver's placeholders made PostgreSQL's and string concatenation undone.
+fn documented_statements() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/outbox-from-applications.md"),
+    )
+    .expect("read the doc");
+    let fence = regex::Regex::new(r"(?s)```(\w+)\n(.*?)```").expect("regex");
+    let joins = regex::Regex::new(r#"["']\s*\+?\s*\n\s*\+?\s*["']"#).expect("regex");
+    let placeholder = regex::Regex::new(r"%s|\?").expect("regex");
+    let mut out = Vec::new();
+    for block in fence.captures_iter(&text) {
+        let code = joins.replace_all(&block[2], "");
+        let Some(start) = code.find("INSERT INTO bosun_outbox") else {
+            continue;
+        };
+        let Some(end) = code[start..].find("RETURNING message_id") else {
+            continue;
+        };
+        let statement = &code[start..start + end + "RETURNING message_id".len()];
+        let mut n = 0;
+        let statement = placeholder.replace_all(statement, |_: &regex::Captures| {
+            n += 1;
+            format!("${n}")
+        });
+        out.push((
+            block[1].to_owned(),
+            statement.split_whitespace().collect::<Vec<_>>().join(" "),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_outbox_inserts_run_immediate_and_scheduled() {
+    let statements = documented_statements();
+    let languages: Vec<&str> = statements.iter().map(|(l, _)| l.as_str()).collect();
+    for language in ["sql", "python", "go", "javascript", "java"] {
+        assert!(
+            languages.contains(&language),
+            "no {language} example: {languages:?}"
+        );
+    }
+    let table = Table::new("doc_sql").await;
+    let at = chrono::Utc::now() + chrono::Duration::hours(2);
+    for (language, statement) in &statements {
+        assert_eq!(
+            statement, &statements[0].1,
+            "{language} differs from the SQL block"
+        );
+        let statement = statement.replace("bosun_outbox", &table.name);
+        for deliver_at in [None, Some(at)] {
+            let id: uuid::Uuid = sqlx::query_scalar(&statement)
+                .bind("shop")
+                .bind("order.paid")
+                .bind(r#"{"tenant":"acme"}"#)
+                .bind(b"{}".to_vec())
+                .bind("application/json")
+                .bind(deliver_at)
+                .fetch_one(&table.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{language}: {e}\n{statement}"));
+            let scheduled = table
+                .count(&format!(
+                    "message_id = '{id}' AND next_attempt_at > now() + interval '1 hour'"
+                ))
+                .await;
+            assert_eq!(scheduled, i64::from(deliver_at.is_some()), "{language}");
+        }
+    }
+}
