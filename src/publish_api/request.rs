@@ -142,18 +142,10 @@ pub struct Target {
     delay: Option<String>,
 }
 
-/// The envelope form's body.
+/// The envelope's fields beside the target's.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Envelope {
-    broker: Option<String>,
-    exchange: Option<String>,
-    stream: Option<String>,
-    routing_key: Option<String>,
-    message_id: Option<String>,
-    correlation_id: Option<String>,
-    deliver_at: Option<String>,
-    delay: Option<String>,
+struct Content {
     #[serde(default)]
     headers: serde_json::Map<String, serde_json::Value>,
     content_type: Option<String>,
@@ -196,8 +188,21 @@ pub fn from_raw(
 
 /// An envelope request: `body` is the JSON object.
 pub fn from_envelope(body: &[u8], max_body: u64) -> Result<PublishRequest, RequestError> {
-    let envelope: Envelope = serde_json::from_slice(body)
-        .map_err(|e| RequestError::Invalid(format!("invalid JSON envelope: {e}")))?;
+    let invalid =
+        |e: serde_json::Error| RequestError::Invalid(format!("invalid JSON envelope: {e}"));
+    let mut fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(invalid)?;
+    // The target's fields and the content's, each checked for unknown keys on its own.
+    let mut content = serde_json::Map::new();
+    for key in ["headers", "content_type", "body"] {
+        if let Some(value) = fields.remove(key) {
+            content.insert(key.to_owned(), value);
+        }
+    }
+    let target: Target =
+        serde_json::from_value(serde_json::Value::Object(fields)).map_err(invalid)?;
+    let envelope: Content =
+        serde_json::from_value(serde_json::Value::Object(content)).map_err(invalid)?;
     // Checked before decoding, so an oversized body is never held twice.
     let encoded = envelope.body.len() as u64;
     if encoded / 4 * 3 > max_body.saturating_add(3) {
@@ -209,16 +214,6 @@ pub fn from_envelope(body: &[u8], max_body: u64) -> Result<PublishRequest, Reque
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(envelope.body.as_bytes())
         .map_err(|e| RequestError::Invalid(format!("`body` is not base64: {e}")))?;
-    let target = Target {
-        broker: envelope.broker,
-        exchange: envelope.exchange,
-        stream: envelope.stream,
-        routing_key: envelope.routing_key,
-        message_id: envelope.message_id,
-        correlation_id: envelope.correlation_id,
-        deliver_at: envelope.deliver_at,
-        delay: envelope.delay,
-    };
     build(
         target,
         envelope.headers,

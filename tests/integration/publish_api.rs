@@ -243,6 +243,24 @@ async fn get_one(channel: &lapin::Channel, name: &str) -> Option<lapin::message:
         .expect("basic.get")
 }
 
+/// The next message of `name`, waiting up to a minute for one.
+async fn arrival(channel: &lapin::Channel, name: &str) -> Option<lapin::message::BasicGetMessage> {
+    crate::support::wait_for_async(Duration::from_secs(60), || async {
+        get_one(channel, name).await
+    })
+    .await
+}
+
+/// The scheduled message `id` once `GET /v1/scheduled/ID` shows it published.
+async fn published(base: &str, id: &str) -> Option<Value> {
+    let url = format!("{base}/v1/scheduled/{id}");
+    crate::support::wait_for_async(Duration::from_secs(10), || async {
+        let (_, _, shown) = call(reqwest::Method::GET, &url, PUBLISHER_TOKEN, |r| r).await;
+        (shown["status"] == "published").then_some(shown)
+    })
+    .await
+}
+
 async fn delete_queue(channel: &lapin::Channel, name: &str) {
     let _ = channel
         .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
@@ -481,11 +499,9 @@ async fn a_scheduled_message_waits_for_its_time_and_survives_a_restart() {
     if chrono::Utc::now() < deliver_at {
         assert_eq!(count(&probe.channel, &queue).await, 0, "delivered early");
     }
-    let arrived = crate::support::wait_for_async(Duration::from_secs(60), || async {
-        get_one(&probe.channel, &queue).await
-    })
-    .await
-    .expect("delivered after its time");
+    let arrived = arrival(&probe.channel, &queue)
+        .await
+        .expect("delivered after its time");
     assert!(
         chrono::Utc::now() >= deliver_at,
         "delivered before deliver_at"
@@ -501,17 +517,7 @@ async fn a_scheduled_message_waits_for_its_time_and_survives_a_restart() {
         Some(id.clone())
     );
     let base = setup.admin_base();
-    let shown = crate::support::wait_for_async(Duration::from_secs(10), || async {
-        let (_, _, shown) = call(
-            reqwest::Method::GET,
-            &format!("{base}/v1/scheduled/{id}"),
-            PUBLISHER_TOKEN,
-            |r| r,
-        )
-        .await;
-        (shown["status"] == "published").then_some(shown)
-    })
-    .await;
+    let shown = published(&base, &id).await;
     assert!(shown.is_some(), "shown as published");
     delete_queue(&probe.channel, &queue).await;
     probe.delete().await;
@@ -540,11 +546,9 @@ async fn cancel_works_until_the_message_is_sent_and_fails_clearly_after() {
     let (status, _, body) = post(&base, PUBLISHER_TOKEN, &schedule(&sent, "1s")).await;
     assert_eq!(status, 202, "{body}");
     // The sent one arrives; the cancelled one, due earlier than... never.
-    let arrived = crate::support::wait_for_async(Duration::from_secs(60), || async {
-        get_one(&probe.channel, &queue).await
-    })
-    .await
-    .expect("the scheduled message arrives");
+    let arrived = arrival(&probe.channel, &queue)
+        .await
+        .expect("the scheduled message arrives");
     assert_eq!(
         arrived
             .delivery
@@ -555,11 +559,7 @@ async fn cancel_works_until_the_message_is_sent_and_fails_clearly_after() {
         Some(sent.clone())
     );
     let url = format!("{base}/v1/scheduled/{sent}");
-    let published = crate::support::wait_for_async(Duration::from_secs(10), || async {
-        let (_, _, shown) = call(reqwest::Method::GET, &url, PUBLISHER_TOKEN, |r| r).await;
-        (shown["status"] == "published").then_some(())
-    })
-    .await;
+    let published = published(&base, &sent).await;
     assert!(published.is_some());
     let (status, _, body) = call(reqwest::Method::DELETE, &url, PUBLISHER_TOKEN, |r| r).await;
     assert_eq!(status, 409, "{body}");
@@ -750,11 +750,9 @@ async fn bosun_publish_at_schedules_like_the_api() {
             .await,
         1
     );
-    let arrived = crate::support::wait_for_async(Duration::from_secs(60), || async {
-        get_one(&probe.channel, &queue).await
-    })
-    .await
-    .expect("the CLI's scheduled message arrives");
+    let arrived = arrival(&probe.channel, &queue)
+        .await
+        .expect("the CLI's scheduled message arrives");
     assert_eq!(
         arrived
             .delivery
