@@ -11,13 +11,11 @@
 //! from its due time to its arrival at a consumer of the target queue: p50, p99, max, and
 //! when the last one arrived after the due second.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use futures::StreamExt as _;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use sqlx::postgres::PgPoolOptions;
@@ -248,33 +246,8 @@ async fn burst_round(batch: i64) -> anyhow::Result<String> {
     declare(&channel, &queue).await?;
 
     let total = BURST as usize;
-    let arrivals: Arc<Mutex<Vec<Option<chrono::DateTime<chrono::Utc>>>>> =
-        Arc::new(Mutex::new(vec![None; total]));
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "bench".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let sink = arrivals.clone();
-    let consuming = tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let now = chrono::Utc::now();
-            let seq = std::str::from_utf8(&delivery.data)
-                .ok()
-                .and_then(|s| s.parse::<usize>().ok());
-            if let (Some(seq), Ok(mut arrivals)) = (seq, sink.lock())
-                && let Some(slot) = arrivals.get_mut(seq)
-            {
-                *slot = Some(now);
-            }
-        }
-    });
+    let (arrivals, consuming) =
+        super::util::record_arrivals(&channel, &queue, total, chrono::Utc::now).await?;
 
     let port = free_port()?;
     let bosun = Bosun::start(&config(&token_file.to_string_lossy(), port, &table, batch))?;
