@@ -139,6 +139,7 @@ fn database_answer(e: &sqlx::Error) -> Answer {
         .as_database_error()
         .and_then(|d| d.code())
         .map(|c| c.into_owned());
+    let e = crate::redact::text(&e.to_string()).into_owned();
     match code.as_deref() {
         Some(c) if c.starts_with("22") || c.starts_with("23") => Answer::error(
             StatusCode::BAD_REQUEST,
