@@ -56,6 +56,21 @@ const CANCEL_LOCK_WAIT: Duration = Duration::from_secs(5);
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 const EXPIRE_BATCH: i64 = 1000;
 
+/// Counter: publish API requests by result (`published`, `scheduled`, `replayed`,
+/// `refused`: any 4xx, `unavailable`: 503).
+pub const REQUESTS_METRIC: &str = "bosun_publish_api_requests_total";
+
+/// The `result` label of an answer.
+fn result_label(answer: &Answer) -> &'static str {
+    match answer.status.as_u16() {
+        _ if answer.replayed => "replayed",
+        200 => "published",
+        202 => "scheduled",
+        503 => "unavailable",
+        _ => "refused",
+    }
+}
+
 /// A scheduled outbox: its name and table.
 #[derive(Debug, Clone)]
 struct Scheduled {
@@ -210,6 +225,19 @@ impl PublishApi {
             scheduled,
         });
         expire_records(Arc::downgrade(&built));
+        metrics::describe_counter!(
+            REQUESTS_METRIC,
+            "Publish API requests by result: published, scheduled, replayed (a repeated message id), refused (4xx), unavailable (503)."
+        );
+        for result in [
+            "published",
+            "scheduled",
+            "replayed",
+            "refused",
+            "unavailable",
+        ] {
+            metrics::counter!(REQUESTS_METRIC, "result" => result).increment(0);
+        }
         Ok(built)
     }
 
@@ -635,6 +663,19 @@ async fn cancel(State(api): State<Arc<PublishApi>>, Path(id): Path<String>) -> A
 }
 
 async fn publish(State(api): State<Arc<PublishApi>>, request: Request) -> Answer {
+    let answer = answer_publish(&api, request).await;
+    metrics::counter!(REQUESTS_METRIC, "result" => result_label(&answer)).increment(1);
+    if answer.status.is_client_error() {
+        tracing::info!(
+            status = answer.status.as_u16(),
+            error = answer.body["error"].as_str().unwrap_or(""),
+            "publish API request refused"
+        );
+    }
+    answer
+}
+
+async fn answer_publish(api: &PublishApi, request: Request) -> Answer {
     let (parts, body) = request.into_parts();
     let query = parts.uri.query().unwrap_or("");
     let max = api.config.max_body_size;
@@ -672,15 +713,7 @@ async fn publish(State(api): State<Arc<PublishApi>>, request: Request) -> Answer
         request::from_raw(query, &parts.headers, bytes, max)
     };
     match request {
-        Ok(request) => {
-            let answer = api.publish(&request).await;
-            tracing::debug!(
-                status = answer.status.as_u16(),
-                message_id = answer.message_id().unwrap_or(""),
-                "publish API request"
-            );
-            answer
-        }
+        Ok(request) => api.publish(&request).await,
         Err(e) => Answer::refused(e),
     }
 }

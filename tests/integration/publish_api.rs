@@ -671,6 +671,13 @@ async fn bad_input_gets_a_clear_4xx() {
         0,
         "nothing refused was scheduled"
     );
+    // Each refusal is counted: malformed, unknown broker, past, bosun-*, two too large.
+    assert_eq!(
+        setup
+            .daemon
+            .metric("bosun_publish_api_requests_total", &["result=\"refused\""]),
+        Some(6.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
