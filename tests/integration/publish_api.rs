@@ -909,3 +909,52 @@ async fn the_documented_outbox_inserts_run_immediate_and_scheduled() {
         }
     }
 }
+
+#[test]
+fn the_configuration_refuses_weak_tokens_unknown_roles_and_unschedulable_outboxes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (short, long) = (dir.path().join("short"), dir.path().join("long"));
+    std::fs::write(&short, "short").expect("write");
+    std::fs::write(&long, ADMIN_TOKEN).expect("write");
+    let (short, long) = (short.display(), long.display());
+    let load = |text: &str| {
+        bosun::config::load_str_with(
+            text,
+            "test",
+            &bosun::handler::HandlerKinds::default(),
+            &bosun::config::Env::default(),
+            bosun::config::Secrets::Required,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let base = format!(
+        "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n\
+         [databases.main]\nurl = \"{PG_URL}\"\n[databases.other]\nurl = \"{PG_URL}\"\n\
+         [outboxes.elsewhere]\ndatabase = \"other\"\ntarget = \"rabbit\"\n"
+    );
+    let error = load(&format!(
+        "{base}[http.admin.tokens.app]\ntoken_file = \"{short}\"\nroles = [\"publisher\"]\n"
+    ))
+    .expect_err("a short token");
+    assert!(error.contains("at least 32"), "{error}");
+    let error = load(&format!(
+        "{base}[http.admin.tokens.app]\ntoken_file = \"{long}\"\nroles = [\"root\"]\n"
+    ))
+    .expect_err("an unknown role");
+    assert!(error.contains("unknown role"), "{error}");
+    let error = load(&format!(
+        "{base}[http.admin.tokens.app]\ntoken_file = \"{long}\"\nroles = [\"publisher\"]\n\
+         [publish_api]\ndatabase = \"main\"\nscheduled = [\"elsewhere\"]\n"
+    ))
+    .expect_err("a scheduled outbox in another database");
+    assert!(error.contains("must be the same"), "{error}");
+    let error = load(&format!("{base}[publish_api]\ndatabase = \"main\"\n"))
+        .expect_err("no admin listener");
+    assert!(error.contains("admin listener"), "{error}");
+    load(&format!(
+        "{base}[http.admin.tokens.app]\ntoken_file = \"{long}\"\nroles = [\"publisher\"]\n\
+         [publish_api]\ndatabase = \"other\"\nscheduled = [\"elsewhere\"]\n"
+    ))
+    .expect("a publisher token alone and a scheduled outbox in the API's database");
+}
