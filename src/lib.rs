@@ -23,13 +23,15 @@
 //! The library can be embedded: build a [`Runtime`] with your own handler kinds and
 //! components (docs/embedding.md). The public API is [`Runtime`] and [`RuntimeBuilder`], the
 //! [`handler`] API, [`supervisor::Component`], [`config`] loading, [`cli::main_with`],
-//! [`metrics_handle`] and [`OutboxSchema`]; every other module is crate-private.
+//! [`metrics_handle`], [`OutboxSchema`] and [`outbox::enqueue`] (an outbox row written in
+//! the application's own transaction); every other module is crate-private.
 
 // The public API (see "API boundary" in ARCHITECTURE.md): what a program embedding bosun
 // uses. Everything else is crate-private, free to change without breaking embedders.
 pub mod cli;
 pub mod config;
 pub mod handler;
+pub mod outbox;
 pub mod supervisor;
 
 pub use handler::{Handler, Message, Outcome};
@@ -37,6 +39,7 @@ pub use outbox::{OutboxError, Schema as OutboxSchema};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use telemetry::metrics_handle;
 
+mod access;
 mod amqp;
 mod components;
 mod consumers;
@@ -46,14 +49,15 @@ mod disposition;
 mod failure_headers;
 mod health;
 mod http;
-mod outbox;
 mod publish;
+mod publish_api;
 mod publishers;
 mod redact;
 mod redis_streams;
 mod reload;
 mod resources;
 mod retry;
+mod roles;
 mod runtime;
 mod secret;
 mod systemd;

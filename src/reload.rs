@@ -135,8 +135,10 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "http.admin",
             old.http.admin_token != new.http.admin_token
+                || old.http.tokens != new.http.tokens
                 || old.http.admin_listen != new.http.admin_listen,
         ),
+        ("publish_api", old.publish_api != new.publish_api),
     ] {
         if changed {
             fields.push(field);
@@ -215,6 +217,7 @@ impl ReloadHook for ConfigReload {
         // The running process keeps its process-wide settings.
         new.service = self.current.service.clone();
         new.http = self.current.http.clone();
+        new.publish_api = self.current.publish_api.clone();
         let new = Arc::new(new);
 
         let (stop, start) = diff(&self.current, &new);

@@ -10,10 +10,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use futures::Stream;
 
+use crate::access::Access;
 use crate::components::components_for;
 use crate::config::{self, Config, ConfigError};
+use crate::dead_letter::admin::AdminOps;
 use crate::handler::{FnKind, Handler, HandlerKind, HandlerKinds, OptionError};
 use crate::health::Health;
+use crate::publish_api::PublishApi;
 use crate::resources::Resources;
 use crate::supervisor::{
     Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, SignalKind, Supervisor,
@@ -138,7 +141,7 @@ impl Runtime {
             health.clone(),
         );
         let http_stop = tokio_util::sync::CancellationToken::new();
-        let admin_ops = match crate::dead_letter::admin::router(&config, &resources) {
+        let admin_ops = match admin_router(&config, &resources).await? {
             Some((router, ops)) => {
                 let admin_listener = crate::http::bind(config.http.admin_listen)
                     .await
@@ -181,5 +184,144 @@ impl Runtime {
         }
         tracing::info!(status = %status, "bosun stopped");
         Ok(status)
+    }
+}
+
+/// The admin API (dead letters, the publish API, its description) behind the configured
+/// tokens, and the handle a reload replaces the dead-letter operations through; `None` when
+/// no token is configured (the API stays off).
+pub(crate) async fn admin_router(
+    config: &Arc<Config>,
+    resources: &Resources,
+) -> anyhow::Result<Option<(axum::Router, AdminOps)>> {
+    if !config.http.admin_enabled() {
+        return Ok(None);
+    }
+    let access = Access::new(&config.http.access_tokens());
+    let ops = AdminOps::new(AdminOps::build(config, resources));
+    let api = PublishApi::build(config, resources)?;
+    if let Some(api) = &api
+        && let Err(e) = api.migrate().await
+    {
+        // Not fatal: the database may come back; until the table exists, publishing is
+        // answered 503.
+        tracing::error!(error = %e, "cannot create the publish API's idempotency table");
+    }
+    let router = crate::dead_letter::admin::routes(ops.clone(), &access)
+        .merge(crate::publish_api::routes(api, &access));
+    Ok(Some((router, ops)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::support::{PG_URL, unique};
+
+    /// Every `.route("PATH", METHOD(...)...)` the admin API's modules register.
+    fn registered_routes() -> Vec<(String, String)> {
+        let route = regex::Regex::new(
+            r#"\.route\(\s*"([^"]+)",\s*([a-z]+\([^)]*\)(?:\.[a-z]+\([^)]*\))*)"#,
+        )
+        .unwrap();
+        let method = regex::Regex::new(r"(?:^|\.)([a-z]+)\(").unwrap();
+        let mut out = Vec::new();
+        for source in [
+            include_str!("dead_letter/admin.rs"),
+            include_str!("publish_api/mod.rs"),
+        ] {
+            for found in route.captures_iter(source) {
+                for m in method.captures_iter(&found[2]) {
+                    out.push((found[1].to_owned(), m[1].to_owned()));
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_openapi_document_parses_and_lists_exactly_the_routes_served() {
+        let doc: serde_json::Value =
+            serde_json::from_str(crate::publish_api::OPENAPI).expect("the document is JSON");
+        assert!(doc["openapi"].as_str().unwrap_or("").starts_with("3."));
+        let paths = doc["paths"].as_object().expect("paths");
+
+        let routes = registered_routes();
+        assert!(routes.len() >= 9, "routes found in the sources: {routes:?}");
+        for (path, method) in &routes {
+            assert!(
+                paths.get(path).and_then(|p| p.get(method)).is_some(),
+                "{method} {path} is served but not in openapi.json"
+            );
+        }
+
+        // And every operation of the document is served: without a token it is refused as
+        // unauthorized, never unknown (404) or not allowed (405).
+        let table = unique("openapi_requests");
+        let text = format!(
+            r#"
+[http.admin]
+token_file = "/nonexistent"
+[databases.main]
+url = "{PG_URL}"
+[brokers.rabbit]
+kind = "amqp"
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+[publish_api]
+database = "main"
+idempotency_table = "{table}"
+migrate = false
+"#
+        );
+        let mut config = config::load_str_with(
+            &text,
+            "test",
+            &HandlerKinds::default(),
+            &config::Env::default(),
+            config::Secrets::Optional,
+        )
+        .expect("config")
+        .config;
+        config.http.admin_token = Some(crate::config::Secret::new(
+            "a-token-of-more-than-thirty-two-bytes-0123",
+        ));
+        let config = Arc::new(config);
+        let resources = Resources::new(config.clone()).expect("resources");
+        let (router, _) = admin_router(&config, &resources)
+            .await
+            .expect("router")
+            .expect("admin API on");
+        let listener = crate::http::bind("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(crate::http::serve(listener, router, stop.clone()));
+        let client = reqwest::Client::new();
+        let mut operations = 0;
+        for (path, item) in paths {
+            for method in item.as_object().into_iter().flat_map(|m| m.keys()) {
+                if method == "parameters" {
+                    continue;
+                }
+                operations += 1;
+                let uri = format!("{base}{}", path.replace("{id}", "1"));
+                let method =
+                    reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+                let status = client
+                    .request(method.clone(), &uri)
+                    .send()
+                    .await
+                    .expect("answer")
+                    .status();
+                assert_eq!(
+                    status,
+                    reqwest::StatusCode::UNAUTHORIZED,
+                    "{method} {path} in openapi.json is not served"
+                );
+            }
+        }
+        stop.cancel();
+        let _ = server.await;
+        assert_eq!(operations, routes.len());
     }
 }

@@ -4,6 +4,7 @@ pub mod amqp;
 pub mod amqp_memory;
 pub mod http;
 pub mod outbox;
+pub mod publish_api;
 pub mod redis;
 pub mod util;
 
@@ -47,6 +48,14 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "outbox-one-key",
             run: || Box::pin(outbox::one_key()),
+        },
+        Case {
+            name: "publish-api",
+            run: || Box::pin(publish_api::throughput()),
+        },
+        Case {
+            name: "scheduled-burst",
+            run: || Box::pin(publish_api::scheduled_burst()),
         },
     ]
 }

@@ -17,10 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::StreamExt as _;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -304,32 +302,8 @@ pub async fn latency() -> anyhow::Result<String> {
     let total = (LATENCY_RATE * LATENCY_SECONDS) as usize;
 
     // Arrival time per row, indexed by the sequence number in the payload.
-    let arrivals: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; total]));
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "bench".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let sink = arrivals.clone();
-    let consuming = tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let now = Instant::now();
-            let seq = std::str::from_utf8(&delivery.data)
-                .ok()
-                .and_then(|s| s.parse::<usize>().ok());
-            if let (Some(seq), Ok(mut arrivals)) = (seq, sink.lock())
-                && let Some(slot) = arrivals.get_mut(seq)
-            {
-                *slot = Some(now);
-            }
-        }
-    });
+    let (arrivals, consuming) =
+        super::util::record_arrivals(&channel, &queue, total, Instant::now).await?;
 
     let bosun = Bosun::start(&config(&table.name, "", "60s"))?;
     // Wait for the relay to be up: one row through before measuring.

@@ -90,3 +90,43 @@ pub fn comparison(unit: &str, bosun: f64, bare: f64, rss_mib: Option<f64>) -> St
         "bosun: {bosun:.0} {unit}/s\nbare:  {bare:.0} {unit}/s\nratio: {ratio:.2}\nbosun peak RSS: {rss}"
     )
 }
+
+/// Arrival times of the messages of `queue`, indexed by the sequence number each one's body
+/// holds (`now()` taken at arrival), consumed without acks until the task is aborted.
+pub type Arrivals<T> = std::sync::Arc<std::sync::Mutex<Vec<Option<T>>>>;
+
+pub async fn record_arrivals<T: Clone + Send + 'static>(
+    channel: &lapin::Channel,
+    queue: &str,
+    total: usize,
+    now: fn() -> T,
+) -> anyhow::Result<(Arrivals<T>, tokio::task::JoinHandle<()>)> {
+    use futures::StreamExt as _;
+    let arrivals: Arrivals<T> = std::sync::Arc::new(std::sync::Mutex::new(vec![None; total]));
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    let sink = arrivals.clone();
+    let consuming = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let at = now();
+            let seq = std::str::from_utf8(&delivery.data)
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok());
+            if let (Some(seq), Ok(mut arrivals)) = (seq, sink.lock())
+                && let Some(slot) = arrivals.get_mut(seq)
+            {
+                *slot = Some(at);
+            }
+        }
+    });
+    Ok((arrivals, consuming))
+}

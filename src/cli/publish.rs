@@ -46,6 +46,13 @@ pub struct PublishArgs {
     /// File holding the body; `-` reads standard input. Without it the body is empty.
     #[arg(long, value_name = "PATH")]
     pub file: Option<PathBuf>,
+    /// Publish at this time (RFC 3339), not before: stored in the broker's scheduled outbox
+    /// (`[publish_api].scheduled`) and published by its relay when due.
+    #[arg(long, value_name = "TIME", conflicts_with = "delay")]
+    pub at: Option<String>,
+    /// Publish after this delay ("15m"), like `--at`.
+    #[arg(long = "in", value_name = "DURATION")]
+    pub delay: Option<String>,
 }
 
 /// Splits `name=value`.
@@ -75,6 +82,9 @@ fn body(file: Option<&PathBuf>) -> Result<Vec<u8>, CliError> {
 
 pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
     let config = args.config.load(runtime)?;
+    if args.at.is_some() || args.delay.is_some() {
+        return schedule(&config, &args);
+    }
     let Some(broker) = config.brokers.get(&args.broker) else {
         let names: Vec<&str> = config.brokers.keys().map(String::as_str).collect();
         return Err(CliError::Usage(format!(
@@ -203,4 +213,89 @@ pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
             })?
         }
     }
+}
+
+/// `--at` / `--in`: the publish API's scheduled send, run here against its database, so the
+/// message is stored exactly as `POST /v1/publish` with `deliver_at` or `delay` stores it.
+fn schedule(config: &crate::config::Config, args: &PublishArgs) -> Result<u8, CliError> {
+    use crate::publish_api::request::{PublishRequest, When};
+
+    let Some(api) = &config.publish_api else {
+        return Err(CliError::Usage(format!(
+            "--at and --in need `[publish_api]` with a scheduled outbox in {}",
+            config.origin
+        )));
+    };
+    let Some(database) = config.databases.get(&api.database) else {
+        return Err(CliError::Usage(format!(
+            "database `{}` is not defined",
+            api.database
+        )));
+    };
+    let when = match (&args.at, &args.delay) {
+        (Some(at), _) => When::At(
+            chrono::DateTime::parse_from_rfc3339(at.trim())
+                .map_err(|e| {
+                    CliError::Usage(format!(
+                        "--at {at:?} is not an RFC 3339 time ({e}), e.g. 2026-11-29T18:00:00Z"
+                    ))
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        (None, Some(delay)) => When::In(delay.clone()),
+        (None, None) => When::Now,
+    };
+    let (destination, stream, entries) = match (&args.exchange, &args.stream) {
+        (Some(exchange), None) => (exchange.clone(), false, &args.headers),
+        (None, Some(stream)) => (stream.clone(), true, &args.fields),
+        _ => {
+            return Err(CliError::Usage(
+                "give --exchange (amqp) or --stream (redis)".into(),
+            ));
+        }
+    };
+    let headers = entries
+        .iter()
+        .map(|h| pair(h, "--header/--field").map(|(k, v)| (k, serde_json::Value::String(v))))
+        .collect::<Result<serde_json::Map<_, _>, _>>()?;
+    let request = PublishRequest {
+        broker: args.broker.clone(),
+        destination,
+        stream,
+        routing_key: args.routing_key.clone(),
+        headers,
+        content_type: args.content_type.clone(),
+        correlation_id: args.correlation_id.clone(),
+        message_id: Some(
+            args.message_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        ),
+        body: body(args.file.as_ref())?.into(),
+        when,
+    };
+    let config = config.clone();
+    let database = database.clone();
+    let answer = super::block_on(async move {
+        let pool = crate::database::lazy_pool(&database)?;
+        let api = crate::publish_api::PublishApi::new(&config, pool)?;
+        api.migrate().await?;
+        Ok::<_, anyhow::Error>(api.publish(&request).await)
+    })?
+    .map_err(CliError::Other)?;
+    if !answer.status.is_success() {
+        let error = answer.body["error"]
+            .as_str()
+            .unwrap_or("refused")
+            .to_owned();
+        return Err(CliError::Other(anyhow::anyhow!(
+            "not scheduled ({}): {error}",
+            answer.status.as_u16()
+        )));
+    }
+    if let Some(at) = answer.body["deliver_at"].as_str() {
+        eprintln!("scheduled for {at}");
+    }
+    println!("{}", answer.message_id().unwrap_or_default());
+    Ok(EXIT_OK)
 }

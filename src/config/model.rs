@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub use crate::handler::HandlerConfig;
 use crate::retry::RetryPolicy;
+pub use crate::roles::Role;
 pub use crate::secret::{Secret, SecretUrl};
 
 /// A validated configuration file.
@@ -26,6 +27,8 @@ pub struct Config {
     pub consumers: BTreeMap<String, ConsumerConfig>,
     pub outboxes: BTreeMap<String, OutboxConfig>,
     pub dead_letters: BTreeMap<String, DeadLetterConfig>,
+    /// `[publish_api]`; `None` keeps `/v1/publish` off.
+    pub publish_api: Option<PublishApiConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,10 +49,63 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
-    /// The bearer token for `/admin`; `None` keeps the admin API off.
+    /// The bearer token of `[http.admin]`, which has every role ([`Role::Admin`]).
     pub admin_token: Option<Secret>,
+    /// `[http.admin.tokens.NAME]`: more tokens, each with its roles. The admin API is on when
+    /// this or `admin_token` holds a token.
+    pub tokens: BTreeMap<String, AccessToken>,
     /// Where the admin API listens, apart from `/metrics` (used only with a token).
     pub admin_listen: SocketAddr,
+}
+
+impl HttpConfig {
+    /// Every token and its roles: `[http.admin]`'s own as `admin`, then the named ones.
+    pub fn access_tokens(&self) -> Vec<AccessToken> {
+        let mut out: Vec<AccessToken> = self
+            .admin_token
+            .iter()
+            .map(|token| AccessToken {
+                token: token.clone(),
+                roles: vec![Role::Admin],
+            })
+            .collect();
+        out.extend(self.tokens.values().cloned());
+        out
+    }
+
+    /// Whether the admin API runs: some token is configured.
+    pub fn admin_enabled(&self) -> bool {
+        self.admin_token.is_some() || !self.tokens.is_empty()
+    }
+}
+
+/// A bearer token of the admin API and what it may do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessToken {
+    pub token: Secret,
+    /// Never empty.
+    pub roles: Vec<Role>,
+}
+
+/// `[publish_api]`: `POST /v1/publish` and scheduled sends, served on the admin listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishApiConfig {
+    /// The `[databases.*]` entry of the idempotency records and the scheduled outboxes.
+    pub database: String,
+    /// The brokers requests may name.
+    pub brokers: Vec<String>,
+    /// The outbox storing scheduled sends for each broker that has one, by broker name.
+    pub scheduled: BTreeMap<String, String>,
+    /// Largest message body accepted (413 beyond).
+    pub max_body_size: u64,
+    /// How long an immediate send waits for the broker's confirm before answering 503.
+    pub publish_timeout: Duration,
+    /// How long a message id is remembered with its first answer.
+    pub idempotency_window: Duration,
+    /// The idempotency records' table (a validated identifier).
+    pub idempotency_table: String,
+    /// Create the idempotency table at start.
+    pub migrate: bool,
 }
 
 /// The admin API's listener when `[http.admin].listen` is not given: loopback only.

@@ -28,6 +28,8 @@ pub struct RawConfig {
     pub outboxes: BTreeMap<String, RawOutbox>,
     #[serde(default)]
     pub dead_letters: BTreeMap<String, RawDeadLetter>,
+    /// `[publish_api]`: `POST /v1/publish` and scheduled sends on the admin listener.
+    pub publish_api: Option<RawPublishApi>,
 }
 
 /// `[service]`: process-wide settings; changing them needs a restart.
@@ -67,6 +69,45 @@ pub struct RawAdmin {
     pub token_env: Option<String>,
     /// Path of a file that holds the bearer token.
     pub token_file: Option<String>,
+    /// `[http.admin.tokens.NAME]`: more tokens, each with its roles.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, RawToken>,
+}
+
+/// `[http.admin.tokens.NAME]`: a bearer token with the roles it is given.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    /// Name of an environment variable that holds the token.
+    pub token_env: Option<String>,
+    /// Path of a file that holds the token.
+    pub token_file: Option<String>,
+    /// "admin", "publisher".
+    pub roles: Vec<String>,
+}
+
+/// `[publish_api]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublishApi {
+    /// The `[databases.*]` entry holding the idempotency records (and the scheduled outboxes'
+    /// tables).
+    pub database: String,
+    /// The brokers requests may name (default: every broker).
+    pub brokers: Option<Vec<String>>,
+    /// `[outboxes.*]` entries that store scheduled sends, at most one per broker.
+    #[serde(default)]
+    pub scheduled: Vec<String>,
+    /// Largest message body (bytes, or "1MiB"); larger requests are answered 413.
+    pub max_body_size: Option<RawSize>,
+    /// How long an immediate send waits for the broker's confirm ("10s").
+    pub publish_timeout: Option<String>,
+    /// How long a message id is remembered with its answer ("24h").
+    pub idempotency_window: Option<String>,
+    /// The table of idempotency records (default "bosun_publish_requests").
+    pub idempotency_table: Option<String>,
+    /// Create the idempotency table at start (default true).
+    pub migrate: Option<bool>,
 }
 
 /// `[brokers.NAME]`: a connection target, chosen by `kind`.

@@ -520,6 +520,12 @@ pub fn validate_with(
         .admin
         .as_ref()
         .and_then(|admin| admin_token(&mut c, admin));
+    let tokens = raw
+        .http
+        .admin
+        .as_ref()
+        .map(|admin| access_tokens(&mut c, admin))
+        .unwrap_or_default();
     let admin_listen_text = raw
         .http
         .admin
@@ -548,6 +554,7 @@ pub fn validate_with(
     let http = HttpConfig {
         listen,
         admin_token,
+        tokens,
         admin_listen,
     };
 
@@ -726,6 +733,11 @@ pub fn validate_with(
         }
     }
 
+    let publish_api = raw
+        .publish_api
+        .as_ref()
+        .map(|api| publish_api_config(&mut c, &raw, api, &outboxes));
+
     if c.secrets == Secrets::Optional {
         let (missing, issues): (Vec<Issue>, Vec<Issue>) = std::mem::take(&mut c.issues)
             .into_iter()
@@ -745,6 +757,7 @@ pub fn validate_with(
             consumers,
             outboxes,
             dead_letters,
+            publish_api,
         })
     } else {
         Err(c.issues)
@@ -761,24 +774,86 @@ fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
     }
 }
 
+/// `[http.admin]`'s own token (role `admin`). It may be left out when named tokens are
+/// given.
 fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
-    match (&admin.token_env, &admin.token_file) {
-        (Some(_), Some(_)) => {
+    if admin.token_env.is_none() && admin.token_file.is_none() {
+        if admin.tokens.is_empty() {
             c.issue(
                 &["http", "admin"],
-                "give `token_env` or `token_file`, not both",
+                "`[http.admin]` needs `token_env` or `token_file` (or `[http.admin.tokens.NAME]`)",
             );
+        }
+        return None;
+    }
+    read_token(
+        c,
+        &["http", "admin"],
+        admin.token_env.as_deref(),
+        admin.token_file.as_deref(),
+    )
+}
+
+/// `[http.admin.tokens.NAME]`: each token read like `[http.admin]`'s, with its roles.
+fn access_tokens(c: &mut Checker<'_>, admin: &RawAdmin) -> BTreeMap<String, AccessToken> {
+    let mut out = BTreeMap::new();
+    for (name, raw) in &admin.tokens {
+        let at = ["http", "admin", "tokens", name.as_str()];
+        let mut roles = Vec::new();
+        for role in &raw.roles {
+            match Role::parse(role) {
+                Some(role) if !roles.contains(&role) => roles.push(role),
+                Some(_) => {}
+                None => {
+                    let known: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
+                    c.issue(
+                        &[&at[..], &["roles"]].concat(),
+                        format!("unknown role {role:?} (roles: {})", known.join(", ")),
+                    );
+                }
+            }
+        }
+        if raw.roles.is_empty() {
+            c.issue(
+                &[&at[..], &["roles"]].concat(),
+                "a token needs at least one role (e.g. `roles = [\"publisher\"]`)",
+            );
+        }
+        if raw.token_env.is_none() && raw.token_file.is_none() {
+            c.issue(&at, "a token needs `token_env` or `token_file`");
+            continue;
+        }
+        if let Some(token) = read_token(c, &at, raw.token_env.as_deref(), raw.token_file.as_deref())
+            && !roles.is_empty()
+        {
+            out.insert(name.clone(), AccessToken { token, roles });
+        }
+    }
+    out
+}
+
+/// A token from `token_env` or `token_file` (one of them) under `at`.
+fn read_token(
+    c: &mut Checker<'_>,
+    at: &[&str],
+    token_env: Option<&str>,
+    token_file: Option<&str>,
+) -> Option<Secret> {
+    let under = |key: &'static str| -> Vec<&str> { [at, &[key]].concat() };
+    match (token_env, token_file) {
+        (Some(_), Some(_)) => {
+            c.issue(at, "give `token_env` or `token_file`, not both");
             None
         }
         (Some(var), None) => {
             crate::secret::note_env_read(var);
             match std::env::var(var) {
                 Ok(token) if !token.trim().is_empty() => {
-                    strong_token(c, &["http", "admin", "token_env"], token.trim())
+                    strong_token(c, &under("token_env"), token.trim())
                 }
                 _ => {
                     c.secret_issue(
-                        &["http", "admin", "token_env"],
+                        &under("token_env"),
                         format!("environment variable `{var}` is not set or empty"),
                     );
                     None
@@ -787,32 +862,146 @@ fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
         }
         (None, Some(file)) => match std::fs::read_to_string(file) {
             Ok(token) if !token.trim().is_empty() => {
-                strong_token(c, &["http", "admin", "token_file"], token.trim())
+                strong_token(c, &under("token_file"), token.trim())
             }
             Ok(_) => {
                 c.issue(
-                    &["http", "admin", "token_file"],
+                    &under("token_file"),
                     format!("token file {file:?} is empty"),
                 );
                 None
             }
             Err(e) => {
                 c.secret_issue(
-                    &["http", "admin", "token_file"],
+                    &under("token_file"),
                     format!("cannot read token file {file:?}: {e}"),
                 );
                 None
             }
         },
-        (None, None) => {
-            c.issue(
-                &["http", "admin"],
-                "`[http.admin]` needs `token_env` or `token_file`",
-            );
-            None
-        }
+        (None, None) => None,
     }
 }
+
+/// `[publish_api]`: its database, brokers and scheduled outboxes must exist, and a scheduled
+/// outbox must be bosun's own table (an existing table has no due time) in the same database
+/// as the idempotency records, so that a scheduled send and its record commit together.
+fn publish_api_config(
+    c: &mut Checker<'_>,
+    raw: &RawConfig,
+    api: &RawPublishApi,
+    outboxes: &BTreeMap<String, OutboxConfig>,
+) -> PublishApiConfig {
+    let at = |k: &'static str| -> [&str; 2] { ["publish_api", k] };
+    if !raw.databases.contains_key(&api.database) {
+        c.issue(
+            &at("database"),
+            format!(
+                "database `{}` is not defined (defined databases: {})",
+                api.database,
+                list(raw.databases.keys())
+            ),
+        );
+    }
+    if raw.http.admin.is_none() {
+        c.issue(
+            &["publish_api"],
+            "the publish API is served on the admin listener: configure `[http.admin]` with a token that has the `publisher` (or `admin`) role",
+        );
+    }
+    let brokers = match &api.brokers {
+        Some(names) => {
+            for name in names {
+                if !raw.brokers.contains_key(name) {
+                    c.issue(
+                        &at("brokers"),
+                        format!(
+                            "broker `{name}` is not defined (defined brokers: {})",
+                            list(raw.brokers.keys())
+                        ),
+                    );
+                }
+            }
+            names.clone()
+        }
+        None => raw.brokers.keys().cloned().collect(),
+    };
+    let mut scheduled = BTreeMap::new();
+    for name in &api.scheduled {
+        let Some(outbox) = outboxes.get(name) else {
+            c.issue(
+                &at("scheduled"),
+                format!(
+                    "outbox `{name}` is not defined (defined outboxes: {})",
+                    list(raw.outboxes.keys())
+                ),
+            );
+            continue;
+        };
+        if outbox.existing.is_some() {
+            c.issue(&at("scheduled"), format!("outbox `{name}` relays from an existing table (`columns`), which has no due time: scheduled sends need bosun's own outbox table"));
+        }
+        if outbox.database != api.database {
+            c.issue(&at("scheduled"), format!("outbox `{name}` is in database `{}`, the publish API's records in `{}`: they must be the same, so that a scheduled send and its record commit together", outbox.database, api.database));
+        }
+        if !brokers.contains(&outbox.target) {
+            c.issue(
+                &at("scheduled"),
+                format!(
+                    "outbox `{name}` publishes to broker `{}`, which is not among `brokers`",
+                    outbox.target
+                ),
+            );
+        }
+        if let Some(other) = scheduled.insert(outbox.target.clone(), name.clone()) {
+            c.issue(&at("scheduled"), format!("outboxes `{other}` and `{name}` both publish to broker `{}`: give at most one scheduled outbox per broker", outbox.target));
+        }
+    }
+    let max_body_size = api
+        .max_body_size
+        .as_ref()
+        .and_then(|raw| c.size(&at("max_body_size"), raw))
+        .unwrap_or(DEFAULT_PUBLISH_BODY_SIZE);
+    let idempotency_table = api
+        .idempotency_table
+        .clone()
+        .unwrap_or_else(|| "bosun_publish_requests".into());
+    if !valid_sql_identifier(&idempotency_table) {
+        c.issue(
+            &at("idempotency_table"),
+            format!("`{idempotency_table}` is not a plain lowercase SQL identifier"),
+        );
+    }
+    let publish_timeout = c.duration(
+        &at("publish_timeout"),
+        api.publish_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    if publish_timeout.is_zero() {
+        c.issue(&at("publish_timeout"), "must be longer than 0");
+    }
+    let idempotency_window = c.duration(
+        &at("idempotency_window"),
+        api.idempotency_window.as_deref(),
+        Duration::from_secs(24 * 3600),
+    );
+    if idempotency_window.is_zero() {
+        c.issue(&at("idempotency_window"), "must be longer than 0");
+    }
+    PublishApiConfig {
+        database: api.database.clone(),
+        brokers,
+        scheduled,
+        max_body_size,
+        publish_timeout,
+        idempotency_window,
+        idempotency_table,
+        migrate: api.migrate.unwrap_or(true),
+    }
+}
+
+/// Largest publish API body when `max_body_size` is not given.
+const DEFAULT_PUBLISH_BODY_SIZE: u64 = 1024 * 1024;
 
 /// The admin token, if it is long enough to resist guessing. The message never shows it.
 fn strong_token(c: &mut Checker<'_>, at: &[&str], token: &str) -> Option<Secret> {

@@ -1,99 +1,36 @@
 //! `/admin/dead-letters`: the archive over HTTP, through the same [`Ops`] as `bosun dlq`.
 //!
-//! Served only when `[http.admin]` configures a token, on the admin API's own listener.
-//! Every request must carry `Authorization: Bearer <token>`; the comparison runs in constant
-//! time over SHA-256 digests, so neither the token's content nor its length leaks through
-//! timing. Anything else is answered 401 before any handler runs; failed authentications
-//! beyond a small budget are answered 429, counted in `bosun_admin_auth_failures_total` and
-//! logged once per interval with their count, so a flood costs neither CPU nor log volume.
+//! Served only when `[http.admin]` configures a token, on the admin API's own listener;
+//! every request is checked by [`Access`] (a token whose roles grant the route's
+//! permission) before any handler runs.
 //!
 //! Requests are bounded: bodies up to [`MAX_BODY_BYTES`], id lists up to [`MAX_IDS`] (413
 //! beyond), and `all` needs a `processor` and `"confirm": "<that processor>"`.
 
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
 
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::DeadLetterError;
 use super::archive::{ListFilter, Selector};
 use super::ops::{MAX_IDS, Ops, parse_time, row_json};
 use super::publishers::Publishers;
-use crate::config::{Config, Secret};
+use crate::access::Access;
+use crate::config::Config;
 use crate::resources::Resources;
+use crate::roles::Permission;
 
 /// Largest request body: a full id list ([`MAX_IDS`] ids) fits with room to spare.
 pub const MAX_BODY_BYTES: usize = 512 * 1024;
 
-/// Failed authentications allowed in a burst before answers turn to 429.
-const AUTH_FAILURE_BURST: f64 = 10.0;
-/// Failed authentications allowed per second, sustained.
-const AUTH_FAILURES_PER_SECOND: f64 = 1.0;
-/// At most one log line about failed authentications per interval.
-const AUTH_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Counter: admin requests refused for a missing or wrong token (`limited` = "true" when
-/// answered 429 because the failure budget was spent).
-pub const AUTH_FAILURES_METRIC: &str = "bosun_admin_auth_failures_total";
-
 #[derive(Clone)]
 struct AdminState {
     ops: AdminOps,
-    /// SHA-256 of the token: what requests are compared against.
-    token_digest: Arc<[u8; 32]>,
-    failures: Arc<Mutex<AuthFailures>>,
-}
-
-/// The failed-authentication budget (a token bucket) and the count not yet logged.
-struct AuthFailures {
-    tokens: f64,
-    refilled: Instant,
-    unlogged: u64,
-    logged: Option<Instant>,
-}
-
-impl AuthFailures {
-    fn new() -> Self {
-        Self {
-            tokens: AUTH_FAILURE_BURST,
-            refilled: Instant::now(),
-            unlogged: 0,
-            logged: None,
-        }
-    }
-
-    /// Records one failure at `now`; true when it is within budget (answer 401), false when
-    /// the budget is spent (answer 429). Returns the count to log, when a line is due.
-    fn record(&mut self, now: Instant) -> (bool, Option<u64>) {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * AUTH_FAILURES_PER_SECOND).min(AUTH_FAILURE_BURST);
-        self.refilled = now;
-        let allowed = self.tokens >= 1.0;
-        if allowed {
-            self.tokens -= 1.0;
-        }
-        self.unlogged += 1;
-        (allowed, self.flush(now))
-    }
-
-    /// The count not yet logged, when there is one and its interval is over.
-    fn flush(&mut self, now: Instant) -> Option<u64> {
-        let due = self
-            .logged
-            .is_none_or(|at| now.saturating_duration_since(at) >= AUTH_LOG_INTERVAL);
-        (due && self.unlogged > 0).then(|| {
-            self.logged = Some(now);
-            std::mem::take(&mut self.unlogged)
-        })
-    }
 }
 
 /// The [`Ops`] the admin API serves, replaced when a reload is applied, so the API always
@@ -131,112 +68,23 @@ impl AdminOps {
     }
 }
 
-/// The admin routes and the handle a reload replaces their [`Ops`] through, or `None` when no
-/// admin token is configured (the API stays off).
-pub fn router(config: &Arc<Config>, resources: &Resources) -> Option<(Router, AdminOps)> {
-    let token = config.http.admin_token.as_ref()?;
-    let ops = AdminOps::new(AdminOps::build(config, resources));
-    Some((routes(ops.clone(), token), ops))
-}
-
-/// The routes over `ops`, guarded by `token`.
-pub fn routes(ops: AdminOps, token: &Secret) -> Router {
-    let state = AdminState {
-        ops,
-        token_digest: Arc::new(digest(token.expose().as_bytes())),
-        failures: Arc::new(Mutex::new(AuthFailures::new())),
-    };
-    flush_failure_counts(Arc::downgrade(&state.failures));
-    metrics::describe_counter!(
-        AUTH_FAILURES_METRIC,
-        "Admin API requests refused for a missing or wrong token (limited=\"true\": answered 429)."
-    );
-    // Present from the start, so that `increase(...)` sees the first failure.
-    for limited in ["false", "true"] {
-        metrics::counter!(AUTH_FAILURES_METRIC, "limited" => limited).increment(0);
-    }
-    Router::new()
+/// The dead-letter routes over `ops`: reading needs [`Permission::ReadDeadLetters`],
+/// replay and purge [`Permission::ChangeDeadLetters`], both checked by `access` before any
+/// handler runs.
+pub fn routes(ops: AdminOps, access: &Access) -> Router {
+    let state = AdminState { ops };
+    let read = Router::new()
         .route("/admin/dead-letters", get(list))
         .route("/admin/dead-letters/groups", get(groups))
+        .route("/admin/dead-letters/{id}", get(show));
+    let change = Router::new()
         .route("/admin/dead-letters/replay", post(replay))
-        .route("/admin/dead-letters/purge", post(purge))
-        .route("/admin/dead-letters/{id}", get(show))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .route("/admin/dead-letters/purge", post(purge));
+    access
+        .guard(read, Permission::ReadDeadLetters)
+        .merge(access.guard(change, Permission::ChangeDeadLetters))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
-}
-
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
-
-async fn authorize(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| digest(t.trim().as_bytes()));
-    let ok = presented.is_some_and(|d| bool::from(d.ct_eq(&*state.token_digest)));
-    if ok {
-        return next.run(request).await;
-    }
-    let (allowed, to_log) = match state.failures.lock() {
-        Ok(mut failures) => failures.record(Instant::now()),
-        Err(poisoned) => poisoned.into_inner().record(Instant::now()),
-    };
-    metrics::counter!(AUTH_FAILURES_METRIC, "limited" => if allowed { "false" } else { "true" })
-        .increment(1);
-    if let Some(count) = to_log {
-        tracing::warn!(
-            refused = count,
-            interval_s = AUTH_LOG_INTERVAL.as_secs(),
-            "admin requests refused: missing or wrong token"
-        );
-    }
-    if allowed {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(serde_json::json!({ "error": "unauthorized" })),
-        )
-            .into_response()
-    } else {
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, "1")],
-            Json(serde_json::json!({ "error": "too many failed authentications; slow down" })),
-        )
-            .into_response()
-    }
-}
-
-/// Logs failures still uncounted in a line once their interval is over, so the last ones of
-/// a burst are reported too; stops when the routes are dropped.
-fn flush_failure_counts(failures: std::sync::Weak<Mutex<AuthFailures>>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    runtime.spawn(async move {
-        let mut tick = tokio::time::interval(AUTH_LOG_INTERVAL);
-        loop {
-            tick.tick().await;
-            let Some(failures) = failures.upgrade() else {
-                return;
-            };
-            let count = match failures.lock() {
-                Ok(mut f) => f.flush(Instant::now()),
-                Err(poisoned) => poisoned.into_inner().flush(Instant::now()),
-            };
-            if let Some(count) = count {
-                tracing::warn!(
-                    refused = count,
-                    interval_s = AUTH_LOG_INTERVAL.as_secs(),
-                    "admin requests refused: missing or wrong token"
-                );
-            }
-        }
-    });
 }
 
 /// An error as an HTTP answer: bad requests 400, missing rows 404, unreachable database or
@@ -422,38 +270,4 @@ async fn select_and_run<R: serde::Serialize>(
     )
     .await?;
     Ok(Json(report).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failed_authentications_beyond_the_burst_are_limited_and_logged_in_aggregate() {
-        let mut failures = AuthFailures::new();
-        let start = Instant::now();
-        let mut limited = 0;
-        let mut logged = Vec::new();
-        for _ in 0..100 {
-            let (allowed, to_log) = failures.record(start);
-            limited += usize::from(!allowed);
-            logged.extend(to_log);
-        }
-        assert_eq!(limited, 100 - AUTH_FAILURE_BURST as usize);
-        assert_eq!(
-            logged,
-            vec![1],
-            "one line at first, the rest waits for the interval"
-        );
-        // The budget refills, and the next line carries the count since the last one.
-        let later = start + AUTH_LOG_INTERVAL;
-        let (allowed, to_log) = failures.record(later);
-        assert!(allowed);
-        assert_eq!(to_log, Some(100));
-        // Failures after the last line are flushed once their interval is over.
-        failures.record(later);
-        assert_eq!(failures.flush(later), None);
-        assert_eq!(failures.flush(later + AUTH_LOG_INTERVAL), Some(1));
-        assert_eq!(failures.flush(later + 3 * AUTH_LOG_INTERVAL), None);
-    }
 }

@@ -9,17 +9,21 @@
 //! - [`cleanup`]: backlog gauges and retention of published rows;
 //! - [`table`]: an application's existing table, inspected (`bosun outbox check`).
 //!
+//! - [`enqueue`]: an application's insert of one row (immediate or scheduled) in its own
+//!   transaction: the public Rust helper.
+//!
 //! Each `[outboxes.NAME]` runs as one component, `outbox:NAME`, holding one connection of its
 //! own for batches plus one pooled connection for LISTEN.
 
-pub mod cleanup;
-pub mod headers;
-pub mod listener;
-pub mod publishers;
-pub mod relay;
-pub mod schema;
-pub mod store;
-pub mod table;
+pub(crate) mod cleanup;
+mod enqueue;
+pub(crate) mod headers;
+pub(crate) mod listener;
+pub(crate) mod publishers;
+pub(crate) mod relay;
+pub(crate) mod schema;
+pub(crate) mod store;
+pub(crate) mod table;
 
 #[cfg(test)]
 mod live_tests;
@@ -37,8 +41,9 @@ use crate::resources::Resources;
 use crate::retry::ExponentialBackoff;
 use crate::supervisor::{Component, ComponentContext};
 
-pub use publishers::publisher_source;
-pub use relay::Relay;
+pub use enqueue::{DEFAULT_TABLE, Enqueued, Message, enqueue};
+pub(crate) use publishers::publisher_source;
+pub(crate) use relay::Relay;
 pub use schema::Schema;
 
 /// What goes wrong in a relay; every variant is retried with backoff by the relay loop.
@@ -81,12 +86,12 @@ impl OutboxError {
 /// Makes publishers for a relay: called at start and again after the broker connection was
 /// lost, so a relay never keeps using a publisher in an unknown state.
 #[async_trait]
-pub trait PublisherSource: Send + Sync {
+pub(crate) trait PublisherSource: Send + Sync {
     async fn connect(&self) -> anyhow::Result<Arc<dyn Publisher>>;
 }
 
 /// The `application_name` of a relay's batch connection.
-pub fn application_name(name: &str) -> String {
+pub(crate) fn application_name(name: &str) -> String {
     format!("bosun outbox:{name}")
 }
 
@@ -95,7 +100,7 @@ pub(crate) const RECONNECT: ExponentialBackoff =
     ExponentialBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
 
 /// Builds the component for `[outboxes.NAME]` from the shared resources.
-pub fn component(name: &str, resources: &Resources) -> anyhow::Result<OutboxComponent> {
+pub(crate) fn component(name: &str, resources: &Resources) -> anyhow::Result<OutboxComponent> {
     let outbox = resources
         .config
         .outboxes
@@ -139,7 +144,7 @@ fn describe_metrics() {
 
 /// One `[outboxes.NAME]` as a supervised component: the relay loop, its listener and its
 /// housekeeping.
-pub struct OutboxComponent {
+pub(crate) struct OutboxComponent {
     relay: Arc<Relay>,
     /// Shared pool for LISTEN, backlog gauges and cleanup.
     pool: PgPool,

@@ -62,6 +62,10 @@ pub struct BatchReport {
     pub failed: usize,
     /// per_key, nothing claimed: due rows wait only for an older transaction to end.
     pub held: bool,
+    /// When the relay is about to wait: how long until the earliest pending row that is not
+    /// due yet (scheduled, or in backoff) becomes due, so the relay wakes for it on time
+    /// rather than at the next NOTIFY or poll.
+    pub next_due: Option<Duration>,
 }
 
 /// Why a row cannot become a message at all.
@@ -98,11 +102,14 @@ impl Relay {
                     {
                         continue;
                     }
-                    let wait = if report.held {
+                    let mut wait = if report.held {
                         self.config.poll_interval.min(HELD_RECHECK)
                     } else {
                         self.config.poll_interval
                     };
+                    if let Some(due) = report.next_due {
+                        wait = wait.min(due);
+                    }
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => {}
                         _ = wake.notified() => {}
@@ -200,9 +207,11 @@ impl Relay {
                 .queries
                 .held_by_older_transactions(&mut tx, self.config.batch)
                 .await?;
+            let next_due = self.queries.next_due(&mut tx).await?;
             tx.commit().await?;
             return Ok(BatchReport {
                 held,
+                next_due,
                 ..BatchReport::default()
             });
         }
@@ -258,11 +267,16 @@ impl Relay {
 
         self.queries.mark_published(&mut tx, &published).await?;
         self.queries.record_failures(&mut tx, &failures).await?;
-        tx.commit().await?;
-
         report.published = published.len();
         report.failed = failures.iter().filter(|f| f.give_up).count();
         report.retried = failures.len() - report.failed;
+        // A batch that only retried rows is followed by a wait (see `run`): it needs to
+        // know when the next row falls due, which may be one of those just retried.
+        if report.claimed < self.config.batch && report.published == 0 && report.failed == 0 {
+            report.next_due = self.queries.next_due(&mut tx).await?;
+        }
+        tx.commit().await?;
+
         self.record(&report, started.elapsed(), &failures);
         match connection_lost {
             Some(e) => Err(OutboxError::Broker(e)),

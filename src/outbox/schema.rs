@@ -84,6 +84,7 @@ impl Schema {
         let key_idx = self.derived("key_order_idx");
         let xid_check = self.derived("insert_xid_check");
         let published_idx = self.derived("published_idx");
+        let due_idx = self.derived("due_idx");
         let function = format!("{}{}", self.schema_prefix(), self.derived("notify"));
         let trigger = self.derived("notify");
         let channel = &self.channel;
@@ -142,6 +143,11 @@ $$"
                 "CREATE INDEX IF NOT EXISTS {published_idx} ON {table} (published_at)
     WHERE published_at IS NOT NULL"
             ),
+            // The relay's wake-up for the earliest row not yet due (scheduled, or in backoff).
+            format!(
+                "CREATE INDEX IF NOT EXISTS {due_idx} ON {table} (next_attempt_at)
+    WHERE published_at IS NULL AND failed_at IS NULL"
+            ),
             format!(
                 "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -187,7 +193,7 @@ $$"
     }
 }
 
-pub(super) fn derived_name(base: &str, suffix: &str) -> String {
+pub(crate) fn derived_name(base: &str, suffix: &str) -> String {
     use sha2::Digest as _;
     let name = format!("{base}_{suffix}");
     if name.len() <= MAX_IDENTIFIER {

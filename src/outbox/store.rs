@@ -109,6 +109,8 @@ pub struct Queries {
     delete_published: Option<String>,
     /// Failures count up an attempts column; without one a refused row is given up at once.
     tracks_attempts: bool,
+    /// Seconds until the earliest pending row that is not due yet, by the database's clock.
+    next_due: String,
 }
 
 /// With per_key, keys are looked for among the oldest `batch ×` this many due rows.
@@ -238,10 +240,16 @@ impl Queries {
                   AS f(id, error, retry_after, give_up)
              WHERE t.id = f.id"
         );
+        // A row scheduled for later (never tried, due in the future) is not backlog yet, and
+        // a scheduled row's age counts from its due time: otherwise a message scheduled for
+        // tomorrow would look like a stuck relay.
         let backlog = format!(
             "SELECT count(*)::bigint,
-                    COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
-             FROM {table} WHERE published_at IS NULL AND failed_at IS NULL"
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(
+                        CASE WHEN attempts = 0 THEN greatest(created_at, next_attempt_at)
+                             ELSE created_at END)), 0)::float8
+             FROM {table} WHERE published_at IS NULL AND failed_at IS NULL
+               AND (attempts > 0 OR next_attempt_at <= now())"
         );
         let delete_published = Some(format!(
             "DELETE FROM {table} WHERE id IN (
@@ -259,8 +267,16 @@ impl Queries {
                  WHERE w.partition_key IS NOT NULL
                    AND w.insert_xid >= pg_snapshot_xmin(pg_current_snapshot()))"
         );
+        // Served by the due-time index (`<table>_due_idx`); `clock_timestamp()`, not `now()`,
+        // since the wait starts after this transaction, not at its start.
+        let next_due = format!(
+            "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - clock_timestamp())::float8
+             FROM {table}
+             WHERE published_at IS NULL AND failed_at IS NULL AND next_attempt_at > now()"
+        );
         Self {
             claim,
+            next_due,
             per_key: ordering == Ordering::PerKey,
             held,
             mark_published,
@@ -366,6 +382,8 @@ impl Queries {
             backlog,
             delete_published: None,
             tracks_attempts: layout.attempts.is_some(),
+            // An existing table has no due time: its rows are claimable once pending.
+            next_due: "SELECT NULL::float8".to_owned(),
         }
     }
 
@@ -413,6 +431,13 @@ impl Queries {
             .bind(window)
             .fetch_one(tx)
             .await
+    }
+
+    /// How long until the earliest pending row that is not yet due becomes due; `None` when
+    /// there is none. Zero when it fell due while this transaction ran.
+    pub async fn next_due(&self, tx: &mut PgConnection) -> Result<Option<Duration>, sqlx::Error> {
+        let seconds: Option<f64> = sqlx::query_scalar(&self.next_due).fetch_one(tx).await?;
+        Ok(seconds.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
     }
 
     /// Marks every confirmed row in one statement.

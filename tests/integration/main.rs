@@ -25,6 +25,7 @@ mod hostile_secrets;
 mod metrics;
 mod ops_cli;
 mod outbox;
+mod publish_api;
 mod redis_producer;
 mod redis_streams;
 mod redis_tls;

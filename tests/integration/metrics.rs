@@ -735,6 +735,7 @@ fn family_differences(
 fn docs_metrics_lists_every_exported_family_with_its_type() {
     let names = Names::new();
     let (trimmed, held) = (unique("metrics_trim"), unique("metrics_held"));
+    let requests = unique("metrics_publish_requests");
     let (port, admin_port) = (free_port(), free_port());
     let token = "0123456789abcdef0123456789abcdef0123456789abcdef";
     // Every kind of component: the base config's amqp and redis consumers, outbox, archiving
@@ -745,6 +746,10 @@ fn docs_metrics_lists_every_exported_family_with_its_type() {
 [http.admin]
 token_env = "BOSUN_METRICS_DOCS_TOKEN"
 listen = "127.0.0.1:{admin_port}"
+
+[publish_api]
+database = "main"
+idempotency_table = "{requests}"
 
 [handlers.quiet]
 kind = "noop"

@@ -1,0 +1,719 @@
+//! The publish API: `POST /v1/publish` sends a message now or at a time, for applications
+//! that cannot write an outbox row in their own transaction; `GET/DELETE /v1/scheduled/ID`
+//! look at and cancel a scheduled one. Served on the admin listener, for tokens with the
+//! `publisher` (or `admin`) role; the API's own description is `/v1/openapi.json`.
+//!
+//! - `request`: the two request forms (raw body, JSON envelope), checked;
+//! - `records`: the idempotency records (one answer per message id per window);
+//! - here: the sends themselves, their answers, and the routes.
+//!
+//! An immediate send goes through the broker's [`BrokerPublisher`] (confirms, `mandatory`)
+//! and is answered 200 only once the broker confirmed it. A scheduled send is an outbox row
+//! of the broker's scheduled outbox ([`crate::outbox::enqueue`]) whose `next_attempt_at` is
+//! its due time, written in the transaction that records its answer, and answered 202 once
+//! that committed; the outbox relay publishes it when due.
+
+pub mod records;
+pub mod request;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::access::Access;
+use crate::config::{Config, PublishApiConfig};
+use crate::outbox::Message;
+use crate::publish::{OutgoingMessage, PublishError};
+use crate::publishers::BrokerPublisher;
+use crate::resources::Resources;
+use crate::roles::Permission;
+use records::Records;
+use request::{PublishRequest, RequestError};
+
+/// The API's description, served at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Room for the envelope's own fields beside a base64 body of `max_body_size`.
+const ENVELOPE_ALLOWANCE: u64 = 128 * 1024;
+
+/// `Retry-After` of a 503: the broker or database is unreachable now.
+const RETRY_AFTER_SECONDS: u64 = 5;
+
+/// How long a cancel waits for a row the relay holds (it is being published) before
+/// answering 409.
+const CANCEL_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// How often expired idempotency records are deleted, and how many per statement.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+const EXPIRE_BATCH: i64 = 1000;
+
+/// Counter: publish API requests by result (`published`, `scheduled`, `replayed`,
+/// `refused`: any 4xx, `unavailable`: 503).
+pub const REQUESTS_METRIC: &str = "bosun_publish_api_requests_total";
+
+/// The `result` label of an answer.
+fn result_label(answer: &Answer) -> &'static str {
+    match answer.status.as_u16() {
+        _ if answer.replayed => "replayed",
+        200 => "published",
+        202 => "scheduled",
+        503 => "unavailable",
+        _ => "refused",
+    }
+}
+
+/// A scheduled outbox: its name and table.
+#[derive(Debug, Clone)]
+struct Scheduled {
+    outbox: String,
+    table: String,
+}
+
+/// The publish API of one configuration.
+pub struct PublishApi {
+    config: PublishApiConfig,
+    pool: PgPool,
+    records: Records,
+    /// The brokers requests may name, each with its kind and its kept publisher.
+    brokers: BTreeMap<String, (&'static str, BrokerPublisher)>,
+    /// By broker name.
+    scheduled: BTreeMap<String, Scheduled>,
+}
+
+/// An answer: status, JSON body, and whether it repeats an earlier one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: serde_json::Value,
+    /// The first answer to this message id, given again (`Idempotent-Replayed: true`).
+    pub replayed: bool,
+}
+
+impl Answer {
+    fn new(status: StatusCode, body: serde_json::Value) -> Self {
+        Self {
+            status,
+            body,
+            replayed: false,
+        }
+    }
+
+    fn error(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(status, json!({ "error": message.into() }))
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::error(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+
+    fn refused(e: RequestError) -> Self {
+        match e {
+            RequestError::Invalid(m) => Self::error(StatusCode::BAD_REQUEST, m),
+            e @ RequestError::TooLarge { .. } => {
+                Self::error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+        }
+    }
+
+    /// The message id this answer carries, if any.
+    pub fn message_id(&self) -> Option<&str> {
+        self.body.get("message_id").and_then(|v| v.as_str())
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        if self.replayed {
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
+/// A database error as an answer: data the database refuses (SQLSTATE classes 22, 23) is
+/// the request's fault (400); anything else is an outage (503).
+fn database_answer(e: &sqlx::Error) -> Answer {
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned());
+    let e = crate::redact::text(&e.to_string()).into_owned();
+    match code.as_deref() {
+        Some(c) if c.starts_with("22") || c.starts_with("23") => Answer::error(
+            StatusCode::BAD_REQUEST,
+            format!("the database refused the message: {e}"),
+        ),
+        _ => Answer::unavailable(format!("database unavailable: {e}")),
+    }
+}
+
+/// A refused publish as an answer: what no retry can change is a 4xx, a connection failure
+/// (the message may or may not have arrived; send it again with the same id) a 503.
+fn publish_answer(e: &PublishError) -> Answer {
+    let status = match e {
+        PublishError::Unroutable(_) | PublishError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        PublishError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        PublishError::Invalid(_) => StatusCode::BAD_REQUEST,
+        PublishError::Connection(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    Answer::error(status, crate::redact::text(&e.to_string()).into_owned())
+}
+
+impl PublishApi {
+    /// The API for `config`'s `[publish_api]`, or `None` when there is none.
+    pub fn build(config: &Config, resources: &Resources) -> anyhow::Result<Option<Arc<Self>>> {
+        let Some(api) = &config.publish_api else {
+            return Ok(None);
+        };
+        let pool = resources.database(&api.database)?;
+        Self::new(config, pool).map(Some)
+    }
+
+    /// The API for `config`'s `[publish_api]` over `pool` (its database).
+    pub fn new(config: &Config, pool: PgPool) -> anyhow::Result<Arc<Self>> {
+        let api = config
+            .publish_api
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the configuration has no `[publish_api]`"))?;
+        let mut brokers = BTreeMap::new();
+        for name in &api.brokers {
+            let broker = config
+                .brokers
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("broker `{name}` is not defined"))?;
+            let publisher =
+                BrokerPublisher::new(name, broker, &config.service.name, "publish-api", None);
+            brokers.insert(name.clone(), (broker.kind(), publisher));
+        }
+        let mut scheduled = BTreeMap::new();
+        for (broker, outbox) in &api.scheduled {
+            let table = config
+                .outboxes
+                .get(outbox)
+                .map(|o| o.table.clone())
+                .ok_or_else(|| anyhow::anyhow!("outbox `{outbox}` is not defined"))?;
+            scheduled.insert(
+                broker.clone(),
+                Scheduled {
+                    outbox: outbox.clone(),
+                    table,
+                },
+            );
+        }
+        let built = Arc::new(Self {
+            config: api.clone(),
+            records: Records::new(&api.idempotency_table),
+            pool,
+            brokers,
+            scheduled,
+        });
+        expire_records(Arc::downgrade(&built));
+        metrics::describe_counter!(
+            REQUESTS_METRIC,
+            "Publish API requests by result: published, scheduled, replayed (a repeated message id), refused (4xx), unavailable (503)."
+        );
+        for result in [
+            "published",
+            "scheduled",
+            "replayed",
+            "refused",
+            "unavailable",
+        ] {
+            metrics::counter!(REQUESTS_METRIC, "result" => result).increment(0);
+        }
+        Ok(built)
+    }
+
+    /// Creates the idempotency table when `migrate` is on (the scheduled outboxes' tables
+    /// are their relays' to create).
+    pub async fn migrate(&self) -> Result<(), sqlx::Error> {
+        if self.config.migrate {
+            records::migrate(&self.pool, &self.config.idempotency_table).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends or schedules `request`, once per message id per window.
+    pub async fn publish(&self, request: &PublishRequest) -> Answer {
+        let Some((kind, publisher)) = self.brokers.get(&request.broker) else {
+            let names: Vec<&str> = self.brokers.keys().map(String::as_str).collect();
+            return Answer::error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "broker `{}` is not one the publish API sends to (brokers: {})",
+                    request.broker,
+                    names.join(", ")
+                ),
+            );
+        };
+        match (*kind, request.stream) {
+            ("amqp", true) => {
+                return Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "broker `{}` is amqp: give `exchange`, not `stream`",
+                        request.broker
+                    ),
+                );
+            }
+            ("redis", false) => {
+                return Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "broker `{}` is redis: give `stream`, not `exchange`",
+                        request.broker
+                    ),
+                );
+            }
+            _ => {}
+        }
+        let due = match request.due(Utc::now()) {
+            Ok(due) => due,
+            Err(e) => return Answer::refused(e),
+        };
+        let headers = match request.header_values() {
+            Ok(headers) => headers,
+            Err(e) => return Answer::refused(e),
+        };
+        let message_id = request
+            .message_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let scheduled = match due {
+            None => None,
+            Some(at) => {
+                let Some(outbox) = self.scheduled.get(&request.broker) else {
+                    return Answer::error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!(
+                            "broker `{}` has no scheduled outbox (`[publish_api].scheduled`): only immediate sends",
+                            request.broker
+                        ),
+                    );
+                };
+                let Ok(uuid) = uuid::Uuid::parse_str(&message_id) else {
+                    return Answer::error(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "a scheduled message's id must be a UUID (the outbox keeps it as one); {message_id:?} is not"
+                        ),
+                    );
+                };
+                if request.correlation_id.is_some() {
+                    return Answer::error(
+                        StatusCode::BAD_REQUEST,
+                        "a scheduled message keeps no `correlation_id`; send it as a header",
+                    );
+                }
+                Some((outbox, uuid, at))
+            }
+        };
+
+        let mut tx = match self.pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return database_answer(&e),
+        };
+        // A concurrent request with the same id waits for this one's answer at most this
+        // long; beyond it, it is answered 503 and may try again.
+        let wait = self.config.publish_timeout + Duration::from_secs(5);
+        let set = format!("SET LOCAL lock_timeout = {}", wait.as_millis());
+        if let Err(e) = sqlx::query(&set).execute(&mut *tx).await {
+            return database_answer(&e);
+        }
+        let fingerprint = request.fingerprint();
+        match self
+            .records
+            .claim(
+                &mut tx,
+                &message_id,
+                &fingerprint,
+                self.config.idempotency_window,
+            )
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(Some(earlier))) => {
+                let _ = tx.rollback().await;
+                if earlier.fingerprint != fingerprint {
+                    return Answer::error(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "message id {message_id:?} was already used for a different request"
+                        ),
+                    );
+                }
+                return Answer {
+                    status: StatusCode::from_u16(earlier.status).unwrap_or(StatusCode::OK),
+                    body: earlier.answer,
+                    replayed: true,
+                };
+            }
+            Ok(Err(None)) => {
+                return Answer::unavailable(
+                    "the message id's earlier record is expiring; try again",
+                );
+            }
+            Err(e) => return database_answer(&e),
+        }
+
+        let answer = match scheduled {
+            Some((outbox, uuid, at)) => {
+                let mut message = Message::new(request.routing_key.clone(), request.body.to_vec())
+                    .table(outbox.table.clone())
+                    .message_id(uuid)
+                    .destination(request.destination.clone())
+                    .deliver_at(at);
+                message.headers = request.headers.clone();
+                message.content_type = request.content_type.clone();
+                match crate::outbox::enqueue(&mut tx, &message).await {
+                    Ok(row) => Answer::new(
+                        StatusCode::ACCEPTED,
+                        json!({
+                            "message_id": message_id,
+                            "status": "scheduled",
+                            "deliver_at": row.deliver_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                            "outbox": outbox.outbox,
+                        }),
+                    ),
+                    Err(crate::outbox::OutboxError::Database(e)) => return database_answer(&e),
+                    Err(e) => return Answer::unavailable(e.to_string()),
+                }
+            }
+            None => {
+                let message = OutgoingMessage {
+                    destination: request.destination.clone(),
+                    routing_key: request.routing_key.clone(),
+                    message_id: message_id.clone(),
+                    correlation_id: request.correlation_id.clone(),
+                    content_type: request.content_type.clone(),
+                    headers,
+                    body: request.body.clone(),
+                    timestamp_ms: None,
+                };
+                let sent = tokio::time::timeout(self.config.publish_timeout, async {
+                    let publisher = publisher
+                        .connect()
+                        .await
+                        .map_err(|e| PublishError::Connection(e.to_string()))?;
+                    publisher.publish(&message).await
+                })
+                .await;
+                match sent {
+                    Ok(Ok(())) => Answer::new(
+                        StatusCode::OK,
+                        json!({ "message_id": message_id, "status": "published" }),
+                    ),
+                    Ok(Err(e)) => {
+                        let _ = tx.rollback().await;
+                        let mut answer = publish_answer(&e);
+                        answer.body["message_id"] = json!(message_id);
+                        return answer;
+                    }
+                    Err(_) => {
+                        let _ = tx.rollback().await;
+                        return Answer::unavailable(format!(
+                            "the broker did not confirm within {:?}; send again with message_id {message_id:?}",
+                            self.config.publish_timeout
+                        ));
+                    }
+                }
+            }
+        };
+        let recorded = async {
+            self.records
+                .answer(&mut tx, &message_id, answer.status.as_u16(), &answer.body)
+                .await?;
+            tx.commit().await
+        }
+        .await;
+        match recorded {
+            Ok(()) => answer,
+            // Sent and confirmed, but not remembered: a repeat would send again (a duplicate
+            // with the same id). Still a success.
+            Err(e) if answer.status == StatusCode::OK => {
+                tracing::warn!(message_id = %message_id, error = %e,
+                    "message published, but its idempotency record was not stored");
+                answer
+            }
+            // Nothing of a scheduled send is durable until this commit.
+            Err(e) => database_answer(&e),
+        }
+    }
+
+    /// The scheduled message `id`, in whichever scheduled outbox holds it.
+    pub async fn scheduled(&self, id: &str) -> Answer {
+        let Ok(uuid) = uuid::Uuid::parse_str(id) else {
+            return Answer::error(
+                StatusCode::NOT_FOUND,
+                format!("no scheduled message {id:?} (scheduled ids are UUIDs)"),
+            );
+        };
+        for scheduled in self.scheduled.values() {
+            let statement = format!(
+                "SELECT destination, routing_key, created_at, next_attempt_at, attempts, last_error,
+                        published_at, failed_at
+                 FROM {} WHERE message_id = $1 ORDER BY id LIMIT 1",
+                scheduled.table
+            );
+            type Row = (
+                Option<String>,
+                String,
+                DateTime<Utc>,
+                DateTime<Utc>,
+                i32,
+                Option<String>,
+                Option<DateTime<Utc>>,
+                Option<DateTime<Utc>>,
+            );
+            let row: Option<Row> = match sqlx::query_as(&statement)
+                .bind(uuid)
+                .fetch_optional(&self.pool)
+                .await
+            {
+                Ok(row) => row,
+                Err(e) => return database_answer(&e),
+            };
+            let Some((
+                destination,
+                routing_key,
+                created_at,
+                next,
+                attempts,
+                last_error,
+                published,
+                failed,
+            )) = row
+            else {
+                continue;
+            };
+            let time = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let status = match (published, failed, attempts) {
+                (Some(_), _, _) => "published",
+                (None, Some(_), _) => "failed",
+                (None, None, 0) => "scheduled",
+                (None, None, _) => "retrying",
+            };
+            return Answer::new(
+                StatusCode::OK,
+                json!({
+                    "message_id": uuid.to_string(),
+                    "status": status,
+                    "outbox": scheduled.outbox,
+                    "destination": destination,
+                    "routing_key": routing_key,
+                    "created_at": time(created_at),
+                    "next_attempt_at": time(next),
+                    "attempts": attempts,
+                    "last_error": last_error,
+                    "published_at": published.map(time),
+                    "failed_at": failed.map(time),
+                }),
+            );
+        }
+        Answer::error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no scheduled message {id:?} (never scheduled, cancelled, or published and deleted after retention)"
+            ),
+        )
+    }
+
+    /// Cancels the scheduled message `id` if it has not been published: deleted, so no relay
+    /// can take it. One the relay holds is being published: 409 after a short wait.
+    pub async fn cancel(&self, id: &str) -> Answer {
+        let Ok(uuid) = uuid::Uuid::parse_str(id) else {
+            return Answer::error(
+                StatusCode::NOT_FOUND,
+                format!("no scheduled message {id:?} (scheduled ids are UUIDs)"),
+            );
+        };
+        for scheduled in self.scheduled.values() {
+            let result = async {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(&format!(
+                    "SET LOCAL lock_timeout = {}",
+                    CANCEL_LOCK_WAIT.as_millis()
+                ))
+                .execute(&mut *tx)
+                .await?;
+                // Waits for a relay holding the row; once it commits, the row is published
+                // and no longer matches.
+                let deleted = sqlx::query(&format!(
+                    "DELETE FROM {} WHERE message_id = $1 AND published_at IS NULL AND failed_at IS NULL",
+                    scheduled.table
+                ))
+                .bind(uuid)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                tx.commit().await?;
+                Ok::<u64, sqlx::Error>(deleted)
+            }
+            .await;
+            match result {
+                Ok(0) => {}
+                Ok(_) => {
+                    return Answer::new(
+                        StatusCode::OK,
+                        json!({ "message_id": uuid.to_string(), "status": "cancelled", "outbox": scheduled.outbox }),
+                    );
+                }
+                Err(e)
+                    if e.as_database_error()
+                        .and_then(|d| d.code())
+                        .is_some_and(|c| c == "55P03") =>
+                {
+                    return Answer::error(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "message {id} is being published now; it can no longer be cancelled"
+                        ),
+                    );
+                }
+                Err(e) => return database_answer(&e),
+            }
+        }
+        // Nothing pending: say what became of it.
+        let found = self.scheduled(id).await;
+        if found.status != StatusCode::OK {
+            return found;
+        }
+        let status = found.body["status"]
+            .as_str()
+            .unwrap_or("published")
+            .to_owned();
+        let mut body = found.body;
+        body["error"] = json!(format!(
+            "message {id} is {status}; only a message not yet published can be cancelled"
+        ));
+        Answer::new(StatusCode::CONFLICT, body)
+    }
+}
+
+/// Deletes expired idempotency records now and then; stops when the API is dropped.
+fn expire_records(api: Weak<PublishApi>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRE_EVERY);
+        loop {
+            tick.tick().await;
+            let Some(api) = api.upgrade() else {
+                return;
+            };
+            loop {
+                match api.records.expire(&api.pool, EXPIRE_BATCH).await {
+                    Ok(n) if n as i64 >= EXPIRE_BATCH => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot delete expired publish API records");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The publish API's routes (when `[publish_api]` is configured), for tokens granted
+/// [`Permission::Publish`], and the admin API's description, for any valid token.
+pub fn routes(api: Option<Arc<PublishApi>>, access: &Access) -> Router {
+    let describe = access.guard(
+        Router::new().route("/v1/openapi.json", get(openapi)),
+        Permission::Describe,
+    );
+    let Some(api) = api else {
+        return describe;
+    };
+    let publish = Router::new()
+        .route("/v1/publish", post(publish))
+        .route("/v1/scheduled/{id}", get(show).delete(cancel))
+        .with_state(api);
+    access.guard(publish, Permission::Publish).merge(describe)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn show(State(api): State<Arc<PublishApi>>, Path(id): Path<String>) -> Answer {
+    api.scheduled(&id).await
+}
+
+async fn cancel(State(api): State<Arc<PublishApi>>, Path(id): Path<String>) -> Answer {
+    api.cancel(&id).await
+}
+
+async fn publish(State(api): State<Arc<PublishApi>>, request: Request) -> Answer {
+    let answer = answer_publish(&api, request).await;
+    metrics::counter!(REQUESTS_METRIC, "result" => result_label(&answer)).increment(1);
+    if answer.status.is_client_error() {
+        tracing::info!(
+            status = answer.status.as_u16(),
+            error = answer.body["error"].as_str().unwrap_or(""),
+            "publish API request refused"
+        );
+    }
+    answer
+}
+
+async fn answer_publish(api: &PublishApi, request: Request) -> Answer {
+    let (parts, body) = request.into_parts();
+    let query = parts.uri.query().unwrap_or("");
+    let max = api.config.max_body_size;
+    // Raw: the body is the message. Envelope: base64 (4 bytes per 3) and the other fields.
+    let limit = if query.is_empty() {
+        max.saturating_mul(4) / 3 + ENVELOPE_ALLOWANCE
+    } else {
+        max
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = declared
+        && length > limit
+    {
+        return Answer::refused(RequestError::TooLarge { size: length, max });
+    }
+    let bytes = match axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await
+    {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return Answer::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body could not be read within the limit of {limit} bytes: {e}"
+                ),
+            );
+        }
+    };
+    let request = if query.is_empty() {
+        request::from_envelope(&bytes, max)
+    } else {
+        request::from_raw(query, &parts.headers, bytes, max)
+    };
+    match request {
+        Ok(request) => api.publish(&request).await,
+        Err(e) => Answer::refused(e),
+    }
+}
