@@ -614,6 +614,8 @@ fn expire_records(api: Weak<PublishApi>) {
     };
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(EXPIRE_EVERY);
+        // The first tick is immediate: skip it, so the table is migrated before it is used.
+        tick.tick().await;
         loop {
             tick.tick().await;
             let Some(api) = api.upgrade() else {
