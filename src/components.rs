@@ -67,6 +67,7 @@ fn build_consumer(
         consumer,
         config: &resources.config,
         handler: resources.handler(&consumer.handler)?,
+        gate: resources.gate(name, &consumer.handler),
         bounded_handler: true,
     })
 }

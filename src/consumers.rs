@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::amqp::consumer::{AmqpConsumer, AmqpConsumerSpec, handler_timeout};
 use crate::config::{BrokerConfig, Config, ConsumerConfig, ConsumerKind};
+use crate::flow_control::Gate;
 use crate::handler::Handler;
 use crate::redis_streams::RedisConsumer;
 use crate::supervisor::Component;
@@ -20,6 +21,8 @@ pub struct ConsumerSpec<'a> {
     /// The whole configuration: the source broker and the service name come from it.
     pub config: &'a Config,
     pub handler: Arc<dyn Handler>,
+    /// What the consumer asks before taking a delivery (breaker, rate limit, pauses).
+    pub gate: Gate,
     /// Whether the handler answers within its configured `timeout`, so that an amqp delivery
     /// in hand far longer is a stuck one; `false` for a handler that may hold a message
     /// without bound by design (a dead-letter processor's, while its archive is down).
@@ -46,6 +49,7 @@ pub fn build(spec: ConsumerSpec<'_>) -> anyhow::Result<Arc<dyn Component>> {
                     spec.component,
                 ),
                 handler: spec.handler,
+                gate: spec.gate,
             });
             if spec.bounded_handler {
                 let timeout = handler_timeout(spec.config, &spec.consumer.handler);
@@ -61,6 +65,7 @@ pub fn build(spec: ConsumerSpec<'_>) -> anyhow::Result<Arc<dyn Component>> {
             source,
             broker,
             spec.handler,
+            spec.gate,
         )),
         (ConsumerKind::Amqp(_), other) => {
             anyhow::bail!("broker `{source}` is {}, not amqp", other.kind())

@@ -121,7 +121,9 @@ impl Runtime {
         let listen = listener.local_addr().unwrap_or(config.http.listen);
 
         let config = Arc::new(config);
-        let resources = Resources::new(config.clone())?;
+        // One for the process's life: breakers, rate limits and pauses survive reloads.
+        let flows = crate::flow_control::Flows::default();
+        let resources = Resources::with_flows(config.clone(), flows.clone())?;
         let mut components = components_for(&resources)?;
         components.extend(self.extra);
         // Every component is "starting" before the listener answers: otherwise `/readyz` could
@@ -162,13 +164,14 @@ impl Runtime {
             }
             None => None,
         };
-        let app = crate::http::router(health, metrics);
+        let app = crate::http::router(health, metrics, flows.clone());
         let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
         tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");
 
         let reload = Box::new(
             crate::reload::ConfigReload::new(path, self.kinds, config.clone())
-                .with_admin(admin_ops),
+                .with_admin(admin_ops)
+                .with_flows(flows),
         );
         let status = supervisor.run(components, signals, reload, lifecycle).await;
 

@@ -637,7 +637,14 @@ pub fn validate_with(
             );
             continue;
         };
-        match kind.parse(name, &handler.options) {
+        // `circuit_breaker` and `rate_limit` belong to flow control, whatever the kind.
+        let (kind_options, flow) = crate::flow_control::split_options(&handler.options);
+        if let Err(e) = flow {
+            let mut at: Vec<&str> = vec!["handlers", name];
+            at.extend(e.path.iter().map(String::as_str));
+            c.issue(&at, e.message);
+        }
+        match kind.parse(name, &kind_options) {
             Ok(factory) => {
                 handlers.insert(
                     name.clone(),

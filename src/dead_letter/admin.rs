@@ -28,6 +28,7 @@ use super::archive::{ListFilter, Selector};
 use super::ops::{MAX_IDS, Ops, parse_time, row_json};
 use super::publishers::Publishers;
 use crate::config::{Config, Secret};
+use crate::flow_control::Flows;
 use crate::resources::Resources;
 
 /// Largest request body: a full id list ([`MAX_IDS`] ids) fits with room to spare.
@@ -136,11 +137,11 @@ impl AdminOps {
 pub fn router(config: &Arc<Config>, resources: &Resources) -> Option<(Router, AdminOps)> {
     let token = config.http.admin_token.as_ref()?;
     let ops = AdminOps::new(AdminOps::build(config, resources));
-    Some((routes(ops.clone(), token), ops))
+    Some((routes(ops.clone(), token, resources.flows.clone()), ops))
 }
 
-/// The routes over `ops`, guarded by `token`.
-pub fn routes(ops: AdminOps, token: &Secret) -> Router {
+/// The routes over `ops`, and pause, resume and status over `flows`, guarded by `token`.
+pub fn routes(ops: AdminOps, token: &Secret, flows: Flows) -> Router {
     let state = AdminState {
         ops,
         token_digest: Arc::new(digest(token.expose().as_bytes())),
@@ -161,6 +162,7 @@ pub fn routes(ops: AdminOps, token: &Secret) -> Router {
         .route("/admin/dead-letters/replay", post(replay))
         .route("/admin/dead-letters/purge", post(purge))
         .route("/admin/dead-letters/{id}", get(show))
+        .merge(crate::flow_control::admin::routes(flows))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

@@ -9,6 +9,7 @@ use nix::sys::signal::Signal;
 use super::*;
 
 pub mod amqp_contract;
+pub mod downstream;
 
 /// Which broker path a scenario exercises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +45,12 @@ pub enum Fault {
     TtlDeadLetters,
     /// amqp: the quorum queue deleted and declared again while retry tiers' TTLs fire.
     QuorumRedeclared,
+    /// amqp: the http handler's endpoint refuses connections for `seconds`, then recovers;
+    /// `breaker`: the handler has a circuit breaker.
+    DownstreamDown {
+        seconds: u64,
+        breaker: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +71,9 @@ pub async fn run(bin: &Path, plan: &Plan) -> Row {
         Path_::Amqp => match plan.fault {
             Fault::TtlDeadLetters => amqp_contract::ttl_dead_letters(bin, plan).await,
             Fault::QuorumRedeclared => amqp_contract::quorum_redeclared(bin, plan).await,
+            Fault::DownstreamDown { seconds, breaker } => {
+                downstream::downstream_down(bin, plan, Duration::from_secs(seconds), breaker).await
+            }
             _ => amqp(bin, plan).await,
         },
         Path_::Redis => redis_stream(bin, plan).await,
@@ -129,9 +139,11 @@ async fn inject(
     reload_text: &str,
 ) -> anyhow::Result<String> {
     match fault {
-        Fault::None | Fault::BadInput | Fault::TtlDeadLetters | Fault::QuorumRedeclared => {
-            Ok(String::new())
-        }
+        Fault::None
+        | Fault::BadInput
+        | Fault::TtlDeadLetters
+        | Fault::QuorumRedeclared
+        | Fault::DownstreamDown { .. } => Ok(String::new()),
         Fault::Kill => {
             daemon.stop_with(Signal::SIGKILL, Duration::from_secs(5))?;
             daemon.start()?;
