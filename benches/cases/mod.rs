@@ -2,6 +2,7 @@
 
 pub mod amqp;
 pub mod amqp_memory;
+pub mod flow_control;
 pub mod http;
 pub mod outbox;
 pub mod redis;
@@ -43,6 +44,14 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "outbox-latency",
             run: || Box::pin(outbox::latency()),
+        },
+        Case {
+            name: "amqp-flow",
+            run: || Box::pin(flow_control::amqp_flow()),
+        },
+        Case {
+            name: "redis-flow",
+            run: || Box::pin(flow_control::redis_flow()),
         },
         Case {
             name: "outbox-one-key",

@@ -13,16 +13,23 @@ use crate::Runtime;
 /// Time allowed for one admin request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What `pause` and `resume` act on.
+#[derive(clap::Args, Clone)]
+pub struct TargetArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The consumer (its `[consumers.NAME]`).
+    #[arg(required_unless_present = "handler", conflicts_with = "handler")]
+    pub consumer: Option<String>,
+    /// A handler instead: every consumer calling it (a route defers its messages for it).
+    #[arg(long)]
+    pub handler: Option<String>,
+}
+
 #[derive(clap::Args, Clone)]
 pub struct PauseArgs {
     #[command(flatten)]
-    pub config: ConfigArg,
-    /// The consumer to pause (its `[consumers.NAME]`).
-    #[arg(required_unless_present = "handler", conflicts_with = "handler")]
-    pub consumer: Option<String>,
-    /// Pause every consumer calling this handler instead (a route defers its messages for it).
-    #[arg(long)]
-    pub handler: Option<String>,
+    pub target: TargetArgs,
     /// Resume on its own after this long ("10m"); without it, until `bosun resume`.
     #[arg(long = "for", value_parser = parse_for)]
     pub duration: Option<String>,
@@ -34,13 +41,7 @@ pub struct PauseArgs {
 #[derive(clap::Args, Clone)]
 pub struct ResumeArgs {
     #[command(flatten)]
-    pub config: ConfigArg,
-    /// The consumer to resume.
-    #[arg(required_unless_present = "handler", conflicts_with = "handler")]
-    pub consumer: Option<String>,
-    /// Resume the handler paused with `bosun pause --handler`.
-    #[arg(long)]
-    pub handler: Option<String>,
+    pub target: TargetArgs,
 }
 
 #[derive(clap::Args, Clone)]
@@ -131,8 +132,8 @@ fn reachable(listen: SocketAddr) -> SocketAddr {
 }
 
 /// `consumers/NAME` or `handlers/NAME`, with the name made safe for a path.
-fn target(consumer: Option<&str>, handler: Option<&str>) -> Result<String, CliError> {
-    let (kind, name) = match (consumer, handler) {
+fn target(args: &TargetArgs) -> Result<String, CliError> {
+    let (kind, name) = match (args.consumer.as_deref(), args.handler.as_deref()) {
         (Some(c), None) => ("consumers", c),
         (None, Some(h)) => ("handlers", h),
         _ => {
@@ -154,8 +155,8 @@ fn target(consumer: Option<&str>, handler: Option<&str>) -> Result<String, CliEr
 }
 
 pub fn pause(runtime: &Runtime, args: PauseArgs) -> Result<u8, CliError> {
-    let admin = Admin::from_config(runtime, &args.config)?;
-    let target = target(args.consumer.as_deref(), args.handler.as_deref())?;
+    let admin = Admin::from_config(runtime, &args.target.config)?;
+    let target = target(&args.target)?;
     let mut body = serde_json::Map::new();
     if let Some(d) = &args.duration {
         body.insert("for".into(), d.clone().into());
@@ -174,8 +175,8 @@ pub fn pause(runtime: &Runtime, args: PauseArgs) -> Result<u8, CliError> {
 }
 
 pub fn resume(runtime: &Runtime, args: ResumeArgs) -> Result<u8, CliError> {
-    let admin = Admin::from_config(runtime, &args.config)?;
-    let target = target(args.consumer.as_deref(), args.handler.as_deref())?;
+    let admin = Admin::from_config(runtime, &args.target.config)?;
+    let target = target(&args.target)?;
     let path = format!("/admin/{target}/resume");
     let answer = super::block_on(admin.call(reqwest::Method::POST, &path, None))??;
     let was = answer

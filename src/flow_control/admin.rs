@@ -90,29 +90,61 @@ async fn status(State(flows): State<Flows>) -> Response {
     Json(flows.status()).into_response()
 }
 
+/// What is paused or resumed: `consumers` or `handlers`.
+#[derive(Clone, Copy)]
+enum Target {
+    Consumer,
+    Handler,
+}
+
+impl Target {
+    fn key(self) -> &'static str {
+        match self {
+            Target::Consumer => "consumer",
+            Target::Handler => "handler",
+        }
+    }
+}
+
+fn pause(flows: &Flows, target: Target, name: String, text: &str) -> Response {
+    let (duration, reason) = match parse_body(text) {
+        Ok(parsed) => parsed,
+        Err(refused) => return *refused,
+    };
+    let paused = match target {
+        Target::Consumer => flows.pause_consumer(&name, duration, &reason),
+        Target::Handler => flows.pause_handler(&name, duration, &reason),
+    };
+    match paused {
+        Ok(()) => Json(serde_json::json!({ target.key(): name, "paused": true, "for_s": duration.map(|d| d.as_secs()) })).into_response(),
+        Err(e) => not_found(e),
+    }
+}
+
+fn resume(flows: &Flows, target: Target, name: String) -> Response {
+    let resumed = match target {
+        Target::Consumer => flows.resume_consumer(&name),
+        Target::Handler => flows.resume_handler(&name),
+    };
+    match resumed {
+        Ok(was) => {
+            Json(serde_json::json!({ target.key(): name, "paused": false, "was_paused": was }))
+                .into_response()
+        }
+        Err(e) => not_found(e),
+    }
+}
+
 async fn pause_consumer(
     State(flows): State<Flows>,
     Path(name): Path<String>,
     text: String,
 ) -> Response {
-    let (duration, reason) = match parse_body(&text) {
-        Ok(parsed) => parsed,
-        Err(refused) => return *refused,
-    };
-    match flows.pause_consumer(&name, duration, &reason) {
-        Ok(()) => Json(serde_json::json!({ "consumer": name, "paused": true, "for_s": duration.map(|d| d.as_secs()) })).into_response(),
-        Err(e) => not_found(e),
-    }
+    pause(&flows, Target::Consumer, name, &text)
 }
 
 async fn resume_consumer(State(flows): State<Flows>, Path(name): Path<String>) -> Response {
-    match flows.resume_consumer(&name) {
-        Ok(was) => {
-            Json(serde_json::json!({ "consumer": name, "paused": false, "was_paused": was }))
-                .into_response()
-        }
-        Err(e) => not_found(e),
-    }
+    resume(&flows, Target::Consumer, name)
 }
 
 async fn pause_handler(
@@ -120,20 +152,9 @@ async fn pause_handler(
     Path(name): Path<String>,
     text: String,
 ) -> Response {
-    let (duration, reason) = match parse_body(&text) {
-        Ok(parsed) => parsed,
-        Err(refused) => return *refused,
-    };
-    match flows.pause_handler(&name, duration, &reason) {
-        Ok(()) => Json(serde_json::json!({ "handler": name, "paused": true, "for_s": duration.map(|d| d.as_secs()) })).into_response(),
-        Err(e) => not_found(e),
-    }
+    pause(&flows, Target::Handler, name, &text)
 }
 
 async fn resume_handler(State(flows): State<Flows>, Path(name): Path<String>) -> Response {
-    match flows.resume_handler(&name) {
-        Ok(was) => Json(serde_json::json!({ "handler": name, "paused": false, "was_paused": was }))
-            .into_response(),
-        Err(e) => not_found(e),
-    }
+    resume(&flows, Target::Handler, name)
 }

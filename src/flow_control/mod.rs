@@ -28,7 +28,9 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::handler::{Handler, HandlerConfig, Message, OptionError, Outcome};
+use crate::handler::{
+    Handler, HandlerConfig, Message, OptionError, Outcome, duration_option as duration,
+};
 use breaker::{Breaker, Permit};
 pub use breaker::{BreakerSettings, BreakerState, Verdict};
 use limiter::Limiter;
@@ -88,24 +90,6 @@ fn table<'a>(key: &str, value: &'a toml::Value) -> Result<&'a toml::Table, Optio
 fn prefixed(key: &str, mut e: OptionError) -> OptionError {
     e.path.insert(0, key.to_owned());
     e
-}
-
-fn duration(
-    path: &[&str],
-    value: Option<&str>,
-    default: Duration,
-) -> Result<Duration, OptionError> {
-    let Some(text) = value else {
-        return Ok(default);
-    };
-    match crate::units::parse_duration(text) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(OptionError::new(path, "must be longer than zero")),
-        Err(e) => Err(OptionError::new(
-            path,
-            format!("invalid duration {text:?}: {e} (expected e.g. \"30s\", \"10m\")"),
-        )),
-    }
 }
 
 fn parse(

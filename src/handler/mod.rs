@@ -220,14 +220,23 @@ pub(crate) fn timeout_option(
     value: Option<&str>,
     default: Duration,
 ) -> Result<Duration, OptionError> {
+    duration_option(&["timeout"], value, default)
+}
+
+/// A duration option at `path`: longer than zero; `default` when unset.
+pub(crate) fn duration_option(
+    path: &[&str],
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, OptionError> {
     let Some(text) = value else {
         return Ok(default);
     };
     match crate::units::parse_duration(text) {
         Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(OptionError::new(&["timeout"], "must be longer than zero")),
+        Ok(_) => Err(OptionError::new(path, "must be longer than zero")),
         Err(e) => Err(OptionError::new(
-            &["timeout"],
+            path,
             format!("invalid duration {text:?}: {e} (expected e.g. \"500ms\", \"30s\")"),
         )),
     }

@@ -206,6 +206,18 @@ handler = "{handler}"
     )
 }
 
+/// Runs an amqp consumer `queue` of `queue` calling `handler` (defined in `handlers`) in
+/// this process, until its consumer is on the queue; returns its metrics port.
+async fn consuming(queue: &str, handler: &str, handlers: &str, extra: &str) -> (u16, InProcess) {
+    let port = free_port();
+    let running = run(&amqp_config(port, queue, queue, handler, handlers, extra));
+    assert!(
+        until_queue(queue, |_, c| c == 1).await.is_some(),
+        "the consumer never started"
+    );
+    (port, running)
+}
+
 /// Starts the runtime in this process (no handler kind of its own is used).
 fn run(text: &str) -> InProcess {
     struct Unused;
@@ -222,23 +234,10 @@ fn run(text: &str) -> InProcess {
 async fn an_open_breaker_stops_the_consumer_and_releases_what_it_holds_without_using_attempts() {
     let (url, endpoint) = endpoint().await;
     let (queue, handler) = (unique("flow_open"), unique("hook"));
-    let port = free_port();
-    let text = amqp_config(
-        port,
-        &queue,
-        &queue,
-        &handler,
-        &format!(
+    let (port, running) = consuming(&queue, &handler, &format!(
             "[handlers.{handler}]\nkind = \"http\"\nurl = \"{url}down\"\ncircuit_breaker = {{ consecutive_failures = 2, open_for = \"10m\" }}\n"
-        ),
-        "prefetch = 50\nconcurrency = 1\nretry = { max_attempts = 5, initial = \"1s\", max = \"1s\" }",
-    );
+        ), "prefetch = 50\nconcurrency = 1\nretry = { max_attempts = 5, initial = \"1s\", max = \"1s\" }").await;
     let (_conn, ch) = rabbit().await;
-    let running = run(&text);
-    assert!(
-        until_queue(&queue, |_, c| c == 1).await.is_some(),
-        "the consumer never started"
-    );
     publish(&ch, "", &queue, 30).await;
 
     // Two failures open the breaker: the consumer is cancelled, and what it had prefetched
@@ -285,23 +284,10 @@ async fn an_open_breaker_stops_the_consumer_and_releases_what_it_holds_without_u
 async fn a_storm_of_4xx_answers_never_opens_the_breaker() {
     let (url, endpoint) = endpoint().await;
     let (queue, handler) = (unique("flow_4xx"), unique("hook"));
-    let port = free_port();
-    let text = amqp_config(
-        port,
-        &queue,
-        &queue,
-        &handler,
-        &format!(
+    let (port, running) = consuming(&queue, &handler, &format!(
             "[handlers.{handler}]\nkind = \"http\"\nurl = \"{url}gone\"\ncircuit_breaker = {{ consecutive_failures = 3, min_calls = 5, failure_ratio = 0.1 }}\n"
-        ),
-        "concurrency = 4",
-    );
+        ), "concurrency = 4").await;
     let (_conn, ch) = rabbit().await;
-    let running = run(&text);
-    assert!(
-        until_queue(&queue, |_, c| c == 1).await.is_some(),
-        "the consumer never started"
-    );
     publish(&ch, "", &queue, 40).await;
     let dlq = format!("{queue}.dlq");
     assert!(
@@ -332,24 +318,11 @@ async fn a_storm_of_4xx_answers_never_opens_the_breaker() {
 async fn half_open_sends_one_probe_at_a_time() {
     let (url, endpoint) = endpoint().await;
     let (queue, handler) = (unique("flow_probe"), unique("hook"));
-    let port = free_port();
     // Concurrency 8: without a single probe, each half-open spell would send up to 8.
-    let text = amqp_config(
-        port,
-        &queue,
-        &queue,
-        &handler,
-        &format!(
+    let (port, running) = consuming(&queue, &handler, &format!(
             "[handlers.{handler}]\nkind = \"http\"\nurl = \"{url}down\"\ncircuit_breaker = {{ consecutive_failures = 3, open_for = \"1s\", max_open_for = \"1s\" }}\n"
-        ),
-        "prefetch = 50\nconcurrency = 8\nretry = { max_attempts = 50, initial = \"1s\", max = \"1s\" }",
-    );
+        ), "prefetch = 50\nconcurrency = 8\nretry = { max_attempts = 50, initial = \"1s\", max = \"1s\" }").await;
     let (_conn, ch) = rabbit().await;
-    let running = run(&text);
-    assert!(
-        until_queue(&queue, |_, c| c == 1).await.is_some(),
-        "the consumer never started"
-    );
     publish(&ch, "", &queue, 50).await;
     let half_open = |port| {
         let labels = [
@@ -384,7 +357,6 @@ async fn a_route_pauses_only_its_sick_branch() {
     let (url, endpoint) = endpoint().await;
     let queue = unique("flow_route");
     let (route, sick, well) = (unique("split"), unique("sick"), unique("well"));
-    let port = free_port();
     let handlers = format!(
         r#"
 [handlers.{sick}]
@@ -402,22 +374,11 @@ routes = [{{ routing_key = "*.sick", handler = "{sick}" }}]
 default = "{well}"
 "#
     );
-    let text = amqp_config(
-        port,
-        &queue,
-        &queue,
-        &route,
-        &handlers,
-        "concurrency = 2\nretry = { max_attempts = 3, initial = \"1s\", max = \"1s\" }\nbindings = [{ exchange = \"amq.topic\", routing_key = \"ROUTE.#\" }]"
-            .replace("ROUTE", &queue)
-            .as_str(),
+    let extra = format!(
+        "concurrency = 2\nretry = {{ max_attempts = 3, initial = \"1s\", max = \"1s\" }}\nbindings = [{{ exchange = \"amq.topic\", routing_key = \"{queue}.#\" }}]"
     );
+    let (port, running) = consuming(&queue, &route, &handlers, &extra).await;
     let (_conn, ch) = rabbit().await;
-    let running = run(&text);
-    assert!(
-        until_queue(&queue, |_, c| c == 1).await.is_some(),
-        "the consumer never started"
-    );
     for _ in 0..5 {
         publish(&ch, "amq.topic", &format!("{queue}.sick"), 4).await;
         publish(&ch, "amq.topic", &format!("{queue}.well"), 4).await;
@@ -459,24 +420,11 @@ default = "{well}"
 async fn retry_after_pauses_the_limiter_instead_of_using_an_attempt() {
     let (url, endpoint) = endpoint().await;
     let (queue, handler) = (unique("flow_429"), unique("hook"));
-    let port = free_port();
     // One attempt only: a 429 retried like a failure would be dead-lettered at once.
-    let text = amqp_config(
-        port,
-        &queue,
-        &queue,
-        &handler,
-        &format!(
+    let (port, running) = consuming(&queue, &handler, &format!(
             "[handlers.{handler}]\nkind = \"http\"\nurl = \"{url}throttle\"\nrate_limit = {{ per_second = 1000 }}\n"
-        ),
-        "concurrency = 1\nretry = { max_attempts = 1, initial = \"1s\", max = \"2s\" }",
-    );
+        ), "concurrency = 1\nretry = { max_attempts = 1, initial = \"1s\", max = \"2s\" }").await;
     let (_conn, ch) = rabbit().await;
-    let running = run(&text);
-    assert!(
-        until_queue(&queue, |_, c| c == 1).await.is_some(),
-        "the consumer never started"
-    );
     publish(&ch, "", &queue, 10).await;
     assert!(
         until(|| (endpoint.count("throttle") == 11).then_some(()))
@@ -628,4 +576,111 @@ block = "200ms"
         ),
         Some(0.0)
     );
+}
+
+/// The group's last delivered id.
+async fn last_delivered(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> String {
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .expect("XINFO GROUPS");
+    match groups.first().and_then(|g| g.get("last-delivered-id")) {
+        Some(redis::Value::BulkString(id)) => String::from_utf8_lossy(id).into_owned(),
+        Some(redis::Value::SimpleString(id)) => id.clone(),
+        other => panic!("no last-delivered-id: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_stops_a_redis_consumer_reading_and_releases_its_entries_uncounted() {
+    let (url, endpoint) = endpoint().await;
+    let (stream, handler) = (unique("flow_redis"), unique("hook"));
+    let port = free_port();
+    let text = format!(
+        r#"
+[service]
+shutdown_timeout = "5s"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.cache]
+kind = "redis"
+url = "{REDIS_URL}"
+
+[handlers.{handler}]
+kind = "http"
+url = "{url}down"
+circuit_breaker = {{ consecutive_failures = 2, open_for = "10m" }}
+
+[consumers.{stream}]
+source = "cache"
+stream = "{stream}"
+group = "g"
+handler = "{handler}"
+concurrency = 1
+batch = 10
+block = "100ms"
+claim_interval = "200ms"
+claim_idle = "1s"
+retry = {{ max_attempts = 5, initial = "1s", max = "1s" }}
+"#
+    );
+    let mut redis = support::streams::redis().await;
+    let running = run(&text);
+    let state = |port| {
+        metric(
+            port,
+            "bosun_breaker_state",
+            &[&format!("handler=\"{handler}\"")],
+        )
+    };
+    assert!(
+        until(|| state(port)).await.is_some(),
+        "the daemon never served its metrics"
+    );
+    support::streams::xadd_many(&mut redis, &stream, 20).await;
+    assert!(
+        until(|| state(port).filter(|s| *s == 2.0)).await.is_some(),
+        "the breaker never opened"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = last_delivered(&mut redis, &stream).await;
+    support::streams::xadd_many(&mut redis, &stream, 10).await;
+    // Several read blocks and claim rounds: none may take the new entries, nor claim the
+    // released ones.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        last_delivered(&mut redis, &stream).await,
+        before,
+        "a consumer whose breaker is open read on"
+    );
+    assert_eq!(endpoint.count("down"), 2, "calls went out while open");
+    // What it had read and not started is pending with its delivery given back.
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("g")
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query_async(&mut redis)
+        .await
+        .expect("XPENDING");
+    assert!(!pending.is_empty(), "nothing was held when it opened");
+    for (id, _, _, deliveries) in &pending {
+        assert!(
+            *deliveries <= 1,
+            "entry {id} was counted {deliveries} times"
+        );
+    }
+    running.stop().await;
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .arg(format!("{stream}:retry"))
+        .arg(format!("{stream}:dlq"))
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
 }

@@ -229,16 +229,14 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     };
 
     let dlq = format!("{queue}.dlq");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline {
-        let dead = amqp_depth(&dlq).await.unwrap_or(0) as usize;
-        if sink.accepted().len() + dead >= confirmed.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
-    let dead = amqp_drain(&dlq, true).await?;
+    let (code, dead) = settle_then_stop(
+        &mut daemon,
+        &sink,
+        &dlq,
+        confirmed.len(),
+        Duration::from_secs(90),
+    )
+    .await?;
     let accepted = sink.accepted();
     let mut row = tally(
         plan.name,
@@ -284,6 +282,27 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     ])
     .await;
     Ok(row)
+}
+
+/// Waits (up to `timeout`) until the sink accepted or `dlq` holds `expected` messages, stops
+/// the daemon with SIGTERM and reads the dead-letter queue back: (exit code, dead letters).
+async fn settle_then_stop(
+    daemon: &mut Daemon,
+    sink: &Sink,
+    dlq: &str,
+    expected: usize,
+    timeout: Duration,
+) -> anyhow::Result<(Option<i32>, Vec<String>)> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let dead = amqp_depth(dlq).await.unwrap_or(0) as usize;
+        if sink.accepted().len() + dead >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
+    Ok((code, amqp_drain(dlq, true).await?))
 }
 
 /// The amqp bad-input row's two big bodies: one at the broker's `max_message_size`, which

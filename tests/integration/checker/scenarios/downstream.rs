@@ -5,29 +5,11 @@
 
 use super::*;
 
-/// The handler's connection attempts that found nothing listening (the refused ones).
-fn refused_attempts(port: u16) -> usize {
-    let Some((_, body)) = support::http_get(&format!("http://127.0.0.1:{port}/metrics")) else {
-        return 0;
-    };
-    support::metric_value(
-        &body,
-        "bosun_handler_responses_total",
-        &["handler=\"sink\"", "class=\"connect\""],
-    )
-    .unwrap_or(0.0) as usize
-}
-
-fn breaker_opened(port: u16) -> usize {
-    let Some((_, body)) = support::http_get(&format!("http://127.0.0.1:{port}/metrics")) else {
-        return 0;
-    };
-    support::metric_value(
-        &body,
-        "bosun_breaker_transitions_total",
-        &["handler=\"sink\"", "to=\"open\""],
-    )
-    .unwrap_or(0.0) as usize
+/// The first sample of `name` with `labels` on the daemon's `/metrics` (0 when absent).
+fn metric(port: u16, name: &str, labels: &[&str]) -> usize {
+    support::http_get(&format!("http://127.0.0.1:{port}/metrics"))
+        .and_then(|(_, body)| support::metric_value(&body, name, labels))
+        .unwrap_or(0.0) as usize
 }
 
 pub async fn downstream_down(
@@ -57,21 +39,28 @@ pub async fn downstream_down(
     let confirmed = amqp_produce_with(&queue, &ids, plan.rate, false).await?;
     let left = down.saturating_sub(started.elapsed());
     tokio::time::sleep(left).await;
-    let attempts_while_down = refused_attempts(port);
-    let opened = breaker_opened(port);
+    // The handler's connection attempts that found nothing listening.
+    let attempts_while_down = metric(
+        port,
+        "bosun_handler_responses_total",
+        &["handler=\"sink\"", "class=\"connect\""],
+    );
+    let opened = metric(
+        port,
+        "bosun_breaker_transitions_total",
+        &["handler=\"sink\"", "to=\"open\""],
+    );
     let sink = Sink::start_at(plan.sink, sink_port).await?;
 
     let dlq = format!("{queue}.dlq");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while Instant::now() < deadline {
-        let dead = amqp_depth(&dlq).await.unwrap_or(0) as usize;
-        if sink.accepted().len() + dead >= confirmed.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
-    let dead = amqp_drain(&dlq, true).await?;
+    let (code, dead) = settle_then_stop(
+        &mut daemon,
+        &sink,
+        &dlq,
+        confirmed.len(),
+        Duration::from_secs(180),
+    )
+    .await?;
     let accepted = sink.accepted();
     let mut row = tally(
         plan.name,
