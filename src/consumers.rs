@@ -75,3 +75,22 @@ pub fn build(spec: ConsumerSpec<'_>) -> anyhow::Result<Arc<dyn Component>> {
         }
     })
 }
+
+/// Gives every handler with `rate_limit = { scope = "global", broker = B }` the shared budget
+/// in redis broker `B` (validation made sure it is one), before any consumer calls it.
+pub fn attach_budgets(resources: &crate::resources::Resources) {
+    for (name, handler) in &resources.config.handlers {
+        let settings = crate::flow_control::settings_of(handler);
+        let Some(broker) = settings.rate_limit.as_ref().and_then(|r| r.global.as_ref()) else {
+            continue;
+        };
+        if let Some(BrokerConfig::Redis(broker)) = resources.config.brokers.get(broker) {
+            resources
+                .flows
+                .handler(name, &settings)
+                .attach_budget(Arc::new(crate::redis_streams::budget::RedisBudget::new(
+                    broker,
+                )));
+        }
+    }
+}

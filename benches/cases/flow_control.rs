@@ -70,3 +70,74 @@ pub async fn redis_flow() -> anyhow::Result<String> {
         summary("entries", &mut without, &mut with)
     ))
 }
+
+/// The global rate limit the `global-rate` case sets.
+const GLOBAL_PER_SECOND: f64 = 50.0;
+/// How long the `global-rate` case counts requests.
+const WINDOW: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Case `global-rate`: two bosun processes consume one queue through an http handler with
+/// `rate_limit = { per_second = 50, scope = "global", broker = "cache" }`; the endpoint counts
+/// the requests it gets over 20 s, after both have started.
+pub async fn global_rate() -> anyhow::Result<String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let count = Arc::new(AtomicU64::new(0));
+    let counter = count.clone();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::Relaxed);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // More than two processes can take in the window at the limit.
+    let queue = amqp::filled("bench_global_rate").await?;
+    let handler = super::util::unique("global");
+    let config = |n: usize| {
+        format!(
+            "[service]\nname = \"bench-global-{n}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [brokers.rabbit]\nkind = \"amqp\"\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n\
+             [brokers.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/\"\n\
+             [handlers.{handler}]\nkind = \"http\"\nurl = \"{url}\"\n\
+             rate_limit = {{ per_second = {GLOBAL_PER_SECOND}, burst = 1, scope = \"global\", broker = \"cache\" }}\n\
+             [consumers.bench]\nsource = \"rabbit\"\nhandler = \"{handler}\"\nqueue = \"{queue}\"\n\
+             prefetch = 20\ndeclare = false\n"
+        )
+    };
+    let first = super::util::Bosun::start(&config(1))?;
+    let second = super::util::Bosun::start(&config(2))?;
+    // Both running and calling: requests flow, then the window starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while count.load(Ordering::Relaxed) < 10 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the endpoint got no requests"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let before = count.load(Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    tokio::time::sleep(WINDOW).await;
+    let requests = count.load(Ordering::Relaxed) - before;
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(first);
+    drop(second);
+    server.abort();
+    amqp::delete(&queue).await;
+    let rate = requests as f64 / elapsed;
+    Ok(format!(
+        "2 bosun processes, global limit {GLOBAL_PER_SECOND:.0}/s (burst 1) through Redis\n\
+         {requests} requests at the endpoint in {elapsed:.1} s: {rate:.1} req/s ({:+.1} % of the limit)\n",
+        100.0 * (rate - GLOBAL_PER_SECOND) / GLOBAL_PER_SECOND
+    ))
+}

@@ -54,6 +54,10 @@ pub fn all() -> Vec<Case> {
             run: || Box::pin(flow_control::redis_flow()),
         },
         Case {
+            name: "global-rate",
+            run: || Box::pin(flow_control::global_rate()),
+        },
+        Case {
             name: "outbox-one-key",
             run: || Box::pin(outbox::one_key()),
         },

@@ -15,6 +15,9 @@ pub struct RateLimitSettings {
     pub burst: u32,
     /// The longest pause a `Retry-After` (an http 429 or 503) may impose.
     pub max_retry_after: Duration,
+    /// `scope = "global"`: the redis broker whose budget every replica shares; `None`: this
+    /// process's own.
+    pub global: Option<String>,
 }
 
 /// The default `max_retry_after`: a downstream cannot stop a consumer for longer than this
@@ -91,6 +94,7 @@ mod tests {
                 per_second,
                 burst,
                 max_retry_after: Duration::from_secs(60),
+                global: None,
             },
             now,
         )

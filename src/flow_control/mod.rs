@@ -69,6 +69,7 @@ struct RawRateLimit {
     burst: Option<u32>,
     max_retry_after: Option<String>,
     scope: Option<String>,
+    broker: Option<String>,
 }
 
 /// Splits a `[handlers.NAME]` table: the options for its kind, and its flow-control
@@ -140,22 +141,28 @@ fn parse(
                 "must be a number above 0",
             ));
         }
-        match raw.scope.as_deref() {
-            None | Some("local") => {}
-            Some("global") => {
+        let global = match (raw.scope.as_deref(), raw.broker) {
+            (None | Some("local"), None) => None,
+            (None | Some("local"), Some(_)) => {
                 return Err(OptionError::new(
-                    &[KEY, "scope"],
-                    "`global` (a budget shared through Redis) is not available in this version; \
-                     use `local` and divide the rate by the number of replicas",
+                    &[KEY, "broker"],
+                    "only with `scope = \"global\"`",
                 ));
             }
-            Some(other) => {
+            (Some("global"), Some(broker)) => Some(broker),
+            (Some("global"), None) => {
                 return Err(OptionError::new(
-                    &[KEY, "scope"],
-                    format!("unknown scope `{other}`, expected `local`"),
+                    &[KEY, "broker"],
+                    "`scope = \"global\"` needs `broker`: the redis broker the replicas share the budget through",
                 ));
             }
-        }
+            (Some(other), _) => {
+                return Err(OptionError::new(
+                    &[KEY, "scope"],
+                    format!("unknown scope `{other}`, expected `local` or `global`"),
+                ));
+            }
+        };
         if raw.burst == Some(0) {
             return Err(OptionError::new(&[KEY, "burst"], "must be at least 1"));
         }
@@ -170,6 +177,7 @@ fn parse(
                 raw.max_retry_after.as_deref(),
                 DEFAULT_MAX_RETRY_AFTER,
             )?,
+            global,
         });
     }
     Ok(settings)
@@ -179,6 +187,25 @@ fn parse(
 /// written; validation already accepted them).
 pub fn settings_of(config: &HandlerConfig) -> FlowSettings {
     split_options(&config.options).1.unwrap_or_default()
+}
+
+/// A rate budget every replica shares (`scope = "global"`), kept in a store outside the
+/// process (Redis, implemented by `redis_streams`).
+#[async_trait]
+pub trait SharedBudget: Send + Sync + 'static {
+    /// Takes one token of budget `key` (`per_second`, `burst`): `Ok(None)` when taken,
+    /// `Ok(Some(wait))` when the next is `wait` away, `Err` when the store cannot be asked.
+    async fn take(
+        &self,
+        key: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<Option<Duration>, String>;
+}
+
+/// The key of handler `name`'s shared budget: the same on every replica.
+pub fn budget_key(name: &str) -> String {
+    format!("bosun:ratelimit:{name}")
 }
 
 /// Why something is paused by an operator, and until when.
@@ -544,6 +571,11 @@ pub struct HandlerFlow {
     metrics: FlowMetrics,
     /// The value last set on the state gauge (f64 bits): the gauge itself is write-only.
     last_gauge: AtomicU64,
+    /// With `scope = "global"`: where the tokens come from (the local bucket stands in when
+    /// the store cannot be asked).
+    budget: std::sync::OnceLock<Arc<dyn SharedBudget>>,
+    /// When the store last failed to answer, so that the fallback is logged once a minute.
+    budget_failed: Mutex<Option<Instant>>,
 }
 
 struct FlowState {
@@ -607,6 +639,51 @@ impl HandlerFlow {
             shared,
             metrics,
             last_gauge: AtomicU64::new(0.0f64.to_bits()),
+            budget: std::sync::OnceLock::new(),
+            budget_failed: Mutex::new(None),
+        }
+    }
+
+    /// Gives a `scope = "global"` flow its shared budget (once; later calls change nothing).
+    pub fn attach_budget(&self, budget: Arc<dyn SharedBudget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    /// The shared budget this flow takes its tokens from, if it has one.
+    fn shared_budget(&self) -> Option<(&Arc<dyn SharedBudget>, &RateLimitSettings)> {
+        let settings = self.settings.rate_limit.as_ref()?;
+        settings.global.as_ref()?;
+        Some((self.budget.get()?, settings))
+    }
+
+    /// A token of the shared budget, or when to ask again. When the store cannot be asked,
+    /// the local bucket (the whole rate, for this process alone) stands in.
+    async fn take_shared(&self) -> Result<(), Instant> {
+        let Some((budget, settings)) = self.shared_budget() else {
+            return Ok(());
+        };
+        match budget
+            .take(&budget_key(&self.name), settings.per_second, settings.burst)
+            .await
+        {
+            Ok(None) => Ok(()),
+            Ok(Some(wait)) => Err(Instant::now() + wait),
+            Err(e) => {
+                let now = Instant::now();
+                {
+                    let mut failed = self.budget_failed.lock().unwrap_or_else(|p| p.into_inner());
+                    if failed.is_none_or(|at| {
+                        now.saturating_duration_since(at) >= Duration::from_secs(60)
+                    }) {
+                        *failed = Some(now);
+                        tracing::warn!(handler = %self.name, error = %crate::redact::text(&e), "the shared rate budget cannot be asked; this process limits itself to the whole rate meanwhile");
+                    }
+                }
+                match self.state().limiter.as_mut() {
+                    Some(limiter) => limiter.take(now),
+                    None => Ok(()),
+                }
+            }
         }
     }
 
@@ -649,6 +726,23 @@ impl HandlerFlow {
         ))
     }
 
+    /// [`try_start`](Self::try_start), then a token of the shared budget when there is one.
+    async fn start(&self, now: Instant) -> Try {
+        match self.try_start(now) {
+            Try::Go { probe } => match self.take_shared().await {
+                Ok(()) => Try::Go { probe },
+                Err(at) => {
+                    self.abandon(probe);
+                    Try::Wait {
+                        at,
+                        throttled: true,
+                    }
+                }
+            },
+            other => other,
+        }
+    }
+
     fn try_start(&self, now: Instant) -> Try {
         let mut state = self.state();
         let result = self.try_start_in(&mut state, now);
@@ -674,13 +768,21 @@ impl HandlerFlow {
                 throttled: false,
             };
         }
-        if let Some(limiter) = state.limiter.as_mut()
-            && let Err(at) = limiter.take(now)
-        {
-            return Try::Wait {
-                at,
-                throttled: true,
+        // With a shared budget the token comes from it (`take_shared`); the local bucket
+        // still holds a `Retry-After` pause.
+        let shared = self.shared_budget().is_some();
+        if let Some(limiter) = state.limiter.as_mut() {
+            let taken = match limiter.paused_until(now) {
+                Some(until) if shared => Err(until),
+                _ if shared => Ok(()),
+                _ => limiter.take(now),
             };
+            if let Err(at) = taken {
+                return Try::Wait {
+                    at,
+                    throttled: true,
+                };
+            }
         }
         match state.breaker.as_mut().map(|b| b.permit(now)) {
             None | Some(Permit::Call) => Try::Go { probe: false },
@@ -893,7 +995,7 @@ impl Gate {
             {
                 return Admit::Stop(reason);
             }
-            let (at, throttled) = match flow.try_start(now) {
+            let (at, throttled) = match flow.start(now).await {
                 Try::Go { probe } => {
                     if let Some(since) = waited {
                         flow.metrics.waited.increment(since.elapsed().as_secs_f64());
@@ -1011,7 +1113,7 @@ impl Handler for Guarded {
     async fn handle(&self, message: &Message) -> Outcome {
         loop {
             let now = Instant::now();
-            match self.flow.try_start(now) {
+            match self.flow.start(now).await {
                 Try::Go { probe } => {
                     // Dropped by a panic or a cancellation: the probe goes back.
                     let admission = Admission {

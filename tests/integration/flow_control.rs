@@ -684,3 +684,60 @@ retry = {{ max_attempts = 5, initial = "1s", max = "1s" }}
         .await
         .expect("DEL");
 }
+
+#[test]
+fn flow_control_settings_are_checked_where_they_are_written() {
+    let base = format!(
+        "[brokers.rabbit]\nkind = \"amqp\"\nurl = \"{RABBIT_URL}\"\n[brokers.cache]\nkind = \"redis\"\nurl = \"{REDIS_URL}\"\n[handlers.hook]\nkind = \"http\"\nurl = \"http://127.0.0.1:9/\"\n"
+    );
+    let error = |extra: &str| {
+        let text = format!("{base}{extra}\n");
+        match bosun::config::load_str(
+            &text,
+            "flow.toml",
+            &bosun::handler::HandlerKinds::builtin(),
+            &bosun::config::Env::default(),
+        ) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(
+        error("circuit_breaker = {}\nrate_limit = { per_second = 5 }"),
+        ""
+    );
+    assert_eq!(
+        error("rate_limit = { per_second = 5, scope = \"global\", broker = \"cache\" }"),
+        ""
+    );
+    for (extra, expected) in [
+        (
+            "circuit_breaker = { failure_ratio = 1.5 }",
+            "handlers.hook.circuit_breaker.failure_ratio",
+        ),
+        (
+            "circuit_breaker = { open_for = \"1m\", max_open_for = \"10s\" }",
+            "handlers.hook.circuit_breaker.max_open_for",
+        ),
+        ("circuit_breaker = { bogus = 1 }", "bogus"),
+        (
+            "rate_limit = { per_second = 0 }",
+            "handlers.hook.rate_limit.per_second",
+        ),
+        (
+            "rate_limit = { per_second = 5, scope = \"global\", broker = \"rabbit\" }",
+            "a global rate limit is shared through a redis broker",
+        ),
+        (
+            "rate_limit = { per_second = 5, scope = \"global\" }",
+            "handlers.hook.rate_limit.broker",
+        ),
+        (
+            "rate_limit = { per_second = 5, scope = \"global\", broker = \"nowhere\" }",
+            "broker `nowhere` is not defined",
+        ),
+    ] {
+        let message = error(extra);
+        assert!(message.contains(expected), "{extra}: {message}");
+    }
+}
