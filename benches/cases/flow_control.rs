@@ -110,7 +110,7 @@ pub async fn global_rate() -> anyhow::Result<String> {
              [handlers.{handler}]\nkind = \"http\"\nurl = \"{url}\"\n\
              rate_limit = {{ per_second = {GLOBAL_PER_SECOND}, burst = 1, scope = \"global\", broker = \"cache\" }}\n\
              [consumers.bench]\nsource = \"rabbit\"\nhandler = \"{handler}\"\nqueue = \"{queue}\"\n\
-             prefetch = 20\ndeclare = false\n"
+             prefetch = 20\ndeclare = false\nretry = {{ max_attempts = 1 }}\n"
         )
     };
     let first = super::util::Bosun::start(&config(1))?;
