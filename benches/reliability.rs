@@ -68,7 +68,7 @@ fn main() {
         "# Reliability\n\nbosun promises at-least-once delivery with nothing dropped silently. This table is the proof: every\nscenario drives the real `bosun` binary under load, injects one fault, and classifies every message\n(see `tests/integration/checker/mod.rs` for the checker).\n\n- **lost**: confirmed by the broker (or committed to the outbox), never handled and not dead-lettered. Must be 0.\n- **misplaced**: bad input that did not end in its documented place (bad-input rows only, described below). Must be 0.\n- **unexpected**: handled or dead-lettered but never sent. Must be 0.\n- **duplicated**: extra deliveries of one id, which at-least-once allows after a crash or a lost ack.\n\nRegenerate with `cargo bench --bench reliability -- --scale {scale}` (scale {scale}: message counts are {scale}x the CI set).\nCI runs the same scenarios at scale 1 without the broker restarts (`cargo test --test integration reliability::`).\n\n{table}\nContract held in every scenario: {}.\n",
         if holds { "yes" } else { "NO" }
     );
-    let doc = format!("{doc}{BAD_INPUT}{HOSTILE}");
+    let doc = format!("{doc}{DOWNSTREAM}{BAD_INPUT}{HOSTILE}");
     if let Err(e) = std::fs::write("RELIABILITY.md", doc) {
         eprintln!("cannot write RELIABILITY.md: {e}");
         std::process::exit(1);
@@ -102,6 +102,20 @@ fn update_rows(table: &str) -> std::io::Result<()> {
     out.extend(fresh.drain(..).map(str::to_string));
     std::fs::write("RELIABILITY.md", out.join("\n") + "\n")
 }
+
+/// What the downstream-outage rows compare, kept with the table when it is regenerated.
+const DOWNSTREAM: &str = r#"
+## Downstream outage
+
+The two "downstream down for 30 s" rows send 2,000 messages through an `http` handler whose
+endpoint refuses connections for the first 30 s and then recovers, with `max_attempts = 3`.
+Without a circuit breaker every message burns its three attempts against the closed port in a
+few seconds and is dead-lettered; with `circuit_breaker = { consecutive_failures = 5,
+open_for = "2s", max_open_for = "5s" }` the consumer stops fetching after five refusals, sends
+one probe per open spell, and every message is handled once the endpoint is back: none
+dead-lettered (a dead letter counts as misplaced in that row), and the note gives the requests
+that reached the endpoint while it was down.
+"#;
 
 /// The bad-input coverage, kept with the table when it is regenerated.
 const BAD_INPUT: &str = r#"

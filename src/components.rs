@@ -25,6 +25,7 @@ pub fn components_named(
     wanted: impl Fn(&str) -> bool,
 ) -> anyhow::Result<Vec<NamedComponent>> {
     let config = &resources.config;
+    crate::consumers::attach_budgets(resources);
     let mut components: Vec<NamedComponent> = Vec::new();
     for (name, consumer) in &config.consumers {
         let component_name = consumer_component_name(name);
@@ -67,6 +68,7 @@ fn build_consumer(
         consumer,
         config: &resources.config,
         handler: resources.handler(&consumer.handler)?,
+        gate: resources.gate(name, &consumer.handler),
         bounded_handler: true,
     })
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::amqp::consumer::{AmqpConsumer, AmqpConsumerSpec, handler_timeout};
 use crate::config::{BrokerConfig, Config, ConsumerConfig, ConsumerKind};
+use crate::flow_control::Gate;
 use crate::handler::Handler;
 use crate::redis_streams::RedisConsumer;
 use crate::supervisor::Component;
@@ -20,6 +21,8 @@ pub struct ConsumerSpec<'a> {
     /// The whole configuration: the source broker and the service name come from it.
     pub config: &'a Config,
     pub handler: Arc<dyn Handler>,
+    /// What the consumer asks before taking a delivery (breaker, rate limit, pauses).
+    pub gate: Gate,
     /// Whether the handler answers within its configured `timeout`, so that an amqp delivery
     /// in hand far longer is a stuck one; `false` for a handler that may hold a message
     /// without bound by design (a dead-letter processor's, while its archive is down).
@@ -46,6 +49,7 @@ pub fn build(spec: ConsumerSpec<'_>) -> anyhow::Result<Arc<dyn Component>> {
                     spec.component,
                 ),
                 handler: spec.handler,
+                gate: spec.gate,
             });
             if spec.bounded_handler {
                 let timeout = handler_timeout(spec.config, &spec.consumer.handler);
@@ -61,6 +65,7 @@ pub fn build(spec: ConsumerSpec<'_>) -> anyhow::Result<Arc<dyn Component>> {
             source,
             broker,
             spec.handler,
+            spec.gate,
         )),
         (ConsumerKind::Amqp(_), other) => {
             anyhow::bail!("broker `{source}` is {}, not amqp", other.kind())
@@ -69,4 +74,23 @@ pub fn build(spec: ConsumerSpec<'_>) -> anyhow::Result<Arc<dyn Component>> {
             anyhow::bail!("broker `{source}` is {}, not redis", other.kind())
         }
     })
+}
+
+/// Gives every handler with `rate_limit = { scope = "global", broker = B }` the shared budget
+/// in redis broker `B` (validation made sure it is one), before any consumer calls it.
+pub fn attach_budgets(resources: &crate::resources::Resources) {
+    for (name, handler) in &resources.config.handlers {
+        let settings = crate::flow_control::settings_of(handler);
+        let Some(broker) = settings.rate_limit.as_ref().and_then(|r| r.global.as_ref()) else {
+            continue;
+        };
+        if let Some(BrokerConfig::Redis(broker)) = resources.config.brokers.get(broker) {
+            resources
+                .flows
+                .handler(name, &settings)
+                .attach_budget(Arc::new(crate::redis_streams::budget::RedisBudget::new(
+                    broker,
+                )));
+        }
+    }
 }

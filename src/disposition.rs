@@ -89,6 +89,13 @@ pub fn decide(outcome: Outcome, attempt: u32, policy: &RetryPolicy) -> Decision 
         },
         Outcome::DeadLetter { reason, kind } => Decision::DeadLetter { kind, reason },
         Outcome::Release { reason } => Decision::Release { reason },
+        // The same attempt again: a deferral is not a try. Its delay is the pause's, cut to
+        // the policy's longest like any handler-given delay.
+        Outcome::Defer { after, reason } => Decision::Retry {
+            delay: policy.next_delay(attempt, Some(after)),
+            attempt,
+            reason,
+        },
     }
 }
 
@@ -110,6 +117,36 @@ mod tests {
             after,
             reason: "busy".into(),
         }
+    }
+
+    #[test]
+    fn a_deferral_comes_back_on_the_same_attempt_even_after_the_last() {
+        for attempt in [1, 3] {
+            let outcome = Outcome::Defer {
+                after: Duration::from_secs(2),
+                reason: "breaker open".into(),
+            };
+            assert_eq!(
+                decide(outcome, attempt, &policy(3)),
+                Decision::Retry {
+                    delay: Duration::from_secs(2),
+                    attempt,
+                    reason: "breaker open".into()
+                }
+            );
+        }
+        let long = Outcome::Defer {
+            after: Duration::from_secs(3600),
+            reason: "paused".into(),
+        };
+        assert_eq!(
+            decide(long, 1, &policy(3)),
+            Decision::Retry {
+                delay: Duration::from_secs(5),
+                attempt: 1,
+                reason: "paused".into()
+            }
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::flow_control::Flows;
 use crate::health::Health;
 
 /// `/healthz` fails once the supervisor loop has not turned for this long.
@@ -25,15 +26,21 @@ pub const LOOP_STALL_LIMIT: Duration = Duration::from_secs(10);
 struct AppState {
     health: Health,
     metrics: PrometheusHandle,
+    /// What `/healthz?verbose` reports about stopped consumers.
+    flows: Flows,
 }
 
 /// The base router.
-pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
+pub fn router(health: Health, metrics: PrometheusHandle, flows: Flows) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { health, metrics })
+        .with_state(AppState {
+            health,
+            metrics,
+            flows,
+        })
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
@@ -47,14 +54,36 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
+/// `/healthz`; with `?verbose`, also every consumer that does not fetch and why (paused,
+/// its handler's breaker open). A stopped consumer is healthy: restarting the process
+/// would not help it, so neither this nor `/readyz` fails for it.
+async fn healthz(
+    State(state): State<AppState>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
     let stalled = state.health.since_beat();
-    if stalled > LOOP_STALL_LIMIT {
+    let (code, mut body) = if stalled > LOOP_STALL_LIMIT {
         let body = serde_json::json!({ "status": "stalled", "supervisor_loop_idle_seconds": stalled.as_secs() });
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     } else {
-        (StatusCode::OK, Json(serde_json::json!({ "status": "ok" }))).into_response()
+        (StatusCode::OK, serde_json::json!({ "status": "ok" }))
+    };
+    if query.contains_key("verbose") {
+        let status = state.flows.status();
+        let stopped: serde_json::Map<String, serde_json::Value> = status
+            .consumers
+            .iter()
+            .filter_map(|(name, c)| {
+                let reason = c.stopped.as_ref()?;
+                Some((
+                    name.clone(),
+                    serde_json::Value::String(crate::redact::text(reason).into_owned()),
+                ))
+            })
+            .collect();
+        body["stopped_consumers"] = serde_json::Value::Object(stopped);
     }
+    (code, Json(body)).into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

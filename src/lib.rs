@@ -47,6 +47,7 @@ mod database;
 mod dead_letter;
 mod disposition;
 mod failure_headers;
+mod flow_control;
 mod health;
 mod http;
 mod publish;

@@ -19,6 +19,7 @@ use crate::components::components_named;
 use crate::config::{self, BrokerConfig, Config, DatabaseConfig, Env, HandlerConfig};
 use crate::dead_letter::admin::AdminOps;
 use crate::dead_letter::ops::Ops;
+use crate::flow_control::Flows;
 use crate::handler::HandlerKinds;
 use crate::resources::{
     Resources, consumer_component_name, dead_letter_component_name, outbox_component_name,
@@ -159,6 +160,8 @@ pub struct ConfigReload {
     /// applied; `None` when the admin API is off.
     admin: Option<AdminOps>,
     pending_admin: Option<Ops>,
+    /// Breakers, limiters and pauses, kept across reloads.
+    flows: Flows,
 }
 
 impl ConfigReload {
@@ -172,7 +175,15 @@ impl ConfigReload {
             pending: None,
             admin: None,
             pending_admin: None,
+            flows: Flows::default(),
         }
+    }
+
+    /// The process's flow control: a reload builds handlers with it, so breakers, limiters
+    /// and pauses go on across reloads.
+    pub fn with_flows(mut self, flows: Flows) -> Self {
+        self.flows = flows;
+        self
     }
 
     /// Keeps the admin API's view of dead-letter processors and archives in step with
@@ -221,7 +232,7 @@ impl ReloadHook for ConfigReload {
         let new = Arc::new(new);
 
         let (stop, start) = diff(&self.current, &new);
-        let resources = match Resources::new(new.clone()) {
+        let resources = match Resources::with_flows(new.clone(), self.flows.clone()) {
             Ok(resources) => resources,
             Err(e) => return self.failed(&format!("{e:#}")),
         };
@@ -241,6 +252,9 @@ impl ReloadHook for ConfigReload {
     async fn applied(&mut self) {
         if let Some(new) = self.pending.take() {
             register_series(&new);
+            let consumers: Vec<&str> = new.consumers.keys().map(String::as_str).collect();
+            let handlers: Vec<&str> = new.handlers.keys().map(String::as_str).collect();
+            self.flows.retain(&consumers, &handlers);
             self.current = new;
         }
         if let (Some(admin), Some(ops)) = (&self.admin, self.pending_admin.take()) {

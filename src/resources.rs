@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use sqlx::PgPool;
 
 use crate::config::Config;
+use crate::flow_control::{Flows, Gate};
 use crate::handler::Handler;
 
 /// Shared, already-built resources that components are constructed from.
@@ -16,17 +17,32 @@ pub struct Resources {
     pub config: Arc<Config>,
     pub handlers: BTreeMap<String, Arc<dyn Handler>>,
     pub databases: BTreeMap<String, PgPool>,
+    /// The process's breakers, rate limits and pauses: kept by the runtime across reloads.
+    pub flows: Flows,
 }
 
 impl Resources {
+    /// Resources with flow control of their own (for tests without a runtime).
+    #[cfg(test)]
     pub fn new(config: Arc<Config>) -> anyhow::Result<Self> {
-        let handlers = crate::handler::build_all(&config.handlers)?;
+        Self::with_flows(config, Flows::default())
+    }
+
+    /// Resources whose handlers take their breakers, rate limits and pauses from `flows`.
+    pub fn with_flows(config: Arc<Config>, flows: Flows) -> anyhow::Result<Self> {
+        let handlers = crate::flow_control::build_handlers(&config.handlers, &flows)?;
         let databases = crate::database::pools(&config.databases)?;
         Ok(Self {
             config,
             handlers,
             databases,
+            flows,
         })
+    }
+
+    /// The gate of consumer `name`, whose handler is `handler`.
+    pub fn gate(&self, name: &str, handler: &str) -> Gate {
+        self.flows.gate(name, handler)
     }
 
     pub fn handler(&self, name: &str) -> anyhow::Result<Arc<dyn Handler>> {

@@ -152,6 +152,11 @@ impl ExponentialBackoff {
         }
     }
 
+    /// The same waits with `jitter` (a fraction of each wait added at random).
+    pub const fn with_jitter(self, jitter: f64) -> Self {
+        Self { jitter, ..self }
+    }
+
     /// The same waits without jitter: for a path whose total wait is budgeted.
     pub const fn without_jitter(self) -> Self {
         Self {

@@ -30,6 +30,10 @@ pub enum Permission {
     Publish,
     /// Read the API's own description (`/v1/openapi.json`): any valid token.
     Describe,
+    /// See each consumer's and handler's state, breaker and pause (`GET /admin/status`).
+    ReadStatus,
+    /// Pause and resume consumers and handlers.
+    ControlConsumers,
 }
 
 impl Role {
@@ -57,7 +61,7 @@ impl Role {
             Role::Publisher => matches!(permission, Permission::Publish | Permission::Describe),
             Role::Viewer => matches!(
                 permission,
-                Permission::ReadDeadLetters | Permission::Describe
+                Permission::ReadDeadLetters | Permission::ReadStatus | Permission::Describe
             ),
         }
     }
@@ -80,9 +84,14 @@ mod tests {
             Permission::ChangeDeadLetters,
             Permission::Publish,
             Permission::Describe,
+            Permission::ReadStatus,
+            Permission::ControlConsumers,
         ] {
             assert!(Role::Admin.grants(permission));
         }
+        assert!(Role::Viewer.grants(Permission::ReadStatus));
+        assert!(!Role::Viewer.grants(Permission::ControlConsumers));
+        assert!(!Role::Publisher.grants(Permission::ControlConsumers));
         assert!(Role::Publisher.grants(Permission::Publish));
         assert!(!Role::Publisher.grants(Permission::ReadDeadLetters));
         assert!(!Role::Publisher.grants(Permission::ChangeDeadLetters));

@@ -18,6 +18,7 @@ use crate::handler::{FnKind, Handler, HandlerKind, HandlerKinds, OptionError};
 use crate::health::Health;
 use crate::publish_api::PublishApi;
 use crate::resources::Resources;
+use crate::roles::Permission;
 use crate::supervisor::{
     Component, ExitStatus, Lifecycle, NamedComponent, NoLifecycle, SignalKind, Supervisor,
     SupervisorConfig,
@@ -124,7 +125,9 @@ impl Runtime {
         let listen = listener.local_addr().unwrap_or(config.http.listen);
 
         let config = Arc::new(config);
-        let resources = Resources::new(config.clone())?;
+        // One for the process's life: breakers, rate limits and pauses survive reloads.
+        let flows = crate::flow_control::Flows::default();
+        let resources = Resources::with_flows(config.clone(), flows.clone())?;
         let mut components = components_for(&resources)?;
         components.extend(self.extra);
         // Every component is "starting" before the listener answers: otherwise `/readyz` could
@@ -165,13 +168,14 @@ impl Runtime {
             }
             None => None,
         };
-        let app = crate::http::router(health, metrics);
+        let app = crate::http::router(health, metrics, flows.clone());
         let http = tokio::spawn(crate::http::serve(listener, app, http_stop.clone()));
         tracing::info!(listen = %listen, components = components.len(), config = %config.origin, "bosun started");
 
         let reload = Box::new(
             crate::reload::ConfigReload::new(path, self.kinds, config.clone())
-                .with_admin(admin_ops),
+                .with_admin(admin_ops)
+                .with_flows(flows),
         );
         let status = supervisor.run(components, signals, reload, lifecycle).await;
 
@@ -207,8 +211,17 @@ pub(crate) async fn admin_router(
         // answered 503.
         tracing::error!(error = %e, "cannot create the publish API's idempotency table");
     }
+    let flows = resources.flows.clone();
     let router = crate::dead_letter::admin::routes(ops.clone(), &access)
-        .merge(crate::publish_api::routes(api, &access));
+        .merge(crate::publish_api::routes(api, &access))
+        .merge(access.guard(
+            crate::flow_control::admin::status_routes(flows.clone()),
+            Permission::ReadStatus,
+        ))
+        .merge(access.guard(
+            crate::flow_control::admin::control_routes(flows),
+            Permission::ControlConsumers,
+        ));
     Ok(Some((router, ops)))
 }
 

@@ -121,6 +121,7 @@ fn describe_dead_letter_metrics() {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_dead_letter_metrics();
+    crate::flow_control::describe_metrics();
     describe_gauge!(
         "bosun_build_info",
         "Always 1; the version label names the running build."
@@ -337,7 +338,7 @@ impl ConsumerMetrics {
         use crate::handler::Outcome;
         match outcome {
             Outcome::Ack => &self.duration_ack,
-            Outcome::Retry { .. } => &self.duration_retry,
+            Outcome::Retry { .. } | Outcome::Defer { .. } => &self.duration_retry,
             Outcome::DeadLetter { .. } => &self.duration_dead_letter,
             Outcome::Drop { .. } => &self.duration_drop,
             Outcome::Release { .. } => &self.duration_release,

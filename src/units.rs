@@ -16,6 +16,8 @@ pub enum UnitError {
     TooLarge(String),
     #[error("must not be negative")]
     Negative,
+    #[error("must be longer than zero")]
+    Zero,
 }
 
 /// Parses "500ms", "30s", "1m 30s", "2h"; a bare "0" is zero.

@@ -34,7 +34,7 @@ pub async fn run() -> anyhow::Result<String> {
     fill(&ch, &bosun_queue).await?;
     let dlq = format!("{bosun_queue}.dlq");
     declare(&ch, &dlq).await?;
-    let (bosun_rate, rss) = drain_with_bosun(&bosun_queue).await?;
+    let (bosun_rate, rss) = drain_with_bosun(&bosun_queue, "").await?;
 
     let bare_queue = unique("bench_amqp_bare");
     fill(&ch, &bare_queue).await?;
@@ -87,7 +87,41 @@ async fn fill(ch: &Channel, queue: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn drain_with_bosun(queue: &str) -> anyhow::Result<(f64, Option<f64>)> {
+/// Publishes MESSAGES persistent messages to a new queue (and declares its dead-letter
+/// queue): returns the queue's name.
+pub(super) async fn filled(prefix: &str) -> anyhow::Result<String> {
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .context("connect to RabbitMQ")?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let queue = unique(prefix);
+    fill(&ch, &queue).await?;
+    declare(&ch, &format!("{queue}.dlq")).await?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(queue)
+}
+
+/// Deletes `queue` and its dead-letter queue.
+pub(super) async fn delete(queue: &str) {
+    if let Ok(conn) = Connection::connect(URL, ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for q in [queue.to_owned(), format!("{queue}.dlq")] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+}
+
+/// bosun drains `queue` with the noop handler, whose table gets `handler_extra` (flow
+/// control); returns messages per second and the peak RSS.
+pub(super) async fn drain_with_bosun(
+    queue: &str,
+    handler_extra: &str,
+) -> anyhow::Result<(f64, Option<f64>)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -102,6 +136,7 @@ kind = "amqp"
 url = "{URL}"
 [handlers.noop]
 kind = "noop"
+{handler_extra}
 [consumers.bench]
 source = "rabbit"
 handler = "noop"

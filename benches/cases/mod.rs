@@ -2,6 +2,7 @@
 
 pub mod amqp;
 pub mod amqp_memory;
+pub mod flow_control;
 pub mod http;
 pub mod outbox;
 pub mod publish_api;
@@ -44,6 +45,18 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "outbox-latency",
             run: || Box::pin(outbox::latency()),
+        },
+        Case {
+            name: "amqp-flow",
+            run: || Box::pin(flow_control::amqp_flow()),
+        },
+        Case {
+            name: "redis-flow",
+            run: || Box::pin(flow_control::redis_flow()),
+        },
+        Case {
+            name: "global-rate",
+            run: || Box::pin(flow_control::global_rate()),
         },
         Case {
             name: "outbox-one-key",

@@ -19,7 +19,7 @@ pub fn case() -> CaseFuture {
     Box::pin(run())
 }
 
-async fn connect() -> anyhow::Result<MultiplexedConnection> {
+pub(super) async fn connect() -> anyhow::Result<MultiplexedConnection> {
     let client = redis::Client::open(URL)?;
     let config =
         redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
@@ -29,7 +29,10 @@ async fn connect() -> anyhow::Result<MultiplexedConnection> {
 }
 
 /// Adds `ENTRIES` entries (a 100-byte payload and a message id) and returns the last id.
-async fn preload(conn: &mut MultiplexedConnection, stream: &str) -> anyhow::Result<String> {
+pub(super) async fn preload(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+) -> anyhow::Result<String> {
     let payload = vec![b'x'; 100];
     let mut last = String::new();
     for chunk in 0..ENTRIES / BATCH {
@@ -152,16 +155,17 @@ async fn group_state(
 /// bosun drains the stream: the group starts at the end (nothing to read) until bosun is
 /// reading, then is moved back to the start; the clock runs from that move until every
 /// entry is delivered and acknowledged.
-async fn bosun(
+pub(super) async fn bosun(
     conn: &mut MultiplexedConnection,
     stream: &str,
     last_id: &str,
+    handler_extra: &str,
 ) -> anyhow::Result<(f64, Option<f64>)> {
     create_group(conn, stream, "$").await?;
     let config = format!(
         "[service]\nshutdown_timeout = \"10s\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
          [brokers.cache]\nkind = \"redis\"\nurl = \"{URL}\"\n\
-         [handlers.noop]\nkind = \"noop\"\n\
+         [handlers.noop]\nkind = \"noop\"\n{handler_extra}\n\
          [consumers.bench]\nsource = \"cache\"\nhandler = \"noop\"\nstream = \"{stream}\"\ngroup = \"g\"\nconsumer = \"bosun-bench\"\n\
          batch = {BATCH}\nblock = \"20ms\"\n"
     );
@@ -211,7 +215,7 @@ async fn run() -> anyhow::Result<String> {
     preload(&mut conn, &bare_stream).await?;
     let bare_rate = bare(&mut conn, &bare_stream).await;
     let last_id = preload(&mut conn, &bosun_stream).await?;
-    let bosun_rate = bosun(&mut conn, &bosun_stream, &last_id).await;
+    let bosun_rate = bosun(&mut conn, &bosun_stream, &last_id, "").await;
     let _: () = redis::cmd("DEL")
         .arg(&bare_stream)
         .arg(&bosun_stream)

@@ -59,6 +59,7 @@ use super::topology::Topology;
 use super::{AmqpError, connection, headers, limits, short, soft_error};
 use crate::config::{AmqpBrokerConfig, AmqpConsumerConfig, ConsumerConfig, DeliveryLimits};
 use crate::disposition::{self, Decision, Panicked};
+use crate::flow_control::{Admission, Admit, Gate};
 use crate::handler::{FailureKind, Handler, Message, Source};
 use crate::publish::PublishError;
 use crate::retry::{ExponentialBackoff, RetryPolicy};
@@ -103,6 +104,8 @@ struct Inner {
     /// Shown by the broker, and how operators find this consumer's connection.
     connection_name: String,
     handler: Arc<dyn Handler>,
+    /// Asked before each delivery is taken: the handler's breaker, rate limit and pauses.
+    gate: Gate,
     /// Handlers in flight at once.
     concurrency: usize,
     /// The configured prefetch, cut to the byte budget (`limits::prefetch`).
@@ -190,6 +193,7 @@ pub struct AmqpConsumerSpec<'a> {
     pub broker: &'a AmqpBrokerConfig,
     pub connection_name: String,
     pub handler: Arc<dyn Handler>,
+    pub gate: Gate,
 }
 
 impl AmqpConsumer {
@@ -209,6 +213,7 @@ impl AmqpConsumer {
             broker: spec.broker.clone(),
             connection_name: spec.connection_name,
             handler: spec.handler,
+            gate: spec.gate,
             concurrency: spec.consumer.concurrency.max(1),
             prefetch,
             limits,
@@ -373,27 +378,8 @@ impl Inner {
             },
             probe: tokio::sync::Mutex::new(None),
         };
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| AmqpError::channel("cannot set prefetch", e))?;
-        let tag = short("consumer tag", &self.connection_name)
-            .unwrap_or_else(|_| ShortString::from(String::new()));
-        let mut deliveries = channel
-            .basic_consume(
-                short("queue", &self.topology.queue)?,
-                tag,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                AmqpError::channel(
-                    format!("cannot consume from queue `{}`", self.topology.queue),
-                    e,
-                )
-            })?;
-        let consumer_tag = deliveries.tag();
+        let mut probing = self.gate.probing();
+        let mut consuming = Some(self.subscribe(&channel, 0).await?);
         ctx.health.set_ready();
         tracing::info!(consumer = %self.name, queue = %self.topology.queue, prefetch = self.prefetch, concurrency = self.concurrency, connection = %self.connection_name, "consuming");
 
@@ -403,6 +389,10 @@ impl Inner {
         let mut tasks = FuturesUnordered::new();
         let mut flush = tokio::time::interval(ACK_FLUSH_INTERVAL);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The gate's admission for the next delivery: taken before the delivery, so a
+        // prefetched delivery never waits for a rate-limit token inside a handler's time.
+        let mut admitted: Option<Admission> = None;
+        let mut subscriptions: u32 = 0;
 
         let lost = loop {
             tokio::select! {
@@ -417,12 +407,37 @@ impl Inner {
                     {
                         break Some(SessionLost(format!("cannot ack: {e}")));
                     }
+                    // The probe closed the breaker: subscribe again with the whole prefetch.
+                    if probing && !self.gate.probing() && self.gate.stopped().is_none()
+                        && let Some((deliveries, tag)) = consuming.take()
+                    {
+                        drop(admitted.take());
+                        if let Err(e) = self.unsubscribe(&channel, deliveries, tag, &mut acks, "the circuit breaker closed; restoring prefetch").await {
+                            break Some(e);
+                        }
+                    }
                 }
-                delivery = deliveries.next(), if tasks.len() < self.concurrency => match delivery {
+                admit = self.gate.admit(), if consuming.is_some() && admitted.is_none() && tasks.len() < self.concurrency => match admit {
+                    Admit::Go(admission) => admitted = Some(admission),
+                    Admit::Stop(reason) => {
+                        let Some((deliveries, tag)) = consuming.take() else { continue };
+                        if let Err(e) = self.unsubscribe(&channel, deliveries, tag, &mut acks, &reason).await {
+                            break Some(e);
+                        }
+                    }
+                },
+                _ = self.gate.wait_open(), if consuming.is_none() => {
+                    subscriptions += 1;
+                    probing = self.gate.probing();
+                    consuming = Some(self.subscribe(&channel, subscriptions).await?);
+                }
+                delivery = next_delivery(&mut consuming), if admitted.is_some() => match delivery {
                     Some(Ok(delivery)) => {
                         acks.delivered(delivery.delivery_tag);
                         self.metrics.received.increment(1);
-                        tasks.push(process(self.clone(), &copies, delivery));
+                        if let Some(admission) = admitted.take() {
+                            tasks.push(process(self.clone(), &copies, delivery, admission));
+                        }
                     }
                     Some(Err(e)) => break Some(SessionLost(e.to_string())),
                     None => break Some(SessionLost(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue))),
@@ -441,6 +456,7 @@ impl Inner {
                 }
             }
         };
+        drop(admitted);
         if let Some(reason) = lost {
             // Dropping the tasks drops their handlers; their deliveries are redelivered.
             drop(tasks);
@@ -451,9 +467,11 @@ impl Inner {
         // supervisor aborts this task if the shutdown timeout passes first; unacked
         // deliveries then return to the queue when the connection drops.
         ctx.health.set_not_ready("draining");
-        let _ = channel
-            .basic_cancel(consumer_tag, BasicCancelOptions::default())
-            .await;
+        if let Some((_, consumer_tag)) = &consuming {
+            let _ = channel
+                .basic_cancel(consumer_tag.clone(), BasicCancelOptions::default())
+                .await;
+        }
         tracing::info!(consumer = %self.name, in_flight = tasks.len(), "draining");
         while let Some(done) = tasks.next().await {
             if let Err(reason) = self.finish(done, &mut acks, &channel).await {
@@ -477,6 +495,88 @@ impl Inner {
         .await;
         tracing::info!(consumer = %self.name, "drained");
         Ok(SessionEnd::Drained)
+    }
+
+    /// Starts consuming: with the configured prefetch, or one delivery at a time while the
+    /// handler's breaker is half-open (its one probe). The first subscription of a session
+    /// uses the connection's name as consumer tag, later ones (after a pause) a numbered one.
+    async fn subscribe(
+        &self,
+        channel: &Channel,
+        n: u32,
+    ) -> Result<(lapin::Consumer, ShortString), AmqpError> {
+        let prefetch = if self.gate.probing() {
+            1
+        } else {
+            self.prefetch
+        };
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| AmqpError::channel("cannot set prefetch", e))?;
+        let tag = match n {
+            0 => self.connection_name.clone(),
+            n => format!("{}#{n}", self.connection_name),
+        };
+        let tag = short("consumer tag", &tag).unwrap_or_else(|_| ShortString::from(String::new()));
+        let deliveries = channel
+            .basic_consume(
+                short("queue", &self.topology.queue)?,
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                AmqpError::channel(
+                    format!("cannot consume from queue `{}`", self.topology.queue),
+                    e,
+                )
+            })?;
+        let tag = deliveries.tag();
+        if n > 0 {
+            tracing::info!(consumer = %self.name, queue = %self.topology.queue, prefetch, "resumed consuming");
+        }
+        Ok((deliveries, tag))
+    }
+
+    /// Stops consuming while the gate is shut: cancels the consumer (the channel stays, so
+    /// running handlers still settle their deliveries on it) and hands every delivery
+    /// received but not started back to the queue, without using an attempt.
+    async fn unsubscribe(
+        &self,
+        channel: &Channel,
+        mut deliveries: lapin::Consumer,
+        tag: ShortString,
+        acks: &mut Acks,
+        reason: &str,
+    ) -> Result<(), SessionLost> {
+        tracing::warn!(consumer = %self.name, queue = %self.topology.queue, reason, "stopped consuming");
+        channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await
+            .map_err(|e| SessionLost(format!("cannot cancel the consumer: {e}")))?;
+        // After the cancel, the stream yields what the broker had sent, then ends.
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        let mut released = 0u64;
+        while let Some(delivery) = deliveries.next().await {
+            let delivery = delivery.map_err(|e| SessionLost(e.to_string()))?;
+            channel
+                .basic_nack(delivery.delivery_tag, requeue)
+                .await
+                .map_err(|e| SessionLost(format!("cannot release a delivery: {e}")))?;
+            acks.delivered(delivery.delivery_tag);
+            acks.released(delivery.delivery_tag);
+            released += 1;
+        }
+        self.metrics.released.increment(released);
+        if released > 0 {
+            tracing::info!(consumer = %self.name, released, "handed back deliveries received but not started");
+        }
+        Ok(())
     }
 
     /// Records a finished delivery; an error means its copy could not be made durable (or a
@@ -508,6 +608,16 @@ impl Inner {
             }
             (_, Err(reason)) => Err(reason),
         }
+    }
+}
+
+/// The next delivery of the consumer, if one is subscribed (else never).
+async fn next_delivery(
+    consuming: &mut Option<(lapin::Consumer, ShortString)>,
+) -> Option<lapin::Result<Delivery>> {
+    match consuming {
+        Some((deliveries, _)) => deliveries.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -608,6 +718,7 @@ async fn process(
     inner: Arc<Inner>,
     copies: &Copies<'_>,
     delivery: Delivery,
+    admission: Admission,
 ) -> (u64, Result<Settled, SessionLost>) {
     let Delivery {
         delivery_tag,
@@ -656,13 +767,19 @@ async fn process(
             entry_id: None,
         },
     };
+    // The gate shut while this delivery waited for it: back to the queue, unstarted.
+    if let Some(reason) = admission.revoked(&inner.gate) {
+        drop(admission);
+        tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "released unstarted");
+        return (delivery_tag, Ok(Settled::Release));
+    }
     inner.metrics.in_flight.increment(1.0);
     let started = Instant::now();
     let handled = disposition::handle(inner.handler.as_ref(), &message).await;
     if let Err(Panicked(text)) = &handled {
         tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
     }
-    let outcome = disposition::outcome(handled);
+    let outcome = admission.finish(disposition::outcome(handled));
     inner
         .metrics
         .duration(&outcome)

@@ -5,6 +5,7 @@
 
 mod check;
 mod dlq;
+mod flow;
 mod outbox;
 mod pid_file;
 mod probe;
@@ -97,6 +98,12 @@ enum Command {
     Reload(reload::ReloadArgs),
     /// GET a health endpoint; exit 0 on HTTP 200 (for container health checks).
     Probe(probe::ProbeArgs),
+    /// Stop a running daemon's consumer (or every consumer of a handler) from fetching.
+    Pause(flow::PauseArgs),
+    /// Let a paused consumer (or handler) fetch again.
+    Resume(flow::ResumeArgs),
+    /// Show a running daemon's consumers: state, breaker, in flight, why stopped.
+    Status(flow::StatusArgs),
     /// Outbox tables: print or apply their DDL.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
@@ -143,6 +150,9 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
         Command::Outbox(command) => outbox::run(&runtime, command),
         Command::Publish(args) => publish::publish(&runtime, *args),
         Command::Topology(args) => topology::topology(&runtime, args),
+        Command::Pause(args) => flow::pause(&runtime, args),
+        Command::Resume(args) => flow::resume(&runtime, args),
+        Command::Status(args) => flow::status(&runtime, args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -644,7 +644,31 @@ pub fn validate_with(
             );
             continue;
         };
-        match kind.parse(name, &handler.options) {
+        // `circuit_breaker` and `rate_limit` belong to flow control, whatever the kind.
+        let (kind_options, flow) = crate::flow_control::split_options(&handler.options);
+        match flow {
+            Err(e) => {
+                let mut at: Vec<&str> = vec!["handlers", name];
+                at.extend(e.path.iter().map(String::as_str));
+                c.issue(&at, e.message);
+            }
+            Ok(flow) => {
+                if let Some(broker) = flow.rate_limit.and_then(|r| r.global) {
+                    match raw.brokers.get(&broker) {
+                        Some(RawBroker::Redis(_)) => {}
+                        Some(_) => c.issue(
+                            &["handlers", name, "rate_limit", "broker"],
+                            format!("broker `{broker}` is amqp: a global rate limit is shared through a redis broker"),
+                        ),
+                        None => c.issue(
+                            &["handlers", name, "rate_limit", "broker"],
+                            format!("broker `{broker}` is not defined (defined brokers: {})", list(raw.brokers.keys())),
+                        ),
+                    }
+                }
+            }
+        }
+        match kind.parse(name, &kind_options) {
             Ok(factory) => {
                 handlers.insert(
                     name.clone(),

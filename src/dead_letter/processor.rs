@@ -623,6 +623,8 @@ impl Component for DeadLetterProcessor {
             consumer: &self.consumer,
             config: &self.config,
             handler,
+            // Its input has nowhere further to go: no breaker or pause stops it.
+            gate: crate::flow_control::Gate::open(),
             bounded_handler: false,
         })?;
         if let Some(target) = &self.archive {

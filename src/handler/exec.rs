@@ -465,7 +465,8 @@ impl Handler for ExecHandler {
             Outcome::Retry { reason, .. }
             | Outcome::DeadLetter { reason, .. }
             | Outcome::Drop { reason }
-            | Outcome::Release { reason } => {
+            | Outcome::Release { reason }
+            | Outcome::Defer { reason, .. } => {
                 tracing::warn!(handler = %self.name, message_id, result, outcome = outcome.label(), reason = %reason, "command failed")
             }
         }

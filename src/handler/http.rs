@@ -536,8 +536,8 @@ impl Handler for HttpHandler {
             Outcome::Drop { reason } => {
                 tracing::info!(handler = %self.name, message_id, class, outcome = "drop", reason = %reason, "endpoint dropped the message")
             }
-            Outcome::Release { reason } => {
-                tracing::info!(handler = %self.name, message_id, class, outcome = "release", reason = %reason, "message released")
+            Outcome::Release { reason } | Outcome::Defer { reason, .. } => {
+                tracing::info!(handler = %self.name, message_id, class, outcome = outcome.label(), reason = %reason, "message handed back")
             }
         }
         outcome
@@ -572,6 +572,10 @@ fn redact_reason(outcome: Outcome) -> Outcome {
             reason: clean(reason),
         },
         Outcome::Release { reason } => Outcome::Release {
+            reason: clean(reason),
+        },
+        Outcome::Defer { after, reason } => Outcome::Defer {
+            after,
             reason: clean(reason),
         },
         Outcome::Ack => Outcome::Ack,

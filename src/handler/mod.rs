@@ -141,6 +141,10 @@ pub enum Outcome {
     /// start or claimed by another after `claim_idle`). For a handler that must stop before
     /// it can decide, such as at shutdown; not a retry, which has a delay.
     Release { reason: String },
+    /// Not tried: the handler's downstream is paused (its circuit breaker is open, it is
+    /// paused by an operator, or it asked to wait with `Retry-After`). The message goes back
+    /// through the retry path to come again after `after`, without using an attempt.
+    Defer { after: Duration, reason: String },
 }
 
 impl Outcome {
@@ -170,6 +174,7 @@ impl Outcome {
             Outcome::DeadLetter { .. } => "dead_letter",
             Outcome::Drop { .. } => "drop",
             Outcome::Release { .. } => "release",
+            Outcome::Defer { .. } => "defer",
         }
     }
 }
@@ -215,14 +220,23 @@ pub(crate) fn timeout_option(
     value: Option<&str>,
     default: Duration,
 ) -> Result<Duration, OptionError> {
+    duration_option(&["timeout"], value, default)
+}
+
+/// A duration option at `path`: longer than zero; `default` when unset.
+pub(crate) fn duration_option(
+    path: &[&str],
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, OptionError> {
     let Some(text) = value else {
         return Ok(default);
     };
     match crate::units::parse_duration(text) {
         Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(OptionError::new(&["timeout"], "must be longer than zero")),
+        Ok(_) => Err(OptionError::new(path, "must be longer than zero")),
         Err(e) => Err(OptionError::new(
-            &["timeout"],
+            path,
             format!("invalid duration {text:?}: {e} (expected e.g. \"500ms\", \"30s\")"),
         )),
     }
@@ -380,7 +394,21 @@ impl fmt::Debug for HandlerConfig {
 pub fn build_all(
     handlers: &BTreeMap<String, HandlerConfig>,
 ) -> anyhow::Result<BTreeMap<String, Arc<dyn Handler>>> {
+    build_all_with(handlers, &|_, handler| handler)
+}
+
+/// How [`build_all_with`] presents a handler `name` to the handlers that call it.
+pub type Wrap<'a> = dyn Fn(&str, Arc<dyn Handler>) -> Arc<dyn Handler> + 'a;
+
+/// Builds every configured handler, dependencies first; a handler that calls others (a
+/// route) is given each of them as `wrap(name, handler)` returns it, while the map returned
+/// holds them unwrapped (bosun wraps a route's targets in their circuit breaker this way).
+pub fn build_all_with(
+    handlers: &BTreeMap<String, HandlerConfig>,
+    wrap: &Wrap<'_>,
+) -> anyhow::Result<BTreeMap<String, Arc<dyn Handler>>> {
     let mut built: BTreeMap<String, Arc<dyn Handler>> = BTreeMap::new();
+    let mut wrapped: BTreeMap<String, Arc<dyn Handler>> = BTreeMap::new();
     // Validation rejected cycles and dangling references, so repeated passes terminate.
     while built.len() < handlers.len() {
         let before = built.len();
@@ -398,9 +426,10 @@ pub fn build_all(
                 .factory
                 .build(&BuildContext {
                     name,
-                    handlers: &built,
+                    handlers: &wrapped,
                 })
                 .map_err(|e| e.context(format!("cannot build handler `{name}`")))?;
+            wrapped.insert(name.clone(), wrap(name, handler.clone()));
             built.insert(name.clone(), handler);
         }
         if built.len() == before {

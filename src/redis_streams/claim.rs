@@ -37,6 +37,10 @@ pub(crate) async fn run(
         if !inner.name_lock.is_held() {
             continue;
         }
+        // Stopped by the gate: claiming would only take entries to release again.
+        if inner.gate.stopped().is_some() {
+            continue;
+        }
         if let Err(e) = round(&inner, &ops, &dispatcher, &stop).await {
             // NOGROUP lands here while the stream is re-created; the reader logs that.
             tracing::debug!(consumer = %inner.name, error = %e, "claim round failed");

@@ -47,6 +47,7 @@ use super::dispatch::{
 use super::scripts::Scripts;
 use super::{Ops, RedisStreamsError, client_name, connect_reader};
 use crate::config::{ConsumerConfig, RedisBrokerConfig, RedisConsumerConfig};
+use crate::flow_control::Gate;
 use crate::handler::Handler;
 use crate::health::HealthHandle;
 use crate::retry::{ExponentialBackoff, sleep_or_cancel};
@@ -73,6 +74,7 @@ impl RedisConsumer {
         broker_name: &str,
         broker: &RedisBrokerConfig,
         handler: Arc<dyn Handler>,
+        gate: Gate,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -83,6 +85,7 @@ impl RedisConsumer {
                 retry: consumer.retry.clone(),
                 concurrency: consumer.concurrency.max(1),
                 handler,
+                gate,
                 retry_key: format!("{}:retry", config.stream),
                 scripts: Scripts::default(),
                 metrics: Metrics::new(name, broker_name, &consumer.handler),
@@ -287,39 +290,40 @@ async fn session(
     health.set_ready();
     tracing::info!(consumer = %inner.name, stream = %config.stream, group = %config.group, redis_consumer = %config.consumer, "redis consumer reading");
 
-    // Own pending entries first (from a crash or a lost connection), then new ones. They
-    // are listed with XPENDING and claimed one by one, so those still in flight here are
-    // not delivered (and counted) again.
-    let mut after: Option<String> = None;
-    loop {
-        if lost.is_cancelled() {
-            return Err(name_in_use(config));
-        }
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        let (deliveries, next) = inner
-            .own_pending_page(ops, dispatcher, after.as_deref())
-            .await?;
-        if !deliveries.is_empty() {
-            dispatcher.dispatch_reserved(deliveries).await;
-        }
-        match next {
-            Some(id) => after = Some(id),
-            None => break,
-        }
+    // Own pending entries first (from a crash or a lost connection), then new ones.
+    if !read_own_pending(inner, ops, dispatcher, &lost, shutdown).await? {
+        return Ok(());
     }
     // The task starting the previous batch's handlers (it lives in the tracker, so the drain
     // at shutdown waits for it).
     let mut starting: Option<tokio::task::JoinHandle<()>> = None;
     let block_ms = config.block.as_millis().max(1) as u64;
     loop {
+        if inner.gate.stopped().is_some() {
+            // Stopped by the gate (a pause, an open breaker): no read, no claim, until it
+            // opens; then the entries released meanwhile are read first.
+            tokio::select! {
+                _ = inner.gate.wait_open() => {}
+                _ = lost.cancelled() => return Err(name_in_use(config)),
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            tracing::info!(consumer = %inner.name, "reading again");
+            if !read_own_pending(inner, ops, dispatcher, &lost, shutdown).await? {
+                return Ok(());
+            }
+        }
+        // One entry at a time while the breaker is half-open: its one probe.
+        let count = if inner.gate.probing() {
+            1
+        } else {
+            config.batch
+        };
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&config.group)
             .arg(&config.consumer)
             .arg("COUNT")
-            .arg(config.batch)
+            .arg(count)
             .arg("BLOCK")
             .arg(block_ms)
             .arg("STREAMS")
@@ -393,6 +397,38 @@ async fn session(
         );
         if stopping || shutdown.is_cancelled() {
             return Ok(());
+        }
+    }
+}
+
+/// Hands this consumer's own pending entries to its handlers (after a crash, a lost
+/// connection, or a pause that released them). They are listed with XPENDING and claimed one
+/// by one, so those still in flight here are not delivered (and counted) again. False at
+/// shutdown.
+async fn read_own_pending(
+    inner: &Arc<Inner>,
+    ops: &Ops,
+    dispatcher: &Dispatcher,
+    lost: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<bool, RedisStreamsError> {
+    let mut after: Option<String> = None;
+    loop {
+        if lost.is_cancelled() {
+            return Err(name_in_use(&inner.config));
+        }
+        if shutdown.is_cancelled() {
+            return Ok(false);
+        }
+        let (deliveries, next) = inner
+            .own_pending_page(ops, dispatcher, after.as_deref())
+            .await?;
+        if !deliveries.is_empty() {
+            dispatcher.dispatch_reserved(deliveries).await;
+        }
+        match next {
+            Some(id) => after = Some(id),
+            None => return Ok(true),
         }
     }
 }

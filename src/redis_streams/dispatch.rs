@@ -18,6 +18,7 @@ use super::scripts::Scripts;
 use super::{Ops, RedisStreamsError};
 use crate::config::{RedisBrokerConfig, RedisConsumerConfig};
 use crate::disposition::{self, Decision, Panicked};
+use crate::flow_control::{Admission, Admit, Gate};
 use crate::handler::{FailureKind, Handler, Source};
 use crate::retry::{RetryPolicy, saturating_millis};
 
@@ -41,6 +42,8 @@ pub(crate) struct Inner {
     /// Handlers in flight at once.
     pub(crate) concurrency: usize,
     pub(crate) handler: Arc<dyn Handler>,
+    /// Asked before each entry's handler starts: breaker, rate limit, pauses.
+    pub(crate) gate: Gate,
     /// `<stream>:retry`: the sorted set of scheduled retries, score = due time in ms.
     pub(crate) retry_key: String,
     pub(crate) scripts: Scripts,
@@ -200,14 +203,25 @@ impl Dispatcher {
         fresh
     }
 
-    /// Starts a handler task per admitted delivery, waiting for free capacity.
+    /// Starts a handler task per admitted delivery, waiting for free capacity and for the
+    /// gate. Once the gate says stop, the deliveries not started are released: they stay
+    /// pending, their delivery not counted, and are read again when the gate opens.
     pub(crate) async fn start(&self, fresh: Vec<Delivery>, redelivered: bool) {
         let mut left = fresh.len();
         let mut held: Option<OwnedSemaphorePermit> = None;
+        let mut stopped = false;
         for delivery in fresh {
+            left -= 1;
+            if stopped {
+                self.release(delivery).await;
+                continue;
+            }
             // Capacity is taken in chunks: one wake-up per chunk instead of one per entry.
             if held.as_ref().is_none_or(|p| p.num_permits() == 0) {
-                let want = left.min(PERMIT_CHUNK).min(self.inner.concurrency).max(1);
+                let want = (left + 1)
+                    .min(PERMIT_CHUNK)
+                    .min(self.inner.concurrency)
+                    .max(1);
                 match self.permits.clone().acquire_many_owned(want as u32).await {
                     Ok(permits) => held = Some(permits),
                     Err(_) => return,
@@ -216,13 +230,24 @@ impl Dispatcher {
             let Some(permit) = held.as_mut().and_then(|p| p.split(1)) else {
                 return;
             };
-            left -= 1;
+            let admission = match self.inner.gate.admit().await {
+                Admit::Go(admission) => admission,
+                Admit::Stop(reason) => {
+                    tracing::info!(consumer = %self.inner.name, %reason, "not starting handlers; releasing what was read");
+                    stopped = true;
+                    drop(permit);
+                    self.release(delivery).await;
+                    continue;
+                }
+            };
             let inner = self.inner.clone();
             let settle = self.settle.clone();
             self.tracker.spawn(async move {
                 inner.metrics.in_flight.increment(1.0);
                 let Delivery { entry, deliveries } = delivery;
-                let action = inner.process(&entry, deliveries, redelivered).await;
+                let action = inner
+                    .process(&entry, deliveries, redelivered, admission)
+                    .await;
                 let id = entry.id;
                 inner.metrics.in_flight.decrement(1.0);
                 // The permit is held until the settlement is queued, so a slow settler slows
@@ -231,6 +256,17 @@ impl Dispatcher {
                 drop(permit);
             });
         }
+    }
+
+    /// Hands a delivery back unstarted.
+    async fn release(&self, delivery: Delivery) {
+        let _ = self
+            .settle
+            .send(Settlement {
+                id: delivery.entry.id,
+                action: Action::Release,
+            })
+            .await;
     }
 
     /// Marks the ids not in flight here as in flight and returns them: the ones to claim.
@@ -263,7 +299,13 @@ impl Dispatcher {
 
 impl Inner {
     /// Runs the handler on one entry and decides how to settle it.
-    async fn process(&self, entry: &Entry, deliveries: u64, redelivered: bool) -> Action {
+    async fn process(
+        &self,
+        entry: &Entry,
+        deliveries: u64,
+        redelivered: bool,
+        admission: Admission,
+    ) -> Action {
         let source = Source {
             broker: self.broker_name.clone(),
             consumer: self.name.clone(),
@@ -315,12 +357,17 @@ impl Inner {
                 return self.dead_letter(entry, deliveries, 1, &reason, FailureKind::Invalid);
             }
         };
+        // The gate shut while this entry waited for it: released, unstarted.
+        if let Some(reason) = admission.revoked(&self.gate) {
+            tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "released unstarted");
+            return Action::Release;
+        }
         let started = Instant::now();
         let handled = disposition::handle(self.handler.as_ref(), &message).await;
         if let Err(Panicked(text)) = &handled {
             tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
         }
-        let outcome = disposition::outcome(handled);
+        let outcome = admission.finish(disposition::outcome(handled));
         self.metrics
             .duration(&outcome)
             .record(started.elapsed().as_secs_f64());

@@ -17,6 +17,7 @@
 //! ([`Ops`]) that reconnects by itself. Both carry a client name (`CLIENT SETNAME`) so an
 //! operator can find them in `CLIENT LIST`.
 
+pub mod budget;
 pub mod claim;
 pub mod consumer;
 pub mod dispatch;

@@ -174,7 +174,7 @@ pub struct Lua {
 }
 
 impl Lua {
-    fn new(code: &'static str) -> Self {
+    pub fn new(code: &'static str) -> Self {
         Self {
             code,
             hash: redis::Script::new(code).get_hash().to_owned(),

@@ -18,6 +18,7 @@ mod daemon;
 mod dead_letters;
 mod docs;
 mod first_hour;
+mod flow_control;
 mod handler_kinds;
 mod handlers;
 mod hostile_amqp;

@@ -309,6 +309,8 @@ max_connections = 4
 [handlers.web]
 kind = "http"
 url = "http://127.0.0.1:9/"
+circuit_breaker = {{}}
+rate_limit = {{ per_second = 1000 }}
 
 [handlers.run]
 kind = "exec"
@@ -452,6 +454,14 @@ fn alerts_and_dashboard_use_only_exported_metrics_and_labels() {
         (
             "bosun_route_total",
             vec![("handler", "split"), ("target", "unmatched")],
+        ),
+        (
+            "bosun_breaker_transitions_total",
+            vec![("handler", "web"), ("to", "open")],
+        ),
+        (
+            "bosun_consumer_paused",
+            vec![("consumer", names.queue.as_str())],
         ),
         (
             "bosun_messages_settled_total",

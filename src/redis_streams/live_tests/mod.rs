@@ -1,4 +1,5 @@
 //! The producer and stream trimming against a real Redis.
 
+mod budget;
 mod producer;
 mod trim;

@@ -72,6 +72,12 @@ pub struct Sink {
 
 impl Sink {
     pub async fn start(behaviour: SinkBehaviour) -> anyhow::Result<Self> {
+        Self::start_at(behaviour, 0).await
+    }
+
+    /// A sink on `port` (0: any free one): a scenario can point bosun at a port before
+    /// anything listens there.
+    pub async fn start_at(behaviour: SinkBehaviour, port: u16) -> anyhow::Result<Self> {
         let state = Arc::new(SinkState {
             behaviour: Mutex::new(behaviour),
             ..SinkState::default()
@@ -81,7 +87,7 @@ impl Sink {
             .route("/", post(accept))
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let url = format!("http://{}/", listener.local_addr()?);
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -1016,7 +1022,35 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             fault: Fault::BadInput,
         },
     ];
+    // Reduced for CI: 300 messages, 6 s down, with a breaker only.
+    let down = if full { 30 } else { 6 };
+    plans.push(Plan {
+        name: if full {
+            "amqp: downstream down for 30 s, circuit breaker"
+        } else {
+            "amqp: downstream down for 6 s, circuit breaker"
+        },
+        path: Path_::Amqp,
+        messages: if full { 2000 } else { 300 },
+        rate: 2000,
+        sink: ok,
+        fault: Fault::DownstreamDown {
+            seconds: down,
+            breaker: true,
+        },
+    });
     if full {
+        plans.push(Plan {
+            name: "amqp: downstream down for 30 s, no circuit breaker",
+            path: Path_::Amqp,
+            messages: 2000,
+            rate: 2000,
+            sink: ok,
+            fault: Fault::DownstreamDown {
+                seconds: down,
+                breaker: false,
+            },
+        });
         // RabbitMQ retries an at-least-once dead-letter hop to a missing queue only after
         // minutes: too long for CI.
         plans.push(Plan {

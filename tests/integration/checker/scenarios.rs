@@ -9,6 +9,7 @@ use nix::sys::signal::Signal;
 use super::*;
 
 pub mod amqp_contract;
+pub mod downstream;
 
 /// Which broker path a scenario exercises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +45,12 @@ pub enum Fault {
     TtlDeadLetters,
     /// amqp: the quorum queue deleted and declared again while retry tiers' TTLs fire.
     QuorumRedeclared,
+    /// amqp: the http handler's endpoint refuses connections for `seconds`, then recovers;
+    /// `breaker`: the handler has a circuit breaker.
+    DownstreamDown {
+        seconds: u64,
+        breaker: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +71,9 @@ pub async fn run(bin: &Path, plan: &Plan) -> Row {
         Path_::Amqp => match plan.fault {
             Fault::TtlDeadLetters => amqp_contract::ttl_dead_letters(bin, plan).await,
             Fault::QuorumRedeclared => amqp_contract::quorum_redeclared(bin, plan).await,
+            Fault::DownstreamDown { seconds, breaker } => {
+                downstream::downstream_down(bin, plan, Duration::from_secs(seconds), breaker).await
+            }
             _ => amqp(bin, plan).await,
         },
         Path_::Redis => redis_stream(bin, plan).await,
@@ -129,9 +139,11 @@ async fn inject(
     reload_text: &str,
 ) -> anyhow::Result<String> {
     match fault {
-        Fault::None | Fault::BadInput | Fault::TtlDeadLetters | Fault::QuorumRedeclared => {
-            Ok(String::new())
-        }
+        Fault::None
+        | Fault::BadInput
+        | Fault::TtlDeadLetters
+        | Fault::QuorumRedeclared
+        | Fault::DownstreamDown { .. } => Ok(String::new()),
         Fault::Kill => {
             daemon.stop_with(Signal::SIGKILL, Duration::from_secs(5))?;
             daemon.start()?;
@@ -217,16 +229,14 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     };
 
     let dlq = format!("{queue}.dlq");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline {
-        let dead = amqp_depth(&dlq).await.unwrap_or(0) as usize;
-        if sink.accepted().len() + dead >= confirmed.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
-    let dead = amqp_drain(&dlq, true).await?;
+    let (code, dead) = settle_then_stop(
+        &mut daemon,
+        &sink,
+        &dlq,
+        confirmed.len(),
+        Duration::from_secs(90),
+    )
+    .await?;
     let accepted = sink.accepted();
     let mut row = tally(
         plan.name,
@@ -272,6 +282,27 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     ])
     .await;
     Ok(row)
+}
+
+/// Waits (up to `timeout`) until the sink accepted or `dlq` holds `expected` messages, stops
+/// the daemon with SIGTERM and reads the dead-letter queue back: (exit code, dead letters).
+async fn settle_then_stop(
+    daemon: &mut Daemon,
+    sink: &Sink,
+    dlq: &str,
+    expected: usize,
+    timeout: Duration,
+) -> anyhow::Result<(Option<i32>, Vec<String>)> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let dead = amqp_depth(dlq).await.unwrap_or(0) as usize;
+        if sink.accepted().len() + dead >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let code = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(30))?;
+    Ok((code, amqp_drain(dlq, true).await?))
 }
 
 /// The amqp bad-input row's two big bodies: one at the broker's `max_message_size`, which
