@@ -46,6 +46,7 @@ mod disposition;
 mod failure_headers;
 mod health;
 mod http;
+mod otlp;
 mod outbox;
 mod publish;
 mod publishers;
@@ -59,6 +60,7 @@ mod secret;
 mod systemd;
 mod telemetry;
 mod text;
+mod trace_context;
 mod units;
 
 // Unit tests that drive a module against the real services share the integration tests'

@@ -2,7 +2,9 @@
 //!
 //! Logs go through `tracing` as JSON lines or pretty text, filtered by `RUST_LOG` when set,
 //! else by `[service].log_level`. Metrics go to one process-wide Prometheus recorder that the
-//! HTTP server renders on `/metrics`. Metric names are listed in docs/metrics.md.
+//! HTTP server renders on `/metrics`. Metric names are listed in docs/metrics.md. With
+//! `[tracing]` on, bosun's spans go to the OTLP exporter (`otlp`) and JSON log lines carry
+//! the `trace_id` and `span_id` of the message they are about.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, OnceLock};
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TracingConfig};
 
 /// Buckets for handler and batch durations, in seconds: 1 ms to 60 s.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -22,9 +24,20 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0,
 ];
 
-/// Installs the global tracing subscriber. Later calls (tests running several runtimes in
-/// one process) keep the first one.
-pub fn init_logging(format: LogFormat, level: &str) {
+/// Installs the global tracing subscriber: log lines on stderr and, when `[tracing]` is on,
+/// bosun's spans to the OTLP exporter (whatever `log_level` says: the exporter takes only
+/// bosun's own spans, the log filter only decides what is logged). Later calls (tests
+/// running several runtimes in one process) keep the first one.
+pub fn init_logging(
+    format: LogFormat,
+    level: &str,
+    traces: &TracingConfig,
+    service: &str,
+) -> Result<(), crate::otlp::OtlpError> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -32,18 +45,84 @@ pub fn init_logging(format: LogFormat, level: &str) {
     // noise. `NO_COLOR` turns them off everywhere.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(crate::redact::Stderr)
         .with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Json => builder
+    let logs = match format {
+        LogFormat::Json => logs
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+            .with_span_list(false)
+            .map_event_format(TraceIds)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => logs.with_filter(filter).boxed(),
     };
+    let spans = if traces.enabled {
+        let tracer = crate::otlp::install(traces, service)?;
+        crate::trace_context::enable();
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false)
+                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                    meta.is_span() && meta.target() == crate::trace_context::TARGET
+                })),
+        )
+    } else {
+        None
+    };
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init();
+    Ok(())
+}
+
+/// JSON log lines with the `trace_id` and `span_id` of the span they were written in (the
+/// message being handled), so a log line leads to its trace and back.
+struct TraceIds<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for TraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+        if !crate::trace_context::enabled() || ctx.lookup_current().is_none() {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        // Read after the line is formatted: the formatter holds span data while it runs.
+        let cx = tracing::Span::current().context();
+        let span = cx.span();
+        let ids = span.span_context();
+        match line.strip_prefix('{') {
+            Some(rest) if ids.is_valid() => write!(
+                writer,
+                "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}",
+                ids.trace_id(),
+                ids.span_id()
+            ),
+            _ => writer.write_str(&line),
+        }
+    }
 }
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -53,6 +53,7 @@ use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use metrics::{Counter, Gauge};
+use tracing::Instrument as _;
 
 use super::publisher::{PERSISTENT, confirm_channel, confirmation, publish_error};
 use super::topology::Topology;
@@ -63,6 +64,7 @@ use crate::handler::{FailureKind, Handler, Message, Source};
 use crate::publish::PublishError;
 use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
+use crate::trace_context::{self, Produced, System, TraceMode};
 
 /// Waits between reconnects: 0.2 s doubling to 30 s.
 const RECONNECT: ExponentialBackoff =
@@ -111,6 +113,8 @@ struct Inner {
     /// With `false`, topology is only checked passively.
     declare: bool,
     retry: RetryPolicy,
+    /// What each delivery's span does with the producer's trace context.
+    trace: TraceMode,
     /// A header an earlier consumer counted retries in (`attempt_header`), read when
     /// `bosun-attempt` is absent.
     attempt_header: Option<String>,
@@ -174,6 +178,19 @@ enum Settled {
     Release,
 }
 
+impl Settled {
+    /// `bosun.outcome` on the delivery's span.
+    fn label(self) -> &'static str {
+        match self {
+            Settled::Ack => "ack",
+            Settled::Retry => "retry",
+            Settled::DeadLetter => "dead_letter",
+            Settled::Drop => "drop",
+            Settled::Release => "release",
+        }
+    }
+}
+
 /// A supervised consumer of one RabbitMQ queue.
 pub struct AmqpConsumer {
     inner: Arc<Inner>,
@@ -214,6 +231,7 @@ impl AmqpConsumer {
             limits,
             declare: spec.amqp.declare,
             retry: spec.consumer.retry.clone(),
+            trace: spec.consumer.trace,
             attempt_header: spec.amqp.attempt_header.clone(),
             topology: Topology::for_consumer(spec.consumer, spec.amqp),
             host,
@@ -656,9 +674,12 @@ async fn process(
             entry_id: None,
         },
     };
+    let span = disposition::span(&message, System::RabbitMq, inner.trace);
     inner.metrics.in_flight.increment(1.0);
     let started = Instant::now();
-    let handled = disposition::handle(inner.handler.as_ref(), &message).await;
+    let handled = disposition::handle(inner.handler.as_ref(), &message)
+        .instrument(span.clone())
+        .await;
     if let Err(Panicked(text)) = &handled {
         tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
     }
@@ -676,52 +697,60 @@ async fn process(
         message_id: &message_id,
         body: &message.body,
         attempt,
+        trace: disposition::trace_for_copy(&message, &span),
     };
-    let result = match disposition::decide(outcome, attempt, &inner.retry) {
-        Decision::Ack => Ok(Settled::Ack),
-        Decision::Drop { reason } => {
-            tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "message dropped by the handler");
-            Ok(Settled::Drop)
-        }
-        Decision::Retry {
-            delay,
-            attempt: next,
-            reason,
-        } => {
-            // No delay tier (every delay is zero): straight back to the queue.
-            let target = inner
-                .topology
-                .tier_for(&inner.retry, delay)
-                .unwrap_or(&inner.topology.queue);
-            let copy = Copy {
-                exchange: "",
-                routing_key: target,
+    let settle = async {
+        match disposition::decide(outcome, attempt, &inner.retry) {
+            Decision::Ack => Ok(Settled::Ack),
+            Decision::Drop { reason } => {
+                tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "message dropped by the handler");
+                Ok(Settled::Drop)
+            }
+            Decision::Retry {
+                delay,
                 attempt: next,
-                kind: FailureKind::Transient,
-                reason: &reason,
-            };
-            match inner.copy(copies, &original, &copy).await {
-                Ok(Sent::AsAsked) => Ok(Settled::Retry),
-                Ok(Sent::Invalid) => Ok(Settled::DeadLetter),
-                Err(CopyFailure::Lost(e)) => Err(SessionLost(e)),
-                Err(CopyFailure::Refused(e)) => {
-                    // Its own path: a dead letter keeps it, with why.
-                    tracing::warn!(consumer = %inner.name, message_id = %message_id, queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
-                    let reason = format!("{reason}; the retry copy to {target:?} was refused: {e}");
-                    inner
-                        .dead_letter(copies, &original, FailureKind::Transient, &reason)
-                        .await
+                reason,
+            } => {
+                // No delay tier (every delay is zero): straight back to the queue.
+                let target = inner
+                    .topology
+                    .tier_for(&inner.retry, delay)
+                    .unwrap_or(&inner.topology.queue);
+                let copy = Copy {
+                    exchange: "",
+                    routing_key: target,
+                    attempt: next,
+                    kind: FailureKind::Transient,
+                    reason: &reason,
+                };
+                match inner.copy(copies, &original, &copy).await {
+                    Ok(Sent::AsAsked) => Ok(Settled::Retry),
+                    Ok(Sent::Invalid) => Ok(Settled::DeadLetter),
+                    Err(CopyFailure::Lost(e)) => Err(SessionLost(e)),
+                    Err(CopyFailure::Refused(e)) => {
+                        // Its own path: a dead letter keeps it, with why.
+                        tracing::warn!(consumer = %inner.name, message_id = %message_id, queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
+                        let reason =
+                            format!("{reason}; the retry copy to {target:?} was refused: {e}");
+                        inner
+                            .dead_letter(copies, &original, FailureKind::Transient, &reason)
+                            .await
+                    }
                 }
             }
-        }
-        Decision::DeadLetter { kind, reason } => {
-            inner.dead_letter(copies, &original, kind, &reason).await
-        }
-        Decision::Release { reason } => {
-            tracing::info!(consumer = %inner.name, message_id = %message_id, reason = %reason, "released unsettled; it goes back to the queue");
-            Ok(Settled::Release)
+            Decision::DeadLetter { kind, reason } => {
+                inner.dead_letter(copies, &original, kind, &reason).await
+            }
+            Decision::Release { reason } => {
+                tracing::info!(consumer = %inner.name, message_id = %message_id, reason = %reason, "released unsettled; it goes back to the queue");
+                Ok(Settled::Release)
+            }
         }
     };
+    let result = settle.instrument(span.clone()).await;
+    if let Ok(settled) = &result {
+        trace_context::record_outcome(&span, settled.label());
+    }
     (delivery_tag, result)
 }
 
@@ -735,6 +764,8 @@ struct Original<'a> {
     message_id: &'a str,
     body: &'a Bytes,
     attempt: u32,
+    /// Trace context the copies add (the span of a message that arrived without one).
+    trace: Vec<(&'static str, String)>,
 }
 
 /// Where a copy goes and what it records.
@@ -781,6 +812,7 @@ impl Inner {
             message_id,
             body: &body,
             attempt: self.attempt(&properties),
+            trace: Vec::new(),
         };
         self.dead_letter(copies, &original, FailureKind::Invalid, &invalid.reason)
             .await
@@ -903,6 +935,33 @@ impl Inner {
         properties: BasicProperties,
         kind: FailureKind,
     ) -> Result<(), CopyFailure> {
+        let span = trace_context::producer_span(Produced {
+            system: System::RabbitMq,
+            destination: if exchange.is_empty() {
+                routing_key
+            } else {
+                exchange
+            },
+            message_id: properties.message_id().as_ref().map(|id| id.as_str()),
+            parent: None,
+            link: None,
+            root: false,
+        });
+        self.send_copy(copies, exchange, routing_key, body, properties, kind)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Self::publish_copy`]'s tries.
+    async fn send_copy(
+        &self,
+        copies: &Copies<'_>,
+        exchange: &str,
+        routing_key: &str,
+        body: &Bytes,
+        properties: BasicProperties,
+        kind: FailureKind,
+    ) -> Result<(), CopyFailure> {
         let (exchange_name, key) = match (
             short("exchange", exchange),
             short("routing key", routing_key),
@@ -1002,6 +1061,11 @@ fn build_copy(
         table.insert(headers::ORIG_EXPIRATION.into(), text(expiration));
     }
     headers::add_failure(&mut table, failure);
+    for (name, value) in &original.trace {
+        if !table.contains_key(*name) {
+            table.insert((*name).into(), text(value));
+        }
+    }
     let budget = frame_max.saturating_sub(HEADER_FRAME_OVERHEAD);
     let properties = copy_properties(original, table.clone());
     if properties_size(&properties) <= budget {
@@ -1320,6 +1384,7 @@ mod tests {
             message_id: "m-1",
             body,
             attempt: 1,
+            trace: Vec::new(),
         }
     }
 

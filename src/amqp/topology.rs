@@ -422,6 +422,7 @@ mod tests {
             handler: "h".into(),
             concurrency: 10,
             retry,
+            trace: Default::default(),
             kind: ConsumerKind::Amqp(amqp.clone()),
         };
         (config, amqp)

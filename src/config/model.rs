@@ -12,6 +12,7 @@ use std::time::Duration;
 pub use crate::handler::HandlerConfig;
 use crate::retry::RetryPolicy;
 pub use crate::secret::{Secret, SecretUrl};
+pub use crate::trace_context::TraceMode;
 
 /// A validated configuration file.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +21,7 @@ pub struct Config {
     pub origin: String,
     pub service: ServiceConfig,
     pub http: HttpConfig,
+    pub tracing: TracingConfig,
     pub brokers: BTreeMap<String, BrokerConfig>,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub handlers: BTreeMap<String, HandlerConfig>,
@@ -41,6 +43,23 @@ pub struct ServiceConfig {
 pub enum LogFormat {
     Json,
     Pretty,
+}
+
+/// `[tracing]`: OpenTelemetry span export. Unset values fall back to `OTEL_*` variables.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TracingConfig {
+    pub enabled: bool,
+    /// The full OTLP/HTTP traces URL (`.../v1/traces`).
+    pub endpoint: Option<String>,
+    /// Export headers: their values are secrets.
+    pub headers: Vec<(String, Secret)>,
+    pub timeout: Option<Duration>,
+    /// `parentbased_traceidratio` with this ratio; `None` leaves the sampler to
+    /// `OTEL_TRACES_SAMPLER` (default: parent-based, always on).
+    pub sample_ratio: Option<f64>,
+    /// `service.name`; `None` takes `OTEL_SERVICE_NAME`, else `[service].name`.
+    pub service_name: Option<String>,
+    pub resource: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +234,8 @@ pub struct ConsumerConfig {
     /// Handlers in flight at once.
     pub concurrency: usize,
     pub retry: RetryPolicy,
+    /// What each message's span does with the producer's trace context.
+    pub trace: TraceMode,
     pub kind: ConsumerKind,
 }
 

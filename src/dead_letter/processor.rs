@@ -596,6 +596,7 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             max_attempts: 1,
             ..RetryPolicy::default()
         },
+        trace: Default::default(),
         kind,
     }
 }

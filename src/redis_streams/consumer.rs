@@ -82,6 +82,7 @@ impl RedisConsumer {
                 broker: broker.clone(),
                 config: config.clone(),
                 retry: consumer.retry.clone(),
+                trace: consumer.trace,
                 concurrency: consumer.concurrency.max(1),
                 handler,
                 retry_key: format!("{}:retry", config.stream),
