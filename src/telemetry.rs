@@ -25,9 +25,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Installs the global tracing subscriber: log lines on stderr and, when `[tracing]` is on,
-/// bosun's spans to the OTLP exporter (whatever `log_level` says: the exporter takes only
-/// bosun's own spans, the log filter only decides what is logged). Later calls (tests
-/// running several runtimes in one process) keep the first one.
+/// spans to the OTLP exporter. bosun's own spans pass whatever `log_level` says (one filter
+/// for both layers: per-layer filters lost spans under load). Later calls (tests running
+/// several runtimes in one process) keep the first one.
 pub fn init_logging(
     format: LogFormat,
     level: &str,
@@ -38,7 +38,7 @@ pub fn init_logging(
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
 
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal: in a file, journald or a pipe they are
@@ -55,26 +55,27 @@ pub fn init_logging(
             .with_current_span(false)
             .with_span_list(false)
             .map_event_format(TraceIds)
-            .with_filter(filter)
             .boxed(),
-        LogFormat::Pretty => logs.with_filter(filter).boxed(),
+        LogFormat::Pretty => logs.boxed(),
     };
     let spans = if traces.enabled {
         let tracer = crate::otlp::install(traces, service)?;
         crate::trace_context::enable();
+        // bosun's spans pass whatever the log level; the log layer never prints spans.
+        if let Ok(directive) = format!("{}=info", crate::trace_context::TARGET).parse() {
+            filter = filter.add_directive(directive);
+        }
         Some(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_location(false)
-                .with_threads(false)
-                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                    meta.is_span() && meta.target() == crate::trace_context::TARGET
-                })),
+                .with_threads(false),
         )
     } else {
         None
     };
     let _ = tracing_subscriber::registry()
+        .with(filter)
         .with(logs)
         .with(spans)
         .try_init();

@@ -1062,7 +1062,7 @@ fn build_copy(
     }
     headers::add_failure(&mut table, failure);
     for (name, value) in &original.trace {
-        if !table.contains_key(*name) {
+        if !table.contains_key(name) {
             table.insert((*name).into(), text(value));
         }
     }

@@ -31,3 +31,4 @@ mod redis_tls;
 mod reliability;
 mod reload;
 mod systemd;
+mod traces;
