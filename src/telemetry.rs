@@ -165,6 +165,13 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// `bosun_consumer_backlog{consumer}`: the messages a consumer still has to handle, sampled
+/// from its broker (amqp: ready and retry-tier messages plus the deliveries this process
+/// holds; redis: group lag, pending entries and scheduled retries). What autoscalers scale on.
+pub fn backlog_gauge(consumer: &str) -> metrics::Gauge {
+    metrics::gauge!("bosun_consumer_backlog", "consumer" => consumer.to_owned())
+}
+
 /// Dead-letter processor metric names, listed in docs/metrics.md.
 pub mod dead_letter_metric {
     /// Counter `{processor, action}`: dead letters settled, by the action that settled them.
@@ -258,6 +265,10 @@ fn describe() {
     describe_counter!(
         "bosun_reload_stops_aborted_total",
         "Components a reload stopped that did not drain within shutdown_timeout and were aborted."
+    );
+    describe_gauge!(
+        "bosun_consumer_backlog",
+        "Messages a consumer still has to handle, sampled from the broker: amqp ready messages of the queue and its retry tiers plus deliveries this process holds unacknowledged; redis group lag plus pending entries plus scheduled retries."
     );
     describe_gauge!(
         "bosun_redis_pending_messages",

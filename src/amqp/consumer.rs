@@ -47,7 +47,7 @@ use futures::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ExchangeDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -115,6 +115,10 @@ struct Inner {
     retry: RetryPolicy,
     /// What each delivery's span does with the producer's trace context.
     trace: TraceMode,
+    /// How often `backlog` is sampled; zero: never.
+    backlog_interval: Duration,
+    /// `bosun_consumer_backlog`.
+    backlog: Gauge,
     /// A header an earlier consumer counted retries in (`attempt_header`), read when
     /// `bosun-attempt` is absent.
     attempt_header: Option<String>,
@@ -232,6 +236,8 @@ impl AmqpConsumer {
             declare: spec.amqp.declare,
             retry: spec.consumer.retry.clone(),
             trace: spec.consumer.trace,
+            backlog_interval: spec.amqp.backlog_interval,
+            backlog: crate::telemetry::backlog_gauge(spec.name),
             attempt_header: spec.amqp.attempt_header.clone(),
             topology: Topology::for_consumer(spec.consumer, spec.amqp),
             host,
@@ -415,6 +421,9 @@ impl Inner {
         ctx.health.set_ready();
         tracing::info!(consumer = %self.name, queue = %self.topology.queue, prefetch = self.prefetch, concurrency = self.concurrency, connection = %self.connection_name, "consuming");
 
+        // Deliveries this session holds unsettled, for the backlog sampler.
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let _sampler = self.backlog_sampler(connection, held.clone()).await;
         let mut acks = Acks::new(ack_batch(self.prefetch), usize::from(self.prefetch));
         // Declared after `copies`: handler futures borrow it and are dropped first.
         // Handlers run as futures of this task: no spawn or cross-thread wake per message.
@@ -446,6 +455,7 @@ impl Inner {
                     None => break Some(SessionLost(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue))),
                 },
                 _ = flush.tick() => {
+                    held.store(acks.len(), std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = acks.flush(&channel, true).await {
                         break Some(SessionLost(format!("cannot ack: {e}")));
                     }
@@ -593,6 +603,67 @@ impl Copies<'_> {
             Ok(()) => false,
             Err(e) => matches!(soft_error(&e), Some((AMQPSoftError::NOTFOUND, _))),
         }
+    }
+}
+
+/// A task that ends when dropped: the backlog sampler lives as long as its session.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Inner {
+    /// Starts sampling `bosun_consumer_backlog` on a channel of its own, every
+    /// `backlog_interval`: the ready messages of `Q` and of every retry tier (passive
+    /// declares: no management API needed) plus the deliveries this session holds (`held`).
+    /// Other replicas' unacknowledged deliveries are theirs to report. `None` when off or
+    /// when no channel opens (the gauge keeps its last value; the session goes on).
+    async fn backlog_sampler(
+        self: &Arc<Self>,
+        connection: &Connection,
+        held: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Option<AbortOnDrop> {
+        if self.backlog_interval.is_zero() {
+            return None;
+        }
+        let channel = connection.create_channel().await.ok()?;
+        let inner = self.clone();
+        Some(AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(inner.backlog_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let queues: Vec<String> = std::iter::once(inner.topology.queue.clone())
+                .chain(inner.topology.tiers.iter().map(|(_, name)| name.clone()))
+                .collect();
+            loop {
+                tick.tick().await;
+                let mut ready = 0u64;
+                for queue in &queues {
+                    let Ok(name) = short("queue", queue) else {
+                        return;
+                    };
+                    let options = QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    };
+                    match channel
+                        .queue_declare(name, options, FieldTable::default())
+                        .await
+                    {
+                        Ok(declared) => ready += u64::from(declared.message_count()),
+                        // A missing queue closes the channel: the next session tries again.
+                        Err(e) => {
+                            tracing::debug!(consumer = %inner.name, queue = %queue, error = %e, "cannot sample the backlog");
+                            return;
+                        }
+                    }
+                }
+                let held = held.load(std::sync::atomic::Ordering::Relaxed) as u64;
+                inner.backlog.set((ready + held) as f64);
+            }
+        })))
     }
 }
 

@@ -264,7 +264,12 @@ pub struct AmqpConsumerConfig {
     /// A header an earlier consumer counted retries in (e.g. `x-retry-count`): read as the
     /// retries already made when `bosun-attempt` is absent.
     pub attempt_header: Option<String>,
+    /// How often the backlog gauge is sampled (passive declares); zero: never.
+    pub backlog_interval: Duration,
 }
+
+/// `backlog_interval` when the file gives none.
+pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
 
 /// What a delivery may hold before a handler sees it, and how much a consumer holds at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

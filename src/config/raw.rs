@@ -208,6 +208,9 @@ pub struct RawConsumer {
     /// A header holding the retries an earlier consumer already made (e.g. `x-retry-count`),
     /// read as the attempt count when `bosun-attempt` is absent.
     pub attempt_header: Option<String>,
+    /// How often `bosun_consumer_backlog` is sampled with passive declares (default "15s";
+    /// "0" turns it off).
+    pub backlog_interval: Option<String>,
 
     // redis
     pub stream: Option<String>,

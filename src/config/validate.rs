@@ -1130,6 +1130,11 @@ fn consumer_config(
                     dead_letter,
                     limits,
                     attempt_header: raw.attempt_header.clone(),
+                    backlog_interval: c.duration(
+                        &at("backlog_interval"),
+                        raw.backlog_interval.as_deref(),
+                        DEFAULT_BACKLOG_INTERVAL,
+                    ),
                 }),
             })
         }
@@ -1143,6 +1148,7 @@ fn consumer_config(
                 ("max_message_size", raw.max_message_size.is_some()),
                 ("max_in_flight_bytes", raw.max_in_flight_bytes.is_some()),
                 ("attempt_header", raw.attempt_header.is_some()),
+                ("backlog_interval", raw.backlog_interval.is_some()),
             ] {
                 if given {
                     c.issue(

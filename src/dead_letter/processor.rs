@@ -684,5 +684,6 @@ fn amqp_kind(queue: &str) -> ConsumerKind {
         dead_letter: config::AmqpDeadLetter::Queue(queue.to_owned()),
         limits: config::DeliveryLimits::unchecked(),
         attempt_header: None,
+        backlog_interval: config::DEFAULT_BACKLOG_INTERVAL,
     })
 }

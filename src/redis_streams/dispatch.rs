@@ -67,6 +67,8 @@ pub(crate) fn lock_prefix(stream: &str, group: &str) -> String {
 pub(crate) struct Metrics {
     common: crate::telemetry::ConsumerMetrics,
     pub(crate) pending: Gauge,
+    /// `bosun_consumer_backlog`: lag + pending + scheduled retries, sampled by the claimer.
+    pub(crate) backlog: Gauge,
     pub(crate) claimed: Counter,
     /// Pending entries whose stream entry was deleted: nothing left to handle.
     pub(crate) deleted: Counter,
@@ -87,6 +89,7 @@ impl Metrics {
         Self {
             common: crate::telemetry::ConsumerMetrics::new(consumer, broker, handler),
             pending: metrics::gauge!("bosun_redis_pending_messages", "consumer" => c.clone()),
+            backlog: crate::telemetry::backlog_gauge(consumer),
             claimed: metrics::counter!("bosun_redis_claimed_total", "consumer" => c.clone()),
             deleted: metrics::counter!("bosun_redis_deleted_entries_total", "consumer" => c.clone()),
             invalid_retries: metrics::counter!("bosun_redis_invalid_retries_total", "consumer" => c),

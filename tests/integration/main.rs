@@ -12,6 +12,7 @@ mod support;
 mod amqp;
 mod amqp_cli;
 mod artifacts;
+mod backlog;
 mod config;
 mod config_fuzz;
 mod daemon;
