@@ -1018,77 +1018,68 @@ impl Inner {
             link: None,
             root: false,
         });
-        self.send_copy(copies, exchange, routing_key, body, properties, kind)
-            .instrument(span)
-            .await
-    }
-
-    /// [`Self::publish_copy`]'s tries.
-    async fn send_copy(
-        &self,
-        copies: &Copies<'_>,
-        exchange: &str,
-        routing_key: &str,
-        body: &Bytes,
-        properties: BasicProperties,
-        kind: FailureKind,
-    ) -> Result<(), CopyFailure> {
-        let (exchange_name, key) = match (
-            short("exchange", exchange),
-            short("routing key", routing_key),
-        ) {
-            (Ok(e), Ok(k)) => (e, k),
-            (Err(e), _) | (_, Err(e)) => return Err(CopyFailure::Refused(e.to_string())),
-        };
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
-        let mut pause = COPY_RETRY;
-        let mut last = String::new();
-        for attempt in 1..=COPY_TRIES {
-            let channel = copies.channel().await.map_err(|e| {
-                CopyFailure::Lost(format!("the {kind} copy could not be sent: {e}"))
-            })?;
-            let result = if !exchange.is_empty() && copies.exchange_missing(&exchange_name).await {
-                Err(PublishError::Unroutable(format!(
-                    "exchange `{exchange}` does not exist"
-                )))
-            } else {
-                match channel
-                    .basic_publish(
-                        exchange_name.clone(),
-                        key.clone(),
-                        options,
-                        body,
-                        properties.clone(),
-                    )
-                    .await
-                {
-                    Ok(confirm) => confirmation(confirm.await, exchange, routing_key, body.len()),
-                    Err(e) => Err(publish_error(&e, exchange, body.len())),
+        let tries = async {
+            let (exchange_name, key) = match (
+                short("exchange", exchange),
+                short("routing key", routing_key),
+            ) {
+                (Ok(e), Ok(k)) => (e, k),
+                (Err(e), _) | (_, Err(e)) => return Err(CopyFailure::Refused(e.to_string())),
+            };
+            let options = BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            };
+            let mut pause = COPY_RETRY;
+            let mut last = String::new();
+            for attempt in 1..=COPY_TRIES {
+                let channel = copies.channel().await.map_err(|e| {
+                    CopyFailure::Lost(format!("the {kind} copy could not be sent: {e}"))
+                })?;
+                let result =
+                    if !exchange.is_empty() && copies.exchange_missing(&exchange_name).await {
+                        Err(PublishError::Unroutable(format!(
+                            "exchange `{exchange}` does not exist"
+                        )))
+                    } else {
+                        match channel
+                            .basic_publish(
+                                exchange_name.clone(),
+                                key.clone(),
+                                options,
+                                body,
+                                properties.clone(),
+                            )
+                            .await
+                        {
+                            Ok(confirm) => {
+                                confirmation(confirm.await, exchange, routing_key, body.len())
+                            }
+                            Err(e) => Err(publish_error(&e, exchange, body.len())),
+                        }
+                    };
+                let error = match result {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                };
+                if !copies.connection.status().connected() {
+                    return Err(CopyFailure::Lost(format!(
+                        "the {kind} copy was not confirmed: {error}"
+                    )));
                 }
-            };
-            let error = match result {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            if !copies.connection.status().connected() {
-                return Err(CopyFailure::Lost(format!(
-                    "the {kind} copy was not confirmed: {error}"
-                )));
+                if matches!(error, PublishError::Unroutable(_)) && self.declare {
+                    self.declare_again(copies).await;
+                }
+                tracing::warn!(consumer = %self.name, exchange, routing_key, kind = %kind, try_ = attempt, error = %error, "a retry or dead-letter copy was not accepted; the original is kept and the copy tried again");
+                last = error.to_string();
+                if attempt < COPY_TRIES {
+                    tokio::time::sleep(pause.failed()).await;
+                }
             }
-            if matches!(error, PublishError::Unroutable(_)) && self.declare {
-                self.declare_again(copies).await;
-            }
-            tracing::warn!(consumer = %self.name, exchange, routing_key, kind = %kind, try_ = attempt, error = %error, "a retry or dead-letter copy was not accepted; the original is kept and the copy tried again");
-            last = error.to_string();
-            if attempt < COPY_TRIES {
-                tokio::time::sleep(pause.failed()).await;
-            }
-        }
-        self.copy_metrics.refused.increment(1);
-        Err(CopyFailure::Refused(last))
+            self.copy_metrics.refused.increment(1);
+            Err(CopyFailure::Refused(last))
+        };
+        tries.instrument(span).await
     }
 
     /// Declares the topology again on a channel of its own (a copy came back unroutable: its
