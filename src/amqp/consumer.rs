@@ -423,7 +423,7 @@ impl Inner {
 
         // Deliveries this session holds unsettled, for the backlog sampler.
         let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let _sampler = self.backlog_sampler(connection, held.clone()).await;
+        let sampler = self.backlog_sampler(connection, held.clone()).await;
         let mut acks = Acks::new(ack_batch(self.prefetch), usize::from(self.prefetch));
         // Declared after `copies`: handler futures borrow it and are dropped first.
         // Handlers run as futures of this task: no spawn or cross-thread wake per message.
@@ -503,6 +503,9 @@ impl Inner {
             publish.close(200, "bosun consumer stopping".into()),
         )
         .await;
+        if let Some(sampler) = sampler {
+            sampler.stop().await;
+        }
         tracing::info!(consumer = %self.name, "drained");
         Ok(SessionEnd::Drained)
     }
@@ -606,12 +609,28 @@ impl Copies<'_> {
     }
 }
 
-/// A task that ends when dropped: the backlog sampler lives as long as its session.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The backlog sampler of a session: its task ends when dropped (with the session), and a
+/// drain closes its channel before the connection closes, so a clean stop logs nothing.
+struct Sampler {
+    task: tokio::task::JoinHandle<()>,
+    channel: Channel,
+}
 
-impl Drop for AbortOnDrop {
+impl Sampler {
+    async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            self.channel.close(200, "bosun consumer stopping".into()),
+        )
+        .await;
+    }
+}
+
+impl Drop for Sampler {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
@@ -625,13 +644,15 @@ impl Inner {
         self: &Arc<Self>,
         connection: &Connection,
         held: Arc<std::sync::atomic::AtomicUsize>,
-    ) -> Option<AbortOnDrop> {
+    ) -> Option<Sampler> {
         if self.backlog_interval.is_zero() {
             return None;
         }
         let channel = connection.create_channel().await.ok()?;
         let inner = self.clone();
-        Some(AbortOnDrop(tokio::spawn(async move {
+        let sampling = channel.clone();
+        let task = tokio::spawn(async move {
+            let channel = sampling;
             let mut tick = tokio::time::interval(inner.backlog_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let queues: Vec<String> = std::iter::once(inner.topology.queue.clone())
@@ -663,7 +684,8 @@ impl Inner {
                 let held = held.load(std::sync::atomic::Ordering::Relaxed) as u64;
                 inner.backlog.set((ready + held) as f64);
             }
-        })))
+        });
+        Some(Sampler { task, channel })
     }
 }
 
