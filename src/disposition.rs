@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 
-use crate::handler::{FailureKind, Handler, Message, Outcome};
+use crate::handler::{FailureKind, Handler, HeaderValue, Message, Outcome};
 use crate::retry::RetryPolicy;
+use crate::trace_context::{self, Consumed, System, TraceMode};
 
 /// A handler that panicked instead of answering, with the panic's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +30,42 @@ pub async fn handle(handler: &dyn Handler, message: &Message) -> Handled {
         .catch_unwind()
         .await
         .map_err(|panic| Panicked(panic_text(panic.as_ref())))
+}
+
+/// The span `message` is handled in, under the producer's context its headers carry as
+/// `mode` says ([`trace_context::consumer_span`]); a disabled span while tracing is off. Both
+/// consumers run the handler and make its outcome durable inside it.
+pub fn span(message: &Message, system: System, mode: TraceMode) -> tracing::Span {
+    if !trace_context::enabled() {
+        return tracing::Span::none();
+    }
+    let parent =
+        trace_context::extract(|name| message.headers.get(name).and_then(HeaderValue::as_text));
+    trace_context::consumer_span(Consumed {
+        system,
+        destination: &message.source.queue,
+        consumer: &message.source.consumer,
+        message_id: message.message_id.as_deref(),
+        attempt: message.attempt,
+        parent,
+        mode,
+    })
+}
+
+/// The trace context a copy of `message` made under `span` (a retry, a dead letter) must add
+/// so that its next attempt stays in the same trace: none when the message carries its
+/// producer's `traceparent` (kept on every copy, so attempts are siblings), else the span's
+/// own, whose trace the message started.
+pub fn trace_for_copy(message: &Message, span: &tracing::Span) -> Vec<(&'static str, String)> {
+    if span.is_none()
+        || message
+            .headers
+            .keys()
+            .any(|name| trace_context::is_trace_header(name))
+    {
+        return Vec::new();
+    }
+    trace_context::headers_of(span)
 }
 
 /// The text a panic was raised with (`panic!("...")` gives a `&str` or a `String`).

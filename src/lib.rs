@@ -50,6 +50,7 @@ mod failure_headers;
 mod flow_control;
 mod health;
 mod http;
+mod otlp;
 mod publish;
 mod publish_api;
 mod publishers;
@@ -64,6 +65,7 @@ mod secret;
 mod systemd;
 mod telemetry;
 mod text;
+mod trace_context;
 mod units;
 
 // Unit tests that drive a module against the real services share the integration tests'

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::handler::HeaderValue;
+use crate::trace_context::{self, Produced, System};
 
 /// One message to publish.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +27,71 @@ pub struct OutgoingMessage {
     pub body: Bytes,
     /// Milliseconds since the Unix epoch; publishers stamp "now" when `None`.
     pub timestamp_ms: Option<u64>,
+    /// How the message's PRODUCER span relates to the trace context its headers carry.
+    pub trace: TraceLink,
+}
+
+/// How a message's PRODUCER span relates to the `traceparent` its headers carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TraceLink {
+    /// A child of it (an outbox row's, written by the application; a forwarded message's),
+    /// else of the current span: the trace goes on.
+    #[default]
+    Continue,
+    /// A new trace linked to it: a replay is new work about an old message.
+    NewLinked,
+}
+
+/// Opens each message's PRODUCER span (`send <destination>`) and puts the span's own
+/// `traceparent`/`tracestate` on the message in place of what it carried, so the consumer's
+/// span is the span's child. The spans end when dropped: after the confirms. While tracing is
+/// off the messages are returned as they are and no span is opened.
+pub fn traced(
+    messages: &[OutgoingMessage],
+    system: System,
+) -> (std::borrow::Cow<'_, [OutgoingMessage]>, Vec<tracing::Span>) {
+    if !trace_context::enabled() {
+        return (std::borrow::Cow::Borrowed(messages), Vec::new());
+    }
+    let mut messages = messages.to_vec();
+    let spans = messages
+        .iter_mut()
+        .map(|message| {
+            let carried = trace_context::extract(|name| {
+                message.headers.get(name).and_then(HeaderValue::as_text)
+            });
+            let (parent, link, root) = match message.trace {
+                TraceLink::Continue => (carried, None, false),
+                TraceLink::NewLinked => (None, carried, true),
+            };
+            let span = trace_context::producer_span(Produced {
+                system,
+                // The default exchange routes by queue name: that is where it goes.
+                destination: if message.destination.is_empty() {
+                    &message.routing_key
+                } else {
+                    &message.destination
+                },
+                message_id: Some(&message.message_id),
+                parent,
+                link,
+                root,
+            });
+            let own = trace_context::headers_of(&span);
+            if !own.is_empty() {
+                message
+                    .headers
+                    .retain(|name, _| !trace_context::is_trace_header(name));
+                for (name, value) in own {
+                    message
+                        .headers
+                        .insert(name.to_owned(), HeaderValue::String(value));
+                }
+            }
+            span
+        })
+        .collect();
+    (std::borrow::Cow::Owned(messages), spans)
 }
 
 impl OutgoingMessage {
@@ -44,6 +110,7 @@ impl OutgoingMessage {
             headers: BTreeMap::new(),
             body: body.into(),
             timestamp_ms: None,
+            trace: TraceLink::Continue,
         }
     }
 }

@@ -133,6 +133,7 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         ("service.log_level", o.log_level != n.log_level),
         ("service.pid_file", o.pid_file != n.pid_file),
         ("http.listen", old.http.listen != new.http.listen),
+        ("tracing", old.tracing != new.tracing),
         (
             "http.admin",
             old.http.admin_token != new.http.admin_token
@@ -229,6 +230,7 @@ impl ReloadHook for ConfigReload {
         new.service = self.current.service.clone();
         new.http = self.current.http.clone();
         new.publish_api = self.current.publish_api.clone();
+        new.tracing = self.current.tracing.clone();
         let new = Arc::new(new);
 
         let (stop, start) = diff(&self.current, &new);

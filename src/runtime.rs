@@ -186,6 +186,8 @@ impl Runtime {
             Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
             Ok(Ok(())) => {}
         }
+        // Spans of the drained work are exported before the process ends.
+        crate::otlp::flush(std::time::Duration::from_secs(5)).await;
         tracing::info!(status = %status, "bosun stopped");
         Ok(status)
     }

@@ -2,7 +2,9 @@
 //!
 //! Logs go through `tracing` as JSON lines or pretty text, filtered by `RUST_LOG` when set,
 //! else by `[service].log_level`. Metrics go to one process-wide Prometheus recorder that the
-//! HTTP server renders on `/metrics`. Metric names are listed in docs/metrics.md.
+//! HTTP server renders on `/metrics`. Metric names are listed in docs/metrics.md. With
+//! `[tracing]` on, bosun's spans go to the OTLP exporter (`otlp`) and JSON log lines carry
+//! the `trace_id` and `span_id` of the message they are about.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, OnceLock};
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, TracingConfig};
 
 /// Buckets for handler and batch durations, in seconds: 1 ms to 60 s.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -22,28 +24,106 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0,
 ];
 
-/// Installs the global tracing subscriber. Later calls (tests running several runtimes in
-/// one process) keep the first one.
-pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// Installs the global tracing subscriber: log lines on stderr and, when `[tracing]` is on,
+/// spans to the OTLP exporter. bosun's own spans pass whatever `log_level` says (one filter
+/// for both layers: per-layer filters lost spans under load). Later calls (tests running
+/// several runtimes in one process) keep the first one.
+pub fn init_logging(
+    format: LogFormat,
+    level: &str,
+    traces: &TracingConfig,
+    service: &str,
+) -> Result<(), crate::otlp::OtlpError> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal: in a file, journald or a pipe they are
     // noise. `NO_COLOR` turns them off everywhere.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(crate::redact::Stderr)
         .with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Json => builder
+    let logs = match format {
+        LogFormat::Json => logs
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+            .with_span_list(false)
+            .map_event_format(TraceIds)
+            .boxed(),
+        LogFormat::Pretty => logs.boxed(),
     };
+    let spans = if traces.enabled {
+        let tracer = crate::otlp::install(traces, service)?;
+        crate::trace_context::enable();
+        // bosun's spans pass whatever the log level; the log layer never prints spans.
+        if let Ok(directive) = format!("{}=info", crate::trace_context::TARGET).parse() {
+            filter = filter.add_directive(directive);
+        }
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false),
+        )
+    } else {
+        None
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(spans)
+        .try_init();
+    Ok(())
+}
+
+/// JSON log lines with the `trace_id` and `span_id` of the span they were written in (the
+/// message being handled), so a log line leads to its trace and back.
+struct TraceIds<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for TraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+        if !crate::trace_context::enabled() || ctx.lookup_current().is_none() {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        // Read after the line is formatted: the formatter holds span data while it runs.
+        let cx = tracing::Span::current().context();
+        let span = cx.span();
+        let ids = span.span_context();
+        match line.strip_prefix('{') {
+            Some(rest) if ids.is_valid() => write!(
+                writer,
+                "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}",
+                ids.trace_id(),
+                ids.span_id()
+            ),
+            _ => writer.write_str(&line),
+        }
+    }
 }
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -83,6 +163,13 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// `bosun_consumer_backlog{consumer}`: the messages a consumer still has to handle, sampled
+/// from its broker (amqp: ready and retry-tier messages plus the deliveries this process
+/// holds; redis: group lag, pending entries and scheduled retries). What autoscalers scale on.
+pub fn backlog_gauge(consumer: &str) -> metrics::Gauge {
+    metrics::gauge!("bosun_consumer_backlog", "consumer" => consumer.to_owned())
 }
 
 /// Dead-letter processor metric names, listed in docs/metrics.md.
@@ -179,6 +266,10 @@ fn describe() {
     describe_counter!(
         "bosun_reload_stops_aborted_total",
         "Components a reload stopped that did not drain within shutdown_timeout and were aborted."
+    );
+    describe_gauge!(
+        "bosun_consumer_backlog",
+        "Messages a consumer still has to handle, sampled from the broker: amqp ready messages of the queue and its retry tiers plus deliveries this process holds unacknowledged; redis group lag plus pending entries plus scheduled retries."
     );
     describe_gauge!(
         "bosun_redis_pending_messages",

@@ -10,6 +10,33 @@ pub fn bosun_bin() -> &'static str {
     env!("CARGO_BIN_EXE_bosun")
 }
 
+/// An OTLP/HTTP endpoint that takes every export and answers 200, on a thread of its own.
+fn otlp_sink() -> std::net::SocketAddr {
+    static SINK: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();
+    *SINK.get_or_init(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the OTLP sink");
+        let addr = listener.local_addr().expect("sink address");
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let _ = listener.set_nonblocking(true);
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app =
+                    axum::Router::new().route("/v1/traces", axum::routing::post(|| async { "" }));
+                let _ = axum::serve(listener, app).await;
+            });
+        });
+        addr
+    })
+}
+
 /// A running daemon for a case; killed on drop.
 pub struct Bosun {
     pub child: Child,
@@ -18,9 +45,20 @@ pub struct Bosun {
 }
 
 impl Bosun {
+    /// Starts `bosun run` on `config_text`. With `BOSUN_BENCH_TRACING=<ratio>` set, a
+    /// `[tracing]` section exporting to an OTLP sink in this process is added (the
+    /// tracing-overhead comparison in BENCHMARKS.md).
     pub fn start(config_text: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("bosun.toml");
+        let mut config_text = config_text.to_owned();
+        if let Ok(ratio) = std::env::var("BOSUN_BENCH_TRACING") {
+            let ratio: f64 = ratio.parse()?;
+            config_text.push_str(&format!(
+                "\n[tracing]\nenabled = true\nendpoint = \"http://{}\"\nsample_ratio = {ratio:?}\n",
+                otlp_sink()
+            ));
+        }
         std::fs::write(&config, config_text)?;
         let child = Command::new(bosun_bin())
             .args(["run", "--config"])

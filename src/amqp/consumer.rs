@@ -47,12 +47,13 @@ use futures::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ExchangeDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use metrics::{Counter, Gauge};
+use tracing::Instrument as _;
 
 use super::publisher::{PERSISTENT, confirm_channel, confirmation, publish_error};
 use super::topology::Topology;
@@ -64,6 +65,7 @@ use crate::handler::{FailureKind, Handler, Message, Source};
 use crate::publish::PublishError;
 use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
+use crate::trace_context::{self, Produced, System, TraceMode};
 
 /// Waits between reconnects: 0.2 s doubling to 30 s.
 const RECONNECT: ExponentialBackoff =
@@ -114,6 +116,12 @@ struct Inner {
     /// With `false`, topology is only checked passively.
     declare: bool,
     retry: RetryPolicy,
+    /// What each delivery's span does with the producer's trace context.
+    trace: TraceMode,
+    /// How often `backlog` is sampled; zero: never.
+    backlog_interval: Duration,
+    /// `bosun_consumer_backlog`.
+    backlog: Gauge,
     /// A header an earlier consumer counted retries in (`attempt_header`), read when
     /// `bosun-attempt` is absent.
     attempt_header: Option<String>,
@@ -177,6 +185,19 @@ enum Settled {
     Release,
 }
 
+impl Settled {
+    /// `bosun.outcome` on the delivery's span.
+    fn label(self) -> &'static str {
+        match self {
+            Settled::Ack => "ack",
+            Settled::Retry => "retry",
+            Settled::DeadLetter => "dead_letter",
+            Settled::Drop => "drop",
+            Settled::Release => "release",
+        }
+    }
+}
+
 /// A supervised consumer of one RabbitMQ queue.
 pub struct AmqpConsumer {
     inner: Arc<Inner>,
@@ -219,6 +240,9 @@ impl AmqpConsumer {
             limits,
             declare: spec.amqp.declare,
             retry: spec.consumer.retry.clone(),
+            trace: spec.consumer.trace,
+            backlog_interval: spec.amqp.backlog_interval,
+            backlog: crate::telemetry::backlog_gauge(spec.name),
             attempt_header: spec.amqp.attempt_header.clone(),
             topology: Topology::for_consumer(spec.consumer, spec.amqp),
             host,
@@ -383,6 +407,9 @@ impl Inner {
         ctx.health.set_ready();
         tracing::info!(consumer = %self.name, queue = %self.topology.queue, prefetch = self.prefetch, concurrency = self.concurrency, connection = %self.connection_name, "consuming");
 
+        // Deliveries this session holds unsettled, for the backlog sampler.
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sampler = self.backlog_sampler(connection, held.clone()).await;
         let mut acks = Acks::new(ack_batch(self.prefetch), usize::from(self.prefetch));
         // Declared after `copies`: handler futures borrow it and are dropped first.
         // Handlers run as futures of this task: no spawn or cross-thread wake per message.
@@ -443,6 +470,7 @@ impl Inner {
                     None => break Some(SessionLost(format!("the broker cancelled the consumer of queue `{}`", self.topology.queue))),
                 },
                 _ = flush.tick() => {
+                    held.store(acks.len(), std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = acks.flush(&channel, true).await {
                         break Some(SessionLost(format!("cannot ack: {e}")));
                     }
@@ -493,6 +521,9 @@ impl Inner {
             publish.close(200, "bosun consumer stopping".into()),
         )
         .await;
+        if let Some(sampler) = sampler {
+            sampler.stop().await;
+        }
         tracing::info!(consumer = %self.name, "drained");
         Ok(SessionEnd::Drained)
     }
@@ -688,6 +719,86 @@ impl Copies<'_> {
     }
 }
 
+/// The backlog sampler of a session: its task ends when dropped (with the session), and a
+/// drain closes its channel before the connection closes, so a clean stop logs nothing.
+struct Sampler {
+    task: tokio::task::JoinHandle<()>,
+    channel: Channel,
+}
+
+impl Sampler {
+    async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            self.channel.close(200, "bosun consumer stopping".into()),
+        )
+        .await;
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Inner {
+    /// Starts sampling `bosun_consumer_backlog` on a channel of its own, every
+    /// `backlog_interval`: the ready messages of `Q` and of every retry tier (passive
+    /// declares: no management API needed) plus the deliveries this session holds (`held`).
+    /// Other replicas' unacknowledged deliveries are theirs to report. `None` when off or
+    /// when no channel opens (the gauge keeps its last value; the session goes on).
+    async fn backlog_sampler(
+        self: &Arc<Self>,
+        connection: &Connection,
+        held: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Option<Sampler> {
+        if self.backlog_interval.is_zero() {
+            return None;
+        }
+        let channel = connection.create_channel().await.ok()?;
+        let inner = self.clone();
+        let sampling = channel.clone();
+        let task = tokio::spawn(async move {
+            let channel = sampling;
+            let mut tick = tokio::time::interval(inner.backlog_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let queues: Vec<String> = std::iter::once(inner.topology.queue.clone())
+                .chain(inner.topology.tiers.iter().map(|(_, name)| name.clone()))
+                .collect();
+            loop {
+                tick.tick().await;
+                let mut ready = 0u64;
+                for queue in &queues {
+                    let Ok(name) = short("queue", queue) else {
+                        return;
+                    };
+                    let options = QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    };
+                    match channel
+                        .queue_declare(name, options, FieldTable::default())
+                        .await
+                    {
+                        Ok(declared) => ready += u64::from(declared.message_count()),
+                        // A missing queue closes the channel: the next session tries again.
+                        Err(e) => {
+                            tracing::debug!(consumer = %inner.name, queue = %queue, error = %e, "cannot sample the backlog");
+                            return;
+                        }
+                    }
+                }
+                let held = held.load(std::sync::atomic::Ordering::Relaxed) as u64;
+                inner.backlog.set((ready + held) as f64);
+            }
+        });
+        Some(Sampler { task, channel })
+    }
+}
+
 /// Why a session cannot go on: its connection, or a channel it cannot do without, is gone.
 /// The deliveries it holds come back from the broker.
 #[derive(Debug, thiserror::Error)]
@@ -773,9 +884,12 @@ async fn process(
         tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "released unstarted");
         return (delivery_tag, Ok(Settled::Release));
     }
+    let span = disposition::span(&message, System::RabbitMq, inner.trace);
     inner.metrics.in_flight.increment(1.0);
     let started = Instant::now();
-    let handled = disposition::handle(inner.handler.as_ref(), &message).await;
+    let handled = disposition::handle(inner.handler.as_ref(), &message)
+        .instrument(span.clone())
+        .await;
     if let Err(Panicked(text)) = &handled {
         tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
     }
@@ -793,52 +907,60 @@ async fn process(
         message_id: &message_id,
         body: &message.body,
         attempt,
+        trace: disposition::trace_for_copy(&message, &span),
     };
-    let result = match disposition::decide(outcome, attempt, &inner.retry) {
-        Decision::Ack => Ok(Settled::Ack),
-        Decision::Drop { reason } => {
-            tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "message dropped by the handler");
-            Ok(Settled::Drop)
-        }
-        Decision::Retry {
-            delay,
-            attempt: next,
-            reason,
-        } => {
-            // No delay tier (every delay is zero): straight back to the queue.
-            let target = inner
-                .topology
-                .tier_for(&inner.retry, delay)
-                .unwrap_or(&inner.topology.queue);
-            let copy = Copy {
-                exchange: "",
-                routing_key: target,
+    let settle = async {
+        match disposition::decide(outcome, attempt, &inner.retry) {
+            Decision::Ack => Ok(Settled::Ack),
+            Decision::Drop { reason } => {
+                tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "message dropped by the handler");
+                Ok(Settled::Drop)
+            }
+            Decision::Retry {
+                delay,
                 attempt: next,
-                kind: FailureKind::Transient,
-                reason: &reason,
-            };
-            match inner.copy(copies, &original, &copy).await {
-                Ok(Sent::AsAsked) => Ok(Settled::Retry),
-                Ok(Sent::Invalid) => Ok(Settled::DeadLetter),
-                Err(CopyFailure::Lost(e)) => Err(SessionLost(e)),
-                Err(CopyFailure::Refused(e)) => {
-                    // Its own path: a dead letter keeps it, with why.
-                    tracing::warn!(consumer = %inner.name, message_id = %message_id, queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
-                    let reason = format!("{reason}; the retry copy to {target:?} was refused: {e}");
-                    inner
-                        .dead_letter(copies, &original, FailureKind::Transient, &reason)
-                        .await
+                reason,
+            } => {
+                // No delay tier (every delay is zero): straight back to the queue.
+                let target = inner
+                    .topology
+                    .tier_for(&inner.retry, delay)
+                    .unwrap_or(&inner.topology.queue);
+                let copy = Copy {
+                    exchange: "",
+                    routing_key: target,
+                    attempt: next,
+                    kind: FailureKind::Transient,
+                    reason: &reason,
+                };
+                match inner.copy(copies, &original, &copy).await {
+                    Ok(Sent::AsAsked) => Ok(Settled::Retry),
+                    Ok(Sent::Invalid) => Ok(Settled::DeadLetter),
+                    Err(CopyFailure::Lost(e)) => Err(SessionLost(e)),
+                    Err(CopyFailure::Refused(e)) => {
+                        // Its own path: a dead letter keeps it, with why.
+                        tracing::warn!(consumer = %inner.name, message_id = %message_id, queue = target, error = %e, "the broker refused the retry copy; dead-lettering the message instead");
+                        let reason =
+                            format!("{reason}; the retry copy to {target:?} was refused: {e}");
+                        inner
+                            .dead_letter(copies, &original, FailureKind::Transient, &reason)
+                            .await
+                    }
                 }
             }
-        }
-        Decision::DeadLetter { kind, reason } => {
-            inner.dead_letter(copies, &original, kind, &reason).await
-        }
-        Decision::Release { reason } => {
-            tracing::info!(consumer = %inner.name, message_id = %message_id, reason = %reason, "released unsettled; it goes back to the queue");
-            Ok(Settled::Release)
+            Decision::DeadLetter { kind, reason } => {
+                inner.dead_letter(copies, &original, kind, &reason).await
+            }
+            Decision::Release { reason } => {
+                tracing::info!(consumer = %inner.name, message_id = %message_id, reason = %reason, "released unsettled; it goes back to the queue");
+                Ok(Settled::Release)
+            }
         }
     };
+    let result = settle.instrument(span.clone()).await;
+    if let Ok(settled) = &result {
+        trace_context::record_outcome(&span, settled.label());
+    }
     (delivery_tag, result)
 }
 
@@ -852,6 +974,8 @@ struct Original<'a> {
     message_id: &'a str,
     body: &'a Bytes,
     attempt: u32,
+    /// Trace context the copies add (the span of a message that arrived without one).
+    trace: Vec<(&'static str, String)>,
 }
 
 /// Where a copy goes and what it records.
@@ -898,6 +1022,7 @@ impl Inner {
             message_id,
             body: &body,
             attempt: self.attempt(&properties),
+            trace: Vec::new(),
         };
         self.dead_letter(copies, &original, FailureKind::Invalid, &invalid.reason)
             .await
@@ -1020,62 +1145,80 @@ impl Inner {
         properties: BasicProperties,
         kind: FailureKind,
     ) -> Result<(), CopyFailure> {
-        let (exchange_name, key) = match (
-            short("exchange", exchange),
-            short("routing key", routing_key),
-        ) {
-            (Ok(e), Ok(k)) => (e, k),
-            (Err(e), _) | (_, Err(e)) => return Err(CopyFailure::Refused(e.to_string())),
-        };
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
-        let mut pause = COPY_RETRY;
-        let mut last = String::new();
-        for attempt in 1..=COPY_TRIES {
-            let channel = copies.channel().await.map_err(|e| {
-                CopyFailure::Lost(format!("the {kind} copy could not be sent: {e}"))
-            })?;
-            let result = if !exchange.is_empty() && copies.exchange_missing(&exchange_name).await {
-                Err(PublishError::Unroutable(format!(
-                    "exchange `{exchange}` does not exist"
-                )))
+        let span = trace_context::producer_span(Produced {
+            system: System::RabbitMq,
+            destination: if exchange.is_empty() {
+                routing_key
             } else {
-                match channel
-                    .basic_publish(
-                        exchange_name.clone(),
-                        key.clone(),
-                        options,
-                        body,
-                        properties.clone(),
-                    )
-                    .await
-                {
-                    Ok(confirm) => confirmation(confirm.await, exchange, routing_key, body.len()),
-                    Err(e) => Err(publish_error(&e, exchange, body.len())),
+                exchange
+            },
+            message_id: properties.message_id().as_ref().map(|id| id.as_str()),
+            parent: None,
+            link: None,
+            root: false,
+        });
+        let tries = async {
+            let (exchange_name, key) = match (
+                short("exchange", exchange),
+                short("routing key", routing_key),
+            ) {
+                (Ok(e), Ok(k)) => (e, k),
+                (Err(e), _) | (_, Err(e)) => return Err(CopyFailure::Refused(e.to_string())),
+            };
+            let options = BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            };
+            let mut pause = COPY_RETRY;
+            let mut last = String::new();
+            for attempt in 1..=COPY_TRIES {
+                let channel = copies.channel().await.map_err(|e| {
+                    CopyFailure::Lost(format!("the {kind} copy could not be sent: {e}"))
+                })?;
+                let result =
+                    if !exchange.is_empty() && copies.exchange_missing(&exchange_name).await {
+                        Err(PublishError::Unroutable(format!(
+                            "exchange `{exchange}` does not exist"
+                        )))
+                    } else {
+                        match channel
+                            .basic_publish(
+                                exchange_name.clone(),
+                                key.clone(),
+                                options,
+                                body,
+                                properties.clone(),
+                            )
+                            .await
+                        {
+                            Ok(confirm) => {
+                                confirmation(confirm.await, exchange, routing_key, body.len())
+                            }
+                            Err(e) => Err(publish_error(&e, exchange, body.len())),
+                        }
+                    };
+                let error = match result {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                };
+                if !copies.connection.status().connected() {
+                    return Err(CopyFailure::Lost(format!(
+                        "the {kind} copy was not confirmed: {error}"
+                    )));
                 }
-            };
-            let error = match result {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            if !copies.connection.status().connected() {
-                return Err(CopyFailure::Lost(format!(
-                    "the {kind} copy was not confirmed: {error}"
-                )));
+                if matches!(error, PublishError::Unroutable(_)) && self.declare {
+                    self.declare_again(copies).await;
+                }
+                tracing::warn!(consumer = %self.name, exchange, routing_key, kind = %kind, try_ = attempt, error = %error, "a retry or dead-letter copy was not accepted; the original is kept and the copy tried again");
+                last = error.to_string();
+                if attempt < COPY_TRIES {
+                    tokio::time::sleep(pause.failed()).await;
+                }
             }
-            if matches!(error, PublishError::Unroutable(_)) && self.declare {
-                self.declare_again(copies).await;
-            }
-            tracing::warn!(consumer = %self.name, exchange, routing_key, kind = %kind, try_ = attempt, error = %error, "a retry or dead-letter copy was not accepted; the original is kept and the copy tried again");
-            last = error.to_string();
-            if attempt < COPY_TRIES {
-                tokio::time::sleep(pause.failed()).await;
-            }
-        }
-        self.copy_metrics.refused.increment(1);
-        Err(CopyFailure::Refused(last))
+            self.copy_metrics.refused.increment(1);
+            Err(CopyFailure::Refused(last))
+        };
+        tries.instrument(span).await
     }
 
     /// Declares the topology again on a channel of its own (a copy came back unroutable: its
@@ -1119,6 +1262,11 @@ fn build_copy(
         table.insert(headers::ORIG_EXPIRATION.into(), text(expiration));
     }
     headers::add_failure(&mut table, failure);
+    for (name, value) in &original.trace {
+        if !table.contains_key(name) {
+            table.insert((*name).into(), text(value));
+        }
+    }
     let budget = frame_max.saturating_sub(HEADER_FRAME_OVERHEAD);
     let properties = copy_properties(original, table.clone());
     if properties_size(&properties) <= budget {
@@ -1437,6 +1585,7 @@ mod tests {
             message_id: "m-1",
             body,
             attempt: 1,
+            trace: Vec::new(),
         }
     }
 

@@ -346,6 +346,9 @@ fn names(message: &OutgoingMessage) -> Result<(ShortString, ShortString), AmqpEr
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn publish_batch(&self, messages: &[OutgoingMessage]) -> Vec<Result<(), PublishError>> {
+        let (messages, _spans) =
+            crate::publish::traced(messages, crate::trace_context::System::RabbitMq);
+        let messages = messages.as_ref();
         let mut results: Vec<Option<Result<(), PublishError>>> = vec![None; messages.len()];
         if messages.is_empty() {
             return Vec::new();

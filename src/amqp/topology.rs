@@ -411,6 +411,7 @@ mod tests {
             dead_letter,
             limits: Default::default(),
             attempt_header: None,
+            backlog_interval: Default::default(),
         };
         let retry = RetryPolicy {
             max_attempts: 4,
@@ -422,6 +423,7 @@ mod tests {
             handler: "h".into(),
             concurrency: 10,
             retry,
+            trace: Default::default(),
             kind: ConsumerKind::Amqp(amqp.clone()),
         };
         (config, amqp)

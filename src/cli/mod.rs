@@ -191,7 +191,13 @@ fn run(runtime: Runtime, config_arg: &ConfigArg, watch_config: bool) -> Result<u
         Some(file) => Some(pid_file::PidFile::acquire(file)?),
         None => None,
     };
-    crate::telemetry::init_logging(config.service.log_format, &config.service.log_level);
+    crate::telemetry::init_logging(
+        config.service.log_format,
+        &config.service.log_level,
+        &config.tracing,
+        &config.service.name,
+    )
+    .map_err(|e| CliError::Other(e.into()))?;
     let result = block_on(async move {
         // Signal handlers go in before anything starts, so an early SIGTERM drains cleanly.
         let signals = crate::supervisor::os_signals()

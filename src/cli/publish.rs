@@ -1,6 +1,7 @@
 //! `bosun publish`: publish one message through a configured broker, with confirms, and
 //! print its message id.
 
+use crate::trace_context;
 use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -80,8 +81,21 @@ fn body(file: Option<&PathBuf>) -> Result<Vec<u8>, CliError> {
     }
 }
 
+/// How long the command waits for its span to be exported before it exits.
+const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
     let config = args.config.load(runtime)?;
+    // Spans only (and warnings): the command's output is its own.
+    if config.tracing.enabled {
+        crate::telemetry::init_logging(
+            config.service.log_format,
+            "warn",
+            &config.tracing,
+            &config.service.name,
+        )
+        .map_err(|e| CliError::Other(e.into()))?;
+    }
     if args.at.is_some() || args.delay.is_some() {
         return schedule(&config, &args);
     }
@@ -162,9 +176,34 @@ pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
                     fields.push((field.to_owned(), value.clone().into_bytes()));
                 }
             }
+            // The entry's PRODUCER span: under a `traceparent` field given, else a new trace;
+            // the span's own context goes on the entry.
+            let span = trace_context::producer_span(trace_context::Produced {
+                system: trace_context::System::Redis,
+                destination: &stream,
+                message_id: Some(&message_id),
+                parent: trace_context::extract(|name| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
+                }),
+                link: None,
+                root: true,
+            });
+            let own = trace_context::headers_of(&span);
+            if !own.is_empty() {
+                fields.retain(|(k, _)| !trace_context::is_trace_header(k));
+                fields.extend(own.into_iter().map(|(k, v)| (k.to_owned(), v.into_bytes())));
+            }
             let redis = redis.clone();
             let entry = super::block_on(async move {
-                crate::redis_streams::producer::publish_fields(&redis, &stream, &fields, None).await
+                let entry =
+                    crate::redis_streams::producer::publish_fields(&redis, &stream, &fields, None)
+                        .await;
+                drop(span);
+                crate::otlp::flush(FLUSH_WITHIN).await;
+                entry
             })?
             .map_err(|e| CliError::Other(anyhow::anyhow!("publish to redis failed: {e}")))?;
             eprintln!("entry id {entry}");
@@ -200,6 +239,7 @@ pub fn publish(runtime: &Runtime, args: PublishArgs) -> Result<u8, CliError> {
             super::block_on(async move {
                 let result = publisher.publish(&message).await;
                 publisher.close().await;
+                crate::otlp::flush(FLUSH_WITHIN).await;
                 match result {
                     Ok(()) => {
                         println!("{}", message.message_id);

@@ -13,6 +13,7 @@ pub use crate::handler::HandlerConfig;
 use crate::retry::RetryPolicy;
 pub use crate::roles::Role;
 pub use crate::secret::{Secret, SecretUrl};
+pub use crate::trace_context::TraceMode;
 
 /// A validated configuration file.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +22,7 @@ pub struct Config {
     pub origin: String,
     pub service: ServiceConfig,
     pub http: HttpConfig,
+    pub tracing: TracingConfig,
     pub brokers: BTreeMap<String, BrokerConfig>,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub handlers: BTreeMap<String, HandlerConfig>,
@@ -44,6 +46,23 @@ pub struct ServiceConfig {
 pub enum LogFormat {
     Json,
     Pretty,
+}
+
+/// `[tracing]`: OpenTelemetry span export. Unset values fall back to `OTEL_*` variables.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TracingConfig {
+    pub enabled: bool,
+    /// The full OTLP/HTTP traces URL (`.../v1/traces`).
+    pub endpoint: Option<String>,
+    /// Export headers: their values are secrets.
+    pub headers: Vec<(String, Secret)>,
+    pub timeout: Option<Duration>,
+    /// `parentbased_traceidratio` with this ratio; `None` leaves the sampler to
+    /// `OTEL_TRACES_SAMPLER` (default: parent-based, always on).
+    pub sample_ratio: Option<f64>,
+    /// `service.name`; `None` takes `OTEL_SERVICE_NAME`, else `[service].name`.
+    pub service_name: Option<String>,
+    pub resource: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -271,6 +290,8 @@ pub struct ConsumerConfig {
     /// Handlers in flight at once.
     pub concurrency: usize,
     pub retry: RetryPolicy,
+    /// What each message's span does with the producer's trace context.
+    pub trace: TraceMode,
     pub kind: ConsumerKind,
 }
 
@@ -299,7 +320,12 @@ pub struct AmqpConsumerConfig {
     /// A header an earlier consumer counted retries in (e.g. `x-retry-count`): read as the
     /// retries already made when `bosun-attempt` is absent.
     pub attempt_header: Option<String>,
+    /// How often the backlog gauge is sampled (passive declares); zero: never.
+    pub backlog_interval: Duration,
 }
+
+/// `backlog_interval` when the file gives none.
+pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
 
 /// What a delivery may hold before a handler sees it, and how much a consumer holds at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

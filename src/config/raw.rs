@@ -17,6 +17,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub http: RawHttp,
     #[serde(default)]
+    pub tracing: RawTracing,
+    #[serde(default)]
     pub brokers: BTreeMap<String, RawBroker>,
     #[serde(default)]
     pub databases: BTreeMap<String, RawDatabase>,
@@ -46,6 +48,33 @@ pub struct RawService {
     pub log_level: Option<String>,
     /// Where to write the process id, for `bosun reload --pid-file`.
     pub pid_file: Option<String>,
+}
+
+/// `[tracing]`: OpenTelemetry traces over OTLP/HTTP (protobuf); off unless `enabled`. Keys
+/// left out fall back to the standard `OTEL_*` environment variables, then to the SDK's
+/// defaults. Changing it needs a restart.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// Record and export spans (default false).
+    pub enabled: Option<bool>,
+    /// The collector's OTLP/HTTP base URL ("http://127.0.0.1:4318"); `/v1/traces` is added
+    /// unless the path already ends with it. Default: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else "http://localhost:4318".
+    pub endpoint: Option<String>,
+    /// Headers sent with every export (an API key): secrets, never logged.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// How long one export may take ("10s").
+    pub timeout: Option<String>,
+    /// "parentbased_traceidratio" (the only one; the default when `sample_ratio` is given).
+    pub sampler: Option<String>,
+    /// Share of new traces recorded, 0.0 to 1.0; a message that arrives with a trace context
+    /// follows its producer's decision.
+    pub sample_ratio: Option<f64>,
+    /// `service.name` of the spans (default `OTEL_SERVICE_NAME`, else `[service].name`).
+    pub service_name: Option<String>,
+    /// Further resource attributes (`deployment.environment.name = "prod"`).
+    pub resource: Option<BTreeMap<String, String>>,
 }
 
 /// `[http]`: the metrics, health and admin listener.
@@ -200,6 +229,10 @@ pub struct RawConsumer {
     pub concurrency: Option<usize>,
     pub retry: Option<RawRetry>,
     pub dead_letter: Option<RawConsumerDeadLetter>,
+    /// With tracing on, what the span of each message does with the producer's trace
+    /// context: "continue" (default: a child of the producer's span), "link" (a new trace
+    /// linked to it) or "new" (a new trace).
+    pub trace: Option<String>,
 
     // amqp
     pub queue: Option<String>,
@@ -216,6 +249,9 @@ pub struct RawConsumer {
     /// A header holding the retries an earlier consumer already made (e.g. `x-retry-count`),
     /// read as the attempt count when `bosun-attempt` is absent.
     pub attempt_header: Option<String>,
+    /// How often `bosun_consumer_backlog` is sampled with passive declares (default "15s";
+    /// "0" turns it off).
+    pub backlog_interval: Option<String>,
 
     // redis
     pub stream: Option<String>,

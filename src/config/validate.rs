@@ -557,6 +557,7 @@ pub fn validate_with(
         tokens,
         admin_listen,
     };
+    let tracing = tracing_config(&mut c, &raw.tracing);
 
     let mut brokers = BTreeMap::new();
     for (name, broker) in &raw.brokers {
@@ -775,6 +776,7 @@ pub fn validate_with(
             origin: origin.to_owned(),
             service,
             http,
+            tracing,
             brokers,
             databases,
             handlers,
@@ -787,6 +789,77 @@ pub fn validate_with(
         Err(c.issues)
     };
     (result, missing_secrets)
+}
+
+/// `[tracing]`: the endpoint a URL (made the traces URL), the ratio within 0..=1, header
+/// values kept as secrets.
+fn tracing_config(c: &mut Checker<'_>, raw: &RawTracing) -> TracingConfig {
+    let endpoint = raw.endpoint.as_deref().and_then(|text| {
+        c.url(&["tracing", "endpoint"], text, &["http", "https"])
+            .map(|url| traces_url(url.expose()))
+    });
+    let timeout = raw
+        .timeout
+        .as_deref()
+        .map(|t| c.duration(&["tracing", "timeout"], Some(t), Duration::from_secs(10)));
+    if let Some(sampler) = raw.sampler.as_deref()
+        && sampler != "parentbased_traceidratio"
+    {
+        c.issue(
+            &["tracing", "sampler"],
+            format!("unknown sampler `{sampler}`, expected `parentbased_traceidratio`"),
+        );
+    }
+    let sample_ratio = match raw.sample_ratio {
+        Some(r) if !(0.0..=1.0).contains(&r) => {
+            c.issue(
+                &["tracing", "sample_ratio"],
+                format!("must be between 0.0 and 1.0, not {r}"),
+            );
+            None
+        }
+        Some(r) => Some(r),
+        None if raw.sampler.is_some() => Some(1.0),
+        None => None,
+    };
+    let headers = raw
+        .headers
+        .iter()
+        .flatten()
+        .filter_map(|(name, value)| {
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+                && !value.bytes().any(|b| b.is_ascii_control());
+            if !ok {
+                // The value is a secret: only the name is shown.
+                c.issue(
+                    &["tracing", "headers", name],
+                    "a header name is letters, digits, `-` and `_`, and its value holds no control characters",
+                );
+            }
+            ok.then(|| (name.clone(), Secret::new(value.clone())))
+        })
+        .collect();
+    TracingConfig {
+        enabled: raw.enabled.unwrap_or(false),
+        endpoint,
+        headers,
+        timeout,
+        sample_ratio,
+        service_name: raw.service_name.clone(),
+        resource: raw.resource.clone().unwrap_or_default(),
+    }
+}
+
+/// An OTLP/HTTP base URL made the traces URL, as `OTEL_EXPORTER_OTLP_ENDPOINT` is.
+fn traces_url(base: &str) -> String {
+    if base.trim_end_matches('/').ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{}/v1/traces", base.trim_end_matches('/'))
+    }
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
@@ -1106,6 +1179,16 @@ fn consumer_config(
     let at = |k: &'static str| -> [&str; 3] { ["consumers", name, k] };
     let default_attempts = 5;
     let retry = c.retry(&at("retry"), raw.retry.as_ref(), default_attempts);
+    let trace = c.one_of(
+        &at("trace"),
+        raw.trace.as_deref(),
+        TraceMode::Continue,
+        &[
+            ("continue", TraceMode::Continue),
+            ("link", TraceMode::Link),
+            ("new", TraceMode::New),
+        ],
+    );
     let dl = raw.dead_letter.as_ref();
     match broker {
         RawBroker::Amqp(_) => {
@@ -1250,6 +1333,7 @@ fn consumer_config(
                 handler: raw.handler.clone(),
                 concurrency: concurrency.max(1),
                 retry,
+                trace,
                 kind: ConsumerKind::Amqp(AmqpConsumerConfig {
                     queue,
                     queue_type,
@@ -1259,6 +1343,11 @@ fn consumer_config(
                     dead_letter,
                     limits,
                     attempt_header: raw.attempt_header.clone(),
+                    backlog_interval: c.duration(
+                        &at("backlog_interval"),
+                        raw.backlog_interval.as_deref(),
+                        DEFAULT_BACKLOG_INTERVAL,
+                    ),
                 }),
             })
         }
@@ -1272,6 +1361,7 @@ fn consumer_config(
                 ("max_message_size", raw.max_message_size.is_some()),
                 ("max_in_flight_bytes", raw.max_in_flight_bytes.is_some()),
                 ("attempt_header", raw.attempt_header.is_some()),
+                ("backlog_interval", raw.backlog_interval.is_some()),
             ] {
                 if given {
                     c.issue(
@@ -1377,6 +1467,7 @@ fn consumer_config(
                 handler: raw.handler.clone(),
                 concurrency: concurrency.max(1),
                 retry,
+                trace,
                 kind: ConsumerKind::Redis(RedisConsumerConfig {
                     dead_letter_stream: dl
                         .and_then(|d| d.stream.clone())

@@ -130,6 +130,8 @@ pub fn replay_copy(
         headers,
         body: letter.body.clone(),
         timestamp_ms: letter.timestamp_ms,
+        // The archived message's trace ended with its dead letter; the replay is new work.
+        trace: crate::publish::TraceLink::NewLinked,
     })
 }
 
@@ -157,6 +159,7 @@ pub fn forward_copy(
         headers: publishable(kind, &letter.headers),
         body: letter.body.clone(),
         timestamp_ms: letter.timestamp_ms,
+        trace: Default::default(),
     }
 }
 

@@ -600,6 +600,7 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             max_attempts: 1,
             ..RetryPolicy::default()
         },
+        trace: Default::default(),
         kind,
     }
 }
@@ -689,5 +690,6 @@ fn amqp_kind(queue: &str) -> ConsumerKind {
         dead_letter: config::AmqpDeadLetter::Queue(queue.to_owned()),
         limits: config::DeliveryLimits::unchecked(),
         attempt_header: None,
+        backlog_interval: config::DEFAULT_BACKLOG_INTERVAL,
     })
 }

@@ -321,6 +321,10 @@ impl ExecHandler {
         command.envs(inherited_env(s.inherit_env));
         command.envs(&s.env);
         command.envs(bosun_env(message, &self.name));
+        // The W3C names for environment carriers: the command continues the message's trace.
+        for (name, value) in crate::trace_context::current_headers() {
+            command.env(name.to_ascii_uppercase(), value);
+        }
         if let Some(cwd) = &s.cwd {
             command.current_dir(cwd);
         }

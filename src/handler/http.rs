@@ -16,6 +16,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue as HttpHeaderValue};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use super::outcome_map::{MAX_REASON_BYTES, OutcomeName, numeric_keys};
 use super::{
@@ -24,6 +25,7 @@ use super::{
 };
 use crate::secret::Secret;
 use crate::text::truncate as truncate_start;
+use crate::trace_context;
 
 /// Prefix of the request headers that carry the message's own headers.
 pub const MESSAGE_HEADER_PREFIX: &str = "bosun-header-";
@@ -467,9 +469,15 @@ impl HttpHandler {
         let Ok(_permit) = self.permits.acquire().await else {
             return (Outcome::retry("the handler is shutting down"), "connect");
         };
+        let span = trace_context::http_client_span(
+            self.settings.method.as_str(),
+            &self.name,
+            &self.settings.shown_url,
+        );
         let exchange = async {
             let mut response = self.send(message).await?;
             let status = response.status();
+            trace_context::record_status(&tracing::Span::current(), status.as_u16());
             let cap = if status.is_success() {
                 MAX_STATUS_BODY_BYTES
             } else {
@@ -477,7 +485,8 @@ impl HttpHandler {
             };
             let body = read_capped(&mut response, cap).await;
             Ok::<_, reqwest::Error>((status, response.headers().clone(), body))
-        };
+        }
+        .instrument(span);
         match tokio::time::timeout(self.settings.timeout, exchange).await {
             Err(_) => {
                 let reason = format!(
@@ -659,6 +668,19 @@ fn request_headers(settings: &HttpSettings, message: &Message, handler: &str) ->
                 .filter(|k| !k.is_empty())
                 .unwrap_or(&message.source.queue),
         );
+    }
+    // The request's own span (the handler's CLIENT span) is the parent the endpoint sees.
+    for (name, value) in trace_context::current_headers() {
+        set(name, &value);
+        if settings.cloudevents {
+            set(
+                match name {
+                    trace_context::TRACEPARENT => trace_context::CE_TRACEPARENT,
+                    _ => trace_context::CE_TRACESTATE,
+                },
+                &value,
+            );
+        }
     }
     for (name, value) in &message.headers {
         let name = HeaderName::from_bytes(

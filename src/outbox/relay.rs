@@ -403,6 +403,8 @@ impl Relay {
             timestamp_ms: row
                 .created_at
                 .and_then(|at| u64::try_from(at.timestamp_millis()).ok()),
+            // Published under the `traceparent` the application wrote in the row's headers.
+            trace: Default::default(),
         })
     }
 }

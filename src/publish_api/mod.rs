@@ -406,6 +406,8 @@ impl PublishApi {
                     headers,
                     body: request.body.clone(),
                     timestamp_ms: None,
+                    // A `traceparent` the client sent among the headers: its trace goes on.
+                    trace: crate::publish::TraceLink::Continue,
                 };
                 let sent = tokio::time::timeout(self.config.publish_timeout, async {
                     let publisher = publisher

@@ -151,13 +151,78 @@ async fn round(
         )
         .await
         .map_err(super::RedisStreamsError::command("XPENDING"))?;
+    let mut pending = None;
     if let Value::Array(parts) = summary
         && let Some(Value::Int(count)) = parts.first()
     {
         inner.metrics.pending.set(*count as f64);
+        pending = Some(*count);
+    }
+    if let Some(pending) = pending {
+        sample_backlog(inner, ops, pending).await;
     }
     forget_idle_consumers(inner, ops).await;
     Ok(())
+}
+
+/// Sets `bosun_consumer_backlog`: what the group has still to do. Entries not yet read by
+/// the group (`lag` of XINFO GROUPS), entries read and not acknowledged (`pending`) and
+/// retries waiting in `<stream>:retry`. A failure leaves the last value (logged at debug):
+/// the gauge is a scaling hint, never a reason to stop claiming.
+async fn sample_backlog(inner: &Inner, ops: &Ops, pending: i64) {
+    let groups: Result<Value, _> = ops
+        .query(redis::cmd("XINFO").arg("GROUPS").arg(&inner.config.stream))
+        .await;
+    let scheduled: Result<i64, _> = ops.query(redis::cmd("ZCARD").arg(&inner.retry_key)).await;
+    match (groups, scheduled) {
+        (Ok(groups), Ok(scheduled)) => {
+            // `lag` is nil when Redis cannot tell (entries deleted past the group's last
+            // read): the stream's length then bounds it from above.
+            let lag = group_lag(&groups, &inner.config.group).unwrap_or(0);
+            inner
+                .metrics
+                .backlog
+                .set((lag.max(0) + pending.max(0) + scheduled.max(0)) as f64);
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!(consumer = %inner.name, error = %e, "cannot sample the backlog");
+        }
+    }
+}
+
+/// The `lag` XINFO GROUPS reports for `group` (RESP2 flat arrays or RESP3 maps).
+fn group_lag(groups: &Value, group: &str) -> Option<i64> {
+    let Value::Array(groups) = groups else {
+        return None;
+    };
+    groups.iter().find_map(|info| {
+        let pairs: Vec<(&Value, &Value)> = match info {
+            Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|c| Some((c.first()?, c.get(1)?)))
+                .collect(),
+            Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
+            _ => return None,
+        };
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        };
+        let field = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| text(k).as_deref() == Some(name))
+                .map(|(_, v)| *v)
+        };
+        if field("name").and_then(text).as_deref() != Some(group) {
+            return None;
+        }
+        match field("lag")? {
+            Value::Int(lag) => Some(*lag),
+            _ => None,
+        }
+    })
 }
 
 /// Removes consumers idle longer than `forget_idle` with nothing pending and no live holder

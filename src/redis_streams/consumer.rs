@@ -83,6 +83,7 @@ impl RedisConsumer {
                 broker: broker.clone(),
                 config: config.clone(),
                 retry: consumer.retry.clone(),
+                trace: consumer.trace,
                 concurrency: consumer.concurrency.max(1),
                 handler,
                 gate,

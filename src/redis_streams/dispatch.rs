@@ -21,6 +21,8 @@ use crate::disposition::{self, Decision, Panicked};
 use crate::flow_control::{Admission, Admit, Gate};
 use crate::handler::{FailureKind, Handler, Source};
 use crate::retry::{RetryPolicy, saturating_millis};
+use crate::trace_context::{self, System, TraceMode};
+use tracing::Instrument as _;
 
 /// Handler capacity is taken this many permits at a time.
 const PERMIT_CHUNK: usize = 64;
@@ -39,6 +41,8 @@ pub(crate) struct Inner {
     pub(crate) broker: RedisBrokerConfig,
     pub(crate) config: RedisConsumerConfig,
     pub(crate) retry: RetryPolicy,
+    /// What each entry's span does with the producer's trace context.
+    pub(crate) trace: TraceMode,
     /// Handlers in flight at once.
     pub(crate) concurrency: usize,
     pub(crate) handler: Arc<dyn Handler>,
@@ -100,6 +104,8 @@ impl NameLock {
 pub(crate) struct Metrics {
     common: crate::telemetry::ConsumerMetrics,
     pub(crate) pending: Gauge,
+    /// `bosun_consumer_backlog`: lag + pending + scheduled retries, sampled by the claimer.
+    pub(crate) backlog: Gauge,
     pub(crate) claimed: Counter,
     /// Pending entries whose stream entry was deleted: nothing left to handle.
     pub(crate) deleted: Counter,
@@ -120,6 +126,7 @@ impl Metrics {
         Self {
             common: crate::telemetry::ConsumerMetrics::new(consumer, broker, handler),
             pending: metrics::gauge!("bosun_redis_pending_messages", "consumer" => c.clone()),
+            backlog: crate::telemetry::backlog_gauge(consumer),
             claimed: metrics::counter!("bosun_redis_claimed_total", "consumer" => c.clone()),
             deleted: metrics::counter!("bosun_redis_deleted_entries_total", "consumer" => c.clone()),
             invalid_retries: metrics::counter!("bosun_redis_invalid_retries_total", "consumer" => c),
@@ -143,6 +150,19 @@ pub(crate) enum Action {
     /// Left pending, unsettled, its delivery not counted: read again at the next start, or
     /// claimed by another consumer.
     Release,
+}
+
+impl Action {
+    /// `bosun.outcome` on the entry's span.
+    fn label(&self) -> &'static str {
+        match self {
+            Action::Ack => "ack",
+            Action::Drop => "drop",
+            Action::Retry { .. } => "retry",
+            Action::DeadLetter { .. } => "dead_letter",
+            Action::Release => "release",
+        }
+    }
 }
 
 pub(crate) struct Settlement {
@@ -362,8 +382,11 @@ impl Inner {
             tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "released unstarted");
             return Action::Release;
         }
+        let span = disposition::span(&message, System::Redis, self.trace);
         let started = Instant::now();
-        let handled = disposition::handle(self.handler.as_ref(), &message).await;
+        let handled = disposition::handle(self.handler.as_ref(), &message)
+            .instrument(span.clone())
+            .await;
         if let Err(Panicked(text)) = &handled {
             tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
         }
@@ -372,7 +395,17 @@ impl Inner {
             .duration(&outcome)
             .record(started.elapsed().as_secs_f64());
         let attempt = message.attempt;
-        match disposition::decide(outcome, attempt, &self.retry) {
+        let trace = disposition::trace_for_copy(&message, &span);
+        let with_trace = |mut fields: Vec<(Bytes, Bytes)>| {
+            fields.extend(trace.iter().map(|(name, value)| {
+                (
+                    Bytes::from_static(name.as_bytes()),
+                    Bytes::from(value.clone()),
+                )
+            }));
+            fields
+        };
+        let action = match disposition::decide(outcome, attempt, &self.retry) {
             Decision::Ack => Action::Ack,
             Decision::Drop { reason } => {
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "handler dropped the message");
@@ -386,24 +419,31 @@ impl Inner {
                 let delay_ms = saturating_millis(delay);
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, attempt, delay_ms, %reason, "retry scheduled");
                 Action::Retry {
-                    fields: fields::retry_fields(
+                    fields: with_trace(fields::retry_fields(
                         entry,
                         &self.config.format.id_field,
                         next,
                         &reason,
-                    ),
+                    )),
                     delay_ms,
                 }
             }
             Decision::DeadLetter { kind, reason } => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, attempt, %reason, kind = %kind, "dead-lettering");
-                self.dead_letter(entry, deliveries, attempt, &reason, kind)
+                match self.dead_letter(entry, deliveries, attempt, &reason, kind) {
+                    Action::DeadLetter { fields } => Action::DeadLetter {
+                        fields: with_trace(fields),
+                    },
+                    other => other,
+                }
             }
             Decision::Release { reason } => {
                 tracing::info!(consumer = %self.name, entry_id = %entry.id, %reason, "released unsettled; it stays pending");
                 Action::Release
             }
-        }
+        };
+        trace_context::record_outcome(&span, action.label());
+        action
     }
 
     fn failure<'a>(

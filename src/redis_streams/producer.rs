@@ -58,6 +58,9 @@ pub(crate) fn publish_error(e: &redis::RedisError) -> PublishError {
 #[async_trait]
 impl Publisher for RedisPublisher {
     async fn publish_batch(&self, messages: &[OutgoingMessage]) -> Vec<Result<(), PublishError>> {
+        let (messages, _spans) =
+            crate::publish::traced(messages, crate::trace_context::System::Redis);
+        let messages = messages.as_ref();
         let mut results: Vec<Result<(), PublishError>> = Vec::with_capacity(messages.len());
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
