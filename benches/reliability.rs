@@ -93,11 +93,9 @@ fn update_rows(table: &str) -> std::io::Result<()> {
             out.extend(fresh.drain(..).map(str::to_string));
             in_table = false;
         }
-        if in_table {
-            if let Some(pos) = fresh.iter().position(|f| scenario(f) == scenario(line)) {
-                out.push(fresh.remove(pos).to_string());
-                continue;
-            }
+        if in_table && let Some(pos) = fresh.iter().position(|f| scenario(f) == scenario(line)) {
+            out.push(fresh.remove(pos).to_string());
+            continue;
         }
         out.push(line.to_string());
     }

@@ -23,7 +23,7 @@
 //! The library can be embedded: build a [`Runtime`] with your own handler kinds and
 //! components (docs/embedding.md). The public API is [`Runtime`] and [`RuntimeBuilder`], the
 //! [`handler`] API, [`supervisor::Component`], [`config`] loading, [`cli::main_with`],
-//! [`metrics_handle`] and [`OutboxSchema`]; every other module is crate-private.
+//! [`metrics_handle`], [`OutboxSchema`] and [`InboxSchema`]; every other module is crate-private.
 
 // The public API (see "API boundary" in ARCHITECTURE.md): what a program embedding bosun
 // uses. Everything else is crate-private, free to change without breaking embedders.
@@ -33,6 +33,8 @@ pub mod handler;
 pub mod supervisor;
 
 pub use handler::{Handler, Message, Outcome};
+pub use inbox::InboxError;
+pub use inbox::postgres::Schema as InboxSchema;
 pub use outbox::{OutboxError, Schema as OutboxSchema};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use telemetry::metrics_handle;
@@ -46,6 +48,7 @@ mod disposition;
 mod failure_headers;
 mod health;
 mod http;
+mod inbox;
 mod outbox;
 mod publish;
 mod publishers;

@@ -60,6 +60,7 @@ use super::{AmqpError, connection, headers, limits, short, soft_error};
 use crate::config::{AmqpBrokerConfig, AmqpConsumerConfig, ConsumerConfig, DeliveryLimits};
 use crate::disposition::{self, Decision, Panicked};
 use crate::handler::{FailureKind, Handler, Message, Source};
+use crate::inbox::{self, Admission, Finish, Inbox};
 use crate::publish::PublishError;
 use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
@@ -103,6 +104,8 @@ struct Inner {
     /// Shown by the broker, and how operators find this consumer's connection.
     connection_name: String,
     handler: Arc<dyn Handler>,
+    /// Where each message's key is claimed before its handler runs, if anywhere.
+    inbox: Option<Arc<Inbox>>,
     /// Handlers in flight at once.
     concurrency: usize,
     /// The configured prefetch, cut to the byte budget (`limits::prefetch`).
@@ -190,6 +193,7 @@ pub struct AmqpConsumerSpec<'a> {
     pub broker: &'a AmqpBrokerConfig,
     pub connection_name: String,
     pub handler: Arc<dyn Handler>,
+    pub inbox: Option<Arc<Inbox>>,
 }
 
 impl AmqpConsumer {
@@ -209,6 +213,7 @@ impl AmqpConsumer {
             broker: spec.broker.clone(),
             connection_name: spec.connection_name,
             handler: spec.handler,
+            inbox: spec.inbox,
             concurrency: spec.consumer.concurrency.max(1),
             prefetch,
             limits,
@@ -633,7 +638,7 @@ async fn process(
         exchange.as_str(),
         routing_key.as_str(),
     );
-    let message = Message {
+    let mut message = Message {
         message_id: Some(message_id.clone()),
         correlation_id: properties
             .correlation_id()
@@ -647,6 +652,7 @@ async fn process(
         body: Bytes::from(data),
         attempt,
         redelivered,
+        inbox: None,
         source: Source {
             broker: inner.broker_name.clone(),
             consumer: inner.name.clone(),
@@ -656,18 +662,34 @@ async fn process(
             entry_id: None,
         },
     };
-    inner.metrics.in_flight.increment(1.0);
-    let started = Instant::now();
-    let handled = disposition::handle(inner.handler.as_ref(), &message).await;
-    if let Err(Panicked(text)) = &handled {
-        tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
-    }
-    let outcome = disposition::outcome(handled);
-    inner
-        .metrics
-        .duration(&outcome)
-        .record(started.elapsed().as_secs_f64());
-    inner.metrics.in_flight.decrement(1.0);
+    let (decision, ticket) = match inbox::admit(inner.inbox.as_deref(), &mut message).await {
+        Admission::Run(ticket) => {
+            inner.metrics.in_flight.increment(1.0);
+            let started = Instant::now();
+            let handled = disposition::handle(inner.handler.as_ref(), &message).await;
+            if let Err(Panicked(text)) = &handled {
+                tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
+            }
+            let outcome = disposition::outcome(handled);
+            inner
+                .metrics
+                .duration(&outcome)
+                .record(started.elapsed().as_secs_f64());
+            inner.metrics.in_flight.decrement(1.0);
+            (disposition::decide(outcome, attempt, &inner.retry), ticket)
+        }
+        Admission::Settle(decision) => (decision, None),
+        // Through the shortest retry tier (straight back to the queue without one), on the
+        // same attempt: the claim held elsewhere has settled or expired by the time it is back.
+        Admission::Postpone(reason) => (
+            Decision::Retry {
+                delay: Duration::ZERO,
+                attempt,
+                reason,
+            },
+            None,
+        ),
+    };
 
     let original = Original {
         exchange,
@@ -677,7 +699,7 @@ async fn process(
         body: &message.body,
         attempt,
     };
-    let result = match disposition::decide(outcome, attempt, &inner.retry) {
+    let result = match decision {
         Decision::Ack => Ok(Settled::Ack),
         Decision::Drop { reason } => {
             tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "message dropped by the handler");
@@ -722,6 +744,16 @@ async fn process(
             Ok(Settled::Release)
         }
     };
+    // Durable now (a copy confirmed, or the handler's own success), and not yet acked: a
+    // crash before the ack finds the key done on redelivery.
+    if let Some(ticket) = ticket {
+        ticket
+            .finish(match result {
+                Ok(Settled::Ack | Settled::Drop | Settled::DeadLetter) => Finish::Done,
+                Ok(Settled::Retry | Settled::Release) | Err(_) => Finish::Release,
+            })
+            .await;
+    }
     (delivery_tag, result)
 }
 

@@ -423,6 +423,7 @@ mod tests {
             concurrency: 10,
             retry,
             kind: ConsumerKind::Amqp(amqp.clone()),
+            inbox: None,
         };
         (config, amqp)
     }

@@ -5,6 +5,7 @@
 
 mod check;
 mod dlq;
+mod inbox;
 mod outbox;
 mod pid_file;
 mod probe;
@@ -100,6 +101,9 @@ enum Command {
     /// Outbox tables: print or apply their DDL.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
+    /// Inboxes: print their DDL, show or forget one consumer's record of a key.
+    #[command(subcommand)]
+    Inbox(inbox::InboxCommand),
 }
 
 /// A command's failure, mapped to an exit code.
@@ -141,6 +145,7 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
         Command::Reload(args) => reload::reload(&args),
         Command::Probe(args) => probe::probe(&args),
         Command::Outbox(command) => outbox::run(&runtime, command),
+        Command::Inbox(command) => inbox::run(&runtime, command),
         Command::Publish(args) => publish::publish(&runtime, *args),
         Command::Topology(args) => topology::topology(&runtime, args),
     };

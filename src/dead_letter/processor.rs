@@ -597,6 +597,7 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
             ..RetryPolicy::default()
         },
         kind,
+        inbox: None,
     }
 }
 
@@ -620,6 +621,7 @@ impl Component for DeadLetterProcessor {
             config: &self.config,
             handler,
             bounded_handler: false,
+            inbox: None,
         })?;
         if let Some(target) = &self.archive {
             if target.migrate

@@ -19,6 +19,7 @@ use super::{Ops, RedisStreamsError};
 use crate::config::{RedisBrokerConfig, RedisConsumerConfig};
 use crate::disposition::{self, Decision, Panicked};
 use crate::handler::{FailureKind, Handler, Source};
+use crate::inbox::{self, Admission, Finish, Inbox, Ticket};
 use crate::retry::{RetryPolicy, saturating_millis};
 
 /// Handler capacity is taken this many permits at a time.
@@ -41,6 +42,8 @@ pub(crate) struct Inner {
     /// Handlers in flight at once.
     pub(crate) concurrency: usize,
     pub(crate) handler: Arc<dyn Handler>,
+    /// Where each entry's key is claimed before its handler runs, if anywhere.
+    pub(crate) inbox: Option<Arc<Inbox>>,
     /// `<stream>:retry`: the sorted set of scheduled retries, score = due time in ms.
     pub(crate) retry_key: String,
     pub(crate) scripts: Scripts,
@@ -111,6 +114,8 @@ pub(crate) enum Action {
 pub(crate) struct Settlement {
     pub(crate) id: String,
     pub(crate) action: Action,
+    /// The inbox claim of a dead letter, finished once its copy is written.
+    pub(crate) ticket: Option<Ticket>,
 }
 
 /// The in-flight set: entry ids read and not yet settled.
@@ -188,12 +193,12 @@ impl Dispatcher {
             self.tracker.spawn(async move {
                 inner.metrics.in_flight.increment(1.0);
                 let Delivery { entry, deliveries } = delivery;
-                let action = inner.process(&entry, deliveries, redelivered).await;
+                let (action, ticket) = inner.process(&entry, deliveries, redelivered).await;
                 let id = entry.id;
                 inner.metrics.in_flight.decrement(1.0);
                 // The permit is held until the settlement is queued, so a slow settler slows
                 // reading instead of piling up finished work.
-                let _ = settle.send(Settlement { id, action }).await;
+                let _ = settle.send(Settlement { id, action, ticket }).await;
                 drop(permit);
             });
         }
@@ -228,8 +233,42 @@ impl Dispatcher {
 }
 
 impl Inner {
-    /// Runs the handler on one entry and decides how to settle it.
-    async fn process(&self, entry: &Entry, deliveries: u64, redelivered: bool) -> Action {
+    /// Runs the handler on one entry and decides how to settle it; a dead letter's inbox
+    /// claim comes with it, to be finished once the copy is written.
+    async fn process(
+        &self,
+        entry: &Entry,
+        deliveries: u64,
+        redelivered: bool,
+    ) -> (Action, Option<Ticket>) {
+        let mut ticket = None;
+        let action = self
+            .decide(entry, deliveries, redelivered, &mut ticket)
+            .await;
+        let Some(held) = ticket else {
+            return (action, None);
+        };
+        match &action {
+            Action::DeadLetter { .. } => (action, Some(held)),
+            // Before the XACK: a crash in between finds the key done on redelivery.
+            Action::Ack | Action::Drop => {
+                held.finish(Finish::Done).await;
+                (action, None)
+            }
+            Action::Retry { .. } | Action::Release => {
+                held.finish(Finish::Release).await;
+                (action, None)
+            }
+        }
+    }
+
+    async fn decide(
+        &self,
+        entry: &Entry,
+        deliveries: u64,
+        redelivered: bool,
+        ticket: &mut Option<Ticket>,
+    ) -> Action {
         let source = Source {
             broker: self.broker_name.clone(),
             consumer: self.name.clone(),
@@ -270,7 +309,7 @@ impl Inner {
             )
             .map_err(|e| e.0),
         };
-        let message = match decoded {
+        let mut message = match decoded {
             Ok(message) => message,
             Err(reason) if self.handler.takes_undecodable() => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "handing an undecodable entry to the handler as it is");
@@ -281,17 +320,26 @@ impl Inner {
                 return self.dead_letter(entry, deliveries, 1, &reason, FailureKind::Invalid);
             }
         };
-        let started = Instant::now();
-        let handled = disposition::handle(self.handler.as_ref(), &message).await;
-        if let Err(Panicked(text)) = &handled {
-            tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
-        }
-        let outcome = disposition::outcome(handled);
-        self.metrics
-            .duration(&outcome)
-            .record(started.elapsed().as_secs_f64());
         let attempt = message.attempt;
-        match disposition::decide(outcome, attempt, &self.retry) {
+        let decision = match inbox::admit(self.inbox.as_deref(), &mut message).await {
+            Admission::Run(claim) => {
+                *ticket = claim;
+                let started = Instant::now();
+                let handled = disposition::handle(self.handler.as_ref(), &message).await;
+                if let Err(Panicked(text)) = &handled {
+                    tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
+                }
+                let outcome = disposition::outcome(handled);
+                self.metrics
+                    .duration(&outcome)
+                    .record(started.elapsed().as_secs_f64());
+                disposition::decide(outcome, attempt, &self.retry)
+            }
+            Admission::Settle(decision) => decision,
+            // Left pending, its delivery not counted: claimed again after `claim_idle`.
+            Admission::Postpone(reason) => Decision::Release { reason },
+        };
+        match decision {
             Decision::Ack => Action::Ack,
             Decision::Drop { reason } => {
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "handler dropped the message");
