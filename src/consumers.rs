@@ -12,7 +12,8 @@ use crate::config::{BrokerConfig, Config, ConsumerConfig, ConsumerKind, InboxSto
 use crate::handler::Handler;
 use crate::inbox::postgres::PostgresStore;
 use crate::inbox::redis::RedisStore;
-use crate::inbox::{Inbox, Store};
+use crate::inbox::{Inbox, InboxError, Store};
+use crate::publish::OutgoingMessage;
 use crate::redis_streams::RedisConsumer;
 use crate::supervisor::Component;
 
@@ -133,4 +134,75 @@ pub fn build(spec: ConsumerSpec<'_>) -> anyhow::Result<Arc<dyn Component>> {
             anyhow::bail!("broker `{source}` is {}, not redis", other.kind())
         }
     })
+}
+
+/// The inboxes of the consumers a dead-letter replay can reach, by their queue or stream: a
+/// replay deletes the record of its key first, so the replayed message runs instead of being
+/// settled as a duplicate of its own failed run.
+#[derive(Clone, Default)]
+pub struct ReplayInboxes(Arc<Vec<ReplayInbox>>);
+
+struct ReplayInbox {
+    /// The consumer's queue (amqp) or stream (redis).
+    source: String,
+    consumer: String,
+    key: crate::config::InboxKey,
+    store: Arc<dyn Store>,
+}
+
+impl ReplayInboxes {
+    /// Every consumer with an inbox; one whose store cannot be built is left out (logged).
+    pub fn new(config: &Config, databases: &BTreeMap<String, PgPool>) -> Self {
+        let mut out = Vec::new();
+        for (name, consumer) in &config.consumers {
+            let Some(inbox) = &consumer.inbox else {
+                continue;
+            };
+            let source = match &consumer.kind {
+                ConsumerKind::Amqp(amqp) => amqp.queue.clone(),
+                ConsumerKind::Redis(redis) => redis.stream.clone(),
+            };
+            match inbox_store(&inbox.store, config, databases) {
+                Ok(store) => out.push(ReplayInbox {
+                    source,
+                    consumer: name.clone(),
+                    key: inbox.key.clone(),
+                    store,
+                }),
+                Err(e) => {
+                    tracing::warn!(consumer = %name, error = %e, "cannot reach the inbox of this consumer; replays to it keep its records")
+                }
+            }
+        }
+        Self(Arc::new(out))
+    }
+
+    /// Deletes the records `copy` would be found done in, in every inbox of a consumer of its
+    /// destination (amqp: the queue it is routed to; redis: its stream).
+    pub async fn forget(&self, copy: &OutgoingMessage) -> Result<(), InboxError> {
+        let destination = if copy.destination.is_empty() {
+            &copy.routing_key
+        } else {
+            &copy.destination
+        };
+        let message = crate::handler::Message {
+            message_id: Some(copy.message_id.clone()),
+            correlation_id: copy.correlation_id.clone(),
+            headers: copy.headers.clone(),
+            content_type: copy.content_type.clone(),
+            body: copy.body.clone(),
+            attempt: 1,
+            redelivered: false,
+            source: Default::default(),
+            inbox: None,
+        };
+        for inbox in self.0.iter().filter(|i| &i.source == destination) {
+            if let Ok(key) = crate::inbox::key::of(&inbox.key, &message)
+                && inbox.store.forget(&inbox.consumer, &key).await?
+            {
+                tracing::info!(consumer = %inbox.consumer, key = %key, "replay: inbox record forgotten");
+            }
+        }
+        Ok(())
+    }
 }

@@ -475,3 +475,150 @@ fn schema_prints_the_table_and_the_completing_function() {
         s.table
     )));
 }
+
+/// A message dead-lettered by its handler is done; its replay (a delayed `replay` rule of the
+/// dead-letter processor) forgets the record first, so the replayed message runs again.
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_postgres_a_replayed_dead_letter_runs_again() {
+    let s = Setup::new(Broker::Amqp, StoreKind::Postgres);
+    let fixed = s.dir.path().join("fixed");
+    let handler = format!(
+        "{}\nexit_codes = {{ \"3\" = \"dead_letter\" }}",
+        s.exec(&format!("[ -e {} ] || exit 3", fixed.display()))
+    );
+    let archive = unique("inbox_dl");
+    let port = free_port();
+    let text = format!(
+        r#"{}
+[dead_letters.dl]
+source = "rabbit"
+queue = "{}.dlq"
+archive = "main"
+table = "{archive}"
+migrate = true
+
+[[dead_letters.dl.rules]]
+when = {{}}
+action = "replay"
+delay = "3s"
+max_replays = 1
+"#,
+        s.config(port, "message_id", "1m", &handler, "one"),
+        s.queue
+    );
+    let (file, d) = s.start(&text, port);
+    let id = s.id("replay");
+    s.send(&id, &[], "x").await;
+    assert!(
+        wait_for(WAIT, || (!s.runs().is_empty()).then_some(())).is_some(),
+        "the handler never ran: {}",
+        d.logs()
+    );
+    std::fs::write(&fixed, "").expect("fixed marker");
+    assert!(
+        wait_for(WAIT, || (s.runs().len() == 2).then_some(())).is_some(),
+        "the replay never ran: {:?}\n{}",
+        s.runs(),
+        d.logs()
+    );
+    assert_eq!(s.status(&file.path, &id).as_deref(), Some("done"));
+    assert_eq!(duplicates(&d), 0.0);
+    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {archive}"))
+        .execute(&pg().await)
+        .await;
+    s.cleanup().await;
+}
+
+/// An http handler that completes the record with `<table>_complete` in its own transaction
+/// and is cut off before it answers is not called again: the retry finds the key done.
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_postgres_an_http_handler_completing_in_its_own_transaction_is_not_called_again() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let s = Setup::new(Broker::Amqp, StoreKind::Postgres);
+    let effects = unique("inbox_effects");
+    let pool = pg().await;
+    sqlx::query(&format!("CREATE TABLE {effects} (key text NOT NULL)"))
+        .execute(&pool)
+        .await
+        .expect("effects table");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app = listener.local_addr().expect("addr").port();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = {
+        let (pool, table, effects, calls) = (
+            pool.clone(),
+            s.table.clone(),
+            effects.clone(),
+            calls.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request).to_lowercase();
+                let header = |name: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                        .map(|v| v.trim().to_owned())
+                        .unwrap_or_default()
+                };
+                let (consumer, key, token) = (
+                    header("bosun-consumer"),
+                    header("bosun-inbox-key"),
+                    header("bosun-inbox-token"),
+                );
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query(&format!("SELECT {table}_complete($1, $2, $3)"))
+                    .bind(&consumer)
+                    .bind(&key)
+                    .bind(&token)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("complete");
+                sqlx::query(&format!("INSERT INTO {effects} (key) VALUES ($1)"))
+                    .bind(&key)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("effect");
+                tx.commit().await.expect("commit");
+                // Cut off before answering.
+                let _ = socket.shutdown().await;
+            }
+        })
+    };
+    let handler = format!("kind = \"http\"\nurl = \"http://127.0.0.1:{app}/\"\ntimeout = \"5s\"");
+    let port = free_port();
+    let (_file, d) = s.start(&s.config(port, "message_id", "1m", &handler, "one"), port);
+    // Lower-case: the test's header parsing lowers the request.
+    let id = s.id("effect").to_lowercase();
+    s.send(&id, &[], "x").await;
+    assert!(
+        wait_for(WAIT, || (duplicates(&d) >= 1.0).then_some(())).is_some(),
+        "the retry was never found done: {}",
+        d.logs()
+    );
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {effects}"))
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(n, 1);
+    server.abort();
+    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {effects}"))
+        .execute(&pool)
+        .await;
+    s.cleanup().await;
+}
