@@ -22,9 +22,6 @@ use super::{Claimed, InboxError, Record, Store};
 use crate::config::valid_sql_identifier;
 use crate::handler::Message;
 
-/// Longest identifier PostgreSQL keeps.
-const MAX_IDENTIFIER: usize = 63;
-
 /// The names one inbox table's objects go by, built only from a validated identifier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schema {
@@ -54,15 +51,7 @@ impl Schema {
     }
 
     fn derived(&self, suffix: &str) -> String {
-        let base = self.split().1;
-        let name = format!("{base}_{suffix}");
-        if name.len() <= MAX_IDENTIFIER {
-            return name;
-        }
-        use sha2::Digest as _;
-        let hash = hex::encode(&sha2::Sha256::digest(base.as_bytes())[..4]);
-        let keep = MAX_IDENTIFIER - suffix.len() - hash.len() - 2;
-        format!("{}_{hash}_{suffix}", &base[..keep.min(base.len())])
+        crate::database::derived_name(self.split().1, suffix)
     }
 
     /// The completing function, next to its table: `bosun_inbox_complete` for the default
@@ -122,17 +111,10 @@ $$"
     }
 
     /// Applies the DDL in one transaction, serialized with other processes migrating the
-    /// same table (concurrent `CREATE OR REPLACE FUNCTION` fails otherwise).
+    /// same table ([`crate::database::migrate`]).
     pub async fn migrate(&self, pool: &PgPool) -> Result<(), InboxError> {
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('bosun.inbox.migrate'), hashtext($1))")
-            .bind(&self.table)
-            .execute(&mut *tx)
+        crate::database::migrate(pool, "bosun.inbox.migrate", &self.table, &self.statements())
             .await?;
-        for statement in self.statements() {
-            sqlx::query(&statement).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
         Ok(())
     }
 
