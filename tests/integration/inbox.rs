@@ -478,9 +478,8 @@ fn schema_prints_the_table_and_the_completing_function() {
 
 /// A message dead-lettered by its handler is done; its replay (a delayed `replay` rule of the
 /// dead-letter processor) forgets the record first, so the replayed message runs again.
-#[tokio::test(flavor = "multi_thread")]
-async fn amqp_postgres_a_replayed_dead_letter_runs_again() {
-    let s = Setup::new(Broker::Amqp, StoreKind::Postgres);
+async fn a_replayed_dead_letter_runs_again(broker: Broker) {
+    let s = Setup::new(broker, StoreKind::Postgres);
     let fixed = s.dir.path().join("fixed");
     let handler = format!(
         "{}\nexit_codes = {{ \"3\" = \"dead_letter\" }}",
@@ -491,8 +490,7 @@ async fn amqp_postgres_a_replayed_dead_letter_runs_again() {
     let text = format!(
         r#"{}
 [dead_letters.dl]
-source = "rabbit"
-queue = "{}.dlq"
+{}
 archive = "main"
 table = "{archive}"
 migrate = true
@@ -504,7 +502,10 @@ delay = "3s"
 max_replays = 1
 "#,
         s.config(port, "message_id", "1m", &handler, "one"),
-        s.queue
+        match broker {
+            Broker::Amqp => format!("source = \"rabbit\"\nqueue = \"{}.dlq\"", s.queue),
+            Broker::Redis => format!("source = \"cache\"\nstream = \"{}:dlq\"", s.queue),
+        }
     );
     let (file, d) = s.start(&text, port);
     let id = s.id("replay");
@@ -531,11 +532,10 @@ max_replays = 1
 
 /// An http handler that completes the record with `<table>_complete` in its own transaction
 /// and is cut off before it answers is not called again: the retry finds the key done.
-#[tokio::test(flavor = "multi_thread")]
-async fn amqp_postgres_an_http_handler_completing_in_its_own_transaction_is_not_called_again() {
+async fn an_http_handler_completing_in_its_own_transaction_is_not_called_again(broker: Broker) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    let s = Setup::new(Broker::Amqp, StoreKind::Postgres);
+    let s = Setup::new(broker, StoreKind::Postgres);
     let effects = unique("inbox_effects");
     let pool = pg().await;
     sqlx::query(&format!("CREATE TABLE {effects} (key text NOT NULL)"))
@@ -621,4 +621,24 @@ async fn amqp_postgres_an_http_handler_completing_in_its_own_transaction_is_not_
         .execute(&pool)
         .await;
     s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_postgres_a_replayed_dead_letter_runs_again() {
+    a_replayed_dead_letter_runs_again(Broker::Amqp).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_postgres_a_replayed_dead_letter_runs_again() {
+    a_replayed_dead_letter_runs_again(Broker::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_postgres_an_http_handler_completing_in_its_own_transaction_is_not_called_again() {
+    an_http_handler_completing_in_its_own_transaction_is_not_called_again(Broker::Amqp).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_postgres_an_http_handler_completing_in_its_own_transaction_is_not_called_again() {
+    an_http_handler_completing_in_its_own_transaction_is_not_called_again(Broker::Redis).await;
 }
