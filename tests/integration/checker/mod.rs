@@ -58,6 +58,9 @@ impl Default for SinkBehaviour {
 struct SinkState {
     /// Accepted (2xx) deliveries per body.
     accepted: Mutex<HashMap<String, u32>>,
+    /// With an inbox: the pool and table whose `<table>_complete` each delivery calls in a
+    /// transaction before it counts (a delivery whose claim is no longer held gets a 500).
+    inbox: Mutex<Option<(sqlx::PgPool, String)>>,
     requests: AtomicU64,
     behaviour: Mutex<SinkBehaviour>,
     /// Ids answered 500 on their first delivery (then removed), to send them through a retry.
@@ -111,6 +114,15 @@ impl Sink {
         }
     }
 
+    /// Completes each delivery's inbox record in `table` before counting it.
+    pub async fn complete_in(&self, table: &str) -> anyhow::Result<()> {
+        let pool = sqlx::PgPool::connect(PG_URL).await?;
+        if let Ok(mut inbox) = self.state.inbox.lock() {
+            *inbox = Some((pool, table.to_owned()));
+        }
+        Ok(())
+    }
+
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
     }
@@ -149,10 +161,45 @@ async fn accept(
     {
         return StatusCode::INTERNAL_SERVER_ERROR;
     }
-    if let Ok(mut accepted) = state.accepted.lock() {
-        *accepted.entry(id).or_default() += 1;
+    let inbox = state.inbox.lock().ok().and_then(|i| i.clone());
+    let Some((pool, table)) = inbox else {
+        if let Ok(mut accepted) = state.accepted.lock() {
+            *accepted.entry(id).or_default() += 1;
+        }
+        return StatusCode::OK;
+    };
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (consumer, key, token) = (
+        header("bosun-consumer"),
+        header("bosun-inbox-key"),
+        header("bosun-inbox-token"),
+    );
+    // The effect (counting the delivery) goes with the commit: in a task of its own, so a
+    // request dropped by a killed bosun cannot commit the record and skip the count.
+    let effect = tokio::spawn(async move {
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!("SELECT {table}_complete($1, $2, $3)"))
+            .bind(consumer)
+            .bind(key)
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if let Ok(mut accepted) = state.accepted.lock() {
+            *accepted.entry(id).or_default() += 1;
+        }
+        Ok::<(), sqlx::Error>(())
+    });
+    match effect.await {
+        Ok(Ok(())) => StatusCode::OK,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
-    StatusCode::OK
 }
 
 // ---------------------------------------------------------------------------------------
@@ -859,6 +906,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "amqp: kill -9 mid-flight, restart",
@@ -867,6 +915,16 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+            inbox: false,
+        },
+        Plan {
+            name: "amqp: kill -9 mid-flight, restart, with inbox",
+            path: Path_::Amqp,
+            messages: n(400),
+            rate,
+            sink: ok,
+            fault: Fault::Kill,
+            inbox: true,
         },
         Plan {
             name: "amqp: connections closed 3x",
@@ -875,6 +933,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::CloseConnections,
+            inbox: false,
         },
         Plan {
             name: "amqp: handler fails 30%",
@@ -883,6 +942,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: flaky,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "amqp: SIGTERM mid-flight, restart",
@@ -891,6 +951,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Sigterm,
+            inbox: false,
         },
         Plan {
             name: "amqp: SIGHUP with changed config",
@@ -899,6 +960,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Sighup,
+            inbox: false,
         },
         Plan {
             name: "redis: no fault",
@@ -907,6 +969,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "redis: kill -9 mid-flight, restart",
@@ -915,6 +978,16 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+            inbox: false,
+        },
+        Plan {
+            name: "redis: kill -9 mid-flight, restart, with inbox",
+            path: Path_::Redis,
+            messages: n(400),
+            rate,
+            sink: ok,
+            fault: Fault::Kill,
+            inbox: true,
         },
         Plan {
             name: "redis: CLIENT KILL 3x",
@@ -923,6 +996,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::CloseConnections,
+            inbox: false,
         },
         Plan {
             name: "redis: handler fails 30%",
@@ -931,6 +1005,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: flaky,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "redis: handler slower than claim_idle",
@@ -939,6 +1014,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate: 100,
             sink: slow,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "redis: SIGTERM mid-flight, restart",
@@ -947,6 +1023,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Sigterm,
+            inbox: false,
         },
         Plan {
             name: "outbox: relay kill -9 mid-batch, restart",
@@ -955,6 +1032,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+            inbox: false,
         },
         Plan {
             name: "outbox: pg_terminate_backend 3x",
@@ -963,6 +1041,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::CloseConnections,
+            inbox: false,
         },
         Plan {
             name: "amqp bad input: random-byte bodies, 1,000 non-UTF-8 headers, bodies at and over the broker's max size",
@@ -971,6 +1050,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BadInput,
+            inbox: false,
         },
         Plan {
             name: "amqp: dead letters of TTL messages with the dead-letter processor stopped",
@@ -982,6 +1062,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
                 delay: Duration::ZERO,
             },
             fault: Fault::TtlDeadLetters,
+            inbox: false,
         },
         Plan {
             name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size, headers nested 200 deep, 1e400 and 200 KB",
@@ -990,6 +1071,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BadInput,
+            inbox: false,
         },
         Plan {
             name: "redis bad input: 4,000-field entries amid failing handlers",
@@ -998,6 +1080,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: flaky,
             fault: Fault::BadInput,
+            inbox: false,
         },
         Plan {
             name: "outbox per_key: 3 relays, 50 keys, commits out of id order, one relay kill -9",
@@ -1006,6 +1089,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+            inbox: false,
         },
         Plan {
             name: "dead letters with NUL bytes into the archive (amqp and redis)",
@@ -1014,6 +1098,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BadInput,
+            inbox: false,
         },
     ];
     if full {
@@ -1026,6 +1111,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::QuorumRedeclared,
+            inbox: false,
         });
         plans.push(Plan {
             name: "amqp: RabbitMQ stop_app/start_app",
@@ -1034,6 +1120,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BrokerRestart,
+            inbox: false,
         });
         plans.push(Plan {
             name: "redis: Redis restarted",
@@ -1042,6 +1129,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BrokerRestart,
+            inbox: false,
         });
         plans.push(Plan {
             name: "outbox: RabbitMQ stop_app/start_app",
@@ -1050,6 +1138,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BrokerRestart,
+            inbox: false,
         });
     }
     plans
