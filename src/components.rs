@@ -1,5 +1,5 @@
-//! Component assembly: one supervised component per configured consumer, outbox relay and
-//! dead-letter processor, built from the shared [`Resources`]. Used by the runtime at start
+//! Component assembly: one supervised component per configured consumer, outbox relay,
+//! postgres inbox (its sweeper) and dead-letter processor, built from the shared [`Resources`]. Used by the runtime at start
 //! and by reload for the components whose inputs changed.
 
 use std::sync::Arc;
@@ -9,7 +9,8 @@ use anyhow::Context as _;
 use crate::config;
 use crate::consumers::ConsumerSpec;
 use crate::resources::{
-    Resources, consumer_component_name, dead_letter_component_name, outbox_component_name,
+    Resources, consumer_component_name, dead_letter_component_name, inbox_component_name,
+    outbox_component_name,
 };
 use crate::supervisor::{Component, NamedComponent};
 
@@ -45,6 +46,30 @@ pub fn components_named(
             .with_context(|| format!("outbox `{name}`"))?;
         components.push((component_name, Arc::new(component)));
     }
+    for (name, inbox) in &config.inboxes {
+        let component_name = inbox_component_name(name);
+        let config::InboxStore::Postgres {
+            database,
+            table,
+            migrate,
+        } = &inbox.store
+        else {
+            // Redis records expire by their TTL: nothing to sweep.
+            continue;
+        };
+        if !wanted(&component_name) {
+            continue;
+        }
+        let sweeper = crate::inbox::sweep::Sweeper::new(
+            name,
+            resources.database(database)?,
+            table,
+            inbox.window,
+            *migrate,
+        )
+        .with_context(|| format!("inbox `{name}`"))?;
+        components.push((component_name, Arc::new(sweeper)));
+    }
     for (name, dl) in &config.dead_letters {
         let component_name = dead_letter_component_name(name);
         if !wanted(&component_name) {
@@ -70,5 +95,11 @@ fn build_consumer(
         handler: resources.handler(&consumer.handler)?,
         gate: resources.gate(name, &consumer.handler),
         bounded_handler: true,
+        inbox: crate::consumers::inbox_for(
+            name,
+            consumer,
+            &resources.config,
+            &resources.databases,
+        )?,
     })
 }

@@ -35,3 +35,43 @@ pub fn pools(
         })
         .collect()
 }
+
+/// Longest identifier PostgreSQL keeps; longer ones are silently truncated.
+const MAX_IDENTIFIER: usize = 63;
+
+/// `<base>_<suffix>`, shortened with a hash when it would pass PostgreSQL's limit, so two
+/// long table names never share an index or function name.
+pub fn derived_name(base: &str, suffix: &str) -> String {
+    use sha2::Digest as _;
+    let name = format!("{base}_{suffix}");
+    if name.len() <= MAX_IDENTIFIER {
+        return name;
+    }
+    let digest = sha2::Sha256::digest(base.as_bytes());
+    let hash = hex::encode(&digest[..4]);
+    // Identifiers are ASCII (validated), so byte slicing stays on char boundaries.
+    let keep = MAX_IDENTIFIER - suffix.len() - hash.len() - 2;
+    format!("{}_{hash}_{suffix}", &base[..keep.min(base.len())])
+}
+
+/// Applies `statements` in one transaction. Concurrent migrations of the same `table` (several
+/// processes starting together) wait for each other on an advisory lock in `namespace`, since
+/// concurrent `CREATE OR REPLACE FUNCTION` on one function fails with "tuple concurrently
+/// updated".
+pub async fn migrate(
+    pool: &PgPool,
+    namespace: &str,
+    table: &str,
+    statements: &[String],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+        .bind(namespace)
+        .bind(table)
+        .execute(&mut *tx)
+        .await?;
+    for statement in statements {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}

@@ -325,6 +325,7 @@ mod tests {
             body: bytes::Bytes::from_static(b"x"),
             attempt: 1,
             redelivered: false,
+            inbox: None,
             source: Default::default(),
         };
         assert_eq!(

@@ -23,8 +23,8 @@
 //! The library can be embedded: build a [`Runtime`] with your own handler kinds and
 //! components (docs/embedding.md). The public API is [`Runtime`] and [`RuntimeBuilder`], the
 //! [`handler`] API, [`supervisor::Component`], [`config`] loading, [`cli::main_with`],
-//! [`metrics_handle`], [`OutboxSchema`] and [`outbox::enqueue`] (an outbox row written in
-//! the application's own transaction); every other module is crate-private.
+//! [`metrics_handle`], [`OutboxSchema`], [`InboxSchema`] and [`outbox::enqueue`] (an outbox row
+//! written in the application's own transaction); every other module is crate-private.
 
 // The public API (see "API boundary" in ARCHITECTURE.md): what a program embedding bosun
 // uses. Everything else is crate-private, free to change without breaking embedders.
@@ -35,6 +35,8 @@ pub mod outbox;
 pub mod supervisor;
 
 pub use handler::{Handler, Message, Outcome};
+pub use inbox::InboxError;
+pub use inbox::postgres::Schema as InboxSchema;
 pub use outbox::{OutboxError, Schema as OutboxSchema};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use telemetry::metrics_handle;
@@ -50,6 +52,7 @@ mod failure_headers;
 mod flow_control;
 mod health;
 mod http;
+mod inbox;
 mod otlp;
 mod publish;
 mod publish_api;

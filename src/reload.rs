@@ -22,7 +22,8 @@ use crate::dead_letter::ops::Ops;
 use crate::flow_control::Flows;
 use crate::handler::HandlerKinds;
 use crate::resources::{
-    Resources, consumer_component_name, dead_letter_component_name, outbox_component_name,
+    Resources, consumer_component_name, dead_letter_component_name, inbox_component_name,
+    outbox_component_name,
 };
 use crate::supervisor::{Changes, ReloadHook, SignalKind};
 
@@ -33,6 +34,12 @@ enum Inputs {
         consumer: config::ConsumerConfig,
         broker: Option<BrokerConfig>,
         handlers: BTreeMap<String, HandlerConfig>,
+        /// Its inbox's store, and that store's database or broker.
+        inbox: Option<Box<InboxInputs>>,
+    },
+    Inbox {
+        inbox: config::InboxConfig,
+        database: Option<DatabaseConfig>,
     },
     Outbox {
         outbox: config::OutboxConfig,
@@ -72,8 +79,24 @@ fn inputs(config: &Config) -> BTreeMap<String, Inputs> {
                 consumer: consumer.clone(),
                 broker: config.brokers.get(&consumer.source).cloned(),
                 handlers: handler_closure(config, &consumer.handler),
+                inbox: consumer
+                    .inbox
+                    .as_ref()
+                    .and_then(|i| config.inboxes.get(&i.store))
+                    .map(|inbox| Box::new(inbox_inputs(config, inbox))),
             },
         );
+    }
+    for (name, inbox) in &config.inboxes {
+        if let config::InboxStore::Postgres { database, .. } = &inbox.store {
+            out.insert(
+                inbox_component_name(name),
+                Inputs::Inbox {
+                    inbox: inbox.clone(),
+                    database: config.databases.get(database).cloned(),
+                },
+            );
+        }
     }
     for (name, outbox) in &config.outboxes {
         out.insert(
@@ -100,6 +123,24 @@ fn inputs(config: &Config) -> BTreeMap<String, Inputs> {
         );
     }
     out
+}
+
+/// An inbox, and the database or broker its store connects to.
+type InboxInputs = (
+    config::InboxConfig,
+    Option<DatabaseConfig>,
+    Option<BrokerConfig>,
+);
+
+/// An inbox and what its store connects to.
+fn inbox_inputs(config: &Config, inbox: &config::InboxConfig) -> InboxInputs {
+    let (database, broker) = match &inbox.store {
+        config::InboxStore::Postgres { database, .. } => {
+            (config.databases.get(database).cloned(), None)
+        }
+        config::InboxStore::Redis { broker } => (None, config.brokers.get(broker).cloned()),
+    };
+    (inbox.clone(), database, broker)
 }
 
 /// The components to stop and to start to go from `old` to `new`.

@@ -70,6 +70,11 @@ pub fn outbox_component_name(name: &str) -> String {
     format!("outbox:{name}")
 }
 
+/// Name under which a postgres inbox's sweeper runs.
+pub fn inbox_component_name(name: &str) -> String {
+    format!("inbox:{name}")
+}
+
 /// Name under which a dead-letter processor runs.
 pub fn dead_letter_component_name(name: &str) -> String {
     format!("dead_letter:{name}")

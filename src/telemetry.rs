@@ -172,6 +172,38 @@ pub fn backlog_gauge(consumer: &str) -> metrics::Gauge {
     metrics::gauge!("bosun_consumer_backlog", "consumer" => consumer.to_owned())
 }
 
+/// Inbox metric names, listed in docs/metrics.md.
+pub mod inbox_metric {
+    /// Counter `{consumer}`: messages found done and settled per `on_duplicate`.
+    pub const DUPLICATES: &str = "bosun_inbox_duplicates_total";
+    /// Counter `{consumer}`: claims taken over after their lease expired.
+    pub const TAKEOVERS: &str = "bosun_inbox_takeovers_total";
+    /// Histogram `{consumer}`: time one claim took.
+    pub const CLAIM_DURATION: &str = "bosun_inbox_claim_duration_seconds";
+    /// Gauge `{inbox}`: records in a postgres inbox table, sampled by its sweeper.
+    pub const RECORDS: &str = "bosun_inbox_records";
+}
+
+fn describe_inbox_metrics() {
+    metrics::describe_counter!(
+        inbox_metric::DUPLICATES,
+        "Messages whose inbox key was already done, settled per on_duplicate without running the handler."
+    );
+    metrics::describe_counter!(
+        inbox_metric::TAKEOVERS,
+        "Inbox claims taken over after their lease expired (their holder died or hung)."
+    );
+    metrics::describe_histogram!(
+        inbox_metric::CLAIM_DURATION,
+        metrics::Unit::Seconds,
+        "Time one inbox claim took before the handler ran."
+    );
+    metrics::describe_gauge!(
+        inbox_metric::RECORDS,
+        "Records in a postgres inbox table (claims and done keys), sampled by its sweeper."
+    );
+}
+
 /// Dead-letter processor metric names, listed in docs/metrics.md.
 pub mod dead_letter_metric {
     /// Counter `{processor, action}`: dead letters settled, by the action that settled them.
@@ -209,6 +241,7 @@ fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_dead_letter_metrics();
     crate::flow_control::describe_metrics();
+    describe_inbox_metrics();
     describe_gauge!(
         "bosun_build_info",
         "Always 1; the version label names the running build."

@@ -72,6 +72,7 @@ fn message(i: usize) -> Message {
         body: body.into(),
         attempt: 1,
         redelivered: false,
+        inbox: None,
         source: Source {
             broker: "bench".into(),
             consumer: "bench".into(),

@@ -62,6 +62,7 @@ use crate::config::{AmqpBrokerConfig, AmqpConsumerConfig, ConsumerConfig, Delive
 use crate::disposition::{self, Decision, Panicked};
 use crate::flow_control::{Admission, Admit, Gate};
 use crate::handler::{FailureKind, Handler, Message, Source};
+use crate::inbox::{self, Finish, Inbox};
 use crate::publish::PublishError;
 use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
@@ -108,6 +109,8 @@ struct Inner {
     handler: Arc<dyn Handler>,
     /// Asked before each delivery is taken: the handler's breaker, rate limit and pauses.
     gate: Gate,
+    /// Where each message's key is claimed before its handler runs, if anywhere.
+    inbox: Option<Arc<Inbox>>,
     /// Handlers in flight at once.
     concurrency: usize,
     /// The configured prefetch, cut to the byte budget (`limits::prefetch`).
@@ -215,6 +218,7 @@ pub struct AmqpConsumerSpec<'a> {
     pub connection_name: String,
     pub handler: Arc<dyn Handler>,
     pub gate: Gate,
+    pub inbox: Option<Arc<Inbox>>,
 }
 
 impl AmqpConsumer {
@@ -235,6 +239,7 @@ impl AmqpConsumer {
             connection_name: spec.connection_name,
             handler: spec.handler,
             gate: spec.gate,
+            inbox: spec.inbox,
             concurrency: spec.consumer.concurrency.max(1),
             prefetch,
             limits,
@@ -855,7 +860,7 @@ async fn process(
         exchange.as_str(),
         routing_key.as_str(),
     );
-    let message = Message {
+    let mut message = Message {
         message_id: Some(message_id.clone()),
         correlation_id: properties
             .correlation_id()
@@ -869,6 +874,7 @@ async fn process(
         body: Bytes::from(data),
         attempt,
         redelivered,
+        inbox: None,
         source: Source {
             broker: inner.broker_name.clone(),
             consumer: inner.name.clone(),
@@ -885,20 +891,40 @@ async fn process(
         return (delivery_tag, Ok(Settled::Release));
     }
     let span = disposition::span(&message, System::RabbitMq, inner.trace);
-    inner.metrics.in_flight.increment(1.0);
-    let started = Instant::now();
-    let handled = disposition::handle(inner.handler.as_ref(), &message)
+    let admitted = inbox::admit(inner.inbox.as_deref(), &mut message)
         .instrument(span.clone())
         .await;
-    if let Err(Panicked(text)) = &handled {
-        tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
-    }
-    let outcome = admission.finish(disposition::outcome(handled));
-    inner
-        .metrics
-        .duration(&outcome)
-        .record(started.elapsed().as_secs_f64());
-    inner.metrics.in_flight.decrement(1.0);
+    let (decision, ticket) = match admitted {
+        inbox::Admission::Run(ticket) => {
+            inner.metrics.in_flight.increment(1.0);
+            let started = Instant::now();
+            let handled = disposition::handle(inner.handler.as_ref(), &message)
+                .instrument(span.clone())
+                .await;
+            if let Err(Panicked(text)) = &handled {
+                tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
+            }
+            let outcome = admission.finish(disposition::outcome(handled));
+            inner
+                .metrics
+                .duration(&outcome)
+                .record(started.elapsed().as_secs_f64());
+            inner.metrics.in_flight.decrement(1.0);
+            (disposition::decide(outcome, attempt, &inner.retry), ticket)
+        }
+        // The handler is not called: the gate's admission goes back unused.
+        inbox::Admission::Settle(decision) => (decision, None),
+        // Through the shortest retry tier (straight back to the queue without one), on the
+        // same attempt: the claim held elsewhere has settled or expired by the time it is back.
+        inbox::Admission::Postpone(reason) => (
+            Decision::Retry {
+                delay: Duration::ZERO,
+                attempt,
+                reason,
+            },
+            None,
+        ),
+    };
 
     let original = Original {
         exchange,
@@ -910,7 +936,7 @@ async fn process(
         trace: disposition::trace_for_copy(&message, &span),
     };
     let settle = async {
-        match disposition::decide(outcome, attempt, &inner.retry) {
+        match decision {
             Decision::Ack => Ok(Settled::Ack),
             Decision::Drop { reason } => {
                 tracing::debug!(consumer = %inner.name, message_id = %message_id, reason = %reason, "message dropped by the handler");
@@ -960,6 +986,16 @@ async fn process(
     let result = settle.instrument(span.clone()).await;
     if let Ok(settled) = &result {
         trace_context::record_outcome(&span, settled.label());
+    }
+    // Durable now (a copy confirmed, or the handler's own success), and not yet acked: a
+    // crash before the ack finds the key done on redelivery.
+    if let Some(ticket) = ticket {
+        ticket
+            .finish(match result {
+                Ok(Settled::Ack | Settled::Drop | Settled::DeadLetter) => Finish::Done,
+                Ok(Settled::Retry | Settled::Release) | Err(_) => Finish::Release,
+            })
+            .await;
     }
     (delivery_tag, result)
 }

@@ -425,6 +425,7 @@ mod tests {
             retry,
             trace: Default::default(),
             kind: ConsumerKind::Amqp(amqp.clone()),
+            inbox: None,
         };
         (config, amqp)
     }

@@ -6,6 +6,7 @@
 mod check;
 mod dlq;
 mod flow;
+mod inbox;
 mod outbox;
 mod pid_file;
 mod probe;
@@ -107,6 +108,9 @@ enum Command {
     /// Outbox tables: print or apply their DDL.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
+    /// Inboxes: print their DDL, show or forget one consumer's record of a key.
+    #[command(subcommand)]
+    Inbox(inbox::InboxCommand),
 }
 
 /// A command's failure, mapped to an exit code.
@@ -148,6 +152,7 @@ pub fn main_with(runtime: Runtime) -> ExitCode {
         Command::Reload(args) => reload::reload(&args),
         Command::Probe(args) => probe::probe(&args),
         Command::Outbox(command) => outbox::run(&runtime, command),
+        Command::Inbox(command) => inbox::run(&runtime, command),
         Command::Publish(args) => publish::publish(&runtime, *args),
         Command::Topology(args) => topology::topology(&runtime, args),
         Command::Pause(args) => flow::pause(&runtime, args),

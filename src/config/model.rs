@@ -31,6 +31,8 @@ pub struct Config {
     pub dead_letters: BTreeMap<String, DeadLetterConfig>,
     /// `[publish_api]`; `None` keeps `/v1/publish` off.
     pub publish_api: Option<PublishApiConfig>,
+    /// `[inboxes.*]`: where consumers with an inbox record the keys they handled.
+    pub inboxes: BTreeMap<String, InboxConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -293,6 +295,78 @@ pub struct ConsumerConfig {
     /// What each message's span does with the producer's trace context.
     pub trace: TraceMode,
     pub kind: ConsumerKind,
+    /// The inbox the consumer claims each message's key in before its handler runs.
+    pub inbox: Option<ConsumerInbox>,
+}
+
+/// `[inboxes.NAME]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxConfig {
+    pub store: InboxStore,
+    /// How long a done record is kept: a repeat later than this runs again.
+    pub window: Duration,
+    /// How long an in-progress claim holds: a claim older than this belongs to a process
+    /// that died or hangs, and another may take it over.
+    pub lease: Duration,
+}
+
+/// Where an inbox keeps its records.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InboxStore {
+    /// A table in a `[databases.*]` database.
+    Postgres {
+        database: String,
+        /// A validated SQL identifier, optionally schema-qualified.
+        table: String,
+        /// Create the table and its function at start.
+        migrate: bool,
+    },
+    /// Keys in a redis `[brokers.*]` server.
+    Redis { broker: String },
+}
+
+/// A consumer's `inbox = { ... }` and `on_duplicate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerInbox {
+    /// The `[inboxes.*]` name.
+    pub store: String,
+    pub key: InboxKey,
+    pub on_duplicate: OnDuplicate,
+}
+
+/// Where a message's inbox key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboxKey {
+    /// The message id.
+    MessageId,
+    /// A message header (its text value), named in lower case as written.
+    Header(String),
+    /// A JSON pointer into the body (RFC 6901): a string or number there.
+    Json(String),
+    /// The SHA-256 of the body, in hex.
+    Sha256Body,
+}
+
+impl std::fmt::Display for InboxKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InboxKey::MessageId => f.write_str("message_id"),
+            InboxKey::Header(name) => write!(f, "header:{name}"),
+            InboxKey::Json(pointer) => write!(f, "json:{pointer}"),
+            InboxKey::Sha256Body => f.write_str("sha256:body"),
+        }
+    }
+}
+
+/// What becomes of a message whose key is already done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDuplicate {
+    /// Settle it as handled.
+    Ack,
+    /// Settle it as dropped (counted as a drop).
+    Drop,
+    /// Copy it to the dead-letter destination (kind `permanent`), then settle it.
+    DeadLetter,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -32,6 +32,39 @@ pub struct RawConfig {
     pub dead_letters: BTreeMap<String, RawDeadLetter>,
     /// `[publish_api]`: `POST /v1/publish` and scheduled sends on the admin listener.
     pub publish_api: Option<RawPublishApi>,
+    #[serde(default)]
+    pub inboxes: BTreeMap<String, RawInbox>,
+}
+
+/// `[inboxes.NAME]`: where consumers with an inbox record the keys they handled.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInbox {
+    /// `"postgres"` or `"redis"`.
+    pub kind: String,
+    /// postgres: name of a `[databases.*]` entry.
+    pub database: Option<String>,
+    /// postgres: the table (default `bosun_inbox`).
+    pub table: Option<String>,
+    /// postgres: create the table and function at start (default true).
+    pub migrate: Option<bool>,
+    /// redis: name of a redis `[brokers.*]` entry.
+    pub broker: Option<String>,
+    /// How long a done record is kept (default "7d").
+    pub window: Option<String>,
+    /// How long an in-progress claim holds before another process may take it over
+    /// (default "5m").
+    pub lease: Option<String>,
+}
+
+/// `inbox = { store = "...", key = "..." }` of a consumer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumerInbox {
+    /// Name of an `[inboxes.*]` entry.
+    pub store: String,
+    /// `message_id` (default), `header:NAME`, `json:/pointer` or `sha256:body`.
+    pub key: Option<String>,
 }
 
 /// `[service]`: process-wide settings; changing them needs a restart.
@@ -233,6 +266,11 @@ pub struct RawConsumer {
     /// context: "continue" (default: a child of the producer's span), "link" (a new trace
     /// linked to it) or "new" (a new trace).
     pub trace: Option<String>,
+    /// Record each message's key before the handler runs, and settle repeats without it.
+    pub inbox: Option<RawConsumerInbox>,
+    /// What becomes of a message whose key the inbox holds as done: `ack` (default), `drop`
+    /// or `dead_letter`.
+    pub on_duplicate: Option<String>,
 
     // amqp
     pub queue: Option<String>,

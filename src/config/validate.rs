@@ -713,10 +713,12 @@ pub fn validate_with(
                 consumer.source, broker_names()));
             continue;
         };
-        if let Some(config) = consumer_config(&mut c, name, consumer, broker) {
+        if let Some(mut config) = consumer_config(&mut c, name, consumer, broker) {
+            config.inbox = consumer_inbox(&mut c, name, consumer, &raw.inboxes);
             consumers.insert(name.clone(), config);
         }
     }
+    let inboxes = inboxes(&mut c, &raw);
 
     let mut outboxes = BTreeMap::new();
     for (name, outbox) in &raw.outboxes {
@@ -784,6 +786,7 @@ pub fn validate_with(
             outboxes,
             dead_letters,
             publish_api,
+            inboxes,
         })
     } else {
         Err(c.issues)
@@ -1334,6 +1337,7 @@ fn consumer_config(
                 concurrency: concurrency.max(1),
                 retry,
                 trace,
+                inbox: None,
                 kind: ConsumerKind::Amqp(AmqpConsumerConfig {
                     queue,
                     queue_type,
@@ -1468,6 +1472,7 @@ fn consumer_config(
                 concurrency: concurrency.max(1),
                 retry,
                 trace,
+                inbox: None,
                 kind: ConsumerKind::Redis(RedisConsumerConfig {
                     dead_letter_stream: dl
                         .and_then(|d| d.stream.clone())
@@ -1528,6 +1533,190 @@ fn attempt_header_ok(c: &mut Checker<'_>, at: &[&str], header: &str) {
             at,
             format!("`{header}` is the broker's dead-letter history, written on every hop through a retry tier too, not a count of retries; bosun never counts attempts from it"),
         );
+    }
+}
+
+/// `[inboxes.*]`: each names a defined database (postgres) or redis broker (redis).
+fn inboxes(c: &mut Checker<'_>, raw: &RawConfig) -> BTreeMap<String, InboxConfig> {
+    let mut inboxes = BTreeMap::new();
+    for (name, inbox) in &raw.inboxes {
+        let at = |k: &'static str| -> [&str; 3] { ["inboxes", name, k] };
+        c.name_ok(&["inboxes", name], "inbox", name);
+        let window = c.duration(
+            &at("window"),
+            inbox.window.as_deref(),
+            Duration::from_secs(7 * 86_400),
+        );
+        let lease = c.duration(
+            &at("lease"),
+            inbox.lease.as_deref(),
+            Duration::from_secs(300),
+        );
+        if lease.is_zero() {
+            c.issue(&at("lease"), "must be longer than zero");
+        }
+        if window < lease {
+            c.issue(&at("window"), "must not be shorter than `lease`");
+        }
+        let misplaced = |c: &mut Checker<'_>, field: &'static str, kind: &str| {
+            c.issue(
+                &at(field),
+                format!("`{field}` is not an option of a {kind} inbox"),
+            );
+        };
+        let store = match inbox.kind.as_str() {
+            "postgres" => {
+                if inbox.broker.is_some() {
+                    misplaced(c, "broker", "postgres");
+                }
+                let Some(database) = inbox.database.clone() else {
+                    c.issue(&["inboxes", name], "a postgres inbox needs `database`");
+                    continue;
+                };
+                if !raw.databases.contains_key(&database) {
+                    c.issue(&at("database"), format!(
+                        "inbox `{name}` names database `{database}`, which is not defined (defined databases: {})",
+                        list(raw.databases.keys())));
+                }
+                let table = inbox.table.clone().unwrap_or_else(|| "bosun_inbox".into());
+                if !valid_sql_identifier(&table) {
+                    c.issue(&at("table"), format!("`{table}` is not a plain SQL identifier (lower-case letters, digits and `_`, optionally `schema.table`)"));
+                }
+                InboxStore::Postgres {
+                    database,
+                    table,
+                    migrate: inbox.migrate.unwrap_or(true),
+                }
+            }
+            "redis" => {
+                for (field, given) in [
+                    ("database", inbox.database.is_some()),
+                    ("table", inbox.table.is_some()),
+                    ("migrate", inbox.migrate.is_some()),
+                ] {
+                    if given {
+                        misplaced(c, field, "redis");
+                    }
+                }
+                let Some(broker) = inbox.broker.clone() else {
+                    c.issue(&["inboxes", name], "a redis inbox needs `broker`");
+                    continue;
+                };
+                match raw.brokers.get(&broker) {
+                    Some(RawBroker::Redis(_)) => {}
+                    Some(_) => c.issue(&at("broker"), format!("inbox `{name}` names broker `{broker}`, which is not a redis broker")),
+                    None => c.issue(&at("broker"), format!(
+                        "inbox `{name}` names broker `{broker}`, which is not defined (defined brokers: {})",
+                        list(raw.brokers.keys()))),
+                }
+                InboxStore::Redis { broker }
+            }
+            other => {
+                c.issue(
+                    &at("kind"),
+                    format!("unknown inbox kind `{other}`, expected `postgres` or `redis`"),
+                );
+                continue;
+            }
+        };
+        inboxes.insert(
+            name.clone(),
+            InboxConfig {
+                store,
+                window,
+                lease,
+            },
+        );
+    }
+    inboxes
+}
+
+/// A consumer's `inbox = { store, key }` and `on_duplicate`.
+fn consumer_inbox(
+    c: &mut Checker<'_>,
+    name: &str,
+    raw: &RawConsumer,
+    inboxes: &BTreeMap<String, RawInbox>,
+) -> Option<ConsumerInbox> {
+    let at = |k: &'static str| -> [&str; 3] { ["consumers", name, k] };
+    let Some(inbox) = &raw.inbox else {
+        if raw.on_duplicate.is_some() {
+            c.issue(&at("on_duplicate"), "`on_duplicate` needs an `inbox`");
+        }
+        return None;
+    };
+    if !inboxes.contains_key(&inbox.store) {
+        c.issue(
+            &["consumers", name, "inbox", "store"],
+            format!(
+                "consumer `{name}` names inbox `{}`, which is not defined (defined inboxes: {})",
+                inbox.store,
+                list(inboxes.keys())
+            ),
+        );
+    }
+    let key = match inbox_key(inbox.key.as_deref().unwrap_or("message_id")) {
+        Ok(key) => key,
+        Err(e) => {
+            c.issue(&["consumers", name, "inbox", "key"], e);
+            InboxKey::MessageId
+        }
+    };
+    let on_duplicate = c.one_of(
+        &at("on_duplicate"),
+        raw.on_duplicate.as_deref(),
+        OnDuplicate::Ack,
+        &[
+            ("ack", OnDuplicate::Ack),
+            ("drop", OnDuplicate::Drop),
+            ("dead_letter", OnDuplicate::DeadLetter),
+        ],
+    );
+    Some(ConsumerInbox {
+        store: inbox.store.clone(),
+        key,
+        on_duplicate,
+    })
+}
+
+/// An inbox key spec: `message_id`, `header:NAME`, `json:/pointer` or `sha256:body`.
+pub fn inbox_key(spec: &str) -> Result<InboxKey, String> {
+    let expected = "expected `message_id`, `header:NAME`, `json:/pointer` or `sha256:body`";
+    match spec.split_once(':') {
+        None if spec == "message_id" => Ok(InboxKey::MessageId),
+        Some(("sha256", "body")) => Ok(InboxKey::Sha256Body),
+        Some(("header", name)) => {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                Err(format!(
+                    "`{spec}`: a header name is one or more visible ASCII characters"
+                ))
+            } else {
+                Ok(InboxKey::Header(name.to_owned()))
+            }
+        }
+        Some(("json", pointer)) => {
+            if !pointer.starts_with('/') {
+                Err(format!(
+                    "`{spec}`: a JSON pointer starts with `/` (e.g. `json:/order/id`)"
+                ))
+            } else if pointer.split('/').any(|t| {
+                let mut rest = t;
+                while let Some(i) = rest.find('~') {
+                    if !matches!(rest.as_bytes().get(i + 1), Some(b'0' | b'1')) {
+                        return true;
+                    }
+                    rest = &rest[i + 2..];
+                }
+                false
+            }) {
+                Err(format!(
+                    "`{spec}`: `~` in a JSON pointer must be `~0` or `~1`"
+                ))
+            } else {
+                Ok(InboxKey::Json(pointer.to_owned()))
+            }
+        }
+        _ => Err(format!("unknown inbox key `{spec}`, {expected}")),
     }
 }
 

@@ -102,9 +102,9 @@ impl IntoResponse for ApiError {
         let status = match &self.0 {
             DeadLetterError::Invalid(_) | DeadLetterError::NoDestination => StatusCode::BAD_REQUEST,
             DeadLetterError::NotFound(_) => StatusCode::NOT_FOUND,
-            DeadLetterError::Database(_) | DeadLetterError::Broker { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            DeadLetterError::Database(_)
+            | DeadLetterError::Broker { .. }
+            | DeadLetterError::Inbox(_) => StatusCode::SERVICE_UNAVAILABLE,
             DeadLetterError::Publish(_) => StatusCode::BAD_GATEWAY,
         };
         (

@@ -409,6 +409,7 @@ mod tests {
             body: Bytes::from_static(b"{}"),
             attempt: 1,
             redelivered: false,
+            inbox: None,
             source: Source {
                 queue: "orders.dlq".into(),
                 ..Source::default()

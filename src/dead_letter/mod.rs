@@ -41,6 +41,9 @@ pub enum DeadLetterError {
     /// The broker for a replay or forward cannot be used.
     #[error("broker `{broker}`: {message}")]
     Broker { broker: String, message: String },
+    /// The inbox record of a replay's key could not be forgotten; the replay waits.
+    #[error("inbox: {0}")]
+    Inbox(#[from] crate::inbox::InboxError),
     /// A replay of a dead letter that names no original queue or stream.
     #[error("the dead letter names no original queue or stream to replay to")]
     NoDestination,
@@ -59,7 +62,7 @@ impl DeadLetterError {
     pub fn is_transient(&self) -> bool {
         match self {
             DeadLetterError::Database(e) => !is_data_error(e),
-            DeadLetterError::Broker { .. } => true,
+            DeadLetterError::Broker { .. } | DeadLetterError::Inbox(_) => true,
             DeadLetterError::Publish(e) => e.is_transient(),
             DeadLetterError::NoDestination
             | DeadLetterError::NotFound(_)

@@ -62,6 +62,8 @@ pub struct Ops {
     config: Arc<Config>,
     pools: BTreeMap<String, PgPool>,
     publishers: Arc<dyn PublisherSource>,
+    /// A replay forgets its key in the inbox of the consumer it goes to.
+    inboxes: crate::consumers::ReplayInboxes,
 }
 
 /// What a replay did (or, with `dry_run`, would do).
@@ -104,10 +106,16 @@ impl Ops {
         publishers: Arc<dyn PublisherSource>,
     ) -> Self {
         Self {
+            inboxes: crate::consumers::ReplayInboxes::new(&config, &pools),
             config,
             pools,
             publishers,
         }
+    }
+
+    /// The inboxes a replay forgets its key in.
+    pub fn inboxes(&self) -> crate::consumers::ReplayInboxes {
+        self.inboxes.clone()
     }
 
     /// The target of a replay or purge, once its selector is within bounds.
@@ -335,7 +343,17 @@ impl Ops {
                 .get(&row.details.processor)
                 .map(|dl| dl.replay_to.as_slice())
                 .unwrap_or_default();
-            match letter_from_row(&row).and_then(|letter| replay_copy(kind, &letter, allowed)) {
+            let copy = letter_from_row(&row).and_then(|letter| replay_copy(kind, &letter, allowed));
+            let copy = match copy {
+                Ok(copy) => self
+                    .inboxes
+                    .forget(&copy)
+                    .await
+                    .map(|()| copy)
+                    .map_err(Into::into),
+                Err(e) => Err(e),
+            };
+            match copy {
                 Ok(copy) => by_broker
                     .entry((broker, row.details.processor.clone()))
                     .or_default()

@@ -63,6 +63,8 @@ pub struct DeadLetterHandler {
     kind: BrokerKind,
     archive: Option<ArchiveTarget>,
     publishers: Arc<dyn PublisherSource>,
+    /// A replay forgets its key in the inbox of the consumer it goes to.
+    inboxes: crate::consumers::ReplayInboxes,
     /// The running component's readiness entry: effects that fail make it not ready until
     /// one succeeds.
     health: HealthHandle,
@@ -88,9 +90,16 @@ impl DeadLetterHandler {
             kind,
             archive,
             publishers,
+            inboxes: Default::default(),
             health: ctx.health.clone(),
             shutdown: ctx.shutdown.clone(),
         }
+    }
+
+    /// The inboxes its replays forget their keys in.
+    pub fn with_inboxes(mut self, inboxes: crate::consumers::ReplayInboxes) -> Self {
+        self.inboxes = inboxes;
+        self
     }
 
     /// The archive row for `letter`.
@@ -168,8 +177,10 @@ impl DeadLetterHandler {
     async fn apply(&self, letter: &DeadLetter, decision: &Decision) -> Result<(), DeadLetterError> {
         match decision {
             Decision::Replay { delay } if delay.is_zero() => {
-                self.publish(&replay_copy(self.kind, letter, &self.config.replay_to)?)
-                    .await?;
+                let copy = replay_copy(self.kind, letter, &self.config.replay_to)?;
+                // The consumer it goes back to must not find it done.
+                self.inboxes.forget(&copy).await?;
+                self.publish(&copy).await?;
                 metrics::counter!(metric::REPLAYS, "processor" => self.name.clone()).increment(1);
                 Ok(())
             }
@@ -602,6 +613,7 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
         },
         trace: Default::default(),
         kind,
+        inbox: None,
     }
 }
 
@@ -610,14 +622,17 @@ impl Component for DeadLetterProcessor {
     async fn run(&self, ctx: ComponentContext) -> anyhow::Result<()> {
         // The handler and its consumer are made for each run, with the run's readiness entry
         // and shutdown.
-        let handler = Arc::new(DeadLetterHandler::new(
-            &self.name,
-            self.dl.clone(),
-            self.kind,
-            self.archive.clone(),
-            self.publishers.clone(),
-            &ctx,
-        ));
+        let handler = Arc::new(
+            DeadLetterHandler::new(
+                &self.name,
+                self.dl.clone(),
+                self.kind,
+                self.archive.clone(),
+                self.publishers.clone(),
+                &ctx,
+            )
+            .with_inboxes(self.ops.inboxes()),
+        );
         let consumer = crate::consumers::build(ConsumerSpec {
             name: &self.component,
             component: &self.component,
@@ -627,6 +642,7 @@ impl Component for DeadLetterProcessor {
             // Its input has nowhere further to go: no breaker or pause stops it.
             gate: crate::flow_control::Gate::open(),
             bounded_handler: false,
+            inbox: None,
         })?;
         if let Some(target) = &self.archive {
             if target.migrate

@@ -510,6 +510,14 @@ fn bosun_env(message: &Message, handler: &str) -> Vec<(String, String)> {
         ("BOSUN_EXCHANGE", text(source.exchange.as_deref())),
         ("BOSUN_ROUTING_KEY", text(source.routing_key.as_deref())),
         ("BOSUN_ENTRY_ID", text(source.entry_id.as_deref())),
+        (
+            "BOSUN_INBOX_KEY",
+            text(message.inbox.as_ref().map(|c| c.key.as_str())),
+        ),
+        (
+            "BOSUN_INBOX_TOKEN",
+            text(message.inbox.as_ref().map(|c| c.token.as_str())),
+        ),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_owned(), value))

@@ -647,6 +647,10 @@ fn request_headers(settings: &HttpSettings, message: &Message, handler: &str) ->
     if let Some(id) = &message.source.entry_id {
         set("bosun-entry-id", id);
     }
+    if let Some(claim) = &message.inbox {
+        set("bosun-inbox-key", &claim.key);
+        set("bosun-inbox-token", &claim.token);
+    }
     if settings.cloudevents {
         set("ce-specversion", "1.0");
         let id = message

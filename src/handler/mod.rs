@@ -45,6 +45,22 @@ pub struct Message {
     /// Set when the broker says this may have been delivered before (e.g. after a crash).
     pub redelivered: bool,
     pub source: Source,
+    /// The inbox claim the message is handled under, when its consumer has an inbox: a
+    /// handler outside the process passes it to `bosun_inbox_complete` in its own
+    /// transaction, so its effect and the record that it happened commit together.
+    pub inbox: Option<InboxClaim>,
+}
+
+/// A consumer's claim on one key in its inbox, held while the handler runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxClaim {
+    /// The `[consumers.*]` name: records are keyed by consumer and key.
+    pub consumer: String,
+    /// The message's key (`bosun-inbox-key`).
+    pub key: String,
+    /// This claim's token (`bosun-inbox-token`): completing the record needs it, so a claim
+    /// taken over after its lease cannot be completed by the process that lost it.
+    pub token: String,
 }
 
 /// Where a message came from.

@@ -13,9 +13,6 @@ use crate::config::valid_sql_identifier;
 
 use super::OutboxError;
 
-/// Longest identifier PostgreSQL keeps; longer ones are silently truncated.
-const MAX_IDENTIFIER: usize = 63;
-
 /// The names one outbox table's objects go by. Built only from validated identifiers, since
 /// they are formatted into SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,35 +173,21 @@ $$"
         out
     }
 
-    /// Applies the DDL in one transaction. Concurrent migrations of the same table (several
-    /// relays starting together) wait for each other on an advisory lock, since concurrent
-    /// `CREATE OR REPLACE FUNCTION` on one function fails with "tuple concurrently updated".
+    /// Applies the DDL in one transaction, serialized with other processes migrating the
+    /// same table ([`crate::database::migrate`]).
     pub async fn migrate(&self, pool: &PgPool) -> Result<(), OutboxError> {
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('bosun.outbox.migrate'), hashtext($1))")
-            .bind(&self.table)
-            .execute(&mut *tx)
-            .await?;
-        for statement in self.statements() {
-            sqlx::query(&statement).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        crate::database::migrate(
+            pool,
+            "bosun.outbox.migrate",
+            &self.table,
+            &self.statements(),
+        )
+        .await?;
         Ok(())
     }
 }
 
-pub(crate) fn derived_name(base: &str, suffix: &str) -> String {
-    use sha2::Digest as _;
-    let name = format!("{base}_{suffix}");
-    if name.len() <= MAX_IDENTIFIER {
-        return name;
-    }
-    let digest = sha2::Sha256::digest(base.as_bytes());
-    let hash = hex::encode(&digest[..4]);
-    // Identifiers are ASCII (validated), so byte slicing stays on char boundaries.
-    let keep = MAX_IDENTIFIER - suffix.len() - hash.len() - 2;
-    format!("{}_{hash}_{suffix}", &base[..keep.min(base.len())])
-}
+pub(super) use crate::database::derived_name;
 
 #[cfg(test)]
 mod tests {
@@ -248,7 +231,7 @@ mod tests {
         let b = format!("{}b", "a".repeat(59));
         let na = derived_name(&a, "pending_idx");
         let nb = derived_name(&b, "pending_idx");
-        assert!(na.len() <= MAX_IDENTIFIER && nb.len() <= MAX_IDENTIFIER);
+        assert!(na.len() <= 63 && nb.len() <= 63);
         assert_ne!(na, nb);
         assert!(na.ends_with("_pending_idx"));
         assert_eq!(derived_name("outbox", "key_idx"), "outbox_key_idx");

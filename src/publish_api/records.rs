@@ -19,7 +19,7 @@ use sqlx::{PgConnection, PgPool};
 
 /// The table's DDL: idempotent, applied at start unless `migrate = false`.
 pub fn statements(table: &str) -> Vec<String> {
-    let index = crate::outbox::schema::derived_name(
+    let index = crate::database::derived_name(
         table.rsplit('.').next().unwrap_or(table),
         "expires_idx",
     );

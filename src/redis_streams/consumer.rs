@@ -75,9 +75,11 @@ impl RedisConsumer {
         broker: &RedisBrokerConfig,
         handler: Arc<dyn Handler>,
         gate: Gate,
+        inbox: Option<Arc<crate::inbox::Inbox>>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                inbox,
                 name: name.to_owned(),
                 broker_name: broker_name.to_owned(),
                 broker: broker.clone(),
@@ -480,14 +482,23 @@ async fn settle(
             // recv_many is cancel-safe: when nothing is queued, nothing is taken.
             let _ = rx.recv_many(&mut batch, room).now_or_never();
         }
-        settle_batch(&inner, &ops, &batch).await;
+        let durable = settle_batch(&inner, &ops, &batch).await;
         {
             let mut set = inflight.lock();
             for s in &batch {
                 set.remove(&id_key(&s.id));
             }
         }
-        batch.clear();
+        // A dead letter's inbox claim is done only once its copy is in the dead-letter
+        // stream; one whose copy was refused stays pending and its claim is released (the
+        // ticket's drop), so the entry runs again when it is claimed.
+        for (s, durable) in batch.drain(..).zip(durable) {
+            if let Some(ticket) = s.ticket
+                && durable
+            {
+                tokio::spawn(ticket.finish(crate::inbox::Finish::Done));
+            }
+        }
     }
 }
 
@@ -495,8 +506,10 @@ async fn settle(
 /// carries it; commands the server refuses for now (`OOM`, `BUSY`, `LOADING`...) are sent
 /// again too. Re-sending is safe: XACK is idempotent and each script acts only if its entry
 /// is still pending.
-async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
+async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) -> Vec<bool> {
     let config = &inner.config;
+    // Whether each settlement's script was applied (copies written, entry acked).
+    let mut durable = vec![false; batch.len()];
     let acks: Vec<&str> = batch
         .iter()
         .filter(|s| matches!(s.action, Action::Ack | Action::Drop))
@@ -575,6 +588,7 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
                 (Some(i), Ok(value)) => {
                     let s = &batch[i];
                     let applied = !matches!(value, Value::Nil | Value::Int(0));
+                    durable[i] = applied;
                     match (&s.action, applied) {
                         (Action::Retry { .. }, true) => metrics.settled_retry.increment(1),
                         (Action::DeadLetter { .. }, true) => {
@@ -615,6 +629,7 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) {
         }
         tokio::time::sleep(backoff.failed()).await;
     }
+    durable
 }
 
 fn push_fields(cmd: &mut redis::Cmd, fields: &[(Bytes, Bytes)]) {

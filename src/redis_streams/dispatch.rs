@@ -20,6 +20,7 @@ use crate::config::{RedisBrokerConfig, RedisConsumerConfig};
 use crate::disposition::{self, Decision, Panicked};
 use crate::flow_control::{Admission, Admit, Gate};
 use crate::handler::{FailureKind, Handler, Source};
+use crate::inbox::{self, Finish, Inbox, Ticket};
 use crate::retry::{RetryPolicy, saturating_millis};
 use crate::trace_context::{self, System, TraceMode};
 use tracing::Instrument as _;
@@ -48,6 +49,8 @@ pub(crate) struct Inner {
     pub(crate) handler: Arc<dyn Handler>,
     /// Asked before each entry's handler starts: breaker, rate limit, pauses.
     pub(crate) gate: Gate,
+    /// Where each entry's key is claimed before its handler runs, if anywhere.
+    pub(crate) inbox: Option<Arc<Inbox>>,
     /// `<stream>:retry`: the sorted set of scheduled retries, score = due time in ms.
     pub(crate) retry_key: String,
     pub(crate) scripts: Scripts,
@@ -168,6 +171,8 @@ impl Action {
 pub(crate) struct Settlement {
     pub(crate) id: String,
     pub(crate) action: Action,
+    /// The inbox claim of a dead letter, finished once its copy is written.
+    pub(crate) ticket: Option<Ticket>,
 }
 
 /// The in-flight set: entry ids read and not yet settled.
@@ -265,14 +270,14 @@ impl Dispatcher {
             self.tracker.spawn(async move {
                 inner.metrics.in_flight.increment(1.0);
                 let Delivery { entry, deliveries } = delivery;
-                let action = inner
+                let (action, ticket) = inner
                     .process(&entry, deliveries, redelivered, admission)
                     .await;
                 let id = entry.id;
                 inner.metrics.in_flight.decrement(1.0);
                 // The permit is held until the settlement is queued, so a slow settler slows
                 // reading instead of piling up finished work.
-                let _ = settle.send(Settlement { id, action }).await;
+                let _ = settle.send(Settlement { id, action, ticket }).await;
                 drop(permit);
             });
         }
@@ -285,6 +290,7 @@ impl Dispatcher {
             .send(Settlement {
                 id: delivery.entry.id,
                 action: Action::Release,
+                ticket: None,
             })
             .await;
     }
@@ -318,13 +324,43 @@ impl Dispatcher {
 }
 
 impl Inner {
-    /// Runs the handler on one entry and decides how to settle it.
+    /// Runs the handler on one entry and decides how to settle it; a dead letter's inbox
+    /// claim comes with it, to be finished once the copy is written.
     async fn process(
         &self,
         entry: &Entry,
         deliveries: u64,
         redelivered: bool,
         admission: Admission,
+    ) -> (Action, Option<Ticket>) {
+        let mut ticket = None;
+        let action = self
+            .decide(entry, deliveries, redelivered, admission, &mut ticket)
+            .await;
+        let Some(held) = ticket else {
+            return (action, None);
+        };
+        match &action {
+            Action::DeadLetter { .. } => (action, Some(held)),
+            // Before the XACK: a crash in between finds the key done on redelivery.
+            Action::Ack | Action::Drop => {
+                held.finish(Finish::Done).await;
+                (action, None)
+            }
+            Action::Retry { .. } | Action::Release => {
+                held.finish(Finish::Release).await;
+                (action, None)
+            }
+        }
+    }
+
+    async fn decide(
+        &self,
+        entry: &Entry,
+        deliveries: u64,
+        redelivered: bool,
+        admission: Admission,
+        ticket: &mut Option<Ticket>,
     ) -> Action {
         let source = Source {
             broker: self.broker_name.clone(),
@@ -366,7 +402,7 @@ impl Inner {
             )
             .map_err(|e| e.0),
         };
-        let message = match decoded {
+        let mut message = match decoded {
             Ok(message) => message,
             Err(reason) if self.handler.takes_undecodable() => {
                 tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "handing an undecodable entry to the handler as it is");
@@ -383,18 +419,31 @@ impl Inner {
             return Action::Release;
         }
         let span = disposition::span(&message, System::Redis, self.trace);
-        let started = Instant::now();
-        let handled = disposition::handle(self.handler.as_ref(), &message)
+        let attempt = message.attempt;
+        let admitted = inbox::admit(self.inbox.as_deref(), &mut message)
             .instrument(span.clone())
             .await;
-        if let Err(Panicked(text)) = &handled {
-            tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
-        }
-        let outcome = admission.finish(disposition::outcome(handled));
-        self.metrics
-            .duration(&outcome)
-            .record(started.elapsed().as_secs_f64());
-        let attempt = message.attempt;
+        let decision = match admitted {
+            inbox::Admission::Run(claim) => {
+                *ticket = claim;
+                let started = Instant::now();
+                let handled = disposition::handle(self.handler.as_ref(), &message)
+                    .instrument(span.clone())
+                    .await;
+                if let Err(Panicked(text)) = &handled {
+                    tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
+                }
+                let outcome = admission.finish(disposition::outcome(handled));
+                self.metrics
+                    .duration(&outcome)
+                    .record(started.elapsed().as_secs_f64());
+                disposition::decide(outcome, attempt, &self.retry)
+            }
+            // The handler is not called: the gate's admission goes back unused.
+            inbox::Admission::Settle(decision) => decision,
+            // Left pending, its delivery not counted: claimed again after `claim_idle`.
+            inbox::Admission::Postpone(reason) => Decision::Release { reason },
+        };
         let trace = disposition::trace_for_copy(&message, &span);
         let with_trace = |mut fields: Vec<(Bytes, Bytes)>| {
             fields.extend(trace.iter().map(|(name, value)| {
@@ -405,7 +454,7 @@ impl Inner {
             }));
             fields
         };
-        let action = match disposition::decide(outcome, attempt, &self.retry) {
+        let action = match decision {
             Decision::Ack => Action::Ack,
             Decision::Drop { reason } => {
                 tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "handler dropped the message");

@@ -185,6 +185,7 @@ pub fn undecodable(entry: &Entry, format: &EntryFormat, source: Source, reason: 
         body: body.unwrap_or_default(),
         attempt: 1,
         redelivered: false,
+        inbox: None,
         source,
     }
 }
@@ -246,6 +247,7 @@ pub fn decode_as(
         content_type,
         body,
         attempt,
+        inbox: None,
         redelivered,
         source,
     })

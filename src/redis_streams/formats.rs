@@ -146,6 +146,7 @@ fn decode_flat(
         body: Bytes::from(body),
         attempt,
         redelivered,
+        inbox: None,
         source,
     })
 }

@@ -106,7 +106,7 @@ pub fn client_name(consumer: &str, role: &str) -> String {
 /// A client for `broker`. `rediss://` connects with TLS: the server is verified against
 /// `tls.ca_file` when given (else the system's roots), and `tls.cert_file`/`tls.key_file` are
 /// presented as the client certificate when the server asks for one.
-fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, RedisStreamsError> {
+pub fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, RedisStreamsError> {
     let url_error = |source| RedisStreamsError::Url {
         url: broker.url.redacted(),
         source,

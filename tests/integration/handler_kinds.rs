@@ -23,6 +23,7 @@ fn message(body: &[u8]) -> Message {
         body: bytes::Bytes::copy_from_slice(body),
         attempt: 1,
         redelivered: false,
+        inbox: None,
         source: Source {
             broker: "rabbit".into(),
             consumer: "orders".into(),

@@ -939,6 +939,7 @@ secret_headers = ["x-custom"]
         body: bytes::Bytes::from_static(b"{}"),
         attempt: 1,
         redelivered: false,
+        inbox: None,
         source: bosun::handler::Source {
             broker: "cache".into(),
             consumer: "c".into(),

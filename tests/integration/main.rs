@@ -24,6 +24,7 @@ mod handler_kinds;
 mod handlers;
 mod hostile_amqp;
 mod hostile_secrets;
+mod inbox;
 mod metrics;
 mod ops_cli;
 mod outbox;

@@ -326,11 +326,17 @@ source = "rabbit"
 queue = "{queue}"
 handler = "split"
 
+[inboxes.{inbox}]
+kind = "postgres"
+database = "main"
+table = "{inbox}"
+
 [consumers.{stream}]
 source = "cache"
 stream = "{stream}"
 group = "g"
 handler = "run"
+inbox = {{ store = "{inbox}" }}
 
 [outboxes.{outbox}]
 database = "main"
@@ -351,6 +357,7 @@ migrate = true
         stream = names.stream,
         outbox = names.outbox,
         dlq = names.dlq,
+        inbox = names.inbox,
     )
 }
 
@@ -359,6 +366,7 @@ struct Names {
     stream: String,
     outbox: String,
     dlq: String,
+    inbox: String,
 }
 
 impl Names {
@@ -368,6 +376,7 @@ impl Names {
             stream: unique("metrics_s"),
             outbox: unique("metrics_outbox"),
             dlq: unique("metrics_dl"),
+            inbox: unique("metrics_inbox"),
         }
     }
 }
@@ -770,6 +779,7 @@ stream = "{trimmed}"
 group = "g"
 handler = "quiet"
 trim = {{ maxlen = 1, interval = "1s" }}
+inbox = {{ store = "{inbox}", key = "sha256:body" }}
 
 [dead_letters.{held}]
 source = "cache"
@@ -777,6 +787,7 @@ stream = "{held}"
 default_action = "drop"
 "#,
         base = config(port, &names),
+        inbox = names.inbox,
     );
     let file = ConfigFile::new(&text);
     let daemon = Daemon::start_with_env(&file.path, port, &[("BOSUN_METRICS_DOCS_TOKEN", token)]);
@@ -786,8 +797,9 @@ default_action = "drop"
         daemon.get("/readyz")
     );
 
-    // The two families that appear at their first increment: entries for `trim` to remove,
-    // and an entry the processor without an archive cannot read (no `payload`).
+    // The families that appear at their first increment: entries for `trim` to remove (each
+    // claimed in the inbox first), and an entry the processor without an archive cannot read
+    // (no `payload`).
     let mut redis = redis::Client::open(REDIS_URL)
         .expect("redis client")
         .get_connection()

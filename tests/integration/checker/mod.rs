@@ -58,6 +58,9 @@ impl Default for SinkBehaviour {
 struct SinkState {
     /// Accepted (2xx) deliveries per body.
     accepted: Mutex<HashMap<String, u32>>,
+    /// With an inbox: the pool and table whose `<table>_complete` each delivery calls in a
+    /// transaction before it counts (a delivery whose claim is no longer held gets a 500).
+    inbox: Mutex<Option<(sqlx::PgPool, String)>>,
     requests: AtomicU64,
     behaviour: Mutex<SinkBehaviour>,
     /// Ids answered 500 on their first delivery (then removed), to send them through a retry.
@@ -117,6 +120,15 @@ impl Sink {
         }
     }
 
+    /// Completes each delivery's inbox record in `table` before counting it.
+    pub async fn complete_in(&self, table: &str) -> anyhow::Result<()> {
+        let pool = sqlx::PgPool::connect(PG_URL).await?;
+        if let Ok(mut inbox) = self.state.inbox.lock() {
+            *inbox = Some((pool, table.to_owned()));
+        }
+        Ok(())
+    }
+
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
     }
@@ -155,10 +167,45 @@ async fn accept(
     {
         return StatusCode::INTERNAL_SERVER_ERROR;
     }
-    if let Ok(mut accepted) = state.accepted.lock() {
-        *accepted.entry(id).or_default() += 1;
+    let inbox = state.inbox.lock().ok().and_then(|i| i.clone());
+    let Some((pool, table)) = inbox else {
+        if let Ok(mut accepted) = state.accepted.lock() {
+            *accepted.entry(id).or_default() += 1;
+        }
+        return StatusCode::OK;
+    };
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (consumer, key, token) = (
+        header("bosun-consumer"),
+        header("bosun-inbox-key"),
+        header("bosun-inbox-token"),
+    );
+    // The effect (counting the delivery) goes with the commit: in a task of its own, so a
+    // request dropped by a killed bosun cannot commit the record and skip the count.
+    let effect = tokio::spawn(async move {
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!("SELECT {table}_complete($1, $2, $3)"))
+            .bind(consumer)
+            .bind(key)
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if let Ok(mut accepted) = state.accepted.lock() {
+            *accepted.entry(id).or_default() += 1;
+        }
+        Ok::<(), sqlx::Error>(())
+    });
+    match effect.await {
+        Ok(Ok(())) => StatusCode::OK,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
-    StatusCode::OK
 }
 
 // ---------------------------------------------------------------------------------------
@@ -865,6 +912,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "amqp: kill -9 mid-flight, restart",
@@ -873,6 +921,16 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+            inbox: false,
+        },
+        Plan {
+            name: "amqp: kill -9 mid-flight, restart, with inbox",
+            path: Path_::Amqp,
+            messages: n(400),
+            rate,
+            sink: ok,
+            fault: Fault::Kill,
+            inbox: true,
         },
         Plan {
             name: "amqp: connections closed 3x",
@@ -881,6 +939,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::CloseConnections,
+            inbox: false,
         },
         Plan {
             name: "amqp: handler fails 30%",
@@ -889,6 +948,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: flaky,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "amqp: SIGTERM mid-flight, restart",
@@ -897,6 +957,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Sigterm,
+            inbox: false,
         },
         Plan {
             name: "amqp: SIGHUP with changed config",
@@ -905,6 +966,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Sighup,
+            inbox: false,
         },
         Plan {
             name: "redis: no fault",
@@ -913,6 +975,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "redis: kill -9 mid-flight, restart",
@@ -921,6 +984,16 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+            inbox: false,
+        },
+        Plan {
+            name: "redis: kill -9 mid-flight, restart, with inbox",
+            path: Path_::Redis,
+            messages: n(400),
+            rate,
+            sink: ok,
+            fault: Fault::Kill,
+            inbox: true,
         },
         Plan {
             name: "redis: CLIENT KILL 3x",
@@ -929,6 +1002,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::CloseConnections,
+            inbox: false,
         },
         Plan {
             name: "redis: handler fails 30%",
@@ -937,6 +1011,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: flaky,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "redis: handler slower than claim_idle",
@@ -945,6 +1020,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate: 100,
             sink: slow,
             fault: Fault::None,
+            inbox: false,
         },
         Plan {
             name: "redis: SIGTERM mid-flight, restart",
@@ -953,6 +1029,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Sigterm,
+            inbox: false,
         },
         Plan {
             name: "outbox: relay kill -9 mid-batch, restart",
@@ -961,6 +1038,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+            inbox: false,
         },
         Plan {
             name: "outbox: pg_terminate_backend 3x",
@@ -969,6 +1047,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::CloseConnections,
+            inbox: false,
         },
         Plan {
             name: "amqp bad input: random-byte bodies, 1,000 non-UTF-8 headers, bodies at and over the broker's max size",
@@ -977,6 +1056,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BadInput,
+            inbox: false,
         },
         Plan {
             name: "amqp: dead letters of TTL messages with the dead-letter processor stopped",
@@ -988,6 +1068,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
                 delay: Duration::ZERO,
             },
             fault: Fault::TtlDeadLetters,
+            inbox: false,
         },
         Plan {
             name: "outbox bad input: unknown and NULL destinations, payloads over the broker's max size, headers nested 200 deep, 1e400 and 200 KB",
@@ -996,6 +1077,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BadInput,
+            inbox: false,
         },
         Plan {
             name: "redis bad input: 4,000-field entries amid failing handlers",
@@ -1004,6 +1086,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: flaky,
             fault: Fault::BadInput,
+            inbox: false,
         },
         Plan {
             name: "outbox per_key: 3 relays, 50 keys, commits out of id order, one relay kill -9",
@@ -1012,6 +1095,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::Kill,
+            inbox: false,
         },
         Plan {
             name: "dead letters with NUL bytes into the archive (amqp and redis)",
@@ -1020,6 +1104,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BadInput,
+            inbox: false,
         },
     ];
     // Reduced for CI: 300 messages, 6 s down, with a breaker only.
@@ -1038,6 +1123,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             seconds: down,
             breaker: true,
         },
+        inbox: false,
     });
     if full {
         plans.push(Plan {
@@ -1050,6 +1136,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
                 seconds: down,
                 breaker: false,
             },
+            inbox: false,
         });
         // RabbitMQ retries an at-least-once dead-letter hop to a missing queue only after
         // minutes: too long for CI.
@@ -1060,6 +1147,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::QuorumRedeclared,
+            inbox: false,
         });
         plans.push(Plan {
             name: "amqp: RabbitMQ stop_app/start_app",
@@ -1068,6 +1156,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BrokerRestart,
+            inbox: false,
         });
         plans.push(Plan {
             name: "redis: Redis restarted",
@@ -1076,6 +1165,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BrokerRestart,
+            inbox: false,
         });
         plans.push(Plan {
             name: "outbox: RabbitMQ stop_app/start_app",
@@ -1084,6 +1174,7 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             rate,
             sink: ok,
             fault: Fault::BrokerRestart,
+            inbox: false,
         });
     }
     plans

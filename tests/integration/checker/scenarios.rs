@@ -62,6 +62,26 @@ pub struct Plan {
     pub rate: u32,
     pub sink: SinkBehaviour,
     pub fault: Fault,
+    /// The consumer claims each message id in a postgres inbox, and the sink completes the
+    /// record in its own transaction before it counts a delivery (an exactly-once effect).
+    pub inbox: bool,
+}
+
+/// The consumer lines and the `[inboxes.*]` table of a plan with an inbox (a short lease, so
+/// a killed process's claims are taken over within the scenario), after pointing the sink at
+/// the table; nothing without one.
+async fn inbox_config(plan: &Plan, sink: &Sink) -> anyhow::Result<(String, String)> {
+    if !plan.inbox {
+        return Ok((String::new(), String::new()));
+    }
+    let table = unique("rel_inbox");
+    sink.complete_in(&table).await?;
+    Ok((
+        "inbox = { store = \"ib\" }\n".to_owned(),
+        format!(
+            "\n[inboxes.ib]\nkind = \"postgres\"\ndatabase = \"main\"\ntable = \"{table}\"\nlease = \"3s\"\n"
+        ),
+    ))
 }
 
 /// Runs one plan against the `bosun` binary at `bin`.
@@ -195,10 +215,11 @@ async fn amqp(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     let service = unique("rel");
     let port = free_port();
     let sink = Sink::start(plan.sink).await?;
+    let (inbox, inboxes) = inbox_config(plan, &sink).await?;
     let consumer = format!(
         "\n[consumers.load]\nsource = \"rabbit\"\nhandler = \"sink\"\nqueue = \"{queue}\"\nprefetch = 50\nretry = {{ max_attempts = 3, tiers = [\"200ms\", \"500ms\"] }}\n\
          # the bad-input row sends a body at the broker's own limit, to be handled\n\
-         max_message_size = \"128MiB\"\nmax_in_flight_bytes = \"8GiB\"\n"
+         max_message_size = \"128MiB\"\nmax_in_flight_bytes = \"8GiB\"\n{inbox}{inboxes}"
     );
     let config = format!("{}{consumer}", base_config(&service, port, &sink.url, "5s"));
     let extra_queue = unique("rel_extra");
@@ -341,8 +362,9 @@ async fn redis_stream(bin: &Path, plan: &Plan) -> anyhow::Result<Row> {
     let port = free_port();
     let sink = Sink::start(plan.sink).await?;
     let slow = !plan.sink.delay.is_zero();
+    let (inbox, inboxes) = inbox_config(plan, &sink).await?;
     let consumer = format!(
-        "\n[consumers.load]\nsource = \"cache\"\nhandler = \"sink\"\nstream = \"{stream}\"\ngroup = \"g\"\nconsumer = \"{service}\"\nbatch = 50\nblock = \"1s\"\nclaim_idle = \"{}\"\nclaim_interval = \"500ms\"\nretry = {{ max_attempts = 3, tiers = [\"200ms\", \"500ms\"] }}\n",
+        "\n[consumers.load]\nsource = \"cache\"\nhandler = \"sink\"\nstream = \"{stream}\"\ngroup = \"g\"\nconsumer = \"{service}\"\nbatch = 50\nblock = \"1s\"\nclaim_idle = \"{}\"\nclaim_interval = \"500ms\"\nretry = {{ max_attempts = 3, tiers = [\"200ms\", \"500ms\"] }}\n{inbox}{inboxes}",
         if slow { "1s" } else { "5s" }
     );
     let config = format!("{}{consumer}", base_config(&service, port, &sink.url, "5s"));

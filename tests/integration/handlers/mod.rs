@@ -76,6 +76,7 @@ pub fn message(body: &str) -> Message {
         body: bytes::Bytes::copy_from_slice(body.as_bytes()),
         attempt: 1,
         redelivered: false,
+        inbox: None,
         source: Source {
             broker: "rabbit".into(),
             consumer: "orders".into(),
