@@ -3,7 +3,7 @@
 //! Every publish is `mandatory` and persistent on a channel in confirm mode. A batch is
 //! pipelined: up to [`AmqpPublisher::window`] confirms are outstanding at once, so a batch
 //! costs about one round trip, never one per message. A message the broker returns
-//! (no queue bound) is [`PublishError::Unroutable`], a nack is [`PublishError::Rejected`],
+//! (no queue bound) is [`PublishError::Unroutable`], a nack is [`PublishError::Nacked`] (transient),
 //! and a broken connection is [`PublishError::Connection`]; the next batch reconnects.
 //!
 //! RabbitMQ answers a publish to a missing exchange, or of a body over its maximum message
@@ -287,8 +287,8 @@ pub fn confirmation(
                 returned.reply_code, returned.reply_text
             )))
         }
-        Ok(Confirmation::Nack(None)) => Err(PublishError::Rejected(format!(
-            "exchange {exchange:?} routing key {routing_key:?}: nacked by the broker"
+        Ok(Confirmation::Nack(None)) => Err(PublishError::Nacked(format!(
+            "exchange {exchange:?} routing key {routing_key:?}"
         ))),
         Err(e) => Err(publish_error(&e, exchange, size)),
     }

@@ -164,14 +164,15 @@ fn database_answer(e: &sqlx::Error) -> Answer {
     }
 }
 
-/// A refused publish as an answer: what no retry can change is a 4xx, a connection failure
-/// (the message may or may not have arrived; send it again with the same id) a 503.
+/// A refused publish as an answer: what no retry can change is a 4xx; a connection failure
+/// (the message may or may not have arrived; send it again with the same id) or a nack (the
+/// broker cannot keep it for now, e.g. a full queue) a 503.
 fn publish_answer(e: &PublishError) -> Answer {
     let status = match e {
         PublishError::Unroutable(_) | PublishError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
         PublishError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         PublishError::Invalid(_) => StatusCode::BAD_REQUEST,
-        PublishError::Connection(_) => StatusCode::SERVICE_UNAVAILABLE,
+        PublishError::Connection(_) | PublishError::Nacked(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     Answer::error(status, crate::redact::text(&e.to_string()).into_owned())
 }

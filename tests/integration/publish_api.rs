@@ -378,6 +378,53 @@ async fn what_can_never_be_delivered_is_a_4xx() {
     probe.delete().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_nack_is_503_to_retry_not_a_4xx() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    // A full queue that refuses more: the broker nacks the publish.
+    let probe = Queue::new("pub_full").await;
+    let queue = unique("pub_full");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    probe
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare");
+    let envelope = |id: &str| {
+        json!({"broker": "rabbit", "exchange": "", "routing_key": queue,
+               "message_id": id, "body": b64("x")})
+    };
+    let (status, _, body) = post(&base, PUBLISHER_TOKEN, &envelope(&unique("first"))).await;
+    assert_eq!(status, 200, "{body}");
+    let id = unique("nacked");
+    let (status, headers, body) = post(&base, PUBLISHER_TOKEN, &envelope(&id)).await;
+    assert_eq!(status, 503, "a nack is worth retrying: {body}");
+    assert!(headers.get("retry-after").is_some(), "{headers:?}");
+    assert_eq!(body["message_id"], id.as_str(), "{body}");
+    // Once there is room, the client's retry with the same id goes through.
+    get_one(&probe.channel, &queue)
+        .await
+        .expect("the first message");
+    let (status, _, body) = post(&base, PUBLISHER_TOKEN, &envelope(&id)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&probe.channel, &queue).await, 1);
+    delete_queue(&probe.channel, &queue).await;
+    probe.delete().await;
+}
+
 /// Forwards connections on `listener` to RabbitMQ: the `down` broker coming back.
 fn forward_to_rabbit(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
