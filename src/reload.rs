@@ -469,7 +469,8 @@ mod tests {
             config::load_file_with_env(&path, &HandlerKinds::builtin(), &Env::default())
                 .expect("valid"),
         );
-        let changes: [(&str, Box<dyn Fn(String) -> String>); 5] = [
+        type Edit = Box<dyn Fn(String) -> String>;
+        let changes: [(&str, Edit); 5] = [
             (
                 "table",
                 Box::new(|t: String| t.replace("later_rows", "other_rows")),
