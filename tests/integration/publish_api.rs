@@ -571,6 +571,50 @@ async fn a_scheduled_message_waits_for_its_time_and_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_parked_at_infinity_does_not_stop_scheduled_sends() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    let (probe, queue) = idle_queue("pub_inf").await;
+    // A row some tool parked for ever: never due, and never a reason to stop the relay.
+    sqlx::query(&format!(
+        "INSERT INTO {} (routing_key, payload, next_attempt_at) VALUES ($1, 'parked', 'infinity')",
+        setup.table.name
+    ))
+    .bind(&queue)
+    .execute(&setup.table.pool)
+    .await
+    .expect("insert the parked row");
+    for n in 0..2 {
+        let id = uuid::Uuid::now_v7().to_string();
+        let (status, _, body) = post(
+            &base,
+            PUBLISHER_TOKEN,
+            &json!({"broker": "rabbit", "exchange": "", "routing_key": queue, "message_id": id,
+                    "delay": "1s", "body": b64(&format!("due {n}"))}),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        // The relay polls hourly: only its wake at the due time sends this.
+        assert!(
+            published(&base, &id).await.is_some(),
+            "scheduled message {n} not published:\n{}",
+            setup.daemon.logs()
+        );
+    }
+    assert!(setup.daemon.wait_ready(Duration::from_secs(5)));
+    assert_eq!(count(&probe.channel, &queue).await, 2);
+    assert_eq!(
+        setup
+            .table
+            .count("payload = 'parked' AND published_at IS NULL AND failed_at IS NULL")
+            .await,
+        1
+    );
+    delete_queue(&probe.channel, &queue).await;
+    probe.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_works_until_the_message_is_sent_and_fails_clearly_after() {
     let setup = Setup::start().await;
     let base = setup.admin_base();
