@@ -293,7 +293,7 @@ impl PublishApi {
             Ok(headers) => headers,
             Err(e) => return Answer::refused(e),
         };
-        let message_id = request
+        let mut message_id = request
             .message_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
@@ -323,6 +323,10 @@ impl PublishApi {
                         "a scheduled message keeps no `correlation_id`; send it as a header",
                     );
                 }
+                // One id, one spelling: `{A1B2...}`, `urn:uuid:...` and the plain form name
+                // the same row, so they are one idempotency key, answered in the form the
+                // row and `GET /v1/scheduled/ID` show.
+                message_id = uuid.hyphenated().to_string();
                 Some((outbox, uuid, at))
             }
         };

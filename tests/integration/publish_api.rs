@@ -615,6 +615,36 @@ async fn a_row_parked_at_infinity_does_not_stop_scheduled_sends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_id_in_any_spelling_is_one_message() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    let id = uuid::Uuid::now_v7().to_string();
+    let envelope = |spelling: String| {
+        json!({"broker": "rabbit", "exchange": "", "routing_key": "nobody",
+               "message_id": spelling, "delay": "1h", "body": b64("once")})
+    };
+    let (status, _, body) = post(
+        &base,
+        PUBLISHER_TOKEN,
+        &envelope(format!("{{{}}}", id.to_uppercase())),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        body["message_id"],
+        id.as_str(),
+        "answered in canonical form"
+    );
+    let (status, headers, body) = post(&base, PUBLISHER_TOKEN, &envelope(id.clone())).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        headers.get("idempotent-replayed").is_some(),
+        "the canonical spelling repeats the first request: {body}"
+    );
+    assert_eq!(setup.table.count(&format!("message_id = '{id}'")).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_works_until_the_message_is_sent_and_fails_clearly_after() {
     let setup = Setup::start().await;
     let base = setup.admin_base();
