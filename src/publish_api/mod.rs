@@ -378,8 +378,25 @@ impl PublishApi {
             Err(e) => return database_answer(&e),
         }
 
+        let message = OutgoingMessage {
+            destination: request.destination.clone(),
+            routing_key: request.routing_key.clone(),
+            message_id: message_id.clone(),
+            correlation_id: request.correlation_id.clone(),
+            content_type: request.content_type.clone(),
+            headers,
+            body: request.body.clone(),
+            timestamp_ms: None,
+        };
         let answer = match scheduled {
             Some((outbox, uuid, at)) => {
+                // What the relay's publish would refuse later is refused now.
+                if let Err(e) = publisher.check(&message).await {
+                    let _ = tx.rollback().await;
+                    let mut answer = publish_answer(&e);
+                    answer.body["message_id"] = json!(message_id);
+                    return answer;
+                }
                 let mut message = Message::new(request.routing_key.clone(), request.body.to_vec())
                     .table(outbox.table.clone())
                     .message_id(uuid)
@@ -387,7 +404,25 @@ impl PublishApi {
                     .deliver_at(at);
                 message.headers = request.headers.clone();
                 message.content_type = request.content_type.clone();
-                match crate::outbox::enqueue(&mut tx, &message).await {
+                let enqueued = crate::outbox::enqueue(&mut tx, &message).await;
+                // The relay measures and parses the stored `headers::text`, which can be
+                // longer than the request's JSON (jsonb writes `1e300` out in full).
+                let stored = match &enqueued {
+                    Ok(row) => stored_headers(&mut tx, &outbox.table, row.id).await,
+                    Err(_) => Ok(None),
+                };
+                match stored {
+                    Ok(Some(e)) => {
+                        let _ = tx.rollback().await;
+                        return Answer::new(
+                            StatusCode::BAD_REQUEST,
+                            json!({ "error": format!("headers as stored: {e}"), "message_id": message_id }),
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(e) => return database_answer(&e),
+                }
+                match enqueued {
                     Ok(row) => Answer::new(
                         StatusCode::ACCEPTED,
                         json!({
@@ -402,16 +437,6 @@ impl PublishApi {
                 }
             }
             None => {
-                let message = OutgoingMessage {
-                    destination: request.destination.clone(),
-                    routing_key: request.routing_key.clone(),
-                    message_id: message_id.clone(),
-                    correlation_id: request.correlation_id.clone(),
-                    content_type: request.content_type.clone(),
-                    headers,
-                    body: request.body.clone(),
-                    timestamp_ms: None,
-                };
                 let sent = tokio::time::timeout(self.config.publish_timeout, async {
                     let publisher = publisher
                         .connect()
@@ -610,6 +635,27 @@ impl PublishApi {
         ));
         Answer::new(StatusCode::CONFLICT, body)
     }
+}
+
+/// Why the headers of row `id` of `table`, as stored, would fail the relay's check (the
+/// same bounds, on the same `headers::text`); `None` when they pass.
+async fn stored_headers(
+    tx: &mut sqlx::PgConnection,
+    table: &str,
+    id: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    let limit = crate::outbox::headers::MAX_BYTES as i32 + 1;
+    let (length, text): (i32, String) = sqlx::query_as(&format!(
+        "SELECT octet_length(headers::text), left(headers::text, $2) FROM {table} WHERE id = $1"
+    ))
+    .bind(id)
+    .bind(limit)
+    .fetch_one(tx)
+    .await?;
+    let length = usize::try_from(length).unwrap_or(usize::MAX);
+    Ok(crate::outbox::headers::parse_sized(&text, length)
+        .err()
+        .map(|e| e.to_string()))
 }
 
 /// Deletes expired idempotency records now and then; stops when the API is dropped.

@@ -645,6 +645,33 @@ async fn a_scheduled_id_in_any_spelling_is_one_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_headers_are_measured_as_the_relay_will_read_them() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    // 2 KB as sent; as jsonb stores and prints it, each `1e300` is 301 digits: over 64 KiB.
+    let wide: Vec<Value> = (0..300)
+        .map(|_| serde_json::from_str("1e300").expect("a number"))
+        .collect();
+    let id = uuid::Uuid::now_v7().to_string();
+    let (status, _, body) = post(
+        &base,
+        PUBLISHER_TOKEN,
+        &json!({"broker": "rabbit", "exchange": "", "routing_key": "nobody", "message_id": id,
+                "delay": "1h", "headers": {"wide": wide}}),
+    )
+    .await;
+    assert_eq!(
+        status, 400,
+        "a row the relay would fail is refused now: {body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("headers"),
+        "{body}"
+    );
+    assert_eq!(setup.table.count(&format!("message_id = '{id}'")).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_works_until_the_message_is_sent_and_fails_clearly_after() {
     let setup = Setup::start().await;
     let base = setup.admin_base();
