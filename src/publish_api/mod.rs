@@ -87,7 +87,14 @@ pub struct PublishApi {
     brokers: BTreeMap<String, (&'static str, BrokerPublisher)>,
     /// By broker name.
     scheduled: BTreeMap<String, Scheduled>,
+    /// Requests holding a connection of `pool` at once: fewer than the pool has, so that
+    /// requests stuck on a broker that does not confirm (a memory alarm) cannot take every
+    /// connection from the outbox relays, listeners and dead-letter archives sharing it.
+    in_flight: tokio::sync::Semaphore,
 }
+
+/// Connections of the database's pool the publish API leaves to the rest of the process.
+const POOL_RESERVE: u32 = 2;
 
 /// An answer: status, JSON body, and whether it repeats an earlier one.
 #[derive(Debug, Clone, PartialEq)]
@@ -218,7 +225,13 @@ impl PublishApi {
                 },
             );
         }
+        let permits = pool
+            .options()
+            .get_max_connections()
+            .saturating_sub(POOL_RESERVE)
+            .max(1);
         let built = Arc::new(Self {
+            in_flight: tokio::sync::Semaphore::new(permits as usize),
             config: api.clone(),
             records: Records::new(&api.idempotency_table),
             pool,
@@ -331,6 +344,13 @@ impl PublishApi {
             }
         };
 
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(self.config.publish_timeout, self.in_flight.acquire()).await
+        else {
+            return Answer::unavailable(format!(
+                "too many publish requests in flight (each holds a database connection while the broker confirms); send again with message_id {message_id:?}"
+            ));
+        };
         let mut tx = match self.pool.begin().await {
             Ok(tx) => tx,
             Err(e) => return database_answer(&e),
