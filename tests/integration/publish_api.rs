@@ -466,6 +466,60 @@ async fn an_unreachable_broker_is_503_and_the_retry_sends_the_message_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_broker_leaves_database_connections_to_the_rest() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    // A broker that takes connections and never answers: every send waits `publish_timeout`.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", setup.down_port))
+        .await
+        .expect("bind the down broker's port");
+    let blackhole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let sends: Vec<_> = (0..10)
+        .map(|n| {
+            let base = base.clone();
+            tokio::spawn(async move {
+                post(
+                    &base,
+                    PUBLISHER_TOKEN,
+                    &json!({"broker": "down", "exchange": "", "message_id": format!("stall-{n}")}),
+                )
+                .await
+            })
+        })
+        .collect();
+    // The pool has 8 connections: the waiting sends hold at most 6 of them.
+    let holding = format!(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE state = 'idle in transaction' AND query LIKE '%{}_requests%'",
+        setup.table.name
+    );
+    let mut most = 0i64;
+    for _ in 0..30 {
+        let now: i64 = sqlx::query_scalar(&holding)
+            .fetch_one(&setup.table.pool)
+            .await
+            .expect("pg_stat_activity");
+        most = most.max(now);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(most >= 1, "no send was waiting on the broker");
+    assert!(
+        most <= 6,
+        "{most} connections held by sends waiting on the broker"
+    );
+    for send in sends {
+        let (status, _, body) = send.await.expect("send task");
+        assert_eq!(status, 503, "{body}");
+    }
+    blackhole.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_id_is_sent_once_in_sequence_and_concurrently() {
     let setup = Setup::start().await;
     let base = setup.admin_base();
