@@ -264,8 +264,24 @@ impl PublishApi {
         Ok(())
     }
 
-    /// Sends or schedules `request`, once per message id per window.
+    /// Sends or schedules `request`, once per message id per window. A refusal carries the
+    /// message id the client gave, and a 503 the id to send again with (generated or given).
     pub async fn publish(&self, request: &PublishRequest) -> Answer {
+        let mut message_id = request
+            .message_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let mut answer = self.send(request, &mut message_id).await;
+        let tell = request.message_id.is_some() || answer.status == StatusCode::SERVICE_UNAVAILABLE;
+        if !answer.status.is_success() && tell && answer.body.get("message_id").is_none() {
+            answer.body["message_id"] = json!(message_id);
+        }
+        answer
+    }
+
+    /// [`Self::publish`] of `request` under `message_id`, which a scheduled send puts in its
+    /// canonical form.
+    async fn send(&self, request: &PublishRequest, message_id: &mut String) -> Answer {
         let Some((kind, publisher)) = self.brokers.get(&request.broker) else {
             let names: Vec<&str> = self.brokers.keys().map(String::as_str).collect();
             return Answer::error(
@@ -306,10 +322,6 @@ impl PublishApi {
             Ok(headers) => headers,
             Err(e) => return Answer::refused(e),
         };
-        let mut message_id = request
-            .message_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let scheduled = match due {
             None => None,
             Some(at) => {
@@ -322,7 +334,7 @@ impl PublishApi {
                         ),
                     );
                 };
-                let Ok(uuid) = uuid::Uuid::parse_str(&message_id) else {
+                let Ok(uuid) = uuid::Uuid::parse_str(message_id) else {
                     return Answer::error(
                         StatusCode::BAD_REQUEST,
                         format!(
@@ -339,7 +351,7 @@ impl PublishApi {
                 // One id, one spelling: `{A1B2...}`, `urn:uuid:...` and the plain form name
                 // the same row, so they are one idempotency key, answered in the form the
                 // row and `GET /v1/scheduled/ID` show.
-                message_id = uuid.hyphenated().to_string();
+                *message_id = uuid.hyphenated().to_string();
                 Some((outbox, uuid, at))
             }
         };

@@ -512,9 +512,11 @@ async fn a_stalled_broker_leaves_database_connections_to_the_rest() {
         most <= 6,
         "{most} connections held by sends waiting on the broker"
     );
-    for send in sends {
+    for (n, send) in sends.into_iter().enumerate() {
         let (status, _, body) = send.await.expect("send task");
         assert_eq!(status, 503, "{body}");
+        // The id to send again with.
+        assert_eq!(body["message_id"], format!("stall-{n}"), "{body}");
     }
     blackhole.abort();
 }
