@@ -379,7 +379,7 @@ impl PublishApi {
             .records
             .claim(
                 &mut tx,
-                &message_id,
+                message_id,
                 &fingerprint,
                 self.config.idempotency_window,
             )
@@ -500,7 +500,7 @@ impl PublishApi {
         };
         let recorded = async {
             self.records
-                .answer(&mut tx, &message_id, answer.status.as_u16(), &answer.body)
+                .answer(&mut tx, message_id, answer.status.as_u16(), &answer.body)
                 .await?;
             tx.commit().await
         }
