@@ -91,6 +91,9 @@ pub struct PublishApi {
     /// requests stuck on a broker that does not confirm (a memory alarm) cannot take every
     /// connection from the outbox relays, listeners and dead-letter archives sharing it.
     in_flight: tokio::sync::Semaphore,
+    /// Whether the records table is known to exist (created, or `migrate` off): a start
+    /// while the database was down leaves it to the first request that reaches it.
+    migrated: std::sync::atomic::AtomicBool,
 }
 
 /// Connections of the database's pool the publish API leaves to the rest of the process.
@@ -232,6 +235,7 @@ impl PublishApi {
             .max(1);
         let built = Arc::new(Self {
             in_flight: tokio::sync::Semaphore::new(permits as usize),
+            migrated: std::sync::atomic::AtomicBool::new(!api.migrate),
             config: api.clone(),
             records: Records::new(&api.idempotency_table),
             pool,
@@ -255,11 +259,13 @@ impl PublishApi {
         Ok(built)
     }
 
-    /// Creates the idempotency table when `migrate` is on (the scheduled outboxes' tables
-    /// are their relays' to create).
+    /// Creates the idempotency table when `migrate` is on and it was not created yet (the
+    /// scheduled outboxes' tables are their relays' to create).
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
-        if self.config.migrate {
+        use std::sync::atomic::Ordering;
+        if !self.migrated.load(Ordering::Acquire) {
             records::migrate(&self.pool, &self.config.idempotency_table).await?;
+            self.migrated.store(true, Ordering::Release);
         }
         Ok(())
     }
@@ -363,6 +369,9 @@ impl PublishApi {
                 "too many publish requests in flight (each holds a database connection while the broker confirms); send again with message_id {message_id:?}"
             ));
         };
+        if let Err(e) = self.migrate().await {
+            return database_answer(&e);
+        }
         let mut tx = match self.pool.begin().await {
             Ok(tx) => tx,
             Err(e) => return database_answer(&e),

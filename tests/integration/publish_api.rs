@@ -522,6 +522,53 @@ async fn a_stalled_broker_leaves_database_connections_to_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_records_table_is_created_once_the_database_is_back() {
+    let table = Table::new("pub_api_late").await;
+    let pg_port = free_port();
+    let config = ConfigFile::new("");
+    // The database is unreachable at start: its address has no listener yet.
+    let text = config_text(config.dir.path(), &table.name, free_port(), free_port()).replace(
+        PG_URL,
+        &format!("postgres://postgres@127.0.0.1:{pg_port}/test"),
+    );
+    config.rewrite(&text);
+    let daemon = Daemon::start(&config.path, free_port());
+    let base = admin_base(&daemon);
+    let (probe, queue) = idle_queue("pub_late").await;
+    let envelope = json!({"broker": "rabbit", "exchange": "", "routing_key": queue,
+                          "message_id": unique("late"), "body": b64("late")});
+    let (status, _, body) = post(&base, PUBLISHER_TOKEN, &envelope).await;
+    assert_eq!(status, 503, "{body}");
+    // The database comes back at that address.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", pg_port))
+        .await
+        .expect("bind the database's port");
+    let proxy = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let sent = crate::support::wait_for_async(Duration::from_secs(30), || async {
+        let (status, _, _) = post(&base, PUBLISHER_TOKEN, &envelope).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    assert!(sent.is_some(), "never published:\n{}", daemon.logs());
+    assert_eq!(count(&probe.channel, &queue).await, 1);
+    proxy.abort();
+    drop(daemon);
+    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {}_requests", table.name))
+        .execute(&table.pool)
+        .await;
+    delete_queue(&probe.channel, &queue).await;
+    probe.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_id_is_sent_once_in_sequence_and_concurrently() {
     let setup = Setup::start().await;
     let base = setup.admin_base();
