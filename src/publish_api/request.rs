@@ -235,10 +235,10 @@ fn serde_urlencoded_query(query: &str) -> Result<Target, RequestError> {
         .into_owned()
         .collect();
     let mut object = serde_json::Map::new();
+    // The decoder replaces bytes that are not UTF-8 with U+FFFD: a name or id silently
+    // changed. Refused instead (a client that means U+FFFD sends it encoded).
+    let encoded_replacement = query.to_ascii_uppercase().contains("%EF%BF%BD");
     for (key, value) in pairs {
-        // The decoder replaces bytes that are not UTF-8 with U+FFFD: a name or id silently
-        // changed. Refused instead (a client that means U+FFFD sends it encoded).
-        let encoded_replacement = query.to_ascii_uppercase().contains("%EF%BF%BD");
         if !encoded_replacement && (key.contains('\u{FFFD}') || value.contains('\u{FFFD}')) {
             return Err(RequestError::Invalid(format!(
                 "query parameter `{key}` is not UTF-8 once percent-decoded"
