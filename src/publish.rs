@@ -121,9 +121,15 @@ pub enum PublishError {
     /// The broker could not route it (amqp `mandatory` return, unknown exchange).
     #[error("unroutable: {0}")]
     Unroutable(String),
-    /// The broker refused it (nack, message too large, wrong type).
+    /// The broker refused it (message too large, wrong type, access refused).
     #[error("rejected by the broker: {0}")]
     Rejected(String),
+    /// The broker nacked it: it took the message but cannot keep it for now (a full queue
+    /// with `x-overflow = reject-publish`, a quorum queue without a quorum). The same
+    /// publish may succeed later: transient, but unlike a connection failure it is known
+    /// not to have arrived, so a relay counts it as an attempt.
+    #[error("nacked by the broker (e.g. a full queue with reject-publish): {0}")]
+    Nacked(String),
     /// The body is over the broker's maximum message size: no retry can succeed until the
     /// broker's limit is raised.
     #[error("message body of {size} bytes is over the broker's max message size of {max} bytes")]
@@ -142,7 +148,7 @@ pub enum PublishError {
 impl PublishError {
     /// Whether the same publish may succeed later without any change.
     pub fn is_transient(&self) -> bool {
-        matches!(self, PublishError::Connection(_))
+        matches!(self, PublishError::Connection(_) | PublishError::Nacked(_))
     }
 }
 

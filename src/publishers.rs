@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use crate::amqp::AmqpPublisher;
 use crate::config::{BrokerConfig, RedisBrokerConfig};
-use crate::publish::Publisher;
+use crate::publish::{OutgoingMessage, PublishError, Publisher};
 use crate::redis_streams::RedisPublisher;
 
 /// A broker that cannot be published to now.
@@ -74,6 +74,15 @@ impl BrokerPublisher {
         Self {
             broker: broker.to_owned(),
             kind,
+        }
+    }
+
+    /// The checks a publish of `message` makes before sending, without sending it (see
+    /// [`AmqpPublisher::check`]); a Redis entry has no such limits.
+    pub async fn check(&self, message: &OutgoingMessage) -> Result<(), PublishError> {
+        match &self.kind {
+            Kind::Amqp(publisher) => publisher.check(message).await,
+            Kind::Redis { .. } => Ok(()),
         }
     }
 

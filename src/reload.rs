@@ -190,6 +190,53 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     fields
 }
 
+/// What in `new` would move the ground under the running publish API of `old`, each as a
+/// sentence; empty when nothing does.
+///
+/// The API is built once, at start: it keeps its brokers' publishers, its database's pool and
+/// the table of each scheduled outbox, and it goes on writing rows there after a reload. A
+/// scheduled outbox that is removed or reads another table, database or broker would leave
+/// rows the API accepted (202) unread or send them elsewhere; a changed broker or database
+/// would have the API and the rest of the process disagree on where messages go. So such a
+/// reload is refused as a whole (the running configuration stays): a restart applies it.
+fn publish_api_conflicts(old: &Config, new: &Config) -> Vec<String> {
+    let Some(api) = &old.publish_api else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if old.databases.get(&api.database) != new.databases.get(&api.database) {
+        out.push(format!(
+            "database `{}` holds the publish API's records and scheduled messages",
+            api.database
+        ));
+    }
+    let mut brokers: BTreeSet<&String> = api.brokers.iter().collect();
+    for outbox_name in api.scheduled.values() {
+        let old_outbox = old.outboxes.get(outbox_name);
+        let new_outbox = new.outboxes.get(outbox_name);
+        let place = |o: &config::OutboxConfig| {
+            (
+                o.database.clone(),
+                o.table.clone(),
+                o.target.clone(),
+                o.existing.clone(),
+            )
+        };
+        if old_outbox.map(place) != new_outbox.map(place) {
+            out.push(format!(
+                "outbox `{outbox_name}` stores the publish API's scheduled messages (its presence, database, table, target and columns are fixed while running)"
+            ));
+        }
+        brokers.extend(old_outbox.map(|o| &o.target));
+    }
+    for broker in brokers {
+        if old.brokers.get(broker) != new.brokers.get(broker) {
+            out.push(format!("broker `{broker}` is one the publish API sends to"));
+        }
+    }
+    out
+}
+
 /// The reload hook the runtime installs.
 pub struct ConfigReload {
     path: Option<PathBuf>,
@@ -261,6 +308,13 @@ impl ReloadHook for ConfigReload {
             Ok(Err(e)) => return self.failed(&e.to_string()),
             Err(e) => return self.failed(&format!("the loader failed: {e}")),
         };
+        let conflicts = publish_api_conflicts(&self.current, &new);
+        if !conflicts.is_empty() {
+            return self.failed(&format!(
+                "restart required, reload refused: {}",
+                conflicts.join("; ")
+            ));
+        }
         for field in restart_required(&self.current, &new) {
             tracing::warn!(
                 field,
@@ -449,6 +503,87 @@ mod tests {
             )
         ));
         assert_eq!(diff(&old, &new), (vec![], vec![]));
+    }
+
+    /// A configuration with the publish API over broker `r` and scheduled outbox `later`,
+    /// and an unrelated consumer; `tweak` edits its text.
+    fn publish_api_text(dir: &std::path::Path, tweak: impl Fn(String) -> String) -> String {
+        let token = dir.join("admin.token");
+        std::fs::write(&token, "a".repeat(40)).expect("token");
+        tweak(format!(
+            "{BASE}[http.admin]\ntoken_file = \"{}\"\n[databases.main]\nurl = \"postgres://127.0.0.1/test\"\n[databases.other]\nurl = \"postgres://127.0.0.1/other\"\n[outboxes.later]\ndatabase = \"main\"\ntable = \"later_rows\"\ntarget = \"r\"\n[consumers.c]\nsource = \"s\"\nhandler = \"a\"\nstream = \"k\"\n[publish_api]\ndatabase = \"main\"\nbrokers = [\"r\"]\nscheduled = [\"later\"]\n",
+            token.display()
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_moves_the_publish_apis_outbox_or_broker_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bosun.toml");
+        let same = |t: String| t;
+        std::fs::write(&path, publish_api_text(dir.path(), same)).expect("write");
+        let current = Arc::new(
+            config::load_file_with_env(&path, &HandlerKinds::builtin(), &Env::default())
+                .expect("valid"),
+        );
+        type Edit = Box<dyn Fn(String) -> String>;
+        let changes: [(&str, Edit); 5] = [
+            (
+                "table",
+                Box::new(|t: String| t.replace("later_rows", "other_rows")),
+            ),
+            (
+                "database",
+                Box::new(|t: String| {
+                    t.replace(
+                        "[outboxes.later]\ndatabase = \"main\"",
+                        "[outboxes.later]\ndatabase = \"other\"",
+                    )
+                    .replace(
+                        "[publish_api]\ndatabase = \"main\"",
+                        "[publish_api]\ndatabase = \"other\"",
+                    )
+                }),
+            ),
+            (
+                "removed",
+                Box::new(|t: String| {
+                    t.replace("[outboxes.later]\ndatabase = \"main\"\ntable = \"later_rows\"\ntarget = \"r\"\n", "")
+                        .replace("scheduled = [\"later\"]\n", "")
+                }),
+            ),
+            (
+                "broker",
+                Box::new(|t: String| t.replace("amqp://127.0.0.1/", "amqp://127.0.0.2/")),
+            ),
+            (
+                "database url",
+                Box::new(|t: String| t.replace("127.0.0.1/test", "127.0.0.3/test")),
+            ),
+        ];
+        for (what, change) in changes {
+            std::fs::write(&path, publish_api_text(dir.path(), &change)).expect("write");
+            // Valid on its own: refused only for what it does to the running API.
+            config::load_file_with_env(&path, &HandlerKinds::builtin(), &Env::default())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut hook =
+                ConfigReload::new(Some(path.clone()), HandlerKinds::builtin(), current.clone());
+            assert!(
+                hook.reload(&[]).await.is_none(),
+                "a change of the scheduled outbox's {what} must be refused"
+            );
+        }
+        // Anything else still reloads: the unrelated consumer restarts.
+        std::fs::write(
+            &path,
+            publish_api_text(dir.path(), |t| {
+                t.replace("stream = \"k\"", "stream = \"k2\"")
+            }),
+        )
+        .expect("write");
+        let mut hook = ConfigReload::new(Some(path.clone()), HandlerKinds::builtin(), current);
+        let changes = hook.reload(&[]).await.expect("applied");
+        assert_eq!(changes.stop, vec!["consumer:c"]);
     }
 
     #[test]

@@ -209,8 +209,8 @@ pub(crate) async fn admin_router(
     if let Some(api) = &api
         && let Err(e) = api.migrate().await
     {
-        // Not fatal: the database may come back; until the table exists, publishing is
-        // answered 503.
+        // Not fatal: the database may come back; the first request that reaches it creates
+        // the table (until then, publishing is answered 503).
         tracing::error!(error = %e, "cannot create the publish API's idempotency table");
     }
     let flows = resources.flows.clone();

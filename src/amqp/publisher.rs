@@ -3,7 +3,7 @@
 //! Every publish is `mandatory` and persistent on a channel in confirm mode. A batch is
 //! pipelined: up to [`AmqpPublisher::window`] confirms are outstanding at once, so a batch
 //! costs about one round trip, never one per message. A message the broker returns
-//! (no queue bound) is [`PublishError::Unroutable`], a nack is [`PublishError::Rejected`],
+//! (no queue bound) is [`PublishError::Unroutable`], a nack is [`PublishError::Nacked`] (transient),
 //! and a broken connection is [`PublishError::Connection`]; the next batch reconnects.
 //!
 //! RabbitMQ answers a publish to a missing exchange, or of a body over its maximum message
@@ -196,6 +196,33 @@ impl AmqpPublisher {
         missing
     }
 
+    /// Whether `message` passes the checks a publish makes before sending (body within
+    /// `max_message_size`, names within AMQP short strings, properties and headers within
+    /// one frame of the connection's `frame_max` once connected), without sending it: for
+    /// a message stored now and published later, so that what would be refused then is
+    /// refused now.
+    pub async fn check(&self, message: &OutgoingMessage) -> Result<(), PublishError> {
+        if let Some(max) = self.config.max_message_size {
+            let size = message.body.len() as u64;
+            if size > max {
+                return Err(PublishError::TooLarge { size, max });
+            }
+        }
+        names(message).map_err(|e| PublishError::Invalid(e.to_string()))?;
+        let props = properties(message).map_err(|e| PublishError::Invalid(e.to_string()))?;
+        // Known once connected; the API's bounds on headers keep them well within the
+        // smallest frame_max RabbitMQ accepts before that.
+        let size = header_frame_size(&props);
+        if let Some(max) = self.frame_max().await.filter(|max| *max > 0)
+            && size > max
+        {
+            return Err(PublishError::Invalid(format!(
+                "its properties and headers take {size} bytes, over the connection's frame_max of {max}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The frame size negotiated on the publishing connection.
     async fn frame_max(&self) -> Option<u64> {
         let session = self.session.lock().await;
@@ -287,8 +314,8 @@ pub fn confirmation(
                 returned.reply_code, returned.reply_text
             )))
         }
-        Ok(Confirmation::Nack(None)) => Err(PublishError::Rejected(format!(
-            "exchange {exchange:?} routing key {routing_key:?}: nacked by the broker"
+        Ok(Confirmation::Nack(None)) => Err(PublishError::Nacked(format!(
+            "exchange {exchange:?} routing key {routing_key:?}"
         ))),
         Err(e) => Err(publish_error(&e, exchange, size)),
     }

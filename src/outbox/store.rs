@@ -268,11 +268,15 @@ impl Queries {
                    AND w.insert_xid >= pg_snapshot_xmin(pg_current_snapshot()))"
         );
         // Served by the due-time index (`<table>_due_idx`); `clock_timestamp()`, not `now()`,
-        // since the wait starts after this transaction, not at its start.
+        // since the wait starts after this transaction, not at its start. A row parked at
+        // `'infinity'` is never due, and subtracting it from a time is an error that would
+        // stop the relay: finite times only, each turned into seconds before subtracting.
         let next_due = format!(
-            "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - clock_timestamp())::float8
+            "SELECT (EXTRACT(EPOCH FROM min(next_attempt_at))
+                     - EXTRACT(EPOCH FROM clock_timestamp()))::float8
              FROM {table}
-             WHERE published_at IS NULL AND failed_at IS NULL AND next_attempt_at > now()"
+             WHERE published_at IS NULL AND failed_at IS NULL AND next_attempt_at > now()
+               AND isfinite(next_attempt_at)"
         );
         Self {
             claim,

@@ -87,7 +87,17 @@ pub struct PublishApi {
     brokers: BTreeMap<String, (&'static str, BrokerPublisher)>,
     /// By broker name.
     scheduled: BTreeMap<String, Scheduled>,
+    /// Requests holding a connection of `pool` at once: fewer than the pool has, so that
+    /// requests stuck on a broker that does not confirm (a memory alarm) cannot take every
+    /// connection from the outbox relays, listeners and dead-letter archives sharing it.
+    in_flight: tokio::sync::Semaphore,
+    /// Whether the records table is known to exist (created, or `migrate` off): a start
+    /// while the database was down leaves it to the first request that reaches it.
+    migrated: std::sync::atomic::AtomicBool,
 }
+
+/// Connections of the database's pool the publish API leaves to the rest of the process.
+const POOL_RESERVE: u32 = 2;
 
 /// An answer: status, JSON body, and whether it repeats an earlier one.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,14 +174,15 @@ fn database_answer(e: &sqlx::Error) -> Answer {
     }
 }
 
-/// A refused publish as an answer: what no retry can change is a 4xx, a connection failure
-/// (the message may or may not have arrived; send it again with the same id) a 503.
+/// A refused publish as an answer: what no retry can change is a 4xx; a connection failure
+/// (the message may or may not have arrived; send it again with the same id) or a nack (the
+/// broker cannot keep it for now, e.g. a full queue) a 503.
 fn publish_answer(e: &PublishError) -> Answer {
     let status = match e {
         PublishError::Unroutable(_) | PublishError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
         PublishError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         PublishError::Invalid(_) => StatusCode::BAD_REQUEST,
-        PublishError::Connection(_) => StatusCode::SERVICE_UNAVAILABLE,
+        PublishError::Connection(_) | PublishError::Nacked(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     Answer::error(status, crate::redact::text(&e.to_string()).into_owned())
 }
@@ -217,7 +228,14 @@ impl PublishApi {
                 },
             );
         }
+        let permits = pool
+            .options()
+            .get_max_connections()
+            .saturating_sub(POOL_RESERVE)
+            .max(1);
         let built = Arc::new(Self {
+            in_flight: tokio::sync::Semaphore::new(permits as usize),
+            migrated: std::sync::atomic::AtomicBool::new(!api.migrate),
             config: api.clone(),
             records: Records::new(&api.idempotency_table),
             pool,
@@ -241,17 +259,35 @@ impl PublishApi {
         Ok(built)
     }
 
-    /// Creates the idempotency table when `migrate` is on (the scheduled outboxes' tables
-    /// are their relays' to create).
+    /// Creates the idempotency table when `migrate` is on and it was not created yet (the
+    /// scheduled outboxes' tables are their relays' to create).
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
-        if self.config.migrate {
+        use std::sync::atomic::Ordering;
+        if !self.migrated.load(Ordering::Acquire) {
             records::migrate(&self.pool, &self.config.idempotency_table).await?;
+            self.migrated.store(true, Ordering::Release);
         }
         Ok(())
     }
 
-    /// Sends or schedules `request`, once per message id per window.
+    /// Sends or schedules `request`, once per message id per window. A refusal carries the
+    /// message id the client gave, and a 503 the id to send again with (generated or given).
     pub async fn publish(&self, request: &PublishRequest) -> Answer {
+        let mut message_id = request
+            .message_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let mut answer = self.send(request, &mut message_id).await;
+        let tell = request.message_id.is_some() || answer.status == StatusCode::SERVICE_UNAVAILABLE;
+        if !answer.status.is_success() && tell && answer.body.get("message_id").is_none() {
+            answer.body["message_id"] = json!(message_id);
+        }
+        answer
+    }
+
+    /// [`Self::publish`] of `request` under `message_id`, which a scheduled send puts in its
+    /// canonical form.
+    async fn send(&self, request: &PublishRequest, message_id: &mut String) -> Answer {
         let Some((kind, publisher)) = self.brokers.get(&request.broker) else {
             let names: Vec<&str> = self.brokers.keys().map(String::as_str).collect();
             return Answer::error(
@@ -292,10 +328,6 @@ impl PublishApi {
             Ok(headers) => headers,
             Err(e) => return Answer::refused(e),
         };
-        let message_id = request
-            .message_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let scheduled = match due {
             None => None,
             Some(at) => {
@@ -308,7 +340,7 @@ impl PublishApi {
                         ),
                     );
                 };
-                let Ok(uuid) = uuid::Uuid::parse_str(&message_id) else {
+                let Ok(uuid) = uuid::Uuid::parse_str(message_id) else {
                     return Answer::error(
                         StatusCode::BAD_REQUEST,
                         format!(
@@ -322,10 +354,24 @@ impl PublishApi {
                         "a scheduled message keeps no `correlation_id`; send it as a header",
                     );
                 }
+                // One id, one spelling: `{A1B2...}`, `urn:uuid:...` and the plain form name
+                // the same row, so they are one idempotency key, answered in the form the
+                // row and `GET /v1/scheduled/ID` show.
+                *message_id = uuid.hyphenated().to_string();
                 Some((outbox, uuid, at))
             }
         };
 
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(self.config.publish_timeout, self.in_flight.acquire()).await
+        else {
+            return Answer::unavailable(format!(
+                "too many publish requests in flight (each holds a database connection while the broker confirms); send again with message_id {message_id:?}"
+            ));
+        };
+        if let Err(e) = self.migrate().await {
+            return database_answer(&e);
+        }
         let mut tx = match self.pool.begin().await {
             Ok(tx) => tx,
             Err(e) => return database_answer(&e),
@@ -342,7 +388,7 @@ impl PublishApi {
             .records
             .claim(
                 &mut tx,
-                &message_id,
+                message_id,
                 &fingerprint,
                 self.config.idempotency_window,
             )
@@ -373,8 +419,27 @@ impl PublishApi {
             Err(e) => return database_answer(&e),
         }
 
+        let message = OutgoingMessage {
+            destination: request.destination.clone(),
+            routing_key: request.routing_key.clone(),
+            message_id: message_id.clone(),
+            correlation_id: request.correlation_id.clone(),
+            content_type: request.content_type.clone(),
+            headers,
+            body: request.body.clone(),
+            timestamp_ms: None,
+            // A `traceparent` the client sent among the headers: its trace goes on.
+            trace: crate::publish::TraceLink::Continue,
+        };
         let answer = match scheduled {
             Some((outbox, uuid, at)) => {
+                // What the relay's publish would refuse later is refused now.
+                if let Err(e) = publisher.check(&message).await {
+                    let _ = tx.rollback().await;
+                    let mut answer = publish_answer(&e);
+                    answer.body["message_id"] = json!(message_id);
+                    return answer;
+                }
                 let mut message = Message::new(request.routing_key.clone(), request.body.to_vec())
                     .table(outbox.table.clone())
                     .message_id(uuid)
@@ -382,7 +447,25 @@ impl PublishApi {
                     .deliver_at(at);
                 message.headers = request.headers.clone();
                 message.content_type = request.content_type.clone();
-                match crate::outbox::enqueue(&mut tx, &message).await {
+                let enqueued = crate::outbox::enqueue(&mut tx, &message).await;
+                // The relay measures and parses the stored `headers::text`, which can be
+                // longer than the request's JSON (jsonb writes `1e300` out in full).
+                let stored = match &enqueued {
+                    Ok(row) => stored_headers(&mut tx, &outbox.table, row.id).await,
+                    Err(_) => Ok(None),
+                };
+                match stored {
+                    Ok(Some(e)) => {
+                        let _ = tx.rollback().await;
+                        return Answer::new(
+                            StatusCode::BAD_REQUEST,
+                            json!({ "error": format!("headers as stored: {e}"), "message_id": message_id }),
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(e) => return database_answer(&e),
+                }
+                match enqueued {
                     Ok(row) => Answer::new(
                         StatusCode::ACCEPTED,
                         json!({
@@ -397,18 +480,6 @@ impl PublishApi {
                 }
             }
             None => {
-                let message = OutgoingMessage {
-                    destination: request.destination.clone(),
-                    routing_key: request.routing_key.clone(),
-                    message_id: message_id.clone(),
-                    correlation_id: request.correlation_id.clone(),
-                    content_type: request.content_type.clone(),
-                    headers,
-                    body: request.body.clone(),
-                    timestamp_ms: None,
-                    // A `traceparent` the client sent among the headers: its trace goes on.
-                    trace: crate::publish::TraceLink::Continue,
-                };
                 let sent = tokio::time::timeout(self.config.publish_timeout, async {
                     let publisher = publisher
                         .connect()
@@ -440,7 +511,7 @@ impl PublishApi {
         };
         let recorded = async {
             self.records
-                .answer(&mut tx, &message_id, answer.status.as_u16(), &answer.body)
+                .answer(&mut tx, message_id, answer.status.as_u16(), &answer.body)
                 .await?;
             tx.commit().await
         }
@@ -607,6 +678,27 @@ impl PublishApi {
         ));
         Answer::new(StatusCode::CONFLICT, body)
     }
+}
+
+/// Why the headers of row `id` of `table`, as stored, would fail the relay's check (the
+/// same bounds, on the same `headers::text`); `None` when they pass.
+async fn stored_headers(
+    tx: &mut sqlx::PgConnection,
+    table: &str,
+    id: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    let limit = crate::outbox::headers::MAX_BYTES as i32 + 1;
+    let (length, text): (i32, String) = sqlx::query_as(&format!(
+        "SELECT octet_length(headers::text), left(headers::text, $2) FROM {table} WHERE id = $1"
+    ))
+    .bind(id)
+    .bind(limit)
+    .fetch_one(tx)
+    .await?;
+    let length = usize::try_from(length).unwrap_or(usize::MAX);
+    Ok(crate::outbox::headers::parse_sized(&text, length)
+        .err()
+        .map(|e| e.to_string()))
 }
 
 /// Deletes expired idempotency records now and then; stops when the API is dropped.

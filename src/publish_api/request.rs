@@ -170,10 +170,17 @@ pub fn from_raw(
         let value = value.to_str().map_err(|_| {
             RequestError::Invalid(format!("request header `{name}` is not visible ASCII"))
         })?;
-        message_headers.insert(
-            header.to_owned(),
-            serde_json::Value::String(value.to_owned()),
-        );
+        if message_headers
+            .insert(
+                header.to_owned(),
+                serde_json::Value::String(value.to_owned()),
+            )
+            .is_some()
+        {
+            return Err(RequestError::Invalid(format!(
+                "request header `{name}` is given twice; a message header has one value"
+            )));
+        }
     }
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
@@ -228,7 +235,15 @@ fn serde_urlencoded_query(query: &str) -> Result<Target, RequestError> {
         .into_owned()
         .collect();
     let mut object = serde_json::Map::new();
+    // The decoder replaces bytes that are not UTF-8 with U+FFFD: a name or id silently
+    // changed. Refused instead (a client that means U+FFFD sends it encoded).
+    let encoded_replacement = query.to_ascii_uppercase().contains("%EF%BF%BD");
     for (key, value) in pairs {
+        if !encoded_replacement && (key.contains('\u{FFFD}') || value.contains('\u{FFFD}')) {
+            return Err(RequestError::Invalid(format!(
+                "query parameter `{key}` is not UTF-8 once percent-decoded"
+            )));
+        }
         if object
             .insert(key.clone(), serde_json::Value::String(value))
             .is_some()
@@ -372,6 +387,22 @@ mod tests {
         .unwrap();
         assert_eq!(from_json, from_query);
         assert_eq!(from_json.fingerprint(), from_query.fingerprint());
+    }
+
+    #[test]
+    fn a_raw_query_that_is_not_utf8_or_a_repeated_header_is_refused() {
+        let refused = from_raw(
+            "broker=rabbit&exchange=&routing_key=a%FFb",
+            &HeaderMap::new(),
+            Bytes::new(),
+            1024,
+        );
+        assert!(matches!(refused, Err(RequestError::Invalid(m)) if m.contains("UTF-8")));
+        let mut headers = HeaderMap::new();
+        headers.append("header-tenant", "acme".parse().unwrap());
+        headers.append("header-tenant", "other".parse().unwrap());
+        let refused = from_raw("broker=rabbit&exchange=", &headers, Bytes::new(), 1024);
+        assert!(matches!(refused, Err(RequestError::Invalid(m)) if m.contains("twice")));
     }
 
     #[test]

@@ -245,8 +245,11 @@ pub async fn connect_reader(
 
 /// Server error codes that mean "not now" rather than "never": out of memory
 /// (`maxmemory`), loading its dataset, a replica or a demoted primary, a busy script, a
-/// primary or cluster that is down or resharding.
+/// primary or cluster that is down or resharding, a primary refusing writes because it
+/// cannot persist (`MISCONF`) or has too few replicas (`NOREPLICAS`).
 const TRANSIENT_CODES: &[&str] = &[
+    "MISCONF",
+    "NOREPLICAS",
     "OOM",
     "LOADING",
     "READONLY",

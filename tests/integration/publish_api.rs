@@ -378,6 +378,53 @@ async fn what_can_never_be_delivered_is_a_4xx() {
     probe.delete().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_nack_is_503_to_retry_not_a_4xx() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    // A full queue that refuses more: the broker nacks the publish.
+    let probe = Queue::new("pub_full").await;
+    let queue = unique("pub_full");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    probe
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare");
+    let envelope = |id: &str| {
+        json!({"broker": "rabbit", "exchange": "", "routing_key": queue,
+               "message_id": id, "body": b64("x")})
+    };
+    let (status, _, body) = post(&base, PUBLISHER_TOKEN, &envelope(&unique("first"))).await;
+    assert_eq!(status, 200, "{body}");
+    let id = unique("nacked");
+    let (status, headers, body) = post(&base, PUBLISHER_TOKEN, &envelope(&id)).await;
+    assert_eq!(status, 503, "a nack is worth retrying: {body}");
+    assert!(headers.get("retry-after").is_some(), "{headers:?}");
+    assert_eq!(body["message_id"], id.as_str(), "{body}");
+    // Once there is room, the client's retry with the same id goes through.
+    get_one(&probe.channel, &queue)
+        .await
+        .expect("the first message");
+    let (status, _, body) = post(&base, PUBLISHER_TOKEN, &envelope(&id)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&probe.channel, &queue).await, 1);
+    delete_queue(&probe.channel, &queue).await;
+    probe.delete().await;
+}
+
 /// Forwards connections on `listener` to RabbitMQ: the `down` broker coming back.
 fn forward_to_rabbit(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -414,6 +461,109 @@ async fn an_unreachable_broker_is_503_and_the_retry_sends_the_message_once() {
     );
     assert_eq!(count(&probe.channel, &queue).await, 1);
     proxy.abort();
+    delete_queue(&probe.channel, &queue).await;
+    probe.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_broker_leaves_database_connections_to_the_rest() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    // A broker that takes connections and never answers: every send waits `publish_timeout`.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", setup.down_port))
+        .await
+        .expect("bind the down broker's port");
+    let blackhole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let sends: Vec<_> = (0..10)
+        .map(|n| {
+            let base = base.clone();
+            tokio::spawn(async move {
+                post(
+                    &base,
+                    PUBLISHER_TOKEN,
+                    &json!({"broker": "down", "exchange": "", "message_id": format!("stall-{n}")}),
+                )
+                .await
+            })
+        })
+        .collect();
+    // The pool has 8 connections: the waiting sends hold at most 6 of them.
+    let holding = format!(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE state = 'idle in transaction' AND query LIKE '%{}_requests%'",
+        setup.table.name
+    );
+    let mut most = 0i64;
+    for _ in 0..30 {
+        let now: i64 = sqlx::query_scalar(&holding)
+            .fetch_one(&setup.table.pool)
+            .await
+            .expect("pg_stat_activity");
+        most = most.max(now);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(most >= 1, "no send was waiting on the broker");
+    assert!(
+        most <= 6,
+        "{most} connections held by sends waiting on the broker"
+    );
+    for (n, send) in sends.into_iter().enumerate() {
+        let (status, _, body) = send.await.expect("send task");
+        assert_eq!(status, 503, "{body}");
+        // The id to send again with.
+        assert_eq!(body["message_id"], format!("stall-{n}"), "{body}");
+    }
+    blackhole.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_records_table_is_created_once_the_database_is_back() {
+    let table = Table::new("pub_api_late").await;
+    let pg_port = free_port();
+    let config = ConfigFile::new("");
+    // The database is unreachable at start: its address has no listener yet.
+    let text = config_text(config.dir.path(), &table.name, free_port(), free_port()).replace(
+        PG_URL,
+        &format!("postgres://postgres@127.0.0.1:{pg_port}/test"),
+    );
+    config.rewrite(&text);
+    let daemon = Daemon::start(&config.path, free_port());
+    let base = admin_base(&daemon);
+    let (probe, queue) = idle_queue("pub_late").await;
+    let envelope = json!({"broker": "rabbit", "exchange": "", "routing_key": queue,
+                          "message_id": unique("late"), "body": b64("late")});
+    let (status, _, body) = post(&base, PUBLISHER_TOKEN, &envelope).await;
+    assert_eq!(status, 503, "{body}");
+    // The database comes back at that address.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", pg_port))
+        .await
+        .expect("bind the database's port");
+    let proxy = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let sent = crate::support::wait_for_async(Duration::from_secs(30), || async {
+        let (status, _, _) = post(&base, PUBLISHER_TOKEN, &envelope).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    assert!(sent.is_some(), "never published:\n{}", daemon.logs());
+    assert_eq!(count(&probe.channel, &queue).await, 1);
+    proxy.abort();
+    drop(daemon);
+    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {}_requests", table.name))
+        .execute(&table.pool)
+        .await;
     delete_queue(&probe.channel, &queue).await;
     probe.delete().await;
 }
@@ -521,6 +671,107 @@ async fn a_scheduled_message_waits_for_its_time_and_survives_a_restart() {
     assert!(shown.is_some(), "shown as published");
     delete_queue(&probe.channel, &queue).await;
     probe.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_parked_at_infinity_does_not_stop_scheduled_sends() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    let (probe, queue) = idle_queue("pub_inf").await;
+    // A row some tool parked for ever: never due, and never a reason to stop the relay.
+    sqlx::query(&format!(
+        "INSERT INTO {} (routing_key, payload, next_attempt_at) VALUES ($1, 'parked', 'infinity')",
+        setup.table.name
+    ))
+    .bind(&queue)
+    .execute(&setup.table.pool)
+    .await
+    .expect("insert the parked row");
+    for n in 0..2 {
+        let id = uuid::Uuid::now_v7().to_string();
+        let (status, _, body) = post(
+            &base,
+            PUBLISHER_TOKEN,
+            &json!({"broker": "rabbit", "exchange": "", "routing_key": queue, "message_id": id,
+                    "delay": "1s", "body": b64(&format!("due {n}"))}),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        // The relay polls hourly: only its wake at the due time sends this.
+        assert!(
+            published(&base, &id).await.is_some(),
+            "scheduled message {n} not published:\n{}",
+            setup.daemon.logs()
+        );
+    }
+    assert!(setup.daemon.wait_ready(Duration::from_secs(5)));
+    assert_eq!(count(&probe.channel, &queue).await, 2);
+    assert_eq!(
+        setup
+            .table
+            .count("payload = 'parked' AND published_at IS NULL AND failed_at IS NULL")
+            .await,
+        1
+    );
+    delete_queue(&probe.channel, &queue).await;
+    probe.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_id_in_any_spelling_is_one_message() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    let id = uuid::Uuid::now_v7().to_string();
+    let envelope = |spelling: String| {
+        json!({"broker": "rabbit", "exchange": "", "routing_key": "nobody",
+               "message_id": spelling, "delay": "1h", "body": b64("once")})
+    };
+    let (status, _, body) = post(
+        &base,
+        PUBLISHER_TOKEN,
+        &envelope(format!("{{{}}}", id.to_uppercase())),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        body["message_id"],
+        id.as_str(),
+        "answered in canonical form"
+    );
+    let (status, headers, body) = post(&base, PUBLISHER_TOKEN, &envelope(id.clone())).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        headers.get("idempotent-replayed").is_some(),
+        "the canonical spelling repeats the first request: {body}"
+    );
+    assert_eq!(setup.table.count(&format!("message_id = '{id}'")).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_headers_are_measured_as_the_relay_will_read_them() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    // 2 KB as sent; as jsonb stores and prints it, each `1e300` is 301 digits: over 64 KiB.
+    let wide: Vec<Value> = (0..300)
+        .map(|_| serde_json::from_str("1e300").expect("a number"))
+        .collect();
+    let id = uuid::Uuid::now_v7().to_string();
+    let (status, _, body) = post(
+        &base,
+        PUBLISHER_TOKEN,
+        &json!({"broker": "rabbit", "exchange": "", "routing_key": "nobody", "message_id": id,
+                "delay": "1h", "headers": {"wide": wide}}),
+    )
+    .await;
+    assert_eq!(
+        status, 400,
+        "a row the relay would fail is refused now: {body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("headers"),
+        "{body}"
+    );
+    assert_eq!(setup.table.count(&format!("message_id = '{id}'")).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
