@@ -15,7 +15,7 @@ use crate::inbox::postgres::PostgresStore;
 use crate::inbox::redis::RedisStore;
 use crate::inbox::{Inbox, InboxError, Store};
 use crate::publish::OutgoingMessage;
-use crate::redis_streams::RedisConsumer;
+use crate::redis_streams::{RedisConsumer, RedisConsumerSpec};
 use crate::supervisor::Component;
 
 /// What a consumer is built from.
@@ -122,16 +122,18 @@ pub fn build(spec: ConsumerSpec<'_>) -> anyhow::Result<Arc<dyn Component>> {
                 Arc::new(consumer)
             }
         }
-        (ConsumerKind::Redis(redis), BrokerConfig::Redis(broker)) => Arc::new(RedisConsumer::new(
-            spec.name,
-            spec.consumer,
-            redis,
-            source,
-            broker,
-            spec.handler,
-            spec.gate,
-            spec.inbox,
-        )),
+        (ConsumerKind::Redis(redis), BrokerConfig::Redis(broker)) => {
+            Arc::new(RedisConsumer::new(RedisConsumerSpec {
+                name: spec.name,
+                consumer: spec.consumer,
+                redis,
+                broker_name: source,
+                broker,
+                handler: spec.handler,
+                gate: spec.gate,
+                inbox: spec.inbox,
+            }))
+        }
         (ConsumerKind::Amqp(_), other) => {
             anyhow::bail!("broker `{source}` is {}, not amqp", other.kind())
         }

@@ -19,10 +19,8 @@ use sqlx::{PgConnection, PgPool};
 
 /// The table's DDL: idempotent, applied at start unless `migrate = false`.
 pub fn statements(table: &str) -> Vec<String> {
-    let index = crate::database::derived_name(
-        table.rsplit('.').next().unwrap_or(table),
-        "expires_idx",
-    );
+    let index =
+        crate::database::derived_name(table.rsplit('.').next().unwrap_or(table), "expires_idx");
     vec![
         format!(
             "CREATE TABLE IF NOT EXISTS {table} (

@@ -65,18 +65,33 @@ pub struct RedisConsumer {
     inner: Arc<Inner>,
 }
 
+/// What a redis consumer is made from.
+pub struct RedisConsumerSpec<'a> {
+    /// The `[consumers.*]` name.
+    pub name: &'a str,
+    pub consumer: &'a ConsumerConfig,
+    pub redis: &'a RedisConsumerConfig,
+    /// The `[brokers.*]` name and its config.
+    pub broker_name: &'a str,
+    pub broker: &'a RedisBrokerConfig,
+    pub handler: Arc<dyn Handler>,
+    pub gate: Gate,
+    pub inbox: Option<Arc<crate::inbox::Inbox>>,
+}
+
 impl RedisConsumer {
-    /// A consumer for `[consumers.name]`, reading `broker` (named `broker_name`).
-    pub fn new(
-        name: &str,
-        consumer: &ConsumerConfig,
-        config: &RedisConsumerConfig,
-        broker_name: &str,
-        broker: &RedisBrokerConfig,
-        handler: Arc<dyn Handler>,
-        gate: Gate,
-        inbox: Option<Arc<crate::inbox::Inbox>>,
-    ) -> Self {
+    /// A consumer for `[consumers.NAME]`, reading its redis broker.
+    pub fn new(spec: RedisConsumerSpec<'_>) -> Self {
+        let RedisConsumerSpec {
+            name,
+            consumer,
+            redis: config,
+            broker_name,
+            broker,
+            handler,
+            gate,
+            inbox,
+        } = spec;
         Self {
             inner: Arc::new(Inner {
                 inbox,

@@ -40,7 +40,7 @@ use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError};
 
 use crate::config::RedisBrokerConfig;
 
-pub use consumer::RedisConsumer;
+pub use consumer::{RedisConsumer, RedisConsumerSpec};
 pub use producer::RedisPublisher;
 
 /// Errors of the Redis module.
