@@ -168,6 +168,17 @@ impl Checker<'_> {
         }
     }
 
+    /// A consumer key of the other broker kind: `at` ends with the key's name.
+    fn wrong_kind(&mut self, at: &[&str], belongs_to: &str, broker_kind: &str, broker: &str) {
+        let field = at.last().copied().unwrap_or_default();
+        self.issue(
+            at,
+            format!(
+                "`{field}` is for {belongs_to} consumers, but broker `{broker}` is {broker_kind}"
+            ),
+        );
+    }
+
     fn issue(&mut self, at: &[&str], message: impl Into<String>) {
         let path = path(at);
         if self.is_unchecked(&path) {
@@ -1214,13 +1225,7 @@ fn consumer_config(
                 ("id_field", raw.id_field.is_some()),
             ] {
                 if given {
-                    c.issue(
-                        &at(field),
-                        format!(
-                            "`{field}` is for redis consumers, but broker `{}` is amqp",
-                            raw.source
-                        ),
-                    );
+                    c.wrong_kind(&at(field), "redis", "amqp", &raw.source);
                 }
             }
             if dl.is_some_and(|d| d.trim.is_some()) {
@@ -1368,13 +1373,7 @@ fn consumer_config(
                 ("backlog_interval", raw.backlog_interval.is_some()),
             ] {
                 if given {
-                    c.issue(
-                        &at(field),
-                        format!(
-                            "`{field}` is for amqp consumers, but broker `{}` is redis",
-                            raw.source
-                        ),
-                    );
+                    c.wrong_kind(&at(field), "amqp", "redis", &raw.source);
                 }
             }
             if dl.is_some_and(|d| {

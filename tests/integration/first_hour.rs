@@ -80,7 +80,14 @@ async fn example_config_runs_clean_and_its_outbox_row_is_published_and_consumed(
         &bosun::config::Env::from_pairs(env.iter().copied()),
     )
     .expect("the example config is valid");
-    let components = loaded.consumers.len() + loaded.outboxes.len() + loaded.dead_letters.len();
+    // A postgres inbox runs its sweeper as a component of its own.
+    let sweepers = loaded
+        .inboxes
+        .values()
+        .filter(|i| matches!(i.store, bosun::config::InboxStore::Postgres { .. }))
+        .count();
+    let components =
+        loaded.consumers.len() + loaded.outboxes.len() + loaded.dead_letters.len() + sweepers;
 
     let mut daemon = Daemon::start_with_env(&config.path, port, &env);
     // Every component registered and ready.
