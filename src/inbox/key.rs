@@ -9,6 +9,15 @@ use crate::handler::Message;
 /// small whatever a producer puts in a header or body field.
 const MAX_KEY_BYTES: usize = 200;
 
+/// Whether `key` is stored as it is: short, and free of control characters. A NUL cannot be
+/// stored in a PostgreSQL `text` column (every claim of such a key would fail, and its
+/// message would come back forever), and no control character can travel in the
+/// `bosun-inbox-key` http header or the `BOSUN_INBOX_KEY` variable unchanged; hashed, the key
+/// stays one per value and reaches the handler exactly as it is stored.
+fn storable(key: &str) -> bool {
+    key.len() <= MAX_KEY_BYTES && !key.chars().any(char::is_control)
+}
+
 /// The key of `message`, or why it has none.
 pub fn of(source: &InboxKey, message: &Message) -> Result<String, String> {
     let key = match source {
@@ -38,7 +47,7 @@ pub fn of(source: &InboxKey, message: &Message) -> Result<String, String> {
         }
         InboxKey::Sha256Body => hex::encode(sha2::Sha256::digest(&message.body)),
     };
-    Ok(if key.len() > MAX_KEY_BYTES {
+    Ok(if !storable(&key) {
         format!(
             "sha256:{}",
             hex::encode(sha2::Sha256::digest(key.as_bytes()))
@@ -113,6 +122,56 @@ mod tests {
         let mut no_id = message("{}");
         no_id.message_id = None;
         assert!(of(&InboxKey::MessageId, &no_id).is_err());
+    }
+
+    #[test]
+    fn keys_with_control_characters_are_hashed() {
+        for value in [
+            "a\u{0}b",
+            "line\nbreak",
+            "tab\there",
+            "del\u{7f}",
+            "c1\u{85}",
+        ] {
+            let m = message(&serde_json::json!({ "id": value }).to_string());
+            let key = of(&InboxKey::Json("/id".into()), &m).unwrap();
+            assert_eq!(
+                key,
+                format!(
+                    "sha256:{}",
+                    hex::encode(sha2::Sha256::digest(value.as_bytes()))
+                )
+            );
+        }
+        let m = message(r#"{"id":"caf\u00e9 \u2713"}"#);
+        assert_eq!(of(&InboxKey::Json("/id".into()), &m).unwrap(), "café ✓");
+    }
+
+    #[test]
+    fn hostile_bodies_and_headers_are_errors_that_say_why() {
+        let pointer = InboxKey::Json("/id".into());
+        let mut m = message("");
+        for (body, why) in [
+            (&b"\xff\xfe{\"id\":1}"[..], "not JSON"),
+            (br#"{"id":"\ud800"}"#, "not JSON"),
+            (br#"{"id":1e400}"#, "not JSON"),
+        ] {
+            m.body = bytes::Bytes::from(body.to_vec());
+            assert!(of(&pointer, &m).unwrap_err().contains(why), "{body:?}");
+        }
+        m.body = bytes::Bytes::from(format!(
+            r#"{{"id":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        ));
+        assert!(of(&pointer, &m).unwrap_err().contains("not JSON"));
+        m.headers
+            .insert("x-bin".into(), HeaderValue::Bytes(vec![0xff, 0xfe, 0x00]));
+        assert!(
+            of(&InboxKey::Header("x-bin".into()), &m)
+                .unwrap_err()
+                .contains("not text")
+        );
     }
 
     #[test]

@@ -642,3 +642,165 @@ async fn amqp_postgres_an_http_handler_completing_in_its_own_transaction_is_not_
 async fn redis_postgres_an_http_handler_completing_in_its_own_transaction_is_not_called_again() {
     an_http_handler_completing_in_its_own_transaction_is_not_called_again(Broker::Redis).await;
 }
+
+/// Sends one message with raw bytes: `headers` (amqp: byte-array values unless UTF-8;
+/// redis: fields) and `body`.
+async fn send_raw(s: &Setup, id: &str, headers: &[(&str, Vec<u8>)], body: &[u8]) {
+    match s.broker {
+        Broker::Amqp => {
+            let mut message = OutgoingMessage::new("", &s.queue, body.to_vec());
+            message.message_id = id.to_owned();
+            for (k, v) in headers {
+                let value = match String::from_utf8(v.clone()) {
+                    Ok(text) => HeaderValue::String(text),
+                    Err(_) => HeaderValue::Bytes(v.clone()),
+                };
+                message.headers.insert((*k).to_owned(), value);
+            }
+            Publisher.publish(&message).await.expect("publish");
+        }
+        Broker::Redis => {
+            let mut conn = redis().await;
+            let mut fields: Vec<(&str, &[u8])> =
+                vec![("payload", body), ("message_id", id.as_bytes())];
+            fields.extend(headers.iter().map(|(k, v)| (*k, v.as_slice())));
+            streams::xadd(&mut conn, &s.queue, &fields).await;
+        }
+    }
+}
+
+/// The key a value is stored under when it cannot be stored as it is.
+fn hashed(value: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(value)))
+}
+
+/// Hostile key values, from a header and from a JSON pointer: a NUL byte, bytes that are not
+/// UTF-8, a lone UTF-16 surrogate, JSON nested past the parser's depth, and values of 60 KB
+/// and 500 KB. A value that cannot be a key dead-letters its message alone as `invalid`, with
+/// the reason; one with a NUL or of any length runs once under `sha256:<hex>` of itself (a
+/// copy is a duplicate). A plain message sent last still runs: nothing stalls the consumer.
+async fn hostile_keys_fail_alone_or_run_under_a_sane_key(broker: Broker, store: StoreKind) {
+    let long = |n: usize, tag: &str| format!("{tag}-{}", "L".repeat(n)).into_bytes();
+    for key in ["header:x-idem", "json:/k"] {
+        let s = Setup::new(broker, store);
+        let port = free_port();
+        let (file, d) = s.start(&s.config(port, key, "1m", &s.exec("true"), "one"), port);
+        let tag = s.queue.clone();
+        let nul = format!("a\0b-{tag}").into_bytes();
+        let fine = format!("fine-{tag}").into_bytes();
+        // (message, header or JSON value, what happens): true = runs once per value.
+        let (runs, bad): (Vec<Vec<u8>>, usize) = if key.starts_with("header") {
+            let big = long(60_000, &tag);
+            let plan: Vec<(Vec<u8>, bool)> = vec![
+                (nul.clone(), true),
+                (nul.clone(), true),
+                (vec![0xff, 0xfe, 0x00, b'x'], false),
+                (big.clone(), true),
+                (big.clone(), true),
+            ];
+            for (i, (value, _)) in plan.iter().enumerate() {
+                send_raw(&s, &format!("h-{i}"), &[("x-idem", value.clone())], b"{}").await;
+            }
+            (vec![nul, big], 1)
+        } else {
+            let big = long(500_000, &tag);
+            let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+            let bodies: Vec<Vec<u8>> = vec![
+                serde_json::json!({ "k": text(&nul) })
+                    .to_string()
+                    .into_bytes(),
+                serde_json::json!({ "k": text(&nul) })
+                    .to_string()
+                    .into_bytes(),
+                b"\xff\xfe{\"k\":\"x\"}".to_vec(),
+                br#"{"k":"\ud800"}"#.to_vec(),
+                format!(r#"{{"k":{}1{}}}"#, "[".repeat(300), "]".repeat(300)).into_bytes(),
+                serde_json::json!({ "k": text(&big) })
+                    .to_string()
+                    .into_bytes(),
+                serde_json::json!({ "k": text(&big) })
+                    .to_string()
+                    .into_bytes(),
+            ];
+            for (i, body) in bodies.iter().enumerate() {
+                send_raw(&s, &format!("j-{i}"), &[], body).await;
+            }
+            (vec![nul, big], 3)
+        };
+        if key.starts_with("header") {
+            send_raw(&s, "last", &[("x-idem", fine.clone())], b"{}").await;
+        } else {
+            let body = serde_json::json!({ "k": String::from_utf8_lossy(&fine) }).to_string();
+            send_raw(&s, "last", &[], body.as_bytes()).await;
+        }
+        let dead = || {
+            d.metric(
+                "bosun_messages_settled_total",
+                &["consumer=\"c\"", "outcome=\"dead_letter\""],
+            )
+            .unwrap_or(0.0)
+        };
+        let expected: Vec<String> = runs
+            .iter()
+            .map(|v| hashed(v))
+            .chain([String::from_utf8_lossy(&fine).into_owned()])
+            .collect();
+        let ran = |k: &str| {
+            s.runs()
+                .iter()
+                .filter(|r| r.starts_with(&format!("{k} ")))
+                .count()
+        };
+        assert!(
+            wait_for(WAIT, || (expected.iter().all(|k| ran(k) == 1)
+                && duplicates(&d) >= 2.0
+                && dead() >= bad as f64)
+                .then_some(()))
+            .is_some(),
+            "{key}: runs {:?}, duplicates {}, dead letters {}\n{}",
+            s.runs(),
+            duplicates(&d),
+            dead(),
+            d.logs()
+        );
+        assert_eq!(s.runs().len(), expected.len(), "{key}: {:?}", s.runs());
+        assert_eq!(dead(), bad as f64, "{key}");
+        for k in &expected {
+            assert_eq!(
+                s.status(&file.path, k).as_deref(),
+                Some("done"),
+                "{key}: {k}"
+            );
+        }
+        let logs = d.logs();
+        let reason = if key.starts_with("header") {
+            "header `x-idem` is empty or not text"
+        } else {
+            "the body is not JSON"
+        };
+        assert!(logs.contains("message has no inbox key"), "{key}: {logs}");
+        assert!(logs.contains(reason), "{key}: {logs}");
+        s.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_postgres_hostile_keys_fail_alone_or_run_under_a_sane_key() {
+    hostile_keys_fail_alone_or_run_under_a_sane_key(Broker::Amqp, StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_redis_store_hostile_keys_fail_alone_or_run_under_a_sane_key() {
+    hostile_keys_fail_alone_or_run_under_a_sane_key(Broker::Amqp, StoreKind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_postgres_hostile_keys_fail_alone_or_run_under_a_sane_key() {
+    hostile_keys_fail_alone_or_run_under_a_sane_key(Broker::Redis, StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_redis_store_hostile_keys_fail_alone_or_run_under_a_sane_key() {
+    hostile_keys_fail_alone_or_run_under_a_sane_key(Broker::Redis, StoreKind::Redis).await;
+}
