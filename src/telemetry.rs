@@ -19,6 +19,13 @@ pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The inbox claim's buckets: one statement or script on a nearby store, usually well under
+/// a millisecond, which the duration buckets cannot tell apart.
+pub const CLAIM_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 5.0,
+];
+
 /// Buckets for end-to-end latencies (outbox commit to confirm), in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0,
@@ -134,7 +141,9 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), DURATION_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_latency_seconds".into()), LATENCY_BUCKETS));
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_latency_seconds".into()), LATENCY_BUCKETS))
+                // A full match wins over the suffix.
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(inbox_metric::CLAIM_DURATION.into()), CLAIM_BUCKETS));
             let handle = match builder.and_then(|b| b.install_recorder()) {
                 Ok(handle) => handle,
                 // Another recorder is installed (an embedding program's): render an empty

@@ -46,6 +46,9 @@ const FINISH_RETRY: ExponentialBackoff =
 pub enum InboxError {
     #[error("inbox database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The error of a statement that answered a whole batch of claims or completions.
+    #[error("inbox database: {0}")]
+    Batch(std::sync::Arc<sqlx::Error>),
     #[error("inbox redis: {0}")]
     Redis(#[from] ::redis::RedisError),
     #[error("`{0}` is not a plain SQL identifier")]

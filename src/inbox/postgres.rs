@@ -6,17 +6,25 @@
 //! conflicts with a row committed after the statement's snapshot sees no row at all; that is
 //! answered as busy (the message comes back later and finds the row).
 //!
+//! Claims, and the done marks, that wait at the same time go in one statement (arrays of
+//! consumers, keys and tokens): a consumer with many handlers in flight pays one round trip
+//! and one commit per batch, not per message. A batch holds each (consumer, key) once (a
+//! second copy in the same batch is answered busy, like a live claim elsewhere), in key
+//! order, so two batches lock their rows in one order.
+//!
 //! The table comes with a function, `bosun_inbox_complete(consumer, key, token)` (named
 //! `<table>_complete` for another table), that an application calls in its own transaction:
 //! it marks the record done with the claim's token, taking the row's lock until the
 //! application commits, and raises when the token no longer holds the claim, so an effect is
 //! never committed under a claim that was taken over.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::{PgPool, Postgres, Row as _, Transaction};
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, Semaphore, mpsc, oneshot};
 
 use super::{Claimed, InboxError, Record, Store};
 use crate::config::valid_sql_identifier;
@@ -154,6 +162,22 @@ $$"
     }
 }
 
+/// Most claims (or done marks) in one statement.
+const MAX_BATCH: usize = 500;
+/// Statements of one kind (claims, done marks) in flight at once, per store: while they run,
+/// the next batch fills.
+const BATCHES_IN_FLIGHT: usize = 3;
+
+/// One claim or done mark waiting for its batch.
+struct Pending<R> {
+    consumer: String,
+    key: String,
+    token: String,
+    reply: oneshot::Sender<Result<R, InboxError>>,
+}
+
+type Queue<R> = mpsc::UnboundedSender<Pending<R>>;
+
 /// The postgres [`Store`].
 pub struct PostgresStore {
     pool: PgPool,
@@ -162,9 +186,13 @@ pub struct PostgresStore {
     migrate: bool,
     /// Set once the DDL was applied by this store (with `migrate`).
     migrated: OnceCell<()>,
-    claim_sql: String,
-    complete_sql: String,
+    claim_sql: Arc<str>,
+    complete_sql: Arc<str>,
     release_sql: String,
+    /// The batching tasks' queues, started on first use (inside the runtime); a task ends
+    /// when the store, and with it the queue's sender, is dropped.
+    claims: OnceCell<Queue<Claimed>>,
+    completions: OnceCell<Queue<()>>,
 }
 
 impl PostgresStore {
@@ -178,24 +206,34 @@ impl PostgresStore {
         let t = schema.table();
         Ok(Self {
             claim_sql: format!(
-                "WITH claim AS (
+                "WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(consumer, key, token, n)
+), claim AS (
     INSERT INTO {t} AS i (consumer, key, status, token, claimed_at, lease_until)
-    VALUES ($1, $2, 'claimed', $3, now(), now() + $4 * interval '1 millisecond')
+    SELECT consumer, key, 'claimed', token, now(), now() + $4 * interval '1 millisecond'
+      FROM input ORDER BY n
     ON CONFLICT (consumer, key) DO UPDATE
        SET token = EXCLUDED.token, claimed_at = EXCLUDED.claimed_at,
            lease_until = EXCLUDED.lease_until, takeovers = i.takeovers + 1
      WHERE i.status = 'claimed' AND i.lease_until < now()
-    RETURNING (i.xmax::text <> '0') AS took_over
+    RETURNING i.consumer, i.key, (i.xmax::text <> '0') AS took_over
 )
-SELECT CASE WHEN took_over THEN 'taken_over' ELSE 'new' END AS state FROM claim
-UNION ALL
-SELECT CASE WHEN i.status = 'done' THEN 'done' ELSE 'busy' END FROM {t} i
- WHERE i.consumer = $1 AND i.key = $2 AND NOT EXISTS (SELECT 1 FROM claim)"
-            ),
+SELECT input.n,
+       CASE WHEN c.key IS NOT NULL THEN CASE WHEN c.took_over THEN 'taken_over' ELSE 'new' END
+            WHEN i.status = 'done' THEN 'done'
+            ELSE 'busy' END AS state
+  FROM input
+  LEFT JOIN claim c ON c.consumer = input.consumer AND c.key = input.key
+  LEFT JOIN {t} i ON c.key IS NULL AND i.consumer = input.consumer AND i.key = input.key"
+            )
+            .into(),
             complete_sql: format!(
-                "UPDATE {t} SET status = 'done', done_at = coalesce(done_at, now())
-  WHERE consumer = $1 AND key = $2 AND token = $3"
-            ),
+                "UPDATE {t} i SET status = 'done', done_at = coalesce(i.done_at, now())
+   FROM unnest($1::text[], $2::text[], $3::text[]) AS input(consumer, key, token)
+  WHERE i.consumer = input.consumer AND i.key = input.key AND i.token = input.token
+RETURNING i.consumer, i.key"
+            )
+            .into(),
             release_sql: format!(
                 "DELETE FROM {t} WHERE consumer = $1 AND key = $2 AND token = $3 AND status = 'claimed'"
             ),
@@ -204,6 +242,8 @@ SELECT CASE WHEN i.status = 'done' THEN 'done' ELSE 'busy' END FROM {t} i
             lease,
             migrate,
             migrated: OnceCell::new(),
+            claims: OnceCell::new(),
+            completions: OnceCell::new(),
         })
     }
 
@@ -216,42 +256,210 @@ SELECT CASE WHEN i.status = 'done' THEN 'done' ELSE 'busy' END FROM {t} i
         }
         Ok(())
     }
+
+    /// Queues one claim or done mark on `queue` (starting its task with `run` on first use)
+    /// and waits for its batch's answer.
+    async fn batched<R, F, Fut>(
+        &self,
+        queue: &OnceCell<Queue<R>>,
+        sql: &Arc<str>,
+        run: F,
+        consumer: &str,
+        key: &str,
+        token: &str,
+    ) -> Result<R, InboxError>
+    where
+        R: Send + 'static,
+        F: Fn(PgPool, Arc<str>, Vec<Pending<R>>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let sender = queue
+            .get_or_init(|| async {
+                let (sender, receiver) = mpsc::unbounded_channel();
+                tokio::spawn(batches(self.pool.clone(), sql.clone(), receiver, run));
+                sender
+            })
+            .await;
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            consumer: consumer.to_owned(),
+            key: key.to_owned(),
+            token: token.to_owned(),
+            reply,
+        };
+        if sender.send(pending).is_err() {
+            return Err(InboxError::Batch(Arc::new(sqlx::Error::PoolClosed)));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(InboxError::Batch(Arc::new(sqlx::Error::PoolClosed))))
+    }
+}
+
+/// Takes what waits on `receiver` in batches of up to [`MAX_BATCH`], [`BATCHES_IN_FLIGHT`]
+/// statements at a time: while they run, the next batch fills.
+async fn batches<R, F, Fut>(
+    pool: PgPool,
+    sql: Arc<str>,
+    mut receiver: mpsc::UnboundedReceiver<Pending<R>>,
+    run: F,
+) where
+    R: Send + 'static,
+    F: Fn(PgPool, Arc<str>, Vec<Pending<R>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = receiver.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        let work = run(pool.clone(), sql.clone(), batch);
+        tokio::spawn(async move {
+            work.await;
+            drop(slot);
+        });
+    }
+}
+
+/// The batch's columns, in key order, each (consumer, key) once; the copies are returned
+/// apart.
+fn columns<R>(mut batch: Vec<Pending<R>>) -> (Vec<Pending<R>>, Vec<Pending<R>>, [Vec<String>; 3]) {
+    batch.sort_by(|a, b| (&a.consumer, &a.key).cmp(&(&b.consumer, &b.key)));
+    let mut seen = HashSet::new();
+    let (unique, copies): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|p| seen.insert((p.consumer.clone(), p.key.clone())));
+    let columns = [
+        unique.iter().map(|p| p.consumer.clone()).collect(),
+        unique.iter().map(|p| p.key.clone()).collect(),
+        unique.iter().map(|p| p.token.clone()).collect(),
+    ];
+    (unique, copies, columns)
+}
+
+/// Runs one batch of claims and answers each.
+async fn claim_batch(pool: PgPool, sql: Arc<str>, lease_ms: f64, batch: Vec<Pending<Claimed>>) {
+    let (unique, copies, [consumers, keys, tokens]) = columns(batch);
+    // A second copy of a key in the batch waits, like one whose key is claimed elsewhere.
+    for copy in copies {
+        let _ = copy.reply.send(Ok(Claimed::Busy));
+    }
+    let rows = sqlx::query(&sql)
+        .bind(consumers)
+        .bind(keys)
+        .bind(tokens)
+        .bind(lease_ms)
+        .fetch_all(&pool)
+        .await;
+    let states: Result<HashMap<i64, Claimed>, sqlx::Error> = rows.and_then(|rows| {
+        rows.iter()
+            .map(|row| {
+                let state: String = row.try_get("state")?;
+                Ok((
+                    row.try_get::<i64, _>("n")?,
+                    match state.as_str() {
+                        "new" => Claimed::New,
+                        "taken_over" => Claimed::TakenOver,
+                        "done" => Claimed::Done,
+                        _ => Claimed::Busy,
+                    },
+                ))
+            })
+            .collect()
+    });
+    match states {
+        Ok(states) => {
+            for (n, pending) in (1i64..).zip(unique) {
+                let _ = pending
+                    .reply
+                    .send(Ok(states.get(&n).copied().unwrap_or(Claimed::Busy)));
+            }
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for pending in unique {
+                let _ = pending.reply.send(Err(InboxError::Batch(e.clone())));
+            }
+        }
+    }
+}
+
+/// Runs one batch of done marks and answers each: done, or not held by its token.
+async fn complete_batch(pool: PgPool, sql: Arc<str>, batch: Vec<Pending<()>>) {
+    let (unique, copies, [consumers, keys, tokens]) = columns(batch);
+    let rows = sqlx::query(&sql)
+        .bind(consumers)
+        .bind(keys)
+        .bind(tokens)
+        .fetch_all(&pool)
+        .await;
+    let done: Result<HashSet<(String, String)>, sqlx::Error> = rows.and_then(|rows| {
+        rows.iter()
+            .map(|row| Ok((row.try_get("consumer")?, row.try_get("key")?)))
+            .collect()
+    });
+    let not_held = |p: &Pending<()>| InboxError::NotHeld {
+        consumer: p.consumer.clone(),
+        key: p.key.clone(),
+    };
+    match done {
+        Ok(done) => {
+            for pending in unique {
+                let answer = if done.contains(&(pending.consumer.clone(), pending.key.clone())) {
+                    Ok(())
+                } else {
+                    Err(not_held(&pending))
+                };
+                let _ = pending.reply.send(answer);
+            }
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for pending in unique {
+                let _ = pending.reply.send(Err(InboxError::Batch(e.clone())));
+            }
+        }
+    }
+    // A key's claim has one token: a second mark of the same key in a batch is not held.
+    for copy in copies {
+        let answer = Err(not_held(&copy));
+        let _ = copy.reply.send(answer);
+    }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, consumer: &str, key: &str, token: &str) -> Result<Claimed, InboxError> {
         self.ready().await?;
-        let lease_ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
-        let state: Option<String> = sqlx::query_scalar(&self.claim_sql)
-            .bind(consumer)
-            .bind(key)
-            .bind(token)
-            .bind(lease_ms as f64)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match state.as_deref() {
-            Some("new") => Claimed::New,
-            Some("taken_over") => Claimed::TakenOver,
-            Some("done") => Claimed::Done,
-            _ => Claimed::Busy,
-        })
+        let lease_ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX) as f64;
+        self.batched(
+            &self.claims,
+            &self.claim_sql,
+            move |pool, sql, batch| claim_batch(pool, sql, lease_ms, batch),
+            consumer,
+            key,
+            token,
+        )
+        .await
     }
 
     async fn complete(&self, consumer: &str, key: &str, token: &str) -> Result<(), InboxError> {
-        let done = sqlx::query(&self.complete_sql)
-            .bind(consumer)
-            .bind(key)
-            .bind(token)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(InboxError::NotHeld {
-                consumer: consumer.to_owned(),
-                key: key.to_owned(),
-            });
-        }
-        Ok(())
+        self.batched(
+            &self.completions,
+            &self.complete_sql,
+            complete_batch,
+            consumer,
+            key,
+            token,
+        )
+        .await
     }
 
     async fn release(&self, consumer: &str, key: &str, token: &str) -> Result<(), InboxError> {
