@@ -122,6 +122,27 @@ pub(super) async fn drain_with_bosun(
     queue: &str,
     handler_extra: &str,
 ) -> anyhow::Result<(f64, Option<f64>)> {
+    let drained = drain_with(queue, handler_extra, "").await?;
+    Ok((drained.rate, drained.rss))
+}
+
+/// What one drain by bosun measured.
+pub(super) struct Drained {
+    /// Messages per second.
+    pub rate: f64,
+    /// Peak RSS in MiB.
+    pub rss: Option<f64>,
+    /// bosun's /metrics once the queue was drained.
+    pub metrics: String,
+}
+
+/// [`drain_with_bosun`], with `tail` after the consumer's lines (more of its keys, then other
+/// tables: an inbox).
+pub(super) async fn drain_with(
+    queue: &str,
+    handler_extra: &str,
+    tail: &str,
+) -> anyhow::Result<Drained> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -144,6 +165,7 @@ queue = "{queue}"
 prefetch = {PREFETCH}
 declare = false
 retry = {{ max_attempts = 1 }}
+{tail}
 "#
     );
     let bosun = Bosun::start(&config)?;
@@ -168,8 +190,13 @@ retry = {{ max_attempts = 1 }}
     }
     let elapsed = started.elapsed().as_secs_f64();
     let rss = bosun.peak_rss_mib();
+    let metrics = metrics_text(port).unwrap_or_default();
     drop(bosun);
-    Ok((MESSAGES as f64 / elapsed, rss))
+    Ok(Drained {
+        rate: MESSAGES as f64 / elapsed,
+        rss,
+        metrics,
+    })
 }
 
 async fn drain_bare(queue: &str) -> anyhow::Result<f64> {
@@ -205,8 +232,8 @@ async fn drain_bare(queue: &str) -> anyhow::Result<f64> {
     Ok(MESSAGES as f64 / elapsed)
 }
 
-/// Sum of the samples of `name` carrying `label` on bosun's /metrics.
-pub(super) fn metric(port: u16, name: &str, label: &str) -> Option<f64> {
+/// bosun's /metrics page.
+pub(super) fn metrics_text(port: u16) -> Option<String> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     stream
@@ -214,6 +241,12 @@ pub(super) fn metric(port: u16, name: &str, label: &str) -> Option<f64> {
         .ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Sum of the samples of `name` carrying `label` on bosun's /metrics.
+pub(super) fn metric(port: u16, name: &str, label: &str) -> Option<f64> {
+    let text = metrics_text(port)?;
     let samples: Vec<f64> = text
         .lines()
         .filter(|l| l.starts_with(name) && l.contains(label))

@@ -4,6 +4,7 @@ pub mod amqp;
 pub mod amqp_memory;
 pub mod flow_control;
 pub mod http;
+pub mod inbox;
 pub mod outbox;
 pub mod publish_api;
 pub mod redis;
@@ -69,6 +70,14 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "scheduled-burst",
             run: || Box::pin(publish_api::scheduled_burst()),
+        },
+        Case {
+            name: "amqp-inbox",
+            run: || Box::pin(inbox::amqp_inbox()),
+        },
+        Case {
+            name: "redis-inbox",
+            run: || Box::pin(inbox::redis_inbox()),
         },
     ]
 }

@@ -161,13 +161,29 @@ pub(super) async fn bosun(
     last_id: &str,
     handler_extra: &str,
 ) -> anyhow::Result<(f64, Option<f64>)> {
+    let drained = bosun_with(conn, stream, last_id, handler_extra, "").await?;
+    Ok((drained.rate, drained.rss))
+}
+
+/// [`bosun`], with `tail` after the consumer's lines (more of its keys, then other tables:
+/// an inbox).
+pub(super) async fn bosun_with(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    last_id: &str,
+    handler_extra: &str,
+    tail: &str,
+) -> anyhow::Result<super::amqp::Drained> {
     create_group(conn, stream, "$").await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let config = format!(
-        "[service]\nshutdown_timeout = \"10s\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+        "[service]\nshutdown_timeout = \"10s\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
          [brokers.cache]\nkind = \"redis\"\nurl = \"{URL}\"\n\
          [handlers.noop]\nkind = \"noop\"\n{handler_extra}\n\
          [consumers.bench]\nsource = \"cache\"\nhandler = \"noop\"\nstream = \"{stream}\"\ngroup = \"g\"\nconsumer = \"bosun-bench\"\n\
-         batch = {BATCH}\nblock = \"20ms\"\n"
+         batch = {BATCH}\nblock = \"20ms\"\n{tail}\n"
     );
     let bosun = Bosun::start(&config)?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -205,7 +221,11 @@ pub(super) async fn bosun(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    Ok((ENTRIES as f64 / elapsed, bosun.peak_rss_mib()))
+    Ok(super::amqp::Drained {
+        rate: ENTRIES as f64 / elapsed,
+        rss: bosun.peak_rss_mib(),
+        metrics: super::amqp::metrics_text(port).unwrap_or_default(),
+    })
 }
 
 async fn run() -> anyhow::Result<String> {
