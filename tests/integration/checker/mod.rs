@@ -1041,6 +1041,15 @@ pub fn plans(scale: usize, full: bool) -> Vec<Plan> {
             inbox: false,
         },
         Plan {
+            name: "outbox: relay kill -9 mid-batch 3x, restart, consumer with inbox",
+            path: Path_::Outbox,
+            messages: n(600),
+            rate,
+            sink: ok,
+            fault: Fault::Kill,
+            inbox: true,
+        },
+        Plan {
             name: "outbox: pg_terminate_backend 3x",
             path: Path_::Outbox,
             messages: n(600),

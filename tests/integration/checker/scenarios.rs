@@ -10,6 +10,7 @@ use super::*;
 
 pub mod amqp_contract;
 pub mod downstream;
+pub mod relay_inbox;
 
 /// Which broker path a scenario exercises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +98,7 @@ pub async fn run(bin: &Path, plan: &Plan) -> Row {
             _ => amqp(bin, plan).await,
         },
         Path_::Redis => redis_stream(bin, plan).await,
+        Path_::Outbox if plan.inbox => relay_inbox::relay_kill_with_inbox(bin, plan).await,
         Path_::Outbox => outbox(bin, plan).await,
         Path_::OutboxPerKey => outbox_per_key(bin, plan).await,
         Path_::DeadLetters => super::dead_letters::nul_archive(bin, plan).await,
