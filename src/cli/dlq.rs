@@ -171,9 +171,37 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
     Ok(())
 }
 
+/// How long `dlq replay` waits for its spans to be exported before it exits.
+const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub fn run(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
+    if let DlqCommand::Replay {
+        common,
+        dry_run: false,
+        ..
+    } = &command
+    {
+        trace_replays(runtime, &common.config)?;
+    }
     // Pools and publishers need the async runtime from the moment they are built.
     block_on(run_async(runtime, command))?
+}
+
+/// With `[tracing]` on, a replay records a PRODUCER span per message, in a new trace linked
+/// to the archived message's, as a replay from the admin API does: the exporter goes in
+/// (spans and warnings only: the command's output is its own).
+fn trace_replays(runtime: &Runtime, config: &ConfigArg) -> Result<(), CliError> {
+    let config = config.load(runtime)?;
+    if config.tracing.enabled {
+        crate::telemetry::init_logging(
+            config.service.log_format,
+            "warn",
+            &config.tracing,
+            &config.service.name,
+        )
+        .map_err(|e| CliError::Other(e.into()))?;
+    }
+    Ok(())
 }
 
 async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliError> {
@@ -287,7 +315,9 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             let report = ops
                 .replay(common.processor.as_deref(), &selector, dry_run)
                 .await
-                .map_err(failed)?;
+                .map_err(failed);
+            crate::otlp::flush(FLUSH_WITHIN).await;
+            let report = report?;
             if common.json {
                 print_json(&report)?;
             } else if dry_run {

@@ -241,6 +241,28 @@ impl Breaker {
         None
     }
 
+    /// Records `n` calls that succeeded while the breaker was closed, the latest at `at`
+    /// (counted in a batch by the owner's lock-free path; see `HandlerFlow::finish`).
+    pub fn successes(&mut self, n: u32, at: Instant) {
+        if n == 0 || !matches!(self.state, State::Closed) {
+            return;
+        }
+        self.add(at, n, 0);
+        self.consecutive = 0;
+    }
+
+    /// Whether the breaker is closed at `now`.
+    pub fn closed(&mut self, now: Instant) -> bool {
+        self.tick(now);
+        matches!(self.state, State::Closed)
+    }
+
+    /// The length of one slice of the window: successes counted in a batch are at most this
+    /// late.
+    pub fn slice(&self) -> Duration {
+        (self.settings.window / SLICES).max(Duration::from_millis(1))
+    }
+
     /// A call given up before it reached the downstream: a probe permit goes back.
     pub fn abandon(&mut self, probe: bool) {
         if probe && let State::HalfOpen { probing: true } = self.state {
@@ -264,6 +286,10 @@ impl Breaker {
     }
 
     fn count(&mut self, now: Instant, failed: bool) {
+        self.add(now, 1, u32::from(failed));
+    }
+
+    fn add(&mut self, now: Instant, calls: u32, failed: u32) {
         let window = self.settings.window;
         while let Some((start, _, _)) = self.slices.front() {
             if now.saturating_duration_since(*start) >= window {
@@ -272,13 +298,13 @@ impl Breaker {
                 break;
             }
         }
-        let slice = (window / SLICES).max(Duration::from_millis(1));
+        let slice = self.slice();
         match self.slices.back_mut() {
-            Some((start, calls, failures)) if now.saturating_duration_since(*start) < slice => {
-                *calls += 1;
-                *failures += u32::from(failed);
+            Some((start, c, f)) if now.saturating_duration_since(*start) < slice => {
+                *c = c.saturating_add(calls);
+                *f = f.saturating_add(failed);
             }
-            _ => self.slices.push_back((now, 1, u32::from(failed))),
+            _ => self.slices.push_back((now, calls, failed)),
         }
     }
 

@@ -1,9 +1,14 @@
 //! The rate limiter of one handler: a token bucket shared by every consumer of the process
 //! that calls it, which a downstream's `Retry-After` can pause outright.
 //!
-//! Pure, driven with explicit instants like the breaker: [`Limiter::take`] either takes a
-//! token or says when one will be there.
+//! Driven with explicit instants like the breaker: [`Limiter::take`] either takes a token or
+//! says when one will be there. The bucket is kept as GCRA (generic cell rate algorithm)
+//! state in atomics: the theoretical arrival time of the next call, moved by one emission
+//! interval per token taken. A full bucket is a theoretical arrival time at or before now
+//! less the burst tolerance, so taking a token is one compare-and-swap and no lock: the
+//! consumers of a handler with a limit set far above its rate pay next to nothing for it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// `rate_limit = { ... }` on a `[handlers.NAME]` table, validated.
@@ -27,60 +32,94 @@ pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 #[derive(Debug)]
 pub struct Limiter {
     settings: RateLimitSettings,
-    tokens: f64,
-    refilled: Instant,
-    /// Set by a `Retry-After`: no token before then.
-    paused_until: Option<Instant>,
+    /// Every instant below is kept as nanoseconds since this one.
+    base: Instant,
+    /// Nanoseconds between two tokens.
+    interval: u64,
+    /// How far ahead of now the theoretical arrival time may run: `interval` x (`burst` - 1).
+    tolerance: u64,
+    /// The theoretical arrival time of the next call.
+    tat: AtomicU64,
+    /// Set by a `Retry-After`: no token before then (stored plus one; 0: no pause).
+    paused_until: AtomicU64,
 }
 
 impl Limiter {
     pub fn new(settings: RateLimitSettings, now: Instant) -> Self {
+        let interval = (1e9 / settings.per_second)
+            .round()
+            .clamp(1.0, u64::MAX as f64) as u64;
+        let tolerance = interval.saturating_mul(u64::from(settings.burst.max(1) - 1));
         Self {
-            tokens: f64::from(settings.burst.max(1)),
             settings,
-            refilled: now,
-            paused_until: None,
+            base: now,
+            interval,
+            tolerance,
+            tat: AtomicU64::new(0),
+            paused_until: AtomicU64::new(0),
         }
     }
 
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, nanos: u64) -> Instant {
+        self.base + Duration::from_nanos(nanos)
+    }
+
     /// Takes a token at `now`, or says when to ask again.
-    pub fn take(&mut self, now: Instant) -> Result<(), Instant> {
-        if let Some(until) = self.paused_until {
-            if now < until {
-                return Err(until);
+    pub fn take(&self, now: Instant) -> Result<(), Instant> {
+        let t = self.nanos(now);
+        let paused = self.paused_until.load(Ordering::Acquire);
+        if paused != 0 {
+            let until = paused - 1;
+            if t < until {
+                return Err(self.instant(until));
             }
-            self.paused_until = None;
-            // The downstream asked for a pause, not for a burst at its end.
-            self.tokens = self.tokens.min(1.0);
-            self.refilled = until;
+            // The downstream asked for a pause, not for a burst at its end: one token at
+            // `until`, the rate after it.
+            if self
+                .paused_until
+                .compare_exchange(paused, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.tat
+                    .fetch_max(until.saturating_add(self.tolerance), Ordering::AcqRel);
+            }
         }
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        let burst = f64::from(self.settings.burst.max(1));
-        self.tokens = (self.tokens + elapsed * self.settings.per_second).min(burst);
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            let missing = (1.0 - self.tokens) / self.settings.per_second;
-            Err(now + Duration::try_from_secs_f64(missing).unwrap_or(Duration::from_secs(1)))
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let allowed_at = tat.saturating_sub(self.tolerance);
+            if t < allowed_at {
+                return Err(self.instant(allowed_at));
+            }
+            let next = tat.max(t).saturating_add(self.interval);
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
         }
     }
 
     /// Pauses the limiter for `after` (cut to `max_retry_after`) from `now`; returns the
     /// pause applied. A later pause never shortens an earlier one.
-    pub fn pause(&mut self, after: Duration, now: Instant) -> Duration {
+    pub fn pause(&self, after: Duration, now: Instant) -> Duration {
         let after = after.min(self.settings.max_retry_after);
-        let until = now + after;
-        if self.paused_until.is_none_or(|current| current < until) {
-            self.paused_until = Some(until);
-        }
+        let until = self.nanos(now + after);
+        self.paused_until
+            .fetch_max(until.saturating_add(1), Ordering::AcqRel);
         after
     }
 
     /// The end of a pause in force at `now`.
     pub fn paused_until(&self, now: Instant) -> Option<Instant> {
-        self.paused_until.filter(|until| *until > now)
+        let paused = self.paused_until.load(Ordering::Acquire);
+        let until = paused.checked_sub(1)?;
+        (until > self.nanos(now)).then(|| self.instant(until))
     }
 }
 
@@ -103,7 +142,7 @@ mod tests {
     #[test]
     fn a_full_bucket_gives_its_burst_then_the_rate() {
         let now = Instant::now();
-        let mut l = limiter(10.0, 3, now);
+        let l = limiter(10.0, 3, now);
         for _ in 0..3 {
             assert_eq!(l.take(now), Ok(()));
         }
@@ -116,7 +155,7 @@ mod tests {
     #[test]
     fn retry_after_pauses_it_within_the_cap() {
         let now = Instant::now();
-        let mut l = limiter(1000.0, 100, now);
+        let l = limiter(1000.0, 100, now);
         assert_eq!(l.pause(Duration::from_secs(5), now), Duration::from_secs(5));
         assert_eq!(l.take(now), Err(now + Duration::from_secs(5)));
         // A shorter pause does not shorten it; a longer one is cut to max_retry_after.
@@ -130,5 +169,24 @@ mod tests {
         assert_eq!(l.take(end), Ok(()));
         // No burst at the end of a pause.
         assert!(l.take(end).is_err());
+    }
+
+    #[test]
+    fn threads_taking_at_once_share_the_burst_exactly() {
+        let now = Instant::now();
+        let l = std::sync::Arc::new(limiter(0.001, 1000, now));
+        let taken = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..500 {
+                        if l.take(now).is_ok() {
+                            taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(taken.into_inner(), 1000);
     }
 }

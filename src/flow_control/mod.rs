@@ -20,7 +20,7 @@ pub mod breaker;
 pub mod limiter;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -193,15 +193,39 @@ pub fn settings_of(config: &HandlerConfig) -> FlowSettings {
 /// process (Redis, implemented by `redis_streams`).
 #[async_trait]
 pub trait SharedBudget: Send + Sync + 'static {
-    /// Takes one token of budget `key` (`per_second`, `burst`): `Ok(None)` when taken,
-    /// `Ok(Some(wait))` when the next is `wait` away, `Err` when the store cannot be asked.
+    /// Takes one token of budget `key` (`per_second`, `burst`), reserving it when it is due
+    /// within `horizon`; `Err` when the store cannot be asked.
     async fn take(
         &self,
         key: &str,
         per_second: f64,
         burst: u32,
-    ) -> Result<Option<Duration>, String>;
+        horizon: Duration,
+    ) -> Result<Taken, String>;
 }
+
+/// The answer of [`SharedBudget::take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// A token is held for the caller: the call may start this long from now (zero: at
+    /// once). Tokens are reserved back to back, so a budget asked for without pause is used
+    /// at its whole rate.
+    Held(Duration),
+    /// The next token is further away than the horizon: nothing taken; ask again after this.
+    NotYet(Duration),
+}
+
+/// How far ahead a token of a shared budget is reserved: a caller waits at most this long
+/// for one it holds.
+const SHARED_HORIZON: Duration = MAX_HOLD;
+
+/// A token of the shared budget taken ahead of its instant and not yet used: kept by the
+/// consumer's gate across cancelled admissions (a consumer's `select!` drops a waiting
+/// admission whenever something else happens), so a reservation is used rather than lost.
+type Reserved = Mutex<Option<Instant>>;
+/// A reserved token used later than this past its instant (and later than one interval) is
+/// dropped: it was left over from before the consumer stopped.
+const STALE_RESERVATION: Duration = Duration::from_millis(100);
 
 /// The key of handler `name`'s shared budget: the same on every replica.
 pub fn budget_key(name: &str) -> String {
@@ -236,6 +260,9 @@ struct Shared {
     /// Bumped on every change a waiting gate may care about (a pause, a resume, a breaker
     /// transition, a limiter pause).
     changed: watch::Sender<u64>,
+    /// How many consumer pauses the registry holds (active or run out): while none, a gate
+    /// need not look its consumer up under the registry's lock.
+    consumer_pauses: AtomicUsize,
 }
 
 impl Default for Shared {
@@ -243,6 +270,7 @@ impl Default for Shared {
         Self {
             registry: Mutex::default(),
             changed: watch::Sender::new(0),
+            consumer_pauses: AtomicUsize::new(0),
         }
     }
 }
@@ -255,6 +283,17 @@ impl Shared {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         // Every update is a whole-value insert or remove: a poisoned lock is still usable.
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps [`consumer_pauses`](Self::consumer_pauses) true to `registry` (called with its
+    /// lock held, after each change to its pauses).
+    fn count_pauses(&self, registry: &Registry) {
+        self.consumer_pauses
+            .store(registry.consumer_pauses.len(), Ordering::Release);
+    }
+
+    fn no_consumer_paused(&self) -> bool {
+        self.consumer_pauses.load(Ordering::Acquire) == 0
     }
 }
 
@@ -332,6 +371,7 @@ impl Flows {
             flow,
             shared: Some(self.shared.clone()),
             in_flight,
+            reserved: Mutex::new(None),
         }
     }
 
@@ -350,6 +390,7 @@ impl Flows {
             registry
                 .consumer_pauses
                 .insert(name.to_owned(), pause(duration, reason));
+            self.shared.count_pauses(&registry);
         }
         metrics::gauge!(PAUSED_METRIC, "consumer" => name.to_owned()).set(1.0);
         tracing::warn!(consumer = %name, until_s = duration.map(|d| d.as_secs()), reason, "consumer paused");
@@ -364,7 +405,9 @@ impl Flows {
             if !registry.consumers.contains_key(name) {
                 return Err(FlowError::UnknownConsumer(name.to_owned()));
             }
-            registry.consumer_pauses.remove(name).is_some()
+            let was = registry.consumer_pauses.remove(name).is_some();
+            self.shared.count_pauses(&registry);
+            was
         };
         metrics::gauge!(PAUSED_METRIC, "consumer" => name.to_owned()).set(0.0);
         tracing::info!(consumer = %name, "consumer resumed");
@@ -417,6 +460,7 @@ impl Flows {
         registry
             .handlers
             .retain(|name, _| handlers.contains(&name.as_str()));
+        self.shared.count_pauses(&registry);
     }
 
     /// What runs and why it is stopped: for `bosun status`, `/admin/status` and
@@ -567,6 +611,19 @@ pub struct HandlerFlow {
     name: String,
     settings: FlowSettings,
     state: Mutex<FlowState>,
+    /// The token bucket: lock-free, outside `state`.
+    limiter: Option<Limiter>,
+    /// True while nothing holds calls back: no pause, the breaker closed, no `Retry-After`
+    /// pause. Written under `state`'s lock after every change to it ([`StateGuard`]), read
+    /// without it: while calm, a call is admitted and finished without taking the lock.
+    calm: AtomicBool,
+    /// Calls that succeeded on a calm flow and are not yet in the breaker's window: counted
+    /// here without the lock and moved into the window (`fold`) at least once a slice.
+    successes: AtomicU32,
+    /// Until when (nanoseconds since `base`) a success may be counted in `successes`; past
+    /// it, the next call's end takes the lock and folds them in.
+    fold_at: AtomicU64,
+    base: Instant,
     shared: std::sync::Weak<Shared>,
     metrics: FlowMetrics,
     /// The value last set on the state gauge (f64 bits): the gauge itself is write-only.
@@ -580,8 +637,45 @@ pub struct HandlerFlow {
 
 struct FlowState {
     breaker: Option<Breaker>,
-    limiter: Option<Limiter>,
     pause: Option<Pause>,
+    /// When successes were last folded into the breaker's window: those counted since then
+    /// happened within one slice after it.
+    folded: Instant,
+}
+
+impl FlowState {
+    fn calm(&mut self, limiter: Option<&Limiter>, now: Instant) -> bool {
+        self.pause.as_ref().is_none_or(|p| !p.active(now))
+            && self.breaker.as_mut().is_none_or(|b| b.closed(now))
+            && limiter.is_none_or(|l| l.paused_until(now).is_none())
+    }
+}
+
+/// The lock on a flow's state; dropping it (still under the lock) sets the flow's `calm`
+/// flag from what the state has become, so every change is seen by the lock-free path.
+struct StateGuard<'a> {
+    flow: &'a HandlerFlow,
+    state: MutexGuard<'a, FlowState>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = FlowState;
+    fn deref(&self) -> &FlowState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut FlowState {
+        &mut self.state
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let calm = self.state.calm(self.flow.limiter.as_ref(), Instant::now());
+        self.flow.calm.store(calm, Ordering::Release);
+    }
 }
 
 struct FlowMetrics {
@@ -590,6 +684,20 @@ struct FlowMetrics {
     to_half_open: metrics::Counter,
     to_open: metrics::Counter,
     waited: metrics::Gauge,
+}
+
+/// A probe permit held across an await: given back if the future holding it is dropped.
+struct HeldProbe<'a> {
+    flow: &'a HandlerFlow,
+    probe: Option<bool>,
+}
+
+impl Drop for HeldProbe<'_> {
+    fn drop(&mut self) {
+        if let Some(probe) = self.probe.take() {
+            self.flow.abandon(probe);
+        }
+    }
 }
 
 /// What a flow says to a call that wants to start.
@@ -628,13 +736,19 @@ impl HandlerFlow {
         if settings.rate_limit.is_some() {
             metrics.waited.increment(0.0);
         }
+        let calm = pause.as_ref().is_none_or(|p| !p.active(now));
         Self {
             name: name.to_owned(),
             state: Mutex::new(FlowState {
                 breaker: settings.breaker.clone().map(Breaker::new),
-                limiter: settings.rate_limit.clone().map(|s| Limiter::new(s, now)),
                 pause,
+                folded: now,
             }),
+            limiter: settings.rate_limit.clone().map(|s| Limiter::new(s, now)),
+            calm: AtomicBool::new(calm),
+            successes: AtomicU32::new(0),
+            fold_at: AtomicU64::new(0),
+            base: now,
             settings,
             shared,
             metrics,
@@ -656,18 +770,47 @@ impl HandlerFlow {
         Some((self.budget.get()?, settings))
     }
 
-    /// A token of the shared budget, or when to ask again. When the store cannot be asked,
-    /// the local bucket (the whole rate, for this process alone) stands in.
-    async fn take_shared(&self) -> Result<(), Instant> {
+    /// A token of the shared budget, or when to ask again. A token reserved ahead of its
+    /// instant is kept in `reserved` and used when it is due. When the store cannot be
+    /// asked, the local bucket (the whole rate, for this process alone) stands in.
+    async fn take_shared(&self, reserved: &Reserved) -> Result<(), Instant> {
         let Some((budget, settings)) = self.shared_budget() else {
             return Ok(());
         };
+        {
+            let mut held = reserved.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = held.take() {
+                let now = Instant::now();
+                if at > now {
+                    *held = Some(at);
+                    return Err(at);
+                }
+                // Used at its instant, or a little late; one left over from before a stop is
+                // not used, or it would add a call to those of its time's successors.
+                let late = Duration::try_from_secs_f64(1.0 / settings.per_second)
+                    .unwrap_or(Duration::MAX)
+                    .max(STALE_RESERVATION);
+                if now.saturating_duration_since(at) <= late {
+                    return Ok(());
+                }
+            }
+        }
         match budget
-            .take(&budget_key(&self.name), settings.per_second, settings.burst)
+            .take(
+                &budget_key(&self.name),
+                settings.per_second,
+                settings.burst,
+                SHARED_HORIZON,
+            )
             .await
         {
-            Ok(None) => Ok(()),
-            Ok(Some(wait)) => Err(Instant::now() + wait),
+            Ok(Taken::Held(wait)) if wait.is_zero() => Ok(()),
+            Ok(Taken::Held(wait)) => {
+                let at = Instant::now() + wait;
+                *reserved.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+                Err(at)
+            }
+            Ok(Taken::NotYet(wait)) => Err(Instant::now() + wait),
             Err(e) => {
                 let now = Instant::now();
                 {
@@ -679,7 +822,7 @@ impl HandlerFlow {
                         tracing::warn!(handler = %self.name, error = %crate::redact::text(&e), "the shared rate budget cannot be asked; this process limits itself to the whole rate meanwhile");
                     }
                 }
-                match self.state().limiter.as_mut() {
+                match self.limiter.as_ref() {
                     Some(limiter) => limiter.take(now),
                     None => Ok(()),
                 }
@@ -687,8 +830,41 @@ impl HandlerFlow {
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, FlowState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> StateGuard<'_> {
+        StateGuard {
+            flow: self,
+            state: self.state.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Nothing holds calls back (see `calm`); may be a moment stale, like any answer
+    /// given before a call starts.
+    fn is_calm(&self) -> bool {
+        self.calm.load(Ordering::Acquire)
+    }
+
+    /// The lock-free admission of a calm flow without a shared budget: a token of the
+    /// bucket if there is one. `false`: ask [`start`](Self::start).
+    fn start_calm(&self, now: Instant) -> bool {
+        self.is_calm()
+            && self.shared_budget().is_none()
+            && self.limiter.as_ref().is_none_or(|l| l.take(now).is_ok())
+    }
+
+    /// Moves the successes counted without the lock into the breaker's window.
+    fn fold(&self, state: &mut FlowState, now: Instant) {
+        let Some(breaker) = state.breaker.as_mut() else {
+            return;
+        };
+        let n = self.successes.swap(0, Ordering::AcqRel);
+        breaker.successes(n, state.folded);
+        state.folded = now;
+        self.fold_at
+            .store(self.nanos(now + breaker.slice()), Ordering::Release);
     }
 
     fn notify(&self) {
@@ -726,19 +902,29 @@ impl HandlerFlow {
         ))
     }
 
-    /// [`try_start`](Self::try_start), then a token of the shared budget when there is one.
-    async fn start(&self, now: Instant) -> Try {
+    /// [`try_start`](Self::try_start), then a token of the shared budget when there is one
+    /// (`reserved`: see [`Reserved`]). Cancel-safe: dropped while asking the store, a probe
+    /// permit goes back.
+    async fn start(&self, now: Instant, reserved: &Reserved) -> Try {
         match self.try_start(now) {
-            Try::Go { probe } => match self.take_shared().await {
-                Ok(()) => Try::Go { probe },
-                Err(at) => {
-                    self.abandon(probe);
-                    Try::Wait {
-                        at,
-                        throttled: true,
+            Try::Go { probe } => {
+                let mut held = HeldProbe {
+                    flow: self,
+                    probe: Some(probe),
+                };
+                let taken = self.take_shared(reserved).await;
+                let probe = held.probe.take().unwrap_or(false);
+                match taken {
+                    Ok(()) => Try::Go { probe },
+                    Err(at) => {
+                        self.abandon(probe);
+                        Try::Wait {
+                            at,
+                            throttled: true,
+                        }
                     }
                 }
-            },
+            }
             other => other,
         }
     }
@@ -771,7 +957,7 @@ impl HandlerFlow {
         // With a shared budget the token comes from it (`take_shared`); the local bucket
         // still holds a `Retry-After` pause.
         let shared = self.shared_budget().is_some();
-        if let Some(limiter) = state.limiter.as_mut() {
+        if let Some(limiter) = self.limiter.as_ref() {
             let taken = match limiter.paused_until(now) {
                 Some(until) if shared => Err(until),
                 _ if shared => Ok(()),
@@ -813,12 +999,30 @@ impl HandlerFlow {
     fn finish(&self, probe: bool, outcome: Outcome) -> Outcome {
         let now = Instant::now();
         let verdict = Verdict::of(&outcome);
+        let throttles =
+            self.limiter.is_some() && matches!(outcome, Outcome::Retry { after: Some(_), .. });
+        // The common end, without the lock: no failure, on a calm flow. A success is counted
+        // for the breaker's window in `successes`, folded in within a slice.
+        if !probe && !throttles && verdict != Verdict::Failure && self.is_calm() {
+            if verdict == Verdict::Neutral || self.settings.breaker.is_none() {
+                return outcome;
+            }
+            if self.nanos(now) < self.fold_at.load(Ordering::Acquire) {
+                self.successes.fetch_add(1, Ordering::Relaxed);
+                return outcome;
+            }
+        }
         let mut state = self.state();
+        self.fold(&mut state, now);
         let moved = state
             .breaker
             .as_mut()
             .and_then(|b| b.finish(probe, verdict, now));
-        let throttle = match (&outcome, state.limiter.as_mut()) {
+        if moved.is_some() {
+            // Opened or closed: the window starts empty, as the breaker's own is.
+            self.successes.store(0, Ordering::Relaxed);
+        }
+        let throttle = match (&outcome, self.limiter.as_ref()) {
             (
                 Outcome::Retry {
                     after: Some(after),
@@ -881,7 +1085,7 @@ impl HandlerFlow {
             .as_mut()
             .and_then(|b| b.open_until(now))
             .map(|u| u.saturating_duration_since(now).as_secs());
-        let throttled_for_s = state
+        let throttled_for_s = self
             .limiter
             .as_ref()
             .and_then(|l| l.paused_until(now))
@@ -909,6 +1113,8 @@ pub struct Gate {
     flow: Option<Arc<HandlerFlow>>,
     shared: Option<Arc<Shared>>,
     in_flight: Arc<AtomicUsize>,
+    /// A shared-budget token reserved for this consumer's next delivery.
+    reserved: Reserved,
 }
 
 /// The answer of [`Gate::admit`].
@@ -927,12 +1133,16 @@ impl Gate {
             flow: None,
             shared: None,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            reserved: Mutex::new(None),
         }
     }
 
     /// Why the consumer must not fetch now (paused, its handler paused or its breaker
     /// open), or `None`.
     pub fn stopped(&self) -> Option<String> {
+        if self.calm() {
+            return None;
+        }
         let now = Instant::now();
         if let Some(shared) = &self.shared
             && let Some(p) = shared
@@ -951,6 +1161,9 @@ impl Gate {
 
     /// True while the handler's breaker is half-open: fetch one delivery at a time.
     pub fn probing(&self) -> bool {
+        if self.calm() {
+            return false;
+        }
         self.flow.as_ref().is_some_and(|f| {
             f.state()
                 .breaker
@@ -970,6 +1183,12 @@ impl Gate {
         Some(pause.until.unwrap_or(now + Duration::from_secs(3600)))
     }
 
+    /// No consumer is paused and the handler's flow is calm: nothing to look up under a lock.
+    fn calm(&self) -> bool {
+        self.shared.as_ref().is_none_or(|s| s.no_consumer_paused())
+            && self.flow.as_ref().is_none_or(|f| f.is_calm())
+    }
+
     fn subscribe(&self) -> Option<watch::Receiver<u64>> {
         self.shared.as_ref().map(|s| s.changed.subscribe())
     }
@@ -983,6 +1202,13 @@ impl Gate {
             }
             return Admit::Go(self.admission(None, false));
         };
+        // The common case, without a lock or a change subscription: nothing paused, the
+        // breaker closed, a token in the bucket.
+        if self.shared.as_ref().is_none_or(|s| s.no_consumer_paused())
+            && flow.start_calm(Instant::now())
+        {
+            return Admit::Go(self.admission(Some(flow.clone()), false));
+        }
         let mut changes = self.subscribe();
         let mut waited: Option<Instant> = None;
         loop {
@@ -995,7 +1221,7 @@ impl Gate {
             {
                 return Admit::Stop(reason);
             }
-            let (at, throttled) = match flow.start(now).await {
+            let (at, throttled) = match flow.start(now, &self.reserved).await {
                 Try::Go { probe } => {
                     if let Some(since) = waited {
                         flow.metrics.waited.increment(since.elapsed().as_secs_f64());
@@ -1111,9 +1337,10 @@ pub struct Guarded {
 #[async_trait]
 impl Handler for Guarded {
     async fn handle(&self, message: &Message) -> Outcome {
+        let reserved = Mutex::new(None);
         loop {
             let now = Instant::now();
-            match self.flow.start(now).await {
+            match self.flow.start(now, &reserved).await {
                 Try::Go { probe } => {
                     // Dropped by a panic or a cancellation: the probe goes back.
                     let admission = Admission {
@@ -1173,4 +1400,109 @@ pub fn build_handlers(
         }),
         None => handler,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flows_with(settings: FlowSettings) -> (Flows, Gate) {
+        let flows = Flows::default();
+        flows.handler("hook", &settings);
+        let gate = flows.gate("orders", "hook");
+        (flows, gate)
+    }
+
+    fn breaker(min_calls: u32) -> FlowSettings {
+        FlowSettings {
+            breaker: Some(BreakerSettings {
+                failure_ratio: 0.5,
+                min_calls,
+                window: Duration::from_secs(30),
+                consecutive_failures: 0,
+                open_for: Duration::from_secs(30),
+                max_open_for: Duration::from_secs(60),
+            }),
+            rate_limit: None,
+        }
+    }
+
+    async fn call(gate: &Gate, outcome: Outcome) {
+        match gate.admit().await {
+            Admit::Go(admission) => {
+                admission.finish(outcome);
+            }
+            Admit::Stop(reason) => panic!("stopped: {reason}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn successes_counted_without_the_lock_still_weigh_in_the_failure_ratio() {
+        let (_flows, gate) = flows_with(breaker(10));
+        for _ in 0..20 {
+            call(&gate, Outcome::Ack).await;
+        }
+        // 10 failures of 30 calls: a third, below the ratio.
+        for _ in 0..10 {
+            call(&gate, Outcome::retry("HTTP 503")).await;
+        }
+        assert!(gate.stopped().is_none());
+        // 20 failures of 40: the ratio is reached, the breaker opens.
+        for _ in 0..9 {
+            call(&gate, Outcome::retry("HTTP 503")).await;
+        }
+        assert!(gate.stopped().is_none());
+        call(&gate, Outcome::retry("HTTP 503")).await;
+        let reason = gate.stopped().expect("open");
+        assert!(reason.contains("circuit breaker"), "{reason}");
+        assert!(matches!(gate.admit().await, Admit::Stop(_)));
+    }
+
+    #[tokio::test]
+    async fn pauses_stop_the_fast_path_at_once_and_a_resume_opens_it() {
+        let (flows, gate) = flows_with(FlowSettings {
+            rate_limit: Some(RateLimitSettings {
+                per_second: 1e7,
+                burst: 10_000_000,
+                max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+                global: None,
+            }),
+            ..breaker(20)
+        });
+        call(&gate, Outcome::Ack).await;
+        flows.pause_handler("hook", None, "maintenance").unwrap();
+        assert!(matches!(gate.admit().await, Admit::Stop(r) if r.contains("maintenance")));
+        flows.resume_handler("hook").unwrap();
+        call(&gate, Outcome::Ack).await;
+        flows.pause_consumer("orders", None, "backfill").unwrap();
+        assert!(matches!(gate.admit().await, Admit::Stop(r) if r.contains("backfill")));
+        assert!(gate.stopped().is_some());
+        flows.resume_consumer("orders").unwrap();
+        assert!(gate.stopped().is_none());
+        call(&gate, Outcome::Ack).await;
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_pauses_the_limiter_even_on_the_fast_path() {
+        let (_flows, gate) = flows_with(FlowSettings {
+            breaker: None,
+            rate_limit: Some(RateLimitSettings {
+                per_second: 1e7,
+                burst: 100,
+                max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+                global: None,
+            }),
+        });
+        let Admit::Go(admission) = gate.admit().await else {
+            panic!("admitted")
+        };
+        let settled = admission.finish(Outcome::Retry {
+            after: Some(Duration::from_secs(30)),
+            reason: "HTTP 429".into(),
+        });
+        assert!(matches!(settled, Outcome::Defer { .. }), "{settled:?}");
+        // The next admission waits for the pause to end instead of going through.
+        let waited = tokio::time::timeout(Duration::from_millis(200), gate.admit()).await;
+        assert!(waited.is_err(), "admitted during a Retry-After pause");
+    }
 }

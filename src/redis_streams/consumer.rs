@@ -508,6 +508,8 @@ async fn settle(
         // stream; one whose copy was refused stays pending and its claim is released (the
         // ticket's drop), so the entry runs again when it is claimed.
         for (s, durable) in batch.drain(..).zip(durable) {
+            // A copy's PRODUCER span ends once the batch carrying it is written.
+            drop(s.span);
             if let Some(ticket) = s.ticket
                 && durable
             {

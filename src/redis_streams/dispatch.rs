@@ -173,6 +173,9 @@ pub(crate) struct Settlement {
     pub(crate) action: Action,
     /// The inbox claim of a dead letter, finished once its copy is written.
     pub(crate) ticket: Option<Ticket>,
+    /// The PRODUCER span of a retry or dead-letter copy (none for the other actions, and
+    /// while tracing is off): it ends when the settler has written the batch carrying it.
+    pub(crate) span: tracing::Span,
 }
 
 /// The in-flight set: entry ids read and not yet settled.
@@ -270,14 +273,21 @@ impl Dispatcher {
             self.tracker.spawn(async move {
                 inner.metrics.in_flight.increment(1.0);
                 let Delivery { entry, deliveries } = delivery;
-                let (action, ticket) = inner
+                let (action, ticket, span) = inner
                     .process(&entry, deliveries, redelivered, admission)
                     .await;
                 let id = entry.id;
                 inner.metrics.in_flight.decrement(1.0);
                 // The permit is held until the settlement is queued, so a slow settler slows
                 // reading instead of piling up finished work.
-                let _ = settle.send(Settlement { id, action, ticket }).await;
+                let _ = settle
+                    .send(Settlement {
+                        id,
+                        action,
+                        ticket,
+                        span,
+                    })
+                    .await;
                 drop(permit);
             });
         }
@@ -291,6 +301,7 @@ impl Dispatcher {
                 id: delivery.entry.id,
                 action: Action::Release,
                 ticket: None,
+                span: tracing::Span::none(),
             })
             .await;
     }
@@ -325,33 +336,66 @@ impl Dispatcher {
 
 impl Inner {
     /// Runs the handler on one entry and decides how to settle it; a dead letter's inbox
-    /// claim comes with it, to be finished once the copy is written.
+    /// claim comes with it, to be finished once the copy is written, and a copy's PRODUCER
+    /// span, to be ended once it is.
     async fn process(
         &self,
         entry: &Entry,
         deliveries: u64,
         redelivered: bool,
         admission: Admission,
-    ) -> (Action, Option<Ticket>) {
+    ) -> (Action, Option<Ticket>, tracing::Span) {
         let mut ticket = None;
+        let mut span = tracing::Span::none();
         let action = self
-            .decide(entry, deliveries, redelivered, admission, &mut ticket)
+            .decide(
+                entry,
+                deliveries,
+                redelivered,
+                admission,
+                &mut ticket,
+                &mut span,
+            )
             .await;
+        // A copy decided before the handler ran (an invalid entry, one delivered too often)
+        // has no CONSUMER span: its PRODUCER span starts a trace.
+        if span.is_none() {
+            span = self.copy_span(&action, None, true);
+        }
         let Some(held) = ticket else {
-            return (action, None);
+            return (action, None, span);
         };
         match &action {
-            Action::DeadLetter { .. } => (action, Some(held)),
+            Action::DeadLetter { .. } => (action, Some(held), span),
             // Before the XACK: a crash in between finds the key done on redelivery.
             Action::Ack | Action::Drop => {
                 held.finish(Finish::Done).await;
-                (action, None)
+                (action, None, span)
             }
             Action::Retry { .. } | Action::Release => {
                 held.finish(Finish::Release).await;
-                (action, None)
+                (action, None, span)
             }
         }
+    }
+
+    /// The PRODUCER span of `action`'s copy (`send <stream>:retry`, `send <stream>:dlq`), a
+    /// child of the current span (the entry's CONSUMER span) unless `root`; none for an
+    /// action that writes no copy.
+    fn copy_span(&self, action: &Action, message_id: Option<&str>, root: bool) -> tracing::Span {
+        let destination = match action {
+            Action::Retry { .. } => &self.retry_key,
+            Action::DeadLetter { .. } => &self.config.dead_letter_stream,
+            Action::Ack | Action::Drop | Action::Release => return tracing::Span::none(),
+        };
+        trace_context::producer_span(trace_context::Produced {
+            system: System::Redis,
+            destination,
+            message_id,
+            parent: None,
+            link: None,
+            root,
+        })
     }
 
     async fn decide(
@@ -361,6 +405,7 @@ impl Inner {
         redelivered: bool,
         admission: Admission,
         ticket: &mut Option<Ticket>,
+        copy_span: &mut tracing::Span,
     ) -> Action {
         let source = Source {
             broker: self.broker_name.clone(),
@@ -492,6 +537,8 @@ impl Inner {
             }
         };
         trace_context::record_outcome(&span, action.label());
+        *copy_span =
+            span.in_scope(|| self.copy_span(&action, message.message_id.as_deref(), false));
         action
     }
 

@@ -741,3 +741,122 @@ fn flow_control_settings_are_checked_where_they_are_written() {
         assert!(message.contains(expected), "{extra}: {message}");
     }
 }
+
+/// When each request reached the endpoint, by path.
+type Arrivals = Arc<std::sync::Mutex<Vec<(String, std::time::Instant)>>>;
+
+async fn arrive(State(arrivals): State<Arrivals>, Path(path): Path<String>) -> StatusCode {
+    arrivals
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((path, std::time::Instant::now()));
+    StatusCode::NO_CONTENT
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_global_rate_limit_through_redis() {
+    const PER_SECOND: usize = 20;
+    const BURST: usize = 1;
+    const MESSAGES: usize = 120;
+    let arrivals = Arrivals::default();
+    let app = Router::new()
+        .route("/{path}", post(arrive))
+        .with_state(arrivals.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}/", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // One handler name in both processes (the budget is the handler's), each calling its
+    // own path so the endpoint tells them apart.
+    let queue = unique("flow_global");
+    let handler = unique("global_hook");
+    let process = |n: usize| {
+        let port = free_port();
+        let config = ConfigFile::new(&format!(
+            r#"
+[service]
+name = "global-{n}"
+shutdown_timeout = "5s"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[brokers.rabbit]
+kind = "amqp"
+url = "{RABBIT_URL}"
+
+[brokers.cache]
+kind = "redis"
+url = "{REDIS_URL}"
+
+[handlers.{handler}]
+kind = "http"
+url = "{base}p{n}"
+rate_limit = {{ per_second = {PER_SECOND}, burst = {BURST}, scope = "global", broker = "cache" }}
+
+[consumers.work]
+source = "rabbit"
+queue = "{queue}"
+handler = "{handler}"
+prefetch = 10
+"#
+        ));
+        let daemon = Daemon::start(&config.path, port);
+        (config, daemon)
+    };
+    let (_first_config, first) = process(1);
+    assert!(first.wait_ready(WAIT), "{}", first.logs());
+    let (_second_config, second) = process(2);
+    assert!(second.wait_ready(WAIT), "{}", second.logs());
+    assert!(
+        until_queue(&queue, |_, c| c == 2).await.is_some(),
+        "both consumers on the queue"
+    );
+    let (_conn, ch) = rabbit().await;
+    publish(&ch, "", &queue, MESSAGES).await;
+
+    let all = wait_for_async(Duration::from_secs(60), || async {
+        let seen = arrivals.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (seen.len() >= MESSAGES).then_some(seen)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "not every message reached the endpoint: {} of {MESSAGES}\n{}\n{}",
+            arrivals.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            first.logs(),
+            second.logs()
+        )
+    });
+    let from = |path: &str| all.iter().filter(|(p, _)| p == path).count();
+    assert!(
+        from("p1") >= 10 && from("p2") >= 10,
+        "both processes got work: {} and {}",
+        from("p1"),
+        from("p2")
+    );
+    // In every window of one second the two together stayed within the limit plus the
+    // burst; one request more is allowed for the time between a token's instant and its
+    // request reaching the endpoint, which varies from request to request.
+    let times: Vec<std::time::Instant> = all.iter().map(|(_, at)| *at).collect();
+    let window = Duration::from_secs(1);
+    let busiest = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        busiest <= PER_SECOND + BURST + 1,
+        "{busiest} requests in one second, limit {PER_SECOND}/s with burst {BURST}"
+    );
+    drop(first);
+    drop(second);
+    cleanup(&ch, &queue).await;
+}

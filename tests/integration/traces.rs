@@ -46,6 +46,8 @@ struct Seen {
     exports: Mutex<usize>,
     /// The `traceparent` of every request to `/hook`, in order.
     requests: Mutex<Vec<Option<String>>>,
+    /// The `traceparent` of every request to `/once`, in order.
+    once: Mutex<Vec<Option<String>>>,
 }
 
 fn text(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
@@ -106,12 +108,29 @@ async fn hook(State(seen): State<Arc<Seen>>, headers: HeaderMap) -> StatusCode {
     }
 }
 
-/// The receiver (`/v1/traces`) and the endpoint (`/hook`) on one port.
+/// Refuses the first request for good (a 422: the message is dead-lettered at once), then
+/// answers 204: a replayed message is handled.
+async fn once(State(seen): State<Arc<Seen>>, headers: HeaderMap) -> StatusCode {
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut requests = seen.once.lock().unwrap();
+    requests.push(traceparent);
+    if requests.len() == 1 {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::NO_CONTENT
+    }
+}
+
+/// The receiver (`/v1/traces`) and the endpoints (`/hook`, `/once`) on one port.
 async fn serve() -> (SocketAddr, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     let app = Router::new()
         .route("/v1/traces", post(traces))
         .route("/hook", post(hook))
+        .route("/once", post(once))
         .with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -341,7 +360,137 @@ async fn a_stream_entry_with_a_traceparent_keeps_its_trace_through_a_retry_and_t
             Some("redis")
         );
     }
+    // The retry copy, written by the batched settler into the retry set, has a PRODUCER
+    // span under the first attempt.
+    let retry = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Producer && s.name == format!("send {stream}:retry"))
+        .unwrap_or_else(|| panic!("no PRODUCER span of the retry copy: {spans:#?}"));
+    assert_eq!(retry.parent, first.span_id);
+    assert_eq!(
+        retry.attributes.get("messaging.system").map(String::as_str),
+        Some("redis")
+    );
+    assert!(retry.attributes.contains_key("messaging.message.id"));
     assert_requests_follow(&seen, &spans, [&first, &second]);
+}
+
+/// Waits for a span matching `found` and returns it.
+async fn wait_span(seen: &Seen, what: &str, found: impl Fn(&Span) -> bool) -> Span {
+    let span = support::wait_for_async(WAIT, || async {
+        seen.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| found(s))
+            .cloned()
+    })
+    .await;
+    span.unwrap_or_else(|| panic!("no {what}; spans: {:#?}", seen.spans.lock().unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_has_a_producer_span_and_its_replay_starts_a_new_trace_linked_to_it() {
+    let (addr, seen) = serve().await;
+    let stream = unique("trace_dl");
+    let dlq = format!("{stream}:dlq");
+    let table = unique("trace_archive");
+    let (file, port) = config(
+        addr,
+        true,
+        &format!(
+            "[databases.main]\nurl = \"{}\"\nmax_connections = 4\n\
+             [handlers.once]\nkind = \"http\"\nurl = \"http://{addr}/once\"\n\
+             [consumers.events]\nsource = \"cache\"\nstream = \"{stream}\"\ngroup = \"g\"\nhandler = \"once\"\n\
+             block = \"200ms\"\nretry = {{ max_attempts = 3, initial = \"500ms\", max = \"500ms\" }}\n\
+             [dead_letters.dl]\nsource = \"cache\"\nstream = \"{dlq}\"\narchive = \"main\"\ntable = \"{table}\"\n",
+            support::PG_URL
+        ),
+    );
+    let path = file.path.to_string_lossy().into_owned();
+    let (code, out, err) = support::bosun_output(&["dlq", "migrate", "--config", &path], &[]);
+    assert_eq!(code, 0, "migrate: {err}{out}");
+    let daemon = Daemon::start_with_env(&file.path, port, FAST_EXPORT);
+    assert!(daemon.wait_ready(WAIT), "{}", daemon.logs());
+    let mut redis = support::streams::redis().await;
+    let traceparent = format!("00-{APP_TRACE}-{APP_SPAN}-01");
+    support::streams::xadd(
+        &mut redis,
+        &stream,
+        &[
+            ("payload", b"event 1"),
+            ("traceparent", traceparent.as_bytes()),
+        ],
+    )
+    .await;
+
+    // Refused (422): dead-lettered by the settler, under a PRODUCER span of the attempt.
+    let process = format!("process {stream}");
+    let refused = wait_span(&seen, "dead-lettered attempt", |s| {
+        s.name == process
+            && s.attributes.get("bosun.outcome").map(String::as_str) == Some("dead_letter")
+    })
+    .await;
+    assert_eq!(refused.trace_id, APP_TRACE);
+    let copy = wait_span(&seen, "PRODUCER span of the dead-letter copy", |s| {
+        s.kind == SpanKind::Producer && s.name == format!("send {dlq}")
+    })
+    .await;
+    assert_eq!(copy.trace_id, APP_TRACE);
+    assert_eq!(copy.parent, refused.span_id);
+    assert_eq!(
+        copy.attributes.get("messaging.system").map(String::as_str),
+        Some("redis")
+    );
+    // The copy kept the producer's context: the processor's span is in the same trace.
+    let archived = wait_span(&seen, "the processor's span", |s| {
+        s.name == format!("process {dlq}")
+    })
+    .await;
+    assert_eq!(archived.trace_id, APP_TRACE);
+    assert_eq!(archived.parent, APP_SPAN);
+
+    // Replayed from the command line: a PRODUCER span in a new trace, linked to the
+    // archived message's context; the replayed message is handled in that new trace.
+    let pool = sqlx::PgPool::connect(support::PG_URL)
+        .await
+        .expect("connect");
+    let id: i64 = support::wait_for_async(WAIT, || {
+        let pool = pool.clone();
+        let table = table.clone();
+        async move {
+            sqlx::query_scalar(&format!("SELECT id FROM {table} LIMIT 1"))
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten()
+        }
+    })
+    .await
+    .expect("the dead letter is archived");
+    let (code, out, err) =
+        support::bosun_output(&["dlq", "replay", "--config", &path, &id.to_string()], &[]);
+    assert_eq!(code, 0, "replay: {err}{out}");
+    let replay = wait_span(&seen, "PRODUCER span of the replay", |s| {
+        s.kind == SpanKind::Producer && s.name == format!("send {stream}")
+    })
+    .await;
+    assert_ne!(replay.trace_id, APP_TRACE, "a replay starts a new trace");
+    assert_eq!(replay.parent, "", "{replay:#?}");
+    assert_eq!(
+        replay.links,
+        vec![(APP_TRACE.to_owned(), APP_SPAN.to_owned())]
+    );
+    let handled = wait_span(&seen, "the replayed message's span", |s| {
+        s.name == process && s.attributes.get("bosun.outcome").map(String::as_str) == Some("ack")
+    })
+    .await;
+    assert_eq!(handled.trace_id, replay.trace_id);
+    assert_eq!(handled.parent, replay.span_id);
+    let requests = seen.once.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    let (trace, _) = ids(requests[1].as_deref().expect("a traceparent"));
+    assert_eq!(trace, replay.trace_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
