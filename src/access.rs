@@ -7,20 +7,53 @@
 //! `bosun_admin_auth_failures_total` and logged once per interval with their count, so a
 //! flood costs neither CPU nor log volume. A token whose roles do not grant the route's
 //! [`Permission`] is answered 403.
+//!
+//! With `auth = "trusted_header"` a request without a token is identified by the user and
+//! groups headers of an auth proxy, believed only when the peer is one of the configured
+//! proxies; with `auth = "none"` (loopback only) every caller is an admin. The identity
+//! found is put in the request's extensions ([`Identity`]) for the audit trail.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::AccessToken;
+use crate::config::console::TrustedHeader;
+use crate::config::{AccessToken, AdminAuth, HttpConfig};
 use crate::roles::{Permission, Role};
+
+/// Who is calling, and with which roles: a token's name, a proxy-named user, or
+/// `anonymous` (with `auth = "none"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub user: String,
+    pub roles: Vec<Role>,
+}
+
+impl Identity {
+    pub fn can(&self, permission: Permission) -> bool {
+        Role::any_grants(&self.roles, permission)
+    }
+}
+
+/// What the headers of a request without a token say about its caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Unauthenticated {
+    /// The caller is known without a token (trusted proxy, or `auth = "none"`).
+    Known(Identity),
+    /// A user header came from a peer that is not a trusted proxy.
+    UntrustedPeer,
+    /// Nothing identifies the caller.
+    Unknown,
+}
 
 /// Failed authentications allowed in a burst before answers turn to 429.
 const AUTH_FAILURE_BURST: f64 = 10.0;
@@ -85,13 +118,34 @@ pub struct Access {
 }
 
 struct Inner {
-    /// SHA-256 of each token, with its roles: what requests are compared against.
-    tokens: Vec<([u8; 32], Vec<Role>)>,
+    /// SHA-256 of each token, with its roles and name: what requests are compared against.
+    tokens: Vec<([u8; 32], Vec<Role>, String)>,
     failures: Arc<Mutex<AuthFailures>>,
+    auth: AdminAuth,
 }
 
 impl Access {
-    pub fn new(tokens: &[AccessToken]) -> Self {
+    /// The admin listener's access: `[http.admin]`'s own token (named `admin`), the named
+    /// tokens, and the configured `auth` mode.
+    pub fn for_http(http: &HttpConfig) -> Self {
+        let mut named: Vec<(String, AccessToken)> = http
+            .admin_token
+            .iter()
+            .map(|token| {
+                (
+                    "admin".to_owned(),
+                    AccessToken {
+                        token: token.clone(),
+                        roles: vec![Role::Admin],
+                    },
+                )
+            })
+            .collect();
+        named.extend(http.tokens.iter().map(|(n, t)| (n.clone(), t.clone())));
+        Self::build(&named, http.console.auth.clone())
+    }
+
+    fn build(tokens: &[(String, AccessToken)], auth: AdminAuth) -> Self {
         let failures = Arc::new(Mutex::new(AuthFailures::new()));
         flush_failure_counts(Arc::downgrade(&failures));
         metrics::describe_counter!(
@@ -106,11 +160,42 @@ impl Access {
             inner: Arc::new(Inner {
                 tokens: tokens
                     .iter()
-                    .map(|t| (digest(t.token.expose().as_bytes()), t.roles.clone()))
+                    .map(|(name, t)| {
+                        (
+                            digest(t.token.expose().as_bytes()),
+                            t.roles.clone(),
+                            name.clone(),
+                        )
+                    })
                     .collect(),
                 failures,
+                auth,
             }),
         }
+    }
+
+    /// The identity of `token`, or `None` when it matches no configured token (the
+    /// console's login form asks this).
+    pub fn token_identity(&self, token: &str) -> Option<Identity> {
+        self.identity(&digest(token.trim().as_bytes()))
+    }
+
+    /// Who a request without a token is, from its peer address and headers.
+    pub fn without_token(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> Unauthenticated {
+        match &self.inner.auth {
+            AdminAuth::Tokens => Unauthenticated::Unknown,
+            AdminAuth::None => Unauthenticated::Known(Identity {
+                user: "anonymous".into(),
+                roles: vec![Role::Admin],
+            }),
+            AdminAuth::TrustedHeader(t) => proxied(t, peer, headers),
+        }
+    }
+
+    /// Records a failed authentication (a wrong token at the login form); the answer to
+    /// give, as for a wrong bearer token.
+    pub fn refuse(&self) -> Response {
+        refuse(self)
     }
 
     /// `routes`, each answered only for a token whose roles grant `permission`.
@@ -125,26 +210,75 @@ impl Access {
         ))
     }
 
-    /// The roles of the token presented, or `None` when it matches no configured token.
+    /// The identity of the token presented, or `None` when it matches no configured token.
     /// Every token is compared, whichever matches, so timing tells nothing.
-    fn roles(&self, presented: &[u8; 32]) -> Option<Vec<Role>> {
-        let mut found: Option<Vec<Role>> = None;
-        for (digest, roles) in &self.inner.tokens {
+    fn identity(&self, presented: &[u8; 32]) -> Option<Identity> {
+        let mut found: Option<Identity> = None;
+        for (digest, roles, name) in &self.inner.tokens {
             if bool::from(presented.ct_eq(digest)) {
-                found.get_or_insert_with(Vec::new).extend(roles);
+                let identity = found.get_or_insert_with(|| Identity {
+                    user: name.clone(),
+                    roles: Vec::new(),
+                });
+                identity.roles.extend(roles);
             }
         }
         found
     }
 }
 
+/// The user an auth proxy names, when the peer is one of the trusted proxies.
+fn proxied(t: &TrustedHeader, peer: Option<SocketAddr>, headers: &HeaderMap) -> Unauthenticated {
+    let Some(user) = headers
+        .get(t.user_header.as_str())
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    else {
+        return Unauthenticated::Unknown;
+    };
+    let trusted = peer.is_some_and(|p| {
+        let ip = p.ip().to_canonical();
+        t.proxies.iter().any(|proxy| proxy.to_canonical() == ip)
+    });
+    if !trusted {
+        return Unauthenticated::UntrustedPeer;
+    }
+    let mut roles: Vec<Role> = Vec::new();
+    for group in headers
+        .get_all(t.groups_header.as_str())
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+    {
+        for role in t.group_roles.get(group).into_iter().flatten() {
+            if !roles.contains(role) {
+                roles.push(*role);
+            }
+        }
+    }
+    Unauthenticated::Known(Identity {
+        user: user.chars().take(200).collect(),
+        roles,
+    })
+}
+
 fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// The peer address of a request served with connect info.
+pub fn peer(request: &Request) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
 async fn authorize(
     State((access, permission)): State<(Access, Permission)>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let presented = request
@@ -153,10 +287,24 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| digest(t.trim().as_bytes()));
-    match presented.and_then(|d| access.roles(&d)) {
-        Some(roles) if roles.iter().any(|r| r.grants(permission)) => next.run(request).await,
-        Some(roles) => {
-            let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+    let identity = match presented {
+        Some(d) => access.identity(&d),
+        None => match access.without_token(peer(&request), request.headers()) {
+            Unauthenticated::Known(identity) => Some(identity),
+            Unauthenticated::UntrustedPeer => {
+                tracing::warn!(peer = ?peer(&request), "user header from a peer that is not a trusted proxy refused");
+                None
+            }
+            Unauthenticated::Unknown => None,
+        },
+    };
+    match identity {
+        Some(identity) if identity.can(permission) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Some(identity) => {
+            let names: Vec<&str> = identity.roles.iter().map(|r| r.name()).collect();
             (
                 StatusCode::FORBIDDEN,
                 Json(serde_json::json!({

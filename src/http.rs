@@ -115,13 +115,17 @@ pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener
     tokio::net::TcpListener::bind(listen).await
 }
 
-/// Serves `app` until `shutdown` is cancelled.
+/// Serves `app` until `shutdown` is cancelled. Handlers can read the peer's address
+/// (`ConnectInfo<SocketAddr>`): trusted-proxy checks need it.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }

@@ -44,6 +44,7 @@ pub use telemetry::metrics_handle;
 mod access;
 mod amqp;
 mod components;
+mod console;
 mod consumers;
 mod database;
 mod dead_letter;

@@ -179,7 +179,8 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
             "http.admin",
             old.http.admin_token != new.http.admin_token
                 || old.http.tokens != new.http.tokens
-                || old.http.admin_listen != new.http.admin_listen,
+                || old.http.admin_listen != new.http.admin_listen
+                || old.http.console != new.http.console,
         ),
         ("publish_api", old.publish_api != new.publish_api),
     ] {

@@ -2,8 +2,9 @@
 //!
 //! A route asks for one [`Permission`]; a token passes when one of its [`Role`]s grants it.
 //! Roles are a closed list that grows by adding a variant (and its line in
-//! [`Role::grants`]): a read-only role for a console, say, grants
-//! [`Permission::ReadDeadLetters`] alone. The token of `[http.admin]` itself is always
+//! [`Role::grants`]). For dead letters they form a ladder: `viewer` reads, `operator` also
+//! replays, `editor` also edits and replays, `admin` also purges (and has every other
+//! right). `publisher` only sends messages. The token of `[http.admin]` itself is always
 //! [`Role::Admin`], which grants everything, so existing deployments keep their rights.
 
 use std::fmt;
@@ -17,6 +18,10 @@ pub enum Role {
     Publisher,
     /// Looking without changing anything: listing, grouping and showing dead letters.
     Viewer,
+    /// A viewer who may also replay dead letters (and cancel replays).
+    Operator,
+    /// An operator who may also edit a dead letter and replay the edited copy.
+    Editor,
 }
 
 /// What a route needs.
@@ -24,8 +29,12 @@ pub enum Role {
 pub enum Permission {
     /// List, group and show archived dead letters.
     ReadDeadLetters,
-    /// Replay and purge archived dead letters.
-    ChangeDeadLetters,
+    /// Replay archived dead letters, cancel a running replay.
+    ReplayDeadLetters,
+    /// Edit an archived dead letter's body and headers and replay the edited copy.
+    EditDeadLetters,
+    /// Purge archived dead letters (their bodies and headers are gone for good).
+    PurgeDeadLetters,
     /// Publish and schedule messages, look at and cancel scheduled ones.
     Publish,
     /// Read the API's own description (`/v1/openapi.json`): any valid token.
@@ -38,7 +47,13 @@ pub enum Permission {
 
 impl Role {
     /// Every role, in the order the documentation lists them.
-    pub const ALL: [Role; 3] = [Role::Admin, Role::Publisher, Role::Viewer];
+    pub const ALL: [Role; 5] = [
+        Role::Admin,
+        Role::Publisher,
+        Role::Viewer,
+        Role::Operator,
+        Role::Editor,
+    ];
 
     /// The role's name in the configuration.
     pub fn name(self) -> &'static str {
@@ -46,6 +61,8 @@ impl Role {
             Role::Admin => "admin",
             Role::Publisher => "publisher",
             Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Editor => "editor",
         }
     }
 
@@ -63,7 +80,18 @@ impl Role {
                 permission,
                 Permission::ReadDeadLetters | Permission::ReadStatus | Permission::Describe
             ),
+            Role::Operator => {
+                Role::Viewer.grants(permission) || permission == Permission::ReplayDeadLetters
+            }
+            Role::Editor => {
+                Role::Operator.grants(permission) || permission == Permission::EditDeadLetters
+            }
         }
+    }
+
+    /// Whether any of `roles` grants `permission`.
+    pub fn any_grants(roles: &[Role], permission: Permission) -> bool {
+        roles.iter().any(|r| r.grants(permission))
     }
 }
 
@@ -81,7 +109,9 @@ mod tests {
     fn admin_grants_everything_and_publisher_only_publishing() {
         for permission in [
             Permission::ReadDeadLetters,
-            Permission::ChangeDeadLetters,
+            Permission::ReplayDeadLetters,
+            Permission::EditDeadLetters,
+            Permission::PurgeDeadLetters,
             Permission::Publish,
             Permission::Describe,
             Permission::ReadStatus,
@@ -94,10 +124,30 @@ mod tests {
         assert!(!Role::Publisher.grants(Permission::ControlConsumers));
         assert!(Role::Publisher.grants(Permission::Publish));
         assert!(!Role::Publisher.grants(Permission::ReadDeadLetters));
-        assert!(!Role::Publisher.grants(Permission::ChangeDeadLetters));
+        assert!(!Role::Publisher.grants(Permission::ReplayDeadLetters));
         assert!(Role::Viewer.grants(Permission::ReadDeadLetters));
         assert!(!Role::Viewer.grants(Permission::Publish));
-        assert!(!Role::Viewer.grants(Permission::ChangeDeadLetters));
+        assert!(!Role::Viewer.grants(Permission::ReplayDeadLetters));
+    }
+
+    #[test]
+    fn dead_letter_roles_form_a_ladder() {
+        use Permission::*;
+        let rights = |role: Role| {
+            [
+                ReadDeadLetters,
+                ReplayDeadLetters,
+                EditDeadLetters,
+                PurgeDeadLetters,
+            ]
+            .map(|p| role.grants(p))
+        };
+        assert_eq!(rights(Role::Viewer), [true, false, false, false]);
+        assert_eq!(rights(Role::Operator), [true, true, false, false]);
+        assert_eq!(rights(Role::Editor), [true, true, true, false]);
+        assert_eq!(rights(Role::Admin), [true, true, true, true]);
+        assert!(!Role::Editor.grants(ControlConsumers));
+        assert!(!Role::Operator.grants(Publish));
     }
 
     #[test]

@@ -144,7 +144,7 @@ impl Runtime {
             health.clone(),
         );
         let http_stop = tokio_util::sync::CancellationToken::new();
-        let admin_ops = match admin_router(&config, &resources).await? {
+        let admin_ops = match admin_router(&config, &resources, &health).await? {
             Some((router, ops)) => {
                 let admin_listener = crate::http::bind(config.http.admin_listen)
                     .await
@@ -199,11 +199,12 @@ impl Runtime {
 pub(crate) async fn admin_router(
     config: &Arc<Config>,
     resources: &Resources,
+    health: &Health,
 ) -> anyhow::Result<Option<(axum::Router, AdminOps)>> {
     if !config.http.admin_enabled() {
         return Ok(None);
     }
-    let access = Access::new(&config.http.access_tokens());
+    let access = Access::for_http(&config.http);
     let ops = AdminOps::new(AdminOps::build(config, resources));
     let api = PublishApi::build(config, resources)?;
     if let Some(api) = &api
@@ -214,6 +215,15 @@ pub(crate) async fn admin_router(
         tracing::error!(error = %e, "cannot create the publish API's idempotency table");
     }
     let flows = resources.flows.clone();
+    let console = config.http.console.enabled.then(|| {
+        crate::console::routes(crate::console::Console::new(
+            ops.clone(),
+            access.clone(),
+            config.http.console.clone(),
+            health.clone(),
+            flows.clone(),
+        ))
+    });
     let router = crate::dead_letter::admin::routes(ops.clone(), &access)
         .merge(crate::publish_api::routes(api, &access))
         .merge(access.guard(
@@ -224,6 +234,10 @@ pub(crate) async fn admin_router(
             crate::flow_control::admin::control_routes(flows),
             Permission::ControlConsumers,
         ));
+    let router = match console {
+        Some(console) => router.merge(console),
+        None => router,
+    };
     Ok(Some((router, ops)))
 }
 
@@ -301,7 +315,7 @@ migrate = false
         ));
         let config = Arc::new(config);
         let resources = Resources::new(config.clone()).expect("resources");
-        let (router, _) = admin_router(&config, &resources)
+        let (router, _) = admin_router(&config, &resources, &Health::default())
             .await
             .expect("router")
             .expect("admin API on");

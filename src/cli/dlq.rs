@@ -11,6 +11,8 @@ use super::{CliError, ConfigArg, EXIT_FAILURE, EXIT_OK, block_on};
 use crate::Runtime;
 use crate::dead_letter::DeadLetterError;
 use crate::dead_letter::archive::{self, Group, ListFilter, Selector, Summary};
+use crate::dead_letter::browse::Filter;
+use crate::dead_letter::operations::{self, Kind};
 use crate::dead_letter::ops::{MAX_IDS, Ops, confirm_all, parse_time, row_json};
 use crate::dead_letter::publishers::Publishers;
 
@@ -57,6 +59,10 @@ pub enum DlqCommand {
         id: i64,
     },
     /// Republish archived dead letters to their original queue or stream.
+    ///
+    /// With `--rate` or `--batch-size` the replay runs as a recorded operation (the one the
+    /// console and the admin API start): paced, with its progress in the operations table,
+    /// cancellable with `bosun dlq cancel`, and audited.
     Replay {
         #[command(flatten)]
         common: Common,
@@ -65,6 +71,8 @@ pub enum DlqCommand {
         /// Show what would be replayed, change nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        pace: Pace,
     },
     /// Purge archived dead letters (status `purged`, body and headers removed).
     Purge {
@@ -77,7 +85,41 @@ pub enum DlqCommand {
         before: Option<String>,
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        pace: Pace,
     },
+    /// Recorded replays and purges (from the console, the admin API or `--rate`), newest
+    /// first, and the audit trail.
+    Operations {
+        #[command(flatten)]
+        common: Common,
+        /// Also print the latest audit lines.
+        #[arg(long)]
+        audit: bool,
+    },
+    /// Cancel a running recorded operation; it stops before its next batch.
+    Cancel {
+        #[command(flatten)]
+        common: Common,
+        id: i64,
+    },
+}
+
+/// How fast a recorded operation goes; giving either makes the replay or purge one.
+#[derive(Args)]
+pub struct Pace {
+    /// Rows per second (`20/s`, `600/m`).
+    #[arg(long)]
+    rate: Option<String>,
+    /// Rows per batch (1 to 1000, default 100).
+    #[arg(long)]
+    batch_size: Option<i64>,
+}
+
+impl Pace {
+    fn recorded(&self) -> bool {
+        self.rate.is_some() || self.batch_size.is_some()
+    }
 }
 
 /// Options every archive command takes.
@@ -309,8 +351,13 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             common,
             select,
             dry_run,
+            pace,
         } => {
             let selector = select.selector(None, common.processor.as_deref(), dry_run)?;
+            if pace.recorded() && !dry_run {
+                let ops = ops(runtime, &common.config)?;
+                return recorded(&ops, &common, Kind::Replay, &selector, &pace).await;
+            }
             let ops = ops(runtime, &common.config)?;
             let report = ops
                 .replay(common.processor.as_deref(), &selector, dry_run)
@@ -340,9 +387,14 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             select,
             before,
             dry_run,
+            pace,
         } => {
             let selector =
                 select.selector(before.as_deref(), common.processor.as_deref(), dry_run)?;
+            if pace.recorded() && !dry_run {
+                let ops = ops(runtime, &common.config)?;
+                return recorded(&ops, &common, Kind::Purge, &selector, &pace).await;
+            }
             let ops = ops(runtime, &common.config)?;
             let report = ops
                 .purge(common.processor.as_deref(), &selector, dry_run)
@@ -358,7 +410,153 @@ async fn run_async(runtime: &Runtime, command: DlqCommand) -> Result<u8, CliErro
             }
             Ok(EXIT_OK)
         }
+        DlqCommand::Operations { common, audit } => {
+            let ops = ops(runtime, &common.config)?;
+            let processor = common.processor.as_deref();
+            let list = operations::list(&ops, processor, 50)
+                .await
+                .map_err(failed)?;
+            let entries = if audit {
+                operations::audit_log(&ops, processor, 50)
+                    .await
+                    .map_err(failed)?
+            } else {
+                Vec::new()
+            };
+            if common.json {
+                print_json(&serde_json::json!({ "operations": list, "audit": entries }))?;
+                return Ok(EXIT_OK);
+            }
+            println!(
+                "{:>6}  {:<7}  {:<10}  {:>8}  {:>8}  {:>8}  {:<16}  {:<20}  FILTER",
+                "ID", "KIND", "STATE", "TOTAL", "DONE", "FAILED", "BY", "STARTED"
+            );
+            for op in &list {
+                println!(
+                    "{:>6}  {:<7}  {:<10}  {:>8}  {:>8}  {:>8}  {:<16}  {:<20}  {}",
+                    op.id,
+                    op.kind,
+                    op.state,
+                    op.total,
+                    op.done,
+                    op.failed,
+                    cell(&op.requested_by, 16),
+                    op.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    cell(&op.filter.describe(), 80)
+                );
+            }
+            for a in &entries {
+                println!(
+                    "{}  {:<16}  {}  count={}",
+                    a.at.format("%Y-%m-%d %H:%M:%S"),
+                    cell(&a.actor, 16),
+                    a.action,
+                    a.count.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Cancel { common, id } => {
+            let ops = ops(runtime, &common.config)?;
+            let op = operations::cancel(&ops, common.processor.as_deref(), id, &cli_user())
+                .await
+                .map_err(failed)?;
+            if common.json {
+                print_json(&op)?;
+            } else {
+                println!("operation {id}: {}", op.state);
+            }
+            Ok(EXIT_OK)
+        }
     }
+}
+
+/// Who runs a command, for the audit trail.
+fn cli_user() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+/// The filter a selector stands for.
+fn selector_filter(selector: &Selector, processor: Option<&str>) -> Filter {
+    let mut filter = Filter {
+        processor: processor.map(str::to_owned),
+        ..Filter::default()
+    };
+    match selector {
+        Selector::Ids(ids) => filter.ids = Some(ids.clone()),
+        Selector::Group(g) => filter.group = Some(g.clone()),
+        Selector::All => {}
+        Selector::Before(t) => filter.until = Some(*t),
+    }
+    filter
+}
+
+/// Runs a replay or purge as a recorded operation, printing its progress.
+async fn recorded(
+    ops: &Ops,
+    common: &Common,
+    kind: Kind,
+    selector: &Selector,
+    pace: &Pace,
+) -> Result<u8, CliError> {
+    let rate = pace
+        .rate
+        .as_deref()
+        .map(operations::parse_rate)
+        .transpose()
+        .map_err(CliError::Usage)?;
+    let request = operations::Request {
+        kind,
+        processor: common.processor.clone(),
+        filter: selector_filter(selector, common.processor.as_deref()),
+        rate,
+        batch_size: pace.batch_size.unwrap_or(operations::DEFAULT_BATCH),
+        requested_by: cli_user(),
+    };
+    let op = operations::start(ops, &request).await.map_err(failed)?;
+    if !common.json {
+        println!(
+            "operation {}: {} of {} dead letters ({})",
+            op.id,
+            kind.name(),
+            op.total,
+            request.filter.describe()
+        );
+    }
+    let json = common.json;
+    let done = operations::run(ops, common.processor.as_deref(), op.id, |op| {
+        if !json {
+            println!(
+                "operation {}: {}/{} done, {} failed",
+                op.id, op.done, op.total, op.failed
+            );
+        }
+    })
+    .await
+    .map_err(failed)?;
+    if json {
+        print_json(&done)?;
+    } else {
+        let past = match kind {
+            Kind::Replay => "replayed",
+            Kind::Purge => "purged",
+        };
+        println!(
+            "operation {} {}: {past} {} dead letters, {} failed",
+            done.id, done.state, done.done, done.failed
+        );
+        if let Some(e) = &done.last_error {
+            println!("last error: {e}");
+        }
+    }
+    Ok(if done.state == "done" && done.failed == 0 {
+        EXIT_OK
+    } else {
+        EXIT_FAILURE
+    })
 }
 
 /// Cuts `text` to `max` characters for a table cell.

@@ -13,6 +13,7 @@
 //! Steps 2 to 5 report key paths; [`locate`] maps each path back to a line and column of the
 //! original file (or to the environment variable that set it).
 
+pub mod console;
 mod interpolate;
 mod issue;
 mod lint;
@@ -28,6 +29,7 @@ use std::path::Path;
 pub use crate::retry::{Backoff, RetryPolicy};
 pub(crate) use crate::secret::{ENV_PREFIX, note_env_read};
 pub(crate) use crate::units::parse_duration;
+pub use console::{AdminAuth, ConsoleConfig};
 pub(crate) use interpolate::interpolate;
 pub use issue::{Issue, WarningKind};
 pub use locate::Position;

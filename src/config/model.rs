@@ -77,6 +77,8 @@ pub struct HttpConfig {
     pub tokens: BTreeMap<String, AccessToken>,
     /// Where the admin API listens, apart from `/metrics` (used only with a token).
     pub admin_listen: SocketAddr,
+    /// How the admin listener identifies callers, and the console's options.
+    pub console: super::ConsoleConfig,
 }
 
 impl HttpConfig {
@@ -94,9 +96,12 @@ impl HttpConfig {
         out
     }
 
-    /// Whether the admin API runs: some token is configured.
+    /// Whether the admin API runs: some token is configured, or callers are identified
+    /// another way (`auth = "trusted_header"` or `"none"`).
     pub fn admin_enabled(&self) -> bool {
-        self.admin_token.is_some() || !self.tokens.is_empty()
+        self.admin_token.is_some()
+            || !self.tokens.is_empty()
+            || !matches!(self.console.auth, super::AdminAuth::Tokens)
     }
 }
 

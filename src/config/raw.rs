@@ -134,6 +134,30 @@ pub struct RawAdmin {
     /// `[http.admin.tokens.NAME]`: more tokens, each with its roles.
     #[serde(default)]
     pub tokens: BTreeMap<String, RawToken>,
+    /// How callers are identified: "tokens" (default), "trusted_header" or "none".
+    pub auth: Option<String>,
+    /// `trusted_header`: addresses of the auth proxies whose user header is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// `trusted_header`: the header naming the user (default "X-Forwarded-User").
+    pub user_header: Option<String>,
+    /// `trusted_header`: the header listing the user's groups, comma-separated (default
+    /// "X-Forwarded-Groups").
+    pub groups_header: Option<String>,
+    /// `trusted_header`: the roles each group gives (`ops = ["operator"]`).
+    #[serde(default)]
+    pub group_roles: BTreeMap<String, Vec<String>>,
+    /// Serve the dead-letter console under `/ui` (default true).
+    pub console: Option<bool>,
+    /// Hide message bodies from viewers (default false).
+    pub redact_bodies: Option<bool>,
+    /// Allow editors to edit a dead letter and replay the edited copy (default false).
+    pub edit_and_replay: Option<bool>,
+    /// Mark the console's session cookie `Secure` (default false: set it when the console
+    /// is reached over HTTPS).
+    pub secure_cookies: Option<bool>,
+    /// How long a console session lasts without use ("8h").
+    pub session_ttl: Option<String>,
 }
 
 /// `[http.admin.tokens.NAME]`: a bearer token with the roles it is given.

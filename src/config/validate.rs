@@ -562,11 +562,16 @@ pub fn validate_with(
             format!("the admin API needs a listener of its own: {admin_listen} is also `[http].listen`, which serves /metrics"),
         );
     }
+    let console =
+        super::console::build(raw.http.admin.as_ref(), admin_listen, &mut |at, message| {
+            c.issue(at, message)
+        });
     let http = HttpConfig {
         listen,
         admin_token,
         tokens,
         admin_listen,
+        console,
     };
     let tracing = tracing_config(&mut c, &raw.tracing);
 
@@ -889,7 +894,7 @@ fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
 /// given.
 fn admin_token(c: &mut Checker<'_>, admin: &RawAdmin) -> Option<Secret> {
     if admin.token_env.is_none() && admin.token_file.is_none() {
-        if admin.tokens.is_empty() {
+        if admin.tokens.is_empty() && admin.auth.as_deref().is_none_or(|auth| auth == "tokens") {
             c.issue(
                 &["http", "admin"],
                 "`[http.admin]` needs `token_env` or `token_file` (or `[http.admin.tokens.NAME]`)",

@@ -6,6 +6,10 @@
 //!
 //! Requests are bounded: bodies up to [`MAX_BODY_BYTES`], id lists up to [`MAX_IDS`] (413
 //! beyond), and `all` needs a `processor` and `"confirm": "<that processor>"`.
+//!
+//! `/admin/dead-letters/operations` starts recorded operations (a replay or purge over a
+//! filter, at a rate, with progress and cancel): the same ones the console and
+//! `bosun dlq replay --rate` run.
 
 use std::sync::{Arc, RwLock};
 
@@ -18,9 +22,11 @@ use serde::Deserialize;
 
 use super::DeadLetterError;
 use super::archive::{ListFilter, Selector};
+use super::browse::Filter;
+use super::operations::{self, Kind};
 use super::ops::{MAX_IDS, Ops, parse_time, row_json};
 use super::publishers::Publishers;
-use crate::access::Access;
+use crate::access::{Access, Identity};
 use crate::config::Config;
 use crate::resources::Resources;
 use crate::roles::Permission;
@@ -69,20 +75,29 @@ impl AdminOps {
 }
 
 /// The dead-letter routes over `ops`: reading needs [`Permission::ReadDeadLetters`],
-/// replay and purge [`Permission::ChangeDeadLetters`], both checked by `access` before any
-/// handler runs.
+/// replay [`Permission::ReplayDeadLetters`] and purge [`Permission::PurgeDeadLetters`],
+/// each checked by `access` before any handler runs.
 pub fn routes(ops: AdminOps, access: &Access) -> Router {
     let state = AdminState { ops };
     let read = Router::new()
         .route("/admin/dead-letters", get(list))
         .route("/admin/dead-letters/groups", get(groups))
         .route("/admin/dead-letters/{id}", get(show));
-    let change = Router::new()
+    let read = read
+        .route("/admin/dead-letters/operations", get(list_operations))
+        .route("/admin/dead-letters/operations/{id}", get(get_operation));
+    let replays = Router::new()
         .route("/admin/dead-letters/replay", post(replay))
-        .route("/admin/dead-letters/purge", post(purge));
+        .route("/admin/dead-letters/operations", post(start_operation))
+        .route(
+            "/admin/dead-letters/operations/{id}/cancel",
+            post(cancel_operation),
+        );
+    let purges = Router::new().route("/admin/dead-letters/purge", post(purge));
     access
         .guard(read, Permission::ReadDeadLetters)
-        .merge(access.guard(change, Permission::ChangeDeadLetters))
+        .merge(access.guard(replays, Permission::ReplayDeadLetters))
+        .merge(access.guard(purges, Permission::PurgeDeadLetters))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -270,4 +285,129 @@ async fn select_and_run<R: serde::Serialize>(
     )
     .await?;
     Ok(Json(report).into_response())
+}
+
+/// The body of `POST /admin/dead-letters/operations`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperationBody {
+    /// `replay` or `purge`.
+    kind: String,
+    processor: Option<String>,
+    #[serde(default)]
+    filter: Filter,
+    /// `50/s`, `300/m`; absent: unlimited.
+    rate: Option<String>,
+    batch_size: Option<i64>,
+    /// Only count what the operation would touch.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+fn caller(identity: Option<axum::Extension<Identity>>) -> Identity {
+    identity.map(|i| i.0).unwrap_or(Identity {
+        user: "unknown".into(),
+        roles: Vec::new(),
+    })
+}
+
+async fn start_operation(
+    State(state): State<AdminState>,
+    identity: Option<axum::Extension<Identity>>,
+    text: String,
+) -> Result<Response, ApiError> {
+    let who = caller(identity);
+    let body: OperationBody = serde_json::from_str(&text)
+        .map_err(|e| DeadLetterError::Invalid(format!("invalid JSON body: {e}")))?;
+    let kind = Kind::parse(&body.kind)
+        .ok_or_else(|| DeadLetterError::Invalid("`kind` is \"replay\" or \"purge\"".into()))?;
+    if kind == Kind::Purge && !who.can(Permission::PurgeDeadLetters) {
+        return Ok(Refused(
+            StatusCode::FORBIDDEN,
+            "this caller's roles do not allow a purge".into(),
+        )
+        .into_response());
+    }
+    if body
+        .filter
+        .ids
+        .as_ref()
+        .is_some_and(|ids| ids.len() > MAX_IDS)
+    {
+        return Ok(Refused(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_IDS} ids per operation"),
+        )
+        .into_response());
+    }
+    let rate = body
+        .rate
+        .as_deref()
+        .map(operations::parse_rate)
+        .transpose()
+        .map_err(DeadLetterError::Invalid)?;
+    let ops = state.ops.current();
+    if body.dry_run {
+        let count =
+            operations::dry_run(&ops, kind, body.processor.as_deref(), &body.filter).await?;
+        operations::audit(
+            &ops,
+            body.processor.as_deref(),
+            &who.user,
+            &format!("{} dry run", kind.name()),
+            Some(&body.filter),
+            Some(count),
+            None,
+        )
+        .await?;
+        return Ok(Json(serde_json::json!({ "dry_run": true, "count": count })).into_response());
+    }
+    let request = operations::Request {
+        kind,
+        processor: body.processor.clone(),
+        filter: body.filter,
+        rate,
+        batch_size: body.batch_size.unwrap_or(operations::DEFAULT_BATCH),
+        requested_by: who.user,
+    };
+    let op = operations::start(&ops, &request).await?;
+    let id = op.id;
+    let processor = body.processor;
+    tokio::spawn(async move {
+        if let Err(e) = operations::run(&ops, processor.as_deref(), id, |_| {}).await {
+            tracing::error!(operation = id, error = %e, "dead-letter operation stopped");
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(op)).into_response())
+}
+
+async fn list_operations(
+    State(state): State<AdminState>,
+    Query(q): Query<ProcessorQuery>,
+) -> Result<Response, ApiError> {
+    let ops = state.ops.current();
+    Ok(Json(operations::list(&ops, q.processor.as_deref(), 100).await?).into_response())
+}
+
+async fn get_operation(
+    State(state): State<AdminState>,
+    Path(id): Path<i64>,
+    Query(q): Query<ProcessorQuery>,
+) -> Result<Response, ApiError> {
+    let ops = state.ops.current();
+    Ok(Json(operations::get(&ops, q.processor.as_deref(), id).await?).into_response())
+}
+
+async fn cancel_operation(
+    State(state): State<AdminState>,
+    identity: Option<axum::Extension<Identity>>,
+    Path(id): Path<i64>,
+    Query(q): Query<ProcessorQuery>,
+) -> Result<Response, ApiError> {
+    let who = caller(identity);
+    let ops = state.ops.current();
+    Ok(
+        Json(operations::cancel(&ops, q.processor.as_deref(), id, &who.user).await?)
+            .into_response(),
+    )
 }

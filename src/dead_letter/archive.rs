@@ -82,7 +82,9 @@ END $$;
 CREATE INDEX IF NOT EXISTS {base}_processor_status_idx ON {table} (processor, status, archived_at);
 CREATE INDEX IF NOT EXISTS {base}_group_idx ON {table} (processor, group_key) WHERE status = 'archived';
 CREATE INDEX IF NOT EXISTS {base}_due_idx ON {table} (replay_due_at) WHERE status = 'scheduled';
-"
+CREATE INDEX IF NOT EXISTS {base}_message_id_idx ON {table} (message_id);
+{operations}",
+        operations = super::operations::schema(table)
     )
 }
 

@@ -12,13 +12,18 @@
 //!   `Ack` only once its effect is durable, run by the ordinary amqp or redis consumer, plus
 //!   the scheduler for delayed replays;
 //! - [`ops`] is list / groups / show / replay / purge, shared by [`admin`] (HTTP) and
-//!   `bosun dlq` (CLI).
+//!   `bosun dlq` (CLI);
+//! - [`browse`] is the console's reading: filters, keyset pages, groups by any key;
+//! - [`operations`] records replays and purges over a filter (rate, progress, cancel) and
+//!   the audit trail, for the console, the admin API and the CLI alike.
 
 pub mod admin;
 pub mod archive;
+pub mod browse;
 pub mod copy;
 pub mod group;
 pub mod letter;
+pub mod operations;
 pub mod ops;
 pub mod processor;
 pub mod publishers;

@@ -15,6 +15,7 @@ mod artifacts;
 mod backlog;
 mod config;
 mod config_fuzz;
+mod console;
 mod daemon;
 mod dead_letters;
 mod docs;
