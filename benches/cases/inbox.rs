@@ -261,7 +261,8 @@ pub async fn redis_inbox() -> anyhow::Result<String> {
         }
     }
     Ok(format!(
-        "redis case (200,000 entries, noop handler, batch 1000), key message_id, postgres pool {PG_POOL}, {ROUNDS} runs each side, interleaved\n{}",
+        "redis case ({} entries, noop handler, batch 1000), key message_id, postgres pool {PG_POOL}, {ROUNDS} runs each side, interleaved\n{}",
+        redis::entries(),
         results.summary("entries")
     ))
 }

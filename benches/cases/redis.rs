@@ -13,6 +13,16 @@ use super::util::{Bosun, comparison, unique};
 
 const URL: &str = "redis://127.0.0.1:6379/";
 const ENTRIES: usize = 200_000;
+
+/// The entries a run drains: `ENTRIES`, or `BOSUN_BENCH_REDIS_ENTRIES` (a multiple of 1,000)
+/// for a shorter run on a slow build.
+pub(super) fn entries() -> usize {
+    std::env::var("BOSUN_BENCH_REDIS_ENTRIES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n: &usize| *n >= BATCH)
+        .unwrap_or(ENTRIES)
+}
 const BATCH: usize = 1000;
 
 pub fn case() -> CaseFuture {
@@ -28,14 +38,14 @@ pub(super) async fn connect() -> anyhow::Result<MultiplexedConnection> {
         .await?)
 }
 
-/// Adds `ENTRIES` entries (a 100-byte payload and a message id) and returns the last id.
+/// Adds [`entries`] entries (a 100-byte payload and a message id) and returns the last id.
 pub(super) async fn preload(
     conn: &mut MultiplexedConnection,
     stream: &str,
 ) -> anyhow::Result<String> {
     let payload = vec![b'x'; 100];
     let mut last = String::new();
-    for chunk in 0..ENTRIES / BATCH {
+    for chunk in 0..entries() / BATCH {
         let mut pipe = redis::pipe();
         for i in 0..BATCH {
             pipe.cmd("XADD")
@@ -99,8 +109,9 @@ async fn bare(conn: &mut MultiplexedConnection, stream: &str) -> anyhow::Result<
     }
     let elapsed = started.elapsed().as_secs_f64();
     anyhow::ensure!(
-        done == ENTRIES,
-        "bare loop read {done} entries, expected {ENTRIES}"
+        done == entries(),
+        "bare loop read {done} entries, expected {}",
+        entries()
     );
     Ok(done as f64 / elapsed)
 }
@@ -222,7 +233,7 @@ pub(super) async fn bosun_with(
     }
     let elapsed = started.elapsed().as_secs_f64();
     Ok(super::amqp::Drained {
-        rate: ENTRIES as f64 / elapsed,
+        rate: entries() as f64 / elapsed,
         rss: bosun.peak_rss_mib(),
         metrics: super::amqp::metrics_text(port).unwrap_or_default(),
     })
@@ -246,7 +257,8 @@ async fn run() -> anyhow::Result<String> {
     let bare_rate = bare_rate?;
     let (bosun_rate, rss) = bosun_rate?;
     Ok(format!(
-        "{ENTRIES} entries, noop handler, batch {BATCH}\n{}",
+        "{} entries, noop handler, batch {BATCH}\n{}",
+        entries(),
         comparison("entries", bosun_rate, bare_rate, rss)
     ))
 }
