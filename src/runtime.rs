@@ -342,10 +342,12 @@ migrate = false
                     .await
                     .expect("answer")
                     .status();
-                assert_eq!(
-                    status,
-                    reqwest::StatusCode::UNAUTHORIZED,
-                    "{method} {path} in openapi.json is not served"
+                // Past the failed-authentication burst the refusal is 429: still refused
+                // for its missing token, never unknown.
+                assert!(
+                    status == reqwest::StatusCode::UNAUTHORIZED
+                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
+                    "{method} {path} in openapi.json is not served: {status}"
                 );
             }
         }

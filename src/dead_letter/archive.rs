@@ -83,6 +83,7 @@ CREATE INDEX IF NOT EXISTS {base}_processor_status_idx ON {table} (processor, st
 CREATE INDEX IF NOT EXISTS {base}_group_idx ON {table} (processor, group_key) WHERE status = 'archived';
 CREATE INDEX IF NOT EXISTS {base}_due_idx ON {table} (replay_due_at) WHERE status = 'scheduled';
 CREATE INDEX IF NOT EXISTS {base}_message_id_idx ON {table} (message_id);
+CREATE INDEX IF NOT EXISTS {base}_archived_at_idx ON {table} (archived_at);
 {operations}",
         operations = super::operations::schema(table)
     )
