@@ -2,6 +2,7 @@
 
 pub mod amqp;
 pub mod amqp_memory;
+pub mod confirm_floor;
 pub mod flow_control;
 pub mod http;
 pub mod outbox;
@@ -69,6 +70,10 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "scheduled-burst",
             run: || Box::pin(publish_api::scheduled_burst()),
+        },
+        Case {
+            name: "confirm-floor",
+            run: || Box::pin(confirm_floor::run()),
         },
     ]
 }
