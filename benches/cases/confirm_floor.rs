@@ -144,7 +144,7 @@ async fn publish(
         });
         for confirm in futures::future::join_all(sends).await {
             let confirm = confirm?;
-            pending.push_back(async move { confirm.await });
+            pending.push_back(confirm);
         }
     }
     while let Some(confirm) = pending.next().await {
