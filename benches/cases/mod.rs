@@ -2,6 +2,7 @@
 
 pub mod amqp;
 pub mod amqp_memory;
+pub mod confirm_floor;
 pub mod flow_control;
 pub mod http;
 pub mod inbox;
@@ -78,6 +79,10 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "redis-inbox",
             run: || Box::pin(inbox::redis_inbox()),
+        },
+        Case {
+            name: "confirm-floor",
+            run: || Box::pin(confirm_floor::run()),
         },
     ]
 }

@@ -106,6 +106,9 @@ impl Table {
         let _ = sqlx::query(&format!("DROP FUNCTION IF EXISTS {}_notify()", self.name))
             .execute(&self.pool)
             .await;
+        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {}_sending", self.name))
+            .execute(&self.pool)
+            .await;
     }
 }
 

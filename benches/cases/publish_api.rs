@@ -71,6 +71,7 @@ async fn drop_tables(pool: &sqlx::PgPool, table: &str) {
         format!("DROP TABLE IF EXISTS {table} CASCADE"),
         format!("DROP TABLE IF EXISTS {table}_requests"),
         format!("DROP FUNCTION IF EXISTS {table}_notify()"),
+        format!("DROP TABLE IF EXISTS {table}_sending"),
     ] {
         let _ = sqlx::query(&statement).execute(pool).await;
     }
@@ -221,15 +222,34 @@ pub async fn throughput() -> anyhow::Result<String> {
     ))
 }
 
+/// The `scheduled-burst` rounds: (batch, relays, concurrency of each). `BURST_ROUNDS` picks
+/// others, e.g. `BURST_ROUNDS=2000x1x4,500x1x1` (batch x relays x concurrency).
+fn burst_rounds() -> anyhow::Result<Vec<(i64, usize, usize)>> {
+    let Ok(text) = std::env::var("BURST_ROUNDS") else {
+        return Ok(vec![(500, 1, 1), (2000, 1, 1), (500, 2, 1), (2000, 1, 4)]);
+    };
+    text.split(',')
+        .map(|round| {
+            let parts: Vec<&str> = round.trim().split('x').collect();
+            match parts.as_slice() {
+                [batch, relays, concurrency] => {
+                    Ok((batch.parse()?, relays.parse()?, concurrency.parse()?))
+                }
+                _ => anyhow::bail!("BURST_ROUNDS: {round:?} is not BATCHxRELAYSxCONCURRENCY"),
+            }
+        })
+        .collect()
+}
+
 pub async fn scheduled_burst() -> anyhow::Result<String> {
     let mut out = Vec::new();
-    for (batch, relays) in [(500, 1), (2000, 1), (500, 2)] {
-        out.push(burst_round(batch, relays).await?);
+    for (batch, relays, concurrency) in burst_rounds()? {
+        out.push(burst_round(batch, relays, concurrency).await?);
     }
     Ok(out.join("\n"))
 }
 
-async fn burst_round(batch: i64, relays: usize) -> anyhow::Result<String> {
+async fn burst_round(batch: i64, relays: usize, concurrency: usize) -> anyhow::Result<String> {
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .connect(PG_URL)
@@ -251,12 +271,15 @@ async fn burst_round(batch: i64, relays: usize) -> anyhow::Result<String> {
         super::util::record_arrivals(&channel, &queue, total, chrono::Utc::now).await?;
 
     let port = free_port()?;
-    let mut text = config(&token_file.to_string_lossy(), port, &table, batch);
+    let mut text = config(&token_file.to_string_lossy(), port, &table, batch).replace(
+        "batch = ",
+        &format!("concurrency = {concurrency}\nbatch = "),
+    );
     // More relays on the same table share its rows (SKIP LOCKED).
     for n in 1..relays {
         text.push_str(&format!(
             "[outboxes.later{n}]\ndatabase = \"main\"\ntable = \"{table}\"\ntarget = \"rabbit\"\n\
-             destination = \"\"\nbatch = {batch}\npoll_interval = \"1h\"\n"
+             destination = \"\"\nconcurrency = {concurrency}\nbatch = {batch}\npoll_interval = \"1h\"\n"
         ));
     }
     let bosun = Bosun::start(&text)?;
@@ -323,7 +346,7 @@ async fn burst_round(batch: i64, relays: usize) -> anyhow::Result<String> {
     sorted.sort_by(f64::total_cmp);
     let before = sorted.iter().filter(|l| **l < 0.0).count();
     Ok(format!(
-        "batch {batch}, {relays} relay(s): {} of {total} arrived; before their due time: {before} (and {early} seen before it); \
+        "batch {batch}, {relays} relay(s), concurrency {concurrency}: {} of {total} arrived; before their due time: {before} (and {early} seen before it); \
          lateness min (first one) {:.0} ms, p50 {:.0} ms, p99 {:.0} ms, max (last one) {:.0} ms; insert took {insert_secs:.1} s; bosun peak RSS {}",
         sorted.len(),
         sorted.first().copied().unwrap_or(f64::NAN) * 1000.0,

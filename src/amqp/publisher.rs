@@ -370,6 +370,40 @@ fn names(message: &OutgoingMessage) -> Result<(ShortString, ShortString), AmqpEr
     ))
 }
 
+/// Publishes sent at once: each is queued for the connection's writer together with the
+/// others, rather than each waiting for the writer to take the one before it.
+const SEND_CHUNK: usize = 256;
+
+/// Runs `sends` (publishes on one channel) side by side and returns their results in order.
+/// Each is first polled in order, which assigns its delivery tag and queues its frames, so
+/// the messages reach the broker in the order given; then they are polled until the writer
+/// has taken them all.
+async fn send_chunk<F, T>(sends: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    let mut sends: Vec<_> = sends.map(Box::pin).collect();
+    let mut done: Vec<Option<T>> = sends.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (send, slot) in sends.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match send.as_mut().poll(cx) {
+                    std::task::Poll::Ready(result) => *slot = Some(result),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
+}
+
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn publish_batch(&self, messages: &[OutgoingMessage]) -> Vec<Result<(), PublishError>> {
@@ -417,23 +451,11 @@ impl Publisher for AmqpPublisher {
         }
 
         let frame_max = self.frame_max().await;
-        let mut pending = FuturesOrdered::new();
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
-        let mut broken: Option<String> = None;
+        // Everything a publish checks before sending, for every message first: what is left
+        // goes out in chunks whose frames are queued together (see `send_chunk`).
+        let mut ready = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
             if results[index].is_some() {
-                continue;
-            }
-            while pending.len() >= self.window {
-                if let Some((i, result)) = pending.next().await {
-                    results[i] = Some(result);
-                }
-            }
-            if let Some(reason) = &broken {
-                results[index] = Some(Err(PublishError::Connection(reason.clone())));
                 continue;
             }
             let prepared = names(message)
@@ -454,27 +476,56 @@ impl Publisher for AmqpPublisher {
                     continue;
                 }
             }
-            match channel
-                .basic_publish(exchange, key, options, &message.body, props)
-                .await
-            {
-                Ok(confirm) => pending.push_back(async move {
-                    (
-                        index,
-                        confirmation(
-                            confirm.await,
-                            &message.destination,
-                            &message.routing_key,
-                            message.body.len(),
-                        ),
-                    )
-                }),
-                Err(e) => {
-                    let error = publish_error(&e, &message.destination, message.body.len());
-                    if let PublishError::Connection(reason) = &error {
-                        broken = Some(reason.clone());
+            ready.push((index, exchange, key, props));
+        }
+
+        let mut pending = FuturesOrdered::new();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let mut broken: Option<String> = None;
+        let chunk = SEND_CHUNK.min(self.window);
+        let mut ready = ready.into_iter().peekable();
+        while ready.peek().is_some() {
+            let sends: Vec<_> = ready.by_ref().take(chunk).collect();
+            while !pending.is_empty() && pending.len() + sends.len() > self.window {
+                if let Some((i, result)) = pending.next().await {
+                    results[i] = Some(result);
+                }
+            }
+            if let Some(reason) = &broken {
+                for (index, ..) in sends {
+                    results[index] = Some(Err(PublishError::Connection(reason.clone())));
+                }
+                continue;
+            }
+            let indexes: Vec<usize> = sends.iter().map(|(index, ..)| *index).collect();
+            let sent = send_chunk(sends.into_iter().map(|(index, exchange, key, props)| {
+                channel.basic_publish(exchange, key, options, &messages[index].body, props)
+            }))
+            .await;
+            for (index, result) in indexes.into_iter().zip(sent) {
+                let message = &messages[index];
+                match result {
+                    Ok(confirm) => pending.push_back(async move {
+                        (
+                            index,
+                            confirmation(
+                                confirm.await,
+                                &message.destination,
+                                &message.routing_key,
+                                message.body.len(),
+                            ),
+                        )
+                    }),
+                    Err(e) => {
+                        let error = publish_error(&e, &message.destination, message.body.len());
+                        if let PublishError::Connection(reason) = &error {
+                            broken = Some(reason.clone());
+                        }
+                        results[index] = Some(Err(error));
                     }
-                    results[index] = Some(Err(error));
                 }
             }
         }

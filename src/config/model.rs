@@ -577,6 +577,8 @@ pub struct OutboxConfig {
     pub retry: RetryPolicy,
     pub retain_published: Duration,
     pub ordering: Ordering,
+    /// Batches relayed at once, each on connections of its own.
+    pub concurrency: usize,
     pub publish_timeout: Duration,
     pub maxlen: Option<usize>,
     /// Apply the table's DDL when the relay starts.

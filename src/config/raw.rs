@@ -426,6 +426,9 @@ pub struct RawOutbox {
     pub retain_published: Option<String>,
     /// "none" (default) or "per_key".
     pub ordering: Option<String>,
+    /// Batches relayed at once, each claiming with SKIP LOCKED on connections of its own
+    /// (default 1).
+    pub concurrency: Option<usize>,
     /// Upper bound on publishing one batch while its row locks are held (default "30s").
     pub publish_timeout: Option<String>,
     /// Redis targets: approximate MAXLEN for XADD.

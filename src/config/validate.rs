@@ -1752,6 +1752,13 @@ fn outbox_config(c: &mut Checker<'_>, name: &str, raw: &RawOutbox) -> OutboxConf
     if max_attempts == 0 {
         c.issue(&at("max_attempts"), "must be at least 1");
     }
+    let concurrency = raw.concurrency.unwrap_or(1);
+    if concurrency == 0 || concurrency > 16 {
+        c.issue(
+            &at("concurrency"),
+            format!("{concurrency} is outside 1..=16"),
+        );
+    }
     let mut retry = c.retry(&at("retry"), raw.retry.as_ref(), max_attempts);
     retry.max_attempts = max_attempts.max(1);
     let notify_channel = raw
@@ -1793,6 +1800,7 @@ fn outbox_config(c: &mut Checker<'_>, name: &str, raw: &RawOutbox) -> OutboxConf
             raw.publish_timeout.as_deref(),
             Duration::from_secs(30),
         ),
+        concurrency: concurrency.clamp(1, 16),
         maxlen: raw.maxlen,
         migrate: raw.migrate.unwrap_or(false),
         existing: existing_outbox(c, name, raw),

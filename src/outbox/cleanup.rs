@@ -1,4 +1,5 @@
-//! Housekeeping beside the relay loop: the backlog gauges and retention of published rows.
+//! Housekeeping beside the relay loop: the backlog gauges, retention of published rows, and
+//! the records of batches whose rows are all settled.
 //!
 //! Both run on the shared pool, never on the relay's own connection, so a slow DELETE never
 //! delays a batch. Failures here are logged and retried on the next round; they do not make
@@ -44,6 +45,7 @@ pub async fn run(
         if last_cleanup.is_none_or(|t| t.elapsed() >= cleanup_every) {
             last_cleanup = Some(tokio::time::Instant::now());
             delete_expired(&outbox, &pool, &queries, retain, &shutdown).await;
+            forget_settled_batches(&outbox, &pool, &queries).await;
         }
         if sleep_or_cancel(BACKLOG_EVERY, &shutdown).await {
             return;
@@ -81,6 +83,30 @@ async fn delete_expired(
     }
     if total > 0 {
         tracing::debug!(outbox = %outbox, deleted = total, "deleted published outbox rows past retention");
+    }
+}
+
+/// Deletes the records of batches being sent whose rows are all settled: left by a batch
+/// whose outcome was lost, once its rows were published (again) or failed.
+async fn forget_settled_batches(outbox: &str, pool: &PgPool, queries: &Queries) {
+    let Some(sending) = queries.sending() else {
+        return;
+    };
+    let result = async {
+        if !sending.exists(pool).await? {
+            return Ok(0);
+        }
+        sending.cleanup(pool).await
+    }
+    .await;
+    match result {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::debug!(outbox = %outbox, records = n, "forgot batches whose rows are all settled")
+        }
+        Err(e) => {
+            tracing::warn!(outbox = %outbox, error = %e, "cannot delete the records of settled batches")
+        }
     }
 }
 

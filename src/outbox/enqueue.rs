@@ -12,7 +12,7 @@
 //!     &Message::new("order.created", br#"{"order":42}"#.to_vec())
 //!         .destination("shop")
 //!         .content_type("application/json")
-//!         .deliver_at(chrono::Utc::now() + chrono::Duration::minutes(15)),
+//!         .deliver_in(std::time::Duration::from_secs(15 * 60)),
 //! )
 //! .await?;
 //! tx.commit().await?;
@@ -51,8 +51,12 @@ pub struct Message {
     /// With `ordering = "per_key"`, rows of one key go out one after another, in order. A
     /// scheduled row holds back the later rows of its key until it has gone out.
     pub partition_key: Option<String>,
-    /// When to publish: `None` is as soon as the transaction commits.
+    /// When to publish: `None` is as soon as the transaction commits (or after `delay`).
     pub deliver_at: Option<DateTime<Utc>>,
+    /// Publish this long after the transaction's `now()`, by the database's clock (so a
+    /// clock of this host that is off cannot make the message early or late); used when
+    /// `deliver_at` is `None`.
+    pub delay: Option<std::time::Duration>,
 }
 
 impl Message {
@@ -68,6 +72,7 @@ impl Message {
             content_type: None,
             partition_key: None,
             deliver_at: None,
+            delay: None,
         }
     }
 
@@ -104,6 +109,14 @@ impl Message {
     /// Publish at `at`, not before.
     pub fn deliver_at(mut self, at: DateTime<Utc>) -> Self {
         self.deliver_at = Some(at);
+        self.delay = None;
+        self
+    }
+
+    /// Publish `delay` after the transaction's `now()` by the database's clock, not before.
+    pub fn deliver_in(mut self, delay: std::time::Duration) -> Self {
+        self.delay = Some(delay);
+        self.deliver_at = None;
         self
     }
 }
@@ -114,7 +127,8 @@ pub struct Enqueued {
     /// The row's `id`.
     pub id: i64,
     pub message_id: uuid::Uuid,
-    /// When it becomes due (`now()` of the transaction for an immediate message).
+    /// When it becomes due (`now()` of the transaction for an immediate message, that plus
+    /// the delay for a delayed one).
     pub deliver_at: DateTime<Utc>,
 }
 
@@ -128,7 +142,8 @@ pub async fn enqueue(conn: &mut PgConnection, message: &Message) -> Result<Enque
     let statement = format!(
         "INSERT INTO {} (message_id, destination, routing_key, headers, payload, content_type,
                          partition_key, next_attempt_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()))
+         VALUES ($1, $2, $3, $4, $5, $6, $7,
+                 coalesce($8, now() + make_interval(secs => $9), now()))
          RETURNING id, next_attempt_at",
         message.table
     );
@@ -141,6 +156,7 @@ pub async fn enqueue(conn: &mut PgConnection, message: &Message) -> Result<Enque
         .bind(&message.content_type)
         .bind(&message.partition_key)
         .bind(message.deliver_at)
+        .bind(message.delay.map(|d| d.as_secs_f64()))
         .fetch_one(conn)
         .await?;
     Ok(Enqueued {

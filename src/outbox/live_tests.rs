@@ -890,6 +890,18 @@ async fn migrate_upgrades_a_table_from_the_previous_ddl() {
             .await
             .expect("pg_indexes");
     assert_eq!(old_index, None);
+    let message_id_index: Option<String> =
+        sqlx::query_scalar("SELECT indexdef::text FROM pg_indexes WHERE indexname = $1")
+            .bind(format!("{name}_message_id_idx"))
+            .fetch_optional(&pool)
+            .await
+            .expect("pg_indexes");
+    assert!(
+        message_id_index
+            .as_deref()
+            .is_some_and(|d| d.contains("(message_id)")),
+        "the upgraded table has no message_id index: {message_id_index:?}"
+    );
     let refused = sqlx::query(&format!(
         "INSERT INTO {name} (payload, insert_xid) VALUES ('x', NULL)"
     ))

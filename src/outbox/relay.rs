@@ -1,13 +1,16 @@
 //! The relay loop: claim a batch, publish it with confirms, record the outcome, commit.
 //!
 //! One batch is one transaction on the relay's own connection:
-//! 1. `SELECT ... FOR UPDATE SKIP LOCKED ORDER BY id LIMIT batch` claims rows;
+//! 1. `SELECT ... FOR UPDATE SKIP LOCKED ORDER BY id LIMIT batch` claims rows, and their ids
+//!    are recorded as being sent, committed on a second connection (see
+//!    [`super::store::Sending`]), before anything is sent;
 //! 2. the batch goes to the publisher, pipelined, and every confirm is awaited, bounded by
 //!    `publish_timeout` (the row locks are held meanwhile); with per_key, a key's rows are
 //!    sent one after another, each once the one before it is confirmed, and a key stops at
 //!    its first row that is not;
 //! 3. confirmed rows are marked published in one statement, refused ones get their failure
-//!    recorded in one statement;
+//!    recorded in one statement, and the record of step 1 is removed (or keeps the rows whose
+//!    outcome is unknown);
 //! 4. COMMIT.
 //!
 //! A crash or a lost connection anywhere before 4 rolls the transaction back, and the rows are
@@ -38,6 +41,15 @@ const HELD_RECHECK: Duration = Duration::from_millis(100);
 
 /// Longest `last_error` kept on a row.
 const MAX_ERROR_LEN: usize = 2048;
+
+/// A relay's own connections.
+pub(super) struct Connections {
+    /// Runs each batch's transaction, holding the claimed rows' locks while they are sent.
+    batch: PgConnection,
+    /// Records batches as being sent, outside their transaction; `None` when the table has
+    /// no such record (an existing table, or one not migrated since it was added).
+    side: Option<PgConnection>,
+}
 
 /// The relay for one `[outboxes.NAME]`.
 pub struct Relay {
@@ -77,10 +89,20 @@ enum RowProblem {
 }
 
 impl Relay {
-    /// Runs batches until shutdown. Returns only on shutdown: every failure is retried here
-    /// with backoff, with `/readyz` saying why.
+    /// Runs `concurrency` batch loops until shutdown, side by side in this task (so they end
+    /// with it). Each claims with SKIP LOCKED on connections of its own, as separate relays
+    /// would: while one waits for the broker's confirms another claims or commits, and
+    /// `per_key` order holds across them as it does across relays.
     pub(super) async fn run(&self, ctx: &ComponentContext, wake: &Notify) {
-        let mut conn: Option<PgConnection> = None;
+        let loops = self.config.concurrency.max(1);
+        futures::future::join_all((0..loops).map(|_| self.run_loop(ctx, wake, loops > 1))).await;
+    }
+
+    /// One batch loop. Returns only on shutdown: every failure is retried here with backoff,
+    /// with `/readyz` saying why. `peers`: other loops run beside it, and one that finds more
+    /// rows than a batch wakes another.
+    async fn run_loop(&self, ctx: &ComponentContext, wake: &Notify, peers: bool) {
+        let mut conn: Option<Connections> = None;
         let mut publisher: Option<Arc<dyn Publisher>> = None;
         let mut failures = 0u32;
         while !ctx.shutdown.is_cancelled() {
@@ -100,6 +122,9 @@ impl Relay {
                         || report.published > 0
                         || report.failed > 0
                     {
+                        if peers && report.claimed >= self.config.batch {
+                            wake.notify_one();
+                        }
                         continue;
                     }
                     let mut wait = if report.held {
@@ -135,13 +160,16 @@ impl Relay {
             }
         }
         if let Some(conn) = conn {
-            let _ = conn.close().await;
+            let _ = conn.batch.close().await;
+            if let Some(side) = conn.side {
+                let _ = side.close().await;
+            }
         }
     }
 
     async fn step(
         &self,
-        conn: &mut Option<PgConnection>,
+        conn: &mut Option<Connections>,
         publisher: &mut Option<Arc<dyn Publisher>>,
     ) -> Result<BatchReport, OutboxError> {
         let publisher = match publisher {
@@ -169,7 +197,7 @@ impl Relay {
         }
     }
 
-    async fn connect(&self) -> Result<PgConnection, OutboxError> {
+    async fn connect(&self) -> Result<Connections, OutboxError> {
         let mut conn = PgConnection::connect_with(&self.connect).await?;
         // A server-side backstop for the client-side timeouts: should this process stall
         // with row locks held, PostgreSQL ends the session and the rows become claimable.
@@ -188,17 +216,29 @@ impl Relay {
         sqlx::query("SET enable_bitmapscan = off")
             .execute(&mut conn)
             .await?;
-        Ok(conn)
+        let side = match self.queries.sending() {
+            Some(sending) if sending.exists(&mut conn).await? => {
+                Some(PgConnection::connect_with(&self.connect).await?)
+            }
+            Some(_) => {
+                tracing::warn!(outbox = %self.name, table = %self.config.table,
+                    "the outbox table has no record of batches being sent (run `bosun outbox migrate`): a cancel cannot tell a row whose publish was interrupted from one never sent");
+                None
+            }
+            None => None,
+        };
+        Ok(Connections { batch: conn, side })
     }
 
     /// Claims, publishes and settles one batch in one transaction.
     pub(super) async fn batch(
         &self,
-        conn: &mut PgConnection,
+        conn: &mut Connections,
         publisher: &dyn Publisher,
     ) -> Result<BatchReport, OutboxError> {
         let started = Instant::now();
-        let mut tx = conn.begin().await?;
+        let Connections { batch, side } = conn;
+        let mut tx = batch.begin().await?;
         let rows = self.queries.claim(&mut tx, self.config.batch).await?;
         if rows.is_empty() {
             // Only asked when the relay is about to wait: a batch that published anything
@@ -218,6 +258,16 @@ impl Relay {
         let mut report = BatchReport {
             claimed: rows.len(),
             ..BatchReport::default()
+        };
+        // Durable before the first message goes out: should the outcome be lost (a confirm,
+        // the connection, this process), the rows stay marked as possibly sent, and a cancel
+        // does not delete a message the broker may have. Nothing is sent if it fails.
+        let record = match (self.queries.sending(), side.as_mut()) {
+            (Some(sending), Some(side)) => {
+                let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+                Some((sending, sending.record(side, &ids).await?))
+            }
+            _ => None,
         };
         // Each run is sent one row after another; runs go out side by side. A row that
         // cannot become a message fails when its run reaches it, never earlier: should a row
@@ -267,6 +317,9 @@ impl Relay {
 
         self.queries.mark_published(&mut tx, &published).await?;
         self.queries.record_failures(&mut tx, &failures).await?;
+        if let Some((sending, batch)) = record {
+            sending.settle(&mut tx, batch, &outcome.doubtful).await?;
+        }
         report.published = published.len();
         report.failed = failures.iter().filter(|f| f.give_up).count();
         report.retried = failures.len() - report.failed;
@@ -419,6 +472,8 @@ struct RunsOutcome<'r> {
     refused: Vec<(&'r OutboxRow, PublishError)>,
     /// The connection failed: the rows it hit (and every row not yet sent) stay untouched.
     connection_lost: Option<String>,
+    /// Rows sent whose outcome is unknown (the connection failed before their confirm).
+    doubtful: Vec<i64>,
 }
 
 /// Publishes the runs in rounds: round n sends the n-th row of every run still going,
@@ -436,6 +491,7 @@ async fn publish_runs<'r>(
         unsendable: Vec::new(),
         refused: Vec::new(),
         connection_lost: None,
+        doubtful: Vec::new(),
     };
     let mut runs: Vec<_> = runs.into_iter().map(Vec::into_iter).collect();
     let mut first = true;
@@ -473,8 +529,10 @@ async fn publish_runs<'r>(
                 // attempt used up by a broker outage) and is sent again after reconnecting.
                 Some(Err(PublishError::Connection(e))) => {
                     outcome.connection_lost.get_or_insert_with(|| e.clone());
+                    outcome.doubtful.push(row.id);
                 }
                 None => {
+                    outcome.doubtful.push(row.id);
                     outcome.connection_lost.get_or_insert_with(|| {
                         "the publisher returned fewer results than messages".into()
                     });

@@ -4,7 +4,8 @@
 //! Every statement is idempotent (`IF NOT EXISTS`, `CREATE OR REPLACE`), so migrating an
 //! existing table is a no-op and migrating with another channel only re-points the trigger.
 //! A table made by an earlier version gains the `insert_xid` column that `per_key` ordering
-//! needs (see [`super::store`]) in the same migration.
+//! needs (see [`super::store`]) in the same migration, and every index it lacks (the due-time
+//! and message-id indexes came later).
 //! Requires PostgreSQL 14 or later (`CREATE OR REPLACE TRIGGER`, `xid8`).
 
 use sqlx::PgPool;
@@ -73,6 +74,11 @@ impl Schema {
         derived_name(self.base(), suffix)
     }
 
+    /// The table of batches being sent ([`sending_table`]).
+    pub fn sending(&self) -> String {
+        sending_table(&self.table)
+    }
+
     /// The DDL, one statement per entry, in the order they must run.
     pub fn statements(&self) -> Vec<String> {
         let table = &self.table;
@@ -82,6 +88,8 @@ impl Schema {
         let xid_check = self.derived("insert_xid_check");
         let published_idx = self.derived("published_idx");
         let due_idx = self.derived("due_idx");
+        let message_id_idx = self.derived("message_id_idx");
+        let sending = self.sending();
         let function = format!("{}{}", self.schema_prefix(), self.derived("notify"));
         let trigger = self.derived("notify");
         let channel = &self.channel;
@@ -145,6 +153,20 @@ $$"
                 "CREATE INDEX IF NOT EXISTS {due_idx} ON {table} (next_attempt_at)
     WHERE published_at IS NULL AND failed_at IS NULL"
             ),
+            // Looking up and cancelling a row by its message id (the publish API's
+            // `/v1/scheduled/ID`, an operator's query); every row, published ones included.
+            format!("CREATE INDEX IF NOT EXISTS {message_id_idx} ON {table} (message_id)"),
+            // The batches a relay is sending, or sent without learning the outcome: each
+            // recorded (and committed) before its first message goes out, and removed in the
+            // batch's own transaction once every row's outcome is known. A row still pending
+            // that one of them names may be on the broker: it is not cancelled.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {sending} (
+    batch bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    ids   bigint[]    NOT NULL,
+    since timestamptz NOT NULL DEFAULT now()
+)"
+            ),
             format!(
                 "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -189,6 +211,20 @@ $$"
 
 pub(super) use crate::database::derived_name;
 
+/// The table of batches being sent beside outbox `table` (`<table>_sending`, in the same
+/// schema), which the relay writes before sending a batch and a cancel reads: a pending row
+/// it names may already be on the broker.
+pub fn sending_table(table: &str) -> String {
+    match table.rfind('.') {
+        Some(i) => format!(
+            "{}{}",
+            &table[..=i],
+            derived_name(&table[i + 1..], "sending")
+        ),
+        None => derived_name(table, "sending"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +259,21 @@ mod tests {
             "CREATE INDEX IF NOT EXISTS outbox_key_order_idx ON app.outbox (partition_key, insert_xid, id)"
         ));
         assert!(script.contains("DROP INDEX IF EXISTS app.outbox_key_idx;"));
+    }
+
+    #[test]
+    fn the_message_id_is_indexed_on_every_table() {
+        let script = Schema::new("app.outbox", "c").unwrap().script();
+        assert!(script.contains(
+            "CREATE INDEX IF NOT EXISTS outbox_message_id_idx ON app.outbox (message_id);"
+        ));
+    }
+
+    #[test]
+    fn the_batches_being_sent_are_kept_beside_the_table() {
+        let script = Schema::new("app.outbox", "c").unwrap().script();
+        assert!(script.contains("CREATE TABLE IF NOT EXISTS app.outbox_sending ("));
+        assert_eq!(sending_table("outbox"), "outbox_sending");
     }
 
     #[test]

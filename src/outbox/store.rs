@@ -111,6 +111,115 @@ pub struct Queries {
     tracks_attempts: bool,
     /// Seconds until the earliest pending row that is not due yet, by the database's clock.
     next_due: String,
+    /// The record of batches being sent; `None` for an existing table, which has none.
+    sending: Option<Sending>,
+}
+
+/// The statements on the table of batches being sent ([`super::schema::sending_table`]).
+///
+/// A batch's row ids are inserted there, on a connection of their own and committed, before
+/// its first message goes out; the batch's own transaction removes the record once every
+/// row's outcome is known (confirmed, refused), or keeps in it the rows whose outcome is not
+/// (a lost connection; a timeout or a crash keeps the whole record). So a pending row that a
+/// record names may be on the broker already: a cancel refuses it rather than answering that
+/// it was never sent. Records whose rows are all settled are deleted by the housekeeping.
+#[derive(Debug, Clone)]
+pub struct Sending {
+    /// The table's name, for `to_regclass`: a table from before the record is relayed
+    /// without one until migrated.
+    table: String,
+    insert: String,
+    delete: String,
+    narrow: String,
+    /// Whether a record names any of the rows `$1` (pending rows, locked by the caller).
+    names_any: String,
+    cleanup: String,
+}
+
+impl Sending {
+    /// For bosun's own outbox `table` (a validated identifier).
+    pub fn new(table: &str) -> Self {
+        let sending = super::schema::sending_table(table);
+        Self {
+            insert: format!("INSERT INTO {sending} (ids) VALUES ($1) RETURNING batch"),
+            delete: format!("DELETE FROM {sending} WHERE batch = $1"),
+            narrow: format!("UPDATE {sending} SET ids = $2 WHERE batch = $1"),
+            names_any: format!("SELECT EXISTS (SELECT 1 FROM {sending} WHERE ids && $1)"),
+            cleanup: format!(
+                "DELETE FROM {sending} s WHERE NOT EXISTS (
+                     SELECT 1 FROM {table} t WHERE t.id = ANY(s.ids)
+                       AND t.published_at IS NULL AND t.failed_at IS NULL)"
+            ),
+            table: sending,
+        }
+    }
+
+    /// Whether the table exists (`bosun outbox migrate` creates it).
+    pub async fn exists<'e>(&self, db: impl PgExecutor<'e>) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&self.table)
+            .fetch_one(db)
+            .await
+    }
+
+    /// Records `ids` as being sent; returns the record's key. Run outside the batch's
+    /// transaction (autocommit), so the record is durable before anything is sent.
+    pub async fn record<'e>(
+        &self,
+        db: impl PgExecutor<'e>,
+        ids: &[i64],
+    ) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(&self.insert)
+            .bind(ids)
+            .fetch_one(db)
+            .await
+    }
+
+    /// In the batch's transaction: removes record `batch`, or keeps in it only `doubtful`,
+    /// the rows sent without a known outcome.
+    pub async fn settle(
+        &self,
+        tx: &mut PgConnection,
+        batch: i64,
+        doubtful: &[i64],
+    ) -> Result<(), sqlx::Error> {
+        if doubtful.is_empty() {
+            sqlx::query(&self.delete).bind(batch).execute(tx).await?;
+        } else {
+            sqlx::query(&self.narrow)
+                .bind(batch)
+                .bind(doubtful)
+                .execute(tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether any of `ids` may have been sent: named by a record. The caller holds the
+    /// rows' locks, taken in an earlier statement, so this statement's snapshot sees every
+    /// record written before the relay that held them let go.
+    /// Without the table (not migrated yet) no relay records anything: false.
+    pub async fn names_any(
+        &self,
+        conn: &mut PgConnection,
+        ids: &[i64],
+    ) -> Result<bool, sqlx::Error> {
+        if ids.is_empty() || !self.exists(&mut *conn).await? {
+            return Ok(false);
+        }
+        sqlx::query_scalar(&self.names_any)
+            .bind(ids)
+            .fetch_one(conn)
+            .await
+    }
+
+    /// Deletes the records whose rows are all settled (published, failed or gone).
+    pub async fn cleanup<'e>(&self, db: impl PgExecutor<'e>) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(&self.cleanup)
+            .execute(db)
+            .await?
+            .rows_affected())
+    }
 }
 
 /// With per_key, keys are looked for among the oldest `batch ×` this many due rows.
@@ -288,6 +397,7 @@ impl Queries {
             backlog,
             delete_published,
             tracks_attempts: true,
+            sending: Some(Sending::new(table)),
         }
     }
 
@@ -388,7 +498,13 @@ impl Queries {
             tracks_attempts: layout.attempts.is_some(),
             // An existing table has no due time: its rows are claimable once pending.
             next_due: "SELECT NULL::float8".to_owned(),
+            sending: None,
         }
+    }
+
+    /// The record of batches being sent, for bosun's own table.
+    pub fn sending(&self) -> Option<&Sending> {
+        self.sending.as_ref()
     }
 
     /// Whether a failed row's attempts are counted; if not, a refused row is given up at

@@ -183,6 +183,20 @@ fn own_findings(config: &OutboxConfig, found: &Inspection) -> Vec<Finding> {
         ));
     }
     needs_script |= push_index_and_trigger(&mut out, config, found, index, None, None);
+    let by_message_id = found
+        .indexes
+        .iter()
+        .any(|(first, predicate)| first.as_deref() == Some("message_id") && predicate.is_none());
+    if by_message_id {
+        out.push(Finding::new(Status::Ok, "index on message_id", None));
+    } else {
+        needs_script = true;
+        out.push(Finding::new(
+            Status::Note,
+            "no index on message_id: a lookup or cancel by message id (`/v1/scheduled/ID`) reads the whole table",
+            None,
+        ));
+    }
     if needs_script {
         out.push(Finding::new(
             Status::Note,

@@ -32,12 +32,13 @@ use sqlx::PgPool;
 use crate::access::Access;
 use crate::config::{Config, PublishApiConfig};
 use crate::outbox::Message;
+use crate::outbox::store::Sending;
 use crate::publish::{OutgoingMessage, PublishError};
 use crate::publishers::BrokerPublisher;
 use crate::resources::Resources;
 use crate::roles::Permission;
 use records::Records;
-use request::{PublishRequest, RequestError};
+use request::{PublishRequest, RequestError, Schedule};
 
 /// The API's description, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -76,6 +77,8 @@ fn result_label(answer: &Answer) -> &'static str {
 struct Scheduled {
     outbox: String,
     table: String,
+    /// The table's record of batches being sent: a row it names may be on the broker.
+    sending: Sending,
 }
 
 /// The publish API of one configuration.
@@ -224,6 +227,7 @@ impl PublishApi {
                 broker.clone(),
                 Scheduled {
                     outbox: outbox.clone(),
+                    sending: Sending::new(&table),
                     table,
                 },
             );
@@ -320,7 +324,7 @@ impl PublishApi {
             }
             _ => {}
         }
-        let due = match request.due(Utc::now()) {
+        let due = match request.schedule() {
             Ok(due) => due,
             Err(e) => return Answer::refused(e),
         };
@@ -440,11 +444,28 @@ impl PublishApi {
                     answer.body["message_id"] = json!(message_id);
                     return answer;
                 }
-                let mut message = Message::new(request.routing_key.clone(), request.body.to_vec())
+                let message = Message::new(request.routing_key.clone(), request.body.to_vec())
                     .table(outbox.table.clone())
                     .message_id(uuid)
-                    .destination(request.destination.clone())
-                    .deliver_at(at);
+                    .destination(request.destination.clone());
+                // Due times are the database's: the relay compares them with its `now()`.
+                let mut message = match at {
+                    Schedule::In(delay) => message.deliver_in(delay),
+                    Schedule::At(at) => {
+                        let now: DateTime<Utc> =
+                            match sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await {
+                                Ok(now) => now,
+                                Err(e) => return database_answer(&e),
+                            };
+                        match request::not_past(at, now) {
+                            Ok(at) => message.deliver_at(at),
+                            Err(e) => {
+                                let _ = tx.rollback().await;
+                                return Answer::refused(e);
+                            }
+                        }
+                    }
+                };
                 message.headers = request.headers.clone();
                 message.content_type = request.content_type.clone();
                 let enqueued = crate::outbox::enqueue(&mut tx, &message).await;
@@ -577,9 +598,17 @@ impl PublishApi {
                 continue;
             };
             let time = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let sending = match (published, failed) {
+                (None, None) => match self.in_doubt(scheduled, uuid).await {
+                    Ok(sending) => sending,
+                    Err(e) => return database_answer(&e),
+                },
+                _ => false,
+            };
             let status = match (published, failed, attempts) {
                 (Some(_), _, _) => "published",
                 (None, Some(_), _) => "failed",
+                _ if sending => "sending",
                 (None, None, 0) => "scheduled",
                 (None, None, _) => "retrying",
             };
@@ -608,8 +637,25 @@ impl PublishApi {
         )
     }
 
-    /// Cancels the scheduled message `id` if it has not been published: deleted, so no relay
-    /// can take it. One the relay holds is being published: 409 after a short wait.
+    /// Whether the pending row of message `uuid` in `scheduled` is being sent or was sent
+    /// without a known outcome.
+    async fn in_doubt(&self, scheduled: &Scheduled, uuid: uuid::Uuid) -> Result<bool, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM {} WHERE message_id = $1 AND published_at IS NULL AND failed_at IS NULL",
+            scheduled.table
+        ))
+        .bind(uuid)
+        .fetch_all(&mut *conn)
+        .await?;
+        scheduled.sending.names_any(&mut conn, &ids).await
+    }
+
+    /// Cancels the scheduled message `id` if no publish of it has started: deleted, so no
+    /// relay can take it (200). A message being published now, or whose publish ended
+    /// without a known outcome (a confirm lost with the connection, a timeout, a crash), may
+    /// be on the broker and will be published (again): 409, never 200. One a relay holds is
+    /// waited for up to 5 s, for the outcome.
     pub async fn cancel(&self, id: &str) -> Answer {
         let Ok(uuid) = uuid::Uuid::parse_str(id) else {
             return Answer::error(
@@ -618,34 +664,25 @@ impl PublishApi {
             );
         };
         for scheduled in self.scheduled.values() {
-            let result = async {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query(&format!(
-                    "SET LOCAL lock_timeout = {}",
-                    CANCEL_LOCK_WAIT.as_millis()
-                ))
-                .execute(&mut *tx)
-                .await?;
-                // Waits for a relay holding the row; once it commits, the row is published
-                // and no longer matches.
-                let deleted = sqlx::query(&format!(
-                    "DELETE FROM {} WHERE message_id = $1 AND published_at IS NULL AND failed_at IS NULL",
-                    scheduled.table
-                ))
-                .bind(uuid)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                tx.commit().await?;
-                Ok::<u64, sqlx::Error>(deleted)
-            }
-            .await;
-            match result {
-                Ok(0) => {}
-                Ok(_) => {
+            match self.cancel_in(scheduled, uuid).await {
+                Ok(Cancel::NotPending) => {}
+                Ok(Cancel::Cancelled) => {
                     return Answer::new(
                         StatusCode::OK,
                         json!({ "message_id": uuid.to_string(), "status": "cancelled", "outbox": scheduled.outbox }),
+                    );
+                }
+                Ok(Cancel::InDoubt) => {
+                    return Answer::new(
+                        StatusCode::CONFLICT,
+                        json!({
+                            "message_id": uuid.to_string(),
+                            "status": "sending",
+                            "outbox": scheduled.outbox,
+                            "error": format!(
+                                "message {id} is being published, or a publish of it ended without the broker's confirm: the broker may have it, and it will be published (again); it can no longer be cancelled"
+                            ),
+                        }),
                     );
                 }
                 Err(e)
@@ -653,11 +690,16 @@ impl PublishApi {
                         .and_then(|d| d.code())
                         .is_some_and(|c| c == "55P03") =>
                 {
-                    return Answer::error(
+                    return Answer::new(
                         StatusCode::CONFLICT,
-                        format!(
-                            "message {id} is being published now; it can no longer be cancelled"
-                        ),
+                        json!({
+                            "message_id": uuid.to_string(),
+                            "status": "sending",
+                            "outbox": scheduled.outbox,
+                            "error": format!(
+                                "message {id} is being published now; it can no longer be cancelled"
+                            ),
+                        }),
                     );
                 }
                 Err(e) => return database_answer(&e),
@@ -678,6 +720,61 @@ impl PublishApi {
         ));
         Answer::new(StatusCode::CONFLICT, body)
     }
+
+    /// One scheduled outbox's part of [`Self::cancel`], in one transaction:
+    /// 1. lock the message's pending rows, waiting up to 5 s for a relay that holds them (a
+    ///    relay's claim skips rows locked here, so none starts sending them meanwhile);
+    /// 2. in a new statement, whose snapshot sees every record a relay committed before it
+    ///    let go of them: a row a record of batches being sent names may be on the broker;
+    /// 3. otherwise delete them.
+    async fn cancel_in(
+        &self,
+        scheduled: &Scheduled,
+        uuid: uuid::Uuid,
+    ) -> Result<Cancel, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "SET LOCAL lock_timeout = {}",
+            CANCEL_LOCK_WAIT.as_millis()
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM {} WHERE message_id = $1 AND published_at IS NULL AND failed_at IS NULL
+             FOR UPDATE",
+            scheduled.table
+        ))
+        .bind(uuid)
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            tx.rollback().await?;
+            return Ok(Cancel::NotPending);
+        }
+        if scheduled.sending.names_any(&mut tx, &ids).await? {
+            tx.rollback().await?;
+            return Ok(Cancel::InDoubt);
+        }
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE id = ANY($1)",
+            scheduled.table
+        ))
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Cancel::Cancelled)
+    }
+}
+
+/// What a cancel found in one scheduled outbox.
+enum Cancel {
+    /// No pending row of the message here.
+    NotPending,
+    /// Deleted before any publish of it started.
+    Cancelled,
+    /// Being sent, or sent without a known outcome: kept, to be published (again).
+    InDoubt,
 }
 
 /// Why the headers of row `id` of `table`, as stored, would fail the relay's check (the

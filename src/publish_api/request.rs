@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use base64::Engine as _;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike as _, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::handler::HeaderValue;
@@ -99,33 +99,51 @@ impl PublishRequest {
         sha2::Sha256::digest(&text).to_vec()
     }
 
-    /// The due time for a scheduled send, `None` to send now. `now` is the server's clock.
-    pub fn due(&self, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, RequestError> {
+    /// When a scheduled send is due, `None` to send now. A delay is kept as a duration, to
+    /// be added to the database's `now()` where the row is stored: the relay compares due
+    /// times with the database's clock, so this host's clock plays no part.
+    pub fn schedule(&self) -> Result<Option<Schedule>, RequestError> {
         match &self.when {
             When::Now => Ok(None),
-            When::At(at) => {
-                let tolerance = chrono::Duration::from_std(PAST_TOLERANCE).unwrap_or_default();
-                if *at < now - tolerance {
-                    return Err(RequestError::Invalid(format!(
-                        "deliver_at {} is in the past (server time {}); leave it out to send now",
-                        at.to_rfc3339(),
-                        now.to_rfc3339()
-                    )));
-                }
-                Ok(Some((*at).max(now)))
-            }
+            When::At(at) => Ok(Some(Schedule::At(*at))),
             When::In(text) => {
                 let delay = crate::units::parse_duration(text).map_err(|e| {
                     RequestError::Invalid(format!("invalid delay {text:?}: {e} (e.g. \"15m\")"))
                 })?;
-                let delay = chrono::Duration::from_std(delay)
+                // A bound only (the database adds the delay to its own clock): a delay that
+                // takes a time past what a timestamp can hold is a mistake.
+                chrono::Duration::from_std(delay)
                     .ok()
-                    .and_then(|d| now.checked_add_signed(d))
+                    .and_then(|d| Utc::now().checked_add_signed(d))
+                    .filter(|at| at.year() < 100_000)
                     .ok_or_else(|| RequestError::Invalid(format!("delay {text:?} is too long")))?;
-                Ok(Some(delay))
+                Ok(Some(Schedule::In(delay)))
             }
         }
     }
+}
+
+/// When a scheduled send is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// `deliver_at`: checked against the database's clock with [`not_past`].
+    At(DateTime<Utc>),
+    /// `delay`: after the database's `now()`.
+    In(Duration),
+}
+
+/// `at` as the due time given the database's `now`: up to [`PAST_TOLERANCE`] in the past is
+/// due now; further back is refused.
+pub fn not_past(at: DateTime<Utc>, now: DateTime<Utc>) -> Result<DateTime<Utc>, RequestError> {
+    let tolerance = chrono::Duration::from_std(PAST_TOLERANCE).unwrap_or_default();
+    if at < now - tolerance {
+        return Err(RequestError::Invalid(format!(
+            "deliver_at {} is in the past (database time {}); leave it out to send now",
+            at.to_rfc3339(),
+            now.to_rfc3339()
+        )));
+    }
+    Ok(at.max(now))
 }
 
 /// The target and options, from the query string (raw) or the envelope.
@@ -443,16 +461,26 @@ mod tests {
     #[test]
     fn a_past_time_is_refused_beyond_the_tolerance_and_due_now_within_it() {
         let now = Utc::now();
-        let at = |t: DateTime<Utc>| PublishRequest {
-            when: When::At(t),
-            ..envelope(serde_json::json!({"broker": "b", "exchange": ""})).unwrap()
-        };
-        assert!(at(now - chrono::Duration::seconds(60)).due(now).is_err());
+        assert!(not_past(now - chrono::Duration::seconds(60), now).is_err());
         assert_eq!(
-            at(now - chrono::Duration::seconds(1)).due(now).unwrap(),
-            Some(now)
+            not_past(now - chrono::Duration::seconds(1), now).unwrap(),
+            now
         );
         let later = now + chrono::Duration::seconds(60);
-        assert_eq!(at(later).due(now).unwrap(), Some(later));
+        assert_eq!(not_past(later, now).unwrap(), later);
+    }
+
+    #[test]
+    fn a_delay_stays_a_duration_for_the_database_to_add() {
+        let delayed = |text: &str| PublishRequest {
+            when: When::In(text.to_owned()),
+            ..envelope(serde_json::json!({"broker": "b", "exchange": ""})).unwrap()
+        };
+        assert_eq!(
+            delayed("15m").schedule().unwrap(),
+            Some(Schedule::In(Duration::from_secs(900)))
+        );
+        assert!(delayed("soon").schedule().is_err());
+        assert!(delayed("100000000d").schedule().is_err());
     }
 }

@@ -674,6 +674,47 @@ async fn a_scheduled_message_waits_for_its_time_and_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_is_counted_by_the_databases_clock() {
+    let setup = Setup::start().await;
+    let base = setup.admin_base();
+    let id = uuid::Uuid::now_v7().to_string();
+    let (status, _, body) = post(
+        &base,
+        PUBLISHER_TOKEN,
+        &json!({"broker": "rabbit", "exchange": "", "routing_key": "nowhere", "message_id": id,
+                "delay": "10m", "body": b64("in ten minutes")}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    // `created_at` is the storing transaction's now(): the due time is exactly 10 minutes
+    // after it, to the microsecond. A due time from bosun's clock is taken at another moment
+    // (and on a host whose clock may be off), never exactly this.
+    let (created, due, exact): (
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+        bool,
+    ) = sqlx::query_as(&format!(
+        "SELECT created_at, next_attempt_at, next_attempt_at = created_at + interval '10 minutes'
+         FROM {} WHERE message_id = $1",
+        setup.table.name
+    ))
+    .bind(uuid::Uuid::parse_str(&id).expect("uuid"))
+    .fetch_one(&setup.table.pool)
+    .await
+    .expect("the stored row");
+    assert!(exact, "stored at {created}, due at {due}");
+    let answered = chrono::DateTime::parse_from_rfc3339(body["deliver_at"].as_str().unwrap_or(""))
+        .expect("deliver_at in the answer");
+    assert!(
+        (answered.with_timezone(&chrono::Utc) - due)
+            .num_milliseconds()
+            .abs()
+            <= 1,
+        "answered {answered}, stored {due}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_parked_at_infinity_does_not_stop_scheduled_sends() {
     let setup = Setup::start().await;
     let base = setup.admin_base();
@@ -821,6 +862,149 @@ async fn cancel_works_until_the_message_is_sent_and_fails_clearly_after() {
     // Past the cancelled one's due time, nothing else came.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(count(&probe.channel, &queue).await, 0);
+    delete_queue(&probe.channel, &queue).await;
+    probe.delete().await;
+}
+
+/// A TCP proxy to RabbitMQ on `listener` whose answers (broker to client) are held back
+/// while `stalled` is set: publishes reach the broker, their confirms do not, until it is
+/// cleared (nothing is dropped, so the connection stays sound).
+fn stalling_proxy(
+    listener: tokio::net::TcpListener,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let stalled = stalled.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = inbound.into_split();
+                let (mut broker_read, mut broker_write) = outbound.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut broker_write).await;
+                });
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match broker_read.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    while stalled.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    if client_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_racing_a_publish_whose_confirm_is_lost_is_refused() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let table = Table::new("pub_doubt").await;
+    let http_port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind the proxy");
+    let proxy_port = listener.local_addr().expect("proxy address").port();
+    let stalled = std::sync::Arc::new(AtomicBool::new(false));
+    let proxy = stalling_proxy(listener, stalled.clone());
+    // The scheduled outbox publishes through the proxy, and gives up on a batch 3 s after
+    // sending it.
+    let config = ConfigFile::new("");
+    let text = config_text(config.dir.path(), &table.name, http_port, free_port())
+        .replace(
+            "target = \"rabbit\"\ndestination = \"\"",
+            "target = \"stall\"\ndestination = \"\"\npublish_timeout = \"3s\"",
+        )
+        .replace(
+            "[databases.main]",
+            &format!(
+                "[brokers.stall]\nkind = \"amqp\"\nurl = \"amqp://guest:guest@127.0.0.1:{proxy_port}/%2f\"\n\n[databases.main]"
+            ),
+        );
+    assert!(text.contains("target = \"stall\""), "{text}");
+    config.rewrite(&text);
+    let daemon = Daemon::start(&config.path, http_port);
+    assert!(
+        daemon.wait_ready(Duration::from_secs(30)),
+        "daemon not ready:\n{}",
+        daemon.logs()
+    );
+    let base = admin_base(&daemon);
+    let (probe, queue) = idle_queue("pub_doubt").await;
+
+    // From now on the broker takes messages but its confirms do not come back.
+    stalled.store(true, Ordering::SeqCst);
+    let id = uuid::Uuid::now_v7().to_string();
+    let (status, _, body) = post(
+        &base,
+        PUBLISHER_TOKEN,
+        &json!({"broker": "stall", "exchange": "", "routing_key": queue, "message_id": id,
+                "delay": "1s", "body": b64("in doubt")}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    // Due, sent: the broker has it, while the relay still waits for the confirm with the
+    // row locked.
+    let arrived = crate::support::wait_for_async(Duration::from_secs(20), || async {
+        (count(&probe.channel, &queue).await >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        arrived.is_some(),
+        "the relay never sent it:\n{}",
+        daemon.logs()
+    );
+    // The cancel arrives during the publish; the relay's publish_timeout passes and it rolls
+    // back, leaving the row pending as if never sent.
+    let url = format!("{base}/v1/scheduled/{id}");
+    let (status, _, body) = call(reqwest::Method::DELETE, &url, PUBLISHER_TOKEN, |r| r).await;
+    assert_eq!(
+        status, 409,
+        "a cancel of a message the broker has was answered {status}: {body}"
+    );
+    assert_eq!(body["status"], "sending", "{body}");
+    assert_eq!(
+        table.count(&format!("message_id = '{id}'")).await,
+        1,
+        "the row is kept, to be published again"
+    );
+    let (status, _, shown) = call(reqwest::Method::GET, &url, PUBLISHER_TOKEN, |r| r).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["status"], "sending", "{shown}");
+    // A cancel that comes later is refused the same way.
+    let (status, _, body) = call(reqwest::Method::DELETE, &url, PUBLISHER_TOKEN, |r| r).await;
+    assert_eq!(status, 409, "{body}");
+
+    // The confirms flow again: the relay publishes it (again: at least once) and the record
+    // of the batch goes once its rows are settled.
+    stalled.store(false, Ordering::SeqCst);
+    assert!(
+        published(&base, &id).await.is_some()
+            || crate::support::wait_for_async(Duration::from_secs(30), || async {
+                let (_, _, shown) = call(reqwest::Method::GET, &url, PUBLISHER_TOKEN, |r| r).await;
+                (shown["status"] == "published").then_some(())
+            })
+            .await
+            .is_some(),
+        "never published:\n{}",
+        daemon.logs()
+    );
+    assert!(count(&probe.channel, &queue).await >= 1);
+    drop(daemon);
+    proxy.abort();
+    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {}_requests", table.name))
+        .execute(&table.pool)
+        .await;
     delete_queue(&probe.channel, &queue).await;
     probe.delete().await;
 }
@@ -1078,6 +1262,30 @@ async fn outbox_enqueue_writes_immediate_and_scheduled_rows_in_the_callers_trans
         1
     );
     assert!(later.deliver_at > now.deliver_at);
+
+    // A delay is added to the transaction's now() by PostgreSQL, not to this host's clock:
+    // in a transaction that began a while ago, the due time is exactly its start + delay.
+    let mut tx = table.pool.begin().await.expect("begin");
+    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("now()");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let delayed = bosun::outbox::enqueue(
+        &mut tx,
+        &bosun::outbox::Message::new("k", b"delayed".to_vec())
+            .table(table.name.clone())
+            .deliver_in(Duration::from_secs(600)),
+    )
+    .await
+    .expect("enqueue delayed");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        delayed.deliver_at,
+        started + chrono::Duration::seconds(600),
+        "the delay counts from the database's now()"
+    );
+
     let refused = bosun::outbox::enqueue(
         &mut table.pool.acquire().await.expect("conn"),
         &bosun::outbox::Message::new("k", b"x".to_vec()).table("x; drop table y"),

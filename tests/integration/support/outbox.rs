@@ -123,6 +123,9 @@ impl Drop for Table {
                     let _ = sqlx::query(&format!("DROP FUNCTION IF EXISTS {name}_notify()"))
                         .execute(&pool)
                         .await;
+                    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {name}_sending"))
+                        .execute(&pool)
+                        .await;
                 }
             });
         })
