@@ -36,5 +36,6 @@ mod redis_tls;
 mod reliability;
 mod reload;
 mod single_active;
+mod singletons;
 mod systemd;
 mod traces;
