@@ -200,6 +200,17 @@ async fn amqp_a_queue_without_single_active_is_a_clear_error() {
         .await
         .expect("connect");
     let channel = conn.create_channel().await.expect("channel");
+    // Every argument bosun declares but x-single-active-consumer, so that is the one the
+    // broker finds different.
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        lapin::types::AMQPValue::LongString(format!("{name}.dlq").as_str().into()),
+    );
     channel
         .queue_declare(
             name.as_str().into(),
@@ -207,7 +218,7 @@ async fn amqp_a_queue_without_single_active_is_a_clear_error() {
                 durable: true,
                 ..Default::default()
             },
-            Default::default(),
+            args,
         )
         .await
         .expect("declare");
