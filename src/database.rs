@@ -75,3 +75,19 @@ pub async fn migrate(
     }
     tx.commit().await
 }
+
+/// Takes the transaction-level advisory lock `(namespace, key)` if it is free: true when this
+/// process may do the singleton work the lock stands for until `tx` ends, false when another
+/// replica is doing it (this round is theirs). Background work that every replica runs but
+/// only one should do at a time (retention, sweeping, scheduled replays) takes it first.
+pub async fn try_singleton(
+    tx: &mut sqlx::PgConnection,
+    namespace: &str,
+    key: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2))")
+        .bind(namespace)
+        .bind(key)
+        .fetch_one(tx)
+        .await
+}

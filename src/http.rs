@@ -82,6 +82,13 @@ async fn healthz(
             })
             .collect();
         body["stopped_consumers"] = serde_json::Value::Object(stopped);
+        // `single_active` consumers waiting for another process to stop reading.
+        body["standby_consumers"] = serde_json::Value::Object(
+            crate::activity::standbys()
+                .into_iter()
+                .map(|(name, why)| (name, serde_json::Value::String(why)))
+                .collect(),
+        );
     }
     (code, Json(body)).into_response()
 }

@@ -42,6 +42,7 @@ pub use runtime::{Runtime, RuntimeBuilder};
 pub use telemetry::metrics_handle;
 
 mod access;
+mod activity;
 mod amqp;
 mod components;
 mod console;
@@ -54,6 +55,7 @@ mod flow_control;
 mod health;
 mod http;
 mod inbox;
+mod ordering;
 mod otlp;
 mod publish;
 mod publish_api;

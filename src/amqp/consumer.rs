@@ -58,11 +58,14 @@ use tracing::Instrument as _;
 use super::publisher::{PERSISTENT, confirm_channel, confirmation, publish_error};
 use super::topology::Topology;
 use super::{AmqpError, connection, headers, limits, short, soft_error};
-use crate::config::{AmqpBrokerConfig, AmqpConsumerConfig, ConsumerConfig, DeliveryLimits};
+use crate::config::{
+    AmqpBrokerConfig, AmqpConsumerConfig, ConsumerConfig, DeliveryLimits, LaneRetry, OrderingKey,
+};
 use crate::disposition::{self, Decision, Panicked};
 use crate::flow_control::{Admission, Admit, Gate};
 use crate::handler::{FailureKind, Handler, Message, Source};
 use crate::inbox::{self, Finish, Inbox};
+use crate::ordering::{self, Held, Lanes, Place};
 use crate::publish::PublishError;
 use crate::retry::{ExponentialBackoff, RetryPolicy};
 use crate::supervisor::{Component, ComponentContext};
@@ -138,6 +141,12 @@ struct Inner {
     /// that may hold a message without bound by design (a dead-letter processor's keeps a
     /// letter in hand while its archive is down).
     stuck_after: Option<Duration>,
+    /// `ordering = { ... }`: lanes by key, one message per lane at a time.
+    ordering: Option<crate::config::ConsumerOrdering>,
+    /// `single_active`: the queue has `x-single-active-consumer`.
+    single_active: bool,
+    /// `bosun_consumer_active` and the standby list.
+    activity: crate::activity::Activity,
 }
 
 type Metrics = crate::telemetry::ConsumerMetrics;
@@ -254,6 +263,9 @@ impl AmqpConsumer {
             metrics: Metrics::new(spec.name, spec.broker_name, &spec.consumer.handler),
             copy_metrics: CopyMetrics::new(spec.name),
             stuck_after: None,
+            ordering: spec.consumer.ordering.clone(),
+            single_active: spec.consumer.single_active,
+            activity: crate::activity::Activity::new(spec.name),
         };
         Self {
             inner: Arc::new(inner),
@@ -264,7 +276,11 @@ impl AmqpConsumer {
     /// the stuck-head limit of the ack window is derived. Without it, no head is called
     /// stuck.
     pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+        // With ordering, a delivery may wait behind its lane or hold its retries in hand for
+        // as long as the retry policy allows: no head is called stuck.
+        if let Some(inner) = Arc::get_mut(&mut self.inner)
+            && inner.ordering.is_none()
+        {
             inner.stuck_after = Some(stuck_after(timeout));
         }
         self
@@ -380,6 +396,7 @@ impl Inner {
         }
         *connected_before = true;
         let result = self.consume(ctx, &connection).await;
+        self.activity.idle();
         let _ = tokio::time::timeout(
             CLOSE_TIMEOUT,
             connection.close(200, "bosun consumer stopping".into()),
@@ -411,6 +428,17 @@ impl Inner {
         let mut consuming = Some(self.subscribe(&channel, 0).await?);
         ctx.health.set_ready();
         tracing::info!(consumer = %self.name, queue = %self.topology.queue, prefetch = self.prefetch, concurrency = self.concurrency, connection = %self.connection_name, "consuming");
+        // The broker does not tell a consumer that it became the single active one: it is
+        // shown active from its first delivery on.
+        let mut delivered = false;
+        if self.single_active {
+            self.activity.standby(format!(
+                "single_active: no delivery yet; the broker delivers queue `{}` to one consumer at a time",
+                self.topology.queue
+            ));
+        } else {
+            self.activity.active();
+        }
 
         // Deliveries this session holds unsettled, for the backlog sampler.
         let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -425,6 +453,7 @@ impl Inner {
         // prefetched delivery never waits for a rate-limit token inside a handler's time.
         let mut admitted: Option<Admission> = None;
         let mut subscriptions: u32 = 0;
+        let mut lanes = self.ordering.as_ref().map(|o| Lanes::new(o.lanes));
 
         let lost = loop {
             tokio::select! {
@@ -465,10 +494,15 @@ impl Inner {
                 }
                 delivery = next_delivery(&mut consuming), if admitted.is_some() => match delivery {
                     Some(Ok(delivery)) => {
+                        if !delivered {
+                            delivered = true;
+                            self.activity.active();
+                        }
                         acks.delivered(delivery.delivery_tag);
                         self.metrics.received.increment(1);
                         if let Some(admission) = admitted.take() {
-                            tasks.push(process(self.clone(), &copies, delivery, admission));
+                            let place = self.place(lanes.as_mut(), &delivery, &ctx.shutdown);
+                            tasks.push(process(self.clone(), &copies, delivery, admission, place));
                         }
                     }
                     Some(Err(e)) => break Some(SessionLost(e.to_string())),
@@ -547,7 +581,8 @@ impl Inner {
             self.prefetch
         };
         channel
-            .basic_qos(prefetch, BasicQosOptions::default())
+            // Per consumer, never global: RabbitMQ 4.x dropped global QoS for quorum queues.
+            .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| AmqpError::channel("cannot set prefetch", e))?;
         let tag = match n {
@@ -613,6 +648,62 @@ impl Inner {
             tracing::info!(consumer = %self.name, released, "handed back deliveries received but not started");
         }
         Ok(())
+    }
+
+    /// Where a delivery goes in the lanes (`ordering`): its key read as the handler will be
+    /// shown it (the first delivery's routing key, for a retry).
+    fn place(
+        &self,
+        lanes: Option<&mut Lanes>,
+        delivery: &Delivery,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Place {
+        let (Some(lanes), Some(ordering)) = (lanes, self.ordering.as_ref()) else {
+            return Place::default();
+        };
+        let properties = &delivery.properties;
+        let table = properties.headers().as_ref();
+        let (_, routing_key) = headers::presented(
+            table,
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+        );
+        let needed = matches!(
+            ordering.key,
+            OrderingKey::Inbox(crate::config::InboxKey::MessageId)
+        );
+        let message_id = needed.then(|| {
+            headers::message_id(
+                properties,
+                delivery.exchange.as_str(),
+                delivery.routing_key.as_str(),
+                &delivery.data,
+            )
+        });
+        let header_values = if ordering::needs_headers(&ordering.key) {
+            headers::from_table(table)
+        } else {
+            Default::default()
+        };
+        let key = ordering::key_of(
+            &ordering.key,
+            message_id.as_deref(),
+            Some(routing_key),
+            &header_values,
+            &delivery.data,
+        );
+        match key {
+            Ok(key) => Place {
+                turn: Some(lanes.enter(key.as_bytes())),
+                bad_key: None,
+                hold: ordering.retry == LaneRetry::Hold,
+                shutdown: shutdown.clone(),
+            },
+            Err(reason) => Place {
+                bad_key: Some(reason),
+                ..Place::default()
+            },
+        }
     }
 
     /// Records a finished delivery; an error means its copy could not be made durable (or a
@@ -835,7 +926,12 @@ async fn process(
     copies: &Copies<'_>,
     delivery: Delivery,
     admission: Admission,
+    mut place: Place,
 ) -> (u64, Result<Settled, SessionLost>) {
+    // After the delivery before it in its lane, if it has one; at shutdown, back unstarted.
+    if !place.wait().await {
+        return (delivery.delivery_tag, Ok(Settled::Release));
+    }
     let Delivery {
         delivery_tag,
         exchange,
@@ -854,7 +950,7 @@ async fn process(
             .await;
         return (delivery_tag, result);
     }
-    let attempt = inner.attempt(&properties);
+    let mut attempt = inner.attempt(&properties);
     let (exchange, routing_key) = headers::presented(
         properties.headers().as_ref(),
         exchange.as_str(),
@@ -891,26 +987,63 @@ async fn process(
         return (delivery_tag, Ok(Settled::Release));
     }
     let span = disposition::span(&message, System::RabbitMq, inner.trace);
-    let admitted = inbox::admit(inner.inbox.as_deref(), &mut message)
-        .instrument(span.clone())
-        .await;
+    let admitted = match place.bad_key.take() {
+        // No ordering key: it cannot be put in order, so it fails alone.
+        Some(reason) => {
+            tracing::warn!(consumer = %inner.name, message_id = %message_id, %reason, "dead-lettering a message without an ordering key");
+            inbox::Admission::Settle(Decision::DeadLetter {
+                kind: FailureKind::Invalid,
+                reason,
+            })
+        }
+        None => {
+            inbox::admit(inner.inbox.as_deref(), &mut message)
+                .instrument(span.clone())
+                .await
+        }
+    };
     let (decision, ticket) = match admitted {
         inbox::Admission::Run(ticket) => {
-            inner.metrics.in_flight.increment(1.0);
-            let started = Instant::now();
-            let handled = disposition::handle(inner.handler.as_ref(), &message)
-                .instrument(span.clone())
-                .await;
-            if let Err(Panicked(text)) = &handled {
-                tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
+            let mut admission = admission;
+            loop {
+                inner.metrics.in_flight.increment(1.0);
+                let started = Instant::now();
+                let handled = disposition::handle(inner.handler.as_ref(), &message)
+                    .instrument(span.clone())
+                    .await;
+                if let Err(Panicked(text)) = &handled {
+                    tracing::error!(consumer = %inner.name, message_id = %message_id, panic = %text, "handler panicked; retrying the message");
+                }
+                let outcome = admission.finish(disposition::outcome(handled));
+                inner
+                    .metrics
+                    .duration(&outcome)
+                    .record(started.elapsed().as_secs_f64());
+                inner.metrics.in_flight.decrement(1.0);
+                let decision = disposition::decide(outcome, attempt, &inner.retry);
+                // `retry = "hold"`: the retry waits in its lane, unacked, and runs again.
+                let Decision::Retry {
+                    delay,
+                    attempt: next,
+                    ..
+                } = &decision
+                else {
+                    break (decision, ticket);
+                };
+                if !place.hold {
+                    break (decision, ticket);
+                }
+                match ordering::hold(*delay, &inner.gate, &place.shutdown).await {
+                    Held::Again(again) => {
+                        inner.metrics.settled_retry.increment(1);
+                        admission = again;
+                        attempt = *next;
+                        message.attempt = *next;
+                    }
+                    Held::Stopped(reason) => break (Decision::Release { reason }, ticket),
+                    Held::ShuttingDown => break (decision, ticket),
+                }
             }
-            let outcome = admission.finish(disposition::outcome(handled));
-            inner
-                .metrics
-                .duration(&outcome)
-                .record(started.elapsed().as_secs_f64());
-            inner.metrics.in_flight.decrement(1.0);
-            (disposition::decide(outcome, attempt, &inner.retry), ticket)
         }
         // The handler is not called: the gate's admission goes back unused.
         inbox::Admission::Settle(decision) => (decision, None),

@@ -35,6 +35,7 @@ pub const DELIVERY_LIMIT_MARGIN: u32 = 10;
 pub enum Arg {
     Int(i64),
     Text(String),
+    Bool(bool),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -191,6 +192,9 @@ impl Topology {
                 )),
             ));
         }
+        if consumer.single_active {
+            args.push(("x-single-active-consumer", Arg::Bool(true)));
+        }
         queues.push(QueueSpec {
             name: q.clone(),
             args,
@@ -324,6 +328,7 @@ impl Topology {
                 .map(|(k, v)| match v {
                     Arg::Int(i) => format!("{k}={i}"),
                     Arg::Text(t) => format!("{k}={t:?}"),
+                    Arg::Bool(b) => format!("{k}={b}"),
                 })
                 .collect();
             let _ = writeln!(
@@ -364,6 +369,7 @@ fn field_table(args: &[(&'static str, Arg)]) -> Result<FieldTable, AmqpError> {
         let value = match v {
             Arg::Int(i) => AMQPValue::LongLongInt(*i),
             Arg::Text(t) => AMQPValue::LongString(LongString::from(t.as_bytes().to_vec())),
+            Arg::Bool(b) => AMQPValue::Boolean(*b),
         };
         table.insert((*k).into(), value);
     }
@@ -377,7 +383,13 @@ fn classify(e: lapin::Error, what: &'static str, name: &str, action: &str) -> Am
         Some((AMQPSoftError::PRECONDITIONFAILED, detail)) => AmqpError::PreconditionFailed {
             what,
             name: name.to_owned(),
-            detail,
+            detail: if detail.contains("x-single-active-consumer") {
+                format!(
+                    "{detail} (`single_active` needs the queue declared with x-single-active-consumer, which an existing queue cannot gain or lose: delete the queue, or move to a new one, to change it)"
+                )
+            } else {
+                detail
+            },
         },
         Some((AMQPSoftError::NOTFOUND, detail)) => AmqpError::Missing {
             what,
@@ -426,6 +438,8 @@ mod tests {
             trace: Default::default(),
             kind: ConsumerKind::Amqp(amqp.clone()),
             inbox: None,
+            ordering: None,
+            single_active: false,
         };
         (config, amqp)
     }

@@ -302,6 +302,52 @@ pub struct ConsumerConfig {
     pub kind: ConsumerKind,
     /// The inbox the consumer claims each message's key in before its handler runs.
     pub inbox: Option<ConsumerInbox>,
+    /// Per-key order: messages of one key are handled one at a time, in arrival order.
+    pub ordering: Option<ConsumerOrdering>,
+    /// One reader at a time across processes (amqp: `x-single-active-consumer`; redis: a
+    /// lease); the others stand by.
+    pub single_active: bool,
+}
+
+/// A consumer's `ordering = { ... }`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerOrdering {
+    /// Where a message's ordering key comes from.
+    pub key: OrderingKey,
+    /// How many lanes keys are hashed to: at most this many handlers run at once.
+    pub lanes: usize,
+    /// What a retry does to its lane.
+    pub retry: LaneRetry,
+}
+
+/// Where a message's ordering key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderingKey {
+    /// As an inbox key is read (a header, a JSON field, the message id, the body's hash).
+    Inbox(InboxKey),
+    /// The routing key the message was first published with (amqp).
+    RoutingKey,
+}
+
+impl std::fmt::Display for OrderingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OrderingKey::Inbox(key) => key.fmt(f),
+            OrderingKey::RoutingKey => f.write_str("routing_key"),
+        }
+    }
+}
+
+/// What a retry does to its lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LaneRetry {
+    /// The message keeps its lane: it waits out its backoff in hand and runs again, so no
+    /// later message of its lane overtakes it (nor of its key).
+    #[default]
+    Hold,
+    /// The message goes through the retry topology as without ordering and frees its lane:
+    /// later messages of its key may run before its retry.
+    Release,
 }
 
 /// `[inboxes.NAME]`, validated.

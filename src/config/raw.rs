@@ -67,6 +67,18 @@ pub struct RawConsumerInbox {
     pub key: Option<String>,
 }
 
+/// A consumer's `ordering = { ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOrdering {
+    /// `header:NAME`, `json:/pointer`, `routing_key` (amqp), `message_id` or `sha256:body`.
+    pub key: String,
+    /// Lanes (handlers in flight at most); default 64.
+    pub lanes: Option<usize>,
+    /// `hold` (default: a retry waits in its lane) or `release` (through the retry topology).
+    pub retry: Option<String>,
+}
+
 /// `[service]`: process-wide settings; changing them needs a restart.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,6 +307,10 @@ pub struct RawConsumer {
     /// What becomes of a message whose key the inbox holds as done: `ack` (default), `drop`
     /// or `dead_letter`.
     pub on_duplicate: Option<String>,
+    /// Per-key order with many keys in flight: `{ key = "header:NAME", lanes = 64 }`.
+    pub ordering: Option<RawOrdering>,
+    /// One reader at a time across every process running this consumer; the others wait.
+    pub single_active: Option<bool>,
 
     // amqp
     pub queue: Option<String>,

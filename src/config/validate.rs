@@ -731,6 +731,8 @@ pub fn validate_with(
         };
         if let Some(mut config) = consumer_config(&mut c, name, consumer, broker) {
             config.inbox = consumer_inbox(&mut c, name, consumer, &raw.inboxes);
+            config.ordering = consumer_ordering(&mut c, name, consumer, &config);
+            config.single_active = consumer.single_active.unwrap_or(false);
             consumers.insert(name.clone(), config);
         }
     }
@@ -1348,6 +1350,8 @@ fn consumer_config(
                 retry,
                 trace,
                 inbox: None,
+                ordering: None,
+                single_active: false,
                 kind: ConsumerKind::Amqp(AmqpConsumerConfig {
                     queue,
                     queue_type,
@@ -1477,6 +1481,8 @@ fn consumer_config(
                 retry,
                 trace,
                 inbox: None,
+                ordering: None,
+                single_active: false,
                 kind: ConsumerKind::Redis(RedisConsumerConfig {
                     dead_letter_stream: dl
                         .and_then(|d| d.stream.clone())
@@ -1680,6 +1686,52 @@ fn consumer_inbox(
         store: inbox.store.clone(),
         key,
         on_duplicate,
+    })
+}
+
+/// Most lanes one consumer may have.
+pub const MAX_LANES: usize = 4096;
+
+/// A consumer's `ordering = { ... }`, checked against its broker kind.
+fn consumer_ordering(
+    c: &mut Checker,
+    name: &str,
+    raw: &RawConsumer,
+    config: &ConsumerConfig,
+) -> Option<ConsumerOrdering> {
+    let ordering = raw.ordering.as_ref()?;
+    let at = |k: &'static str| -> [&str; 4] { ["consumers", name, "ordering", k] };
+    let key = if ordering.key == "routing_key" {
+        if matches!(config.kind, ConsumerKind::Redis(_)) {
+            c.issue(
+                &at("key"),
+                "`routing_key` is for amqp consumers: a stream entry has no routing key; use `header:NAME` or `json:/pointer`",
+            );
+        }
+        OrderingKey::RoutingKey
+    } else {
+        match inbox_key(&ordering.key) {
+            Ok(key) => OrderingKey::Inbox(key),
+            Err(e) => {
+                c.issue(&at("key"), format!("{e}, or `routing_key`"));
+                OrderingKey::RoutingKey
+            }
+        }
+    };
+    let lanes = ordering.lanes.unwrap_or(64);
+    if lanes == 0 || lanes > MAX_LANES {
+        c.issue(&at("lanes"), format!("{lanes} is outside 1..={MAX_LANES}"));
+    }
+    let retry = c.one_of(
+        &at("retry"),
+        ordering.retry.as_deref(),
+        LaneRetry::Hold,
+        &[("hold", LaneRetry::Hold), ("release", LaneRetry::Release)],
+    );
+    Some(ConsumerOrdering {
+        key,
+        lanes: lanes.clamp(1, MAX_LANES),
+        retry,
     })
 }
 

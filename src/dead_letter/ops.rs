@@ -22,6 +22,8 @@ use crate::publish::{OutgoingMessage, PublishError};
 
 /// Rows locked and published per transaction.
 const REPLAY_BATCH: i64 = 100;
+/// The advisory-lock namespace of scheduled replays (one replica at a time per processor).
+pub(crate) const REPLAY_LOCK: &str = "bosun.dead_letter.scheduled_replay";
 /// Most ids one replay or purge may name: the work and the report stay bounded.
 pub const MAX_IDS: usize = 10_000;
 /// The statuses a replay takes rows from (those `archive::claim_for_replay` locks).
@@ -285,6 +287,11 @@ impl Ops {
         let mut total = 0;
         loop {
             let mut tx = t.pool.begin().await?;
+            // One replica replays a processor's due rows at a time; the others skip the round.
+            let key = format!("{}/{processor}", t.table);
+            if !crate::database::try_singleton(&mut tx, REPLAY_LOCK, &key).await? {
+                return Ok(total);
+            }
             let rows = archive::claim_due(&mut tx, &t.table, processor, REPLAY_BATCH).await?;
             if rows.is_empty() {
                 return Ok(total);

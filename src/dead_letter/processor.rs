@@ -614,6 +614,8 @@ fn consumer_config(dl: &DeadLetterConfig, component: &str) -> ConsumerConfig {
         trace: Default::default(),
         kind,
         inbox: None,
+        ordering: None,
+        single_active: false,
     }
 }
 

@@ -2,8 +2,10 @@
 
 use sha2::Digest as _;
 
+use std::collections::BTreeMap;
+
 use crate::config::InboxKey;
-use crate::handler::Message;
+use crate::handler::{HeaderValue, Message};
 
 /// Keys longer than this are stored as `sha256:<hex>` of themselves: a record's key stays
 /// small whatever a producer puts in a header or body field.
@@ -20,14 +22,28 @@ fn storable(key: &str) -> bool {
 
 /// The key of `message`, or why it has none.
 pub fn of(source: &InboxKey, message: &Message) -> Result<String, String> {
+    of_parts(
+        source,
+        message.message_id.as_deref(),
+        &message.headers,
+        &message.body,
+    )
+}
+
+/// The key read from a message's parts (its id, headers and body), or why it has none: what
+/// [`of`] reads, for a caller that has not built a [`Message`] yet.
+pub fn of_parts(
+    source: &InboxKey,
+    message_id: Option<&str>,
+    headers: &BTreeMap<String, HeaderValue>,
+    body: &[u8],
+) -> Result<String, String> {
     let key = match source {
-        InboxKey::MessageId => message
-            .message_id
-            .clone()
+        InboxKey::MessageId => message_id
             .filter(|id| !id.is_empty())
+            .map(str::to_owned)
             .ok_or_else(|| "the message has no message id".to_owned())?,
-        InboxKey::Header(name) => message
-            .headers
+        InboxKey::Header(name) => headers
             .iter()
             .find(|(header, _)| header.eq_ignore_ascii_case(name))
             .ok_or_else(|| format!("header `{name}` is missing"))?
@@ -36,8 +52,8 @@ pub fn of(source: &InboxKey, message: &Message) -> Result<String, String> {
             .filter(|v| !v.is_empty())
             .ok_or_else(|| format!("header `{name}` is empty or not text"))?,
         InboxKey::Json(pointer) => {
-            let body: serde_json::Value = serde_json::from_slice(&message.body)
-                .map_err(|e| format!("the body is not JSON: {e}"))?;
+            let body: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
             match body.pointer(pointer) {
                 Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
                 Some(serde_json::Value::Number(n)) => n.to_string(),
@@ -45,7 +61,7 @@ pub fn of(source: &InboxKey, message: &Message) -> Result<String, String> {
                 None => return Err(format!("the body has no `{pointer}`")),
             }
         }
-        InboxKey::Sha256Body => hex::encode(sha2::Sha256::digest(&message.body)),
+        InboxKey::Sha256Body => hex::encode(sha2::Sha256::digest(body)),
     };
     Ok(if !storable(&key) {
         format!(
@@ -60,7 +76,6 @@ pub fn of(source: &InboxKey, message: &Message) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handler::HeaderValue;
 
     fn message(body: &str) -> Message {
         Message {

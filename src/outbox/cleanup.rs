@@ -1,6 +1,10 @@
 //! Housekeeping beside the relay loop: the backlog gauges, retention of published rows, and
 //! the records of batches whose rows are all settled.
 //!
+//! Retention runs on one replica at a time: each DELETE batch takes the table's advisory
+//! lock ([`RETENTION_LOCK`]) and a replica that finds it taken leaves the round to the one
+//! holding it.
+//!
 //! Both run on the shared pool, never on the relay's own connection, so a slow DELETE never
 //! delays a batch. Failures here are logged and retried on the next round; they do not make
 //! the relay unready, since publishing is unaffected.
@@ -19,6 +23,9 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 /// Rows deleted per statement: small, so each DELETE holds its locks briefly and the WAL
 /// volume per transaction stays modest.
 const DELETE_BATCH: i64 = 1000;
+
+/// The advisory-lock namespace of outbox retention.
+pub(crate) const RETENTION_LOCK: &str = "bosun.outbox.retention";
 
 /// Runs until `shutdown`.
 pub async fn run(
@@ -65,15 +72,20 @@ async fn delete_expired(
     retain: Duration,
     shutdown: &CancellationToken,
 ) {
+    let Some(key) = queries.retention_key() else {
+        return;
+    };
     let mut total = 0u64;
     while !shutdown.is_cancelled() {
-        match queries.delete_published(pool, retain, DELETE_BATCH).await {
-            Ok(deleted) => {
+        match delete_batch(pool, queries, key, retain).await {
+            Ok(Some(deleted)) => {
                 total += deleted;
                 if deleted < DELETE_BATCH as u64 {
                     break;
                 }
             }
+            // Another replica deletes from this table now: the round is theirs.
+            Ok(None) => break,
             Err(e) => {
                 tracing::warn!(outbox = %outbox, error = %e, "cannot delete published outbox rows");
                 break;
@@ -108,6 +120,25 @@ async fn forget_settled_batches(outbox: &str, pool: &PgPool, queries: &Queries) 
             tracing::warn!(outbox = %outbox, error = %e, "cannot delete the records of settled batches")
         }
     }
+}
+
+/// One batch of the retention DELETE, under the table's retention lock (one replica at a
+/// time); `None` when another replica holds it.
+async fn delete_batch(
+    pool: &PgPool,
+    queries: &Queries,
+    key: &str,
+    retain: Duration,
+) -> Result<Option<u64>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !crate::database::try_singleton(&mut tx, RETENTION_LOCK, key).await? {
+        return Ok(None);
+    }
+    let deleted = queries
+        .delete_published(&mut *tx, retain, DELETE_BATCH)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(deleted))
 }
 
 #[cfg(test)]

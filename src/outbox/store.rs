@@ -107,6 +107,8 @@ pub struct Queries {
     backlog: String,
     /// None: published rows are never deleted (an existing table without `published_at`).
     delete_published: Option<String>,
+    /// The table, as configured: the key of its retention lock.
+    table: String,
     /// Failures count up an attempts column; without one a refused row is given up at once.
     tracks_attempts: bool,
     /// Seconds until the earliest pending row that is not due yet, by the database's clock.
@@ -388,6 +390,7 @@ impl Queries {
                AND isfinite(next_attempt_at)"
         );
         Self {
+            table: table.to_owned(),
             claim,
             next_due,
             per_key: ordering == Ordering::PerKey,
@@ -488,6 +491,7 @@ impl Queries {
              FROM {t} o WHERE {pending}"
         );
         Self {
+            table: table.to_owned(),
             claim,
             per_key: false,
             held: "SELECT false".to_owned(),
@@ -609,6 +613,12 @@ impl Queries {
             pending,
             oldest_age_seconds,
         })
+    }
+
+    /// What identifies this table's retention among replicas (the table's name); `None`
+    /// when published rows are never deleted.
+    pub fn retention_key(&self) -> Option<&str> {
+        self.delete_published.as_ref().map(|_| self.table.as_str())
     }
 
     /// Deletes up to `limit` rows published longer than `retain` ago; returns how many.

@@ -108,6 +108,14 @@ impl RedisConsumer {
                 scripts: Scripts::default(),
                 metrics: Metrics::new(name, broker_name, &consumer.handler),
                 name_lock: NameLock::new(config),
+                lease: consumer
+                    .single_active
+                    .then(|| super::lease::Lease::new(config)),
+                activity: crate::activity::Activity::new(name),
+                ordering: consumer.ordering.clone().map(|o| {
+                    let lanes = std::sync::Mutex::new(crate::ordering::Lanes::new(o.lanes));
+                    (o, lanes)
+                }),
             }),
         }
     }
@@ -145,6 +153,7 @@ impl Component for RedisConsumer {
             tracker: TaskTracker::new(),
             settle: settle_tx,
             inflight: inflight.clone(),
+            shutdown: ctx.shutdown.clone(),
         };
         let settler = tokio::spawn(settle(inner.clone(), ops.clone(), settle_rx, inflight));
         // The helpers stop with the reader, before the drain, so nothing new is dispatched.
@@ -189,6 +198,10 @@ impl Component for RedisConsumer {
             tracing::error!(consumer = %inner.name, error = %e, "the settler task failed");
         }
         inner.unlock_name(&ops).await;
+        if let Some(lease) = &inner.lease {
+            lease.release(&inner.scripts, &ops).await;
+        }
+        inner.activity.idle();
         tracing::info!(consumer = %inner.name, "redis consumer stopped");
         Ok(())
     }
@@ -219,8 +232,13 @@ async fn read_loop(
         )
         .await;
         inner.name_lock.set_held(false);
+        inner.activity.idle();
         match result {
             Ok(()) => return,
+            Err(e @ RedisStreamsError::LeaseLost { .. }) => {
+                // Back to standing by at once: the next session waits for the lease.
+                tracing::warn!(consumer = %inner.name, error = %e, "stopped reading");
+            }
             Err(e @ RedisStreamsError::NameInUse { .. }) => {
                 let delay = backoff.failed();
                 tracing::error!(consumer = %inner.name, error = %e, retry_in_ms = delay.as_millis() as u64, "not reading: the consumer name is taken");
@@ -281,10 +299,33 @@ async fn session(
         .load(ops)
         .await
         .map_err(RedisStreamsError::command("SCRIPT LOAD"))?;
+    if let Some(lease) = &inner.lease {
+        let mut told = false;
+        loop {
+            if let Some(fence) = lease.take(&inner.scripts, ops).await? {
+                tracing::info!(consumer = %inner.name, stream = %config.stream, group = %config.group, fence, "took the single-active lease; this process reads");
+                break;
+            }
+            let holder = lease.holder(ops).await.unwrap_or_default();
+            if !told {
+                tracing::info!(consumer = %inner.name, stream = %config.stream, group = %config.group, %holder, "single_active: another process reads; standing by");
+                told = true;
+            }
+            inner.activity.standby(format!(
+                "single_active: another process holds the lease ({holder})"
+            ));
+            // A standby is healthy and ready: it takes over by itself.
+            health.set_ready();
+            if sleep_or_cancel(super::lease::LEASE_RENEW, shutdown).await {
+                return Ok(());
+            }
+        }
+    }
     if !inner.lock_name(ops).await? {
         return Err(name_in_use(config));
     }
     inner.name_lock.set_held(true);
+    inner.activity.active();
     // The keeper renews the name lock while this session reads, and says when it was lost.
     let lost = CancellationToken::new();
     let keeper_stop = CancellationToken::new();
@@ -322,7 +363,7 @@ async fn session(
             // opens; then the entries released meanwhile are read first.
             tokio::select! {
                 _ = inner.gate.wait_open() => {}
-                _ = lost.cancelled() => return Err(name_in_use(config)),
+                _ = lost.cancelled() => return Err(lost_error(inner)),
                 _ = shutdown.cancelled() => return Ok(()),
             }
             tracing::info!(consumer = %inner.name, "reading again");
@@ -336,6 +377,10 @@ async fn session(
         } else {
             config.batch
         };
+        // Only the lease's holder reads: one that could not renew in time stops first.
+        if inner.lease.as_ref().is_some_and(|l| !l.is_fresh()) {
+            return Err(lost_error(inner));
+        }
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&config.group)
@@ -354,9 +399,9 @@ async fn session(
         let reply = tokio::select! {
             reply = &mut read => reply,
             _ = lost.cancelled() => {
-                // Another process took the name while this one could not renew it: stop
-                // reading under it. Whatever the abandoned read took stays pending.
-                return Err(name_in_use(config));
+                // Another process took the name (or the lease) while this one could not
+                // renew it: stop reading. Whatever the abandoned read took stays pending.
+                return Err(lost_error(inner));
             }
             _ = shutdown.cancelled() => {
                 // Wake the blocked read so whatever it already took is handled, not left
@@ -451,6 +496,18 @@ async fn read_own_pending(
     }
 }
 
+/// Why reading stopped when `lost` fired: the lease, if it is no longer fresh, else the name.
+fn lost_error(inner: &Inner) -> RedisStreamsError {
+    if inner.lease.as_ref().is_some_and(|l| !l.is_fresh()) {
+        RedisStreamsError::LeaseLost {
+            group: inner.config.group.clone(),
+            stream: inner.config.stream.clone(),
+        }
+    } else {
+        name_in_use(&inner.config)
+    }
+}
+
 fn name_in_use(config: &RedisConsumerConfig) -> RedisStreamsError {
     RedisStreamsError::NameInUse {
         consumer: config.consumer.clone(),
@@ -476,6 +533,24 @@ async fn keep_name(inner: Arc<Inner>, ops: Ops, lost: CancellationToken, stop: C
             }
             Err(e) => {
                 tracing::debug!(consumer = %inner.name, error = %e, "cannot renew the consumer-name lock; trying again");
+            }
+        }
+        if let Some(lease) = &inner.lease {
+            match lease.take(&inner.scripts, &ops).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    inner.name_lock.set_held(false);
+                    lost.cancel();
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(consumer = %inner.name, error = %e, "cannot renew the single-active lease; trying again");
+                }
+            }
+            if !lease.is_fresh() {
+                inner.name_lock.set_held(false);
+                lost.cancel();
+                return;
             }
         }
     }

@@ -11,16 +11,18 @@ use bytes::Bytes;
 use metrics::{Counter, Gauge};
 use redis::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fields::{self, Entry, Failure};
 use super::scripts::Scripts;
 use super::{Ops, RedisStreamsError};
-use crate::config::{RedisBrokerConfig, RedisConsumerConfig};
+use crate::config::{ConsumerOrdering, LaneRetry, RedisBrokerConfig, RedisConsumerConfig};
 use crate::disposition::{self, Decision, Panicked};
 use crate::flow_control::{Admission, Admit, Gate};
 use crate::handler::{FailureKind, Handler, Source};
 use crate::inbox::{self, Finish, Inbox, Ticket};
+use crate::ordering::{self, Held, Lanes, Place};
 use crate::retry::{RetryPolicy, saturating_millis};
 use crate::trace_context::{self, System, TraceMode};
 use tracing::Instrument as _;
@@ -57,6 +59,12 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     /// The consumer name's lock, held while this process reads under the name.
     pub(crate) name_lock: NameLock,
+    /// `ordering = { ... }` and its lanes: one entry per lane at a time.
+    pub(crate) ordering: Option<(ConsumerOrdering, Mutex<Lanes>)>,
+    /// `single_active`: the lease only whose holder reads.
+    pub(crate) lease: Option<super::lease::Lease>,
+    /// `bosun_consumer_active` and the standby list.
+    pub(crate) activity: crate::activity::Activity,
 }
 
 /// The prefix of the name-lock keys of `group` on `stream`.
@@ -208,6 +216,8 @@ pub(crate) struct Dispatcher {
     pub(crate) tracker: TaskTracker,
     pub(crate) settle: mpsc::Sender<Settlement>,
     pub(crate) inflight: Inflight,
+    /// The consumer's shutdown: entries still waiting for their lane are handed back.
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// An entry to handle, with how often it was delivered (from XPENDING; 1 for a fresh read).
@@ -268,13 +278,14 @@ impl Dispatcher {
                     continue;
                 }
             };
+            let place = self.place(&delivery, redelivered);
             let inner = self.inner.clone();
             let settle = self.settle.clone();
             self.tracker.spawn(async move {
                 inner.metrics.in_flight.increment(1.0);
                 let Delivery { entry, deliveries } = delivery;
                 let (action, ticket, span) = inner
-                    .process(&entry, deliveries, redelivered, admission)
+                    .process(&entry, deliveries, redelivered, admission, place)
                     .await;
                 let id = entry.id;
                 inner.metrics.in_flight.decrement(1.0);
@@ -290,6 +301,53 @@ impl Dispatcher {
                     .await;
                 drop(permit);
             });
+        }
+    }
+
+    /// Where an entry goes in the lanes (`ordering`). An entry that will be dead-lettered
+    /// before its handler anyway (over its bounds, undecodable) takes no lane.
+    fn place(&self, delivery: &Delivery, redelivered: bool) -> Place {
+        let Some((ordering, lanes)) = self.inner.ordering.as_ref() else {
+            return Place::default();
+        };
+        let entry = &delivery.entry;
+        let config = &self.inner.config;
+        if fields::over_limits(entry, &config.limits).is_some() {
+            return Place::default();
+        }
+        let decoded = super::formats::decode(
+            entry,
+            &config.format,
+            config.limits.max_fields,
+            self.inner.source(entry),
+            redelivered || delivery.deliveries > 1,
+        );
+        let Ok(message) = decoded else {
+            return Place::default();
+        };
+        let key = ordering::key_of(
+            &ordering.key,
+            message.message_id.as_deref(),
+            None,
+            &message.headers,
+            &message.body,
+        );
+        match key {
+            Ok(key) => Place {
+                turn: Some(
+                    lanes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enter(key.as_bytes()),
+                ),
+                bad_key: None,
+                hold: ordering.retry == LaneRetry::Hold,
+                shutdown: self.shutdown.clone(),
+            },
+            Err(reason) => Place {
+                bad_key: Some(reason),
+                ..Place::default()
+            },
         }
     }
 
@@ -344,7 +402,12 @@ impl Inner {
         deliveries: u64,
         redelivered: bool,
         admission: Admission,
+        mut place: Place,
     ) -> (Action, Option<Ticket>, tracing::Span) {
+        // After the entry before it in its lane, if it has one; at shutdown, back unstarted.
+        if !place.wait().await {
+            return (Action::Release, None, tracing::Span::none());
+        }
         let mut ticket = None;
         let mut span = tracing::Span::none();
         let action = self
@@ -353,6 +416,7 @@ impl Inner {
                 deliveries,
                 redelivered,
                 admission,
+                &mut place,
                 &mut ticket,
                 &mut span,
             )
@@ -404,17 +468,11 @@ impl Inner {
         deliveries: u64,
         redelivered: bool,
         admission: Admission,
+        place: &mut Place,
         ticket: &mut Option<Ticket>,
         copy_span: &mut tracing::Span,
     ) -> Action {
-        let source = Source {
-            broker: self.broker_name.clone(),
-            consumer: self.name.clone(),
-            queue: self.config.stream.clone(),
-            exchange: None,
-            routing_key: None,
-            entry_id: Some(entry.id.clone()),
-        };
+        let source = self.source(entry);
         let over_limits = fields::over_limits(entry, &self.config.limits);
         if let Some(reason) = &over_limits
             && !self.handler.takes_undecodable()
@@ -458,31 +516,62 @@ impl Inner {
                 return self.dead_letter(entry, deliveries, 1, &reason, FailureKind::Invalid);
             }
         };
+        // No ordering key: it cannot be put in order, so it fails alone.
+        if let Some(reason) = place.bad_key.take() {
+            tracing::warn!(consumer = %self.name, entry_id = %entry.id, %reason, "dead-lettering an entry without an ordering key");
+            return self.dead_letter(entry, deliveries, 1, &reason, FailureKind::Invalid);
+        }
         // The gate shut while this entry waited for it: released, unstarted.
         if let Some(reason) = admission.revoked(&self.gate) {
             tracing::debug!(consumer = %self.name, entry_id = %entry.id, %reason, "released unstarted");
             return Action::Release;
         }
         let span = disposition::span(&message, System::Redis, self.trace);
-        let attempt = message.attempt;
+        let mut attempt = message.attempt;
         let admitted = inbox::admit(self.inbox.as_deref(), &mut message)
             .instrument(span.clone())
             .await;
         let decision = match admitted {
             inbox::Admission::Run(claim) => {
                 *ticket = claim;
-                let started = Instant::now();
-                let handled = disposition::handle(self.handler.as_ref(), &message)
-                    .instrument(span.clone())
-                    .await;
-                if let Err(Panicked(text)) = &handled {
-                    tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
+                let mut admission = admission;
+                loop {
+                    let started = Instant::now();
+                    let handled = disposition::handle(self.handler.as_ref(), &message)
+                        .instrument(span.clone())
+                        .await;
+                    if let Err(Panicked(text)) = &handled {
+                        tracing::error!(consumer = %self.name, entry_id = %entry.id, panic = %text, "handler panicked; treating it as a transient failure");
+                    }
+                    let outcome = admission.finish(disposition::outcome(handled));
+                    self.metrics
+                        .duration(&outcome)
+                        .record(started.elapsed().as_secs_f64());
+                    let decision = disposition::decide(outcome, attempt, &self.retry);
+                    // `retry = "hold"`: the retry waits in its lane, pending, and runs again
+                    // (the claimer keeps it from going idle while it is in hand).
+                    let Decision::Retry {
+                        delay,
+                        attempt: next,
+                        ..
+                    } = &decision
+                    else {
+                        break decision;
+                    };
+                    if !place.hold {
+                        break decision;
+                    }
+                    match ordering::hold(*delay, &self.gate, &place.shutdown).await {
+                        Held::Again(again) => {
+                            self.metrics.settled_retry.increment(1);
+                            admission = again;
+                            attempt = *next;
+                            message.attempt = *next;
+                        }
+                        Held::Stopped(reason) => break Decision::Release { reason },
+                        Held::ShuttingDown => break decision,
+                    }
                 }
-                let outcome = admission.finish(disposition::outcome(handled));
-                self.metrics
-                    .duration(&outcome)
-                    .record(started.elapsed().as_secs_f64());
-                disposition::decide(outcome, attempt, &self.retry)
             }
             // The handler is not called: the gate's admission goes back unused.
             inbox::Admission::Settle(decision) => decision,
@@ -540,6 +629,18 @@ impl Inner {
         *copy_span =
             span.in_scope(|| self.copy_span(&action, message.message_id.as_deref(), false));
         action
+    }
+
+    /// Where an entry comes from, as its handler is shown.
+    pub(crate) fn source(&self, entry: &Entry) -> Source {
+        Source {
+            broker: self.broker_name.clone(),
+            consumer: self.name.clone(),
+            queue: self.config.stream.clone(),
+            exchange: None,
+            routing_key: None,
+            entry_id: Some(entry.id.clone()),
+        }
     }
 
     fn failure<'a>(

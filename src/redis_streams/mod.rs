@@ -23,6 +23,7 @@ pub mod consumer;
 pub mod dispatch;
 pub mod fields;
 pub mod formats;
+pub(crate) mod lease;
 pub mod producer;
 pub mod retry;
 pub mod scripts;
@@ -81,6 +82,9 @@ pub enum RedisStreamsError {
         group: String,
         stream: String,
     },
+    /// `single_active`: the lease could not be renewed in time, or another process took it.
+    #[error("lost the single-active lease of group `{group}` on stream `{stream}`; standing by")]
+    LeaseLost { group: String, stream: String },
 }
 
 impl RedisStreamsError {

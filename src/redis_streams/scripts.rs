@@ -202,6 +202,7 @@ pub struct Scripts {
     pub lock: Lua,
     pub unlock: Lua,
     pub forget: Lua,
+    pub lease: Lua,
 }
 
 impl Default for Scripts {
@@ -214,6 +215,7 @@ impl Default for Scripts {
             lock: Lua::new(LOCK),
             unlock: Lua::new(UNLOCK),
             forget: Lua::new(FORGET),
+            lease: Lua::new(super::lease::LEASE),
         }
     }
 }
@@ -231,6 +233,7 @@ impl Scripts {
             &self.lock,
             &self.unlock,
             &self.forget,
+            &self.lease,
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(script.code).ignore();
         }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -928,5 +929,70 @@ fn kubernetes_pods_migrate_the_tables_their_components_need() {
         "bosun check refuses the ConfigMap's bosun.toml:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Replicas stop cleanly and keep their names: the grace period is above the ConfigMap's
+/// `shutdown_timeout`, the Redis consumer name is the pod's name, and a PodDisruptionBudget
+/// covers the Deployment's pods.
+#[test]
+fn kubernetes_replicas_drain_keep_their_names_and_are_evicted_one_at_a_time() {
+    if !python_yaml_available() {
+        missing_tool("python3 with PyYAML");
+        return;
+    }
+    let config: toml::Table = configmap_config()
+        .parse()
+        .expect("the ConfigMap's bosun.toml is TOML");
+    let shutdown = config
+        .get("service")
+        .and_then(|s| s.get("shutdown_timeout"))
+        .and_then(|t| t.as_str())
+        .map(|t| match t.strip_suffix('m') {
+            Some(m) => Duration::from_secs(m.parse::<u64>().expect("minutes") * 60),
+            None => Duration::from_secs(
+                t.trim_end_matches('s')
+                    .parse()
+                    .expect("shutdown_timeout in s or m"),
+            ),
+        })
+        .unwrap_or(Duration::from_secs(30));
+    let docs = yaml_documents(&kubernetes_dir().join("deployment.yaml")).expect("deployment");
+    let deployment = &docs[0];
+    let pod = &deployment["spec"]["template"]["spec"];
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        Duration::from_secs(grace) > shutdown,
+        "terminationGracePeriodSeconds {grace} is not above shutdown_timeout {shutdown:?}"
+    );
+    let bosun = pod["containers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "bosun"))
+        .expect("the bosun container");
+    let name_from_pod = bosun["env"].as_array().into_iter().flatten().any(|e| {
+        e["name"] == "BOSUN_CONSUMER_NAME"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    });
+    assert!(
+        name_from_pod,
+        "BOSUN_CONSUMER_NAME does not come from the pod's name"
+    );
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let pdb = yaml_documents(&kubernetes_dir().join("poddisruptionbudget.yaml")).expect("pdb");
+    let selector = pdb[0]["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels");
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(
+            &labels[k], v,
+            "the PodDisruptionBudget's {k} selects other pods"
+        );
+    }
+    assert!(
+        pdb[0]["spec"]["maxUnavailable"] == 1 || pdb[0]["spec"]["minAvailable"].is_number(),
+        "the PodDisruptionBudget allows no or every eviction"
     );
 }
