@@ -19,6 +19,7 @@ mod lint;
 mod locate;
 pub mod model;
 pub(crate) mod raw;
+pub mod redis_keys;
 mod validate;
 
 use std::collections::BTreeMap;

@@ -48,6 +48,8 @@ pub enum InboxError {
     Database(#[from] sqlx::Error),
     #[error("inbox redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("inbox redis: {0}")]
+    Connect(String),
     #[error("`{0}` is not a plain SQL identifier")]
     InvalidIdentifier(String),
     #[error(

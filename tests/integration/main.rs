@@ -29,6 +29,7 @@ mod metrics;
 mod ops_cli;
 mod outbox;
 mod publish_api;
+mod redis_cluster;
 mod redis_producer;
 mod redis_streams;
 mod redis_tls;
