@@ -11,6 +11,7 @@ mod support;
 
 mod amqp;
 mod amqp_cli;
+mod amqp_nodes;
 mod artifacts;
 mod backlog;
 mod config;
