@@ -68,8 +68,21 @@ pub fn inbox_store(
             let Some(BrokerConfig::Redis(broker)) = config.brokers.get(broker) else {
                 anyhow::bail!("broker `{broker}` is not a defined redis broker");
             };
+            let broker = broker.clone();
             Arc::new(RedisStore::new(
-                crate::redis_streams::client(broker)?,
+                Box::new(move || {
+                    let broker = broker.clone();
+                    Box::pin(async move {
+                        crate::redis_streams::connection::connect(
+                            &broker,
+                            crate::redis_streams::Purpose::Ops {
+                                response_timeout: crate::redis_streams::OPS_RESPONSE_TIMEOUT,
+                            },
+                        )
+                        .await
+                        .map_err(|e| crate::inbox::InboxError::Connect(e.to_string()))
+                    })
+                }),
                 name,
                 inbox.lease,
                 inbox.window,

@@ -288,6 +288,10 @@ fn describe() {
         "bosun_broker_connected",
         "Consumer connections open to the broker: one per connected consumer, 0 while none is."
     );
+    describe_gauge!(
+        "bosun_broker_node",
+        "The broker node the last amqp connection was opened to: 1 for that node, 0 for the broker's other `urls`."
+    );
     describe_counter!(
         "bosun_broker_reconnects_total",
         "Connections re-established after a loss."

@@ -23,11 +23,94 @@ pub fn connection_name(broker: &AmqpBrokerConfig, service: &str, component: &str
     format!("{base}/{component}")
 }
 
-/// Opens a connection to `broker` under `name`.
+/// Opens a connection to `broker` under `name`, to the first of its addresses (`urls`, in a
+/// fresh shuffled order each time) that answers.
 pub async fn connect(broker: &AmqpBrokerConfig, name: &str) -> Result<Connection, AmqpError> {
-    let redacted = broker.url.redacted();
-    let mut uri: AMQPUri = broker
-        .url
+    connect_node(broker, None, name).await.map(|(c, _)| c)
+}
+
+/// [`connect`] for the `[brokers.NAME]` `broker_name`: the node it reached is logged and
+/// exported as `bosun_broker_node{broker, node}` (1 for that node, 0 for the broker's
+/// others).
+pub async fn connect_for(
+    broker: &AmqpBrokerConfig,
+    broker_name: &str,
+    name: &str,
+) -> Result<Connection, AmqpError> {
+    connect_node(broker, Some(broker_name), name)
+        .await
+        .map(|(c, _)| c)
+}
+
+/// `host:port` of an address: the `node` label, without credentials or virtual host.
+pub fn node_label(url: &url::Url) -> String {
+    let port = url
+        .port()
+        .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
+    format!("{}:{port}", url.host_str().unwrap_or(""))
+}
+
+async fn connect_node(
+    broker: &AmqpBrokerConfig,
+    broker_name: Option<&str>,
+    name: &str,
+) -> Result<(Connection, String), AmqpError> {
+    let mut order: Vec<&crate::secret::SecretUrl> = if broker.urls.is_empty() {
+        vec![&broker.url]
+    } else {
+        broker.urls.iter().collect()
+    };
+    rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rand::rng());
+    let mut failures = Vec::new();
+    for url in &order {
+        let node = node_label(url.url());
+        match connect_url(broker, url, name).await {
+            Ok(connection) => {
+                if order.len() > 1 {
+                    tracing::info!(broker = broker_name.unwrap_or(""), node = %node, connection = %name, "connected to RabbitMQ node");
+                }
+                if let Some(broker_name) = broker_name {
+                    for other in &order {
+                        let label = node_label(other.url());
+                        let value = if label == node { 1.0 } else { 0.0 };
+                        metrics::gauge!("bosun_broker_node", "broker" => broker_name.to_owned(), "node" => label).set(value);
+                    }
+                }
+                return Ok((connection, node));
+            }
+            Err(e) => {
+                if order.len() > 1 {
+                    tracing::warn!(broker = broker_name.unwrap_or(""), node = %node, error = %e, "cannot connect to RabbitMQ node; trying the next");
+                }
+                failures.push(e);
+            }
+        }
+    }
+    match failures.len() {
+        1 => Err(failures.remove(0)),
+        _ => Err(AmqpError::Connect {
+            url: order
+                .iter()
+                .map(|u| u.redacted())
+                .collect::<Vec<_>>()
+                .join(", "),
+            reason: failures
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }),
+    }
+}
+
+/// Opens a connection to the one address `url` of `broker`.
+async fn connect_url(
+    broker: &AmqpBrokerConfig,
+    url: &crate::secret::SecretUrl,
+    name: &str,
+) -> Result<Connection, AmqpError> {
+    let redacted = url.redacted();
+    let mut uri: AMQPUri = url
         .expose()
         .parse()
         .map_err(|e: String| AmqpError::Connect {

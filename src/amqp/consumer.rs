@@ -386,7 +386,7 @@ impl Inner {
         connected_before: &mut bool,
     ) -> Result<SessionEnd, AmqpError> {
         let connection = tokio::select! {
-            c = connection::connect(&self.broker, &self.connection_name) => c?,
+            c = connection::connect_for(&self.broker, &self.broker_name, &self.connection_name) => c?,
             _ = ctx.shutdown.cancelled() => return Ok(SessionEnd::Drained),
         };
         self.metrics.connected.increment(1.0);

@@ -116,7 +116,8 @@ impl AmqpPublisher {
             metrics::counter!("bosun_broker_reconnects_total", "broker" => self.broker.clone())
                 .increment(1);
         }
-        let connection = connection::connect(&self.config, &self.connection_name).await?;
+        let connection =
+            connection::connect_for(&self.config, &self.broker, &self.connection_name).await?;
         let channel = confirm_channel(&connection).await?;
         tracing::info!(broker = %self.broker, connection = %self.connection_name, "publisher connected");
         *session = Some(Session {

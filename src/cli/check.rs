@@ -6,7 +6,7 @@ use super::{CliError, ConfigArg, EXIT_OK};
 use crate::Runtime;
 use crate::config::{
     AmqpDeadLetter, BrokerConfig, Config, ConfigError, ConsumerKind, DeadLetterSource, EntryFormat,
-    Env, Secrets, Warning, WarningKind,
+    Env, RedisTopology, Secrets, Warning, WarningKind,
 };
 use crate::retry::format_compact;
 
@@ -43,6 +43,36 @@ pub fn check(runtime: &Runtime, config: &ConfigArg, strict: bool) -> Result<u8, 
         );
     }
     Ok(EXIT_OK)
+}
+
+/// What `bosun check` says about a stream on a cluster: where its derived keys live, and
+/// how a dead-letter stream in another slot is written.
+fn cluster_keys(stream: &str, group: &str, dead_letter_stream: &str) -> String {
+    use crate::config::redis_keys::{derived_key, hash_slot, hash_tag, needs_tag};
+    let slot = hash_slot(stream.as_bytes());
+    let retry = derived_key(stream, "retry", true);
+    let locks = derived_key(stream, &format!("lock:{group}:"), true);
+    let mut line = if needs_tag(stream) {
+        format!(
+            "cluster: stream {stream} has no hash tag; its retry set {retry} and name locks {locks}* are put in the tag {{{stream}}} (slot {slot})"
+        )
+    } else {
+        let tag = hash_tag(stream.as_bytes())
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        format!(
+            "cluster: stream {stream}, retry set {retry} and name locks {locks}* share the hash tag {{{tag}}} (slot {slot})"
+        )
+    };
+    let dead_slot = hash_slot(dead_letter_stream.as_bytes());
+    if dead_slot == slot {
+        line.push_str(&format!(
+            "; dead letters to {dead_letter_stream} in the same slot, atomically with the XACK"
+        ));
+    } else {
+        line.push_str(&format!("; dead-letter stream {dead_letter_stream} is in slot {dead_slot}, so its copies are written by a command of their own before the XACK (a crash between them may copy an entry twice)"));
+    }
+    line
 }
 
 /// Asks each amqp broker whether the exchanges nothing declares exist: one that exists is no
@@ -116,7 +146,18 @@ pub fn describe(config: &Config) -> String {
                     .map(|max| format!(" (max message {max} bytes)"))
                     .unwrap_or_default(),
             ),
-            BrokerConfig::Redis(b) => (&b.url, String::new()),
+            BrokerConfig::Redis(b) => (
+                &b.url,
+                match &b.topology {
+                    RedisTopology::Single => String::new(),
+                    RedisTopology::Cluster { nodes } => {
+                        format!(" (cluster, {} seed node(s))", nodes.len())
+                    }
+                    RedisTopology::Sentinel { master, nodes } => {
+                        format!(" (primary `{master}` through {} sentinel(s))", nodes.len())
+                    }
+                },
+            ),
         };
         let _ = writeln!(out, "broker {name}: {} {url}{limit}", broker.kind());
     }
@@ -170,6 +211,15 @@ pub fn describe(config: &Config) -> String {
                     c.retry.max_attempts,
                     r.dead_letter_stream
                 );
+                if let Some(BrokerConfig::Redis(b)) = config.brokers.get(&c.source)
+                    && b.is_cluster()
+                {
+                    let _ = writeln!(
+                        out,
+                        "  {}",
+                        cluster_keys(&r.stream, &r.group, &r.dead_letter_stream)
+                    );
+                }
             }
         }
     }

@@ -20,6 +20,7 @@ mod lint;
 mod locate;
 pub mod model;
 pub(crate) mod raw;
+pub mod redis_keys;
 mod validate;
 
 use std::collections::BTreeMap;

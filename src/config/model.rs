@@ -164,7 +164,11 @@ impl BrokerConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AmqpBrokerConfig {
+    /// The first address (`url`, or the first of `urls`).
     pub url: SecretUrl,
+    /// Every address of the broker (one for `url`): each (re)connect tries them in a
+    /// shuffled order.
+    pub urls: Vec<SecretUrl>,
     pub connection_name: Option<String>,
     pub heartbeat: Option<Duration>,
     /// The broker's maximum message body size, when configured: larger publishes are refused
@@ -176,12 +180,37 @@ pub struct AmqpBrokerConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisBrokerConfig {
+    /// The server (a single server), the first seed node (cluster) or the first sentinel.
     pub url: SecretUrl,
+    /// How the servers are found: one server, a cluster, or a primary behind sentinels.
+    pub topology: RedisTopology,
     pub tls: Option<TlsConfig>,
     /// How bosun writes entries to this broker's streams (outbox relays, `bosun publish`,
     /// forwards), and how its consumers and dead-letter processors read them unless they
     /// set a format of their own.
     pub format: EntryFormat,
+}
+
+impl RedisBrokerConfig {
+    /// Whether the broker is a Redis Cluster, whose keys must be placed by hash slot.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.topology, RedisTopology::Cluster { .. })
+    }
+}
+
+/// How a redis broker's servers are found.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum RedisTopology {
+    /// One server at `url`.
+    #[default]
+    Single,
+    /// A Redis Cluster: these seed nodes, the rest discovered (`CLUSTER SLOTS`).
+    Cluster { nodes: Vec<SecretUrl> },
+    /// The primary the sentinels know as `master`.
+    Sentinel {
+        master: String,
+        nodes: Vec<SecretUrl>,
+    },
 }
 
 /// How a stream entry maps to a message and back (`entry_format`, `payload_field`,

@@ -220,7 +220,9 @@ pub enum RawBroker {
 #[serde(deny_unknown_fields)]
 pub struct RawAmqpBroker {
     /// `amqp://` or `amqps://` URL.
-    pub url: String,
+    pub url: Option<String>,
+    /// Several nodes of one RabbitMQ cluster, tried in a shuffled order at every (re)connect.
+    pub urls: Option<Vec<String>>,
     /// Connection name shown in the RabbitMQ management UI.
     pub connection_name: Option<String>,
     /// Heartbeat interval ("30s"); "0" disables heartbeats.
@@ -242,8 +244,13 @@ pub enum RawSize {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedisBroker {
-    /// `redis://` or `rediss://` URL.
-    pub url: String,
+    /// `redis://` or `rediss://` URL; `redis+cluster://` (`rediss+cluster://`) for a cluster
+    /// reached through one seed node.
+    pub url: Option<String>,
+    /// Redis Cluster: seed nodes (`redis://` or `rediss://` URLs); the rest is discovered.
+    pub cluster: Option<Vec<String>>,
+    /// Redis Sentinel: the monitored primary's name and the sentinels' URLs.
+    pub sentinel: Option<RawSentinel>,
     pub tls: Option<RawTls>,
     /// "payload" (default), "fields", "dapr", "redpanda" or "watermill".
     pub entry_format: Option<String>,
@@ -251,6 +258,16 @@ pub struct RawRedisBroker {
     pub payload_field: Option<String>,
     /// the field holding the stable message id (default "message_id").
     pub id_field: Option<String>,
+}
+
+/// `sentinel = { master = "mymaster", nodes = [...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSentinel {
+    /// The name the sentinels monitor the primary under.
+    pub master: String,
+    /// The sentinels' `redis://` URLs; their credentials are used for the primary too.
+    pub nodes: Vec<String>,
 }
 
 /// TLS material for `amqps://`, `rediss://` and HTTPS handlers.

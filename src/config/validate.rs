@@ -577,9 +577,8 @@ pub fn validate_with(
 
     let mut brokers = BTreeMap::new();
     for (name, broker) in &raw.brokers {
-        let at = ["brokers", name.as_str(), "url"];
         let config = match broker {
-            RawBroker::Amqp(b) => c.url(&at, &b.url, &["amqp", "amqps"]).map(|url| {
+            RawBroker::Amqp(b) => amqp_urls(&mut c, name, b).map(|(url, urls)| {
                 let heartbeat = b.heartbeat.as_deref().map(|h| {
                     c.duration(
                         &["brokers", name, "heartbeat"],
@@ -594,13 +593,14 @@ pub fn validate_with(
                 let tls = c.broker_tls(name, &url, "amqps", b.tls.as_ref());
                 BrokerConfig::Amqp(AmqpBrokerConfig {
                     url,
+                    urls,
                     connection_name: b.connection_name.clone(),
                     heartbeat,
                     max_message_size,
                     tls,
                 })
             }),
-            RawBroker::Redis(b) => c.url(&at, &b.url, &["redis", "rediss"]).map(|url| {
+            RawBroker::Redis(b) => redis_servers(&mut c, name, b).map(|(url, topology)| {
                 let tls = c.broker_tls(name, &url, "rediss", b.tls.as_ref());
                 let format = c
                     .entry_format(
@@ -610,7 +610,12 @@ pub fn validate_with(
                         b.id_field.as_deref(),
                     )
                     .unwrap_or_default();
-                BrokerConfig::Redis(RedisBrokerConfig { url, tls, format })
+                BrokerConfig::Redis(RedisBrokerConfig {
+                    url,
+                    topology,
+                    tls,
+                    format,
+                })
             }),
         };
         if let Some(config) = config {
@@ -1401,6 +1406,12 @@ fn consumer_config(
                 return None;
             };
             c.name_ok(&at("stream"), "stream", &stream);
+            if raw_is_cluster(b) && !super::redis_keys::can_derive(&stream) {
+                c.issue(
+                    &at("stream"),
+                    format!("`{stream}` has no hash tag but holds a `}}`: on a cluster its retry set, dead-letter stream and locks cannot share its slot; give it a hash tag (`{{orders}}.events`)"),
+                );
+            }
             let group = raw.group.clone().unwrap_or_else(|| name.to_owned());
             let start_id = raw.start_id.clone().unwrap_or_else(|| "0".into());
             if start_id != "0" && start_id != "$" && !start_id.contains('-') {
@@ -1484,9 +1495,9 @@ fn consumer_config(
                 ordering: None,
                 single_active: false,
                 kind: ConsumerKind::Redis(RedisConsumerConfig {
-                    dead_letter_stream: dl
-                        .and_then(|d| d.stream.clone())
-                        .unwrap_or_else(|| format!("{stream}:dlq")),
+                    dead_letter_stream: dl.and_then(|d| d.stream.clone()).unwrap_or_else(|| {
+                        super::redis_keys::derived_key(&stream, "dlq", raw_is_cluster(b))
+                    }),
                     stream,
                     group,
                     consumer: raw.consumer.clone().unwrap_or_else(default_consumer_name),
@@ -1509,6 +1520,143 @@ fn consumer_config(
             })
         }
     }
+}
+
+/// Whether a raw redis broker is a cluster (`cluster`, or a `redis+cluster://` URL).
+fn raw_is_cluster(b: &RawRedisBroker) -> bool {
+    b.cluster.is_some()
+        || b.url.as_deref().is_some_and(|u| {
+            u.starts_with("redis+cluster://") || u.starts_with("rediss+cluster://")
+        })
+}
+
+/// `url` or `urls` of an amqp broker: the first address and all of them.
+fn amqp_urls(
+    c: &mut Checker<'_>,
+    name: &str,
+    b: &RawAmqpBroker,
+) -> Option<(SecretUrl, Vec<SecretUrl>)> {
+    const SCHEMES: &[&str] = &["amqp", "amqps"];
+    match (&b.url, &b.urls) {
+        (Some(url), None) => {
+            let url = c.url(&["brokers", name, "url"], url, SCHEMES)?;
+            Some((url.clone(), vec![url]))
+        }
+        (None, Some(urls)) => {
+            if urls.is_empty() {
+                c.issue(&["brokers", name, "urls"], "must list at least one URL");
+                return None;
+            }
+            let mut parsed = Vec::new();
+            for (i, url) in urls.iter().enumerate() {
+                parsed.push(c.url(&["brokers", name, "urls", &i.to_string()], url, SCHEMES));
+            }
+            let parsed: Option<Vec<SecretUrl>> = parsed.into_iter().collect();
+            let parsed = parsed?;
+            let schemes: BTreeSet<&str> = parsed.iter().map(|u| u.url().scheme()).collect();
+            if schemes.len() > 1 {
+                c.issue(
+                    &["brokers", name, "urls"],
+                    "mixes `amqp://` and `amqps://`: the nodes of one broker share one TLS setting",
+                );
+            }
+            Some((parsed[0].clone(), parsed))
+        }
+        (Some(_), Some(_)) => {
+            c.issue(
+                &["brokers", name],
+                "give `url` or `urls`, not both (put every node in `urls`)",
+            );
+            None
+        }
+        (None, None) => {
+            c.issue(
+                &["brokers", name, "url"],
+                "is required (or `urls` for several nodes)",
+            );
+            None
+        }
+    }
+}
+
+/// Where a redis broker's servers are: `url` (`redis+cluster://` for a cluster through one
+/// seed), `cluster` or `sentinel`, exactly one of them.
+fn redis_servers(
+    c: &mut Checker<'_>,
+    name: &str,
+    b: &RawRedisBroker,
+) -> Option<(SecretUrl, RedisTopology)> {
+    const SCHEMES: &[&str] = &["redis", "rediss"];
+    let given = [b.url.is_some(), b.cluster.is_some(), b.sentinel.is_some()];
+    if given.iter().filter(|g| **g).count() != 1 {
+        c.issue(
+            &["brokers", name],
+            "give exactly one of `url` (one server), `cluster` (seed nodes) and `sentinel` (`{ master, nodes }`)",
+        );
+        return None;
+    }
+    let list = |c: &mut Checker<'_>, at: &[&str], urls: &[String]| -> Option<Vec<SecretUrl>> {
+        if urls.is_empty() {
+            c.issue(at, "must list at least one URL");
+            return None;
+        }
+        let mut parsed = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let mut path = at.to_vec();
+            let index = i.to_string();
+            path.push(&index);
+            parsed.push(c.url(&path, url, SCHEMES));
+        }
+        let parsed: Option<Vec<SecretUrl>> = parsed.into_iter().collect();
+        let parsed = parsed?;
+        let schemes: BTreeSet<&str> = parsed.iter().map(|u| u.url().scheme()).collect();
+        if schemes.len() > 1 {
+            c.issue(
+                at,
+                "mixes `redis://` and `rediss://`: the nodes of one broker share one TLS setting",
+            );
+        }
+        Some(parsed)
+    };
+    if let Some(url) = &b.url {
+        let at = ["brokers", name, "url"];
+        // `redis+cluster://host:port`: a cluster reached through that one seed node.
+        let seed = url
+            .strip_prefix("redis+cluster://")
+            .map(|rest| format!("redis://{rest}"))
+            .or_else(|| {
+                url.strip_prefix("rediss+cluster://")
+                    .map(|rest| format!("rediss://{rest}"))
+            });
+        return match seed {
+            Some(seed) => {
+                let url = c.url(&at, &seed, SCHEMES)?;
+                Some((url.clone(), RedisTopology::Cluster { nodes: vec![url] }))
+            }
+            None => c
+                .url(&at, url, SCHEMES)
+                .map(|url| (url, RedisTopology::Single)),
+        };
+    }
+    if let Some(nodes) = &b.cluster {
+        let nodes = list(c, &["brokers", name, "cluster"], nodes)?;
+        return Some((nodes[0].clone(), RedisTopology::Cluster { nodes }));
+    }
+    let sentinel = b.sentinel.as_ref()?;
+    if sentinel.master.trim().is_empty() {
+        c.issue(
+            &["brokers", name, "sentinel", "master"],
+            "must name the primary the sentinels monitor (e.g. \"mymaster\")",
+        );
+    }
+    let nodes = list(c, &["brokers", name, "sentinel", "nodes"], &sentinel.nodes)?;
+    Some((
+        nodes[0].clone(),
+        RedisTopology::Sentinel {
+            master: sentinel.master.clone(),
+            nodes,
+        },
+    ))
 }
 
 /// A table name is used in SQL identifiers: keep it to a safe, optionally schema-qualified form.

@@ -51,6 +51,8 @@ pub enum InboxError {
     Batch(std::sync::Arc<sqlx::Error>),
     #[error("inbox redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("inbox redis: {0}")]
+    Connect(String),
     #[error("`{0}` is not a plain SQL identifier")]
     InvalidIdentifier(String),
     #[error(

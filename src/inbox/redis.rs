@@ -10,8 +10,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
-use redis::{Client, Script};
+use futures::future::BoxFuture;
+use redis::Script;
+use redis::aio::ConnectionLike;
 use tokio::sync::OnceCell;
 
 use super::{Claimed, InboxError, Record, Store};
@@ -42,10 +43,14 @@ end
 return 0
 ";
 
-/// The redis [`Store`].
-pub struct RedisStore {
-    client: Client,
-    conn: OnceCell<ConnectionManager>,
+/// Opens the store's connection (to one server, a cluster or the primary sentinels name):
+/// every key of a call is one key, so any topology serves.
+pub type Connect<C> = Box<dyn Fn() -> BoxFuture<'static, Result<C, InboxError>> + Send + Sync>;
+
+/// The redis [`Store`], over a connection that reconnects by itself.
+pub struct RedisStore<C> {
+    connect: Connect<C>,
+    conn: OnceCell<C>,
     /// `bosun:inbox:<inbox>:`: the prefix of every key of this inbox.
     prefix: String,
     lease: Duration,
@@ -55,11 +60,11 @@ pub struct RedisStore {
     release: Script,
 }
 
-impl RedisStore {
-    /// A store on the server `client` connects to; the connection is opened on first use.
-    pub fn new(client: Client, inbox: &str, lease: Duration, window: Duration) -> Self {
+impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
+    /// A store on the connection `connect` opens; it is opened on first use.
+    pub fn new(connect: Connect<C>, inbox: &str, lease: Duration, window: Duration) -> Self {
         Self {
-            client,
+            connect,
             conn: OnceCell::new(),
             prefix: format!("bosun:inbox:{inbox}:"),
             lease,
@@ -76,10 +81,10 @@ impl RedisStore {
         format!("{}{}:{consumer}:{key}", self.prefix, consumer.len())
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, InboxError> {
+    async fn conn(&self) -> Result<C, InboxError> {
         Ok(self
             .conn
-            .get_or_try_init(|| self.client.get_connection_manager())
+            .get_or_try_init(|| (self.connect)())
             .await?
             .clone())
     }
@@ -90,7 +95,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 #[async_trait]
-impl Store for RedisStore {
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Store for RedisStore<C> {
     async fn claim(&self, consumer: &str, key: &str, token: &str) -> Result<Claimed, InboxError> {
         let mut conn = self.conn().await?;
         let state: String = self

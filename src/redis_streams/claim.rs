@@ -19,7 +19,7 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::Ops;
-use super::dispatch::{Dispatcher, Inner, lock_prefix};
+use super::dispatch::{Dispatcher, Inner};
 use crate::retry::sleep_or_cancel;
 
 pub(crate) async fn run(
@@ -235,7 +235,7 @@ async fn forget_idle_consumers(inner: &Inner, ops: &Ops) {
         .call(&[&config.stream])
         .arg(&config.group)
         .arg(u64::try_from(config.forget_idle.as_millis()).unwrap_or(u64::MAX))
-        .arg(lock_prefix(&config.stream, &config.group))
+        .arg(&inner.lock_prefix)
         .arg(&config.consumer)
         .to_owned();
     match inner.scripts.run::<i64>(ops, &cmd).await {

@@ -46,7 +46,7 @@ use super::dispatch::{
 };
 use super::scripts::Scripts;
 use super::{Ops, RedisStreamsError, client_name, connect_reader};
-use crate::config::{ConsumerConfig, RedisBrokerConfig, RedisConsumerConfig};
+use crate::config::{ConsumerConfig, RedisBrokerConfig, RedisConsumerConfig, redis_keys};
 use crate::flow_control::Gate;
 use crate::handler::Handler;
 use crate::health::HealthHandle;
@@ -92,6 +92,8 @@ impl RedisConsumer {
             gate,
             inbox,
         } = spec;
+        let cluster = broker.is_cluster();
+        let lock_prefix = super::dispatch::lock_prefix(&config.stream, &config.group, cluster);
         Self {
             inner: Arc::new(Inner {
                 inbox,
@@ -104,13 +106,17 @@ impl RedisConsumer {
                 concurrency: consumer.concurrency.max(1),
                 handler,
                 gate,
-                retry_key: format!("{}:retry", config.stream),
+                retry_key: redis_keys::derived_key(&config.stream, "retry", cluster),
+                lock_prefix: lock_prefix.clone(),
+                dead_letter_apart: cluster
+                    && redis_keys::hash_slot(config.dead_letter_stream.as_bytes())
+                        != redis_keys::hash_slot(config.stream.as_bytes()),
                 scripts: Scripts::default(),
                 metrics: Metrics::new(name, broker_name, &consumer.handler),
-                name_lock: NameLock::new(config),
+                name_lock: NameLock::new(config, &lock_prefix),
                 lease: consumer
                     .single_active
-                    .then(|| super::lease::Lease::new(config)),
+                    .then(|| super::lease::Lease::new(config, cluster)),
                 activity: crate::activity::Activity::new(name),
                 ordering: consumer.ordering.clone().map(|o| {
                     let lanes = std::sync::Mutex::new(crate::ordering::Lanes::new(o.lanes));
@@ -169,6 +175,9 @@ impl Component for RedisConsumer {
                 name: inner.name.clone(),
                 config: inner.config.clone(),
                 retry_key: inner.retry_key.clone(),
+                parked_key: inner
+                    .dead_letter_apart
+                    .then(|| redis_keys::derived_key(&inner.config.stream, "invalid", true)),
                 scripts: inner.scripts.clone(),
                 invalid_retries: inner.metrics.invalid_retries.clone(),
             },
@@ -288,9 +297,9 @@ async fn session(
         config.block,
     )
     .await?;
-    let reader_id: i64 = redis::cmd("CLIENT")
-        .arg("ID")
-        .query_async(&mut reader)
+    // On a cluster, the node the stream lives on: the read blocks there.
+    let reader_id: i64 = reader
+        .query_on_node_of(&config.stream, &redis::cmd("CLIENT").arg("ID").to_owned())
         .await
         .map_err(RedisStreamsError::command("CLIENT ID"))?;
     inner.ensure_group(ops).await?;
@@ -408,7 +417,11 @@ async fn session(
                 // pending until the next start.
                 stopping = true;
                 let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(reader_id).to_owned();
-                if let Err(e) = ops.query::<i64>(&unblock).await {
+                if let Err(e) = ops
+                    .conn()
+                    .query_on_node_of::<i64>(&config.stream, &unblock)
+                    .await
+                {
                     tracing::debug!(consumer = %inner.name, error = %e, "CLIENT UNBLOCK failed");
                 }
                 match tokio::time::timeout(Duration::from_secs(2), &mut read).await {
@@ -614,9 +627,15 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) -> Vec<boo
         cmd.arg(&config.stream).arg(&config.group).arg(&acks);
         commands.push((None, cmd));
     }
+    // Dead letters whose stream is in another slot: written apart, after the pipeline.
+    let mut apart = Vec::new();
     for (i, s) in batch.iter().enumerate() {
         let cmd = match &s.action {
             Action::Ack | Action::Drop => continue,
+            Action::DeadLetter { .. } if inner.dead_letter_apart => {
+                apart.push(i);
+                continue;
+            }
             Action::Release => {
                 let mut cmd = inner.scripts.release.call(&[&config.stream]);
                 cmd.arg(&config.group).arg(&s.id).arg(&config.consumer);
@@ -721,7 +740,77 @@ async fn settle_batch(inner: &Inner, ops: &Ops, batch: &[Settlement]) -> Vec<boo
         }
         tokio::time::sleep(backoff.failed()).await;
     }
+    for i in apart {
+        durable[i] = dead_letter_apart(inner, ops, &batch[i]).await;
+    }
     durable
+}
+
+/// Dead-letters one entry whose dead-letter stream is in another slot of the cluster than
+/// its stream, so no script can write both: checked still pending, copied with XADD, then
+/// acknowledged, each a command of its own, each tried again until the cluster takes it. A
+/// crash between the copy and the XACK leaves the entry pending: it is dead-lettered again
+/// (a duplicate copy, never a loss). Whether the copy was written.
+async fn dead_letter_apart(inner: &Inner, ops: &Ops, s: &Settlement) -> bool {
+    let config = &inner.config;
+    let Action::DeadLetter { fields } = &s.action else {
+        return false;
+    };
+    let mut backoff = BACKOFF;
+    let mut copied = false;
+    loop {
+        let step: redis::RedisResult<bool> = async {
+            if !copied {
+                let pending: Vec<Value> = ops
+                    .query(
+                        redis::cmd("XPENDING")
+                            .arg(&config.stream)
+                            .arg(&config.group)
+                            .arg(&s.id)
+                            .arg(&s.id)
+                            .arg(1),
+                    )
+                    .await?;
+                if pending.is_empty() {
+                    return Ok(false);
+                }
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg(&config.dead_letter_stream).arg("*");
+                push_fields(&mut xadd, fields);
+                ops.query::<Value>(&xadd).await?;
+                copied = true;
+            }
+            ops.query::<i64>(
+                redis::cmd("XACK")
+                    .arg(&config.stream)
+                    .arg(&config.group)
+                    .arg(&s.id),
+            )
+            .await?;
+            Ok(true)
+        }
+        .await;
+        match step {
+            Ok(true) => {
+                inner.metrics.settled_dead_letter.increment(1);
+                return true;
+            }
+            Ok(false) => {
+                tracing::info!(consumer = %inner.name, entry_id = %s.id, "entry was settled elsewhere (claimed by another consumer); nothing to do");
+                return false;
+            }
+            Err(e) if super::is_transient(&e) => {
+                let delay = backoff.failed();
+                tracing::warn!(consumer = %inner.name, error = %e, entry_id = %s.id, retry_in_ms = delay.as_millis() as u64, "redis cannot take a dead letter now; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                // Left pending (or copied and pending): XAUTOCLAIM offers it again.
+                tracing::error!(consumer = %inner.name, error = %e, entry_id = %s.id, copied, "redis refused a dead letter; the entry stays pending");
+                return copied;
+            }
+        }
+    }
 }
 
 fn push_fields(cmd: &mut redis::Cmd, fields: &[(Bytes, Bytes)]) {

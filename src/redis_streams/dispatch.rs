@@ -53,8 +53,14 @@ pub(crate) struct Inner {
     pub(crate) gate: Gate,
     /// Where each entry's key is claimed before its handler runs, if anywhere.
     pub(crate) inbox: Option<Arc<Inbox>>,
-    /// `<stream>:retry`: the sorted set of scheduled retries, score = due time in ms.
+    /// `<stream>:retry` (`{<stream>}:retry` on a cluster): the sorted set of scheduled
+    /// retries, score = due time in ms.
     pub(crate) retry_key: String,
+    /// The prefix of the name-lock keys (see [`lock_prefix`]).
+    pub(crate) lock_prefix: String,
+    /// Whether the dead-letter stream is in another slot of a cluster than the stream: its
+    /// copies are then written by a command of their own, never in a script with the stream.
+    pub(crate) dead_letter_apart: bool,
     pub(crate) scripts: Scripts,
     pub(crate) metrics: Metrics,
     /// The consumer name's lock, held while this process reads under the name.
@@ -67,9 +73,10 @@ pub(crate) struct Inner {
     pub(crate) activity: crate::activity::Activity,
 }
 
-/// The prefix of the name-lock keys of `group` on `stream`.
-pub(crate) fn lock_prefix(stream: &str, group: &str) -> String {
-    format!("{stream}:lock:{group}:")
+/// The prefix of the name-lock keys of `group` on `stream`, in the stream's slot on a
+/// cluster.
+pub(crate) fn lock_prefix(stream: &str, group: &str, cluster: bool) -> String {
+    crate::config::redis_keys::derived_key(stream, &format!("lock:{group}:"), cluster)
 }
 
 /// The lock on a consumer name, so two processes never read under one name.
@@ -84,13 +91,9 @@ pub(crate) struct NameLock {
 
 impl NameLock {
     /// The lock on the name `config` reads under, not held yet.
-    pub(crate) fn new(config: &RedisConsumerConfig) -> Self {
+    pub(crate) fn new(config: &RedisConsumerConfig, lock_prefix: &str) -> Self {
         Self {
-            key: format!(
-                "{}{}",
-                lock_prefix(&config.stream, &config.group),
-                config.consumer
-            ),
+            key: format!("{lock_prefix}{}", config.consumer),
             token: format!(
                 "{}/{}/{}",
                 crate::config::default_consumer_name(),

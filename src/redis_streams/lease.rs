@@ -51,8 +51,13 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    pub(crate) fn new(config: &RedisConsumerConfig) -> Self {
-        let key = format!("{}:active:{}", config.stream, config.group);
+    /// On a cluster the keys are put in the stream's slot, like its other derived keys.
+    pub(crate) fn new(config: &RedisConsumerConfig, cluster: bool) -> Self {
+        let key = crate::config::redis_keys::derived_key(
+            &config.stream,
+            &format!("active:{}", config.group),
+            cluster,
+        );
         Self {
             fence_key: format!("{key}:fence"),
             key,

@@ -12,13 +12,14 @@
 //! - [`claim`]: takes over entries another consumer left pending too long (XAUTOCLAIM).
 //! - [`retry`]: the mover that re-adds due retries from `<stream>:retry` to the stream.
 //!
-//! Connections: the blocking XREADGROUP has a connection of its own whose response timeout
-//! is longer than `block`; every other command goes through one managed connection
-//! ([`Ops`]) that reconnects by itself. Both carry a client name (`CLIENT SETNAME`) so an
-//! operator can find them in `CLIENT LIST`.
+//! Connections ([`connection`]: one server, a cluster or sentinel): the blocking XREADGROUP
+//! has a connection of its own whose response timeout is longer than `block`; every other
+//! command goes through one shared connection ([`Ops`]) that reconnects by itself. Both carry
+//! a client name (`CLIENT SETNAME`) so an operator can find them in `CLIENT LIST`.
 
 pub mod budget;
 pub mod claim;
+pub mod connection;
 pub mod consumer;
 pub mod dispatch;
 pub mod fields;
@@ -36,11 +37,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError};
 
 use crate::config::RedisBrokerConfig;
 
+pub use connection::{Conn, Purpose};
 pub use consumer::{RedisConsumer, RedisConsumerSpec};
 pub use producer::RedisPublisher;
 
@@ -95,8 +96,7 @@ impl RedisStreamsError {
 
 /// How long the managed connection waits for a reply: generous, since a settlement pipeline
 /// can carry thousands of commands, but bounded so a dead server is noticed.
-const OPS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const OPS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client name Redis accepts (no spaces or newlines), identifying bosun's role.
 pub fn client_name(consumer: &str, role: &str) -> String {
@@ -107,16 +107,27 @@ pub fn client_name(consumer: &str, role: &str) -> String {
     format!("bosun:{clean}:{role}")
 }
 
-/// A client for `broker`. `rediss://` connects with TLS: the server is verified against
-/// `tls.ca_file` when given (else the system's roots), and `tls.cert_file`/`tls.key_file` are
-/// presented as the client certificate when the server asks for one.
+/// A client for `broker`'s one server (`url`). `rediss://` connects with TLS: the server is
+/// verified against `tls.ca_file` when given (else the system's roots), and
+/// `tls.cert_file`/`tls.key_file` are presented as the client certificate when the server
+/// asks for one.
 pub fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, RedisStreamsError> {
     let url_error = |source| RedisStreamsError::Url {
         url: broker.url.redacted(),
         source,
     };
+    match tls_certificates(broker)? {
+        None => redis::Client::open(broker.url.expose()).map_err(url_error),
+        Some(certs) => redis::Client::build_with_tls(broker.url.expose(), certs).map_err(url_error),
+    }
+}
+
+/// The TLS material of `broker`'s `tls` section, when it has one.
+pub(crate) fn tls_certificates(
+    broker: &RedisBrokerConfig,
+) -> Result<Option<redis::TlsCertificates>, RedisStreamsError> {
     let Some(tls) = &broker.tls else {
-        return redis::Client::open(broker.url.expose()).map_err(url_error);
+        return Ok(None);
     };
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|source| RedisStreamsError::TlsFile {
@@ -132,22 +143,18 @@ pub fn client(broker: &RedisBrokerConfig) -> Result<redis::Client, RedisStreamsE
         _ => None,
     };
     let root_cert = tls.ca_file.as_deref().map(read).transpose()?;
-    redis::Client::build_with_tls(
-        broker.url.expose(),
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(url_error)
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
 }
 
-/// The managed connection for everything but the blocking read. It reconnects by itself;
+/// The shared connection for everything but the blocking read. It reconnects by itself;
 /// the client name is set again on the first command after a connection error, since a
 /// fresh socket starts unnamed.
 #[derive(Clone)]
 pub struct Ops {
-    conn: ConnectionManager,
+    conn: Conn,
     name: Arc<str>,
     /// Set when the last command failed on the connection: the next one renames it first.
     rename: Arc<AtomicBool>,
@@ -158,22 +165,28 @@ impl Ops {
         broker: &RedisBrokerConfig,
         name: &str,
     ) -> Result<Self, RedisStreamsError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(OPS_RESPONSE_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client(broker)?
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(connect_error(broker))?;
+        let conn = connection::connect(
+            broker,
+            Purpose::Ops {
+                response_timeout: OPS_RESPONSE_TIMEOUT,
+            },
+        )
+        .await?;
         let ops = Self {
             conn,
             name: name.into(),
             rename: Arc::new(AtomicBool::new(true)),
         };
-        ops.ensure_name().await.map_err(connect_error(broker))?;
+        ops.ensure_name()
+            .await
+            .map_err(connection::connect_error(broker))?;
         Ok(ops)
+    }
+
+    /// The connection itself, for commands that must reach a given node
+    /// ([`Conn::query_on_node_of`]).
+    pub fn conn(&self) -> Conn {
+        self.conn.clone()
     }
 
     async fn ensure_name(&self) -> redis::RedisResult<()> {
@@ -208,6 +221,67 @@ impl Ops {
             .inspect_err(|e| self.note(e))
     }
 
+    /// Sends `commands`, each with the key that places it, pipelined; each command's own
+    /// result, in order (a failed pipeline fails each of its commands). On a cluster a
+    /// pipeline goes to one node, so there is one per hash slot, sent at once.
+    pub async fn query_each(
+        &self,
+        commands: Vec<(String, Cmd)>,
+    ) -> Vec<redis::RedisResult<redis::Value>> {
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, (key, _)) in commands.iter().enumerate() {
+            let slot = if matches!(self.conn, Conn::Cluster(_)) {
+                crate::config::redis_keys::hash_slot(key.as_bytes())
+            } else {
+                0
+            };
+            match groups.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((slot, vec![i])),
+            }
+        }
+        let sends = groups.iter().map(|(_, members)| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for i in members {
+                pipe.add_command(commands[*i].1.clone());
+            }
+            async move {
+                self.query_pipe::<Vec<redis::RedisResult<redis::Value>>>(&pipe)
+                    .await
+            }
+        });
+        let replies = futures::future::join_all(sends).await;
+        let mut results: Vec<Option<redis::RedisResult<redis::Value>>> =
+            (0..commands.len()).map(|_| None).collect();
+        for ((_, members), reply) in groups.iter().zip(replies) {
+            match reply {
+                Ok(values) => {
+                    let mut values = values.into_iter();
+                    for i in members {
+                        results[*i] = values.next();
+                    }
+                }
+                Err(e) => {
+                    for i in members {
+                        results[*i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(RedisError::from((
+                        redis::ErrorKind::Io,
+                        "no reply for this command",
+                    )))
+                })
+            })
+            .collect()
+    }
+
     pub async fn query_pipe<T: FromRedisValue>(&self, pipe: &Pipeline) -> redis::RedisResult<T> {
         self.ensure_name().await?;
         let mut conn = self.conn.clone();
@@ -217,33 +291,20 @@ impl Ops {
     }
 }
 
-/// Turns a failure to connect, or to name the connection, into an error that names the
-/// server without its credentials.
-fn connect_error(broker: &RedisBrokerConfig) -> impl FnOnce(RedisError) -> RedisStreamsError {
-    let url = broker.url.redacted();
-    move |source| RedisStreamsError::Connect { url, source }
-}
-
 /// A connection of its own for blocking reads: its response timeout exceeds `block`, and
 /// nothing else queues behind a read that waits.
 pub async fn connect_reader(
     broker: &RedisBrokerConfig,
     name: &str,
     block: Duration,
-) -> Result<MultiplexedConnection, RedisStreamsError> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(block + Duration::from_secs(5)));
-    let mut conn = client(broker)?
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .map_err(connect_error(broker))?;
+) -> Result<Conn, RedisStreamsError> {
+    let mut conn = connection::connect(broker, Purpose::Reader { block }).await?;
     redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(name)
         .exec_async(&mut conn)
         .await
-        .map_err(connect_error(broker))?;
+        .map_err(connection::connect_error(broker))?;
     Ok(conn)
 }
 

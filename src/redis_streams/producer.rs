@@ -62,8 +62,8 @@ impl Publisher for RedisPublisher {
             crate::publish::traced(messages, crate::trace_context::System::Redis);
         let messages = messages.as_ref();
         let mut results: Vec<Result<(), PublishError>> = Vec::with_capacity(messages.len());
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        // Each XADD with its stream: on a cluster, one pipeline per slot.
+        let mut commands = Vec::with_capacity(messages.len());
         // Positions in `results` of the messages that went into the pipeline.
         let mut sent = Vec::with_capacity(messages.len());
         for message in messages {
@@ -74,7 +74,7 @@ impl Publisher for RedisPublisher {
             let mut cmd = xadd(&message.destination, self.maxlen);
             match super::formats::write(&mut cmd, message, &self.format) {
                 Ok(()) => {
-                    pipe.add_command(cmd);
+                    commands.push((message.destination.clone(), cmd));
                     sent.push(results.len());
                     results.push(Ok(()));
                 }
@@ -84,29 +84,15 @@ impl Publisher for RedisPublisher {
         if sent.is_empty() {
             return results;
         }
-        match self
-            .ops
-            .query_pipe::<Vec<redis::RedisResult<Value>>>(&pipe)
-            .await
-        {
-            Ok(replies) => {
-                for (i, slot) in sent.iter().enumerate() {
-                    results[*slot] = match replies.get(i) {
-                        Some(Ok(Value::BulkString(_) | Value::SimpleString(_))) => Ok(()),
-                        Some(Ok(other)) => Err(PublishError::Rejected(format!(
-                            "unexpected XADD reply {other:?}"
-                        ))),
-                        Some(Err(e)) => Err(publish_error(e)),
-                        None => Err(PublishError::Connection("no reply for this XADD".into())),
-                    };
-                }
-            }
-            Err(e) => {
-                let error = publish_error(&e);
-                for slot in sent {
-                    results[slot] = Err(error.clone());
-                }
-            }
+        let replies = self.ops.query_each(commands).await;
+        for (slot, reply) in sent.iter().zip(replies) {
+            results[*slot] = match reply {
+                Ok(Value::BulkString(_) | Value::SimpleString(_)) => Ok(()),
+                Ok(other) => Err(PublishError::Rejected(format!(
+                    "unexpected XADD reply {other:?}"
+                ))),
+                Err(e) => Err(publish_error(&e)),
+            };
         }
         results
     }

@@ -34,6 +34,10 @@ pub(crate) struct Mover {
     pub(crate) config: RedisConsumerConfig,
     /// `<stream>:retry`: the sorted set of scheduled retries.
     pub(crate) retry_key: String,
+    /// When the dead-letter stream is in another slot of a cluster: the stream of the
+    /// stream's slot (`{<stream>}:invalid`) the script parks invalid members in, copied to
+    /// the dead-letter stream by the mover with commands of their own.
+    pub(crate) parked_key: Option<String>,
     pub(crate) scripts: Scripts,
     /// `bosun_redis_invalid_retries_total` of the consumer.
     pub(crate) invalid_retries: Counter,
@@ -52,7 +56,14 @@ pub(crate) async fn run(mover: Mover, ops: Ops, stop: CancellationToken) {
             let cmd = mover
                 .scripts
                 .move_due
-                .call(&[&mover.retry_key, &config.stream, &config.dead_letter_stream])
+                .call(&[
+                    &mover.retry_key,
+                    &config.stream,
+                    mover
+                        .parked_key
+                        .as_deref()
+                        .unwrap_or(&config.dead_letter_stream),
+                ])
                 .arg(MOVE_BATCH)
                 .arg(max_fields)
                 .arg(max_bytes)
@@ -62,6 +73,11 @@ pub(crate) async fn run(mover: Mover, ops: Ops, stop: CancellationToken) {
                 .to_owned();
             match ops.query::<(i64, i64)>(&cmd).await {
                 Ok((handled, invalid)) => {
+                    if let Some(parked) = &mover.parked_key
+                        && let Err(e) = unpark(&ops, parked, &config.dead_letter_stream).await
+                    {
+                        tracing::warn!(consumer = %mover.name, error = %e, "cannot copy parked invalid retries to the dead-letter stream; trying again");
+                    }
                     if invalid > 0 {
                         mover.invalid_retries.increment(invalid as u64);
                         tracing::warn!(consumer = %mover.name, invalid, dead_letter_stream = %config.dead_letter_stream, "scheduled retries that cannot be re-added were dead-lettered as invalid");
@@ -84,6 +100,37 @@ pub(crate) async fn run(mover: Mover, ops: Ops, stop: CancellationToken) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Copies the invalid retries parked in `parked` (a stream of the stream's slot) to the
+/// dead-letter stream, in another slot: each is added there, then deleted from `parked`, two
+/// commands (a crash between them copies it twice, never loses it).
+async fn unpark(ops: &Ops, parked: &str, dead_letter_stream: &str) -> redis::RedisResult<()> {
+    loop {
+        let entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = ops
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(parked)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(100),
+            )
+            .await?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for (id, fields) in entries {
+            let mut xadd = redis::cmd("XADD");
+            xadd.arg(dead_letter_stream).arg("*");
+            for (k, v) in &fields {
+                xadd.arg(k).arg(v);
+            }
+            ops.query::<redis::Value>(&xadd).await?;
+            ops.query::<i64>(redis::cmd("XDEL").arg(parked).arg(&id))
+                .await?;
         }
     }
 }

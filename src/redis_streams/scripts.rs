@@ -9,8 +9,12 @@
 //!
 //! The scripts read the clock with `TIME` on the server, so due times do not depend on the
 //! clocks of the hosts running bosun. Values are binary-safe (Lua strings and `cmsgpack`).
-//! The keys of one script are different keys: on Redis Cluster, give the stream a hash tag
-//! (`{orders}`) so `<stream>:retry`, `<stream>:dlq` and the name locks share its slot.
+//! The keys of one script share one slot on Redis Cluster: the retry set, the default
+//! dead-letter stream and the name locks are named after the stream inside its hash tag
+//! ([`crate::config::redis_keys`]). A configured dead-letter stream in another slot is
+//! never written by a script with the stream: the consumer writes it with a command of its
+//! own ([`super::consumer`]), and [`MOVE_DUE`] parks what it cannot re-add in a stream of
+//! the stream's slot that the mover then copies over.
 
 /// Schedules a retry: only if the entry is still pending, store its new fields in the retry
 /// set with score = server time + delay, then XACK it.
@@ -222,9 +226,9 @@ impl Default for Scripts {
 
 impl Scripts {
     /// Loads every script into the server's cache: at start, and after a `NOSCRIPT` (a
-    /// restarted server has an empty cache).
+    /// restarted server, or a replica promoted on a cluster, has an empty cache). One command
+    /// per script: on a cluster, `SCRIPT LOAD` goes to every node, a pipeline to one.
     pub async fn load(&self, ops: &super::Ops) -> redis::RedisResult<()> {
-        let mut pipe = redis::pipe();
         for script in [
             &self.retry,
             &self.dead_letter,
@@ -235,9 +239,10 @@ impl Scripts {
             &self.forget,
             &self.lease,
         ] {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(script.code).ignore();
+            ops.query::<redis::Value>(redis::cmd("SCRIPT").arg("LOAD").arg(script.code))
+                .await?;
         }
-        ops.query_pipe::<()>(&pipe).await
+        Ok(())
     }
 
     /// Runs `script` with EVALSHA, loading the scripts first when the server lost them.

@@ -11,6 +11,7 @@ mod support;
 
 mod amqp;
 mod amqp_cli;
+mod amqp_nodes;
 mod artifacts;
 mod backlog;
 mod config;
@@ -31,6 +32,7 @@ mod ops_cli;
 mod ordering;
 mod outbox;
 mod publish_api;
+mod redis_cluster;
 mod redis_producer;
 mod redis_streams;
 mod redis_tls;

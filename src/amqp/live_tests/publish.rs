@@ -13,8 +13,10 @@ use lapin::types::FieldTable;
 use support::{RABBIT_URL, unique};
 
 fn broker() -> AmqpBrokerConfig {
+    let url = SecretUrl::new(RABBIT_URL.parse().expect("url"));
     AmqpBrokerConfig {
-        url: SecretUrl::new(RABBIT_URL.parse().expect("url")),
+        urls: vec![url.clone()],
+        url,
         connection_name: None,
         heartbeat: None,
         max_message_size: None,

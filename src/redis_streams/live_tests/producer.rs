@@ -15,6 +15,7 @@ use support::{REDIS_URL, unique};
 fn broker() -> RedisBrokerConfig {
     RedisBrokerConfig {
         url: SecretUrl::new(url::Url::parse(REDIS_URL).expect("url")),
+        topology: Default::default(),
         tls: None,
         format: EntryFormat::default(),
     }
@@ -409,6 +410,7 @@ impl PrivateRedis {
     fn broker(&self) -> RedisBrokerConfig {
         RedisBrokerConfig {
             url: SecretUrl::new(url::Url::parse(&self.url).expect("url")),
+            topology: Default::default(),
             tls: None,
             format: EntryFormat::default(),
         }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod amqp;
+pub mod cluster;
 pub mod outbox;
 pub mod streams;
 
