@@ -1047,19 +1047,24 @@ struct Planned {
 }
 
 /// The operation a form asks for, once the session may run it.
-fn plan(s: &Session, form: &OperationForm) -> Result<Planned, Response> {
+/// A refused plan's page, boxed: a `Response` is large and the plan is the common case.
+fn refusal(status: StatusCode, message: &str) -> Box<Response> {
+    Box::new(error_page(status, message))
+}
+
+fn plan(s: &Session, form: &OperationForm) -> Result<Planned, Box<Response>> {
     let kind = form
         .op
         .as_deref()
         .and_then(Kind::parse)
-        .ok_or_else(|| error_page(StatusCode::BAD_REQUEST, "choose replay or purge"))?;
+        .ok_or_else(|| refusal(StatusCode::BAD_REQUEST, "choose replay or purge"))?;
     let needed = match kind {
         Kind::Replay => Permission::ReplayDeadLetters,
         Kind::Purge => Permission::PurgeDeadLetters,
     };
     if !s.identity.can(needed) {
         tracing::warn!(user = %s.identity.user, kind = kind.name(), "console operation refused: role does not allow it");
-        return Err(error_page(
+        return Err(refusal(
             StatusCode::FORBIDDEN,
             &format!("your roles do not allow a {}", kind.name()),
         ));
@@ -1067,18 +1072,18 @@ fn plan(s: &Session, form: &OperationForm) -> Result<Planned, Response> {
     let filter = form
         .filter
         .filter()
-        .map_err(|e| error_page(StatusCode::BAD_REQUEST, &e))?;
+        .map_err(|e| refusal(StatusCode::BAD_REQUEST, &e))?;
     let rate = given(&form.rate)
         .map(|r| operations::parse_rate(&r))
         .transpose()
-        .map_err(|e| error_page(StatusCode::BAD_REQUEST, &e))?;
+        .map_err(|e| refusal(StatusCode::BAD_REQUEST, &e))?;
     let batch = match given(&form.batch_size) {
         Some(b) => b
             .parse::<i64>()
             .ok()
             .filter(|b| (1..=operations::MAX_BATCH).contains(b))
             .ok_or_else(|| {
-                error_page(
+                refusal(
                     StatusCode::BAD_REQUEST,
                     &format!(
                         "the batch size is a number from 1 to {}",
@@ -1103,7 +1108,7 @@ pub(crate) async fn preview_operation(
 ) -> Response {
     let p = match plan(&s, &form) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let ops = console.ops.current();
     let processor = p.filter.processor.clone();
@@ -1169,7 +1174,7 @@ pub(crate) async fn start_operation(
 ) -> Response {
     let p = match plan(&s, &form) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let ops = console.ops.current();
     let request = operations::Request {

@@ -330,7 +330,10 @@ async fn batches<R, F, Fut>(
 
 /// The batch's columns, in key order, each (consumer, key) once; the copies are returned
 /// apart.
-fn columns<R>(mut batch: Vec<Pending<R>>) -> (Vec<Pending<R>>, Vec<Pending<R>>, [Vec<String>; 3]) {
+/// A batch split into its unique claims, the copies, and the unique claims' columns.
+type Split<R> = (Vec<Pending<R>>, Vec<Pending<R>>, [Vec<String>; 3]);
+
+fn columns<R>(mut batch: Vec<Pending<R>>) -> Split<R> {
     batch.sort_by(|a, b| (&a.consumer, &a.key).cmp(&(&b.consumer, &b.key)));
     let mut seen = HashSet::new();
     let (unique, copies): (Vec<_>, Vec<_>) = batch

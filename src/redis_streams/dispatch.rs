@@ -395,6 +395,13 @@ impl Dispatcher {
     }
 }
 
+/// What deciding an entry leaves beside its action: the inbox claim to finish once the
+/// outcome is durable, and the PRODUCER span of the copy it writes.
+struct Kept {
+    ticket: Option<Ticket>,
+    copy_span: tracing::Span,
+}
+
 impl Inner {
     /// Runs the handler on one entry and decides how to settle it; a dead letter's inbox
     /// claim comes with it, to be finished once the copy is written, and a copy's PRODUCER
@@ -411,8 +418,10 @@ impl Inner {
         if !place.wait().await {
             return (Action::Release, None, tracing::Span::none());
         }
-        let mut ticket = None;
-        let mut span = tracing::Span::none();
+        let mut kept = Kept {
+            ticket: None,
+            copy_span: tracing::Span::none(),
+        };
         let action = self
             .decide(
                 entry,
@@ -420,10 +429,13 @@ impl Inner {
                 redelivered,
                 admission,
                 &mut place,
-                &mut ticket,
-                &mut span,
+                &mut kept,
             )
             .await;
+        let Kept {
+            ticket,
+            copy_span: mut span,
+        } = kept;
         // A copy decided before the handler ran (an invalid entry, one delivered too often)
         // has no CONSUMER span: its PRODUCER span starts a trace.
         if span.is_none() {
@@ -465,6 +477,7 @@ impl Inner {
         })
     }
 
+    /// The entry's action; its inbox claim and its copy's PRODUCER span are left in `kept`.
     async fn decide(
         &self,
         entry: &Entry,
@@ -472,8 +485,7 @@ impl Inner {
         redelivered: bool,
         admission: Admission,
         place: &mut Place,
-        ticket: &mut Option<Ticket>,
-        copy_span: &mut tracing::Span,
+        kept: &mut Kept,
     ) -> Action {
         let source = self.source(entry);
         let over_limits = fields::over_limits(entry, &self.config.limits);
@@ -536,7 +548,7 @@ impl Inner {
             .await;
         let decision = match admitted {
             inbox::Admission::Run(claim) => {
-                *ticket = claim;
+                kept.ticket = claim;
                 let mut admission = admission;
                 loop {
                     let started = Instant::now();
@@ -629,7 +641,7 @@ impl Inner {
             }
         };
         trace_context::record_outcome(&span, action.label());
-        *copy_span =
+        kept.copy_span =
             span.in_scope(|| self.copy_span(&action, message.message_id.as_deref(), false));
         action
     }

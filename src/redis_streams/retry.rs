@@ -107,9 +107,12 @@ pub(crate) async fn run(mover: Mover, ops: Ops, stop: CancellationToken) {
 /// Copies the invalid retries parked in `parked` (a stream of the stream's slot) to the
 /// dead-letter stream, in another slot: each is added there, then deleted from `parked`, two
 /// commands (a crash between them copies it twice, never loses it).
+/// An entry as XRANGE answers it: its id and its field-value pairs.
+type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+
 async fn unpark(ops: &Ops, parked: &str, dead_letter_stream: &str) -> redis::RedisResult<()> {
     loop {
-        let entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = ops
+        let entries: Vec<RawEntry> = ops
             .query(
                 redis::cmd("XRANGE")
                     .arg(parked)

@@ -157,7 +157,7 @@ async fn a_stream_without_hash_tag_is_consumed_retried_and_dead_lettered_in_its_
             .and_then(|id| id.rsplit('-').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             Outcome::retry("fails")
         } else {
             Outcome::Ack
