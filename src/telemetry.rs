@@ -289,6 +289,10 @@ fn describe() {
         "Consumer connections open to the broker: one per connected consumer, 0 while none is."
     );
     describe_gauge!(
+        "bosun_consumer_active",
+        "1 while the consumer reads, 0 while it is disconnected or stands by (`single_active`: another process reads)."
+    );
+    describe_gauge!(
         "bosun_broker_node",
         "The broker node the last amqp connection was opened to: 1 for that node, 0 for the broker's other `urls`."
     );

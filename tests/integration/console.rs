@@ -164,6 +164,8 @@ impl Browser {
             .to_owned()
     }
 
+    /// Clicks a link or a form's button and waits for the page it leads to: every click in
+    /// these tests navigates, and chromedriver may answer before the new page is loaded.
     async fn click(&self, css: &str) {
         let id = self.find(css).await;
         self.cmd(
@@ -172,6 +174,35 @@ impl Browser {
             Some(json!({})),
         )
         .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            // The clicked element goes stale once the next page has replaced this one.
+            let v: Value = self
+                .http
+                .get(format!("{}/element/{id}/enabled", self.session))
+                .send()
+                .await
+                .expect("webdriver")
+                .json()
+                .await
+                .expect("webdriver JSON");
+            let gone = v["value"]["error"].as_str().is_some();
+            let loaded = self
+                .cmd(
+                    reqwest::Method::POST,
+                    "/execute/sync",
+                    Some(json!({ "script": "return document.readyState", "args": [] })),
+                )
+                .await;
+            if gone && loaded.as_str() == Some("complete") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no page after clicking {css}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn type_into(&self, css: &str, text: &str) {

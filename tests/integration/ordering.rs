@@ -14,7 +14,8 @@ use bosun::{Handler, metrics_handle};
 use crate::support::amqp::{OutgoingMessage, Publisher};
 use crate::support::streams::{self, redis};
 use crate::support::{
-    InProcess, RABBIT_URL, REDIS_URL, bosun_output, free_port, metric_value, unique, wait_for,
+    InProcess, RABBIT_URL, REDIS_URL, bosun_output, free_port, http_get, metric_value, unique,
+    wait_for,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -176,10 +177,21 @@ fn settled(consumer: &str, outcome: &str) -> f64 {
 async fn per_key_order_holds_with_many_keys_in_flight(broker: Broker) {
     let name = unique("lanes");
     let recorder = Arc::new(Recorder::default());
+    let port = free_port();
     let running = InProcess::start_text(
-        &config(broker, &name, free_port()),
+        &config(broker, &name, port),
         recorder.clone() as Arc<dyn Handler>,
     );
+    // Ready means the queue (or the group) is declared: publishing sooner is unroutable.
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    let ready = tokio::task::spawn_blocking(move || {
+        wait_for(WAIT, || {
+            http_get(&ready).filter(|(status, _)| *status == 200)
+        })
+    })
+    .await
+    .expect("readiness poll");
+    assert!(ready.is_some(), "the consumer becomes ready");
     let huge = "h".repeat(60_000);
     let mut keys: Vec<Vec<u8>> = (0..KEYS)
         .map(|k| format!("customer-{k}").into_bytes())
