@@ -32,7 +32,7 @@ const WAIT: Duration = Duration::from_secs(40);
 /// Requests per path, and what each path answers.
 #[derive(Default)]
 struct Endpoint {
-    /// `down`: 503; `gone`: 404; `ok`: 204; `throttle`: 429 with `Retry-After: 1` to the
+    /// `down`: 503; `gone`: 404; `ok`: 204; `throttle`: 429 with `Retry-After: 3` to the
     /// first request, then 204.
     counts: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     throttled: AtomicUsize,
@@ -61,7 +61,7 @@ async fn answer(State(endpoint): State<Arc<Endpoint>>, Path(path): Path<String>)
         "gone" => StatusCode::NOT_FOUND.into_response(),
         "throttle" if endpoint.throttled.fetch_add(1, Ordering::SeqCst) == 0 => (
             StatusCode::TOO_MANY_REQUESTS,
-            [(axum::http::header::RETRY_AFTER, "1")],
+            [(axum::http::header::RETRY_AFTER, "3")],
         )
             .into_response(),
         _ => StatusCode::NO_CONTENT.into_response(),
@@ -420,7 +420,8 @@ default = "{well}"
 async fn retry_after_pauses_the_limiter_instead_of_using_an_attempt() {
     let (url, endpoint) = endpoint().await;
     let (queue, handler) = (unique("flow_429"), unique("hook"));
-    // One attempt only: a 429 retried like a failure would be dead-lettered at once.
+    // One attempt only: a 429 retried like a failure would be dead-lettered at once. The
+    // pause is 3 s so that a loaded machine still asks the limiter before it ends.
     let (port, running) = consuming(&queue, &handler, &format!(
             "[handlers.{handler}]\nkind = \"http\"\nurl = \"{url}throttle\"\nrate_limit = {{ per_second = 1000 }}\n"
         ), "concurrency = 1\nretry = { max_attempts = 1, initial = \"1s\", max = \"2s\" }").await;
