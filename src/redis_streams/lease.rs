@@ -20,26 +20,6 @@ pub(crate) const LEASE_TTL: Duration = Duration::from_secs(10);
 /// How often the holder renews, and a standby tries to take it.
 pub(crate) const LEASE_RENEW: Duration = Duration::from_millis(2500);
 
-/// Takes the lease when free, renews it when ours.
-///
-/// KEYS: lease, fence counter. ARGV: holder id, TTL in ms, the value we hold ("" if none).
-/// Returns the lease's value when held (`<fence>:<holder>`), nil when another holds it.
-pub const LEASE: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if current then
-  if ARGV[3] ~= '' and current == ARGV[3] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return current
-  end
-  return false
-end
-local value = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[1]
-if redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[2]) then
-  return value
-end
-return false
-"#;
-
 /// This process's lease on one consumer.
 pub(crate) struct Lease {
     key: String,

@@ -196,6 +196,26 @@ impl Lua {
     }
 }
 
+/// The single-active lease ([`super::lease`]): takes it when free, renews it when ours.
+///
+/// KEYS: lease, fence counter. ARGV: holder id, TTL in ms, the value we hold ("" if none).
+/// Returns the lease's value when held (`<fence>:<holder>`), nil when another holds it.
+pub const LEASE: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current then
+  if ARGV[3] ~= '' and current == ARGV[3] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return current
+  end
+  return false
+end
+local value = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[1]
+if redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[2]) then
+  return value
+end
+return false
+"#;
+
 /// The scripts, hashed once.
 #[derive(Clone)]
 pub struct Scripts {
@@ -219,7 +239,7 @@ impl Default for Scripts {
             lock: Lua::new(LOCK),
             unlock: Lua::new(UNLOCK),
             forget: Lua::new(FORGET),
-            lease: Lua::new(super::lease::LEASE),
+            lease: Lua::new(LEASE),
         }
     }
 }
